@@ -1,0 +1,521 @@
+// CUDA kernels of the blockwise 4-bit format: quantize_4bit, quantize_absmax, dequantize_absmax,
+// dequantize_4bit.
+//
+// They reproduce bitsandbytes 0.50.2's CUDA path bit for bit. Its kernels are built with fast math,
+// which its sm_90 SASS shows: block maxima with FMNMX.FTZ (NaN skipped, denormals read as zero), the
+// reciprocal of the block absmax with a bare MUFU.RCP (rcp.approx.ftz), scaled values and
+// dequantized products with FMUL.FTZ, and comparisons against its pivot literals as compiled to
+// float. The helpers below issue exactly those instructions; nothing else in this file depends on
+// compiler flags. Where its CPU path differs (see csrc/cpu/quantize_4bit.cpp) the results differ too.
+//
+// Throughput: quantize and dequantize are pure bandwidth. Each thread moves 16 bytes a load or store
+// (8 elements of a 16-bit input, 16 packed bytes), the code tables sit in shared memory, and the
+// double-quantized scale is decoded inside the dequantize kernel.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cfloat>
+#include <cstdint>
+
+#include "qlora/codebooks.h"
+#include "qlora/format.h"
+
+namespace qlora::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+  float r;
+  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float rcp_approx_ftz(float a) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+
+// fmaxf(m, |x|) with x flushed to zero when denormal; a NaN x leaves m.
+__device__ __forceinline__ float max_abs_ftz(float m, float x) {
+  float a, r;
+  asm("abs.ftz.f32 %0, %1;" : "=f"(a) : "f"(x));
+  asm("max.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(a));
+  return r;
+}
+
+// bitsandbytes' CUDA pivots, as its compiler rounded the decimal literals (read off the SASS).
+// NF4: sorted; the code is the number of pivots strictly below the scaled value.
+__constant__ float kNF4Pivots[15] = {
+    -0.84809643030166625977f, -0.61063289642333984375f, -0.459995269775390625f, -0.33967941999435424805f,
+    -0.23460739850997924805f, -0.13791173696517944336f, -0.045525018125772476196f, 0.039790149778127670288f,
+    0.12025525420904159546f,  0.20352125167846679688f,  0.29201376438140869141f,  0.38931253552436828613f,
+    0.50166338682174682617f,  0.64278692007064819336f,  0.86147838830947875977f};
+// FP4: sorted magnitude pivots; the rank of |v| among them picks the magnitude code, v < 0 the sign.
+__constant__ float kFP4Pivots[7] = {0.0026041700039058923721f, 0.0859375f,          0.20833332836627960205f,
+                                    0.2916666567325592041f,    0.4166666865348815918f, 0.58333301544189453125f,
+                                    0.8333333134651184082f};
+__constant__ uint32_t kFP4CodeOfRank[8] = {0, 1, 6, 7, 4, 5, 2, 3};
+
+// Shared-memory copies: the searches index them with per-thread values, which constant memory
+// would serialize.
+struct QuantTables {
+  float nf4[16];
+  float fp4[8];
+  uint32_t fp4_code[8];
+};
+
+__device__ __forceinline__ void load_quant_tables(QuantTables& t) {
+  if (threadIdx.x < 15) t.nf4[threadIdx.x] = kNF4Pivots[threadIdx.x];
+  if (threadIdx.x < 7) t.fp4[threadIdx.x] = kFP4Pivots[threadIdx.x];
+  if (threadIdx.x < 8) t.fp4_code[threadIdx.x] = kFP4CodeOfRank[threadIdx.x];
+}
+
+// Branch-free binary search over the sorted pivots: the same comparisons as bitsandbytes' tree.
+template <QuantType QT>
+__device__ __forceinline__ uint32_t encode(const QuantTables& t, float v) {
+  if constexpr (QT == QuantType::NF4) {
+    uint32_t r = v > t.nf4[7] ? 8u : 0u;
+    r += v > t.nf4[r + 3] ? 4u : 0u;
+    r += v > t.nf4[r + 1] ? 2u : 0u;
+    r += v > t.nf4[r] ? 1u : 0u;
+    return r;  // NaN compares false everywhere: code 0, as bitsandbytes
+  } else {
+    const float a = fabsf(v);
+    uint32_t r = a > t.fp4[3] ? 4u : 0u;
+    r += a > t.fp4[r + 1] ? 2u : 0u;
+    r += a > t.fp4[r] ? 1u : 0u;
+    return t.fp4_code[r] | (v < 0.0f ? 8u : 0u);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+// Loads EPT consecutive elements (zeros past n, as bitsandbytes' block loads fill them).
+template <typename T, int EPT>
+__device__ __forceinline__ void load_elements(const T* __restrict__ A, int64_t e0, int64_t n, bool vec, float (&x)[EPT]) {
+  if (vec && e0 + EPT <= n) {
+    constexpr int kPerVec = 16 / sizeof(T);
+#pragma unroll
+    for (int v = 0; v < EPT / kPerVec; ++v) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(A + e0) + v);
+      const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kPerVec; ++k) x[v * kPerVec + k] = to_float(vals[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) x[k] = e0 + k < n ? to_float(A[e0 + k]) : 0.0f;
+  }
+}
+
+// One CTA of kThreads threads quantizes kThreads / GROUP blocks at a time; GROUP threads share a
+// block, each holding EPT of its elements (blocksize = GROUP * EPT).
+template <typename T, QuantType QT, int EPT, int GROUP>
+__global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const T* __restrict__ A, int64_t n, bool vec,
+                                                                 uint8_t* __restrict__ packed,
+                                                                 float* __restrict__ absmax) {
+  static_assert(EPT % 8 == 0 && GROUP <= kThreads && kThreads % GROUP == 0, "bad tiling");
+  constexpr int64_t kBlocksize = int64_t{GROUP} * EPT;
+  constexpr int kBlocksPerTile = kThreads / GROUP;
+  __shared__ QuantTables tables;
+  __shared__ float warp_max[2][kThreads / 32];
+  load_quant_tables(tables);
+  __syncthreads();
+
+  const int group = threadIdx.x / GROUP;
+  const int lane_in_group = threadIdx.x % GROUP;
+  const int64_t nblocks = (n + kBlocksize - 1) / kBlocksize;
+  int parity = 0;
+  for (int64_t tile = blockIdx.x; tile * kBlocksPerTile < nblocks; tile += gridDim.x, parity ^= 1) {
+    const int64_t b = tile * kBlocksPerTile + group;
+    const int64_t e0 = b * kBlocksize + int64_t{lane_in_group} * EPT;
+    float x[EPT];
+    load_elements<T, EPT>(A, e0, n, vec, x);
+    float m = -FLT_MAX;
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) m = max_abs_ftz(m, x[k]);
+    // NaN never reaches the reduction (max_abs_ftz skips it), so plain fmaxf is exact here.
+#pragma unroll
+    for (int off = (GROUP < 32 ? GROUP : 32) / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if constexpr (GROUP > 32) {
+      if ((threadIdx.x & 31) == 0) warp_max[parity][threadIdx.x / 32] = m;
+      __syncthreads();  // the other buffer, used by the next tile, is free after this barrier
+      const int first = group * (GROUP / 32);
+#pragma unroll
+      for (int w = 0; w < GROUP / 32; ++w) m = fmaxf(m, warp_max[parity][first + w]);
+    }
+    if (b >= nblocks) continue;  // uniform across the group
+    if (lane_in_group == 0) absmax[b] = m;
+    const float inv = rcp_approx_ftz(m);
+    // Eight codes a word, element 2j in the high nibble of byte j (little-endian words).
+    uint32_t words[EPT / 8];
+#pragma unroll
+    for (int w = 0; w < EPT / 8; ++w) {
+      words[w] = 0;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const uint32_t hi = encode<QT>(tables, mul_ftz(x[8 * w + 2 * p], inv));
+        const uint32_t lo = encode<QT>(tables, mul_ftz(x[8 * w + 2 * p + 1], inv));
+        words[w] |= (hi << 4 | lo) << (8 * p);
+      }
+    }
+    uint8_t* dst = packed + e0 / 2;
+    if (e0 + EPT <= n) {
+#pragma unroll
+      for (int w = 0; w < EPT / 8; ++w) reinterpret_cast<uint32_t*>(dst)[w] = words[w];
+    } else if (e0 < n) {
+      const int64_t valid_bytes = (n - e0 + 1) / 2;
+      for (int64_t j = 0; j < valid_bytes; ++j) dst[j] = static_cast<uint8_t>(words[j / 4] >> (8 * (j % 4)));
+    }
+  }
+}
+
+// bitsandbytes' 8-bit search (dQuantize<0>): a 7-step bisection of the sorted map, then the nearer
+// of the last bracket by its float32 midpoint.
+__device__ __forceinline__ uint8_t encode_dynamic(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = mul_ftz(upper + val, 0.5f);
+    return static_cast<uint8_t>(x > midpoint ? upper_pivot : pivot);
+  }
+  const float midpoint = mul_ftz(lower + val, 0.5f);
+  return static_cast<uint8_t>(x < midpoint ? lower_pivot : pivot);
+}
+
+__constant__ float kDynamicMap[256] = {QLORA_DYNAMIC_MAP_SIGNED};
+
+// One CTA a 256-block of absmax at a time, one element a thread.
+__global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(const float* __restrict__ absmax,
+                                                                   const float* __restrict__ offset, int64_t n,
+                                                                   uint8_t* __restrict__ q,
+                                                                   float* __restrict__ nested_absmax) {
+  static_assert(kThreads == kNestedBlocksize, "one thread an element");
+  __shared__ float code[256];
+  __shared__ float warp_max[2][kThreads / 32];
+  code[threadIdx.x] = kDynamicMap[threadIdx.x];
+  __syncthreads();
+  const float off = *offset;
+  const int64_t nblocks = (n + kNestedBlocksize - 1) / kNestedBlocksize;
+  int parity = 0;
+  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x, parity ^= 1) {
+    const int64_t i = b * kNestedBlocksize + threadIdx.x;
+    // torch's subtraction (IEEE, no flush); the quantizer flushes when it reads it.
+    const float v = i < n ? __fsub_rn(absmax[i], off) : 0.0f;
+    float m = max_abs_ftz(-FLT_MAX, v);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) warp_max[parity][threadIdx.x / 32] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) m = fmaxf(m, warp_max[parity][w]);
+    if (threadIdx.x == 0) nested_absmax[b] = m;
+    if (i < n) q[i] = encode_dynamic(code, mul_ftz(v, rcp_approx_ftz(m)));
+  }
+}
+
+// The float32 scale of a 4-bit block from its double quantization: bitsandbytes dequantizes the
+// 8-bit code with FMUL.FTZ, then torch adds the offset (IEEE).
+__device__ __forceinline__ float decode_scale(const float* code, const uint8_t* __restrict__ qabsmax,
+                                              const float* __restrict__ nested_absmax, float offset, int64_t b) {
+  return __fadd_rn(mul_ftz(code[qabsmax[b]], __ldg(nested_absmax + b / kNestedBlocksize)), offset);
+}
+
+__global__ void dequantize_absmax_kernel(const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
+                                         const float* __restrict__ nested_code, const float* __restrict__ offset,
+                                         int64_t n, float* __restrict__ out) {
+  __shared__ float code[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = nested_code[i];
+  __syncthreads();
+  const float off = *offset;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = decode_scale(code, qabsmax, nested_absmax, off, i);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_elements(T* dst, const float (&v)[32]) {
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int k = 0; k < 32; k += 4) reinterpret_cast<float4*>(dst)[k / 4] = make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]);
+  } else {
+    uint32_t words[16];
+#pragma unroll
+    for (int k = 0; k < 32; k += 2) {
+      if constexpr (std::is_same_v<T, __half>) {
+        const __half2 h = __floats2half2_rn(v[k], v[k + 1]);
+        words[k / 2] = *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[k], v[k + 1]);
+        words[k / 2] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 16; k += 4)
+      reinterpret_cast<uint4*>(dst)[k / 4] = make_uint4(words[k], words[k + 1], words[k + 2], words[k + 3]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+
+__constant__ float kNF4Lut[16] = {QLORA_NF4_CODE};
+// bitsandbytes' CUDA FP4 decoder multiplies the magnitude by a sign, so code 8 is -0.0.
+__constant__ float kFP4Lut[16] = {QLORA_FP4_CODE_SIGNED};
+
+// Each thread expands 32 elements (16 packed bytes) of one block; blocksize >= 32 keeps a chunk in
+// one block. NESTED decodes the block scale in place.
+template <typename T, QuantType QT, bool NESTED>
+__global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(
+    const uint8_t* __restrict__ packed, int64_t n, int blocksize_log2, bool vec, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
+    const float* __restrict__ nested_code, const float* __restrict__ offset, T* __restrict__ out) {
+  __shared__ float lut[16];
+  __shared__ float code[NESTED ? 256 : 1];
+  if (threadIdx.x < 16) lut[threadIdx.x] = QT == QuantType::NF4 ? kNF4Lut[threadIdx.x] : kFP4Lut[threadIdx.x];
+  if constexpr (NESTED) code[threadIdx.x] = nested_code[threadIdx.x];
+  __syncthreads();
+  const float off = NESTED ? *offset : 0.0f;
+  const int64_t chunks = (n + 31) / 32;
+  for (int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x; c < chunks; c += int64_t{gridDim.x} * kThreads) {
+    const int64_t e0 = c * 32;
+    const int64_t b = e0 >> blocksize_log2;
+    const float scale = NESTED ? decode_scale(code, qabsmax, nested_absmax, off, b) : __ldg(absmax + b);
+    if (vec && e0 + 32 <= n) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+      float v[32];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t byte = (words[j / 4] >> (8 * (j % 4))) & 0xffu;
+        v[2 * j] = mul_ftz(lut[byte >> 4], scale);
+        v[2 * j + 1] = mul_ftz(lut[byte & 0x0fu], scale);
+      }
+      store_elements<T>(out + e0, v);
+    } else {
+      for (int64_t e = e0; e < e0 + 32 && e < n; ++e) {
+        const uint8_t byte = packed[e >> 1];
+        out[e] = from_float<T>(mul_ftz(lut[(e & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
+      }
+    }
+  }
+}
+
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> counts{};
+  TORCH_CHECK(device >= 0 && device < 64, "qlora: CUDA device index ", device, " is out of range");
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+// Enough CTAs to fill the GPU several times over, the rest by grid stride.
+int grid_for(int64_t work_items, int items_per_cta, int device) {
+  const int64_t needed = (work_items + items_per_cta - 1) / items_per_cta;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sm_count(device)} * 16)));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, QuantType QT, int EPT, int GROUP>
+void launch_quantize(const at::Tensor& A, at::Tensor& packed, at::Tensor& absmax, cudaStream_t stream) {
+  const int64_t n = A.numel();
+  constexpr int64_t kBlocksize = int64_t{GROUP} * EPT;
+  const int64_t tiles = ((n + kBlocksize - 1) / kBlocksize + kThreads / GROUP - 1) / (kThreads / GROUP);
+  const T* src = reinterpret_cast<const T*>(A.const_data_ptr());
+  quantize_4bit_kernel<T, QT, EPT, GROUP><<<grid_for(tiles, 1, A.get_device()), kThreads, 0, stream>>>(
+      src, n, aligned16(src), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, QuantType QT>
+void quantize_dispatch_blocksize(const at::Tensor& A, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax,
+                                 cudaStream_t stream) {
+  switch (blocksize) {
+    case 32: return launch_quantize<T, QT, 8, 4>(A, packed, absmax, stream);
+    case 64: return launch_quantize<T, QT, 8, 8>(A, packed, absmax, stream);
+    case 128: return launch_quantize<T, QT, 8, 16>(A, packed, absmax, stream);
+    case 256: return launch_quantize<T, QT, 8, 32>(A, packed, absmax, stream);
+    case 512: return launch_quantize<T, QT, 8, 64>(A, packed, absmax, stream);
+    case 1024: return launch_quantize<T, QT, 8, 128>(A, packed, absmax, stream);
+    case 2048: return launch_quantize<T, QT, 8, 256>(A, packed, absmax, stream);
+    default: return launch_quantize<T, QT, 16, 256>(A, packed, absmax, stream);
+  }
+}
+
+template <typename T>
+void quantize_dispatch_type(const at::Tensor& A, int64_t blocksize, QuantType qt, at::Tensor& packed,
+                            at::Tensor& absmax, cudaStream_t stream) {
+  if (qt == QuantType::NF4) quantize_dispatch_blocksize<T, QuantType::NF4>(A, blocksize, packed, absmax, stream);
+  else quantize_dispatch_blocksize<T, QuantType::FP4>(A, blocksize, packed, absmax, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A_in, int64_t blocksize,
+                                                      c10::string_view quant_type) {
+  const QuantType qt = check_quantize_4bit_args(A_in, blocksize, quant_type);
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous();
+  const int64_t n = A.numel();
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, A.options().dtype(at::kFloat));
+  if (n == 0) return {packed, absmax};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.get_device()).stream();
+  switch (A.scalar_type()) {
+    case at::kFloat: quantize_dispatch_type<float>(A, blocksize, qt, packed, absmax, stream); break;
+    case at::kHalf: quantize_dispatch_type<__half>(A, blocksize, qt, packed, absmax, stream); break;
+    default: quantize_dispatch_type<__nv_bfloat16>(A, blocksize, qt, packed, absmax, stream);
+  }
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax_in, int64_t blocksize) {
+  check_quantize_absmax_args(absmax_in, blocksize);
+  const c10::cuda::CUDAGuard guard(absmax_in.device());
+  const at::Tensor absmax = absmax_in.contiguous();
+  const int64_t n = absmax.numel();
+  const int64_t nblocks = ceil_div(n, blocksize);
+  at::Tensor q = at::empty({n}, absmax.options().dtype(at::kByte));
+  at::Tensor nested = at::empty({nblocks}, absmax.options());
+  // torch's own mean, so that the offset is bitsandbytes' to the bit; an empty tensor gets 0.
+  at::Tensor offset = n == 0 ? at::zeros({}, absmax.options()) : at::mean(absmax);
+  if (n == 0) return {q, nested, offset};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(absmax.get_device()).stream();
+  quantize_absmax_kernel<<<grid_for(nblocks, 1, absmax.get_device()), kThreads, 0, stream>>>(
+      absmax.const_data_ptr<float>(), offset.const_data_ptr<float>(), n, q.data_ptr<uint8_t>(),
+      nested.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, nested, offset};
+}
+
+at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax_in, const at::Tensor& nested_absmax_in,
+                                  const at::Tensor& nested_code_in, const at::Tensor& offset, int64_t blocksize) {
+  TORCH_CHECK_VALUE(qabsmax_in.dim() == 1, "dequantize_absmax: qabsmax must be 1-D, got shape ", qabsmax_in.sizes());
+  const int64_t n = qabsmax_in.numel();
+  check_absmax_state("dequantize_absmax", qabsmax_in, "qabsmax", n, qabsmax_in, nested_absmax_in, nested_code_in,
+                     offset, blocksize);
+  const c10::cuda::CUDAGuard guard(qabsmax_in.device());
+  at::Tensor out = at::empty({n}, qabsmax_in.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  const at::Tensor qabsmax = qabsmax_in.contiguous();
+  const at::Tensor nested_absmax = nested_absmax_in.contiguous();
+  const at::Tensor nested_code = nested_code_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qabsmax.get_device()).stream();
+  dequantize_absmax_kernel<<<grid_for(n, kThreads, qabsmax.get_device()), kThreads, 0, stream>>>(
+      qabsmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(), nested_code.const_data_ptr<float>(),
+      offset.const_data_ptr<float>(), n, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <typename T, QuantType QT>
+void launch_dequantize(const at::Tensor& packed, int64_t n, int64_t blocksize, const at::Tensor& absmax, const at::Tensor* nested_absmax, const at::Tensor* nested_code,
+                       const at::Tensor* offset, at::Tensor& out, cudaStream_t stream) {
+  const int64_t chunks = (n + 31) / 32;
+  const int grid = grid_for(chunks, kThreads, packed.get_device());
+  const int log2 = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  T* dst = reinterpret_cast<T*>(out.data_ptr());
+  const bool vec = aligned16(src) && aligned16(dst);
+  if (nested_absmax != nullptr) {
+    dequantize_4bit_kernel<T, QT, true><<<grid, kThreads, 0, stream>>>(
+        src, n, log2, vec, nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),
+        nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>(), dst);
+  } else {
+    dequantize_4bit_kernel<T, QT, false><<<grid, kThreads, 0, stream>>>(
+        src, n, log2, vec, absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, dst);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                                c10::SymIntArrayRef shape, at::ScalarType dtype) {
+  const int64_t n = shape_numel(shape, "dequantize_4bit");
+  const QuantType qt = check_dequantize_4bit_args(packed_in, absmax_in, nested_absmax, nested_code, offset, blocksize,
+                                                  nested_blocksize, quant_type, n, dtype);
+  const c10::cuda::CUDAGuard guard(packed_in.device());
+  at::Tensor out = at::empty_symint(shape, packed_in.options().dtype(dtype));
+  if (n == 0) return out;
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor absmax = absmax_in.contiguous();
+  at::Tensor na, nc;
+  if (nested_absmax.has_value()) {
+    na = nested_absmax->contiguous();
+    nc = nested_code->contiguous();
+  }
+  const at::Tensor* nap = nested_absmax.has_value() ? &na : nullptr;
+  const at::Tensor* ncp = nested_absmax.has_value() ? &nc : nullptr;
+  const at::Tensor* offp = nested_absmax.has_value() ? &*offset : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.get_device()).stream();
+  auto launch = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if (qt == QuantType::NF4)
+      launch_dequantize<T, QuantType::NF4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
+    else
+      launch_dequantize<T, QuantType::FP4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
+  };
+  switch (dtype) {
+    case at::kFloat: launch(float{}); break;
+    case at::kHalf: launch(__half{}); break;
+    default: launch(__nv_bfloat16{});
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cuda);
+  m.impl("quantize_absmax", &quantize_absmax_cuda);
+  m.impl("dequantize_absmax", &dequantize_absmax_cuda);
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+}
+
+}  // namespace qlora::cuda

@@ -1,0 +1,22 @@
+"""qlora_ext: NF4/FP4 4-bit quantization and QLoRA kernels for PyTorch.
+
+Importing the package loads the compiled extension, which registers the ``torch.ops.qlora.*`` ops
+(CPU kernels always, CUDA kernels when the extension was built with them).
+"""
+
+import torch  # noqa: F401  (the compiled library needs torch's symbols loaded first)
+
+from . import _C  # noqa: F401  (registers torch.ops.qlora)
+from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
+from . import functional
+from .functional import dequantize_4bit, quantize_4bit
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantState", "cuda_kernels_available", "dequantize_4bit", "functional", "quantize_4bit"]
+
+
+def cuda_kernels_available() -> bool:
+    """Whether this build of the extension has CUDA kernels (it may have none: a CPU-only build)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("qlora::quantize_4bit", "CUDA")

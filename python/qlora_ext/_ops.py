@@ -1,0 +1,48 @@
+"""Fake (meta) kernels of the ``torch.ops.qlora`` ops: output shapes and dtypes without data, for
+``torch.compile``, ``torch.library.opcheck`` and meta tensors. The schemas are in csrc/ops.cpp."""
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@torch.library.register_fake("qlora::quantize_4bit")
+def _quantize_4bit_fake(A: torch.Tensor, blocksize: int, quant_type: str):
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = A.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("qlora::quantize_absmax")
+def _quantize_absmax_fake(absmax: torch.Tensor, blocksize: int):
+    n = absmax.numel()
+    q = absmax.new_empty((n,), dtype=torch.uint8)
+    nested = absmax.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+    offset = absmax.new_empty((), dtype=torch.float32)
+    return q, nested, offset
+
+
+@torch.library.register_fake("qlora::dequantize_absmax")
+def _dequantize_absmax_fake(qabsmax, nested_absmax, nested_code, offset, blocksize):
+    return qabsmax.new_empty((qabsmax.numel(),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora::dequantize_4bit")
+def _dequantize_4bit_fake(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+):
+    return packed.new_empty(shape, dtype=dtype)

@@ -1,0 +1,142 @@
+"""Functional API: blockwise 4-bit quantization with bitsandbytes' names and format.
+
+``quantize_4bit`` / ``dequantize_4bit`` produce and read the same bytes as
+``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` (0.50.2) on the same device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codebooks import code_tensor, dynamic_map_tensor
+from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
+
+__all__ = ["dequantize_4bit", "dequantize_absmax", "quantize_4bit"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+    *,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantizes ``A`` to 4 bits in blocks of ``blocksize`` consecutive elements.
+
+    Args:
+        A: float32, float16 or bfloat16 tensor of any shape, contiguous or not, on the CPU or a GPU.
+            It is read in row-major order; a block may cross rows.
+        blocksize: elements per block sharing one scale: 32, 64, 128, 256, 512, 1024, 2048 or 4096.
+        quant_type: ``"nf4"`` (NormalFloat) or ``"fp4"`` (bitsandbytes' FP4).
+        compress_statistics: double quantization: store the block scales as 8-bit codes of
+            ``absmax - mean`` in blocks of 256 (0.127 bits a weight at blocksize 64, against 0.5).
+        quant_storage: dtype to view the packed bytes as (FSDP wants the weights' dtype); the bytes
+            are the same.
+
+    Returns:
+        ``(packed, state)``: packed codes, uint8 of shape ``((A.numel() + 1) // 2, 1)`` with element
+        2j in the high nibble of byte j, and the QuantState that dequantizes them.
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a tensor, got {type(A).__name__}")
+    if A.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"A must be float32, float16 or bfloat16, got {A.dtype}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    packed, absmax = torch.ops.qlora.quantize_4bit(A, blocksize, quant_type)
+    code = code_tensor(quant_type, device=A.device)
+    if compress_statistics:
+        qabsmax, nested_absmax, offset = torch.ops.qlora.quantize_absmax(absmax, NESTED_BLOCKSIZE)
+        state2 = QuantState(
+            absmax=nested_absmax, blocksize=NESTED_BLOCKSIZE, code=dynamic_map_tensor(A.device), dtype=torch.float32
+        )
+        state = QuantState(
+            absmax=qabsmax,
+            shape=A.shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=A.dtype,
+            offset=offset,
+            state2=state2,
+        )
+    else:
+        state = QuantState(
+            absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
+        )
+    if quant_storage != torch.uint8:
+        packed = _view_storage(packed, quant_storage)
+    return packed, state
+
+
+def _view_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    size = torch.empty((), dtype=quant_storage).element_size()
+    if packed.numel() % size:
+        raise ValueError(
+            f"quant_storage={quant_storage} needs the packed byte count ({packed.numel()}) to be a multiple of {size}"
+        )
+    return packed.reshape(-1).view(quant_storage).unsqueeze(1)
+
+
+def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    if packed.dtype == torch.uint8:
+        return packed
+    if packed.dtype.is_complex or not packed.is_contiguous():
+        raise TypeError(f"packed must be uint8 (or a contiguous view of its bytes), got {packed.dtype}")
+    return packed.reshape(-1).view(torch.uint8)
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """Dequantizes ``packed`` with ``quant_state``: a tensor of ``quant_state.shape`` and ``.dtype``.
+
+    With double quantization one kernel decodes the block scales and the codes. ``packed`` may be
+    the uint8 codes or a view of their bytes as another dtype (``quant_storage``). Raises a
+    ValueError / TypeError naming the argument when packed and state do not match (length, device,
+    dtype, shape).
+    """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    packed = _as_bytes(packed)
+    quant_state.validate()
+    if packed.device != quant_state.absmax.device:
+        raise ValueError(
+            f"packed is on {packed.device} but quant_state is on {quant_state.absmax.device}; "
+            "move one of them (quant_state.to(device))"
+        )
+    if quant_state.nested:
+        nested_absmax, nested_code, offset = quant_state.state2.absmax, quant_state.state2.code, quant_state.offset
+        nested_blocksize = quant_state.state2.blocksize
+    else:
+        nested_absmax = nested_code = offset = None
+        nested_blocksize = NESTED_BLOCKSIZE
+    return torch.ops.qlora.dequantize_4bit(
+        packed,
+        quant_state.absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant_state.blocksize,
+        nested_blocksize,
+        quant_state.quant_type,
+        list(quant_state.shape),
+        quant_state.dtype,
+    )
+
+
+def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
+    """The float32 block scales of ``quant_state``, decoded from the double quantization if nested."""
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    if not quant_state.nested:
+        return quant_state.absmax
+    s2: Optional[QuantState] = quant_state.state2
+    return torch.ops.qlora.dequantize_absmax(quant_state.absmax, s2.absmax, s2.code, quant_state.offset, s2.blocksize)
