@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
+#   bash bench/h200.sh OUTDIR [pytest args...]
+# Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
+# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR.
+set -uo pipefail
+out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
+shift
+mkdir -p "$out"
+export PYTHONPATH=$PWD/.device-site${PYTHONPATH:+:$PYTHONPATH}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.log" 2>&1; then
+  tail -60 "$out/build.log"; exit 1
+fi
+grep -m1 "qlora_ext: building" "$out/build.log"
+echo "build: $(( $(date +%s) - t0 )) s"
+cmd="python3 -m pytest tests -q -rfEs --junitxml=$out/junit.xml ${*:-}"
+t1=$(date +%s)
+$cmd > "$out/pytest.log" 2>&1
+rc=$?
+tail -15 "$out/pytest.log"
+echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
+python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30
+fi
+exit $rc
