@@ -55,48 +55,64 @@ __device__ __forceinline__ float max_abs_ftz(float m, float x) {
   return r;
 }
 
-// bitsandbytes' CUDA pivots, as its compiler rounded the decimal literals (read off the SASS).
-// NF4: sorted; the code is the number of pivots strictly below the scaled value.
-__constant__ float kNF4Pivots[15] = {
-    -0.84809643030166625977f, -0.61063289642333984375f, -0.459995269775390625f, -0.33967941999435424805f,
-    -0.23460739850997924805f, -0.13791173696517944336f, -0.045525018125772476196f, 0.039790149778127670288f,
-    0.12025525420904159546f,  0.20352125167846679688f,  0.29201376438140869141f,  0.38931253552436828613f,
-    0.50166338682174682617f,  0.64278692007064819336f,  0.86147838830947875977f};
-// FP4: sorted magnitude pivots; the rank of |v| among them picks the magnitude code, v < 0 the sign.
-__constant__ float kFP4Pivots[7] = {0.0026041700039058923721f, 0.0859375f,          0.20833332836627960205f,
-                                    0.2916666567325592041f,    0.4166666865348815918f, 0.58333301544189453125f,
-                                    0.8333333134651184082f};
-__constant__ uint32_t kFP4CodeOfRank[8] = {0, 1, 6, 7, 4, 5, 2, 3};
+// bitsandbytes' CUDA pivots, as its compiler rounded the decimal literals (read off its SASS).
+// NF4, sorted: the code is the number of pivots strictly below the scaled value.
+#define QLORA_NF4_P0 -0.84809643030166625977f
+#define QLORA_NF4_P1 -0.61063289642333984375f
+#define QLORA_NF4_P2 -0.459995269775390625f
+#define QLORA_NF4_P3 -0.33967941999435424805f
+#define QLORA_NF4_P4 -0.23460739850997924805f
+#define QLORA_NF4_P5 -0.13791173696517944336f
+#define QLORA_NF4_P6 -0.045525018125772476196f
+#define QLORA_NF4_P7 0.039790149778127670288f
+#define QLORA_NF4_P8 0.12025525420904159546f
+#define QLORA_NF4_P9 0.20352125167846679688f
+#define QLORA_NF4_P10 0.29201376438140869141f
+#define QLORA_NF4_P11 0.38931253552436828613f
+#define QLORA_NF4_P12 0.50166338682174682617f
+#define QLORA_NF4_P13 0.64278692007064819336f
+#define QLORA_NF4_P14 0.86147838830947875977f
+// FP4, sorted magnitudes: the rank of |v| among them picks the magnitude code, v < 0 the sign.
+#define QLORA_FP4_T0 0.0026041700039058923721f
+#define QLORA_FP4_T1 0.0859375f
+#define QLORA_FP4_T2 0.20833332836627960205f
+#define QLORA_FP4_T3 0.2916666567325592041f
+#define QLORA_FP4_T4 0.4166666865348815918f
+#define QLORA_FP4_T5 0.58333301544189453125f
+#define QLORA_FP4_T6 0.8333333134651184082f
 
-// Shared-memory copies: the searches index them with per-thread values, which constant memory
-// would serialize.
+// The even NF4 pivots, which the last step of the search picks by a per-thread index: shared
+// memory serves that without the serialization constant memory would impose.
+__constant__ float kNF4EvenPivots[8] = {QLORA_NF4_P0,  QLORA_NF4_P2,  QLORA_NF4_P4,  QLORA_NF4_P6,
+                                        QLORA_NF4_P8,  QLORA_NF4_P10, QLORA_NF4_P12, QLORA_NF4_P14};
+
 struct QuantTables {
-  float nf4[16];
-  float fp4[8];
-  uint32_t fp4_code[8];
+  float nf4_even[8];
 };
 
 __device__ __forceinline__ void load_quant_tables(QuantTables& t) {
-  if (threadIdx.x < 15) t.nf4[threadIdx.x] = kNF4Pivots[threadIdx.x];
-  if (threadIdx.x < 7) t.fp4[threadIdx.x] = kFP4Pivots[threadIdx.x];
-  if (threadIdx.x < 8) t.fp4_code[threadIdx.x] = kFP4CodeOfRank[threadIdx.x];
+  if (threadIdx.x < 8) t.nf4_even[threadIdx.x] = kNF4EvenPivots[threadIdx.x];
 }
 
-// Branch-free binary search over the sorted pivots: the same comparisons as bitsandbytes' tree.
+// Branch-free binary search over the sorted pivots; each step makes one of bitsandbytes' tree
+// comparisons, so the codes are the tree's. NaN compares false everywhere: code 0, as there. The
+// first steps pick their pivots with selects of immediates, the last from shared memory.
 template <QuantType QT>
 __device__ __forceinline__ uint32_t encode(const QuantTables& t, float v) {
   if constexpr (QT == QuantType::NF4) {
-    uint32_t r = v > t.nf4[7] ? 8u : 0u;
-    r += v > t.nf4[r + 3] ? 4u : 0u;
-    r += v > t.nf4[r + 1] ? 2u : 0u;
-    r += v > t.nf4[r] ? 1u : 0u;
-    return r;  // NaN compares false everywhere: code 0, as bitsandbytes
+    const bool b3 = v > QLORA_NF4_P7;
+    const bool b2 = v > (b3 ? QLORA_NF4_P11 : QLORA_NF4_P3);
+    const bool b1 = v > (b3 ? (b2 ? QLORA_NF4_P13 : QLORA_NF4_P9) : (b2 ? QLORA_NF4_P5 : QLORA_NF4_P1));
+    const uint32_t r = (b3 ? 8u : 0u) | (b2 ? 4u : 0u) | (b1 ? 2u : 0u);
+    return r | (v > t.nf4_even[r >> 1] ? 1u : 0u);
   } else {
     const float a = fabsf(v);
-    uint32_t r = a > t.fp4[3] ? 4u : 0u;
-    r += a > t.fp4[r + 1] ? 2u : 0u;
-    r += a > t.fp4[r] ? 1u : 0u;
-    return t.fp4_code[r] | (v < 0.0f ? 8u : 0u);
+    const bool b2 = a > QLORA_FP4_T3;
+    const bool b1 = a > (b2 ? QLORA_FP4_T5 : QLORA_FP4_T1);
+    const bool b0 = a > (b2 ? (b1 ? QLORA_FP4_T6 : QLORA_FP4_T4) : (b1 ? QLORA_FP4_T2 : QLORA_FP4_T0));
+    const uint32_t r = (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+    // magnitude rank 0..7 -> code 0, 1, 6, 7, 4, 5, 2, 3: ranks 2, 3, 6, 7 flip bit 2
+    return (r ^ ((r & 2u) << 1)) | (v < 0.0f ? 8u : 0u);
   }
 }
 
@@ -139,7 +155,7 @@ template <typename T, QuantType QT, int EPT, int GROUP>
 __global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const T* __restrict__ A, int64_t n, bool vec,
                                                                  uint8_t* __restrict__ packed,
                                                                  float* __restrict__ absmax) {
-  static_assert(EPT % 8 == 0 && GROUP <= kThreads && kThreads % GROUP == 0, "bad tiling");
+  static_assert(EPT % 8 == 0 && GROUP >= 2 && GROUP <= kThreads && kThreads % GROUP == 0, "bad tiling");
   constexpr int64_t kBlocksize = int64_t{GROUP} * EPT;
   constexpr int kBlocksPerTile = kThreads / GROUP;
   __shared__ QuantTables tables;
@@ -186,8 +202,12 @@ __global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const T* __rest
     }
     uint8_t* dst = packed + e0 / 2;
     if (e0 + EPT <= n) {
+      if constexpr (EPT == 16) {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
+      } else {
 #pragma unroll
-      for (int w = 0; w < EPT / 8; ++w) reinterpret_cast<uint32_t*>(dst)[w] = words[w];
+        for (int w = 0; w < EPT / 8; ++w) reinterpret_cast<uint32_t*>(dst)[w] = words[w];
+      }
     } else if (e0 < n) {
       const int64_t valid_bytes = (n - e0 + 1) / 2;
       for (int64_t j = 0; j < valid_bytes; ++j) dst[j] = static_cast<uint8_t>(words[j / 4] >> (8 * (j % 4)));
@@ -273,73 +293,90 @@ __global__ void dequantize_absmax_kernel(const uint8_t* __restrict__ qabsmax, co
 }
 
 template <typename T>
-__device__ __forceinline__ void store_elements(T* dst, const float (&v)[32]) {
-  if constexpr (std::is_same_v<T, float>) {
-#pragma unroll
-    for (int k = 0; k < 32; k += 4) reinterpret_cast<float4*>(dst)[k / 4] = make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]);
-  } else {
-    uint32_t words[16];
-#pragma unroll
-    for (int k = 0; k < 32; k += 2) {
-      if constexpr (std::is_same_v<T, __half>) {
-        const __half2 h = __floats2half2_rn(v[k], v[k + 1]);
-        words[k / 2] = *reinterpret_cast<const uint32_t*>(&h);
-      } else {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(v[k], v[k + 1]);
-        words[k / 2] = *reinterpret_cast<const uint32_t*>(&h);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < 16; k += 4)
-      reinterpret_cast<uint4*>(dst)[k / 4] = make_uint4(words[k], words[k + 1], words[k + 2], words[k + 3]);
-  }
-}
-
-template <typename T>
 __device__ __forceinline__ T from_float(float v) {
   if constexpr (std::is_same_v<T, float>) return v;
   else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
   else return __float2bfloat16_rn(v);
 }
 
+// 16 bytes of output from VEC floats, rounded to nearest even.
+template <typename T, int VEC>
+__device__ __forceinline__ void store16(T* dst, const float (&v)[VEC]) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (std::is_same_v<T, __half>) {
+        const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+        w[k] = *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        w[k] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 __constant__ float kNF4Lut[16] = {QLORA_NF4_CODE};
 // bitsandbytes' CUDA FP4 decoder multiplies the magnitude by a sign, so code 8 is -0.0.
 __constant__ float kFP4Lut[16] = {QLORA_FP4_CODE_SIGNED};
 
-// Each thread expands 32 elements (16 packed bytes) of one block; blocksize >= 32 keeps a chunk in
-// one block. NESTED decodes the block scale in place.
+// The output is written in warp tiles of 32 lanes x K vectors of 16 bytes: lane c's k-th vector
+// holds elements [k * 32 * VEC + c * VEC, +VEC) of the tile, so each store instruction of a warp
+// fills 512 contiguous bytes (the output is 4x the input; full-line stores are what keeps the
+// write stream at copy speed). Each lane first issues its K small loads of packed codes, then
+// decodes. NESTED decodes each block's scale from the double quantization in place. Elements past
+// the last full tile (and everything when the pointers are not aligned) go one per thread.
 template <typename T, QuantType QT, bool NESTED>
 __global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(
-    const uint8_t* __restrict__ packed, int64_t n, int blocksize_log2, bool vec, const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
-    const float* __restrict__ nested_code, const float* __restrict__ offset, T* __restrict__ out) {
+    const uint8_t* __restrict__ packed, int64_t n, int blocksize_log2, bool vec, const float* __restrict__ absmax,
+    const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+    const float* __restrict__ offset, T* __restrict__ out) {
+  constexpr int VEC = 16 / sizeof(T);  // elements a 16-byte store: 8, or 4 for float32
+  constexpr int K = 32 / VEC;          // 32 elements a lane and tile
+  constexpr int64_t kTile = 32 * VEC * K;
+  using Codes = std::conditional_t<VEC == 8, uint32_t, uint16_t>;  // VEC nibbles
   __shared__ float lut[16];
   __shared__ float code[NESTED ? 256 : 1];
   if (threadIdx.x < 16) lut[threadIdx.x] = QT == QuantType::NF4 ? kNF4Lut[threadIdx.x] : kFP4Lut[threadIdx.x];
   if constexpr (NESTED) code[threadIdx.x] = nested_code[threadIdx.x];
   __syncthreads();
   const float off = NESTED ? *offset : 0.0f;
-  const int64_t chunks = (n + 31) / 32;
-  for (int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x; c < chunks; c += int64_t{gridDim.x} * kThreads) {
-    const int64_t e0 = c * 32;
-    const int64_t b = e0 >> blocksize_log2;
-    const float scale = NESTED ? decode_scale(code, qabsmax, nested_absmax, off, b) : __ldg(absmax + b);
-    if (vec && e0 + 32 <= n) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      float v[32];
+  auto scale_of = [&](int64_t e) {
+    const int64_t b = e >> blocksize_log2;
+    return NESTED ? decode_scale(code, qabsmax, nested_absmax, off, b) : __ldg(absmax + b);
+  };
+
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t{blockIdx.x} * kThreads + threadIdx.x) >> 5;
+  const int64_t nwarps = (int64_t{gridDim.x} * kThreads) >> 5;
+  const int64_t full_tiles = vec ? n / kTile : 0;
+  for (int64_t tile = warp; tile < full_tiles; tile += nwarps) {
+    const int64_t e0 = tile * kTile + lane * VEC;
+    Codes codes[K];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const uint32_t byte = (words[j / 4] >> (8 * (j % 4))) & 0xffu;
+    for (int k = 0; k < K; ++k) codes[k] = __ldg(reinterpret_cast<const Codes*>(packed + (e0 + k * 32 * VEC) / 2));
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = e0 + k * 32 * VEC;
+      const float scale = scale_of(e);
+      float v[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC / 2; ++j) {
+        const uint32_t byte = (uint32_t{codes[k]} >> (8 * j)) & 0xffu;
         v[2 * j] = mul_ftz(lut[byte >> 4], scale);
         v[2 * j + 1] = mul_ftz(lut[byte & 0x0fu], scale);
       }
-      store_elements<T>(out + e0, v);
-    } else {
-      for (int64_t e = e0; e < e0 + 32 && e < n; ++e) {
-        const uint8_t byte = packed[e >> 1];
-        out[e] = from_float<T>(mul_ftz(lut[(e & 1) ? (byte & 0x0f) : (byte >> 4)], scale));
-      }
+      store16<T, VEC>(out + e, v);
     }
+  }
+  for (int64_t e = full_tiles * kTile + int64_t{blockIdx.x} * kThreads + threadIdx.x; e < n;
+       e += int64_t{gridDim.x} * kThreads) {
+    const uint8_t byte = packed[e >> 1];
+    out[e] = from_float<T>(mul_ftz(lut[(e & 1) ? (byte & 0x0f) : (byte >> 4)], scale_of(e)));
   }
 }
 
@@ -354,10 +391,11 @@ int sm_count(int device) {
   return count;
 }
 
-// Enough CTAs to fill the GPU several times over, the rest by grid stride.
-int grid_for(int64_t work_items, int items_per_cta, int device) {
+// One wave of CTAs at full occupancy (8 of 256 threads an SM), fewer for small work; the kernels
+// stride over the rest.
+int grid_for(int64_t work_items, int64_t items_per_cta, int device) {
   const int64_t needed = (work_items + items_per_cta - 1) / items_per_cta;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sm_count(device)} * 16)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sm_count(device)} * 8)));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -376,14 +414,15 @@ void launch_quantize(const at::Tensor& A, at::Tensor& packed, at::Tensor& absmax
 template <typename T, QuantType QT>
 void quantize_dispatch_blocksize(const at::Tensor& A, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax,
                                  cudaStream_t stream) {
+  // 16 elements a thread: two independent 16-byte loads in flight for 16-bit input.
   switch (blocksize) {
-    case 32: return launch_quantize<T, QT, 8, 4>(A, packed, absmax, stream);
-    case 64: return launch_quantize<T, QT, 8, 8>(A, packed, absmax, stream);
-    case 128: return launch_quantize<T, QT, 8, 16>(A, packed, absmax, stream);
-    case 256: return launch_quantize<T, QT, 8, 32>(A, packed, absmax, stream);
-    case 512: return launch_quantize<T, QT, 8, 64>(A, packed, absmax, stream);
-    case 1024: return launch_quantize<T, QT, 8, 128>(A, packed, absmax, stream);
-    case 2048: return launch_quantize<T, QT, 8, 256>(A, packed, absmax, stream);
+    case 32: return launch_quantize<T, QT, 16, 2>(A, packed, absmax, stream);
+    case 64: return launch_quantize<T, QT, 16, 4>(A, packed, absmax, stream);
+    case 128: return launch_quantize<T, QT, 16, 8>(A, packed, absmax, stream);
+    case 256: return launch_quantize<T, QT, 16, 16>(A, packed, absmax, stream);
+    case 512: return launch_quantize<T, QT, 16, 32>(A, packed, absmax, stream);
+    case 1024: return launch_quantize<T, QT, 16, 64>(A, packed, absmax, stream);
+    case 2048: return launch_quantize<T, QT, 16, 128>(A, packed, absmax, stream);
     default: return launch_quantize<T, QT, 16, 256>(A, packed, absmax, stream);
   }
 }
@@ -453,14 +492,15 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax_in, const at::Tensor
 }
 
 template <typename T, QuantType QT>
-void launch_dequantize(const at::Tensor& packed, int64_t n, int64_t blocksize, const at::Tensor& absmax, const at::Tensor* nested_absmax, const at::Tensor* nested_code,
-                       const at::Tensor* offset, at::Tensor& out, cudaStream_t stream) {
-  const int64_t chunks = (n + 31) / 32;
-  const int grid = grid_for(chunks, kThreads, packed.get_device());
+void launch_dequantize(const at::Tensor& packed, int64_t n, int64_t blocksize, const at::Tensor& absmax,
+                       const at::Tensor* nested_absmax, const at::Tensor* nested_code, const at::Tensor* offset,
+                       at::Tensor& out, cudaStream_t stream) {
+  // A full occupancy wave of CTAs; lanes stride over the warp tiles.
+  const int grid = grid_for(n, kThreads * 32, packed.get_device());
   const int log2 = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   T* dst = reinterpret_cast<T*>(out.data_ptr());
-  const bool vec = aligned16(src) && aligned16(dst);
+  const bool vec = reinterpret_cast<uintptr_t>(src) % 4 == 0 && aligned16(dst);
   if (nested_absmax != nullptr) {
     dequantize_4bit_kernel<T, QT, true><<<grid, kThreads, 0, stream>>>(
         src, n, log2, vec, nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),

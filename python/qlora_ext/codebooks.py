@@ -88,19 +88,32 @@ _DYNAMIC_MAP_SIGNED = [
 ]
 
 
-def _tensor(values, device) -> torch.Tensor:
-    return torch.tensor([float.fromhex(v) for v in values], dtype=torch.float32, device=device)
+_TABLES = {"nf4": _NF4, "fp4": _FP4, "dynamic": _DYNAMIC_MAP_SIGNED}
+# One master copy per table and device: building one from the list and copying it to a GPU costs
+# far more than the quantization of a large weight. Callers get clones, so no state shares storage
+# with the cache (a state dict entry may be modified in place).
+_CACHE: dict = {}
+
+
+def _table(name: str, device) -> torch.Tensor:
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device)
+    t = _CACHE.get(key)
+    if t is None:
+        t = torch.tensor([float.fromhex(v) for v in _TABLES[name]], dtype=torch.float32).to(device)
+        _CACHE[key] = t
+    return t.clone()
 
 
 def code_tensor(quant_type: str, device=None) -> torch.Tensor:
-    """The 16 values of the 4-bit code in code order (bitsandbytes' ``quant_map``)."""
-    if quant_type == "nf4":
-        return _tensor(_NF4, device)
-    if quant_type == "fp4":
-        return _tensor(_FP4, device)
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    """The 16 values of the 4-bit code in code order (bitsandbytes' ``quant_map``), a new tensor."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return _table(quant_type, device)
 
 
 def dynamic_map_tensor(device=None) -> torch.Tensor:
-    """The 256 sorted values of the signed 8-bit dynamic map of the double quantization."""
-    return _tensor(_DYNAMIC_MAP_SIGNED, device)
+    """The 256 sorted values of the signed 8-bit dynamic map of the double quantization, a new tensor."""
+    return _table("dynamic", device)

@@ -106,7 +106,10 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     packed = _as_bytes(packed)
-    quant_state.validate()
+    # The op checks sizes, dtypes and devices itself (naming the argument); only what it cannot see
+    # is checked here, to keep the per-call cost low.
+    if quant_state.shape is None:
+        raise ValueError("quant_state.shape is not set")
     if packed.device != quant_state.absmax.device:
         raise ValueError(
             f"packed is on {packed.device} but quant_state is on {quant_state.absmax.device}; "

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 namespace qlora {
@@ -15,115 +16,30 @@ enum class QuantType : int { NF4 = 0, FP4 = 1 };
 // The double quantization always uses bitsandbytes' nested blocksize.
 inline constexpr int64_t kNestedBlocksize = 256;
 
-inline QuantType parse_quant_type(std::string_view quant_type) {
-  if (quant_type == "nf4") return QuantType::NF4;
-  if (quant_type == "fp4") return QuantType::FP4;
-  TORCH_CHECK_VALUE(false, "quant_type must be 'nf4' or 'fp4', got '", quant_type, "'");
-}
-
-inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
-  const bool ok = blocksize == 32 || blocksize == 64 || blocksize == 128 || blocksize == 256 ||
-                  blocksize == 512 || blocksize == 1024 || blocksize == 2048 || blocksize == 4096;
-  TORCH_CHECK_VALUE(ok, name, " must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ", blocksize);
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool is_float_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-// quantize_4bit(A, blocksize, quant_type): A is any float tensor (fp32, fp16, bf16), any shape.
-inline QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize, std::string_view quant_type) {
-  TORCH_CHECK_TYPE(is_float_input(A.scalar_type()),
-                   "quantize_4bit: A must be float32, float16 or bfloat16, got ", A.scalar_type());
-  check_blocksize(blocksize);
-  return parse_quant_type(quant_type);
-}
-
-// quantize_absmax(absmax, blocksize): the float32 block scales of quantize_4bit.
-inline void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize) {
-  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, "quantize_absmax: absmax must be float32, got ",
-                   absmax.scalar_type());
-  TORCH_CHECK_VALUE(absmax.dim() == 1, "quantize_absmax: absmax must be 1-D, got shape ", absmax.sizes());
-  TORCH_CHECK_VALUE(blocksize == kNestedBlocksize, "quantize_absmax: blocksize must be ", kNestedBlocksize,
-                    " (bitsandbytes' nested blocksize), got ", blocksize);
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                              const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device(), "; move them to one device");
-}
-
+// Host-side argument checks, defined once in csrc/format.cpp (compiled by the host compiler only, so
+// the CPU and CUDA translation units share one definition). Each raises a ValueError / TypeError
+// whose message names the op and the argument.
+QuantType parse_quant_type(std::string_view quant_type);
+void check_blocksize(int64_t blocksize);
+QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
+void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize);
 // The scales of a dequantization: float32 absmax, or uint8 absmax with its nested state.
-inline void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_name, int64_t nblocks,
-                               const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                               int64_t nested_blocksize) {
-  check_same_device(absmax, ref, op, "absmax", ref_name);
-  const bool nested = nested_absmax.has_value() || nested_code.has_value() || offset.has_value();
-  if (!nested) {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op,
-                     ": absmax must be float32 without double quantization (nested_absmax, nested_code and "
-                     "offset are None), got ",
-                     absmax.scalar_type());
-    TORCH_CHECK_VALUE(absmax.numel() == nblocks, op, ": absmax has ", absmax.numel(), " elements but the shape needs ",
-                      nblocks, " blocks");
-    return;
-  }
-  TORCH_CHECK_VALUE(nested_absmax.has_value() && nested_code.has_value() && offset.has_value(), op,
-                    ": double quantization needs nested_absmax, nested_code and offset together");
-  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op,
-                   ": absmax must be uint8 with double quantization, got ", absmax.scalar_type());
-  TORCH_CHECK_VALUE(absmax.numel() == nblocks, op, ": absmax has ", absmax.numel(), " elements but the shape needs ",
-                    nblocks, " blocks");
-  TORCH_CHECK_VALUE(nested_blocksize == kNestedBlocksize, op, ": nested_blocksize must be ", kNestedBlocksize,
-                    ", got ", nested_blocksize);
-  const at::Tensor& na = *nested_absmax;
-  const at::Tensor& nc = *nested_code;
-  const at::Tensor& off = *offset;
-  check_same_device(na, ref, op, "nested_absmax", ref_name);
-  check_same_device(nc, ref, op, "nested_code", ref_name);
-  check_same_device(off, ref, op, "offset", ref_name);
-  TORCH_CHECK_TYPE(na.scalar_type() == at::kFloat, op, ": nested_absmax must be float32, got ", na.scalar_type());
-  TORCH_CHECK_VALUE(na.numel() == ceil_div(nblocks, nested_blocksize), op, ": nested_absmax has ", na.numel(),
-                    " elements but ", nblocks, " blocks need ", ceil_div(nblocks, nested_blocksize));
-  TORCH_CHECK_TYPE(nc.scalar_type() == at::kFloat, op, ": nested_code must be float32, got ", nc.scalar_type());
-  TORCH_CHECK_VALUE(nc.numel() == 256, op, ": nested_code must hold the 256 values of the 8-bit map, got ",
-                    nc.numel());
-  TORCH_CHECK_TYPE(off.scalar_type() == at::kFloat, op, ": offset must be float32, got ", off.scalar_type());
-  TORCH_CHECK_VALUE(off.numel() == 1, op, ": offset must hold one value, got ", off.numel());
-}
-
-inline int64_t shape_numel(c10::SymIntArrayRef shape, const char* op) {
-  int64_t n = 1;
-  for (const auto& s : shape) {
-    const int64_t d = s.guard_int(__FILE__, __LINE__);
-    TORCH_CHECK_VALUE(d >= 0, op, ": shape must not have negative sizes, got ", shape);
-    n *= d;
-  }
-  return n;
-}
-
-// dequantize_4bit: the packed codes of `shape` and their scales.
-inline QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
-                                            const std::optional<at::Tensor>& nested_absmax,
-                                            const std::optional<at::Tensor>& nested_code,
-                                            const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                            int64_t nested_blocksize, std::string_view quant_type, int64_t n,
-                                            at::ScalarType dtype) {
-  const char* op = "dequantize_4bit";
-  const QuantType qt = parse_quant_type(quant_type);
-  check_blocksize(blocksize);
-  TORCH_CHECK_TYPE(is_float_input(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type(),
-                   " (view other storage dtypes as uint8 first)");
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(), " bytes but a shape of ", n,
-                    " elements needs ", (n + 1) / 2);
-  check_absmax_state(op, packed, "packed", ceil_div(n, blocksize), absmax, nested_absmax, nested_code, offset,
-                     nested_blocksize);
-  return qt;
-}
+void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_name, int64_t nblocks,
+                        const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                        int64_t nested_blocksize);
+int64_t shape_numel(c10::SymIntArrayRef shape, const char* op);
+QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t nested_blocksize, std::string_view quant_type, int64_t n,
+                                     at::ScalarType dtype);
 
 }  // namespace qlora
