@@ -68,8 +68,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Same shape, dtype and bits; NaN matches NaN whatever its payload."""
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "", signed_zeros: bool = True) -> None:
+    """Same shape, dtype and bits; NaN matches NaN whatever its payload. signed_zeros=False lets
+    +0.0 match -0.0 (and nothing else)."""
     actual = actual.detach().cpu()
     expected = expected.detach().cpu()
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
@@ -78,6 +79,8 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
         nan_a, nan_e = actual.isnan(), expected.isnan()
         assert torch.equal(nan_a, nan_e), f"{what}: NaN at different places ({nan_a.sum()} vs {nan_e.sum()})"
         same = (bits(actual) == bits(expected)) | nan_a
+        if not signed_zeros:
+            same |= (actual == 0) & (expected == 0)
     else:
         same = actual == expected
     if not bool(same.all()):

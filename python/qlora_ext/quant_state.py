@@ -235,7 +235,9 @@ class QuantState:
                 code=d["nested_quant_map"],
                 dtype=torch.float32,
             )
-            offset = torch.tensor(float(d["nested_offset"]), dtype=torch.float32)
+            # A plain number in the dict: it goes where the scales are (or to `device`).
+            offset_device = device if device is not None else getattr(d["absmax"], "device", None)
+            offset = torch.tensor(float(d["nested_offset"]), dtype=torch.float32, device=offset_device)
         else:
             state2, offset = None, None
         state = cls(
@@ -250,10 +252,9 @@ class QuantState:
         )
         if code is not None:
             _check_tensor("quant_map", code, torch.float32, 16)
-        state.validate()
         if device is not None:
             state.to(device)
-        return state
+        return state.validate()
 
     def to(self, device: Union[str, torch.device]) -> "QuantState":
         """Moves every tensor of the state to ``device``, in place; returns the state."""
