@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -67,6 +68,9 @@ def copy_gbps(device: str, nbytes: int = 2 * 2**30, iters: int = 20) -> float:
 
 
 def git_commit() -> str:
+    """The commit (QLORA_COMMIT where the tree travelled without its .git, e.g. to the GPU machine)."""
+    if os.environ.get("QLORA_COMMIT"):
+        return os.environ["QLORA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)

@@ -95,7 +95,8 @@ _TABLES = {"nf4": _NF4, "fp4": _FP4, "dynamic": _DYNAMIC_MAP_SIGNED}
 _CACHE: dict = {}
 
 
-def _table(name: str, device) -> torch.Tensor:
+def _shared_table(name: str, device) -> torch.Tensor:
+    """The cached master copy: for kernels to read, never to hand out (see _table)."""
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -104,7 +105,11 @@ def _table(name: str, device) -> torch.Tensor:
     if t is None:
         t = torch.tensor([float.fromhex(v) for v in _TABLES[name]], dtype=torch.float32).to(device)
         _CACHE[key] = t
-    return t.clone()
+    return t
+
+
+def _table(name: str, device) -> torch.Tensor:
+    return _shared_table(name, device).clone()
 
 
 def code_tensor(quant_type: str, device=None) -> torch.Tensor:

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from .codebooks import code_tensor, dynamic_map_tensor
 from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 
 __all__ = ["dequantize_4bit", "dequantize_absmax", "quantize_4bit"]
@@ -51,16 +50,14 @@ def quantize_4bit(
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     packed, absmax = torch.ops.qlora.quantize_4bit(A, blocksize, quant_type)
-    code = code_tensor(quant_type, device=A.device)
+    # The code tables (state.code, state.state2.code) are made when first read.
     if compress_statistics:
         qabsmax, nested_absmax, offset = torch.ops.qlora.quantize_absmax(absmax, NESTED_BLOCKSIZE)
-        state2 = QuantState(
-            absmax=nested_absmax, blocksize=NESTED_BLOCKSIZE, code=dynamic_map_tensor(A.device), dtype=torch.float32
-        )
+        state2 = QuantState(absmax=nested_absmax, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        state2._code_table = "dynamic"
         state = QuantState(
             absmax=qabsmax,
             shape=A.shape,
-            code=code,
             blocksize=blocksize,
             quant_type=quant_type,
             dtype=A.dtype,
@@ -68,9 +65,7 @@ def quantize_4bit(
             state2=state2,
         )
     else:
-        state = QuantState(
-            absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
-        )
+        state = QuantState(absmax=absmax, shape=A.shape, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
     if quant_storage != torch.uint8:
         packed = _view_storage(packed, quant_storage)
     return packed, state
@@ -116,7 +111,8 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
             "move one of them (quant_state.to(device))"
         )
     if quant_state.nested:
-        nested_absmax, nested_code, offset = quant_state.state2.absmax, quant_state.state2.code, quant_state.offset
+        nested_absmax, offset = quant_state.state2.absmax, quant_state.offset
+        nested_code = quant_state.state2._code_for_kernel()
         nested_blocksize = quant_state.state2.blocksize
     else:
         nested_absmax = nested_code = offset = None
@@ -142,4 +138,6 @@ def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
     if not quant_state.nested:
         return quant_state.absmax
     s2: Optional[QuantState] = quant_state.state2
-    return torch.ops.qlora.dequantize_absmax(quant_state.absmax, s2.absmax, s2.code, quant_state.offset, s2.blocksize)
+    return torch.ops.qlora.dequantize_absmax(
+        quant_state.absmax, s2.absmax, s2._code_for_kernel(), quant_state.offset, s2.blocksize
+    )

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .codebooks import code_tensor, dynamic_map_tensor
+from .codebooks import _shared_table, code_tensor, dynamic_map_tensor
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -96,12 +96,33 @@ class QuantState:
     ):
         self.absmax = absmax
         self.shape = torch.Size(shape) if shape is not None else None
-        self.code = code
+        self._code = code
+        # Which standard table `code` is when it was not given: made on first access, since a copy
+        # per quantization costs more than quantizing a large weight on a GPU.
+        self._code_table = quant_type if quant_type in QUANT_TYPES else None
         self.blocksize = blocksize
         self.quant_type = quant_type
         self.dtype = dtype
         self.offset = offset
         self.state2 = state2
+
+    @property
+    def code(self) -> Optional[torch.Tensor]:
+        """The code table (float32): 16 values for a 4-bit state, the 256 of the 8-bit map for state2."""
+        if self._code is None and self._code_table is not None:
+            self._code = code_tensor(self._code_table, self.absmax.device) if self._code_table in QUANT_TYPES \
+                else dynamic_map_tensor(self.absmax.device)  # fmt: skip
+        return self._code
+
+    @code.setter
+    def code(self, value: Optional[torch.Tensor]) -> None:
+        self._code = value
+
+    def _code_for_kernel(self) -> torch.Tensor:
+        """The code table to read from, without making a copy of a standard one."""
+        if self._code is None and self._code_table is not None:
+            return _shared_table(self._code_table, self.absmax.device)
+        return self.code
 
     @property
     def nested(self) -> bool:
@@ -259,12 +280,11 @@ class QuantState:
     def to(self, device: Union[str, torch.device]) -> "QuantState":
         """Moves every tensor of the state to ``device``, in place; returns the state."""
         self.absmax = self.absmax.to(device)
-        if self.code is not None:
-            self.code = self.code.to(device)
+        if self._code is not None:
+            self._code = self._code.to(device)
         if self.nested:
             self.offset = self.offset.to(device)
-            self.state2.absmax = self.state2.absmax.to(device)
-            self.state2.code = self.state2.code.to(device)
+            self.state2.to(device)
         return self
 
     def __eq__(self, other: object) -> bool:
