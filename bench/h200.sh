@@ -10,6 +10,13 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD/.device-site${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export PYTHONUNBUFFERED=1
+# The image's default compiler (/opt/gcc) links libstdc++ statically into shared objects, and that
+# private copy crashes as soon as the extension formats a number (an error message): build with
+# the system g++, whose libstdc++ is the process's.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+  grep -qs "/opt/gcc" build/*/CMakeCache.txt && rm -rf build
+fi
 t0=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.log" 2>&1; then
   tail -60 "$out/build.log"; exit 1

@@ -433,28 +433,43 @@ __global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(
   const int64_t warp = (int64_t{blockIdx.x} * kThreads + threadIdx.x) >> 5;
   const int64_t nwarps = (int64_t{gridDim.x} * kThreads) >> 5;
   const int64_t full_tiles = vec ? n / kTile : 0;
-  // The codes of the next tile are in flight while this one is decoded and stored.
-  auto load_codes = [&](int64_t tile, Codes (&codes)[K]) {
-    const int64_t e0 = tile * kTile + lane * VEC;
-#pragma unroll
-    for (int k = 0; k < K; ++k) codes[k] = __ldcs(reinterpret_cast<const Codes*>(packed + (e0 + k * 32 * VEC) / 2));
-  };
-  Codes next[K];
-  if (warp < full_tiles) load_codes(warp, next);
-  for (int64_t tile = warp; tile < full_tiles; tile += nwarps) {
-    const int64_t e0 = tile * kTile + lane * VEC;
+  // The codes and block scales of the next tile are in flight while this one is decoded and stored
+  // (without double quantization the float32 scale itself, with it its uint8 code and the nested
+  // absmax; the short decode happens at use).
+  struct Fetch {
     Codes codes[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) codes[k] = next[k];
-    if (tile + nwarps < full_tiles) load_codes(tile + nwarps, next);
+    float scale[K];  // the scale, or the nested absmax
+    uint32_t q[K];   // the scale's 8-bit code (double quantization)
+  };
+  auto fetch = [&](int64_t tile, Fetch& f) {
+    const int64_t e0 = tile * kTile + lane * VEC;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t e = e0 + k * 32 * VEC;
-      const float scale = scale_of(e);
+      const int64_t b = e >> blocksize_log2;
+      f.codes[k] = __ldcs(reinterpret_cast<const Codes*>(packed + e / 2));
+      if constexpr (NESTED) {
+        f.q[k] = __ldg(qabsmax + b);
+        f.scale[k] = __ldg(nested_absmax + b / kNestedBlocksize);
+      } else {
+        f.scale[k] = __ldg(absmax + b);
+      }
+    }
+  };
+  Fetch next;
+  if (warp < full_tiles) fetch(warp, next);
+  for (int64_t tile = warp; tile < full_tiles; tile += nwarps) {
+    const int64_t e0 = tile * kTile + lane * VEC;
+    const Fetch cur = next;
+    if (tile + nwarps < full_tiles) fetch(tile + nwarps, next);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = e0 + k * 32 * VEC;
+      const float scale = NESTED ? __fadd_rn(mul_ftz(code[cur.q[k]], cur.scale[k]), off) : cur.scale[k];
       float v[VEC];
 #pragma unroll
       for (int j = 0; j < VEC / 2; ++j) {
-        const uint32_t byte = (uint32_t{codes[k]} >> (8 * j)) & 0xffu;
+        const uint32_t byte = (uint32_t{cur.codes[k]} >> (8 * j)) & 0xffu;
         v[2 * j] = mul_ftz(lut[byte >> 4], scale);
         v[2 * j + 1] = mul_ftz(lut[byte & 0x0fu], scale);
       }

@@ -15,6 +15,11 @@ from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 __all__ = ["dequantize_4bit", "dequantize_absmax", "quantize_4bit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The overloads themselves: calling them skips the overload lookup of torch.ops.qlora.<name>(...),
+# a few microseconds that show on small weights.
+_quantize_4bit_op = torch.ops.qlora.quantize_4bit.default
+_quantize_absmax_op = torch.ops.qlora.quantize_absmax.default
+_dequantize_4bit_op = torch.ops.qlora.dequantize_4bit.default
 
 
 def quantize_4bit(
@@ -49,10 +54,10 @@ def quantize_4bit(
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    packed, absmax = torch.ops.qlora.quantize_4bit(A, blocksize, quant_type)
+    packed, absmax = _quantize_4bit_op(A, blocksize, quant_type)
     # The code tables (state.code, state.state2.code) are made when first read.
     if compress_statistics:
-        qabsmax, nested_absmax, offset = torch.ops.qlora.quantize_absmax(absmax, NESTED_BLOCKSIZE)
+        qabsmax, nested_absmax, offset = _quantize_absmax_op(absmax, NESTED_BLOCKSIZE)
         state2 = QuantState(absmax=nested_absmax, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
         state2._code_table = "dynamic"
         state = QuantState(
@@ -117,7 +122,7 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     else:
         nested_absmax = nested_code = offset = None
         nested_blocksize = NESTED_BLOCKSIZE
-    return torch.ops.qlora.dequantize_4bit(
+    return _dequantize_4bit_op(
         packed,
         quant_state.absmax,
         nested_absmax,
@@ -126,7 +131,7 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
         quant_state.blocksize,
         nested_blocksize,
         quant_state.quant_type,
-        list(quant_state.shape),
+        quant_state.shape,
         quant_state.dtype,
     )
 
