@@ -28,3 +28,13 @@ static PyModuleDef qlora_module = {PyModuleDef_HEAD_INIT, "_C", "qlora_ext's com
                                    nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&qlora_module); }
+
+// None of these ops is differentiable (codes and scales are integers or frozen statistics), so
+// autograd has nothing to record: falling through skips its boxed not-implemented fallback, a few
+// microseconds a call that show on small weights.
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("quantize_4bit", torch::CppFunction::makeFallthrough());
+  m.impl("quantize_absmax", torch::CppFunction::makeFallthrough());
+  m.impl("dequantize_absmax", torch::CppFunction::makeFallthrough());
+  m.impl("dequantize_4bit", torch::CppFunction::makeFallthrough());
+}
