@@ -69,11 +69,20 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-// Quantizes blocks [b0, b1) of n elements. `buf` and `rank` hold one block.
+// Quantizes blocks [b0, b1) of n elements. `buf` and `rank` hold one block. Each pass is a plain
+// loop over the block that the compiler vectorizes (the bounds are copied to a local array: stores
+// through the uint8_t rank pointer could otherwise alias them and force a reload per element).
 template <typename T>
 inline __attribute__((always_inline)) void quantize_4bit_blocks(const T* A, int64_t n, int64_t blocksize,
                                                                 const CodeSearch& cs, uint8_t* packed, float* absmax,
                                                                 int64_t b0, int64_t b1, float* buf, uint8_t* rank) {
+  float bounds[15];
+  for (int k = 0; k < 15; ++k) bounds[k] = cs.bounds[k];
+  uint8_t code_of_rank[16];
+  for (int k = 0; k < 16; ++k) code_of_rank[k] = cs.code_of_rank[k];
+  const bool identity = std::is_sorted(std::begin(code_of_rank), std::end(code_of_rank));  // NF4
+  int zero_rank = 0;  // the rank of a padding 0.0
+  for (int k = 0; k < 15; ++k) zero_rank += 0.0f > bounds[k];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min(blocksize, n - start);
@@ -95,22 +104,23 @@ inline __attribute__((always_inline)) void quantize_4bit_blocks(const T* A, int6
     } else {
       for (int64_t i = 0; i < len; ++i) buf[i] = buf[i] / clamped;
     }
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = buf[i];
-      int r = 0;
-      for (int k = 0; k < 15; ++k) r += v > cs.bounds[k];
-      rank[i] = static_cast<uint8_t>(v != v ? 15 : r);
+    // One pass a midpoint: the compiler vectorizes these loops over the block (it leaves a loop
+    // over the 15 midpoints inside a loop over the elements scalar).
+    for (int64_t i = 0; i < len; ++i) rank[i] = 0;
+    for (int k = 0; k < 15; ++k) {
+      const float bound = bounds[k];
+      for (int64_t i = 0; i < len; ++i) rank[i] += buf[i] > bound ? 1 : 0;
     }
+    for (int64_t i = 0; i < len; ++i) rank[i] = buf[i] != buf[i] ? 15 : rank[i];
     uint8_t* dst = packed + start / 2;
     const int64_t pairs = len / 2;
-    for (int64_t j = 0; j < pairs; ++j)
-      dst[j] = static_cast<uint8_t>(cs.code_of_rank[rank[2 * j]] << 4 | cs.code_of_rank[rank[2 * j + 1]]);
-    if (len & 1) {
-      // An odd element count pads one 0.0, which bucketizes like any scaled zero.
-      int r0 = 0;
-      for (int k = 0; k < 15; ++k) r0 += 0.0f > cs.bounds[k];
-      dst[pairs] = static_cast<uint8_t>(cs.code_of_rank[rank[len - 1]] << 4 | cs.code_of_rank[r0]);
+    if (identity) {
+      for (int64_t j = 0; j < pairs; ++j) dst[j] = static_cast<uint8_t>(rank[2 * j] << 4 | rank[2 * j + 1]);
+    } else {
+      for (int64_t j = 0; j < pairs; ++j)
+        dst[j] = static_cast<uint8_t>(code_of_rank[rank[2 * j]] << 4 | code_of_rank[rank[2 * j + 1]]);
     }
+    if (len & 1) dst[pairs] = static_cast<uint8_t>(code_of_rank[rank[len - 1]] << 4 | code_of_rank[zero_rank]);
   }
 }
 
@@ -240,11 +250,11 @@ struct Scales {
   const float* nested_absmax = nullptr;
   const float* nested_code = nullptr;
   float offset = 0.0f;
-  int64_t nested_blocksize = kNestedBlocksize;
 
   float operator()(int64_t b) const {
     if (absmax != nullptr) return absmax[b];
-    const float scaled = nested_code[qabsmax[b]] * nested_absmax[b / nested_blocksize];
+    // nested_blocksize is 256 (checked): a shift, not a 64-bit division per block
+    const float scaled = nested_code[qabsmax[b]] * nested_absmax[b >> 8];
     return scaled + offset;
   }
 };
@@ -265,7 +275,6 @@ Scales make_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& ne
   keep.push_back(nested_code->contiguous());
   s.nested_code = keep.back().const_data_ptr<float>();
   s.offset = offset->item<float>();
-  s.nested_blocksize = nested_blocksize;
   return s;
 }
 
@@ -284,50 +293,118 @@ void dequantize_scalar(const uint8_t* packed, const float* lut, float scale, int
 }
 
 #if QLORA_X86
-// 16 elements from 8 packed bytes: the nibbles in element order index two 8-float halves of the
-// code table (vpermps), bit 3 picks the half.
+// Blocks [b0, b1): 16 elements from 8 packed bytes at a time. The nibbles, in element order, index
+// the two 8-float halves of the code table (vpermps); bit 3 picks the half. The table and the
+// constants live in registers across blocks: per-block setup would cost as much as a 64-element
+// block's work.
 template <typename T>
-__attribute__((target("avx2,f16c"))) void dequantize_avx2(const uint8_t* packed, const float* lut, float scale,
-                                                           int64_t start, int64_t len, T* out) {
+__attribute__((target("avx2,f16c"))) void dequantize_blocks_avx2(const uint8_t* packed, const float* lut,
+                                                                  const Scales& scales, int64_t n, int64_t blocksize,
+                                                                  int64_t b0, int64_t b1, T* out) {
   const __m256 lut_lo = _mm256_loadu_ps(lut);
   const __m256 lut_hi = _mm256_loadu_ps(lut + 8);
-  const __m256 vscale = _mm256_set1_ps(scale);
   const __m128i mask4 = _mm_set1_epi8(0x0f);
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const int64_t e = start + i;
-    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
-    const __m128i lo = _mm_and_si128(raw, mask4);
-    const __m128i nibbles = _mm_unpacklo_epi8(hi, lo);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i idx = _mm256_cvtepu8_epi32(h == 0 ? nibbles : _mm_srli_si128(nibbles, 8));
-      const __m256 from_lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-      const __m256 from_hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-      const __m256 code = _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-      const __m256 v = _mm256_mul_ps(code, vscale);
-      T* dst = out + e + 8 * h;
-      if constexpr (std::is_same_v<T, float>) {
-        _mm256_storeu_ps(dst, v);
-      } else if constexpr (std::is_same_v<T, c10::Half>) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-      } else {
-        // Round to nearest even, NaN to 0x7fc0: c10::BFloat16's conversion, eight at a time.
-        const __m256i bits = _mm256_castps_si256(v);
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-        const __m128i half = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), half);
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i round_bias = _mm256_set1_epi32(0x7fff);
+  const __m256i bf16_nan = _mm256_set1_epi32(0x7fc0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    const float scale = scales(b);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      const int64_t e = start + i;
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
+      const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask4), _mm_and_si128(raw, mask4));
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i idx = _mm256_cvtepu8_epi32(h == 0 ? nibbles : _mm_srli_si128(nibbles, 8));
+        const __m256 code = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        const __m256 v = _mm256_mul_ps(code, vscale);
+        T* dst = out + e + 8 * h;
+        if constexpr (std::is_same_v<T, float>) {
+          _mm256_storeu_ps(dst, v);
+        } else if constexpr (std::is_same_v<T, c10::Half>) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        } else {
+          // Round to nearest even, NaN to 0x7fc0: c10::BFloat16's conversion, eight at a time.
+          const __m256i bits = _mm256_castps_si256(v);
+          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+          __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, round_bias)), 16);
+          r = _mm256_blendv_epi8(r, bf16_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                           _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+        }
       }
     }
+    dequantize_scalar(packed, lut, scale, start + i, len - i, out);
   }
-  dequantize_scalar(packed, lut, scale, start + i, len - i, out);
+}
+
+// float32 bits plus the round-to-nearest-even bias: the bfloat16 sits in the high half (NaN: 0x7fc0).
+__attribute__((target("avx512f"))) inline __m512i bf16_rounded_high(__m512 v, __m512i one, __m512i round_bias,
+                                                                    __m512i nan_bits) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+  const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, round_bias));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, nan_bits);
+}
+
+// The same with AVX-512: 32 elements (16 packed bytes) an iteration, one vpermps over the whole
+// 16-entry table per 16 elements, and bfloat16 rounded in integers with the two vectors' high halves
+// gathered by one vpermt2w. About twice the AVX2 path's throughput (2-core Sapphire Rapids VM).
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) void dequantize_blocks_avx512(const uint8_t* packed, const float* lut,
+                                                                          const Scales& scales, int64_t n,
+                                                                          int64_t blocksize, int64_t b0, int64_t b1,
+                                                                          T* out) {
+  const __m512 table = _mm512_loadu_ps(lut);
+  const __m128i mask4 = _mm_set1_epi8(0x0f);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i round_bias = _mm512_set1_epi32(0x7fff);
+  const __m512i nan_bits = _mm512_set1_epi32(0x7fc00000);
+  // 16-bit word j of the result: the high half of 32-bit lane j of (r0, r1).
+  alignas(64) int16_t high_halves[32];
+  for (int j = 0; j < 32; ++j) high_halves[j] = static_cast<int16_t>(2 * j + 1);
+  const __m512i pick_high = _mm512_load_si512(high_halves);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    const float scale = scales(b);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+      const int64_t e = start + i;
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+      const __m128i lo = _mm_and_si128(raw, mask4);
+      const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), vscale);
+      const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), vscale);
+      T* dst = out + e;
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(dst, v0);
+        _mm512_storeu_ps(dst + 16, v1);
+      } else if constexpr (std::is_same_v<T, c10::Half>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT));
+      } else {
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(bf16_rounded_high(v0, one, round_bias, nan_bits), pick_high,
+                                                           bf16_rounded_high(v1, one, round_bias, nan_bits)));
+      }
+    }
+    dequantize_scalar(packed, lut, scale, start + i, len - i, out);
+  }
 }
 
 bool cpu_has_avx2_f16c() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+bool cpu_has_avx512bw() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
 }
 #endif
@@ -336,19 +413,18 @@ template <typename T>
 void dequantize_4bit_blocks(const uint8_t* packed, const float* lut, const Scales& scales, int64_t n,
                             int64_t blocksize, int64_t b0, int64_t b1, T* out) {
 #if QLORA_X86
-  const bool simd = cpu_has_avx2_f16c();
+  if (cpu_has_avx512bw()) {
+    dequantize_blocks_avx512(packed, lut, scales, n, blocksize, b0, b1, out);
+    return;
+  }
+  if (cpu_has_avx2_f16c()) {
+    dequantize_blocks_avx2(packed, lut, scales, n, blocksize, b0, b1, out);
+    return;
+  }
 #endif
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * blocksize;
-    const int64_t len = std::min(blocksize, n - start);
-    const float scale = scales(b);
-#if QLORA_X86
-    if (simd) {
-      dequantize_avx2(packed, lut, scale, start, len, out);
-      continue;
-    }
-#endif
-    dequantize_scalar(packed, lut, scale, start, len, out);
+    dequantize_scalar(packed, lut, scales(b), start, std::min(blocksize, n - start), out);
   }
 }
 
@@ -391,6 +467,7 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& ne
   TORCH_CHECK_VALUE(qabsmax.dim() == 1, "dequantize_absmax: qabsmax must be 1-D, got shape ", qabsmax.sizes());
   check_absmax_state("dequantize_absmax", qabsmax, "qabsmax", n, qabsmax, nested_absmax, nested_code, offset,
                      blocksize);
+  static_assert(kNestedBlocksize == 256, "Scales shifts by 8");
   at::Tensor out = at::empty({n}, qabsmax.options().dtype(at::kFloat));
   if (n == 0) return out;
   std::vector<at::Tensor> keep;
