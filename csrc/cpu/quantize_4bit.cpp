@@ -19,6 +19,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
@@ -398,14 +399,21 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_blocks_avx512(const 
   }
 }
 
-bool cpu_has_avx2_f16c() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return ok;
-}
+// The widest SIMD path this CPU runs; QLORA_CPU_ISA=avx2 or =scalar caps it (the tests run every
+// path that way on a machine that would otherwise only take the widest).
+enum class Isa { Scalar, Avx2, Avx512 };
 
-bool cpu_has_avx512bw() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return ok;
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::Scalar;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) best = Isa::Avx2;
+    if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = Isa::Avx512;
+    const char* cap = std::getenv("QLORA_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return Isa::Scalar;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) return Isa::Avx2;
+    return best;
+  }();
+  return isa;
 }
 #endif
 
@@ -413,11 +421,12 @@ template <typename T>
 void dequantize_4bit_blocks(const uint8_t* packed, const float* lut, const Scales& scales, int64_t n,
                             int64_t blocksize, int64_t b0, int64_t b1, T* out) {
 #if QLORA_X86
-  if (cpu_has_avx512bw()) {
+  const Isa isa = cpu_isa();
+  if (isa == Isa::Avx512) {
     dequantize_blocks_avx512(packed, lut, scales, n, blocksize, b0, b1, out);
     return;
   }
-  if (cpu_has_avx2_f16c()) {
+  if (isa == Isa::Avx2) {
     dequantize_blocks_avx2(packed, lut, scales, n, blocksize, b0, b1, out);
     return;
   }

@@ -495,9 +495,9 @@ int sm_count(int device) {
 }
 
 // Exactly one wave: as many CTAs as fit on the GPU at once (fewer for small work). The kernels
-// stride over the rest, so every CTA gets the same share; a grid past one wave would leave a
-// partial second wave running alone at the end (with 5-6 resident CTAs an SM, a grid of 8 an SM
-// cost a third of the time).
+// stride over the rest, so every CTA gets the same share; a grid past one wave leaves a partial
+// second wave running alone at the end (8 CTAs an SM where 5 fit: quantize of 28672 x 8192 bf16
+// took 0.177 ms against 0.159 ms with one wave, H200, 2026-11-29).
 template <typename Kernel>
 int grid_for(Kernel kernel, int64_t work_items, int64_t items_per_cta, int device) {
   static std::mutex mutex;
