@@ -43,8 +43,18 @@ def time_cuda(fn: Callable[[int], object], iters: int, warmup: int = 5) -> float
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def time_cpu(fn: Callable[[int], object], iters: int, warmup: int = 2) -> float:
+def settle_cpu_allocator() -> None:
+    """glibc serves large allocations with fresh mmaps (page faults on every first touch) until a
+    freed one raises its threshold (to 32 MiB at most); without this the first configuration timed
+    pays for page faults, the later ones do not."""
+    t = torch.empty(31 * 2**20, dtype=torch.uint8)
+    t.fill_(0)
+    del t
+
+
+def time_cpu(fn: Callable[[int], object], iters: int, warmup: int = 5) -> float:
     """Median milliseconds of fn(i) by the wall clock, after warm-up."""
+    settle_cpu_allocator()
     for i in range(warmup):
         fn(i)
     times = []
