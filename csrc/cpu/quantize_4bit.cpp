@@ -5,8 +5,7 @@
 //   divides instead), bucketize against the float32 midpoints of the sorted code values.
 // - double quantization: offset is torch's mean of the absmax; the 8-bit codes come from its C++
 //   kernel's 65536-entry table over [-1, 1] (cquantize_blockwise_cpu_fp32).
-// - dequantize: code value times the float32 scale, rounded to the output dtype to nearest even
-//   (FP4's code 0b1000 gives -0.0 on every device; see dequantize_4bit_cpu).
+// - dequantize: code value times the float32 scale, rounded to the output dtype to nearest even.
 // Multi-threaded over blocks with at::parallel_for; the hot loops are compiled twice (AVX2 and
 // baseline x86-64) and chosen at load time.
 #include <ATen/ATen.h>
@@ -450,9 +449,9 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   const at::Tensor packed = packed_in.contiguous();
   std::vector<at::Tensor> keep;
   const Scales scales = make_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, keep);
-  // FP4 code 0b1000 decodes to -0.0, as on CUDA (sign times magnitude). bitsandbytes' CPU path gives
-  // -0.0 or +0.0 depending on the instruction set it runs with.
-  const float* lut = qt == QuantType::NF4 ? kNF4Code : kFP4CodeSigned;
+  // FP4 code 0b1000 decodes to +0.0 here: the spec's table times the scale, as bitsandbytes' portable
+  // CPU path (its AVX-512 path and its CUDA kernels give -0.0; ours on CUDA does too).
+  const float* lut = qt == QuantType::NF4 ? kNF4Code : kFP4Code;
   const uint8_t* packed_ptr = packed.const_data_ptr<uint8_t>();
   const int64_t nblocks = ceil_div(n, blocksize);
   at::parallel_for(0, nblocks, block_grain(blocksize), [&](int64_t b0, int64_t b1) {
