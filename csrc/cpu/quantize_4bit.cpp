@@ -261,7 +261,7 @@ struct Scales {
 
 Scales make_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                   int64_t nested_blocksize, std::vector<at::Tensor>& keep) {
+                   std::vector<at::Tensor>& keep) {
   Scales s;
   if (!nested_absmax.has_value()) {
     keep.push_back(absmax.contiguous());
@@ -448,7 +448,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   if (n == 0) return out;
   const at::Tensor packed = packed_in.contiguous();
   std::vector<at::Tensor> keep;
-  const Scales scales = make_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize, keep);
+  const Scales scales = make_scales(absmax, nested_absmax, nested_code, offset, keep);
   // FP4 code 0b1000 decodes to +0.0 here: the spec's table times the scale, as bitsandbytes' portable
   // CPU path (its AVX-512 path and its CUDA kernels give -0.0; ours on CUDA does too).
   const float* lut = qt == QuantType::NF4 ? kNF4Code : kFP4Code;
@@ -479,7 +479,7 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& ne
   at::Tensor out = at::empty({n}, qabsmax.options().dtype(at::kFloat));
   if (n == 0) return out;
   std::vector<at::Tensor> keep;
-  const Scales scales = make_scales(qabsmax, nested_absmax, nested_code, offset, blocksize, keep);
+  const Scales scales = make_scales(qabsmax, nested_absmax, nested_code, offset, keep);
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, n, 65536, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) dst[i] = scales(i);

@@ -355,9 +355,13 @@ __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(const float* 
 
 // The float32 scale of a 4-bit block from its double quantization: bitsandbytes dequantizes the
 // 8-bit code with FMUL.FTZ, then torch adds the offset (IEEE).
+__device__ __forceinline__ float nested_scale(float code_value, float nested_absmax, float offset) {
+  return __fadd_rn(mul_ftz(code_value, nested_absmax), offset);
+}
+
 __device__ __forceinline__ float decode_scale(const float* code, const uint8_t* __restrict__ qabsmax,
                                               const float* __restrict__ nested_absmax, float offset, int64_t b) {
-  return __fadd_rn(mul_ftz(code[qabsmax[b]], __ldg(nested_absmax + b / kNestedBlocksize)), offset);
+  return nested_scale(code[qabsmax[b]], __ldg(nested_absmax + b / kNestedBlocksize), offset);
 }
 
 __global__ void dequantize_absmax_kernel(const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax,
@@ -465,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t e = e0 + k * 32 * VEC;
-      const float scale = NESTED ? __fadd_rn(mul_ftz(code[cur.q[k]], cur.scale[k]), off) : cur.scale[k];
+      const float scale = NESTED ? nested_scale(code[cur.q[k]], cur.scale[k], off) : cur.scale[k];
       float v[VEC];
 #pragma unroll
       for (int j = 0; j < VEC / 2; ++j) {

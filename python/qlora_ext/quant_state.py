@@ -310,4 +310,4 @@ class QuantState:
     __hash__ = None  # mutable container of tensors
 
 
-__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "dynamic_map_tensor"]
+__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState"]
