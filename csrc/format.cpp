@@ -3,6 +3,8 @@
 
 #include <c10/core/SymInt.h>
 
+#include <atomic>
+
 namespace qlora {
 
 QuantType parse_quant_type(std::string_view quant_type) {
@@ -111,5 +113,46 @@ QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor&
                      nested_blocksize);
   return qt;
 }
+
+GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& nested_code,
+                                 const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                 int64_t nested_blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
+                                 const std::optional<at::Tensor>& bias) {
+  const QuantType qt = parse_quant_type(quant_type);
+  check_blocksize(blocksize);
+  TORCH_CHECK_VALUE(shape.size() == 2, op, ": the weight's shape must be [out_features, in_features], got ", shape);
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, op, ": the weight's shape must not have negative sizes, got ", shape);
+  TORCH_CHECK_TYPE(is_float_input(x.scalar_type()), op, ": ", transposed ? "grad" : "x",
+                   " must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", transposed ? "grad" : "x", " must have at least one dimension");
+  const int64_t inner = transposed ? N : K;
+  TORCH_CHECK_VALUE(x.size(-1) == inner, op, ": ", transposed ? "grad" : "x", " has ", x.size(-1),
+                    " elements in its last dimension but the weight of shape [", N, ", ", K, "] needs ", inner,
+                    transposed ? " (out_features)" : " (in_features)");
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type(),
+                   " (view other storage dtypes as uint8 first)");
+  const int64_t n = N * K;
+  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(), " bytes but a weight of shape [",
+                    N, ", ", K, "] needs ", (n + 1) / 2);
+  check_same_device(packed, x, op, "packed", transposed ? "grad" : "x");
+  check_absmax_state(op, x, transposed ? "grad" : "x", ceil_div(n, blocksize), absmax, nested_absmax, nested_code,
+                     offset, nested_blocksize);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(!transposed, op, ": takes no bias");
+    check_same_device(*bias, x, op, "bias", "x");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype (", x.scalar_type(),
+                     "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
+                      "] (out_features), got ", bias->sizes());
+  }
+  return {qt, N, K};
+}
+
+std::atomic<int64_t> g_gemm_fused_max_m{-1};
+void (*g_release_gemm_workspaces)() = nullptr;
 
 }  // namespace qlora

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "qlora/format.h"
+
 TORCH_LIBRARY(qlora, m) {
   // Blockwise 4-bit quantization, bitsandbytes' format: packed uint8 ((n + 1) // 2, 1), two codes a
   // byte (element 2j in the high nibble), and one float32 absmax a block of `blocksize` elements.
@@ -21,11 +23,43 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "dequantize_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor");
+  // x @ W^T (+ bias) for x of shape [..., K] and the 4-bit weight W of `shape` [N, K] (its packed
+  // codes and scales as in dequantize_4bit); the result has x's dtype and shape [..., N].
+  m.def(
+      "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias) -> Tensor");
+  // grad @ W for grad of shape [..., N]: the product of the backward pass, [..., K].
+  m.def(
+      "gemm_4bit_transposed(Tensor grad, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.
+// _set_gemm_fused_max_m(m) -> previous: for benchmarks that time the fused kernel and the
+// dequantize + cuBLAS path at one M (-1 restores the default).
+static PyObject* set_gemm_fused_max_m(PyObject*, PyObject* arg) {
+  const long long m = PyLong_AsLongLong(arg);
+  if (m == -1 && PyErr_Occurred()) return nullptr;
+  if (m < -1) {
+    PyErr_SetString(PyExc_ValueError, "_set_gemm_fused_max_m: m must be -1 (the default) or >= 0");
+    return nullptr;
+  }
+  return PyLong_FromLongLong(qlora::g_gemm_fused_max_m.exchange(m));
+}
+
+static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
+  if (qlora::g_release_gemm_workspaces != nullptr) qlora::g_release_gemm_workspaces();
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef qlora_methods[] = {
+    {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
+     "Frees the CUDA products' dequantization workspaces."},
+    {"_set_gemm_fused_max_m", set_gemm_fused_max_m, METH_O, "Largest M of the fused CUDA product (-1: default)."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef qlora_module = {PyModuleDef_HEAD_INIT, "_C", "qlora_ext's compiled ops (torch.ops.qlora)", -1,
-                                   nullptr};
+                                   qlora_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&qlora_module); }
 

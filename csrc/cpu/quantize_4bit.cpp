@@ -31,6 +31,7 @@
 
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
+#include "qlora/kernels.h"
 
 namespace qlora::cpu {
 namespace {
@@ -436,6 +437,8 @@ void dequantize_4bit_blocks(const uint8_t* packed, const float* lut, const Scale
   }
 }
 
+}  // namespace
+
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
@@ -468,6 +471,8 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   });
   return out;
 }
+
+namespace {
 
 at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
                                  const at::Tensor& nested_code, const at::Tensor& offset, int64_t blocksize) {

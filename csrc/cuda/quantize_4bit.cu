@@ -31,6 +31,7 @@
 
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
+#include "qlora/kernels.h"
 
 namespace qlora::cuda {
 namespace {
@@ -638,6 +639,33 @@ void launch_dequantize(const at::Tensor& packed, int64_t n, int64_t blocksize, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize, QuantType qt, int64_t n,
+                          at::Tensor& out) {
+  if (n == 0) return;
+  const at::Tensor* nap = nested_absmax.has_value() ? &*nested_absmax : nullptr;
+  const at::Tensor* ncp = nested_absmax.has_value() ? &*nested_code : nullptr;
+  const at::Tensor* offp = nested_absmax.has_value() ? &*offset : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.get_device()).stream();
+  auto launch = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if (qt == QuantType::NF4)
+      launch_dequantize<T, QuantType::NF4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
+    else
+      launch_dequantize<T, QuantType::FP4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat: launch(float{}); break;
+    case at::kHalf: launch(__half{}); break;
+    default: launch(__nv_bfloat16{});
+  }
+}
+
+namespace {
+
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& absmax_in,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
@@ -649,29 +677,12 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& a
   const c10::cuda::CUDAGuard guard(packed_in.device());
   at::Tensor out = at::empty_symint(shape, packed_in.options().dtype(dtype));
   if (n == 0) return out;
-  const at::Tensor packed = packed_in.contiguous();
-  const at::Tensor absmax = absmax_in.contiguous();
-  at::Tensor na, nc;
+  std::optional<at::Tensor> na, nc;
   if (nested_absmax.has_value()) {
     na = nested_absmax->contiguous();
     nc = nested_code->contiguous();
   }
-  const at::Tensor* nap = nested_absmax.has_value() ? &na : nullptr;
-  const at::Tensor* ncp = nested_absmax.has_value() ? &nc : nullptr;
-  const at::Tensor* offp = nested_absmax.has_value() ? &*offset : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.get_device()).stream();
-  auto launch = [&](auto type_tag) {
-    using T = decltype(type_tag);
-    if (qt == QuantType::NF4)
-      launch_dequantize<T, QuantType::NF4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
-    else
-      launch_dequantize<T, QuantType::FP4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
-  };
-  switch (dtype) {
-    case at::kFloat: launch(float{}); break;
-    case at::kHalf: launch(__half{}); break;
-    default: launch(__nv_bfloat16{});
-  }
+  dequantize_4bit_into(packed_in.contiguous(), absmax_in.contiguous(), na, nc, offset, blocksize, qt, n, out);
   return out;
 }
 

@@ -12,7 +12,14 @@ import torch
 
 from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 
-__all__ = ["dequantize_4bit", "dequantize_absmax", "quantize_4bit"]
+__all__ = [
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "gemm_4bit",
+    "gemm_4bit_transposed",
+    "quantize_4bit",
+    "release_gemm_workspaces",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The overloads themselves: calling them skips the overload lookup of torch.ops.qlora.<name>(...),
@@ -20,6 +27,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _quantize_4bit_op = torch.ops.qlora.quantize_4bit.default
 _quantize_absmax_op = torch.ops.qlora.quantize_absmax.default
 _dequantize_4bit_op = torch.ops.qlora.dequantize_4bit.default
+_gemm_4bit_op = torch.ops.qlora.gemm_4bit.default
+_gemm_4bit_transposed_op = torch.ops.qlora.gemm_4bit_transposed.default
 
 
 def quantize_4bit(
@@ -95,19 +104,11 @@ def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(-1).view(torch.uint8)
 
 
-def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """Dequantizes ``packed`` with ``quant_state``: a tensor of ``quant_state.shape`` and ``.dtype``.
-
-    With double quantization one kernel decodes the block scales and the codes. ``packed`` may be
-    the uint8 codes or a view of their bytes as another dtype (``quant_storage``). Raises a
-    ValueError / TypeError naming the argument when packed and state do not match (length, device,
-    dtype, shape).
-    """
+def _state_args(packed: torch.Tensor, quant_state: QuantState, what: str) -> tuple:
+    """The op arguments that describe a 4-bit weight: packed bytes, scales, format facts."""
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     packed = _as_bytes(packed)
-    # The op checks sizes, dtypes and devices itself (naming the argument); only what it cannot see
-    # is checked here, to keep the per-call cost low.
     if quant_state.shape is None:
         raise ValueError("quant_state.shape is not set")
     if packed.device != quant_state.absmax.device:
@@ -116,24 +117,25 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
             "move one of them (quant_state.to(device))"
         )
     if quant_state.nested:
-        nested_absmax, offset = quant_state.state2.absmax, quant_state.offset
-        nested_code = quant_state.state2._code_for_kernel()
+        nested = (quant_state.state2.absmax, quant_state.state2._code_for_kernel(), quant_state.offset)
         nested_blocksize = quant_state.state2.blocksize
     else:
-        nested_absmax = nested_code = offset = None
+        nested = (None, None, None)
         nested_blocksize = NESTED_BLOCKSIZE
-    return _dequantize_4bit_op(
-        packed,
-        quant_state.absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        quant_state.blocksize,
-        nested_blocksize,
-        quant_state.quant_type,
-        quant_state.shape,
-        quant_state.dtype,
-    )
+    return (packed, quant_state.absmax, *nested, quant_state.blocksize, nested_blocksize, quant_state.quant_type)
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """Dequantizes ``packed`` with ``quant_state``: a tensor of ``quant_state.shape`` and ``.dtype``.
+
+    With double quantization one kernel decodes the block scales and the codes. ``packed`` may be
+    the uint8 codes or a view of their bytes as another dtype (``quant_storage``). Raises a
+    ValueError / TypeError naming the argument when packed and state do not match (length, device,
+    dtype, shape).
+    """
+    # The op checks sizes, dtypes and devices itself (naming the argument); only what it cannot see
+    # is checked here, to keep the per-call cost low.
+    return _dequantize_4bit_op(*_state_args(packed, quant_state, "dequantize_4bit"), quant_state.shape, quant_state.dtype)
 
 
 def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
@@ -146,3 +148,51 @@ def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
     return torch.ops.qlora.dequantize_absmax(
         quant_state.absmax, s2.absmax, s2._code_for_kernel(), quant_state.offset, s2.blocksize
     )
+
+
+def gemm_4bit(
+    x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the 4-bit weight ``W`` of shape ``[out_features, in_features]``.
+
+    The forward product of a linear layer (``torch.nn.functional.linear(x, W, bias)``), with ``W``
+    given by its packed codes and ``quant_state`` as ``quantize_4bit`` returned them; in place of
+    ``bitsandbytes.matmul_4bit(x, packed.t(), quant_state, bias=bias)``.
+
+    Args:
+        x: ``[..., in_features]``, bfloat16 or float16 (float32 too, through the dequantized
+            weight), on the weight's device; any strides.
+        packed: the packed codes (uint8, or a view of their bytes as ``quant_storage``).
+        quant_state: the weight's state; its ``shape`` must be 2-D.
+        bias: ``[out_features]`` in x's dtype, or None.
+
+    Returns:
+        ``[..., out_features]`` in x's dtype, accumulated in float32. On CUDA, small M (rows of x)
+        runs one fused kernel that decodes the codes in registers; large M dequantizes into a
+        reusable workspace (see ``release_gemm_workspaces``) and calls cuBLAS. Differentiable in
+        ``x`` and ``bias``; the weight is frozen.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    return _gemm_4bit_op(x, *_state_args(packed, quant_state, "gemm_4bit"), quant_state.shape, bias)
+
+
+def gemm_4bit_transposed(grad: torch.Tensor, packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """``grad @ W`` for the 4-bit weight ``W`` of shape ``[out_features, in_features]``.
+
+    The product of a linear layer's backward pass: ``grad`` is ``[..., out_features]`` (bfloat16,
+    float16 or float32) and the result ``[..., in_features]`` in its dtype. Differentiable in
+    ``grad``.
+    """
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"grad must be a tensor, got {type(grad).__name__}")
+    return _gemm_4bit_transposed_op(grad, *_state_args(packed, quant_state, "gemm_4bit_transposed"), quant_state.shape)
+
+
+def release_gemm_workspaces() -> None:
+    """Frees the buffers that the CUDA products keep for dequantized weights (one per device and
+    stream, as large as the largest weight multiplied at large M). The next such product takes a
+    new one. Call ``torch.cuda.empty_cache()`` afterwards to hand the memory back to the driver."""
+    from . import _C
+
+    _C._release_gemm_workspaces()

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -41,5 +42,26 @@ QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor&
                                      const std::optional<at::Tensor>& offset, int64_t blocksize,
                                      int64_t nested_blocksize, std::string_view quant_type, int64_t n,
                                      at::ScalarType dtype);
+
+// The facts of a product with a 4-bit weight W of shape [N, K] (gemm_4bit: x [..., K] -> [..., N];
+// gemm_4bit_transposed: x [..., N] -> [..., K]).
+struct GemmProblem {
+  QuantType quant_type;
+  int64_t N;
+  int64_t K;
+};
+GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& nested_code,
+                                 const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                 int64_t nested_blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
+                                 const std::optional<at::Tensor>& bias);
+
+// The largest M (rows of x) that the CUDA forward product sends to its fused kernel; -1 means the
+// default measured on the H200 (csrc/cuda/gemm_4bit.cu). Benchmarks move it through
+// qlora_ext._C._set_gemm_fused_max_m to time both paths in one process.
+extern std::atomic<int64_t> g_gemm_fused_max_m;
+// Frees the CUDA products' dequantization workspaces; set by the CUDA kernels when built.
+extern void (*g_release_gemm_workspaces)();
 
 }  // namespace qlora

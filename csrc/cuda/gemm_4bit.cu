@@ -1,0 +1,465 @@
+// CUDA kernels of the products with a 4-bit weight W [N, K]: gemm_4bit (x @ W^T + bias) and
+// gemm_4bit_transposed (grad @ W).
+//
+// Small and medium M (decode, short prompts): one fused kernel reads the packed codes once,
+// decodes them in registers and multiplies on the tensor cores (mma.sync m16n8k16, fp32
+// accumulation). The weight is the mma's A operand (16 output features a tile) and x its B operand
+// (8 tokens a tile), so that a single token still fills the instruction's wide side.
+//   - Decoding: a byte holds two codes, and one bf16x2 / half2 register of the A fragment holds two
+//     neighbouring k of one row, so one shared-memory lookup in a 256-entry table of code pairs
+//     gives one fragment register. The table is kept in 32 copies, copy i in bank i, and lane i reads
+//     copy i: random bytes never conflict.
+//   - Scales: each mma step covers 16 k of one quantization block (lane c reads bytes [8c, 8c+8) of
+//     a row's 32-byte sub-block of 64 k; the k order inside a sub-block is permuted identically for
+//     W and x, which a dot product does not see). The products of a sub-block are accumulated
+//     unscaled and then multiplied by the row's block scale in fp32, so the weight used is
+//     bf16(code) * absmax: no second rounding, and 4 FMAs a sub-block instead of a multiply per
+//     weight. With double quantization the scale is decoded from its 8-bit code in place.
+//   - Work: a CTA owns a tile of 16*MT rows x 8*NT tokens and its 8 warps split K (warp w takes
+//     sub-blocks w, w+8, ...). Partial sums are added in shared memory in a fixed order: the result
+//     is the same bits run to run. The grid is one wave of CTAs that stride over the tiles.
+// Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
+// device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
+// multiplies. The crossover (kDefaultFusedMaxM) is the H200 measurement in bench/results.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "qlora/codebooks.h"
+#include "qlora/format.h"
+#include "qlora/kernels.h"
+
+namespace qlora::cuda {
+namespace {
+
+// M up to which the fused kernel beats dequantize + cuBLAS on the H200 (bench/gemm.py --sweep).
+constexpr int64_t kDefaultFusedMaxM = 64;
+
+constexpr int kSubK = 64;       // k of a sub-block: 32 packed bytes of a row, 4 mma steps
+constexpr int kLutCopies = 32;  // one copy of the pair table per shared-memory bank
+constexpr int kWarps = 8;
+
+__constant__ float kGemmNF4[16] = {QLORA_NF4_CODE};
+__constant__ float kGemmFP4[16] = {QLORA_FP4_CODE_SIGNED};
+
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+  float r;
+  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+
+// d += A (16x16, row major) * B (16x8, column major), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+struct Scales {
+  const float* absmax;         // float32 scales (no double quantization)
+  const uint8_t* qabsmax;      // or their 8-bit codes,
+  const float* nested_absmax;  // the scale of each 256 codes,
+  const float* nested_code;    // the 8-bit map
+  const float* offset;         // and the mean added back
+};
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <int MT, int NT>
+constexpr int reduce_floats() {
+  return kWarps * MT * NT * 4 * 32;
+}
+
+template <int MT, int NT>
+constexpr size_t mma_smem_bytes() {
+  return 256 * kLutCopies * sizeof(uint32_t) + reduce_floats<MT, NT>() * sizeof(float) + 256 * sizeof(float);
+}
+
+// One CTA: tiles of 16*MT weight rows x 8*NT tokens; U sub-blocks a warp in flight.
+template <typename T, bool NESTED, int MT, int NT, int U>
+__global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __restrict__ x, int64_t M,
+                                                                    const uint8_t* __restrict__ packed, int64_t N,
+                                                                    int64_t K, int bs_log2, Scales sc, int fp4,
+                                                                    const T* __restrict__ bias, T* __restrict__ out) {
+  extern __shared__ uint4 smem[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  float* red = reinterpret_cast<float*>(lut + 256 * kLutCopies);
+  float* ncode = red + reduce_floats<MT, NT>();
+  __shared__ float code16[16];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid < 16) code16[tid] = fp4 ? kGemmFP4[tid] : kGemmNF4[tid];
+  if constexpr (NESTED) {
+    for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
+  }
+  __syncthreads();
+  // Entry e of copy l at word e * 32 + l: code[e >> 4] (the even k, high nibble) in the low half.
+  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
+    const int e = i / (kLutCopies / 4);
+    const uint32_t v = pack_pair<T>(code16[e >> 4], code16[e & 15]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+  __syncthreads();
+  float offset = 0.f;
+  if constexpr (NESTED) offset = *sc.offset;
+
+  const int g = lane >> 2, c = lane & 3;
+  const uint32_t* lut_lane = lut + lane;
+  const int64_t row_bytes = K >> 1;
+  const int64_t nsub = K / kSubK;
+  const int64_t blocks_per_row = K >> bs_log2;
+  const int sub_shift = bs_log2 - 6;  // a quantization block is 2^sub_shift sub-blocks
+  const int64_t row_tiles = (N + 16 * MT - 1) / (16 * MT);
+  const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
+
+  for (int64_t tile = blockIdx.x; tile < row_tiles * tok_tiles; tile += gridDim.x) {
+    const int64_t row0 = (tile / tok_tiles) * (16 * MT);
+    const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
+    // Rows and tokens past the end are clamped to the last one: their sums are computed and dropped.
+    const uint8_t* wrow[MT][2];
+    int64_t qrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t r = min(row0 + 16 * mt + 8 * h + g, N - 1);
+        wrow[mt][h] = packed + r * row_bytes + 8 * c;
+        qrow[mt][h] = r * blocks_per_row;
+      }
+    const T* xrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
+
+    for (int64_t j0 = warp; j0 < nsub; j0 += kWarps * U) {
+      uint2 w[U][MT][2];
+      uint4 xv[U][NT][2];
+      float s[U][MT][2];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = j0 + u * kWarps;
+        if (j < nsub) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) w[u][mt][h] = __ldcs(reinterpret_cast<const uint2*>(wrow[mt][h] + j * 32));
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4* p = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
+            xv[u][nt][0] = __ldg(p);
+            xv[u][nt][1] = __ldg(p + 1);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t b = qrow[mt][h] + (j >> sub_shift);
+              if constexpr (NESTED) {
+                s[u][mt][h] = __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + b)], __ldg(sc.nested_absmax + (b >> 8))),
+                                        offset);
+              } else {
+                s[u][mt][h] = __ldg(sc.absmax + b);
+              }
+            }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (j0 + u * kWarps >= nsub) break;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          // a[s]: the A fragment of mma step s: bytes 2s and 2s+1 of rows g and g+8.
+          uint32_t a[4][4];
+#pragma unroll
+          for (int st = 0; st < 4; ++st) {
+            const uint32_t w0 = st < 2 ? w[u][mt][0].x : w[u][mt][0].y;
+            const uint32_t w1 = st < 2 ? w[u][mt][1].x : w[u][mt][1].y;
+            const int sh = (st & 1) * 16;
+            a[st][0] = lut_lane[((w0 >> sh) & 0xff) * kLutCopies];
+            a[st][1] = lut_lane[((w1 >> sh) & 0xff) * kLutCopies];
+            a[st][2] = lut_lane[((w0 >> (sh + 8)) & 0xff) * kLutCopies];
+            a[st][3] = lut_lane[((w1 >> (sh + 8)) & 0xff) * kLutCopies];
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int st = 0; st < 4; ++st) {
+              const uint4& v = xv[u][nt][st >> 1];
+              mma_16816<T>(d, a[st], word_of(v, (st & 1) * 2), word_of(v, (st & 1) * 2 + 1));
+            }
+            acc[mt][nt][0] = __fmaf_rn(s[u][mt][0], d[0], acc[mt][nt][0]);
+            acc[mt][nt][1] = __fmaf_rn(s[u][mt][0], d[1], acc[mt][nt][1]);
+            acc[mt][nt][2] = __fmaf_rn(s[u][mt][1], d[2], acc[mt][nt][2]);
+            acc[mt][nt][3] = __fmaf_rn(s[u][mt][1], d[3], acc[mt][nt][3]);
+          }
+        }
+      }
+    }
+
+    // The warps' partial sums, added in warp order.
+    float* mine = red + warp * (MT * NT * 4 * 32);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mine[((mt * NT + nt) * 4 + q) * 32 + lane] = acc[mt][nt][q];
+    __syncthreads();
+    for (int idx = tid; idx < MT * NT * 4 * 32; idx += kWarps * 32) {
+      float v = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < kWarps; ++wi) v += red[wi * (MT * NT * 4 * 32) + idx];
+      const int r = idx >> 5, ln = idx & 31, q = r & 3;
+      const int mt = r / (NT * 4), nt = (r >> 2) % NT;
+      const int64_t row = row0 + 16 * mt + (ln >> 2) + 8 * (q >> 1);
+      const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
+      if (row < N && tok < M) {
+        if (bias != nullptr) v += to_float(bias[row]);
+        out[tok * N + row] = from_float<T>(v);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// CTAs that fit on the device at once (with their dynamic shared memory), cached per kernel and
+// device; raising the kernel's shared-memory limit once per device as well.
+template <typename Kernel>
+int resident_ctas(Kernel kernel, size_t smem, int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  auto& slot = cache[device & 63];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    n = std::max(1, per_sm) * sms;
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <typename T, bool NESTED, int MT, int NT, int U>
+void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  auto* kernel = gemm_4bit_mma_kernel<T, NESTED, MT, NT, U>;
+  constexpr size_t smem = mma_smem_bytes<MT, NT>();
+  const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((M + 8 * NT - 1) / (8 * NT));
+  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, x2.get_device()));
+  kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
+      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
+      p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
+      reinterpret_cast<T*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool NESTED>
+void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                  const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  // Tile shapes by M: one token octet with four sub-blocks in flight a warp for decode; wider token
+  // tiles (and two row tiles, which halve the reads of x) as M grows.
+  if (M <= 8) launch_mma<T, NESTED, 1, 1, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+  else if (M <= 16) launch_mma<T, NESTED, 1, 2, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+  else launch_mma<T, NESTED, 2, 4, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+}
+
+// The dequantized weight's home for the cuBLAS path: one buffer per device and stream, kept and
+// grown. During CUDA graph capture a buffer too small is not replaced (the capture's allocation
+// belongs to its graph); the call uses a buffer of its own instead.
+std::mutex g_workspace_mutex;
+auto* g_workspaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never destroyed: see release
+
+at::Tensor workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream) {
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const auto options = at::TensorOptions().dtype(at::kByte).device(device);
+  std::lock_guard<std::mutex> lock(g_workspace_mutex);
+  at::Tensor& buf = (*g_workspaces)[{device.index(), stream}];
+  at::Tensor use = buf;
+  if (!buf.defined() || buf.numel() < nbytes) {
+    if (capture != cudaStreamCaptureStatusNone) {
+      use = at::empty({nbytes}, options);
+    } else {
+      buf = at::Tensor();  // the old buffer goes back to the allocator before the new one is taken
+      buf = at::empty({nbytes}, options);
+      use = buf;
+    }
+  }
+  return use.narrow(0, 0, nbytes).view(dtype);
+}
+
+void release_workspaces() {
+  std::lock_guard<std::mutex> lock(g_workspace_mutex);
+  g_workspaces->clear();
+}
+
+struct RegisterRelease {
+  RegisterRelease() { g_release_gemm_workspaces = &release_workspaces; }
+} register_release;
+
+struct DequantState {
+  at::Tensor packed, absmax;
+  std::optional<at::Tensor> nested_absmax, nested_code;
+};
+
+DequantState contiguous_state(const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code) {
+  DequantState s{packed.contiguous(), absmax.contiguous(), std::nullopt, std::nullopt};
+  if (nested_absmax.has_value()) {
+    s.nested_absmax = nested_absmax->contiguous();
+    s.nested_code = nested_code->contiguous();
+  }
+  return s;
+}
+
+at::Tensor dequantized_weight(const GemmProblem& p, const DequantState& s, const std::optional<at::Tensor>& offset,
+                              int64_t blocksize, at::ScalarType dtype, const at::Device& device, cudaStream_t stream) {
+  at::Tensor W = workspace(p.N * p.K, dtype, device, stream);
+  dequantize_4bit_into(s.packed, s.absmax, s.nested_absmax, s.nested_code, offset, blocksize, p.quant_type, p.N * p.K,
+                       W);
+  return W.view({p.N, p.K});
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                          c10::string_view quant_type, c10::SymIntArrayRef shape,
+                          const std::optional<at::Tensor>& bias) {
+  const GemmProblem p = check_gemm_4bit_args("gemm_4bit", false, x, packed_in, absmax, nested_absmax, nested_code,
+                                             offset, blocksize, nested_blocksize, quant_type, shape, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(with_last(x.sizes(), p.N), x.options());
+  const int64_t M = p.K == 0 ? 0 : x.numel() / p.K;
+  if (out.numel() == 0) return out;
+  if (p.K == 0) {  // an empty sum: zeros, plus the bias
+    if (bias.has_value()) return out.copy_(bias->expand_as(out));
+    return out.zero_();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const DequantState s = contiguous_state(packed_in, absmax, nested_absmax, nested_code);
+  const at::Tensor x2 = x.reshape({M, p.K}).contiguous();
+  at::Tensor out2 = out.view({M, p.N});
+  const int64_t max_m = g_gemm_fused_max_m.load(std::memory_order_relaxed);
+  // Rows must hold whole quantization blocks (K % blocksize == 0, so no block straddles two rows).
+  const bool fused = x.scalar_type() != at::kFloat && blocksize >= kSubK && p.K % blocksize == 0 &&
+                     M <= (max_m < 0 ? kDefaultFusedMaxM : max_m) &&
+                     reinterpret_cast<uintptr_t>(s.packed.const_data_ptr()) % 8 == 0 &&
+                     reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 == 0;
+  if (fused) {
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const at::Tensor* bp = bias.has_value() ? &b : nullptr;
+    const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
+    Scales sc{};
+    if (s.nested_absmax.has_value()) {
+      sc = {nullptr, s.absmax.const_data_ptr<uint8_t>(), s.nested_absmax->const_data_ptr<float>(),
+            s.nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>()};
+      if (x.scalar_type() == at::kHalf) dispatch_mma<__half, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+      else dispatch_mma<__nv_bfloat16, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+    } else {
+      sc = {s.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
+      if (x.scalar_type() == at::kHalf) dispatch_mma<__half, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+      else dispatch_mma<__nv_bfloat16, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+    }
+    return out;
+  }
+  const at::Tensor W = dequantized_weight(p, s, offset, blocksize, x.scalar_type(), x.device(), stream);
+  if (bias.has_value()) at::addmm_out(out2, *bias, x2, W.t());
+  else at::mm_out(out2, x2, W.t());
+  return out;
+}
+
+at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& packed_in, const at::Tensor& absmax,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t nested_blocksize, c10::string_view quant_type,
+                                     c10::SymIntArrayRef shape) {
+  const GemmProblem p = check_gemm_4bit_args("gemm_4bit_transposed", true, grad, packed_in, absmax, nested_absmax,
+                                             nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
+                                             std::nullopt);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty(with_last(grad.sizes(), p.K), grad.options());
+  if (out.numel() == 0) return out;
+  if (p.N == 0) return out.zero_();
+  const int64_t M = grad.numel() / p.N;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
+  const DequantState s = contiguous_state(packed_in, absmax, nested_absmax, nested_code);
+  const at::Tensor W = dequantized_weight(p, s, offset, blocksize, grad.scalar_type(), grad.device(), stream);
+  at::Tensor out2 = out.view({M, p.K});
+  at::mm_out(out2, grad.reshape({M, p.N}), W);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
+  m.impl("gemm_4bit_transposed", &gemm_4bit_transposed_cuda);
+}
+
+}  // namespace qlora::cuda

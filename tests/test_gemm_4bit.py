@@ -1,0 +1,343 @@
+"""The products with a 4-bit weight (gemm_4bit: x @ W^T + b; gemm_4bit_transposed: grad @ W) against
+a float64 reference on the dequantized weight, on every dispatch path, through opcheck, autograd,
+torch.compile and CUDA graphs, and on bad input."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import qlora_ext
+from qlora_ext import _C, functional as F
+from qlora_ext.quant_state import QuantState
+
+from conftest import DEVICES, HAS_CUDA, random_weights, requires_cuda
+
+# Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
+# dequantize + cuBLAS forced at every M. On the CPU there is one path.
+PATHS = {"default": -1, "fused": 1 << 40, "cublas": 0}
+
+
+@contextlib.contextmanager
+def fused_max_m(m: int):
+    previous = _C._set_gemm_fused_max_m(m)
+    try:
+        yield
+    finally:
+        _C._set_gemm_fused_max_m(previous)
+
+
+def device_paths():
+    out = [pytest.param("cpu", "default", id="cpu")]
+    for path in PATHS:
+        out.append(pytest.param("cuda", path, id=f"cuda-{path}", marks=[requires_cuda, pytest.mark.cuda]))
+    return out
+
+
+def make_weight(n, k, device, gen, dtype=torch.bfloat16, blocksize=64, quant_type="nf4", dq=True):
+    w = random_weights(n * k, torch.float32, "cpu", gen, blocksize).reshape(n, k)
+    # an RMS of 0.05, as in trained layers, so that float16 products stay in range
+    w = (w * (0.05 / w.pow(2).mean().sqrt().clamp_min(1e-30))).to(dtype).to(device)
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
+    return packed, state
+
+
+def make_input(shape, dtype, device, gen):
+    # Activations: unit Gaussians with a few large channels, as in transformer layers.
+    x = torch.randn(shape, generator=gen)
+    x[..., :: max(1, shape[-1] // 7)] *= 8
+    return x.to(dtype).to(device)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
+
+
+def assert_close_to_reference(out, x, w, bias=None, what=""):
+    """out against x @ w^T + bias in float64, w the dequantized weight (float64 here).
+
+    The bound, element by element, with u the unit roundoff of the output dtype (2^-8 for bf16):
+    the output's own rounding (u * |ref|) plus the weight as the kernel sees it: the fused kernel
+    multiplies bf16(code) by the fp32 scale where the dequantized weight is bf16(code * scale), two
+    roundings of at most u each, so up to 2u * |x| @ |w|^T; fp32 accumulation adds
+    K * 2^-24 * |x| @ |w|^T. A wrong index or
+    scale is off by the order of |x| @ |w|^T itself, far past the bound.
+    """
+    u = unit_roundoff(out.dtype)
+    xd, wd = x.double().cpu(), w.double().cpu()
+    ref = xd @ wd.T
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    mag = xd.abs() @ wd.abs().T
+    k = x.shape[-1]
+    bound = u * ref.abs() + (2 * u + k * 2.0**-24) * mag + 1e-30
+    got = out.double().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert not got.isnan().any(), f"{what}: NaN in the output"
+    err = (got - ref).abs()
+    bad = err > bound
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements past the bound; at {i}: got {got[tuple(i)].item()}, "
+            f"ref {ref[tuple(i)].item()}, bound {bound[tuple(i)].item()}"
+        )
+
+
+# M from decode to training; N and K odd, a multiple of the blocksize, or neither.
+MS = [1, 2, 3, 7, 16, 33, 64, 129, 1024]
+SHAPES = [(67, 192), (130, 1024), (33, 100), (48, 77)]
+
+
+@pytest.mark.parametrize("device,path", device_paths())
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", SHAPES, ids=lambda v: str(v))
+def test_gemm_matches_float64_reference(gen, device, path, m, n, k):
+    packed, state = make_weight(n, k, device, gen)
+    x = make_input((m, k), torch.bfloat16, device, gen)
+    bias = make_input((n,), torch.bfloat16, device, gen)
+    w = F.dequantize_4bit(packed, state)
+    with fused_max_m(PATHS[path]):
+        out = F.gemm_4bit(x, packed, state, bias)
+        out_nobias = F.gemm_4bit(x, packed, state)
+    assert out.dtype == torch.bfloat16 and out.device == x.device
+    assert_close_to_reference(out, x, w, bias, f"{path} M={m} {n}x{k}")
+    assert_close_to_reference(out_nobias, x, w, None, f"{path} M={m} {n}x{k} no bias")
+
+
+@pytest.mark.parametrize("device,path", device_paths())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
+    n, k = 72, 4096 + 512
+    packed, state = make_weight(n, k, device, gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
+    w = F.dequantize_4bit(packed, state)
+    for m in (1, 9, 40):
+        x = make_input((m, k), dtype, device, gen)
+        with fused_max_m(PATHS[path]):
+            out = F.gemm_4bit(x, packed, state)
+        assert out.dtype == dtype
+        assert_close_to_reference(out, x, w, None, f"{path} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}")
+
+
+@pytest.mark.parametrize("device,path", device_paths())
+def test_gemm_leading_dims_noncontiguous_and_views(gen, device, path):
+    n, k = 96, 256
+    packed, state = make_weight(n, k, device, gen)
+    w = F.dequantize_4bit(packed, state)
+    bias = make_input((n,), torch.bfloat16, device, gen)
+    base = make_input((3, 5, 2 * k), torch.bfloat16, device, gen)
+    cases = {
+        "leading dims": make_input((2, 3, 4, k), torch.bfloat16, device, gen),
+        "strided last dim": base[..., ::2],
+        "transposed leading": make_input((5, 3, k), torch.bfloat16, device, gen).transpose(0, 1),
+        "offset view": base[..., 1 : k + 1],
+        "1-D": make_input((k,), torch.bfloat16, device, gen),
+    }
+    for what, x in cases.items():
+        with fused_max_m(PATHS[path]):
+            out = F.gemm_4bit(x, packed, state, bias)
+        assert out.shape == (*x.shape[:-1], n), what
+        assert_close_to_reference(out.reshape(-1, n), x.reshape(-1, k), w, bias, what)
+    # the packed codes as another storage dtype, and through bitsandbytes' transposed view
+    x = cases["leading dims"]
+    ref = F.gemm_4bit(x, packed, state)
+    with fused_max_m(PATHS[path]):
+        assert torch.equal(F.gemm_4bit(x, packed.view(-1).view(torch.float16).unsqueeze(1), state), ref)
+        assert torch.equal(F.gemm_4bit(x, packed.t(), state), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 7, 64, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gemm_transposed_matches_reference(gen, device, m, dtype):
+    n, k = 136, 320
+    packed, state = make_weight(n, k, device, gen, dtype=dtype)
+    w = F.dequantize_4bit(packed, state)
+    g = make_input((m, n), dtype, device, gen)
+    out = F.gemm_4bit_transposed(g, packed, state)
+    assert out.shape == (m, k) and out.dtype == dtype
+    # grad @ w is x @ (w^T)^T: the same bound with w^T; the dequantized weight is used as is here.
+    assert_close_to_reference(out, g, w.T.contiguous(), None, f"transposed M={m}")
+    g3 = make_input((2, 3, n), dtype, device, gen)[:, :, :]
+    out3 = F.gemm_4bit_transposed(g3.transpose(0, 1), packed, state)
+    assert out3.shape == (3, 2, k)
+    assert_close_to_reference(out3.reshape(-1, k), g3.transpose(0, 1).reshape(-1, n), w.T.contiguous(), None, "3-D")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sizes(gen, device):
+    packed, state = make_weight(32, 64, device, gen)
+    assert F.gemm_4bit(torch.empty(0, 64, dtype=torch.bfloat16, device=device), packed, state).shape == (0, 32)
+    assert F.gemm_4bit_transposed(torch.empty(2, 0, 32, dtype=torch.bfloat16, device=device), packed, state).shape == (
+        2,
+        0,
+        64,
+    )
+    # a weight with K = 0: the empty sum is zero, plus the bias
+    packed0, state0 = F.quantize_4bit(torch.empty(5, 0, dtype=torch.bfloat16, device=device))
+    bias = make_input((5,), torch.bfloat16, device, gen)
+    x = torch.empty(3, 0, dtype=torch.bfloat16, device=device)
+    assert torch.equal(F.gemm_4bit(x, packed0, state0, bias), bias.expand(3, 5))
+    assert torch.equal(F.gemm_4bit(x, packed0, state0), torch.zeros(3, 5, dtype=torch.bfloat16, device=device))
+
+
+@pytest.mark.parametrize("device,path", device_paths())
+def test_autograd(gen, device, path):
+    n, k = 80, 192
+    packed, state = make_weight(n, k, device, gen)
+    w = F.dequantize_4bit(packed, state).float()
+    for m in (1, 33):
+        x = make_input((m, k), torch.bfloat16, device, gen).requires_grad_()
+        bias = make_input((n,), torch.bfloat16, device, gen).requires_grad_()
+        with fused_max_m(PATHS[path]):
+            y = F.gemm_4bit(x, packed, state, bias)
+        gy = make_input(y.shape, torch.bfloat16, device, gen)
+        y.backward(gy)
+        assert_close_to_reference(x.grad, gy, w.T.contiguous(), None, "dx")
+        # bias.grad is the column sum of gy, rounded once to bf16
+        torch.testing.assert_close(bias.grad.double(), gy.double().sum(0), rtol=2**-8, atol=0)
+    # the transposed product's own gradient is the forward product
+    g = make_input((4, n), torch.bfloat16, device, gen).requires_grad_()
+    out = F.gemm_4bit_transposed(g, packed, state)
+    go = make_input(out.shape, torch.bfloat16, device, gen)
+    out.backward(go)
+    assert torch.equal(g.grad, F.gemm_4bit(go, packed, state))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(gen, device):
+    packed, state = make_weight(48, 128, device, gen)
+    na, nc, off = state.state2.absmax, state.state2._code_for_kernel(), state.offset
+    for m in (1, 3, 100):
+        x = make_input((m, 128), torch.bfloat16, device, gen).requires_grad_()
+        bias = make_input((48,), torch.bfloat16, device, gen)
+        torch.library.opcheck(
+            torch.ops.qlora.gemm_4bit.default,
+            (x, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128], bias),
+        )
+        g = make_input((m, 48), torch.bfloat16, device, gen).requires_grad_()
+        torch.library.opcheck(
+            torch.ops.qlora.gemm_4bit_transposed.default, (g, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128])
+        )
+
+
+def test_meta_tensors(gen):
+    packed, state = make_weight(48, 128, "cpu", gen)
+    x = torch.empty(2, 7, 128, dtype=torch.bfloat16, device="meta")
+    out = F.gemm_4bit(x, packed.to("meta"), state.to("meta"))
+    assert out.shape == (2, 7, 48) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(gen, device):
+    packed, state = make_weight(64, 256, device, gen)
+    bias = make_input((64,), torch.bfloat16, device, gen)
+
+    def layer(x):
+        return torch.relu(F.gemm_4bit(x, packed, state, bias)) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    for m in (1, 40):
+        x = make_input((m, 256), torch.bfloat16, device, gen)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+def test_cuda_graph_capture_and_replay(gen, m):
+    n, k = 256, 512
+    packed, state = make_weight(n, k, "cuda", gen)
+    bias = make_input((n,), torch.bfloat16, "cuda", gen)
+    x = make_input((m, k), torch.bfloat16, "cuda", gen)
+    g_in = make_input((m, n), torch.bfloat16, "cuda", gen)
+    F.release_gemm_workspaces()  # the capture itself must find its workspace
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y = F.gemm_4bit(x, packed, state, bias)
+        dx = F.gemm_4bit_transposed(g_in, packed, state)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        x.copy_(make_input((m, k), torch.bfloat16, "cuda", gen))
+        g_in.copy_(make_input((m, n), torch.bfloat16, "cuda", gen))
+        y.fill_(float("nan"))
+        dx.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, F.gemm_4bit(x, packed, state, bias))
+        assert torch.equal(dx, F.gemm_4bit_transposed(g_in, packed, state))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", list(PATHS))
+def test_cuda_deterministic_and_every_element_written(gen, path):
+    n, k = 1000, 2048
+    packed, state = make_weight(n, k, "cuda", gen)
+    for m in (1, 5, 16, 50):
+        x = make_input((m, k), torch.bfloat16, "cuda", gen)
+        with fused_max_m(PATHS[path]):
+            first = F.gemm_4bit(x, packed, state)
+            for _ in range(3):
+                torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
+                assert torch.equal(F.gemm_4bit(x, packed, state), first)
+        assert not first.isnan().any()
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_workspace_is_reused_and_released(gen):
+    packed, state = make_weight(512, 1024, "cuda", gen)
+    x = make_input((300, 1024), torch.bfloat16, "cuda", gen)
+    with fused_max_m(0):
+        F.gemm_4bit(x, packed, state)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            out = F.gemm_4bit(x, packed, state)
+        del out
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before  # no workspace allocated per call
+        F.release_gemm_workspaces()
+        assert torch.cuda.memory_allocated() <= before - 512 * 1024 * 2
+
+
+def test_bad_input_names_the_argument(gen):
+    packed, state = make_weight(32, 128, "cpu", gen)
+    x = make_input((4, 128), torch.bfloat16, "cpu", gen)
+    cases = [
+        (lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state), ValueError, "in_features"),
+        (lambda: F.gemm_4bit(x.double(), packed, state), TypeError, "x must be float32, float16 or bfloat16"),
+        (lambda: F.gemm_4bit(x, packed, state, torch.zeros(32)), TypeError, "bias must have x's dtype"),
+        (lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)), ValueError, "bias must have shape"),
+        (lambda: F.gemm_4bit(x, packed[:-1], state), ValueError, "packed has"),
+        (lambda: F.gemm_4bit(x, packed, "state"), TypeError, "quant_state must be a QuantState"),
+        (lambda: F.gemm_4bit("x", packed, state), TypeError, "x must be a tensor"),
+        (lambda: F.gemm_4bit_transposed(x, packed, state), ValueError, "out_features"),
+        (lambda: F.gemm_4bit_transposed(make_input((4, 32), torch.float64, "cpu", gen), packed, state), TypeError, "grad must be"),
+    ]
+    flat_packed, flat_state = F.quantize_4bit(make_input((4096,), torch.bfloat16, "cpu", gen))
+    cases.append((lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]"))
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_device_mismatch_is_an_error(gen):
+    packed, state = make_weight(32, 128, "cuda", gen)
+    x = make_input((4, 128), torch.bfloat16, "cpu", gen)
+    with pytest.raises(ValueError, match="is on"):
+        F.gemm_4bit(x, packed, state)
+    with pytest.raises(ValueError, match="bias is on"):
+        F.gemm_4bit(x.cuda(), packed, state, torch.zeros(32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="is on"):
+        F.gemm_4bit_transposed(torch.zeros(4, 32, dtype=torch.bfloat16), packed, state)
