@@ -2,7 +2,8 @@
 # One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
 #   bash bench/h200.sh OUTDIR [pytest args...]
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
-# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR.
+# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
+# picks the benchmarks (BENCH= none); SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
 shift
@@ -26,13 +27,20 @@ echo "build: $(( $(date +%s) - t0 )) s"
 # Up to 4 processes share the GPU; a worker that crashes is reported and replaced, not fatal.
 cmd="python3 -m pytest tests -q -rfE -n 4 --junitxml=$out/junit.xml ${*:-}"
 t1=$(date +%s)
+rc=0
+if [ -z "${SKIP_TESTS:-}" ]; then
 $cmd > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40
 tail -3 "$out/pytest.log"
 echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
 python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
-if [ -z "${SKIP_BENCH:-}" ]; then
-  python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30
 fi
+# BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.
+for b in ${BENCH-quantize gemm}; do
+  case $b in
+    quantize) python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
+    gemm) python3 bench/gemm.py --sweep --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1; tail -100 "$out/bench-gemm.log" ;;
+  esac
+done
 exit $rc

@@ -1,0 +1,208 @@
+"""Products with a 4-bit weight on the GPU: qlora_ext against bitsandbytes and bf16 cuBLAS, one run.
+
+    python3 bench/gemm.py --out bench/results/gemm-h200-DATE.json [--sweep]
+
+For each Llama weight shape (out x in, bf16, NF4 with double quantization, blocksize 64) and each M:
+  op "gemm"   (x [M, in] @ W^T): qlora_ext.gemm_4bit, bitsandbytes.matmul_4bit,
+              torch bf16 (torch.matmul on the dequantized weight, cuBLAS);
+  op "gemm_t" (dY [M, out] @ W, the backward product): qlora_ext.gemm_4bit_transposed,
+              bitsandbytes' backward (its dequantize_4bit, then torch.matmul), torch bf16.
+Results are checked first: every implementation against a float64 product on the dequantized
+weight (relative Frobenius error, bf16 operands land between 1e-3 and 1e-2).
+Timing: each implementation's calls are captured in a CUDA graph (launch overhead out; what is
+measured is the GPU's time) over weights rotated through at least 512 MiB, so that no call is served
+from the 60 MiB L2; the median of the replays, divided by the calls a replay makes. The floor of each
+row is max(bytes it must move / copy bandwidth, 2MNK / bf16 matmul rate), both measured in this run.
+--sweep adds op "gemm_path" rows: the fused kernel and dequantize + cuBLAS timed at each medium M,
+the measurement behind the dispatch threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from qlora_ext import _C, functional as F  # noqa: E402
+
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def time_graph(fn, copies: int, replays: int = 20) -> float:
+    """Milliseconds a call, from CUDA-graph replays of `calls` calls fn(0..calls-1)."""
+    ms_eager = common.time_cuda(fn, 5)
+    calls = max(1, min(4 * copies, int(2.0 / max(ms_eager, 1e-3))))  # about 2 ms of work a replay
+    calls = max(calls, min(copies, 64))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # warm-up outside the capture (workspaces, cuBLAS handles)
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            fn(i)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / calls)
+    del graph
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = common.time_cuda(lambda i: a @ b, 20)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in common.LLAMA_SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ops", default="gemm,gemm_t")
+    ap.add_argument("--sweep", action="store_true", help="also time both paths at medium M (op gemm_path)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms_list = [int(m) for m in args.ms.split(",")]
+    ops = args.ops.split(",")
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        bnb = bnbf = None
+        print("bitsandbytes is not installed: its rows are left out")
+
+    copy = common.copy_gbps("cuda")
+    tflops = matmul_tflops()
+    meta = common.meta("cuda")
+    meta.update(copy_gbps=round(copy, 1), matmul_tflops=round(tflops, 1), timing="CUDA graph replays, median")
+    print(f"copy {copy:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    rows = []
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1234)
+    for n, k in shapes:
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        w_deq = F.dequantize_4bit(packed, state)  # the weight all three multiply by
+        wd = w_deq.double()
+        if bnbf is not None:
+            bpacked, bstate = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(bpacked, packed), "bitsandbytes packs differently"
+        del w
+        copies4 = common.rotations(packed.numel() + state.absmax.numel())
+        copies16 = common.rotations(w_deq.numel() * 2)
+        ours = [(packed.clone(), _clone_state(state)) for _ in range(copies4)]
+        theirs = [(bpacked.clone(), _clone_bnb_state(bstate)) for _ in range(copies4)] if bnbf is not None else []
+        bf16 = [w_deq.clone() for _ in range(copies16)]
+        w_bytes4 = packed.numel() + state.absmax.numel() + state.state2.absmax.numel() * 4
+        for op in ops:
+            for m in ms_list:
+                inner, outer = (k, n) if op == "gemm" else (n, k)
+                x = (torch.randn(m, inner, device="cuda", generator=g)).to(torch.bfloat16)
+                ref = x.double() @ (wd.T if op == "gemm" else wd)
+                impls = {}
+                if op == "gemm":
+                    impls["qlora_ext"] = lambda i: F.gemm_4bit(x, *ours[i % copies4])
+                    if bnb is not None:
+                        impls["bitsandbytes"] = lambda i: bnb.matmul_4bit(x, theirs[i % copies4][0].t(), theirs[i % copies4][1])
+                    impls["torch_bf16"] = lambda i: torch.matmul(x, bf16[i % copies16].t())
+                else:
+                    impls["qlora_ext"] = lambda i: F.gemm_4bit_transposed(x, *ours[i % copies4])
+                    if bnb is not None:
+                        impls["bitsandbytes"] = lambda i: torch.matmul(x, bnbf.dequantize_4bit(*theirs[i % copies4]).to(x.dtype))
+                    impls["torch_bf16"] = lambda i: torch.matmul(x, bf16[i % copies16])
+                times = {}
+                for impl, fn in impls.items():
+                    err = rel_err(fn(0), ref)
+                    if not err < 1e-2:
+                        raise SystemExit(f"{impl} {op} {n}x{k} M={m}: relative error {err:.2e} against float64")
+                    copies = copies16 if impl == "torch_bf16" else copies4
+                    times[impl] = (time_graph(fn, copies), err)
+                flops = 2 * m * n * k
+                io = 2 * m * (inner + outer)
+                for impl, (ms, err) in times.items():
+                    wbytes = 2 * n * k if impl == "torch_bf16" else w_bytes4
+                    floor = max((wbytes + io) / (copy * 1e9), flops / (tflops * 1e12)) * 1e3
+                    row = {
+                        "op": op, "impl": impl, "n": n, "k": k, "M": m, "dtype": "bfloat16", "quant_type": "nf4",
+                        "dq": True, "blocksize": 64, "ms": round(ms, 5), "rel_err_vs_float64": float(f"{err:.3g}"),
+                        "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
+                        "tflops": round(flops / (ms * 1e-3) / 1e12, 1),
+                    }  # fmt: skip
+                    if impl != "torch_bf16":
+                        row["speedup_vs_torch_bf16"] = round(times["torch_bf16"][0] / ms, 3)
+                    if impl == "qlora_ext" and "bitsandbytes" in times:
+                        row["speedup_vs_bitsandbytes"] = round(times["bitsandbytes"][0] / ms, 3)
+                    rows.append(row)
+                line = "  ".join(f"{i} {t[0] * 1e3:8.1f} us" for i, t in times.items())
+                print(f"{op:6s} {n:5d}x{k:<5d} M={m:<5d} {line}  "
+                      f"x{times['torch_bf16'][0] / times['qlora_ext'][0]:.2f} vs bf16", flush=True)  # fmt: skip
+                del x, ref
+            if op == "gemm" and args.sweep:
+                for m in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512):
+                    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+                    res = {}
+                    for path, limit in (("fused", 1 << 40), ("cublas", 0)):
+                        previous = _C._set_gemm_fused_max_m(limit)
+                        try:
+                            res[path] = time_graph(lambda i: F.gemm_4bit(x, *ours[i % copies4]), copies4)
+                        finally:
+                            _C._set_gemm_fused_max_m(previous)
+                        rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k, "M": m,
+                                     "dtype": "bfloat16", "ms": round(res[path], 5)})  # fmt: skip
+                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} fused {res['fused'] * 1e3:8.1f} us  "
+                          f"cublas {res['cublas'] * 1e3:8.1f} us", flush=True)  # fmt: skip
+        del ours, theirs, bf16, w_deq, wd
+        F.release_gemm_workspaces()
+        torch.cuda.empty_cache()
+        if args.out:  # after every shape: a run cut short keeps what it measured
+            common.write_results(args.out, meta, rows)
+
+
+def _clone_state(state):
+    import copy
+
+    s = copy.copy(state)
+    s.absmax = state.absmax.clone()
+    if state.nested:
+        s.state2 = copy.copy(state.state2)
+        s.state2.absmax = state.state2.absmax.clone()
+    return s
+
+
+def _clone_bnb_state(state):
+    import copy
+
+    s = copy.copy(state)
+    s.absmax = state.absmax.clone()
+    if getattr(state, "nested", False):
+        s.state2 = copy.copy(state.state2)
+        s.state2.absmax = state.state2.absmax.clone()
+    return s
+
+
+if __name__ == "__main__":
+    main()
