@@ -162,19 +162,32 @@ def main() -> None:
                       f"x{times['torch_bf16'][0] / times['qlora_ext'][0]:.2f} vs bf16", flush=True)  # fmt: skip
                 del x, ref
             if op == "gemm" and args.sweep:
-                for m in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512):
+                # Variants: 1-3 for M <= 8, 4 for M in 9..32, 5 for M > 16 (csrc/cuda/gemm_4bit.cu).
+                for m in (1, 8, 16, 32, 64, 128, 256):
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+                    ref = x.double() @ wd.T
+                    paths = [("fused0", 1 << 40, 0)]
+                    paths += [(f"fused{v}", 1 << 40, v) for v in (1, 2, 3) if m <= 8]
+                    paths += [("fused4", 1 << 40, 4)] if 8 < m <= 32 else []
+                    paths += [("fused5", 1 << 40, 5)] if m > 16 else []
+                    paths += [("cublas", 0, 0)] if m >= 16 else []
                     res = {}
-                    for path, limit in (("fused", 1 << 40), ("cublas", 0)):
+                    for path, limit, variant in paths:
                         previous = _C._set_gemm_fused_max_m(limit)
+                        previous_variant = _C._set_gemm_variant(variant)
                         try:
-                            res[path] = time_graph(lambda i: F.gemm_4bit(x, *ours[i % copies4]), copies4)
+                            fn = lambda i: F.gemm_4bit(x, *ours[i % copies4])  # noqa: E731
+                            err = rel_err(fn(0), ref)
+                            if not err < 1e-2:
+                                raise SystemExit(f"{path} {n}x{k} M={m}: relative error {err:.2e}")
+                            res[path] = time_graph(fn, copies4)
                         finally:
                             _C._set_gemm_fused_max_m(previous)
+                            _C._set_gemm_variant(previous_variant)
                         rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k, "M": m,
                                      "dtype": "bfloat16", "ms": round(res[path], 5)})  # fmt: skip
-                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} fused {res['fused'] * 1e3:8.1f} us  "
-                          f"cublas {res['cublas'] * 1e3:8.1f} us", flush=True)  # fmt: skip
+                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} " + "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items()),
+                          flush=True)  # fmt: skip
         del ours, theirs, bf16, w_deq, wd
         F.release_gemm_workspaces()
         torch.cuda.empty_cache()

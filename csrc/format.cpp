@@ -153,6 +153,7 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
 }
 
 std::atomic<int64_t> g_gemm_fused_max_m{-1};
+std::atomic<int> g_gemm_variant{0};
 void (*g_release_gemm_workspaces)() = nullptr;
 
 }  // namespace qlora

@@ -47,12 +47,19 @@ static PyObject* set_gemm_fused_max_m(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(qlora::g_gemm_fused_max_m.exchange(m));
 }
 
+static PyObject* set_gemm_variant(PyObject*, PyObject* arg) {
+  const long v = PyLong_AsLong(arg);
+  if (v == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLong(qlora::g_gemm_variant.exchange(static_cast<int>(v)));
+}
+
 static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
   if (qlora::g_release_gemm_workspaces != nullptr) qlora::g_release_gemm_workspaces();
   Py_RETURN_NONE;
 }
 
 static PyMethodDef qlora_methods[] = {
+    {"_set_gemm_variant", set_gemm_variant, METH_O, "The fused kernel's tile shape for benchmarks (0: default)."},
     {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
      "Frees the CUDA products' dequantization workspaces."},
     {"_set_gemm_fused_max_m", set_gemm_fused_max_m, METH_O, "Largest M of the fused CUDA product (-1: default)."},

@@ -123,8 +123,18 @@ constexpr size_t mma_smem_bytes() {
   return 256 * kLutCopies * sizeof(uint32_t) + reduce_floats<MT, NT>() * sizeof(float) + 256 * sizeof(float);
 }
 
-// One CTA: tiles of 16*MT weight rows x 8*NT tokens; U sub-blocks a warp in flight.
-template <typename T, bool NESTED, int MT, int NT, int U>
+// A warp's loads for U sub-blocks: packed bytes of its rows, x of its tokens, the rows' scales.
+template <int MT, int NT, int U>
+struct Batch {
+  uint2 w[U][MT][2];
+  uint4 x[U][NT][2];
+  float s[U][MT][2];
+};
+
+// One CTA: tiles of 16*MT weight rows x 8*NT tokens; U sub-blocks a warp a batch. PIPE issues the
+// next batch's loads before the current batch's math (and the first batch's before the table is
+// built), so that each warp always has one batch of loads in flight.
+template <typename T, bool NESTED, int MT, int NT, int U, bool PIPE>
 __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __restrict__ x, int64_t M,
                                                                     const uint8_t* __restrict__ packed, int64_t N,
                                                                     int64_t K, int bs_log2, Scales sc, int fp4,
@@ -133,24 +143,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   float* red = reinterpret_cast<float*>(lut + 256 * kLutCopies);
   float* ncode = red + reduce_floats<MT, NT>();
-  __shared__ float code16[16];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid < 16) code16[tid] = fp4 ? kGemmFP4[tid] : kGemmNF4[tid];
-  if constexpr (NESTED) {
-    for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
-  }
-  __syncthreads();
-  // Entry e of copy l at word e * 32 + l: code[e >> 4] (the even k, high nibble) in the low half.
-  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-    const int e = i / (kLutCopies / 4);
-    const uint32_t v = pack_pair<T>(code16[e >> 4], code16[e & 15]);
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-  __syncthreads();
-  float offset = 0.f;
-  if constexpr (NESTED) offset = *sc.offset;
-
   const int g = lane >> 2, c = lane & 3;
   const uint32_t* lut_lane = lut + lane;
   const int64_t row_bytes = K >> 1;
@@ -159,6 +153,25 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
   const int sub_shift = bs_log2 - 6;  // a quantization block is 2^sub_shift sub-blocks
   const int64_t row_tiles = (N + 16 * MT - 1) / (16 * MT);
   const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
+  constexpr int64_t kStride = int64_t{kWarps} * U;
+  float offset = 0.f;
+  bool table_ready = false;
+
+  // Builds the pair table (and the nested code) in shared memory; every thread takes part.
+  auto build_table = [&]() {
+    for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
+      // Entry e of copy l at word e * 32 + l: code[e >> 4] (the even k, high nibble) in the low half.
+      const int e = i / (kLutCopies / 4);
+      const float* code = fp4 ? kGemmFP4 : kGemmNF4;
+      const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+      reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+    }
+    if constexpr (NESTED) {
+      for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
+    }
+    __syncthreads();
+    if constexpr (NESTED) offset = *sc.offset;
+  };
 
   for (int64_t tile = blockIdx.x; tile < row_tiles * tok_tiles; tile += gridDim.x) {
     const int64_t row0 = (tile / tok_tiles) * (16 * MT);
@@ -178,18 +191,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
 
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
-
-    for (int64_t j0 = warp; j0 < nsub; j0 += kWarps * U) {
-      uint2 w[U][MT][2];
-      uint4 xv[U][NT][2];
-      float s[U][MT][2];
+    // Codes and x first; the scales' loads need the nested table, so they wait for it.
+    auto load_data = [&](Batch<MT, NT, U>& b, int64_t j0) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t j = j0 + u * kWarps;
@@ -197,27 +200,44 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) w[u][mt][h] = __ldcs(reinterpret_cast<const uint2*>(wrow[mt][h] + j * 32));
+            for (int h = 0; h < 2; ++h) b.w[u][mt][h] = __ldcs(reinterpret_cast<const uint2*>(wrow[mt][h] + j * 32));
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             const uint4* p = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
-            xv[u][nt][0] = __ldg(p);
-            xv[u][nt][1] = __ldg(p + 1);
+            b.x[u][nt][0] = __ldg(p);
+            b.x[u][nt][1] = __ldg(p + 1);
           }
+        }
+      }
+    };
+    auto load_scales = [&](Batch<MT, NT, U>& b, int64_t j0) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = j0 + u * kWarps;
+        if (j < nsub) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const int64_t b = qrow[mt][h] + (j >> sub_shift);
+              const int64_t bi = qrow[mt][h] + (j >> sub_shift);
               if constexpr (NESTED) {
-                s[u][mt][h] = __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + b)], __ldg(sc.nested_absmax + (b >> 8))),
-                                        offset);
+                b.s[u][mt][h] = __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8))),
+                                          offset);
               } else {
-                s[u][mt][h] = __ldg(sc.absmax + b);
+                b.s[u][mt][h] = __ldg(sc.absmax + bi);
               }
             }
         }
       }
+    };
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
+    auto compute = [&](const Batch<MT, NT, U>& b, int64_t j0) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (j0 + u * kWarps >= nsub) break;
@@ -227,8 +247,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
           uint32_t a[4][4];
 #pragma unroll
           for (int st = 0; st < 4; ++st) {
-            const uint32_t w0 = st < 2 ? w[u][mt][0].x : w[u][mt][0].y;
-            const uint32_t w1 = st < 2 ? w[u][mt][1].x : w[u][mt][1].y;
+            const uint32_t w0 = st < 2 ? b.w[u][mt][0].x : b.w[u][mt][0].y;
+            const uint32_t w1 = st < 2 ? b.w[u][mt][1].x : b.w[u][mt][1].y;
             const int sh = (st & 1) * 16;
             a[st][0] = lut_lane[((w0 >> sh) & 0xff) * kLutCopies];
             a[st][1] = lut_lane[((w1 >> sh) & 0xff) * kLutCopies];
@@ -240,15 +260,48 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
             float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int st = 0; st < 4; ++st) {
-              const uint4& v = xv[u][nt][st >> 1];
+              const uint4& v = b.x[u][nt][st >> 1];
               mma_16816<T>(d, a[st], word_of(v, (st & 1) * 2), word_of(v, (st & 1) * 2 + 1));
             }
-            acc[mt][nt][0] = __fmaf_rn(s[u][mt][0], d[0], acc[mt][nt][0]);
-            acc[mt][nt][1] = __fmaf_rn(s[u][mt][0], d[1], acc[mt][nt][1]);
-            acc[mt][nt][2] = __fmaf_rn(s[u][mt][1], d[2], acc[mt][nt][2]);
-            acc[mt][nt][3] = __fmaf_rn(s[u][mt][1], d[3], acc[mt][nt][3]);
+            acc[mt][nt][0] = __fmaf_rn(b.s[u][mt][0], d[0], acc[mt][nt][0]);
+            acc[mt][nt][1] = __fmaf_rn(b.s[u][mt][0], d[1], acc[mt][nt][1]);
+            acc[mt][nt][2] = __fmaf_rn(b.s[u][mt][1], d[2], acc[mt][nt][2]);
+            acc[mt][nt][3] = __fmaf_rn(b.s[u][mt][1], d[3], acc[mt][nt][3]);
           }
         }
+      }
+    };
+
+    if constexpr (PIPE) {
+      Batch<MT, NT, U> cur;
+      int64_t j0 = warp;
+      load_data(cur, j0);
+      if (!table_ready) {
+        build_table();
+        table_ready = true;
+      }
+      load_scales(cur, j0);
+      while (j0 < nsub) {
+        Batch<MT, NT, U> nxt;
+        const int64_t j1 = j0 + kStride;
+        if (j1 < nsub) {
+          load_data(nxt, j1);
+          load_scales(nxt, j1);
+        }
+        compute(cur, j0);
+        cur = nxt;
+        j0 = j1;
+      }
+    } else {
+      if (!table_ready) {
+        build_table();
+        table_ready = true;
+      }
+      for (int64_t j0 = warp; j0 < nsub; j0 += kStride) {
+        Batch<MT, NT, U> b;
+        load_data(b, j0);
+        load_scales(b, j0);
+        compute(b, j0);
       }
     }
 
@@ -278,11 +331,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
   }
 }
 
-// CTAs that fit on the device at once (with their dynamic shared memory), cached per kernel and
-// device; raising the kernel's shared-memory limit once per device as well.
+// CTAs that fit on the device at once (with their dynamic shared memory), cached in `cache` (one
+// per kernel) by device; raising the kernel's shared-memory limit once per device as well.
 template <typename Kernel>
-int resident_ctas(Kernel kernel, size_t smem, int device) {
-  static std::array<std::atomic<int>, 64> cache{};
+int resident_ctas(Kernel kernel, size_t smem, int device, std::array<std::atomic<int>, 64>& cache) {
   auto& slot = cache[device & 63];
   int n = slot.load(std::memory_order_relaxed);
   if (n == 0) {
@@ -296,13 +348,14 @@ int resident_ctas(Kernel kernel, size_t smem, int device) {
   return n;
 }
 
-template <typename T, bool NESTED, int MT, int NT, int U>
+template <typename T, bool NESTED, int MT, int NT, int U, bool PIPE>
 void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                 const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  auto* kernel = gemm_4bit_mma_kernel<T, NESTED, MT, NT, U>;
+  auto* kernel = gemm_4bit_mma_kernel<T, NESTED, MT, NT, U, PIPE>;
   constexpr size_t smem = mma_smem_bytes<MT, NT>();
+  static std::array<std::atomic<int>, 64> resident{};  // this instantiation's, per device
   const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((M + 8 * NT - 1) / (8 * NT));
-  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, x2.get_device()));
+  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, x2.get_device(), resident));
   kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
@@ -313,11 +366,25 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 template <typename T, bool NESTED>
 void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  // Tile shapes by M: one token octet with four sub-blocks in flight a warp for decode; wider token
-  // tiles (and two row tiles, which halve the reads of x) as M grows.
-  if (M <= 8) launch_mma<T, NESTED, 1, 1, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-  else if (M <= 16) launch_mma<T, NESTED, 1, 2, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-  else launch_mma<T, NESTED, 2, 4, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+#define QLORA_LAUNCH(MT, NT, U, PIPE) launch_mma<T, NESTED, MT, NT, U, PIPE>(x2, M, packed, p, bs_log2, sc, bias, out, stream)
+  // Benchmarks compare tile shapes through _set_gemm_variant (bf16 with double quantization only).
+  const int variant = g_gemm_variant.load(std::memory_order_relaxed);
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
+    switch (variant) {
+      case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 4, false); break;
+      case 2: if (M <= 8) return QLORA_LAUNCH(1, 1, 4, true); break;
+      case 3: if (M <= 8) return QLORA_LAUNCH(2, 1, 2, true); break;
+      case 4: if (M <= 16) return QLORA_LAUNCH(1, 2, 2, true); if (M <= 32) return QLORA_LAUNCH(1, 4, 1, true); break;
+      case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, false); break;
+      default: break;
+    }
+  }
+  // Tile shapes by M: one token octet for decode; wider token tiles (and two row tiles, which halve
+  // the reads of x) as M grows.
+  if (M <= 8) QLORA_LAUNCH(1, 1, 2, true);
+  else if (M <= 16) QLORA_LAUNCH(1, 2, 1, true);
+  else QLORA_LAUNCH(2, 4, 1, true);
+#undef QLORA_LAUNCH
 }
 
 // The dequantized weight's home for the cuBLAS path: one buffer per device and stream, kept and

@@ -61,6 +61,8 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
 // default measured on the H200 (csrc/cuda/gemm_4bit.cu). Benchmarks move it through
 // qlora_ext._C._set_gemm_fused_max_m to time both paths in one process.
 extern std::atomic<int64_t> g_gemm_fused_max_m;
+// The fused kernel's tile shape, 0 for the default; benchmarks compare others (csrc/cuda/gemm_4bit.cu).
+extern std::atomic<int> g_gemm_variant;
 // Frees the CUDA products' dequantization workspaces; set by the CUDA kernels when built.
 extern void (*g_release_gemm_workspaces)();
 
