@@ -162,13 +162,14 @@ def main() -> None:
                       f"x{times['torch_bf16'][0] / times['qlora_ext'][0]:.2f} vs bf16", flush=True)  # fmt: skip
                 del x, ref
             if op == "gemm" and args.sweep:
-                # Variants: 1-3 for M <= 8, 4 for M in 9..32, 5 for M > 16 (csrc/cuda/gemm_4bit.cu).
+                # fused0: the default (stream) kernel; fused1 / fused2 / fused5: the register-fed kernel
+                # (its predecessor) at M <= 8 / M <= 16 / M > 16.
                 for m in (1, 8, 16, 32, 64, 128, 256):
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
                     paths = [("fused0", 1 << 40, 0)]
-                    paths += [(f"fused{v}", 1 << 40, v) for v in (1, 2, 3) if m <= 8]
-                    paths += [("fused4", 1 << 40, 4)] if 8 < m <= 32 else []
+                    paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
+                    paths += [("fused2", 1 << 40, 2)] if m <= 16 else []
                     paths += [("fused5", 1 << 40, 5)] if m > 16 else []
                     paths += [("cublas", 0, 0)] if m >= 16 else []
                     res = {}

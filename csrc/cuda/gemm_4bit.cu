@@ -46,7 +46,8 @@
 namespace qlora::cuda {
 namespace {
 
-// M up to which the fused kernel beats dequantize + cuBLAS on the H200 (bench/gemm.py --sweep).
+// M up to which the fused kernels beat dequantize + cuBLAS on the H200 (bench/gemm.py --sweep,
+// op gemm_path in bench/results).
 constexpr int64_t kDefaultFusedMaxM = 64;
 
 constexpr int kSubK = 64;       // k of a sub-block: 32 packed bytes of a row, 4 mma steps
@@ -331,6 +332,175 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
   }
 }
 
+// Decode-sized M (<= 16): the same math, but the packed codes stream through shared memory with
+// cp.async in a ring of kStages stages (16 rows x 256 bytes each), so that the bytes in flight are
+// bounded by shared memory, not by registers: the register-fed kernel above kept about 16 KB in
+// flight per SM and reached 1.3 TB/s on 28672x8192 at M=1 (bench/results); this needs ~50 KB
+// per SM for the H200's bandwidth-delay product. The tile's block scales are decoded into shared
+// memory while the first stages are in flight; x is read through L1, where every warp of the SM
+// finds it.
+constexpr int kStages = 8;
+constexpr int kStageRowBytes = kWarps * 32;       // 8 sub-blocks of 32 bytes: one a warp
+constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
+constexpr int kStageBytes = 16 * kStagePitch;
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <int NT>
+constexpr size_t stream_fixed_smem_bytes() {
+  return 256 * kLutCopies * sizeof(uint32_t) + size_t{kStages} * kStageBytes +
+         reduce_floats<1, NT>() * sizeof(float) + 256 * sizeof(float);
+}
+
+template <typename T, bool NESTED, int NT>
+__global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* __restrict__ x, int64_t M,
+                                                                       const uint8_t* __restrict__ packed, int64_t N,
+                                                                       int64_t K, int bs_log2, Scales sc, int fp4,
+                                                                       const T* __restrict__ bias,
+                                                                       T* __restrict__ out) {
+  extern __shared__ uint4 smem[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
+  float* red = reinterpret_cast<float*>(ring + kStages * kStageBytes);
+  float* ncode = red + reduce_floats<1, NT>();
+  float* scales = ncode + 256;  // [16 rows][K >> bs_log2], rows nb + 1 apart (no bank conflicts)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const uint32_t* lut_lane = lut + lane;
+  const int64_t row_bytes = K >> 1;
+  const int64_t nsub = K / kSubK;
+  const int64_t nstage = (row_bytes + kStageRowBytes - 1) / kStageRowBytes;
+  const int nb = static_cast<int>(K >> bs_log2);  // quantization blocks a row
+  const int sub_shift = bs_log2 - 6;
+  const int64_t row_tiles = (N + 15) / 16;
+  const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
+  // The thread's slice of every stage: row tid / 16, bytes [16 (tid % 16), +16).
+  const int cp_row = tid >> 4, cp_col = (tid & 15) * 16;
+  bool table_ready = false;
+
+  for (int64_t tile = blockIdx.x; tile < row_tiles * tok_tiles; tile += gridDim.x) {
+    const int64_t row0 = (tile / tok_tiles) * 16;
+    const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
+    const uint8_t* src_row = packed + min(row0 + cp_row, N - 1) * row_bytes + cp_col;
+    uint8_t* dst_row = ring + cp_row * kStagePitch + cp_col;
+    auto issue = [&](int64_t st) {
+      if (st < nstage && st * kStageRowBytes + cp_col < row_bytes)
+        cp_async16(dst_row + (st % kStages) * kStageBytes, src_row + st * kStageRowBytes);
+      cp_async_commit();  // an empty group where there is nothing to copy keeps the count uniform
+    };
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue(st);
+
+    if (!table_ready) {
+      for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
+        const int e = i / (kLutCopies / 4);
+        const float* code = fp4 ? kGemmFP4 : kGemmNF4;
+        const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+        reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+      }
+      if constexpr (NESTED) {
+        for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
+        __syncthreads();
+      }
+      table_ready = true;
+    }
+    // The tile's scales, row by row (rows past the end clamped).
+    {
+      float offset = 0.f;
+      if constexpr (NESTED) offset = *sc.offset;
+      for (int i = tid; i < 16 * nb; i += kWarps * 32) {
+        const int r = i / nb, b = i - r * nb;
+        const int64_t bi = min(row0 + r, N - 1) * nb + b;
+        if constexpr (NESTED) {
+          scales[r * (nb + 1) + b] =
+              __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8))), offset);
+        } else {
+          scales[r * (nb + 1) + b] = __ldg(sc.absmax + bi);
+        }
+      }
+    }
+
+    const T* xrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+
+    for (int64_t st = 0; st < nstage; ++st) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // stage st is in for everyone; the slot of stage st - 1 is free again
+      issue(st + kStages - 1);
+      const int64_t j = st * kWarps + warp;
+      if (j < nsub) {
+        const uint8_t* stage = ring + (st % kStages) * kStageBytes + warp * 32 + 8 * c;
+        const uint2 w0 = *reinterpret_cast<const uint2*>(stage + g * kStagePitch);
+        const uint2 w1 = *reinterpret_cast<const uint2*>(stage + (g + 8) * kStagePitch);
+        const float s0 = scales[g * (nb + 1) + (j >> sub_shift)];
+        const float s1 = scales[(g + 8) * (nb + 1) + (j >> sub_shift)];
+        uint32_t a[4][4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t v0 = q < 2 ? w0.x : w0.y;
+          const uint32_t v1 = q < 2 ? w1.x : w1.y;
+          const int sh = (q & 1) * 16;
+          a[q][0] = lut_lane[((v0 >> sh) & 0xff) * kLutCopies];
+          a[q][1] = lut_lane[((v1 >> sh) & 0xff) * kLutCopies];
+          a[q][2] = lut_lane[((v0 >> (sh + 8)) & 0xff) * kLutCopies];
+          a[q][3] = lut_lane[((v1 >> (sh + 8)) & 0xff) * kLutCopies];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
+          const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4& v = xv[q >> 1];
+            mma_16816<T>(d, a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+          }
+          acc[nt][0] = __fmaf_rn(s0, d[0], acc[nt][0]);
+          acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
+          acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
+          acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+
+    float* mine = red + warp * (NT * 4 * 32);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[nt][q];
+    __syncthreads();
+    for (int idx = tid; idx < NT * 4 * 32; idx += kWarps * 32) {
+      float v = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < kWarps; ++wi) v += red[wi * (NT * 4 * 32) + idx];
+      const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
+      const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
+      const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
+      if (row < N && tok < M) {
+        if (bias != nullptr) v += to_float(bias[row]);
+        out[tok * N + row] = from_float<T>(v);
+      }
+    }
+    __syncthreads();  // red, scales and the ring are free for the next tile
+  }
+}
+
 // CTAs that fit on the device at once (with their dynamic shared memory), cached in `cache` (one
 // per kernel) by device; raising the kernel's shared-memory limit once per device as well.
 template <typename Kernel>
@@ -363,19 +533,63 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The stream kernel's shared memory grows with K (the tile's scales), so its occupancy is looked up
+// per size.
+template <typename T, bool NESTED, int NT>
+void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  auto* kernel = gemm_4bit_stream_kernel<T, NESTED, NT>;
+  const size_t smem = stream_fixed_smem_bytes<NT>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
+  static std::mutex mutex;
+  static std::map<std::pair<int, size_t>, int> resident;
+  const int device = x2.get_device();
+  int ctas;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = resident.find({device, smem});
+    if (it == resident.end()) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      int per_sm = 0, sms = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      it = resident.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
+    }
+    ctas = it->second;
+  }
+  const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
+  const int64_t grid = std::min<int64_t>(tiles, ctas);
+  kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
+      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
+      p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
+      reinterpret_cast<T*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The stream kernel keeps a tile's scales in shared memory: up to 4096 blocks a row (64 KB).
+constexpr int64_t kStreamMaxBlocksPerRow = 4096;
+
 template <typename T, bool NESTED>
 void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
 #define QLORA_LAUNCH(MT, NT, U, PIPE) launch_mma<T, NESTED, MT, NT, U, PIPE>(x2, M, packed, p, bs_log2, sc, bias, out, stream)
   // Benchmarks compare tile shapes through _set_gemm_variant (bf16 with double quantization only).
   const int variant = g_gemm_variant.load(std::memory_order_relaxed);
+  const bool streamable = (p.K >> bs_log2) <= kStreamMaxBlocksPerRow &&
+                          reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 == 0;
+  if (streamable && variant == 0) {
+    // Token tiles of 8 * NT: one tile up to M = 64; beyond, each tile streams the weight again
+    // (from L2 when the tiles of one row block run together, as the tile order makes them).
+    if (M <= 8) return launch_stream<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (M <= 16) return launch_stream<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (M <= 32) return launch_stream<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    return launch_stream<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+  }
   if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
     switch (variant) {
-      case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 4, false); break;
-      case 2: if (M <= 8) return QLORA_LAUNCH(1, 1, 4, true); break;
-      case 3: if (M <= 8) return QLORA_LAUNCH(2, 1, 2, true); break;
-      case 4: if (M <= 16) return QLORA_LAUNCH(1, 2, 2, true); if (M <= 32) return QLORA_LAUNCH(1, 4, 1, true); break;
-      case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, false); break;
+      case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 2, true); break;
+      case 2: if (M <= 16) return QLORA_LAUNCH(1, 2, 1, true); break;
+      case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, true); break;
       default: break;
     }
   }
