@@ -332,17 +332,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
   }
 }
 
-// Decode-sized M (<= 16): the same math, but the packed codes stream through shared memory with
-// cp.async in a ring of kStages stages (16 rows x 256 bytes each), so that the bytes in flight are
-// bounded by shared memory, not by registers: the register-fed kernel above kept about 16 KB in
-// flight per SM and reached 1.3 TB/s on 28672x8192 at M=1 (bench/results); this needs ~50 KB
-// per SM for the H200's bandwidth-delay product. The tile's block scales are decoded into shared
+// M up to 64: the same math, but the packed codes stream through shared memory with cp.async in a
+// ring of kStages stages of 16 rows x 1 KB, so that the bytes in flight are bounded by shared
+// memory, not by registers, and each row is read in 1 KB runs. (The register-fed kernel above,
+// 16 rows x 512 bytes a step, and a first version of this one with 256-byte stages both stalled at
+// about 1.3 TB/s on 28672x8192 at M=1.) The tile's block scales are decoded into shared
 // memory while the first stages are in flight; x is read through L1, where every warp of the SM
 // finds it.
-constexpr int kStages = 8;
-constexpr int kStageRowBytes = kWarps * 32;       // 8 sub-blocks of 32 bytes: one a warp
+constexpr int kStages = 3;
+constexpr int kStageRowBytes = 1024;              // 32 sub-blocks of a row: four a warp
+constexpr int kStageSubs = kStageRowBytes / 32;
 constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
 constexpr int kStageBytes = 16 * kStagePitch;
+constexpr int kCopiesPerThread = 16 * kStageRowBytes / 16 / (kWarps * 32);
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -354,10 +356,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The warps' partial sums reuse the ring once the tile's last stage is consumed.
 template <int NT>
 constexpr size_t stream_fixed_smem_bytes() {
-  return 256 * kLutCopies * sizeof(uint32_t) + size_t{kStages} * kStageBytes +
-         reduce_floats<1, NT>() * sizeof(float) + 256 * sizeof(float);
+  static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{kStages} * kStageBytes, "red aliases the ring");
+  return 256 * kLutCopies * sizeof(uint32_t) + size_t{kStages} * kStageBytes + 256 * sizeof(float);
 }
 
 template <typename T, bool NESTED, int NT>
@@ -369,8 +372,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   extern __shared__ uint4 smem[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
-  float* red = reinterpret_cast<float*>(ring + kStages * kStageBytes);
-  float* ncode = red + reduce_floats<1, NT>();
+  float* red = reinterpret_cast<float*>(ring);
+  float* ncode = reinterpret_cast<float*>(ring + kStages * kStageBytes);
   float* scales = ncode + 256;  // [16 rows][K >> bs_log2], rows nb + 1 apart (no bank conflicts)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -383,18 +386,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   const int sub_shift = bs_log2 - 6;
   const int64_t row_tiles = (N + 15) / 16;
   const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
-  // The thread's slice of every stage: row tid / 16, bytes [16 (tid % 16), +16).
-  const int cp_row = tid >> 4, cp_col = (tid & 15) * 16;
   bool table_ready = false;
 
   for (int64_t tile = blockIdx.x; tile < row_tiles * tok_tiles; tile += gridDim.x) {
     const int64_t row0 = (tile / tok_tiles) * 16;
     const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
-    const uint8_t* src_row = packed + min(row0 + cp_row, N - 1) * row_bytes + cp_col;
-    uint8_t* dst_row = ring + cp_row * kStagePitch + cp_col;
+    // Thread t copies 16-byte chunks t, t + 256, ... of the stage: 64 threads a row's 1 KB.
     auto issue = [&](int64_t st) {
-      if (st < nstage && st * kStageRowBytes + cp_col < row_bytes)
-        cp_async16(dst_row + (st % kStages) * kStageBytes, src_row + st * kStageRowBytes);
+      if (st < nstage) {
+#pragma unroll
+        for (int i = 0; i < kCopiesPerThread; ++i) {
+          const int chunk = i * kWarps * 32 + tid;
+          const int r = chunk / (kStageRowBytes / 16), col = (chunk % (kStageRowBytes / 16)) * 16;
+          if (st * kStageRowBytes + col < row_bytes)
+            cp_async16(ring + (st % kStages) * kStageBytes + r * kStagePitch + col,
+                       packed + min(row0 + r, N - 1) * row_bytes + st * kStageRowBytes + col);
+        }
+      }
       cp_async_commit();  // an empty group where there is nothing to copy keeps the count uniform
     };
 #pragma unroll
@@ -442,9 +450,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
       cp_async_wait<kStages - 2>();
       __syncthreads();  // stage st is in for everyone; the slot of stage st - 1 is free again
       issue(st + kStages - 1);
-      const int64_t j = st * kWarps + warp;
-      if (j < nsub) {
-        const uint8_t* stage = ring + (st % kStages) * kStageBytes + warp * 32 + 8 * c;
+#pragma unroll
+      for (int u = 0; u < kStageSubs / kWarps; ++u) {
+        const int sub = u * kWarps + warp;
+        const int64_t j = st * kStageSubs + sub;
+        if (j >= nsub) break;
+        const uint8_t* stage = ring + (st % kStages) * kStageBytes + sub * 32 + 8 * c;
         const uint2 w0 = *reinterpret_cast<const uint2*>(stage + g * kStagePitch);
         const uint2 w1 = *reinterpret_cast<const uint2*>(stage + (g + 8) * kStagePitch);
         const float s0 = scales[g * (nb + 1) + (j >> sub_shift)];
@@ -478,6 +489,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
       }
     }
     cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring, which now holds the partial sums
 
     float* mine = red + warp * (NT * 4 * 32);
 #pragma unroll
@@ -548,8 +560,13 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
     std::lock_guard<std::mutex> lock(mutex);
     auto it = resident.find({device, smem});
     if (it == resident.end()) {
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      // The limit is the kernel's, not the launch's: raise it to what any K may need (the device's
+      // opt-in maximum), not to this size, which a later, larger K would exceed.
+      int optin = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
+                  optin);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
       int per_sm = 0, sms = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -566,8 +583,8 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The stream kernel keeps a tile's scales in shared memory: up to 4096 blocks a row (64 KB).
-constexpr int64_t kStreamMaxBlocksPerRow = 4096;
+// The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).
+constexpr int64_t kStreamMaxBlocksPerRow = 1536;
 
 template <typename T, bool NESTED>
 void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
