@@ -48,7 +48,7 @@ namespace {
 
 // M up to which the fused kernels beat dequantize + cuBLAS on the H200 (bench/gemm.py --sweep,
 // op gemm_path in bench/results).
-constexpr int64_t kDefaultFusedMaxM = 64;
+constexpr int64_t kDefaultFusedMaxM = 48;
 
 constexpr int kSubK = 64;       // k of a sub-block: 32 packed bytes of a row, 4 mma steps
 constexpr int kLutCopies = 32;  // one copy of the pair table per shared-memory bank
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const uint32_t* lut_lane = lut + lane;
+  const char* lut_bytes = reinterpret_cast<const char*>(lut + lane);
   const int64_t row_bytes = K >> 1;
   const int64_t nsub = K / kSubK;
   const int64_t nstage = (row_bytes + kStageRowBytes - 1) / kStageRowBytes;
@@ -446,45 +446,64 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
 
+    // Sub-block j of the row tile, at position `sub` of its stage: 16 rows x 64 k into acc.
+    auto sub_block = [&](const uint8_t* stage, int64_t j, int sub) {
+      const uint8_t* base = stage + sub * 32 + 8 * c;
+      const uint2 w0 = *reinterpret_cast<const uint2*>(base + g * kStagePitch);
+      const uint2 w1 = *reinterpret_cast<const uint2*>(base + (g + 8) * kStagePitch);
+      const int sb = static_cast<int>(j >> sub_shift);
+      const float s0 = scales[g * (nb + 1) + sb];
+      const float s1 = scales[(g + 8) * (nb + 1) + sb];
+      // Byte b of a word at bit p: table byte offset ((w >> (p - 7)) & 0x7f80) + 4 * lane.
+      auto pair = [&](uint32_t v, int p) {
+        const uint32_t off = (p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u;
+        return *reinterpret_cast<const uint32_t*>(lut_bytes + off);
+      };
+      uint32_t a[4][4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t v0 = q < 2 ? w0.x : w0.y;
+        const uint32_t v1 = q < 2 ? w1.x : w1.y;
+        const int sh = (q & 1) * 16;
+        a[q][0] = pair(v0, sh);
+        a[q][1] = pair(v1, sh);
+        a[q][2] = pair(v0, sh + 8);
+        a[q][3] = pair(v1, sh + 8);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
+        const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
+        // two accumulator chains of two mma each, for twice the instruction-level parallelism
+        float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint4& v = xv[q >> 1];
+          mma_16816<T>(d[q & 1], a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+        }
+        acc[nt][0] = __fmaf_rn(s0, __fadd_rn(d[0][0], d[1][0]), acc[nt][0]);
+        acc[nt][1] = __fmaf_rn(s0, __fadd_rn(d[0][1], d[1][1]), acc[nt][1]);
+        acc[nt][2] = __fmaf_rn(s1, __fadd_rn(d[0][2], d[1][2]), acc[nt][2]);
+        acc[nt][3] = __fmaf_rn(s1, __fadd_rn(d[0][3], d[1][3]), acc[nt][3]);
+      }
+    };
+
     for (int64_t st = 0; st < nstage; ++st) {
       cp_async_wait<kStages - 2>();
       __syncthreads();  // stage st is in for everyone; the slot of stage st - 1 is free again
       issue(st + kStages - 1);
+      // A full stage runs its four sub-blocks without a branch between them, so that the compiler
+      // interleaves their lookups and mma chains; the last, partial stage checks each. (With 2 or more
+      // token octets that takes 146 registers and more, one CTA an SM: those check each too.)
+      const uint8_t* stage = ring + (st % kStages) * kStageBytes;
+      if (NT == 1 && (st + 1) * kStageSubs <= nsub) {
 #pragma unroll
-      for (int u = 0; u < kStageSubs / kWarps; ++u) {
-        const int sub = u * kWarps + warp;
-        const int64_t j = st * kStageSubs + sub;
-        if (j >= nsub) break;
-        const uint8_t* stage = ring + (st % kStages) * kStageBytes + sub * 32 + 8 * c;
-        const uint2 w0 = *reinterpret_cast<const uint2*>(stage + g * kStagePitch);
-        const uint2 w1 = *reinterpret_cast<const uint2*>(stage + (g + 8) * kStagePitch);
-        const float s0 = scales[g * (nb + 1) + (j >> sub_shift)];
-        const float s1 = scales[(g + 8) * (nb + 1) + (j >> sub_shift)];
-        uint32_t a[4][4];
+        for (int u = 0; u < kStageSubs / kWarps; ++u) sub_block(stage, st * kStageSubs + u * kWarps + warp, u * kWarps + warp);
+      } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint32_t v0 = q < 2 ? w0.x : w0.y;
-          const uint32_t v1 = q < 2 ? w1.x : w1.y;
-          const int sh = (q & 1) * 16;
-          a[q][0] = lut_lane[((v0 >> sh) & 0xff) * kLutCopies];
-          a[q][1] = lut_lane[((v1 >> sh) & 0xff) * kLutCopies];
-          a[q][2] = lut_lane[((v0 >> (sh + 8)) & 0xff) * kLutCopies];
-          a[q][3] = lut_lane[((v1 >> (sh + 8)) & 0xff) * kLutCopies];
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
-          const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const uint4& v = xv[q >> 1];
-            mma_16816<T>(d, a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
-          }
-          acc[nt][0] = __fmaf_rn(s0, d[0], acc[nt][0]);
-          acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
-          acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
-          acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
+        for (int u = 0; u < kStageSubs / kWarps; ++u) {
+          const int64_t j = st * kStageSubs + u * kWarps + warp;
+          if (j < nsub) sub_block(stage, j, u * kWarps + warp);
         }
       }
     }
