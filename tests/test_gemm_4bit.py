@@ -124,6 +124,26 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
         assert_close_to_reference(out, x, w, None, f"{path} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}")
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1, 2, 5])
+@pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64)], ids=lambda v: str(v))
+def test_every_fused_kernel(gen, variant, n, k):
+    """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
+    1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16), bf16 with double quantization."""
+    packed, state = make_weight(n, k, "cuda", gen)
+    w = F.dequantize_4bit(packed, state)
+    previous = _C._set_gemm_variant(variant)
+    try:
+        for m in (1, 5, 8, 16, 40, 64):
+            x = make_input((m, k), torch.bfloat16, "cuda", gen)
+            with fused_max_m(1 << 40):
+                out = F.gemm_4bit(x, packed, state)
+            assert_close_to_reference(out, x, w, None, f"variant {variant} M={m} {n}x{k}")
+    finally:
+        _C._set_gemm_variant(previous)
+
+
 @pytest.mark.parametrize("device,path", device_paths())
 def test_gemm_leading_dims_noncontiguous_and_views(gen, device, path):
     n, k = 96, 256

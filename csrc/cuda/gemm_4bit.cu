@@ -48,7 +48,7 @@ namespace {
 
 // M up to which the fused kernels beat dequantize + cuBLAS on the H200 (bench/gemm.py --sweep,
 // op gemm_path in bench/results).
-constexpr int64_t kDefaultFusedMaxM = 48;
+constexpr int64_t kDefaultFusedMaxM = 64;
 
 constexpr int kSubK = 64;       // k of a sub-block: 32 packed bytes of a row, 4 mma steps
 constexpr int kLutCopies = 32;  // one copy of the pair table per shared-memory bank
@@ -613,7 +613,11 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   const int variant = g_gemm_variant.load(std::memory_order_relaxed);
   const bool streamable = (p.K >> bs_log2) <= kStreamMaxBlocksPerRow &&
                           reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 == 0;
-  if (streamable && variant == 0) {
+  // On 8192x28672 the register-fed kernel beat the stream kernel at M <= 16 (75 against 83 us at
+  // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
+  // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
+  const bool long_rows = p.K > 16384 && M <= 16;
+  if (streamable && variant == 0 && !long_rows) {
     // Token tiles of 8 * NT: one tile up to M = 64; beyond, each tile streams the weight again
     // (from L2 when the tiles of one row block run together, as the tile order makes them).
     if (M <= 8) return launch_stream<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
