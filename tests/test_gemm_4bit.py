@@ -207,9 +207,10 @@ def test_empty_sizes(gen, device):
 
 
 @pytest.mark.parametrize("device,path", device_paths())
-def test_autograd(gen, device, path):
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+def test_autograd(gen, device, path, dq):
     n, k = 80, 192
-    packed, state = make_weight(n, k, device, gen)
+    packed, state = make_weight(n, k, device, gen, dq=dq)
     w = F.dequantize_4bit(packed, state).float()
     for m in (1, 33):
         x = make_input((m, k), torch.bfloat16, device, gen).requires_grad_()
@@ -221,6 +222,16 @@ def test_autograd(gen, device, path):
         assert_close_to_reference(x.grad, gy, w.T.contiguous(), None, "dx")
         # bias.grad is the column sum of gy, rounded once to bf16
         torch.testing.assert_close(bias.grad.double(), gy.double().sum(0), rtol=2**-8, atol=0)
+    # only the bias, or only x, asks for a gradient
+    x = make_input((3, k), torch.bfloat16, device, gen)
+    bias = make_input((n,), torch.bfloat16, device, gen).requires_grad_()
+    F.gemm_4bit(x, packed, state, bias).sum().backward()
+    assert torch.equal(bias.grad, torch.full_like(bias, 3.0))
+    x.requires_grad_()
+    F.gemm_4bit(x, packed, state, bias.detach()).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert not F.gemm_4bit(x, packed, state, bias).requires_grad
     # the transposed product's own gradient is the forward product
     g = make_input((4, n), torch.bfloat16, device, gen).requires_grad_()
     out = F.gemm_4bit_transposed(g, packed, state)

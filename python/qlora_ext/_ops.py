@@ -66,36 +66,4 @@ def _gemm_4bit_transposed_fake(grad, packed, absmax, nested_absmax, nested_code,
     torch._check(grad.shape[-1] == shape[0], lambda: f"gemm_4bit_transposed: grad has {grad.shape[-1]} in its last dimension, the weight needs {shape[0]}")
     return grad.new_empty(_gemm_shape(grad, shape, True))
 
-
-# Autograd: the weight is frozen (its codes are integers), so only x (and the bias) get gradients.
-# d(x W^T + b)/dx is grad @ W (the transposed product); d(grad W)/dgrad is gg @ W^T. Each backward
-# calls the other op, so double backward works too.
-def _state_from(inputs):
-    # packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
-    return inputs[1:10]
-
-
-def _gemm_setup(ctx, inputs, output):
-    ctx.state = _state_from(inputs)
-    ctx.has_bias = inputs[10] is not None
-
-
-def _gemm_backward(ctx, grad):
-    grad_x = torch.ops.qlora.gemm_4bit_transposed(grad, *ctx.state) if ctx.needs_input_grad[0] else None
-    grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[10]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return (grad_x, *([None] * 9), grad_bias)
-
-
-def _gemm_t_setup(ctx, inputs, output):
-    ctx.state = _state_from(inputs)
-
-
-def _gemm_t_backward(ctx, grad):
-    grad_in = torch.ops.qlora.gemm_4bit(grad, *ctx.state, None) if ctx.needs_input_grad[0] else None
-    return (grad_in, *([None] * 9))
-
-
-torch.library.register_autograd("qlora::gemm_4bit", _gemm_backward, setup_context=_gemm_setup)
-torch.library.register_autograd("qlora::gemm_4bit_transposed", _gemm_t_backward, setup_context=_gemm_t_setup)
+# Autograd of the two products is registered in C++ (csrc/autograd.cpp).
