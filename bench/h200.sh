@@ -3,7 +3,7 @@
 #   bash bench/h200.sh OUTDIR [pytest args...]
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
 # pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
-# picks the benchmarks (BENCH= none); SKIP_TESTS=1 skips the tests.
+# picks the benchmarks (BENCH= none); SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
 shift
@@ -35,6 +35,13 @@ grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40
 tail -3 "$out/pytest.log"
 echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
 python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
+fi
+# PROFILE=1: ncu's view of the fused product at M = 1 on 28672x8192 (ncu-stream.txt).
+if [ -n "${PROFILE:-}" ]; then
+  timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:gemm_4bit_stream --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    --section SchedulerStats python3 bench/profile_gemm.py 28672 8192 1 0 > "$out/ncu-stream.txt" 2>&1
+  grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible" "$out/ncu-stream.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.
 for b in ${BENCH-quantize gemm}; do
