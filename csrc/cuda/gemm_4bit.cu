@@ -378,7 +378,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const char* lut_bytes = reinterpret_cast<const char*>(lut + lane);
+  const char* lut_bytes = reinterpret_cast<const char*>(lut);
+  const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
   const int64_t row_bytes = K >> 1;
   const int64_t nsub = K / kSubK;
   const int64_t nstage = (row_bytes + kStageRowBytes - 1) / kStageRowBytes;
@@ -454,9 +455,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
       const int sb = static_cast<int>(j >> sub_shift);
       const float s0 = scales[g * (nb + 1) + sb];
       const float s1 = scales[(g + 8) * (nb + 1) + sb];
-      // Byte b of a word at bit p: table byte offset ((w >> (p - 7)) & 0x7f80) + 4 * lane.
+      // The byte at bit p of a word: table byte offset ((w >> (p - 7)) & 0x7f80) | 4 * lane (the two
+      // parts have no bit in common), one shift and one LOP3 from the uniform table base.
       auto pair = [&](uint32_t v, int p) {
-        const uint32_t off = (p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u;
+        const uint32_t off = ((p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u) | lane4;
         return *reinterpret_cast<const uint32_t*>(lut_bytes + off);
       };
       uint32_t a[4][4];
