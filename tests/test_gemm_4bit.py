@@ -126,11 +126,12 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 6])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
-    1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16), bf16 with double quantization."""
+    1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 6: the stream kernel with a
+    2-stage ring), bf16 with double quantization."""
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     previous = _C._set_gemm_variant(variant)

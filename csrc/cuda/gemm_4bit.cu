@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
 // about 1.3 TB/s on 28672x8192 at M=1.) The tile's block scales are decoded into shared
 // memory while the first stages are in flight; x is read through L1, where every warp of the SM
 // finds it.
-constexpr int kStages = 3;
+constexpr int kStages = 3;  // the default ring depth; variant 6 tries 2 (three CTAs an SM at K <= 8192)
 constexpr int kStageRowBytes = 1024;              // 32 sub-blocks of a row: four a warp
 constexpr int kStageSubs = kStageRowBytes / 32;
 constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
@@ -357,13 +357,13 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // The warps' partial sums reuse the ring once the tile's last stage is consumed.
-template <int NT>
+template <int NT, int STAGES>
 constexpr size_t stream_fixed_smem_bytes() {
-  static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{kStages} * kStageBytes, "red aliases the ring");
-  return 256 * kLutCopies * sizeof(uint32_t) + size_t{kStages} * kStageBytes + 256 * sizeof(float);
+  static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{STAGES} * kStageBytes, "red aliases the ring");
+  return 256 * kLutCopies * sizeof(uint32_t) + size_t{STAGES} * kStageBytes + 256 * sizeof(float);
 }
 
-template <typename T, bool NESTED, int NT>
+template <typename T, bool NESTED, int NT, int STAGES>
 __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* __restrict__ x, int64_t M,
                                                                        const uint8_t* __restrict__ packed, int64_t N,
                                                                        int64_t K, int bs_log2, Scales sc, int fp4,
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
   float* red = reinterpret_cast<float*>(ring);
-  float* ncode = reinterpret_cast<float*>(ring + kStages * kStageBytes);
+  float* ncode = reinterpret_cast<float*>(ring + STAGES * kStageBytes);
   float* scales = ncode + 256;  // [16 rows][K >> bs_log2], rows nb + 1 apart (no bank conflicts)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -400,14 +400,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
           const int chunk = i * kWarps * 32 + tid;
           const int r = chunk / (kStageRowBytes / 16), col = (chunk % (kStageRowBytes / 16)) * 16;
           if (st * kStageRowBytes + col < row_bytes)
-            cp_async16(ring + (st % kStages) * kStageBytes + r * kStagePitch + col,
+            cp_async16(ring + (st % STAGES) * kStageBytes + r * kStagePitch + col,
                        packed + min(row0 + r, N - 1) * row_bytes + st * kStageRowBytes + col);
         }
       }
       cp_async_commit();  // an empty group where there is nothing to copy keeps the count uniform
     };
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) issue(st);
+    for (int st = 0; st < STAGES - 1; ++st) issue(st);
 
     if (!table_ready) {
       for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
@@ -491,13 +491,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
     };
 
     for (int64_t st = 0; st < nstage; ++st) {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<STAGES - 2>();
       __syncthreads();  // stage st is in for everyone; the slot of stage st - 1 is free again
-      issue(st + kStages - 1);
+      issue(st + STAGES - 1);
       // A full stage runs its four sub-blocks without a branch between them, so that the compiler
       // interleaves their lookups and mma chains; the last, partial stage checks each. (With 2 or more
       // token octets that takes 146 registers and more, one CTA an SM: those check each too.)
-      const uint8_t* stage = ring + (st % kStages) * kStageBytes;
+      const uint8_t* stage = ring + (st % STAGES) * kStageBytes;
       if (NT == 1 && (st + 1) * kStageSubs <= nsub) {
 #pragma unroll
         for (int u = 0; u < kStageSubs / kWarps; ++u) sub_block(stage, st * kStageSubs + u * kWarps + warp, u * kWarps + warp);
@@ -568,11 +568,12 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 
 // The stream kernel's shared memory grows with K (the tile's scales), so its occupancy is looked up
 // per size.
-template <typename T, bool NESTED, int NT>
+template <typename T, bool NESTED, int NT, int STAGES = kStages>
 void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                    const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  auto* kernel = gemm_4bit_stream_kernel<T, NESTED, NT>;
-  const size_t smem = stream_fixed_smem_bytes<NT>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
+  auto* kernel = gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>;
+  const size_t smem =
+      stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
   static std::mutex mutex;
   static std::map<std::pair<int, size_t>, int> resident;
   const int device = x2.get_device();
@@ -632,6 +633,12 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
       case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 2, true); break;
       case 2: if (M <= 16) return QLORA_LAUNCH(1, 2, 1, true); break;
       case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, true); break;
+      case 6:  // the stream kernel with a 2-stage ring
+        if (!streamable) break;
+        if (M <= 8) return launch_stream<T, NESTED, 1, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+        if (M <= 16) return launch_stream<T, NESTED, 2, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+        if (M <= 32) return launch_stream<T, NESTED, 4, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+        return launch_stream<T, NESTED, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
       default: break;
     }
   }
