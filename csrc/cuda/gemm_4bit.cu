@@ -357,6 +357,52 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // The warps' partial sums reuse the ring once the tile's last stage is consumed.
+// Sub-block j (64 k) of a 16-row tile into acc: the lane's 8 bytes of rows g and g + 8 at `w` in a
+// stage (rows kStagePitch apart), the rows' scales at `srow` (rows `pitch` floats apart, block sb),
+// x of the lane's token octets through L1.
+template <typename T, int NT>
+__device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* srow, int pitch, int sb,
+                                              const char* lut_bytes, uint32_t lane4, const T* const (&xrow)[NT],
+                                              int64_t j, int g, float (&acc)[NT][4]) {
+  const uint2 w0 = *reinterpret_cast<const uint2*>(w + g * kStagePitch);
+  const uint2 w1 = *reinterpret_cast<const uint2*>(w + (g + 8) * kStagePitch);
+  const float s0 = srow[sb];
+  const float s1 = srow[8 * pitch + sb];
+  // The byte at bit p of a word: table byte offset ((w >> (p - 7)) & 0x7f80) | 4 * lane (the two
+  // parts have no bit in common), one shift and one LOP3 from the uniform table base.
+  auto pair = [&](uint32_t v, int p) {
+    const uint32_t off = ((p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u) | lane4;
+    return *reinterpret_cast<const uint32_t*>(lut_bytes + off);
+  };
+  uint32_t a[4][4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t v0 = q < 2 ? w0.x : w0.y;
+    const uint32_t v1 = q < 2 ? w1.x : w1.y;
+    const int sh = (q & 1) * 16;
+    a[q][0] = pair(v0, sh);
+    a[q][1] = pair(v1, sh);
+    a[q][2] = pair(v0, sh + 8);
+    a[q][3] = pair(v1, sh + 8);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
+    const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
+    // two accumulator chains of two mma each, for twice the instruction-level parallelism
+    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4& v = xv[q >> 1];
+      mma_16816<T>(d[q & 1], a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+    }
+    acc[nt][0] = __fmaf_rn(s0, __fadd_rn(d[0][0], d[1][0]), acc[nt][0]);
+    acc[nt][1] = __fmaf_rn(s0, __fadd_rn(d[0][1], d[1][1]), acc[nt][1]);
+    acc[nt][2] = __fmaf_rn(s1, __fadd_rn(d[0][2], d[1][2]), acc[nt][2]);
+    acc[nt][3] = __fmaf_rn(s1, __fadd_rn(d[0][3], d[1][3]), acc[nt][3]);
+  }
+}
+
 template <int NT, int STAGES>
 constexpr size_t stream_fixed_smem_bytes() {
   static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{STAGES} * kStageBytes, "red aliases the ring");
@@ -447,47 +493,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
 
-    // Sub-block j of the row tile, at position `sub` of its stage: 16 rows x 64 k into acc.
     auto sub_block = [&](const uint8_t* stage, int64_t j, int sub) {
-      const uint8_t* base = stage + sub * 32 + 8 * c;
-      const uint2 w0 = *reinterpret_cast<const uint2*>(base + g * kStagePitch);
-      const uint2 w1 = *reinterpret_cast<const uint2*>(base + (g + 8) * kStagePitch);
-      const int sb = static_cast<int>(j >> sub_shift);
-      const float s0 = scales[g * (nb + 1) + sb];
-      const float s1 = scales[(g + 8) * (nb + 1) + sb];
-      // The byte at bit p of a word: table byte offset ((w >> (p - 7)) & 0x7f80) | 4 * lane (the two
-      // parts have no bit in common), one shift and one LOP3 from the uniform table base.
-      auto pair = [&](uint32_t v, int p) {
-        const uint32_t off = ((p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u) | lane4;
-        return *reinterpret_cast<const uint32_t*>(lut_bytes + off);
-      };
-      uint32_t a[4][4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t v0 = q < 2 ? w0.x : w0.y;
-        const uint32_t v1 = q < 2 ? w1.x : w1.y;
-        const int sh = (q & 1) * 16;
-        a[q][0] = pair(v0, sh);
-        a[q][1] = pair(v1, sh);
-        a[q][2] = pair(v0, sh + 8);
-        a[q][3] = pair(v1, sh + 8);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
-        const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
-        // two accumulator chains of two mma each, for twice the instruction-level parallelism
-        float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint4& v = xv[q >> 1];
-          mma_16816<T>(d[q & 1], a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
-        }
-        acc[nt][0] = __fmaf_rn(s0, __fadd_rn(d[0][0], d[1][0]), acc[nt][0]);
-        acc[nt][1] = __fmaf_rn(s0, __fadd_rn(d[0][1], d[1][1]), acc[nt][1]);
-        acc[nt][2] = __fmaf_rn(s1, __fadd_rn(d[0][2], d[1][2]), acc[nt][2]);
-        acc[nt][3] = __fmaf_rn(s1, __fadd_rn(d[0][3], d[1][3]), acc[nt][3]);
-      }
+      mma_sub_block<T, NT>(stage + sub * 32 + 8 * c, scales + g * (nb + 1), nb + 1, static_cast<int>(j >> sub_shift),
+                           lut_bytes, lane4, xrow, j, g, acc);
     };
 
     for (int64_t st = 0; st < nstage; ++st) {
