@@ -163,7 +163,8 @@ def main() -> None:
                 del x, ref
             if op == "gemm" and args.sweep:
                 # fused0: the default (stream) kernel; fused1 / fused2 / fused5: the register-fed kernel
-                # (its predecessor) at M <= 8 / M <= 16 / M > 16; fused6: the stream kernel, 2 stages.
+                # (its predecessor) at M <= 8 / M <= 16 / M > 16; fused6: the stream kernel, 2 stages;
+                # fused7: the flow kernel (one copy stream across a CTA's tiles).
                 for m in (1, 8, 16, 32, 64, 128, 256):
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
@@ -172,6 +173,7 @@ def main() -> None:
                     paths += [("fused2", 1 << 40, 2)] if m <= 16 else []
                     paths += [("fused5", 1 << 40, 5)] if m > 16 else []
                     paths += [("fused6", 1 << 40, 6)] if m <= 64 else []
+                    paths += [("fused7", 1 << 40, 7)] if m <= 64 else []
                     paths += [("cublas", 0, 0)] if m >= 16 else []
                     res = {}
                     for path, limit, variant in paths:

@@ -126,17 +126,19 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 6])
-@pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 6, 7])
+@pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
     1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 6: the stream kernel with a
-    2-stage ring), bf16 with double quantization."""
+    2-stage ring; 7: the flow kernel), bf16 with double quantization. 1000 x 4096 gives each CTA of
+    the flow kernel several tiles (its copy stream crosses tile boundaries); 40 x 16448 has a
+    blocks-per-row count that is not a multiple of 16 (variant 7 falls back)."""
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     previous = _C._set_gemm_variant(variant)
     try:
-        for m in (1, 5, 8, 16, 40, 64):
+        for m in (1, 5, 8, 16, 40, 64, 100):
             x = make_input((m, k), torch.bfloat16, "cuda", gen)
             with fused_max_m(1 << 40):
                 out = F.gemm_4bit(x, packed, state)
