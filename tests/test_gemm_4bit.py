@@ -375,3 +375,20 @@ def test_device_mismatch_is_an_error(gen):
         F.gemm_4bit(x.cuda(), packed, state, torch.zeros(32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="is on"):
         F.gemm_4bit_transposed(torch.zeros(4, 32, dtype=torch.bfloat16), packed, state)
+
+
+def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):
+    """The drop-in name: bitsandbytes.matmul_4bit's arguments (the packed weight transposed, as its
+    Linear4bit passes it), and on the CPU its result to the bit (both dequantize, then multiply)."""
+    import bitsandbytes as bnb
+
+    w = make_input((96, 256), torch.bfloat16, "cpu", gen) * 0.05
+    packed, bstate = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    state = QuantState.from_dict({f"weight.{k}": v for k, v in bstate.as_dict(packed=True).items()}, device="cpu")
+    bias = make_input((96,), torch.bfloat16, "cpu", gen)
+    for m in (1, 7):
+        x = make_input((m, 256), torch.bfloat16, "cpu", gen)
+        assert torch.equal(F.matmul_4bit(x, packed.t(), state, bias=bias), bnb.matmul_4bit(x, packed.t(), bstate, bias=bias))
+    out = torch.full((7, 96), float("nan"), dtype=torch.bfloat16)
+    assert F.matmul_4bit(x, packed.t(), state, out=out) is out
+    assert torch.equal(out, bnb.matmul_4bit(x, packed.t(), bstate))

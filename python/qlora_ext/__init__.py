@@ -9,7 +9,7 @@ import torch  # noqa: F401  (the compiled library needs torch's symbols loaded f
 from . import _C  # noqa: F401  (registers torch.ops.qlora)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
 from . import functional
-from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, quantize_4bit
+from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, matmul_4bit, quantize_4bit
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "functional",
     "gemm_4bit",
     "gemm_4bit_transposed",
+    "matmul_4bit",
     "quantize_4bit",
 ]
 

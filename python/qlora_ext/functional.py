@@ -17,6 +17,7 @@ __all__ = [
     "dequantize_absmax",
     "gemm_4bit",
     "gemm_4bit_transposed",
+    "matmul_4bit",
     "quantize_4bit",
     "release_gemm_workspaces",
 ]
@@ -187,6 +188,23 @@ def gemm_4bit_transposed(grad: torch.Tensor, packed: torch.Tensor, quant_state: 
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"grad must be a tensor, got {type(grad).__name__}")
     return _gemm_4bit_transposed_op(grad, *_state_args(packed, quant_state, "gemm_4bit_transposed"), quant_state.shape)
+
+
+def matmul_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """bitsandbytes' ``matmul_4bit`` signature: ``A @ W.T + bias`` where ``B`` is the packed weight as
+    bitsandbytes' Linear4bit passes it (``weight.t()``; any view of the packed bytes works) and
+    ``quant_state`` describes ``W``. Same as ``gemm_4bit(A, B, quant_state, bias)``; on the CPU the
+    result is bitsandbytes' to the bit. ``out``, when given, receives the result and is returned."""
+    result = gemm_4bit(A, B, quant_state, bias)
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def release_gemm_workspaces() -> None:
