@@ -403,6 +403,45 @@ __device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* sro
   }
 }
 
+// The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
+// high nibble) in its low half and code[e & 15] in its high half; lane l reads copy l (bank l).
+template <typename T>
+__device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid) {
+  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
+    const int e = i / (kLutCopies / 4);
+    const float* code = fp4 ? kGemmFP4 : kGemmNF4;
+    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+}
+
+// A 16-row tile's result: each warp's partial sums into `red`, then added in warp order (the same
+// bits run to run), plus the bias, rounded and stored. Ends with every thread past one barrier.
+template <typename T, int NT>
+__device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4], int tid, int64_t row0,
+                                            int64_t tok0, int64_t N, int64_t M, const T* __restrict__ bias,
+                                            T* __restrict__ out) {
+  const int lane = tid & 31, warp = tid >> 5;
+  float* mine = red + warp * (NT * 4 * 32);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[nt][q];
+  __syncthreads();
+  for (int idx = tid; idx < NT * 4 * 32; idx += kWarps * 32) {
+    float v = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) v += red[wi * (NT * 4 * 32) + idx];
+    const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
+    const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
+    const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
+    if (row < N && tok < M) {
+      if (bias != nullptr) v += to_float(bias[row]);
+      out[tok * N + row] = from_float<T>(v);
+    }
+  }
+}
+
 template <int NT, int STAGES>
 constexpr size_t stream_fixed_smem_bytes() {
   static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{STAGES} * kStageBytes, "red aliases the ring");
@@ -456,12 +495,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
     for (int st = 0; st < STAGES - 1; ++st) issue(st);
 
     if (!table_ready) {
-      for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-        const int e = i / (kLutCopies / 4);
-        const float* code = fp4 ? kGemmFP4 : kGemmNF4;
-        const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
-        reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-      }
+      build_pair_table<T>(lut, fp4, tid);
       if constexpr (NESTED) {
         for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
         __syncthreads();
@@ -520,24 +554,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the ring, which now holds the partial sums
 
-    float* mine = red + warp * (NT * 4 * 32);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[nt][q];
-    __syncthreads();
-    for (int idx = tid; idx < NT * 4 * 32; idx += kWarps * 32) {
-      float v = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < kWarps; ++wi) v += red[wi * (NT * 4 * 32) + idx];
-      const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
-      const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
-      const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
-      if (row < N && tok < M) {
-        if (bias != nullptr) v += to_float(bias[row]);
-        out[tok * N + row] = from_float<T>(v);
-      }
-    }
+    reduce_tile<T, NT>(red, acc, tid, row0, tok0, N, M, bias, out);
     __syncthreads();  // red, scales and the ring are free for the next tile
   }
 }
@@ -642,12 +659,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __
 
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) issue_next(st);
-  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-    const int e = i / (kLutCopies / 4);
-    const float* code = fp4 ? kGemmFP4 : kGemmNF4;
-    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
+  build_pair_table<T>(lut, fp4, tid);
   for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
   const float offset = *sc.offset;
 
@@ -686,24 +698,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __
                              static_cast<int>(j >> sub_shift), lut_bytes, lane4, xrow, j, g, acc);
     }
     if (++st == nstage) {  // the tile is done: its warps' partial sums, added in warp order
-      float* mine = red + warp * (NT * 4 * 32);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q4 = 0; q4 < 4; ++q4) mine[(nt * 4 + q4) * 32 + lane] = acc[nt][q4];
-      __syncthreads();
-      for (int idx = tid; idx < NT * 4 * 32; idx += kWarps * 32) {
-        float v = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < kWarps; ++wi) v += red[wi * (NT * 4 * 32) + idx];
-        const int r = idx >> 5, ln = idx & 31, q4 = r & 3, nt = r >> 2;
-        const int64_t row = row0 + (ln >> 2) + 8 * (q4 >> 1);
-        const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q4 & 1);
-        if (row < N && tok < M) {
-          if (bias != nullptr) v += to_float(bias[row]);
-          out[tok * N + row] = from_float<T>(v);
-        }
-      }
+      reduce_tile<T, NT>(red, acc, tid, row0, tok0, N, M, bias, out);
       // red is next written at the end of the next tile, after at least one barrier at the loop top
       st = 0;
       ++ti;
@@ -719,24 +714,22 @@ constexpr size_t flow_fixed_smem_bytes() {
          reduce_floats<1, NT>() * sizeof(float) + 256 * sizeof(float) + 16 * sizeof(float) + 16;
 }
 
-// The stream kernel's shared memory grows with K (the tile's scales), so its occupancy is looked up
-// per size.
-template <typename T, bool NESTED, int NT, int STAGES = kStages>
-void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  auto* kernel = gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>;
-  const size_t smem =
-      stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
+// Launches a 16-row-tile kernel (the stream and flow kernels share their signature) as one wave of
+// CTAs. Their shared memory grows with K (the tile's scales), so occupancy is looked up per size and
+// cached per kernel (`cache`, the caller's) by device and size. The kernel's shared-memory limit is
+// raised once to the device's opt-in maximum, not to this launch's size, which a later, larger K
+// would exceed.
+template <typename T, int NT, typename Kernel>
+void launch_row_tiles(Kernel kernel, size_t smem, std::map<std::pair<int, size_t>, int>& cache,
+                      const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
   static std::mutex mutex;
-  static std::map<std::pair<int, size_t>, int> resident;
   const int device = x2.get_device();
   int ctas;
   {
     std::lock_guard<std::mutex> lock(mutex);
-    auto it = resident.find({device, smem});
-    if (it == resident.end()) {
-      // The limit is the kernel's, not the launch's: raise it to what any K may need (the device's
-      // opt-in maximum), not to this size, which a later, larger K would exceed.
+    auto it = cache.find({device, smem});
+    if (it == cache.end()) {
       int optin = 0;
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
       TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
@@ -745,7 +738,7 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
       int per_sm = 0, sms = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      it = resident.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
+      it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
     }
     ctas = it->second;
   }
@@ -758,40 +751,25 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, bool NESTED, int NT, int STAGES = kStages>
+void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  static std::map<std::pair<int, size_t>, int> cache;
+  const size_t smem =
+      stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
+  launch_row_tiles<T, NT>(gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>, smem, cache, x2, M, packed, p, bs_log2, sc,
+                          bias, out, stream);
+}
+
 template <typename T, int NT>
 void launch_flow(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                  const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
   constexpr int kFlowStages = 3;
-  auto* kernel = gemm_4bit_flow_kernel<T, NT, kFlowStages>;
+  static std::map<std::pair<int, size_t>, int> cache;
   const size_t nb = static_cast<size_t>(p.K >> bs_log2);
   const size_t smem = flow_fixed_smem_bytes<NT, kFlowStages>() + 16 * (nb + 1) * sizeof(float) + 2 * 16 * nb;
-  static std::mutex mutex;
-  static std::map<std::pair<int, size_t>, int> resident;
-  const int device = x2.get_device();
-  int ctas;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = resident.find({device, smem});
-    if (it == resident.end()) {
-      int optin = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
-                  optin);
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-      int per_sm = 0, sms = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      it = resident.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
-    }
-    ctas = it->second;
-  }
-  const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
-  const int64_t grid = std::min<int64_t>(tiles, ctas);
-  kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
-      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
-      p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_tiles<T, NT>(gemm_4bit_flow_kernel<T, NT, kFlowStages>, smem, cache, x2, M, packed, p, bs_log2, sc, bias,
+                          out, stream);
 }
 
 // The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).
