@@ -15,9 +15,13 @@
 //     unscaled and then multiplied by the row's block scale in fp32, so the weight used is
 //     bf16(code) * absmax: no second rounding, and 4 FMAs a sub-block instead of a multiply per
 //     weight. With double quantization the scale is decoded from its 8-bit code in place.
-//   - Work: a CTA owns a tile of 16*MT rows x 8*NT tokens and its 8 warps split K (warp w takes
-//     sub-blocks w, w+8, ...). Partial sums are added in shared memory in a fixed order: the result
-//     is the same bits run to run. The grid is one wave of CTAs that stride over the tiles.
+//   - Work: a CTA owns a tile of 16 (or 16*MT) rows x 8*NT tokens and its 8 warps split K. Partial
+//     sums are added in shared memory in a fixed order: the result is the same bits run to run. The
+//     grid is one wave of CTAs that stride over the tiles.
+//   - Kernels: the stream kernel (the default up to M = 64) copies the codes through shared memory
+//     with cp.async; the register-fed kernel (codes loaded into registers a few sub-blocks ahead)
+//     serves unaligned codes and rows of more than 16384 k at M <= 16, where it measured faster;
+//     benchmark variants (_set_gemm_variant) pick others, e.g. the flow kernel (variant 7).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
 // multiplies. The crossover (kDefaultFusedMaxM) is the H200 measurement in bench/results.
