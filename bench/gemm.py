@@ -115,7 +115,7 @@ def main() -> None:
         copies4 = common.rotations(packed.numel() + state.absmax.numel())
         copies16 = common.rotations(w_deq.numel() * 2)
         ours = [(packed.clone(), _clone_state(state)) for _ in range(copies4)]
-        theirs = [(bpacked.clone(), _clone_bnb_state(bstate)) for _ in range(copies4)] if bnbf is not None else []
+        theirs = [(bpacked.clone(), _clone_state(bstate)) for _ in range(copies4)] if bnbf is not None else []
         bf16 = [w_deq.clone() for _ in range(copies16)]
         w_bytes4 = packed.numel() + state.absmax.numel() + state.state2.absmax.numel() * 4
         for op in ops:
@@ -204,17 +204,7 @@ def main() -> None:
 
 
 def _clone_state(state):
-    import copy
-
-    s = copy.copy(state)
-    s.absmax = state.absmax.clone()
-    if state.nested:
-        s.state2 = copy.copy(state.state2)
-        s.state2.absmax = state.state2.absmax.clone()
-    return s
-
-
-def _clone_bnb_state(state):
+    """A QuantState (ours or bitsandbytes') with its own copies of the scales."""
     import copy
 
     s = copy.copy(state)

@@ -37,8 +37,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <array>
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -75,6 +73,18 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   } else {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
+// high nibble) in its low half and code[e & 15] in its high half; lane l reads copy l (bank l).
+template <typename T>
+__device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid) {
+  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
+    const int e = i / (kLutCopies / 4);
+    const float* code = fp4 ? kGemmFP4 : kGemmNF4;
+    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
 }
 
@@ -164,13 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
 
   // Builds the pair table (and the nested code) in shared memory; every thread takes part.
   auto build_table = [&]() {
-    for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-      // Entry e of copy l at word e * 32 + l: code[e >> 4] (the even k, high nibble) in the low half.
-      const int e = i / (kLutCopies / 4);
-      const float* code = fp4 ? kGemmFP4 : kGemmNF4;
-      const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
-      reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-    }
+    build_pair_table<T>(lut, fp4, tid);
     if constexpr (NESTED) {
       for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
     }
@@ -407,18 +411,6 @@ __device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* sro
   }
 }
 
-// The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
-// high nibble) in its low half and code[e & 15] in its high half; lane l reads copy l (bank l).
-template <typename T>
-__device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid) {
-  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-    const int e = i / (kLutCopies / 4);
-    const float* code = fp4 ? kGemmFP4 : kGemmNF4;
-    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-}
-
 // A 16-row tile's result: each warp's partial sums into `red`, then added in warp order (the same
 // bits run to run), plus the bias, rounded and stored. Ends with every thread past one barrier.
 template <typename T, int NT>
@@ -563,36 +555,50 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   }
 }
 
-// CTAs that fit on the device at once (with their dynamic shared memory), cached in `cache` (one
-// per kernel) by device; raising the kernel's shared-memory limit once per device as well.
+// CTAs of `kernel` resident on the device at once with `smem` bytes of dynamic shared memory,
+// cached in `cache` (the caller's, one per kernel) by device and size: the 16-row-tile kernels'
+// shared memory grows with K (the tile's scales). The kernel's shared-memory limit is raised to the
+// device's opt-in maximum, not to this launch's size, which a later, larger K would exceed.
 template <typename Kernel>
-int resident_ctas(Kernel kernel, size_t smem, int device, std::array<std::atomic<int>, 64>& cache) {
-  auto& slot = cache[device & 63];
-  int n = slot.load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+int resident_ctas(Kernel kernel, size_t smem, int device, std::map<std::pair<int, size_t>, int>& cache) {
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find({device, smem});
+  if (it == cache.end()) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
+                optin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     int per_sm = 0, sms = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    n = std::max(1, per_sm) * sms;
-    slot.store(n, std::memory_order_relaxed);
+    it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
   }
-  return n;
+  return it->second;
 }
 
-template <typename T, bool NESTED, int MT, int NT, int U, bool PIPE>
-void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  auto* kernel = gemm_4bit_mma_kernel<T, NESTED, MT, NT, U, PIPE>;
-  constexpr size_t smem = mma_smem_bytes<MT, NT>();
-  static std::array<std::atomic<int>, 64> resident{};  // this instantiation's, per device
-  const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((M + 8 * NT - 1) / (8 * NT));
-  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, x2.get_device(), resident));
+// Launches one of the fused kernels (they share their signature) for tiles of `tile_rows` weight
+// rows x `tile_tokens` tokens, as one wave of CTAs that stride over the tiles.
+template <typename T, typename Kernel>
+void launch_tiles(Kernel kernel, size_t smem, std::map<std::pair<int, size_t>, int>& cache, int tile_rows,
+                  int tile_tokens, const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p,
+                  int bs_log2, const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  const int64_t tiles = ((p.N + tile_rows - 1) / tile_rows) * ((M + tile_tokens - 1) / tile_tokens);
+  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, x2.get_device(), cache));
   kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
       reinterpret_cast<T*>(out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool NESTED, int MT, int NT, int U, bool PIPE>
+void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  static std::map<std::pair<int, size_t>, int> cache;
+  launch_tiles<T>(gemm_4bit_mma_kernel<T, NESTED, MT, NT, U, PIPE>, mma_smem_bytes<MT, NT>(), cache, 16 * MT, 8 * NT,
+                  x2, M, packed, p, bs_log2, sc, bias, out, stream);
 }
 
 // Variant 7 (for the next H200 sweep; not the default): the stream kernel with one copy stream
@@ -718,51 +724,14 @@ constexpr size_t flow_fixed_smem_bytes() {
          reduce_floats<1, NT>() * sizeof(float) + 256 * sizeof(float) + 16 * sizeof(float) + 16;
 }
 
-// Launches a 16-row-tile kernel (the stream and flow kernels share their signature) as one wave of
-// CTAs. Their shared memory grows with K (the tile's scales), so occupancy is looked up per size and
-// cached per kernel (`cache`, the caller's) by device and size. The kernel's shared-memory limit is
-// raised once to the device's opt-in maximum, not to this launch's size, which a later, larger K
-// would exceed.
-template <typename T, int NT, typename Kernel>
-void launch_row_tiles(Kernel kernel, size_t smem, std::map<std::pair<int, size_t>, int>& cache,
-                      const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  static std::mutex mutex;
-  const int device = x2.get_device();
-  int ctas;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = cache.find({device, smem});
-    if (it == cache.end()) {
-      int optin = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
-                  optin);
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-      int per_sm = 0, sms = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
-    }
-    ctas = it->second;
-  }
-  const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
-  const int64_t grid = std::min<int64_t>(tiles, ctas);
-  kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
-      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
-      p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename T, bool NESTED, int NT, int STAGES = kStages>
 void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                    const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
   static std::map<std::pair<int, size_t>, int> cache;
   const size_t smem =
       stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
-  launch_row_tiles<T, NT>(gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>, smem, cache, x2, M, packed, p, bs_log2, sc,
-                          bias, out, stream);
+  launch_tiles<T>(gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>, smem, cache, 16, 8 * NT, x2, M, packed, p, bs_log2,
+                  sc, bias, out, stream);
 }
 
 template <typename T, int NT>
@@ -772,8 +741,8 @@ void launch_flow(const at::Tensor& x2, int64_t M, const at::Tensor& packed, cons
   static std::map<std::pair<int, size_t>, int> cache;
   const size_t nb = static_cast<size_t>(p.K >> bs_log2);
   const size_t smem = flow_fixed_smem_bytes<NT, kFlowStages>() + 16 * (nb + 1) * sizeof(float) + 2 * 16 * nb;
-  launch_row_tiles<T, NT>(gemm_4bit_flow_kernel<T, NT, kFlowStages>, smem, cache, x2, M, packed, p, bs_log2, sc, bias,
-                          out, stream);
+  launch_tiles<T>(gemm_4bit_flow_kernel<T, NT, kFlowStages>, smem, cache, 16, 8 * NT, x2, M, packed, p, bs_log2, sc,
+                  bias, out, stream);
 }
 
 // The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).

@@ -105,7 +105,7 @@ def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(-1).view(torch.uint8)
 
 
-def _state_args(packed: torch.Tensor, quant_state: QuantState, what: str) -> tuple:
+def _state_args(packed: torch.Tensor, quant_state: QuantState) -> tuple:
     """The op arguments that describe a 4-bit weight: packed bytes, scales, format facts."""
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
@@ -136,7 +136,7 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     """
     # The op checks sizes, dtypes and devices itself (naming the argument); only what it cannot see
     # is checked here, to keep the per-call cost low.
-    return _dequantize_4bit_op(*_state_args(packed, quant_state, "dequantize_4bit"), quant_state.shape, quant_state.dtype)
+    return _dequantize_4bit_op(*_state_args(packed, quant_state), quant_state.shape, quant_state.dtype)
 
 
 def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
@@ -175,7 +175,7 @@ def gemm_4bit(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    return _gemm_4bit_op(x, *_state_args(packed, quant_state, "gemm_4bit"), quant_state.shape, bias)
+    return _gemm_4bit_op(x, *_state_args(packed, quant_state), quant_state.shape, bias)
 
 
 def gemm_4bit_transposed(grad: torch.Tensor, packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
@@ -187,7 +187,7 @@ def gemm_4bit_transposed(grad: torch.Tensor, packed: torch.Tensor, quant_state: 
     """
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"grad must be a tensor, got {type(grad).__name__}")
-    return _gemm_4bit_transposed_op(grad, *_state_args(packed, quant_state, "gemm_4bit_transposed"), quant_state.shape)
+    return _gemm_4bit_transposed_op(grad, *_state_args(packed, quant_state), quant_state.shape)
 
 
 def matmul_4bit(
