@@ -3,7 +3,8 @@
 #   bash bench/h200.sh OUTDIR [pytest args...]
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
 # pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
-# picks the benchmarks (BENCH= none); SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile.
+# picks the benchmarks (BENCH= none), GEMM_ARGS adds arguments to bench/gemm.py; SKIP_TESTS=1 skips
+# the tests; PROFILE=1 adds an ncu profile.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
 shift
@@ -36,18 +37,21 @@ tail -3 "$out/pytest.log"
 echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
 python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
 fi
-# PROFILE=1: ncu's view of the fused product at M = 1 on 28672x8192 (ncu-stream.txt).
+# PROFILE=1: ncu's view of the fused product at M = 1 on 28672x8192 (ncu-gemm.txt); PROFILE_KERNEL
+# names the kernel (default gemm_4bit_ws, the default kernel at M = 1).
 if [ -n "${PROFILE:-}" ]; then
-  timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:gemm_4bit_stream --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-    --section SchedulerStats python3 bench/profile_gemm.py 28672 8192 1 0 > "$out/ncu-stream.txt" 2>&1
-  grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible" "$out/ncu-stream.txt"
+  timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:${PROFILE_KERNEL:-gemm_4bit_ws} --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section Occupancy --section SchedulerStats --section LaunchStats \
+    python3 bench/profile_gemm.py 28672 8192 1 0 > "$out/ncu-gemm.txt" 2>&1
+  grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.
 for b in ${BENCH-quantize gemm}; do
   case $b in
     quantize) python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
-    gemm) python3 bench/gemm.py --sweep --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1; tail -100 "$out/bench-gemm.log" ;;
+    gemm) python3 bench/gemm.py --sweep ${GEMM_ARGS:-} --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1
+          grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
   esac
 done
 exit $rc

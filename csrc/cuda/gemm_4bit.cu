@@ -560,7 +560,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
 // shared memory grows with K (the tile's scales). The kernel's shared-memory limit is raised to the
 // device's opt-in maximum, not to this launch's size, which a later, larger K would exceed.
 template <typename Kernel>
-int resident_ctas(Kernel kernel, size_t smem, int device, std::map<std::pair<int, size_t>, int>& cache) {
+int resident_ctas(Kernel kernel, size_t smem, int device, std::map<std::pair<int, size_t>, int>& cache,
+                  int threads = kWarps * 32) {
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find({device, smem});
@@ -571,7 +572,7 @@ int resident_ctas(Kernel kernel, size_t smem, int device, std::map<std::pair<int
                 optin);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     int per_sm = 0, sms = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
   }
@@ -718,6 +719,355 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __
   cp_async_wait<0>();
 }
 
+// ---- The warp-specialized kernel (sm_90; the default at small M where it fits) -------------------
+// The stream kernel spends over half its instructions on other things than decoding and mma (ncu
+// on 28672x8192, M = 1: 45% of cycles with no eligible warp, 36% of DRAM bandwidth): every thread
+// forms and predicates its own cp.async addresses (112 of its 423 instructions a stage and warp),
+// each table lookup takes a shift and a LOP3 to form its address, all 8 warps meet at a barrier
+// every stage, and the ring drains at every tile. Here:
+//   - one copy warp moves each stage with 16 bulk copies (cp.async.bulk, a row each, lanes 0-15)
+//     that complete on the stage's mbarrier, running ahead across tile boundaries;
+//   - one scale warp decodes the next tile's block scales into the other of two buffers while
+//     the current tile is multiplied;
+//   - 16 math warps wait only on mbarriers, and meet once a tile for the reduction;
+//   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
+//     address 0x10000, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
+//     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
+constexpr int kWsMathWarps = 16;
+constexpr int kWsThreads = (kWsMathWarps + 2) * 32;
+constexpr int kWsStages = 4;
+constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
+
+// Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
+// reserved bytes): region A below the table holds what fits of the barriers, the nested code, the
+// two scale buffers and the reduction buffer; the ring and the rest follow the table.
+struct WsLayout {
+  uint32_t bars, ncode, scales, red, lut, ring, total;
+};
+
+__host__ __device__ inline uint32_t ws_red_bytes(int nt) {
+  const int chunk = nt < 4 ? nt : 4;  // token octets a reduction round
+  return (nt == 1 ? 2u : 1u) * kWsMathWarps * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
+}
+
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt) {
+  WsLayout L{};
+  L.lut = kWsLutAddress - lo;
+  uint32_t a = 0, b = L.lut + 0x10000;
+  auto place = [&](uint32_t bytes) {
+    bytes = (bytes + 127) & ~127u;
+    if (a + bytes <= L.lut) {
+      a += bytes;
+      return a - bytes;
+    }
+    b += bytes;
+    return b - bytes;
+  };
+  L.bars = place((2 * kWsStages + 4) * 8);
+  L.ncode = place(256 * 4);
+  L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
+  L.red = place(ws_red_bytes(nt));
+  L.ring = place(kWsStages * kStageBytes);
+  L.total = b;
+  return L;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+// Returns once the phase with the given parity has completed (a fresh barrier counts its phase
+// "before 0", parity 1, as completed).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+__device__ __forceinline__ void math_barrier() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kWsMathWarps * 32) : "memory");
+}
+// A table word at a shared-window address (written once before the kernel's first barrier).
+__device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
+  return v;
+}
+
+// Sub-block j as mma_sub_block, with the wide table; `lane_base` is kWsLutAddress | 4 * lane, and
+// the byte at position k of word v is looked up at __byte_perm(v, lane_base, 0x7604 | k << 4).
+// x: the lane's 16 k of the sub-block for each token octet at xs[nt].
+template <typename T, int NT>
+__device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, float s1, uint32_t lane_base,
+                                                   const T* const (&xs)[NT], float (&acc)[NT][4]) {
+  const uint2 w0 = *reinterpret_cast<const uint2*>(w);
+  const uint2 w1 = *reinterpret_cast<const uint2*>(w + 8 * kStagePitch);
+  auto pair = [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); };
+  uint32_t a[4][4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t v0 = q < 2 ? w0.x : w0.y;
+    const uint32_t v1 = q < 2 ? w1.x : w1.y;
+    const int k = (q & 1) * 2;
+    a[q][0] = pair(v0, k);
+    a[q][1] = pair(v1, k);
+    a[q][2] = pair(v0, k + 1);
+    a[q][3] = pair(v1, k + 1);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
+    const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4& v = xv[q >> 1];
+      mma_16816<T>(d, a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+    }
+    acc[nt][0] = __fmaf_rn(s0, d[0], acc[nt][0]);
+    acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
+    acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
+    acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
+  }
+}
+#endif
+
+// `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
+// as the host laid it out; `nb`: quantization blocks a row, a multiple of 4.
+template <typename T, bool NESTED, int NT>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
+                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ uint4 smem[];
+  if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
+  const int nb = static_cast<int>(K >> bs_log2);
+  const WsLayout L = ws_layout(lo, nb, NT);
+  char* base = reinterpret_cast<char*>(smem);
+  uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
+  float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
+  float* red = reinterpret_cast<float*>(base + L.red);
+  float* ncode = reinterpret_cast<float*>(base + L.ncode);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
+  uint64_t* full = bars;                   // a stage's bytes arrived (the copy warp's expect_tx)
+  uint64_t* empty = bars + kWsStages;      // every math thread is done with a stage
+  uint64_t* sfull = bars + 2 * kWsStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
+  uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row_bytes = K >> 1;
+  const int nsub = static_cast<int>(K / kSubK);
+  const int nstage = static_cast<int>((row_bytes + kStageRowBytes - 1) / kStageRowBytes);
+  const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
+  const int64_t tiles = ((N + 15) / 16) * tok_tiles;
+
+  {  // the pair table: entry e of lane l at e * 256 + 4 * l
+    uint4* lut = reinterpret_cast<uint4*>(base + L.lut);
+    const float* code = fp4 ? kGemmFP4 : kGemmNF4;
+    for (int i = tid; i < 256 * 8; i += kWsThreads) {
+      const int e = i >> 3;
+      const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+      lut[e * 16 + (i & 7)] = make_uint4(v, v, v, v);
+    }
+  }
+  if constexpr (NESTED) {
+    for (int i = tid; i < 256; i += kWsThreads) ncode[i] = sc.nested_code[i];
+  }
+  if (tid == 0) {
+    for (int s = 0; s < kWsStages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, kWsMathWarps * 32);
+    }
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(sfull + b, 32);
+      mbar_init(sempty + b, kWsMathWarps * 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWsMathWarps) {  // the copy warp
+    int slot = 0;
+    uint32_t phase = 0;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int64_t row0 = (tile / tok_tiles) * 16;
+      const int rows = static_cast<int>(min(int64_t{16}, N - row0));
+      const uint8_t* src = packed + (row0 + lane) * row_bytes;
+      for (int st = 0; st < nstage; ++st) {
+        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kStageRowBytes}, row_bytes - int64_t{st} * kStageRowBytes));
+        mbar_wait(empty + slot, phase ^ 1);
+        if (lane == 0) mbar_arrive_expect_tx(full + slot, bytes * rows);
+        __syncwarp();
+        if (lane < rows)
+          bulk_copy(ring + slot * kStageBytes + lane * kStagePitch, src + int64_t{st} * kStageRowBytes, bytes,
+                    full + slot);
+        if (++slot == kWsStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+  if (warp == kWsMathWarps + 1) {  // the scale warp
+    float offset = 0.f;
+    if constexpr (NESTED) offset = *sc.offset;
+    const float inv_nb = 1.f / static_cast<float>(nb);
+    const int64_t total = N * nb;
+    int64_t local = 0;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
+      const int buf = static_cast<int>(local & 1);
+      mbar_wait(sempty + buf, static_cast<uint32_t>((local >> 1) & 1) ^ 1);
+      float* dst = scales + buf * 16 * (nb + 1);
+      const int64_t first = (tile / tok_tiles) * 16 * nb;
+      // 16 rows of nb blocks are one contiguous run of scales, read 4 at a time (nb % 4 == 0 and
+      // aligned arrays: the launch checks), 16 vectors a lane in flight; rows past N are left as
+      // they are (their sums are dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value,
+      // less than half the 1 / nb (>= 1 / 1536) to the nearest integer: the row, with no division.
+#pragma unroll 16
+      for (int i = 4 * lane; i < 16 * nb; i += 128) {
+        if (first + i < total) {
+          float s[4];
+          if constexpr (NESTED) {
+            const uint32_t q = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + first + i));
+            const float nested = __ldg(sc.nested_absmax + ((first + i) >> 8));  // 4 codes, one nested block
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[e] = __fadd_rn(mul_ftz(ncode[(q >> (8 * e)) & 0xff], nested), offset);
+          } else {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(sc.absmax + first + i));
+            s[0] = v.x, s[1] = v.y, s[2] = v.z, s[3] = v.w;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
+            dst[i + e + r] = s[e];
+          }
+        }
+      }
+      mbar_arrive(sfull + buf);
+    }
+    return;
+  }
+
+  // The math warps. (Opaque copies of the ring's address and the warp index, as below.)
+  asm volatile("" : "+l"(ring), "+l"(full), "+l"(empty));
+  int my_warp = warp;
+  asm volatile("" : "+r"(my_warp));
+  const int g = lane >> 2, c = lane & 3;
+  uint32_t lane_base = kWsLutAddress | (4u * static_cast<uint32_t>(lane));
+  int lane_off = g * kStagePitch + 8 * c;  // the lane's bytes of row g in a stage
+  asm volatile("" : "+r"(lane_base), "+r"(lane_off));
+  const int sub_shift = bs_log2 - 6;
+  int slot = 0;
+  uint32_t phase = 0;
+  int64_t local = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
+    const int64_t row0 = (tile / tok_tiles) * 16;
+    const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
+    // The empty asm statements keep these in registers: without them the compiler recomputes the
+    // clamped x row from the thread index at every stage (about 40 instructions a stage).
+    const T* xrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
+      asm volatile("" : "+l"(xrow[nt]));
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+    const int buf = static_cast<int>(local & 1);
+    mbar_wait(sfull + buf, static_cast<uint32_t>((local >> 1) & 1));
+    const float* srow = scales + buf * 16 * (nb + 1) + g * (nb + 1);
+    asm volatile("" : "+l"(srow));
+    // Sub-block `sub` of a stage whose first sub-block is j0 (x of the stage at xs).
+    auto sub_block = [&](const uint8_t* stage, int j0, int sub, const T* const (&xs)[NT]) {
+      const int b = (j0 + sub) >> sub_shift;
+      const T* xsub[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
+      mma_sub_block_wide<T, NT>(stage + lane_off + sub * 32, srow[b], srow[8 * (nb + 1) + b], lane_base, xsub, acc);
+    };
+    for (int st = 0; st < nstage; ++st) {
+      const int j0 = st * kStageSubs;
+      const T* xs[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
+      mbar_wait(full + slot, phase);
+      const uint8_t* stage = ring + slot * kStageBytes;
+      if (j0 + kStageSubs <= nsub) {
+#pragma unroll
+        for (int u = 0; u < kStageSubs / kWsMathWarps; ++u) sub_block(stage, j0, u * kWsMathWarps + my_warp, xs);
+      } else {
+#pragma unroll
+        for (int u = 0; u < kStageSubs / kWsMathWarps; ++u) {
+          const int sub = u * kWsMathWarps + my_warp;
+          if (j0 + sub < nsub) sub_block(stage, j0, sub, xs);
+        }
+      }
+      mbar_arrive(empty + slot);
+      if (++slot == kWsStages) {
+        slot = 0;
+        phase ^= 1;
+      }
+    }
+    mbar_arrive(sempty + buf);
+
+    // The warps' partial sums, added in warp order (the same bits run to run), in rounds of up to
+    // 4 token octets. With one octet the buffer alternates between tiles, and the next tile's
+    // barrier orders this tile's reads before the writes of the tile after; otherwise a second
+    // barrier ends each round.
+    constexpr int kChunk = NT < 4 ? NT : 4;
+    constexpr int kChunkFloats = kWsMathWarps * kChunk * 4 * 32;
+    float* rb = red + (NT == 1 ? buf : 0) * kChunkFloats;
+#pragma unroll
+    for (int n0 = 0; n0 < NT; n0 += kChunk) {
+      float* mine = rb + warp * (kChunk * 4 * 32);
+#pragma unroll
+      for (int nt = 0; nt < kChunk; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[n0 + nt][q];
+      math_barrier();
+      for (int idx = tid; idx < kChunk * 4 * 32; idx += kWsMathWarps * 32) {
+        const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
+        const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
+        const int64_t tok = tok0 + 8 * (n0 + nt) + 2 * (ln & 3) + (q & 1);
+        if (row < N && tok < M) {
+          float v = 0.f;
+#pragma unroll
+          for (int wi = 0; wi < kWsMathWarps; ++wi) v += rb[wi * (kChunk * 4 * 32) + idx];
+          if (bias != nullptr) v += to_float(bias[row]);
+          out[tok * N + row] = from_float<T>(v);
+        }
+      }
+      if constexpr (NT > 1) math_barrier();
+    }
+  }
+#endif
+}
+
 template <int NT, int STAGES>
 constexpr size_t flow_fixed_smem_bytes() {
   return 256 * kLutCopies * sizeof(uint32_t) + size_t{STAGES} * kStageBytes +
@@ -745,6 +1095,57 @@ void launch_flow(const at::Tensor& x2, int64_t M, const at::Tensor& packed, cons
                   bias, out, stream);
 }
 
+struct DeviceLimits {
+  int major;
+  size_t smem_optin;
+  uint32_t reserved;  // shared memory the system keeps at the start of each block's window
+};
+
+// The compute capability's major and the opt-in shared memory of a block, read once a device.
+DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int major = 0, optin = 0, reserved = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    it = cache.emplace(device, DeviceLimits{major, static_cast<size_t>(optin), static_cast<uint32_t>(reserved)}).first;
+  }
+  return it->second;
+}
+
+// The warp-specialized kernel where it can run: Hopper or later (bulk copies, mbarriers), codes
+// 16-byte aligned, scales read 4 at a time (blocks a row a multiple of 4, aligned scale arrays) and
+// its shared memory (which grows with the blocks a row) within the device's limit. Returns whether
+// it launched.
+template <typename T, bool NESTED, int NT>
+bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+  const int64_t nb = p.K >> bs_log2;
+  const int device = x2.get_device();
+  const DeviceLimits lim = device_limits(device);
+  const bool scales_aligned = NESTED ? reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 == 0
+                                     : reinterpret_cast<uintptr_t>(sc.absmax) % 16 == 0;
+  if (lim.major < 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
+      nb % 4 != 0 || !scales_aligned || p.K >= (int64_t{1} << 31))
+    return false;
+  const size_t smem = ws_layout(lim.reserved, nb, NT).total;
+  if (smem > lim.smem_optin) return false;
+  static std::map<std::pair<int, size_t>, int> cache;
+  auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT>;
+  const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
+  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, device, cache, kWsThreads));
+  kernel<<<static_cast<unsigned>(grid), kWsThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
+      p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
+      reinterpret_cast<T*>(out.data_ptr()), lim.reserved);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).
 constexpr int64_t kStreamMaxBlocksPerRow = 1536;
 
@@ -760,7 +1161,17 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
   // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
   const bool long_rows = p.K > 16384 && M <= 16;
-  if (streamable && variant == 0 && !long_rows) {
+  // Variant 9: the warp-specialized kernel at every M (by default up to M = 16).
+  if ((variant == 0 && M <= 16) || variant == 9) {
+    bool launched = false;
+    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (launched) return;
+  }
+  // Variant 8: the stream kernel where the warp-specialized one would run.
+  if (streamable && (variant == 8 || (variant == 0 && !long_rows))) {
     // Token tiles of 8 * NT: one tile up to M = 64; beyond, each tile streams the weight again
     // (from L2 when the tiles of one row block run together, as the tile order makes them).
     if (M <= 8) return launch_stream<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
