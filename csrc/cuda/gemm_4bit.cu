@@ -942,26 +942,44 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       float* dst = scales + buf * 16 * (nb + 1);
       const int64_t first = (tile / tok_tiles) * 16 * nb;
       // 16 rows of nb blocks are one contiguous run of scales, read 4 at a time (nb % 4 == 0 and
-      // aligned arrays: the launch checks), 16 vectors a lane in flight; rows past N are left as
-      // they are (their sums are dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value,
-      // less than half the 1 / nb (>= 1 / 1536) to the nearest integer: the row, with no division.
-#pragma unroll 16
-      for (int i = 4 * lane; i < 16 * nb; i += 128) {
-        if (first + i < total) {
-          float s[4];
-          if constexpr (NESTED) {
-            const uint32_t q = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + first + i));
-            const float nested = __ldg(sc.nested_absmax + ((first + i) >> 8));  // 4 codes, one nested block
+      // aligned arrays: the launch checks), in batches of 16 vectors a lane whose loads are all
+      // issued before the first store (stores through a generic pointer would otherwise keep the
+      // next loads behind them: one memory latency a vector). Rows past N are left as they are
+      // (their sums are dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value, less than
+      // half the 1 / nb (>= 1 / 1536) to the nearest integer: the row, with no division.
+      constexpr int kBatch = 16;
+      for (int i0 = 4 * lane; i0 < 16 * nb; i0 += 128 * kBatch) {
+        uint32_t q[kBatch];
+        float4 v[kBatch];
+        float nested[kBatch];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[e] = __fadd_rn(mul_ftz(ncode[(q >> (8 * e)) & 0xff], nested), offset);
-          } else {
-            const float4 v = __ldg(reinterpret_cast<const float4*>(sc.absmax + first + i));
-            s[0] = v.x, s[1] = v.y, s[2] = v.z, s[3] = v.w;
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t at = first + i0 + 128 * u;
+          if (i0 + 128 * u < 16 * nb && at < total) {
+            if constexpr (NESTED) {
+              q[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
+              nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
+            } else {
+              v[u] = __ldg(reinterpret_cast<const float4*>(sc.absmax + at));
+            }
           }
+        }
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
-            dst[i + e + r] = s[e];
+        for (int u = 0; u < kBatch; ++u) {
+          const int i = i0 + 128 * u;
+          if (i < 16 * nb && first + i < total) {
+            float s[4];
+            if constexpr (NESTED) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[e] = __fadd_rn(mul_ftz(ncode[(q[u] >> (8 * e)) & 0xff], nested[u]), offset);
+            } else {
+              s[0] = v[u].x, s[1] = v[u].y, s[2] = v[u].z, s[3] = v[u].w;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
+              dst[i + e + r] = s[e];
+            }
           }
         }
       }
