@@ -43,7 +43,8 @@ if [ -n "${PROFILE:-}" ]; then
   timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:${PROFILE_KERNEL:-gemm_4bit_ws} --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section Occupancy --section SchedulerStats --section LaunchStats \
-    python3 bench/profile_gemm.py 28672 8192 1 0 > "$out/ncu-gemm.txt" 2>&1
+    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
+    python3 bench/profile_gemm.py 28672 8192 1 ${PROFILE_VARIANT:-0} > "$out/ncu-gemm.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.

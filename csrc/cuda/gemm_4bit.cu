@@ -736,6 +736,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __
 constexpr int kWsMathWarps = 16;
 constexpr int kWsThreads = (kWsMathWarps + 2) * 32;
 constexpr int kWsStages = 4;
+constexpr int kWsDefaultAhead = 0;  // L2 prefetch distance in tiles (variant 100 + d tries others)
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
@@ -858,7 +859,8 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
 template <typename T, bool NESTED, int NT>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo) {
+                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo,
+                        int ahead) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
@@ -910,7 +912,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (warp == kWsMathWarps) {  // the copy warp
     int slot = 0;
     uint32_t phase = 0;
+    // Whole rows of the tile `ahead` tiles on are prefetched into L2 when a tile starts, so that
+    // the ring's copies find them there (more bytes in flight than the ring holds).
+    auto prefetch_tile = [&](int64_t t) {
+      const int64_t r0 = (t / tok_tiles) * 16;
+      if (t < tiles && r0 + lane < N && lane < 16)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(packed + (r0 + lane) * row_bytes),
+                     "r"(static_cast<uint32_t>(row_bytes))
+                     : "memory");
+    };
+    for (int d = 1; d < ahead; ++d) prefetch_tile(blockIdx.x + int64_t{d} * gridDim.x);
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      if (ahead > 0) prefetch_tile(tile + int64_t{ahead} * gridDim.x);
       const int64_t row0 = (tile / tok_tiles) * 16;
       const int rows = static_cast<int>(min(int64_t{16}, N - row0));
       const uint8_t* src = packed + (row0 + lane) * row_bytes;
@@ -1141,7 +1154,7 @@ DeviceLimits device_limits(int device) {
 // it launched.
 template <typename T, bool NESTED, int NT>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream, int ahead) {
   const int64_t nb = p.K >> bs_log2;
   const int device = x2.get_device();
   const DeviceLimits lim = device_limits(device);
@@ -1159,7 +1172,7 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   kernel<<<static_cast<unsigned>(grid), kWsThreads, smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(out.data_ptr()), lim.reserved);
+      reinterpret_cast<T*>(out.data_ptr()), lim.reserved, ahead);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -1179,13 +1192,15 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
   // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
   const bool long_rows = p.K > 16384 && M <= 16;
-  // Variant 9: the warp-specialized kernel at every M (by default up to M = 16).
-  if ((variant == 0 && M <= 16) || variant == 9) {
+  // Variant 9: the warp-specialized kernel at every M (by default up to M = 16); variant 100 + d:
+  // the same, prefetching into L2 the tile d tiles ahead.
+  if ((variant == 0 && M <= 16) || variant == 9 || variant >= 100) {
+    const int ahead = variant >= 100 ? variant - 100 : kWsDefaultAhead;
     bool launched = false;
-    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
+    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
+    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
+    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
     if (launched) return;
   }
   // Variant 8: the stream kernel where the warp-specialized one would run.
