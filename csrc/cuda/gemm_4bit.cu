@@ -840,16 +840,18 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
   for (int nt = 0; nt < NT; ++nt) {
     const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
     const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    // Two chains of two mma: ncu counted 2.1 of 9.4 cycles an instruction stalled on fixed-latency
+    // dependencies with one chain of four.
+    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint4& v = xv[q >> 1];
-      mma_16816<T>(d, a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+      mma_16816<T>(d[q & 1], a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
     }
-    acc[nt][0] = __fmaf_rn(s0, d[0], acc[nt][0]);
-    acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
-    acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
-    acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
+    acc[nt][0] = __fmaf_rn(s0, __fadd_rn(d[0][0], d[1][0]), acc[nt][0]);
+    acc[nt][1] = __fmaf_rn(s0, __fadd_rn(d[0][1], d[1][1]), acc[nt][1]);
+    acc[nt][2] = __fmaf_rn(s1, __fadd_rn(d[0][2], d[1][2]), acc[nt][2]);
+    acc[nt][3] = __fmaf_rn(s1, __fadd_rn(d[0][3], d[1][3]), acc[nt][3]);
   }
 }
 #endif
@@ -1192,9 +1194,20 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
   // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
   const bool long_rows = p.K > 16384 && M <= 16;
+  // At 16 < M <= 64 on 8192x28672 the register-fed kernel (variant 5) beat the stream kernel in both
+  // sweeps of 2026-11-29 (140 against 151 us at M = 32, 260 against 290 at M = 64).
+  if (variant == 0 && M > 16 && p.K > 16384) {
+    QLORA_LAUNCH(2, 4, 1, true);
+    return;
+  }
   // Variant 9: the warp-specialized kernel at every M (by default up to M = 16); variant 100 + d:
   // the same, prefetching into L2 the tile d tiles ahead.
-  if ((variant == 0 && M <= 16) || variant == 9 || variant >= 100) {
+  // By default where it measured faster than the stream kernel (bench/results, 2026-11-29): M <= 16
+  // with rows of 8192 k or more, or 2^26 weights or more (4096x11008: 16.2 against 17.7 us at
+  // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
+  // (8.5 against 9.1, 18.8 against 19.4).
+  const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
+  if ((variant == 0 && ws_default) || variant == 9 || variant >= 100) {
     const int ahead = variant >= 100 ? variant - 100 : kWsDefaultAhead;
     bool launched = false;
     if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
