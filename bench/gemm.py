@@ -172,8 +172,6 @@ def main() -> None:
                     paths = [("fused0", 1 << 40, 0)]
                     paths += [("fused8", 1 << 40, 8)] if m <= 64 else []
                     paths += [("fused9", 1 << 40, 9)] if m <= 64 else []
-                    # fused10d: the warp-specialized kernel prefetching into L2 the tile d tiles ahead
-                    paths += [(f"fused{v}", 1 << 40, v) for v in (101, 102, 104)] if m <= 16 else []
                     paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
                     paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
                     paths += [("cublas", 0, 0)] if m >= 16 else []

@@ -18,10 +18,12 @@
 //   - Work: a CTA owns a tile of 16 (or 16*MT) rows x 8*NT tokens and its 8 warps split K. Partial
 //     sums are added in shared memory in a fixed order: the result is the same bits run to run. The
 //     grid is one wave of CTAs that stride over the tiles.
-//   - Kernels: the stream kernel (the default up to M = 64) copies the codes through shared memory
-//     with cp.async; the register-fed kernel (codes loaded into registers a few sub-blocks ahead)
-//     serves unaligned codes and rows of more than 16384 k at M <= 16, where it measured faster;
-//     benchmark variants (_set_gemm_variant) pick others, e.g. the flow kernel (variant 7).
+//   - Kernels: on sm_90 at M <= 16 with long rows or many weights, the warp-specialized kernel (a
+//     copy warp moving the codes with bulk copies on mbarriers, a scale warp, 16 math warps); else up
+//     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
+//     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
+//     codes and rows of more than 16384 k where it measured faster; benchmark variants
+//     (_set_gemm_variant) pick any of them, and the flow kernel (variant 7).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
 // multiplies. The crossover (kDefaultFusedMaxM) is the H200 measurement in bench/results.
@@ -736,7 +738,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __
 constexpr int kWsMathWarps = 16;
 constexpr int kWsThreads = (kWsMathWarps + 2) * 32;
 constexpr int kWsStages = 4;
-constexpr int kWsDefaultAhead = 0;  // L2 prefetch distance in tiles (variant 100 + d tries others)
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
@@ -840,18 +841,18 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
   for (int nt = 0; nt < NT; ++nt) {
     const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
     const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
-    // Two chains of two mma: ncu counted 2.1 of 9.4 cycles an instruction stalled on fixed-latency
-    // dependencies with one chain of four.
-    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // One chain of four mma: two chains of two (the stream kernel's) measured no faster here
+    // (57.8 against 55.7 us on 28672x8192 at M = 1, 89.0 against 92.7 at M = 16).
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint4& v = xv[q >> 1];
-      mma_16816<T>(d[q & 1], a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
+      mma_16816<T>(d, a[q], word_of(v, (q & 1) * 2), word_of(v, (q & 1) * 2 + 1));
     }
-    acc[nt][0] = __fmaf_rn(s0, __fadd_rn(d[0][0], d[1][0]), acc[nt][0]);
-    acc[nt][1] = __fmaf_rn(s0, __fadd_rn(d[0][1], d[1][1]), acc[nt][1]);
-    acc[nt][2] = __fmaf_rn(s1, __fadd_rn(d[0][2], d[1][2]), acc[nt][2]);
-    acc[nt][3] = __fmaf_rn(s1, __fadd_rn(d[0][3], d[1][3]), acc[nt][3]);
+    acc[nt][0] = __fmaf_rn(s0, d[0], acc[nt][0]);
+    acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
+    acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
+    acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
   }
 }
 #endif
@@ -861,8 +862,7 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
 template <typename T, bool NESTED, int NT>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo,
-                        int ahead) {
+                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
@@ -914,18 +914,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (warp == kWsMathWarps) {  // the copy warp
     int slot = 0;
     uint32_t phase = 0;
-    // Whole rows of the tile `ahead` tiles on are prefetched into L2 when a tile starts, so that
-    // the ring's copies find them there (more bytes in flight than the ring holds).
-    auto prefetch_tile = [&](int64_t t) {
-      const int64_t r0 = (t / tok_tiles) * 16;
-      if (t < tiles && r0 + lane < N && lane < 16)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(packed + (r0 + lane) * row_bytes),
-                     "r"(static_cast<uint32_t>(row_bytes))
-                     : "memory");
-    };
-    for (int d = 1; d < ahead; ++d) prefetch_tile(blockIdx.x + int64_t{d} * gridDim.x);
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      if (ahead > 0) prefetch_tile(tile + int64_t{ahead} * gridDim.x);
       const int64_t row0 = (tile / tok_tiles) * 16;
       const int rows = static_cast<int>(min(int64_t{16}, N - row0));
       const uint8_t* src = packed + (row0 + lane) * row_bytes;
@@ -1156,7 +1145,7 @@ DeviceLimits device_limits(int device) {
 // it launched.
 template <typename T, bool NESTED, int NT>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream, int ahead) {
+               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
   const int64_t nb = p.K >> bs_log2;
   const int device = x2.get_device();
   const DeviceLimits lim = device_limits(device);
@@ -1174,7 +1163,7 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   kernel<<<static_cast<unsigned>(grid), kWsThreads, smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(out.data_ptr()), lim.reserved, ahead);
+      reinterpret_cast<T*>(out.data_ptr()), lim.reserved);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -1200,20 +1189,19 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     QLORA_LAUNCH(2, 4, 1, true);
     return;
   }
-  // Variant 9: the warp-specialized kernel at every M (by default up to M = 16); variant 100 + d:
-  // the same, prefetching into L2 the tile d tiles ahead.
+  // Variant 9: the warp-specialized kernel at every M. (Prefetching whole rows of the tile 1, 2 or 4
+  // tiles ahead into L2 made it slower: 62-65 against 56 us on 28672x8192 at M = 1.)
   // By default where it measured faster than the stream kernel (bench/results, 2026-11-29): M <= 16
   // with rows of 8192 k or more, or 2^26 weights or more (4096x11008: 16.2 against 17.7 us at
   // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
   // (8.5 against 9.1, 18.8 against 19.4).
   const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
-  if ((variant == 0 && ws_default) || variant == 9 || variant >= 100) {
-    const int ahead = variant >= 100 ? variant - 100 : kWsDefaultAhead;
+  if ((variant == 0 && ws_default) || variant == 9) {
     bool launched = false;
-    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
-    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
-    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
-    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, ahead);
+    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
     if (launched) return;
   }
   // Variant 8: the stream kernel where the warp-specialized one would run.
