@@ -23,7 +23,7 @@
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
-//     (_set_gemm_variant) pick any of them, and the flow kernel (variant 7).
+//     (_set_gemm_variant) pick any of them.
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
 // multiplies. The crossover (kDefaultFusedMaxM) is the H200 measurement in bench/results.
@@ -349,7 +349,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
 // about 1.3 TB/s on 28672x8192 at M=1.) The tile's block scales are decoded into shared
 // memory while the first stages are in flight; x is read through L1, where every warp of the SM
 // finds it.
-constexpr int kStages = 3;  // the default ring depth; variant 6 tries 2 (three CTAs an SM at K <= 8192)
+// 3 stages. In the sweep of 01039ad (2026-11-29, variants since removed) a 2-stage ring (three CTAs
+// an SM at K <= 8192) was faster at M = 1 on the large shapes (67 against 79 us on 28672x8192; the
+// warp-specialized kernel serves those now, at 56-60) and slower at M = 8-64 on 8192x28672 (101
+// against 83 at M = 8); the flow kernel, one cp.async stream across a CTA's tiles, was slower
+// everywhere (M = 1: 28.2 / 85.5 / 129 against 24.8 / 79.3 / 86.0 us on 8192x8192 / 28672x8192 /
+// 8192x28672).
+constexpr int kStages = 3;
 constexpr int kStageRowBytes = 1024;              // 32 sub-blocks of a row: four a warp
 constexpr int kStageSubs = kStageRowBytes / 32;
 constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
@@ -602,123 +608,6 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
   static std::map<std::pair<int, size_t>, int> cache;
   launch_tiles<T>(gemm_4bit_mma_kernel<T, NESTED, MT, NT, U, PIPE>, mma_smem_bytes<MT, NT>(), cache, 16 * MT, 8 * NT,
                   x2, M, packed, p, bs_log2, sc, bias, out, stream);
-}
-
-// Variant 7 (for the next H200 sweep; not the default): the stream kernel with one copy stream
-// across a CTA's tiles. The stream kernel drains its ring at every tile (a 16-row tile of
-// 28672x8192 is only 4 stages) and decodes the next tile's scales with loads nobody waits behind;
-// here stage s of the CTA's whole sequence of tiles is issued STAGES - 1 stages ahead, whichever
-// tile it belongs to, and each tile's 8-bit scale codes ride along with its first stage (cp.async
-// into one of two buffers), so the copy engine never idles at a tile boundary. Double quantization
-// only; needs K / blocksize a multiple of 16 and 16-byte aligned codes.
-template <typename T, int NT, int STAGES>
-__global__ void __launch_bounds__(kWarps * 32) gemm_4bit_flow_kernel(const T* __restrict__ x, int64_t M,
-                                                                     const uint8_t* __restrict__ packed, int64_t N,
-                                                                     int64_t K, int bs_log2, Scales sc, int fp4,
-                                                                     const T* __restrict__ bias,
-                                                                     T* __restrict__ out) {
-  extern __shared__ uint4 smem[];
-  const int nb = static_cast<int>(K >> bs_log2);  // quantization blocks a row (a multiple of 16)
-  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
-  uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
-  float* red = reinterpret_cast<float*>(ring + STAGES * kStageBytes);
-  float* ncode = red + reduce_floats<1, NT>();
-  float* scales = ncode + 256;                                               // [16][nb + 1]
-  uint8_t* qraw = reinterpret_cast<uint8_t*>(scales + 16 * (nb + 1) + 3);  // [2][16 * nb], 16-byte aligned
-  qraw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(qraw) + 15) & ~uintptr_t{15});
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, c = lane & 3;
-  const char* lut_bytes = reinterpret_cast<const char*>(lut);
-  const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
-  const int64_t row_bytes = K >> 1;
-  const int64_t nsub = K / kSubK;
-  const int64_t nstage = (row_bytes + kStageRowBytes - 1) / kStageRowBytes;
-  const int sub_shift = bs_log2 - 6;
-  const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
-  const int64_t tiles = ((N + 15) / 16) * tok_tiles;
-  const int64_t my_tiles = (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
-  if (my_tiles <= 0) return;
-  const int64_t total = my_tiles * nstage;  // stages of this CTA, over all its tiles
-
-  // The copy side walks (tile, stage) on its own counters, STAGES - 1 stages ahead of the math.
-  int64_t issue_i = 0, issue_st = 0;
-  auto issue_next = [&](int64_t gstage) {
-    if (gstage < total) {
-      const int64_t tile = blockIdx.x + issue_i * gridDim.x;
-      const int64_t row0 = (tile / tok_tiles) * 16;
-      uint8_t* slot = ring + (gstage % STAGES) * kStageBytes;
-#pragma unroll
-      for (int i = 0; i < kCopiesPerThread; ++i) {
-        const int chunk = i * kWarps * 32 + tid;
-        const int r = chunk / (kStageRowBytes / 16), col = (chunk % (kStageRowBytes / 16)) * 16;
-        if (issue_st * kStageRowBytes + col < row_bytes)
-          cp_async16(slot + r * kStagePitch + col,
-                     packed + min(row0 + r, N - 1) * row_bytes + issue_st * kStageRowBytes + col);
-      }
-      if (issue_st == 0) {  // the tile's scale codes: 16 rows of nb bytes, one contiguous run
-        const int64_t avail = (min(row0 + 16, N) - row0) * nb;
-        uint8_t* dst = qraw + (issue_i & 1) * (16 * nb);
-        for (int64_t b = int64_t{tid} * 16; b < avail; b += kWarps * 32 * 16)
-          cp_async16(dst + b, sc.qabsmax + row0 * nb + b);
-      }
-      if (++issue_st == nstage) {
-        issue_st = 0;
-        ++issue_i;
-      }
-    }
-    cp_async_commit();
-  };
-
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) issue_next(st);
-  build_pair_table<T>(lut, fp4, tid);
-  for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
-  const float offset = *sc.offset;
-
-  float acc[NT][4];
-  const T* xrow[NT];
-  int64_t tile = blockIdx.x, row0 = 0, tok0 = 0, ti = 0, st = 0;
-  for (int64_t gstage = 0; gstage < total; ++gstage) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage gstage (and at a tile's start its codes) is in; the oldest slot is free
-    if (st == 0) {
-      row0 = (tile / tok_tiles) * 16;
-      tok0 = (tile % tok_tiles) * (8 * NT);
-      const uint8_t* q = qraw + (ti & 1) * (16 * nb);
-      for (int i = tid; i < 16 * nb; i += kWarps * 32) {
-        const int r = i / nb, b = i - r * nb;
-        const int64_t rr = min(row0 + r, N - 1);
-        scales[r * (nb + 1) + b] = __fadd_rn(
-            mul_ftz(ncode[q[(rr - row0) * nb + b]], __ldg(sc.nested_absmax + ((rr * nb + b) >> 8))), offset);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q4 = 0; q4 < 4; ++q4) acc[nt][q4] = 0.f;
-      __syncthreads();  // the scales are in; the codes' buffer may be refilled from here on
-    }
-    issue_next(gstage + STAGES - 1);
-    const uint8_t* stage = ring + (gstage % STAGES) * kStageBytes;
-#pragma unroll
-    for (int u = 0; u < kStageSubs / kWarps; ++u) {
-      const int sub = u * kWarps + warp;
-      const int64_t j = st * kStageSubs + sub;
-      if (j < nsub)
-        mma_sub_block<T, NT>(stage + sub * 32 + 8 * c, scales + g * (nb + 1), nb + 1,
-                             static_cast<int>(j >> sub_shift), lut_bytes, lane4, xrow, j, g, acc);
-    }
-    if (++st == nstage) {  // the tile is done: its warps' partial sums, added in warp order
-      reduce_tile<T, NT>(red, acc, tid, row0, tok0, N, M, bias, out);
-      // red is next written at the end of the next tile, after at least one barrier at the loop top
-      st = 0;
-      ++ti;
-      tile += gridDim.x;
-    }
-  }
-  cp_async_wait<0>();
 }
 
 // ---- The warp-specialized kernel (sm_90; the default at small M where it fits) -------------------
@@ -1090,12 +979,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #endif
 }
 
-template <int NT, int STAGES>
-constexpr size_t flow_fixed_smem_bytes() {
-  return 256 * kLutCopies * sizeof(uint32_t) + size_t{STAGES} * kStageBytes +
-         reduce_floats<1, NT>() * sizeof(float) + 256 * sizeof(float) + 16 * sizeof(float) + 16;
-}
-
 template <typename T, bool NESTED, int NT, int STAGES = kStages>
 void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                    const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
@@ -1104,17 +987,6 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
       stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
   launch_tiles<T>(gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>, smem, cache, 16, 8 * NT, x2, M, packed, p, bs_log2,
                   sc, bias, out, stream);
-}
-
-template <typename T, int NT>
-void launch_flow(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                 const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
-  constexpr int kFlowStages = 3;
-  static std::map<std::pair<int, size_t>, int> cache;
-  const size_t nb = static_cast<size_t>(p.K >> bs_log2);
-  const size_t smem = flow_fixed_smem_bytes<NT, kFlowStages>() + 16 * (nb + 1) * sizeof(float) + 2 * 16 * nb;
-  launch_tiles<T>(gemm_4bit_flow_kernel<T, NT, kFlowStages>, smem, cache, 16, 8 * NT, x2, M, packed, p, bs_log2, sc,
-                  bias, out, stream);
 }
 
 struct DeviceLimits {
@@ -1218,18 +1090,6 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
       case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 2, true); break;
       case 2: if (M <= 16) return QLORA_LAUNCH(1, 2, 1, true); break;
       case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, true); break;
-      case 6:  // the stream kernel with a 2-stage ring
-        if (!streamable) break;
-        if (M <= 8) return launch_stream<T, NESTED, 1, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        if (M <= 16) return launch_stream<T, NESTED, 2, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        if (M <= 32) return launch_stream<T, NESTED, 4, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        return launch_stream<T, NESTED, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-      case 7:  // the flow kernel: one copy stream across tiles
-        if (!streamable || (p.K >> bs_log2) % 16 != 0 || reinterpret_cast<uintptr_t>(sc.qabsmax) % 16 != 0) break;
-        if (M <= 8) return launch_flow<T, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        if (M <= 16) return launch_flow<T, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        if (M <= 32) return launch_flow<T, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-        return launch_flow<T, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
       default: break;
     }
   }
