@@ -798,6 +798,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the table and barriers, for the copy engine
   __syncthreads();
 
   if (warp == kWsMathWarps) {  // the copy warp
@@ -976,6 +977,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if constexpr (NT > 1) math_barrier();
     }
   }
+#else
+  __trap();  // built without sm_90 code (the host launches it only where it has that code)
 #endif
 }
 
@@ -1023,13 +1026,29 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   const DeviceLimits lim = device_limits(device);
   const bool scales_aligned = NESTED ? reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 == 0
                                      : reinterpret_cast<uintptr_t>(sc.absmax) % 16 == 0;
-  if (lim.major < 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
-      nb % 4 != 0 || !scales_aligned || p.K >= (int64_t{1} << 31))
+  // nb <= 1536 also keeps ws_layout's 32-bit offsets far from overflow (the scales alone would
+  // pass the shared memory of any GPU well before).
+  if (lim.major != 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
+      nb % 4 != 0 || nb > 1536 || !scales_aligned)
     return false;
   const size_t smem = ws_layout(lim.reserved, nb, NT).total;
   if (smem > lim.smem_optin) return false;
-  static std::map<std::pair<int, size_t>, int> cache;
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT>;
+  {
+    // The kernel's body exists only in sm_90 code: a build whose list lacks 9.0 (the driver would
+    // compile the 8.0 PTX, whose body is a trap) falls back to the other kernels.
+    static std::mutex mutex;
+    static std::map<int, bool> has_sm90_code;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = has_sm90_code.find(device);
+    if (it == has_sm90_code.end()) {
+      cudaFuncAttributes attr{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      it = has_sm90_code.emplace(device, attr.ptxVersion >= 90).first;
+    }
+    if (!it->second) return false;
+  }
+  static std::map<std::pair<int, size_t>, int> cache;
   const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, device, cache, kWsThreads));
   kernel<<<static_cast<unsigned>(grid), kWsThreads, smem, stream>>>(
