@@ -372,6 +372,23 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The A fragments of the four mma steps of a sub-block from the lane's 8 bytes of rows g (w0)
+// and g + 8 (w1): step q takes bytes 2q and 2q + 1, each one register (two k) through
+// `pair(word, byte index in the word)`, the table lookup.
+template <typename Pair>
+__device__ __forceinline__ void a_fragments(uint2 w0, uint2 w1, uint32_t (&a)[4][4], Pair pair) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t v0 = q < 2 ? w0.x : w0.y;
+    const uint32_t v1 = q < 2 ? w1.x : w1.y;
+    const int k = (q & 1) * 2;
+    a[q][0] = pair(v0, k);
+    a[q][1] = pair(v1, k);
+    a[q][2] = pair(v0, k + 1);
+    a[q][3] = pair(v1, k + 1);
+  }
+}
+
 // The warps' partial sums reuse the ring once the tile's last stage is consumed.
 // Sub-block j (64 k) of a 16-row tile into acc: the lane's 8 bytes of rows g and g + 8 at `w` in a
 // stage (rows kStagePitch apart), the rows' scales at `srow` (rows `pitch` floats apart, block sb),
@@ -384,23 +401,14 @@ __device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* sro
   const uint2 w1 = *reinterpret_cast<const uint2*>(w + (g + 8) * kStagePitch);
   const float s0 = srow[sb];
   const float s1 = srow[8 * pitch + sb];
-  // The byte at bit p of a word: table byte offset ((w >> (p - 7)) & 0x7f80) | 4 * lane (the two
-  // parts have no bit in common), one shift and one LOP3 from the uniform table base.
-  auto pair = [&](uint32_t v, int p) {
+  // Byte k of a word (bits p = 8k up): table byte offset ((w >> (p - 7)) & 0x7f80) | 4 * lane (the
+  // two parts have no bit in common), one shift and one LOP3 from the uniform table base.
+  uint32_t a[4][4];
+  a_fragments(w0, w1, a, [&](uint32_t v, int k) {
+    const int p = 8 * k;
     const uint32_t off = ((p >= 7 ? (v >> (p - 7)) : (v << (7 - p))) & 0x7f80u) | lane4;
     return *reinterpret_cast<const uint32_t*>(lut_bytes + off);
-  };
-  uint32_t a[4][4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t v0 = q < 2 ? w0.x : w0.y;
-    const uint32_t v1 = q < 2 ? w1.x : w1.y;
-    const int sh = (q & 1) * 16;
-    a[q][0] = pair(v0, sh);
-    a[q][1] = pair(v1, sh);
-    a[q][2] = pair(v0, sh + 8);
-    a[q][3] = pair(v1, sh + 8);
-  }
+  });
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const uint4* xp = reinterpret_cast<const uint4*>(xrow[nt] + j * kSubK);
@@ -714,18 +722,8 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
                                                    const T* const (&xs)[NT], float (&acc)[NT][4]) {
   const uint2 w0 = *reinterpret_cast<const uint2*>(w);
   const uint2 w1 = *reinterpret_cast<const uint2*>(w + 8 * kStagePitch);
-  auto pair = [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); };
   uint32_t a[4][4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t v0 = q < 2 ? w0.x : w0.y;
-    const uint32_t v1 = q < 2 ? w1.x : w1.y;
-    const int k = (q & 1) * 2;
-    a[q][0] = pair(v0, k);
-    a[q][1] = pair(v1, k);
-    a[q][2] = pair(v0, k + 1);
-    a[q][3] = pair(v1, k + 1);
-  }
+  a_fragments(w0, w1, a, [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); });
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
