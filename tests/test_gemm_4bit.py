@@ -146,12 +146,12 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
     1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 8: the stream kernel; 9: the
-    warp-specialized kernel at any M), bf16 with double quantization. 1000 x 4096 gives each CTA of
+    warp-specialized kernel at any M; 10: the same with 8 math warps, M <= 16), bf16 with double quantization. 1000 x 4096 gives each CTA of
     the warp-specialized kernel several tiles (its copy warp runs across tile boundaries, its scale
     buffers alternate); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
     and rows longer than 16384 (the register-fed kernel by default above M = 16)."""

@@ -628,12 +628,13 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 //     that complete on the stage's mbarrier, running ahead across tile boundaries;
 //   - one scale warp decodes the next tile's block scales into the other of two buffers while
 //     the current tile is multiplied;
-//   - 16 math warps wait only on mbarriers, and meet once a tile for the reduction;
+//   - 16 math warps (MW) wait only on mbarriers, and meet once a tile for the reduction;
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
 //     address 0x10000, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
 //     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
-constexpr int kWsMathWarps = 16;
-constexpr int kWsThreads = (kWsMathWarps + 2) * 32;
+// Math warps (MW) a CTA: 16 by default; variant 10 tries 8, each with twice the sub-blocks a stage
+// (half the per-stage instructions a sub-block) and up to 168 registers.
+constexpr int ws_threads(int mw) { return (mw + 2) * 32; }
 constexpr int kWsStages = 4;
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
@@ -644,12 +645,12 @@ struct WsLayout {
   uint32_t bars, ncode, scales, red, lut, ring, total;
 };
 
-__host__ __device__ inline uint32_t ws_red_bytes(int nt) {
+__host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw) {
   const int chunk = nt < 4 ? nt : 4;  // token octets a reduction round
-  return (nt == 1 ? 2u : 1u) * kWsMathWarps * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
+  return (nt == 1 ? 2u : 1u) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
 }
 
-__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt) {
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -665,7 +666,7 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt) {
   L.bars = place((2 * kWsStages + 4) * 8);
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
-  L.red = place(ws_red_bytes(nt));
+  L.red = place(ws_red_bytes(nt, mw));
   L.ring = place(kWsStages * kStageBytes);
   L.total = b;
   return L;
@@ -704,8 +705,9 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
+template <int MW>
 __device__ __forceinline__ void math_barrier() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kWsMathWarps * 32) : "memory");
+  asm volatile("bar.sync 1, %0;\n" ::"n"(MW * 32) : "memory");
 }
 // A table word at a shared-window address (written once before the kernel's first barrier).
 __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
@@ -746,15 +748,15 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
 
 // `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
 // as the host laid it out; `nb`: quantization blocks a row, a multiple of 4.
-template <typename T, bool NESTED, int NT>
-__global__ void __launch_bounds__(kWsThreads, 1)
+template <typename T, bool NESTED, int NT, int MW>
+__global__ void __launch_bounds__(ws_threads(MW), 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
                         int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  const WsLayout L = ws_layout(lo, nb, NT);
+  const WsLayout L = ws_layout(lo, nb, NT, MW);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
   float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
@@ -776,30 +778,30 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   {  // the pair table: entry e of lane l at e * 256 + 4 * l
     uint4* lut = reinterpret_cast<uint4*>(base + L.lut);
     const float* code = fp4 ? kGemmFP4 : kGemmNF4;
-    for (int i = tid; i < 256 * 8; i += kWsThreads) {
+    for (int i = tid; i < 256 * 8; i += ws_threads(MW)) {
       const int e = i >> 3;
       const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
       lut[e * 16 + (i & 7)] = make_uint4(v, v, v, v);
     }
   }
   if constexpr (NESTED) {
-    for (int i = tid; i < 256; i += kWsThreads) ncode[i] = sc.nested_code[i];
+    for (int i = tid; i < 256; i += ws_threads(MW)) ncode[i] = sc.nested_code[i];
   }
   if (tid == 0) {
     for (int s = 0; s < kWsStages; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, kWsMathWarps * 32);
+      mbar_init(empty + s, MW * 32);
     }
     for (int b = 0; b < 2; ++b) {
       mbar_init(sfull + b, 32);
-      mbar_init(sempty + b, kWsMathWarps * 32);
+      mbar_init(sempty + b, MW * 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the table and barriers, for the copy engine
   __syncthreads();
 
-  if (warp == kWsMathWarps) {  // the copy warp
+  if (warp == MW) {  // the copy warp
     int slot = 0;
     uint32_t phase = 0;
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -822,7 +824,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     return;
   }
-  if (warp == kWsMathWarps + 1) {  // the scale warp
+  if (warp == MW + 1) {  // the scale warp
     float offset = 0.f;
     if constexpr (NESTED) offset = *sc.offset;
     const float inv_nb = 1.f / static_cast<float>(nb);
@@ -929,11 +931,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       const uint8_t* stage = ring + slot * kStageBytes;
       if (j0 + kStageSubs <= nsub) {
 #pragma unroll
-        for (int u = 0; u < kStageSubs / kWsMathWarps; ++u) sub_block(stage, j0, u * kWsMathWarps + my_warp, xs);
+        for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xs);
       } else {
 #pragma unroll
-        for (int u = 0; u < kStageSubs / kWsMathWarps; ++u) {
-          const int sub = u * kWsMathWarps + my_warp;
+        for (int u = 0; u < kStageSubs / MW; ++u) {
+          const int sub = u * MW + my_warp;
           if (j0 + sub < nsub) sub_block(stage, j0, sub, xs);
         }
       }
@@ -950,7 +952,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // barrier orders this tile's reads before the writes of the tile after; otherwise a second
     // barrier ends each round.
     constexpr int kChunk = NT < 4 ? NT : 4;
-    constexpr int kChunkFloats = kWsMathWarps * kChunk * 4 * 32;
+    constexpr int kChunkFloats = MW * kChunk * 4 * 32;
     float* rb = red + (NT == 1 ? buf : 0) * kChunkFloats;
 #pragma unroll
     for (int n0 = 0; n0 < NT; n0 += kChunk) {
@@ -959,20 +961,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       for (int nt = 0; nt < kChunk; ++nt)
 #pragma unroll
         for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[n0 + nt][q];
-      math_barrier();
-      for (int idx = tid; idx < kChunk * 4 * 32; idx += kWsMathWarps * 32) {
+      math_barrier<MW>();
+      for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
         const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
         const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
         const int64_t tok = tok0 + 8 * (n0 + nt) + 2 * (ln & 3) + (q & 1);
         if (row < N && tok < M) {
           float v = 0.f;
 #pragma unroll
-          for (int wi = 0; wi < kWsMathWarps; ++wi) v += rb[wi * (kChunk * 4 * 32) + idx];
+          for (int wi = 0; wi < MW; ++wi) v += rb[wi * (kChunk * 4 * 32) + idx];
           if (bias != nullptr) v += to_float(bias[row]);
           out[tok * N + row] = from_float<T>(v);
         }
       }
-      if constexpr (NT > 1) math_barrier();
+      if constexpr (NT > 1) math_barrier<MW>();
     }
   }
 #else
@@ -1016,7 +1018,7 @@ DeviceLimits device_limits(int device) {
 // 16-byte aligned, scales read 4 at a time (blocks a row a multiple of 4, aligned scale arrays) and
 // its shared memory (which grows with the blocks a row) within the device's limit. Returns whether
 // it launched.
-template <typename T, bool NESTED, int NT>
+template <typename T, bool NESTED, int NT, int MW = 16>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
   const int64_t nb = p.K >> bs_log2;
@@ -1029,9 +1031,9 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   if (lim.major != 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
       nb % 4 != 0 || nb > 1536 || !scales_aligned)
     return false;
-  const size_t smem = ws_layout(lim.reserved, nb, NT).total;
+  const size_t smem = ws_layout(lim.reserved, nb, NT, MW).total;
   if (smem > lim.smem_optin) return false;
-  auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT>;
+  auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW>;
   {
     // The kernel's body exists only in sm_90 code: a build whose list lacks 9.0 (the driver would
     // compile the 8.0 PTX, whose body is a trap) falls back to the other kernels.
@@ -1048,8 +1050,8 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   }
   static std::map<std::pair<int, size_t>, int> cache;
   const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
-  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, device, cache, kWsThreads));
-  kernel<<<static_cast<unsigned>(grid), kWsThreads, smem, stream>>>(
+  const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, device, cache, ws_threads(MW)));
+  kernel<<<static_cast<unsigned>(grid), ws_threads(MW), smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
       reinterpret_cast<T*>(out.data_ptr()), lim.reserved);
@@ -1085,6 +1087,11 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
   // (8.5 against 9.1, 18.8 against 19.4).
   const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {  // variant 10: 8 math warps, M <= 16
+    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return;
+    if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
+      return;
+  }
   if ((variant == 0 && ws_default) || variant == 9) {
     bool launched = false;
     if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
