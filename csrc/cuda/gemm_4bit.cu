@@ -46,6 +46,7 @@
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
 #include "qlora/kernels.h"
+#include "qlora/nested_scale.cuh"
 
 namespace qlora::cuda {
 namespace {
@@ -61,11 +62,6 @@ constexpr int kWarps = 8;
 __constant__ float kGemmNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kGemmFP4[16] = {QLORA_FP4_CODE_SIGNED};
 
-__device__ __forceinline__ float mul_ftz(float a, float b) {
-  float r;
-  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
             for (int h = 0; h < 2; ++h) {
               const int64_t bi = qrow[mt][h] + (j >> sub_shift);
               if constexpr (NESTED) {
-                b.s[u][mt][h] = __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8))),
+                b.s[u][mt][h] = nested_scale(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8)),
                                           offset);
               } else {
                 b.s[u][mt][h] = __ldg(sc.absmax + bi);
@@ -523,7 +519,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
         const int64_t bi = min(row0 + r, N - 1) * nb + b;
         if constexpr (NESTED) {
           scales[r * (nb + 1) + b] =
-              __fadd_rn(mul_ftz(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8))), offset);
+              nested_scale(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8)), offset);
         } else {
           scales[r * (nb + 1) + b] = __ldg(sc.absmax + bi);
         }
@@ -571,6 +567,32 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   }
 }
 
+struct DeviceLimits {
+  int major;
+  size_t smem_optin;
+  uint32_t reserved;  // shared memory the system keeps at the start of each block's window
+  int sms;
+};
+
+// The compute capability's major, the opt-in shared memory of a block, the reserved shared memory
+// and the multiprocessors, read once a device.
+DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int major = 0, optin = 0, reserved = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = cache.emplace(device, DeviceLimits{major, static_cast<size_t>(optin), static_cast<uint32_t>(reserved), sms})
+             .first;
+  }
+  return it->second;
+}
+
 // CTAs of `kernel` resident on the device at once with `smem` bytes of dynamic shared memory,
 // cached in `cache` (the caller's, one per kernel) by device and size: the 16-row-tile kernels'
 // shared memory grows with K (the tile's scales). The kernel's shared-memory limit is raised to the
@@ -582,15 +604,14 @@ int resident_ctas(Kernel kernel, size_t smem, int device, std::map<std::pair<int
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find({device, smem});
   if (it == cache.end()) {
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(smem <= static_cast<size_t>(optin), "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
-                optin);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    int per_sm = 0, sms = 0;
+    const DeviceLimits lim = device_limits(device);
+    TORCH_CHECK(smem <= lim.smem_optin, "gemm_4bit: needs ", smem, " bytes of shared memory, the GPU has ",
+                lim.smem_optin);
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(lim.smem_optin)));
+    int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * sms).first;
+    it = cache.emplace(std::make_pair(device, smem), std::max(1, per_sm) * lim.sms).first;
   }
   return it->second;
 }
@@ -865,7 +886,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
             float s[4];
             if constexpr (NESTED) {
 #pragma unroll
-              for (int e = 0; e < 4; ++e) s[e] = __fadd_rn(mul_ftz(ncode[(q[u] >> (8 * e)) & 0xff], nested[u]), offset);
+              for (int e = 0; e < 4; ++e) s[e] = nested_scale(ncode[(q[u] >> (8 * e)) & 0xff], nested[u], offset);
             } else {
               s[0] = v[u].x, s[1] = v[u].y, s[2] = v[u].z, s[3] = v[u].w;
             }
@@ -990,28 +1011,6 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
       stream_fixed_smem_bytes<NT, STAGES>() + 16 * static_cast<size_t>((p.K >> bs_log2) + 1) * sizeof(float);
   launch_tiles<T>(gemm_4bit_stream_kernel<T, NESTED, NT, STAGES>, smem, cache, 16, 8 * NT, x2, M, packed, p, bs_log2,
                   sc, bias, out, stream);
-}
-
-struct DeviceLimits {
-  int major;
-  size_t smem_optin;
-  uint32_t reserved;  // shared memory the system keeps at the start of each block's window
-};
-
-// The compute capability's major and the opt-in shared memory of a block, read once a device.
-DeviceLimits device_limits(int device) {
-  static std::mutex mutex;
-  static std::map<int, DeviceLimits> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    int major = 0, optin = 0, reserved = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-    it = cache.emplace(device, DeviceLimits{major, static_cast<size_t>(optin), static_cast<uint32_t>(reserved)}).first;
-  }
-  return it->second;
 }
 
 // The warp-specialized kernel where it can run: Hopper or later (bulk copies, mbarriers), codes

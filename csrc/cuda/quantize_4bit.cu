@@ -32,17 +32,12 @@
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
 #include "qlora/kernels.h"
+#include "qlora/nested_scale.cuh"
 
 namespace qlora::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float mul_ftz(float a, float b) {
-  float r;
-  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
 
 __device__ __forceinline__ float rcp_approx_ftz(float a) {
   float r;
@@ -354,11 +349,6 @@ __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(const float* 
   }
 }
 
-// The float32 scale of a 4-bit block from its double quantization: bitsandbytes dequantizes the
-// 8-bit code with FMUL.FTZ, then torch adds the offset (IEEE).
-__device__ __forceinline__ float nested_scale(float code_value, float nested_absmax, float offset) {
-  return __fadd_rn(mul_ftz(code_value, nested_absmax), offset);
-}
 
 __device__ __forceinline__ float decode_scale(const float* code, const uint8_t* __restrict__ qabsmax,
                                               const float* __restrict__ nested_absmax, float offset, int64_t b) {
