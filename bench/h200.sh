@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
-#   bash bench/h200.sh OUTDIR [pytest args...]
+#   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
 # pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
 # picks the benchmarks (BENCH= none), GEMM_ARGS adds arguments to bench/gemm.py; SKIP_TESTS=1 skips
@@ -26,7 +26,7 @@ fi
 grep -m1 "qlora_ext: building" "$out/build.log"
 echo "build: $(( $(date +%s) - t0 )) s"
 # Up to 4 processes share the GPU; a worker that crashes is reported and replaced, not fatal.
-cmd="python3 -m pytest tests -q -rfE -n 4 --junitxml=$out/junit.xml ${*:-}"
+cmd="python3 -m pytest -q -rfE -n 4 --junitxml=$out/junit.xml ${*:-tests}"
 t1=$(date +%s)
 rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then

@@ -45,6 +45,7 @@
 
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
+#include "qlora/gemm_4bit_cuda.h"
 #include "qlora/kernels.h"
 #include "qlora/nested_scale.cuh"
 
@@ -113,14 +114,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
-
-struct Scales {
-  const float* absmax;         // float32 scales (no double quantization)
-  const uint8_t* qabsmax;      // or their 8-bit codes,
-  const float* nested_absmax;  // the scale of each 256 codes,
-  const float* nested_code;    // the 8-bit map
-  const float* offset;         // and the mean added back
-};
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -1061,6 +1054,8 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
 // The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).
 constexpr int64_t kStreamMaxBlocksPerRow = 1536;
 
+at::Tensor workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream);
+
 template <typename T, bool NESTED>
 void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                   const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
@@ -1073,6 +1068,12 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
   // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
   const bool long_rows = p.K > 16384 && M <= 16;
+  // Variants 11 and 12: the wgmma kernel (csrc/cuda/gemm_4bit_wgmma.cu) at any M, K split as it
+  // chooses (11) or not at all (12).
+  if (variant == 11 || variant == 12) {
+    const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
+    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0)) return;
+  }
   // At 16 < M <= 64 on 8192x28672 the register-fed kernel (variant 5) beat the stream kernel in both
   // sweeps of 2026-11-29 (140 against 151 us at M = 32, 260 against 290 at M = 64).
   if (variant == 0 && M > 16 && p.K > 16384) {

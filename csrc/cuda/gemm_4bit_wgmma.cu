@@ -1,0 +1,395 @@
+// The fused 4-bit product on Hopper's warpgroup MMA (wgmma, sm_90a): out = x @ W^T (+ bias) for
+// medium M, where the products of csrc/cuda/gemm_4bit.cu (mma.sync, each warp reading x again from
+// L1 for every 16 weight rows) spend their time moving x, not multiplying.
+//
+//   - Tile: a CTA owns 128 weight rows x BN tokens (BN = wgmma's N, 32..256). Each of its two
+//     warpgroups multiplies 64 rows by all BN tokens: a token of x in shared memory serves 128 rows,
+//     a weight code (decoded once) serves BN tokens.
+//   - Operands: x is wgmma's B operand, read by the tensor cores from shared memory (a token's 64 k
+//     of a stage are one 128-byte row, stored with the 128-byte swizzle the descriptor names, so the
+//     8 rows of a core matrix fall in different banks). The weight is the A operand, built in
+//     registers: each thread decodes the codes of its fragment (rows g and g + 8 of its warp's 16,
+//     k 2c, 2c + 1, 2c + 8, 2c + 9 of each 16) as bf16(code * scale), computed in float32 from a
+//     16-entry float table (one copy a bank): the same weight dequantize_4bit writes. wgmma then
+//     accumulates in float32 over the whole K range, with no per-block rescaling.
+//   - Pipeline: all 256 threads copy stage j + STAGES - 2 (x, the 128 rows' codes and their block
+//     scales' raw words) with cp.async while stage j is multiplied; the decode of step q + 1 runs
+//     while wgmma q is in flight (wait_group 1); a stage's slot is refilled two stages after it was
+//     read, when no wgmma can still be reading it.
+//   - Grid: one CTA a (row tile, token tile, K split). K is split over CTAs when the tiles alone
+//     would leave SMs idle (4096 rows make 32 tiles for 132 SMs); each split writes float32 partial
+//     sums, and a second kernel adds them in split order: the result is the same bits run to run.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <map>
+#include <mutex>
+
+#include "qlora/codebooks.h"
+#include "qlora/gemm_4bit_cuda.h"
+#include "qlora/nested_scale.cuh"
+#include "qlora/wgmma.cuh"
+
+namespace qlora::cuda {
+namespace {
+
+constexpr int kWgRows = 128;  // weight rows a CTA: two warpgroups of 64
+constexpr int kWgThreads = 256;
+constexpr int kWgStageK = 64;  // k a stage: 128 bytes of x a token, 32 bytes of codes a row
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+__constant__ float kWgNF4[16] = {QLORA_NF4_CODE};
+__constant__ float kWgFP4[16] = {QLORA_FP4_CODE_SIGNED};
+#endif
+
+// A stage: x [BN tokens][128 bytes] (1024-byte aligned: the swizzle atom), the codes [128 rows][32
+// bytes], the scales' raw words [128 rows][2] (the 8-bit code's aligned word and the nested scale,
+// or the float32 scale).
+template <int BN>
+constexpr int wg_stage_bytes() {
+  return BN * 128 + kWgRows * 32 + kWgRows * 8;
+}
+template <int BN, int STAGES>
+constexpr size_t wg_smem_bytes() {
+  return size_t{STAGES} * wg_stage_bytes<BN>() + 1024;  // + 1024: the ring's start is aligned up
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 fills the 16 bytes with zeros: tokens past M multiply as zeros.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// wgmma's shared-memory matrix descriptor for a K-major operand with the 128-byte swizzle: start
+// address, leading byte offset (unused by this layout: 16), stride byte offset 1024 (from one
+// 8-row core-matrix group to the next), swizzle mode 1 (128 bytes) in bits 62-63.
+__device__ __forceinline__ uint64_t swizzle128_descriptor(uint32_t address) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t round_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T round_to(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+template <typename T>
+__device__ __forceinline__ float widen(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+// The registers of a wgmma's A operand must keep their values until the wgmma is known complete
+// (the wait after the next one). The allocator does not know that wgmma reads them late: as soon as
+// their last use is the wgmma it reuses them, and ptxas then waits for every wgmma to finish
+// (WARPGROUP.DEPBAR 0) before the reuse. Folding them into `sink` after the wait keeps them live
+// until there (two LOP3 a step; sink is stored only when M < 0, never).
+__device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4], uint32_t& sink) {
+  sink ^= r[0] ^ r[1] ^ r[2] ^ r[3];
+}
+
+template <typename T, bool NESTED, int BN, int STAGES>
+__global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
+    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
+    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int64_t stages_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ float code_table[16 * 32];  // code v of lane l at v * 32 + l: bank l
+  __shared__ float nested_code[NESTED ? 256 : 1];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t row_tiles = (N + kWgRows - 1) / kWgRows;
+  const int64_t tok_tiles = (M + BN - 1) / BN;
+  int64_t b = blockIdx.x;
+  const int64_t tok0 = (b % tok_tiles) * BN;
+  b /= tok_tiles;
+  const int64_t row0 = (b % row_tiles) * kWgRows;
+  const int64_t split = b / row_tiles;
+  const int64_t first_stage = split * stages_per_split;
+  const int nst = static_cast<int>(min(K / kWgStageK - first_stage, stages_per_split));
+  const int64_t nb = K >> bs_log2;  // blocks a row
+  const int64_t row_bytes = K >> 1;
+
+  for (int i = tid; i < 16 * 32; i += kWgThreads) code_table[i] = (fp4 ? kWgFP4 : kWgNF4)[i >> 5];
+  if constexpr (NESTED) {
+    for (int i = tid; i < 256; i += kWgThreads) nested_code[i] = sc.nested_code[i];
+  }
+  const float offset = NESTED ? *sc.offset : 0.f;
+
+  // The copies of stage j of this split into its ring slot. Rows past N read row N - 1 (their sums
+  // are dropped); tokens past M are zeros.
+  auto issue = [&](int j) {
+    const uint32_t xs = shared_address(ring + (j % STAGES) * wg_stage_bytes<BN>());
+    const uint32_t ws = xs + BN * 128;
+    const uint32_t ss = ws + kWgRows * 32;
+    const int64_t k0 = (first_stage + j) * kWgStageK;
+#pragma unroll
+    for (int i = tid; i < BN * 8; i += kWgThreads) {
+      const int t = i >> 3, chunk = i & 7;
+      const bool valid = tok0 + t < M;
+      copy16(xs + t * 128 + ((chunk ^ (t & 7)) << 4), x + (valid ? tok0 + t : 0) * K + k0 + chunk * 8, valid);
+    }
+    const int r = tid >> 1;
+    const int64_t row = min(row0 + r, N - 1);
+    copy16(ws + r * 32 + (tid & 1) * 16, packed + row * row_bytes + (k0 >> 1) + (tid & 1) * 16, true);
+    const int64_t sr = min(row0 + (tid & 127), N - 1);
+    const int64_t block = sr * nb + (k0 >> bs_log2);
+    if constexpr (NESTED) {
+      // The 8-bit code's aligned 4-byte word (the byte is picked at use), and the nested scale.
+      if (tid < 128) copy4(ss + (tid & 127) * 8, sc.qabsmax + (block & ~int64_t{3}));
+      else copy4(ss + (tid & 127) * 8 + 4, sc.nested_absmax + (block >> 8));
+    } else {
+      if (tid < 128) copy4(ss + tid * 8, sc.absmax + block);
+    }
+  };
+
+  // This thread's rows in the tile: warpgroup wg's warp w holds rows 64 wg + 16 w + g (+ 8).
+  const int r0 = 16 * warp + g;
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int j = 0; j < STAGES - 2; ++j) {
+    if (j < nst) issue(j);
+    copy_commit();
+  }
+  __syncthreads();  // the tables
+
+  const float* lut = code_table + lane;
+  const int shift = 8 * c;
+  uint32_t a[2][4] = {};
+  uint32_t sink = 0;
+  for (int j = 0; j < nst; ++j) {
+    copy_wait<STAGES - 3>();
+    // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    if (j + STAGES - 2 < nst) issue(j + STAGES - 2);
+    copy_commit();
+
+    const uint8_t* slot = ring + (j % STAGES) * wg_stage_bytes<BN>();
+    const uint8_t* ws = slot + BN * 128;
+    const uint8_t* ss = ws + kWgRows * 32;
+    float s[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 8 * h;
+      if constexpr (NESTED) {
+        const int64_t block = min(row0 + r, N - 1) * nb + ((first_stage + j) * kWgStageK >> bs_log2);
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(ss + r * 8);
+        const float nested = *reinterpret_cast<const float*>(ss + r * 8 + 4);
+        s[h] = nested_scale(nested_code[(word >> (8 * (block & 3))) & 0xff], nested, offset);
+      } else {
+        s[h] = *reinterpret_cast<const float*>(ss + r * 8);
+      }
+    }
+    const uint4 w0[2] = {*reinterpret_cast<const uint4*>(ws + r0 * 32),
+                         *reinterpret_cast<const uint4*>(ws + r0 * 32 + 16)};
+    const uint4 w1[2] = {*reinterpret_cast<const uint4*>(ws + (r0 + 8) * 32),
+                         *reinterpret_cast<const uint4*>(ws + (r0 + 8) * 32 + 16)};
+    // Byte c of a word holds k pair (2c, 2c + 1) of its 8 k; the even k in the high nibble.
+    auto decode = [&](uint32_t word, float scale) {
+      const uint32_t v = word >> shift;
+      return round_pair<T>(__fmul_rn(lut[((v >> 4) & 15) * 32], scale), __fmul_rn(lut[(v & 15) * 32], scale));
+    };
+    const uint32_t xs = shared_address(slot);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      // Step q: k 16q .. 16q + 15, words 2q (k 16q .. 16q + 7) and 2q + 1 of rows g and g + 8.
+      const uint4& v0 = w0[q >> 1];
+      const uint4& v1 = w1[q >> 1];
+      const uint32_t lo0 = (q & 1) ? v0.z : v0.x, hi0 = (q & 1) ? v0.w : v0.y;
+      const uint32_t lo1 = (q & 1) ? v1.z : v1.x, hi1 = (q & 1) ? v1.w : v1.y;
+      uint32_t(&f)[4] = a[q & 1];
+      f[0] = decode(lo0, s[0]);
+      f[1] = decode(lo1, s[1]);
+      f[2] = decode(hi0, s[0]);
+      f[3] = decode(hi1, s[1]);
+      wgmma_fence();
+      Wgmma<T, BN>::run(acc, f, swizzle128_descriptor(xs + q * 32));
+      wgmma_commit();
+      wgmma_wait<1>();
+      keep_until_here(a[(q + 1) & 1], sink);  // the wgmma of step q - 1 read these: complete now
+    }
+  }
+  wgmma_wait<0>();
+  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a[0][0] ^ a[1][0]));
+
+  // acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1).
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const int64_t row = row0 + r0 + ((i & 2) ? 8 : 0);
+    const int64_t tok = tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
+    if (row < N && tok < M) {
+      if (partial != nullptr) {
+        partial[(split * M + tok) * N + row] = acc[i];
+      } else {
+        float v = acc[i];
+        if (bias != nullptr) v = __fadd_rn(v, widen(bias[row]));
+        out[tok * N + row] = round_to<T>(v);
+      }
+    }
+  }
+#else
+  __trap();  // the host launches this kernel only where sm_90a code exists
+#endif
+}
+
+// out = the sum of the splits' partial sums, in split order, plus the bias.
+template <typename T>
+__global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
+                                  const T* __restrict__ bias, T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
+    float v = partial[i];
+    for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
+    if (bias != nullptr) v = __fadd_rn(v, widen(bias[i % N]));
+    out[i] = round_to<T>(v);
+  }
+}
+
+struct Occupancy {
+  int ctas_per_sm = 0;
+  int sms = 0;
+  bool has_code = false;
+};
+
+// Per device: whether the kernel has sm_90a code to run, and how many CTAs fit an SM.
+template <typename Kernel>
+Occupancy occupancy(Kernel kernel, size_t smem, int device) {
+  static std::mutex mutex;
+  static std::map<int, Occupancy> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    Occupancy o;
+    int major = 0, optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&o.sms, cudaDevAttrMultiProcessorCount, device));
+#if defined(QLORA_HAS_SM90A)
+    // Only a 9.x device runs the sm_90a code; any other gets the PTX of an older target, whose body
+    // is a trap.
+    if (major == 9 && smem <= static_cast<size_t>(optin)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.ctas_per_sm, kernel, kWgThreads, smem));
+      o.has_code = o.ctas_per_sm > 0;
+    }
+#endif
+    it = cache.emplace(device, o).first;
+  }
+  return it->second;
+}
+
+// The number of K splits: the fewest that keep the CTA slots of the GPU busy (a split count whose
+// last wave is fuller by 5 points of the slots wins over a smaller one), with at least 8 stages
+// (512 k) a split and the partial sums (4 bytes a split, token and row) no more bytes than the
+// codes, so that adding them (mostly in L2) costs little beside the product.
+int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t slots) {
+  auto fill = [&](int64_t s) {
+    const int64_t units = tiles * s;
+    return static_cast<double>(units) / static_cast<double>(((units + slots - 1) / slots) * slots);
+  };
+  int best = 1;
+  for (int s = 2; s <= 16; ++s) {
+    if (stages / s < 8 || int64_t{s} * M * 8 > K) break;
+    if (fill(s) > fill(best) + 0.05) best = s;
+  }
+  return best;
+}
+
+template <typename T, bool NESTED, int BN, int STAGES>
+bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+            const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
+            const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+  auto kernel = gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
+  constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
+  const Occupancy occ = occupancy(kernel, smem, x2.get_device());
+  if (!occ.has_code) return false;
+  const int64_t stages = p.K / kWgStageK;
+  const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
+  const int splits = forced_splits > 0 ? static_cast<int>(std::min<int64_t>(forced_splits, stages))
+                                       : choose_splits(tiles, stages, M, p.K, int64_t{occ.ctas_per_sm} * occ.sms);
+  const int64_t per_split = (stages + splits - 1) / splits;
+  const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
+  at::Tensor part;
+  if (used_splits > 1) part = partials(used_splits * M * p.N);
+  const T* bias_ptr = bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
+  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  kernel<<<static_cast<unsigned>(tiles * used_splits), kWgThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
+      p.quant_type == QuantType::FP4 ? 1 : 0, bias_ptr, out_ptr, used_splits > 1 ? part.data_ptr<float>() : nullptr,
+      per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (used_splits > 1) {
+    const int64_t mn = M * p.N;
+    const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{occ.sms} * 8);
+    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(part.const_data_ptr<float>(),
+                                                                              static_cast<int>(used_splits), mn, p.N,
+                                                                              bias_ptr, out_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return true;
+}
+
+// Stages a CTA by token tile: enough codes in flight to cover DRAM latency (two or three CTAs an
+// SM at BN <= 128), within the shared memory of one (BN = 256) or two CTAs.
+template <typename T, bool NESTED>
+bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+              const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
+              const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+  if (M <= 32) return launch<T, NESTED, 32, 7>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  if (M <= 64) return launch<T, NESTED, 64, 6>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  if (M <= 128) return launch<T, NESTED, 128, 5>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  return launch<T, NESTED, 256, 5>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+}
+
+}  // namespace
+
+bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                     const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
+                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+  // Whole stages of 64 k (the caller has K % blocksize == 0 with blocksize >= 64), 16-byte copies of
+  // x and the codes, 4-byte copies of the scales' words.
+  if (p.K % kWgStageK != 0 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
+      (sc.qabsmax != nullptr && reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 != 0))
+    return false;
+  const bool nested = sc.qabsmax != nullptr;
+  if (x2.scalar_type() == at::kHalf) {
+    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits)
+                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  }
+  return nested
+             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits)
+             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+}
+
+}  // namespace qlora::cuda
