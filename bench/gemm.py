@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--ops", default="gemm,gemm_t")
     ap.add_argument("--sweep", action="store_true", help="also time both paths at medium M (op gemm_path)")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sweep (no gemm / gemm_t rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -138,7 +139,7 @@ def main() -> None:
         bf16 = [w_deq.clone() for _ in range(copies16)]
         w_bytes4 = packed.numel() + state.absmax.numel() + state.state2.absmax.numel() * 4
         for op in ops:
-            for m in ms_list:
+            for m in [] if args.sweep_only else ms_list:
                 inner, outer = (k, n) if op == "gemm" else (n, k)
                 x = (torch.randn(m, inner, device="cuda", generator=g)).to(torch.bfloat16)
                 ref = x.double() @ (wd.T if op == "gemm" else wd)
@@ -189,7 +190,7 @@ def main() -> None:
                 # fused1 / fused5: the register-fed kernel at M <= 8 / M > 16; fused11 / fused12:
                 # the wgmma kernel with / without K splits. (Variants 2, 6 and 7
                 # lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
-                for m in (1, 8, 16, 32, 64, 128, 256):
+                for m in (1, 8, 16, 32, 64, 128, 256, 1024):
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
                     paths = [("fused0", 1 << 40, 0)]
@@ -199,6 +200,8 @@ def main() -> None:
                     paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
                     paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
                     paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []
+                    if m > 256:
+                        paths = [p for p in paths if p[0] in ("fused11", "cublas")]
                     paths += [("cublas", 0, 0)] if m >= 16 else []
                     graphs = {}
                     for path, limit, variant in paths:
@@ -217,10 +220,12 @@ def main() -> None:
                         finally:
                             _C._set_gemm_fused_max_m(previous)
                             _C._set_gemm_variant(previous_variant)
+                    graphs["torch_bf16"] = capture(lambda i: torch.matmul(x, bf16[i % copies16].t()), copies16)
                     res = time_graphs(graphs)
                     del graphs
                     for path, ms in res.items():
-                        rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k, "M": m,
+                        impl = path if path == "torch_bf16" else f"qlora_ext_{path}"
+                        rows.append({"op": "gemm_path", "impl": impl, "n": n, "k": k, "M": m,
                                      "dtype": "bfloat16", "ms": round(ms, 5)})  # fmt: skip
                     print(f"path   {n:5d}x{k:<5d} M={m:<5d} " + "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items()),
                           flush=True)  # fmt: skip
