@@ -26,11 +26,12 @@ fi
 grep -m1 "qlora_ext: building" "$out/build.log"
 echo "build: $(( $(date +%s) - t0 )) s"
 # Up to 4 processes share the GPU; a worker that crashes is reported and replaced, not fatal.
-cmd="python3 -m pytest -q -rfE -n 4 --junitxml=$out/junit.xml ${*:-tests}"
+[ $# -gt 0 ] || set -- tests
+cmd="python3 -m pytest -q -rfE -n 4 --junitxml=$out/junit.xml $*"
 t1=$(date +%s)
 rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
-$cmd > "$out/pytest.log" 2>&1
+python3 -m pytest -q -rfE -n 4 --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40
 tail -3 "$out/pytest.log"
@@ -44,7 +45,7 @@ if [ -n "${PROFILE:-}" ]; then
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section Occupancy --section SchedulerStats --section LaunchStats \
     --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
-    python3 bench/profile_gemm.py 28672 8192 1 ${PROFILE_VARIANT:-0} > "$out/ncu-gemm.txt" 2>&1
+    python3 bench/profile_gemm.py ${PROFILE_SHAPE:-28672 8192} ${PROFILE_M:-1} ${PROFILE_VARIANT:-0} > "$out/ncu-gemm.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.

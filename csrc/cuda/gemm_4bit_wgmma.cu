@@ -104,12 +104,13 @@ __device__ __forceinline__ float widen(T v) {
 }
 
 // The registers of a wgmma's A operand must keep their values until the wgmma is known complete
-// (the wait after the next one). The allocator does not know that wgmma reads them late: as soon as
+// (the wait after the next group). The allocator does not know that wgmma reads them late: as soon as
 // their last use is the wgmma it reuses them, and ptxas then waits for every wgmma to finish
 // (WARPGROUP.DEPBAR 0) before the reuse. Folding them into `sink` after the wait keeps them live
-// until there (two LOP3 a step; sink is stored only when M < 0, never).
-__device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4], uint32_t& sink) {
-  sink ^= r[0] ^ r[1] ^ r[2] ^ r[3];
+// until there (a few LOP3 a stage; sink is stored only when M < 0, never).
+__device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4][4], uint32_t& sink) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) sink ^= r[q][0] ^ r[q][1] ^ r[q][2] ^ r[q][3];
 }
 
 template <typename T, bool NESTED, int BN, int STAGES>
@@ -185,9 +186,11 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
 
   const float* lut = code_table + lane;
   const int shift = 8 * c;
-  uint32_t a[2][4] = {};
+  // A stage's four A fragments, two sets: the wgmma group of stage j reads one set while stage
+  // j + 1 decodes into the other.
+  uint32_t a0[4][4] = {}, a1[4][4] = {};
   uint32_t sink = 0;
-  for (int j = 0; j < nst; ++j) {
+  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
     copy_wait<STAGES - 3>();
     // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -220,28 +223,32 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
       const uint32_t v = word >> shift;
       return round_pair<T>(__fmul_rn(lut[((v >> 4) & 15) * 32], scale), __fmul_rn(lut[(v & 15) * 32], scale));
     };
-    const uint32_t xs = shared_address(slot);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       // Step q: k 16q .. 16q + 15, words 2q (k 16q .. 16q + 7) and 2q + 1 of rows g and g + 8.
       const uint4& v0 = w0[q >> 1];
       const uint4& v1 = w1[q >> 1];
-      const uint32_t lo0 = (q & 1) ? v0.z : v0.x, hi0 = (q & 1) ? v0.w : v0.y;
-      const uint32_t lo1 = (q & 1) ? v1.z : v1.x, hi1 = (q & 1) ? v1.w : v1.y;
-      uint32_t(&f)[4] = a[q & 1];
-      f[0] = decode(lo0, s[0]);
-      f[1] = decode(lo1, s[1]);
-      f[2] = decode(hi0, s[0]);
-      f[3] = decode(hi1, s[1]);
-      wgmma_fence();
-      Wgmma<T, BN>::run(acc, f, swizzle128_descriptor(xs + q * 32));
-      wgmma_commit();
-      wgmma_wait<1>();
-      keep_until_here(a[(q + 1) & 1], sink);  // the wgmma of step q - 1 read these: complete now
+      a[q][0] = decode((q & 1) ? v0.z : v0.x, s[0]);
+      a[q][1] = decode((q & 1) ? v1.z : v1.x, s[1]);
+      a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
+      a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
     }
+    const uint32_t xs = shared_address(slot);
+    wgmma_fence();
+#pragma unroll
+    for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], swizzle128_descriptor(xs + q * 32));
+    wgmma_commit();
+    wgmma_wait<1>();
+    keep_until_here(previous, sink);  // the previous stage's group read these: complete now
+  };
+  int j = 0;
+  for (; j + 1 < nst; j += 2) {
+    stage(j, a0, a1);
+    stage(j + 1, a1, a0);
   }
+  if (j < nst) stage(j, a0, a1);
   wgmma_wait<0>();
-  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a[0][0] ^ a[1][0]));
+  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
 
   // acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1).
 #pragma unroll
@@ -281,13 +288,15 @@ struct Occupancy {
   bool has_code = false;
 };
 
-// Per device: whether the kernel has sm_90a code to run, and how many CTAs fit an SM.
+// Per kernel and device: whether the kernel has sm_90a code to run, and how many CTAs fit an SM.
+// (Keyed by the kernel itself: the instantiations share one function type.)
 template <typename Kernel>
 Occupancy occupancy(Kernel kernel, size_t smem, int device) {
   static std::mutex mutex;
-  static std::map<int, Occupancy> cache;
+  static std::map<std::pair<const void*, int>, Occupancy> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  auto it = cache.find(key);
   if (it == cache.end()) {
     Occupancy o;
     int major = 0, optin = 0;
@@ -303,7 +312,7 @@ Occupancy occupancy(Kernel kernel, size_t smem, int device) {
       o.has_code = o.ctas_per_sm > 0;
     }
 #endif
-    it = cache.emplace(device, o).first;
+    it = cache.emplace(key, o).first;
   }
   return it->second;
 }
