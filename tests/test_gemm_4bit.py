@@ -342,8 +342,15 @@ def test_cuda_graph_capture_and_replay(gen, m):
     bias = make_input((n,), torch.bfloat16, "cuda", gen)
     x = make_input((m, k), torch.bfloat16, "cuda", gen)
     g_in = make_input((m, n), torch.bfloat16, "cuda", gen)
-    F.release_gemm_workspaces()  # the capture itself must find its workspace
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # Warm-up before capture, as torch.cuda.graphs asks: cuBLAS creates its handle on first use,
+        # which a capture cannot do (the first test of a worker process would fail for that alone).
+        F.gemm_4bit(x, packed, state, bias)
+        F.gemm_4bit_transposed(g_in, packed, state)
+    torch.cuda.current_stream().wait_stream(stream)
+    F.release_gemm_workspaces()  # the capture itself must find its workspace
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):

@@ -114,7 +114,7 @@ __device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4][4], uint3
 }
 
 template <typename T, bool NESTED, int BN, int STAGES>
-__global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
+__global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
     const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
     Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int64_t stages_per_split) {
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
   const int64_t row0 = (b % row_tiles) * kWgRows;
   const int64_t split = b / row_tiles;
   const int64_t first_stage = split * stages_per_split;
-  const int nst = static_cast<int>(min(K / kWgStageK - first_stage, stages_per_split));
+  const int nst = static_cast<int>(min(K / kWgStageK - first_stage, stages_per_split));  // >= 1: see launch
   const int64_t nb = K >> bs_log2;  // blocks a row
   const int64_t row_bytes = K >> 1;
 
@@ -144,30 +144,41 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
   }
   const float offset = NESTED ? *sc.offset : 0.f;
 
-  // The copies of stage j of this split into its ring slot. Rows past N read row N - 1 (their sums
-  // are dropped); tokens past M are zeros.
-  auto issue = [&](int j) {
-    const uint32_t xs = shared_address(ring + (j % STAGES) * wg_stage_bytes<BN>());
-    const uint32_t ws = xs + BN * 128;
-    const uint32_t ss = ws + kWgRows * 32;
-    const int64_t k0 = (first_stage + j) * kWgStageK;
+  // What each thread copies a stage, its addresses set here once and advanced 64 k a stage: x's
+  // 16-byte chunk xchunk of tokens xt + 32u (zeros past M), 16 bytes of codes of row tid / 2, and
+  // the scale words of row tid % 128. Rows past N read row N - 1 (their sums are dropped).
+  constexpr int kXCopies = BN * 8 / kWgThreads;
+  const int xt = tid >> 3, xchunk = tid & 7;
+  const T* x_src = x + (tok0 + xt) * K + first_stage * kWgStageK + xchunk * 8;
+  const int64_t x_stride = 32 * K;  // from token t to t + 32
+  uint32_t x_valid = 0;
 #pragma unroll
-    for (int i = tid; i < BN * 8; i += kWgThreads) {
-      const int t = i >> 3, chunk = i & 7;
-      const bool valid = tok0 + t < M;
-      copy16(xs + t * 128 + ((chunk ^ (t & 7)) << 4), x + (valid ? tok0 + t : 0) * K + k0 + chunk * 8, valid);
+  for (int u = 0; u < kXCopies; ++u) x_valid |= (tok0 + xt + 32 * u < M ? 1u : 0u) << u;
+  const uint32_t x_dst = xt * 128 + ((xchunk ^ (xt & 7)) << 4);  // 128-byte swizzle; + 4096 a u
+  const uint8_t* code_src =
+      packed + min(row0 + (tid >> 1), N - 1) * row_bytes + first_stage * (kWgStageK / 2) + (tid & 1) * 16;
+  const uint32_t code_dst = BN * 128 + (tid >> 1) * 32 + (tid & 1) * 16;
+  const int64_t scale_row_block = min(row0 + (tid & 127), N - 1) * nb;
+  const uint32_t scale_dst = BN * 128 + kWgRows * 32 + (tid & 127) * 8;
+  const int stage_shift = bs_log2 - 6;  // a stage's block: its index in the row >> stage_shift
+  const uint32_t ring_address = shared_address(ring);
+
+  auto issue = [&](int j, uint32_t slot) {
+    const uint32_t base = ring_address + slot;
+    const int64_t step = int64_t{j} * kWgStageK;
+#pragma unroll
+    for (int u = 0; u < kXCopies; ++u) {
+      const bool valid = (x_valid >> u) & 1;
+      copy16(base + x_dst + u * 4096, valid ? x_src + u * x_stride + step : x, valid);
     }
-    const int r = tid >> 1;
-    const int64_t row = min(row0 + r, N - 1);
-    copy16(ws + r * 32 + (tid & 1) * 16, packed + row * row_bytes + (k0 >> 1) + (tid & 1) * 16, true);
-    const int64_t sr = min(row0 + (tid & 127), N - 1);
-    const int64_t block = sr * nb + (k0 >> bs_log2);
+    copy16(base + code_dst, code_src + (step >> 1), true);
+    const int64_t block = scale_row_block + ((first_stage + j) >> stage_shift);
     if constexpr (NESTED) {
       // The 8-bit code's aligned 4-byte word (the byte is picked at use), and the nested scale.
-      if (tid < 128) copy4(ss + (tid & 127) * 8, sc.qabsmax + (block & ~int64_t{3}));
-      else copy4(ss + (tid & 127) * 8 + 4, sc.nested_absmax + (block >> 8));
+      if (tid < 128) copy4(base + scale_dst, sc.qabsmax + (block & ~int64_t{3}));
+      else copy4(base + scale_dst + 4, sc.nested_absmax + (block >> 8));
     } else {
-      if (tid < 128) copy4(ss + tid * 8, sc.absmax + block);
+      if (tid < 128) copy4(base + scale_dst, sc.absmax + block);
     }
   };
 
@@ -177,52 +188,64 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
+  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
 #pragma unroll
   for (int j = 0; j < STAGES - 2; ++j) {
-    if (j < nst) issue(j);
+    if (j < nst) issue(j, j * kStageBytes);
     copy_commit();
   }
   __syncthreads();  // the tables
 
-  const float* lut = code_table + lane;
-  const int shift = 8 * c;
+  // The codes' table lookup: byte c of a word holds k pair (2c, 2c + 1) of its 8 k, the even k in
+  // the high nibble. Rotating the word right by 8c - 3 (- 7) puts the high (low) nibble at bits
+  // 7-10, the entry's byte offset in the table; lane * 4 in bits 2-6 picks the lane's copy.
+  const char* table = reinterpret_cast<const char*>(code_table);
+  const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
+  const uint32_t rot_hi = (8 * c - 3) & 31, rot_lo = (8 * c - 7) & 31;
+  auto decode = [&](uint32_t word, float scale) {
+    const float hi = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_hi) & 0x780u) | lane4));
+    const float lo = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_lo) & 0x780u) | lane4));
+    return round_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
+  };
+  const uint32_t code_at = BN * 128 + r0 * 32;                 // rows r0 and r0 + 8 (+ 256)
+  const uint32_t scale_at = BN * 128 + kWgRows * 32 + r0 * 8;  // (+ 64)
+  uint32_t scale_byte_base[2];  // the low bits of the rows' first block index
+#pragma unroll
+  for (int h = 0; h < 2; ++h) scale_byte_base[h] = static_cast<uint32_t>(min(row0 + r0 + 8 * h, N - 1) * nb);
+
   // A stage's four A fragments, two sets: the wgmma group of stage j reads one set while stage
   // j + 1 decodes into the other.
   uint32_t a0[4][4] = {}, a1[4][4] = {};
   uint32_t sink = 0;
+  uint32_t read_slot = 0, write_slot = (STAGES - 2) * kStageBytes;
   auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
     copy_wait<STAGES - 3>();
     // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    if (j + STAGES - 2 < nst) issue(j + STAGES - 2);
+    if (j + STAGES - 2 < nst) issue(j + STAGES - 2, write_slot);
     copy_commit();
+    write_slot = write_slot == (STAGES - 1) * kStageBytes ? 0 : write_slot + kStageBytes;
 
-    const uint8_t* slot = ring + (j % STAGES) * wg_stage_bytes<BN>();
-    const uint8_t* ws = slot + BN * 128;
-    const uint8_t* ss = ws + kWgRows * 32;
+    const uint8_t* slot = ring + read_slot;
     float s[2];
+    if constexpr (NESTED) {
+      const uint32_t block = static_cast<uint32_t>((first_stage + j) >> stage_shift);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = r0 + 8 * h;
-      if constexpr (NESTED) {
-        const int64_t block = min(row0 + r, N - 1) * nb + ((first_stage + j) * kWgStageK >> bs_log2);
-        const uint32_t word = *reinterpret_cast<const uint32_t*>(ss + r * 8);
-        const float nested = *reinterpret_cast<const float*>(ss + r * 8 + 4);
-        s[h] = nested_scale(nested_code[(word >> (8 * (block & 3))) & 0xff], nested, offset);
-      } else {
-        s[h] = *reinterpret_cast<const float*>(ss + r * 8);
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(slot + scale_at + 64 * h);
+        const float nested = *reinterpret_cast<const float*>(slot + scale_at + 64 * h + 4);
+        const uint32_t byte = (scale_byte_base[h] + block) & 3;
+        s[h] = nested_scale(nested_code[(word >> (8 * byte)) & 0xff], nested, offset);
       }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) s[h] = *reinterpret_cast<const float*>(slot + scale_at + 64 * h);
     }
-    const uint4 w0[2] = {*reinterpret_cast<const uint4*>(ws + r0 * 32),
-                         *reinterpret_cast<const uint4*>(ws + r0 * 32 + 16)};
-    const uint4 w1[2] = {*reinterpret_cast<const uint4*>(ws + (r0 + 8) * 32),
-                         *reinterpret_cast<const uint4*>(ws + (r0 + 8) * 32 + 16)};
-    // Byte c of a word holds k pair (2c, 2c + 1) of its 8 k; the even k in the high nibble.
-    auto decode = [&](uint32_t word, float scale) {
-      const uint32_t v = word >> shift;
-      return round_pair<T>(__fmul_rn(lut[((v >> 4) & 15) * 32], scale), __fmul_rn(lut[(v & 15) * 32], scale));
-    };
+    const uint4 w0[2] = {*reinterpret_cast<const uint4*>(slot + code_at),
+                         *reinterpret_cast<const uint4*>(slot + code_at + 16)};
+    const uint4 w1[2] = {*reinterpret_cast<const uint4*>(slot + code_at + 256),
+                         *reinterpret_cast<const uint4*>(slot + code_at + 272)};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       // Step q: k 16q .. 16q + 15, words 2q (k 16q .. 16q + 7) and 2q + 1 of rows g and g + 8.
@@ -233,7 +256,8 @@ __global__ void __launch_bounds__(kWgThreads) gemm_4bit_wgmma_kernel(
       a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
       a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
     }
-    const uint32_t xs = shared_address(slot);
+    const uint32_t xs = ring_address + read_slot;
+    read_slot = read_slot == (STAGES - 1) * kStageBytes ? 0 : read_slot + kStageBytes;
     wgmma_fence();
 #pragma unroll
     for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], swizzle128_descriptor(xs + q * 32));
