@@ -23,10 +23,12 @@
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
-//     (_set_gemm_variant) pick any of them.
+//     (_set_gemm_variant) pick any of them. At 32 < M <= 256 on Hopper the wgmma kernel
+//     (csrc/cuda/gemm_4bit_wgmma.cu) takes over where it measured faster (dispatch_mma).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
-// multiplies. The crossover (kDefaultFusedMaxM) is the H200 measurement in bench/results.
+// multiplies. The crossovers (kDefaultFusedMaxM, dispatch_mma) are H200 measurements in bench/results.
+// Medium M on Hopper: the wgmma kernel of csrc/cuda/gemm_4bit_wgmma.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -52,9 +54,10 @@
 namespace qlora::cuda {
 namespace {
 
-// M up to which the fused kernels beat dequantize + cuBLAS on the H200 (bench/gemm.py --sweep,
-// op gemm_path in bench/results).
-constexpr int64_t kDefaultFusedMaxM = 64;
+// M up to which a fused kernel can beat dequantize + cuBLAS on the H200 (bench/gemm.py --sweep, op
+// gemm_path in bench/results): the mma.sync kernels up to M = 64, the wgmma kernel up to 256.
+constexpr int64_t kDefaultFusedMaxM = 256;
+constexpr int64_t kMmaMaxM = 64;
 
 constexpr int kSubK = 64;       // k of a sub-block: 32 packed bytes of a row, 4 mma steps
 constexpr int kLutCopies = 32;  // one copy of the pair table per shared-memory bank
@@ -1056,9 +1059,12 @@ constexpr int64_t kStreamMaxBlocksPerRow = 1536;
 
 at::Tensor workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream);
 
+// Launches a fused kernel and returns true, or returns false where dequantize + cuBLAS is faster
+// (the default above M = 64 when the wgmma kernel cannot run or does not win; `forced`: a fused
+// kernel at any M, for tests and benchmarks).
 template <typename T, bool NESTED>
-void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                  const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
+                  const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream, bool forced) {
 #define QLORA_LAUNCH(MT, NT, U, PIPE) launch_mma<T, NESTED, MT, NT, U, PIPE>(x2, M, packed, p, bs_log2, sc, bias, out, stream)
   // Benchmarks compare tile shapes through _set_gemm_variant (bf16 with double quantization only).
   const int variant = g_gemm_variant.load(std::memory_order_relaxed);
@@ -1068,17 +1074,25 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1), on 28672x8192 and 4096x4096 the stream kernel won (71 against 85 us): the long rows'
   // scale prologue and short tiles favour it there. Rows of more than 16384 k take the registers.
   const bool long_rows = p.K > 16384 && M <= 16;
-  // Variants 11 and 12: the wgmma kernel (csrc/cuda/gemm_4bit_wgmma.cu) at any M, K split as it
-  // chooses (11) or not at all (12).
-  if (variant == 11 || variant == 12) {
+  // The wgmma kernel (csrc/cuda/gemm_4bit_wgmma.cu): variants 11 and 12 at any M, K split as it
+  // chooses (11) or not at all (12); by default at 32 < M <= 128, and at M <= 256 with rows of 8192
+  // k or more. In the sweep of 1785878 (H200, 2026-11-29) it beat the stream kernel at M = 64 on
+  // all six shapes (8192x8192: 49.2 against 62.2 us; 8192x28672: 143 against 263) and cuBLAS on
+  // the dequantized weight at M = 128 (64.0 against 87.2; 193 against 290), at M = 256 only with
+  // K >= 8192 (86.4 against 95.9 on 8192x8192; 78.5 against 66.6 on 11008x4096); at M = 32 the
+  // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
+  const bool wgmma_default = variant == 0 && M > 32 && (M <= 128 || (M <= 256 && p.K >= 8192));
+  if (variant == 11 || variant == 12 || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
-    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0)) return;
+    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0))
+      return true;
   }
+  if (variant == 0 && M > kMmaMaxM && !forced) return false;
   // At 16 < M <= 64 on 8192x28672 the register-fed kernel (variant 5) beat the stream kernel in both
   // sweeps of 2026-11-29 (140 against 151 us at M = 32, 260 against 290 at M = 64).
   if (variant == 0 && M > 16 && p.K > 16384) {
     QLORA_LAUNCH(2, 4, 1, true);
-    return;
+    return true;
   }
   // Variant 9: the warp-specialized kernel at every M. (Prefetching whole rows of the tile 1, 2 or 4
   // tiles ahead into L2 made it slower: 62-65 against 56 us on 28672x8192 at M = 1.)
@@ -1088,9 +1102,9 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // (8.5 against 9.1, 18.8 against 19.4).
   const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
   if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {  // variant 10: 8 math warps, M <= 16
-    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return;
+    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
-      return;
+      return true;
   }
   if ((variant == 0 && ws_default) || variant == 9) {
     bool launched = false;
@@ -1098,22 +1112,23 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
     else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
     else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    if (launched) return;
+    if (launched) return true;
   }
   // Variant 8: the stream kernel where the warp-specialized one would run.
   if (streamable && (variant == 8 || (variant == 0 && !long_rows))) {
     // Token tiles of 8 * NT: one tile up to M = 64; beyond, each tile streams the weight again
     // (from L2 when the tiles of one row block run together, as the tile order makes them).
-    if (M <= 8) return launch_stream<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    if (M <= 16) return launch_stream<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    if (M <= 32) return launch_stream<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    return launch_stream<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (M <= 8) launch_stream<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 16) launch_stream<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else if (M <= 32) launch_stream<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    else launch_stream<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    return true;
   }
   if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
     switch (variant) {
-      case 1: if (M <= 8) return QLORA_LAUNCH(1, 1, 2, true); break;
-      case 2: if (M <= 16) return QLORA_LAUNCH(1, 2, 1, true); break;
-      case 5: if (M > 16) return QLORA_LAUNCH(2, 4, 1, true); break;
+      case 1: if (M <= 8) { QLORA_LAUNCH(1, 1, 2, true); return true; } break;
+      case 2: if (M <= 16) { QLORA_LAUNCH(1, 2, 1, true); return true; } break;
+      case 5: if (M > 16) { QLORA_LAUNCH(2, 4, 1, true); return true; } break;
       default: break;
     }
   }
@@ -1122,6 +1137,7 @@ void dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   if (M <= 8) QLORA_LAUNCH(1, 1, 2, true);
   else if (M <= 16) QLORA_LAUNCH(1, 2, 1, true);
   else QLORA_LAUNCH(2, 4, 1, true);
+  return true;
 #undef QLORA_LAUNCH
 }
 
@@ -1220,17 +1236,21 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed_in, cons
     const at::Tensor* bp = bias.has_value() ? &b : nullptr;
     const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
     Scales sc{};
+    const bool forced = max_m >= 0;
+    bool launched = false;
     if (s.nested_absmax.has_value()) {
       sc = {nullptr, s.absmax.const_data_ptr<uint8_t>(), s.nested_absmax->const_data_ptr<float>(),
             s.nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>()};
-      if (x.scalar_type() == at::kHalf) dispatch_mma<__half, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
-      else dispatch_mma<__nv_bfloat16, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+      launched = x.scalar_type() == at::kHalf
+                     ? dispatch_mma<__half, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream, forced)
+                     : dispatch_mma<__nv_bfloat16, true>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream, forced);
     } else {
       sc = {s.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
-      if (x.scalar_type() == at::kHalf) dispatch_mma<__half, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
-      else dispatch_mma<__nv_bfloat16, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream);
+      launched = x.scalar_type() == at::kHalf
+                     ? dispatch_mma<__half, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream, forced)
+                     : dispatch_mma<__nv_bfloat16, false>(x2, M, s.packed, p, bs_log2, sc, bp, out2, stream, forced);
     }
-    return out;
+    if (launched) return out;
   }
   const at::Tensor W = dequantized_weight(p, s, offset, blocksize, x.scalar_type(), x.device(), stream);
   if (bias.has_value()) at::addmm_out(out2, *bias, x2, W.t());
