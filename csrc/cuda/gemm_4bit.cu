@@ -48,6 +48,7 @@
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/mbarrier.cuh"
 #include "qlora/kernels.h"
 #include "qlora/nested_scale.cuh"
 
@@ -690,31 +691,9 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
-}
-// Returns once the phase with the given parity has completed (a fresh barrier counts its phase
-// "before 0", parity 1, as completed).
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
 }
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
@@ -1081,10 +1060,12 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // the dequantized weight at M = 128 (64.0 against 87.2; 193 against 290), at M = 256 only with
   // K >= 8192 (86.4 against 95.9 on 8192x8192; 78.5 against 66.6 on 11008x4096); at M = 32 the
   // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
+  // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128.
   const bool wgmma_default = variant == 0 && M > 32 && (M <= 128 || (M <= 256 && p.K >= 8192));
-  if (variant == 11 || variant == 12 || wgmma_default) {
+  if (variant == 11 || variant == 12 || variant == 13 || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
-    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0))
+    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0,
+                        variant == 13))
       return true;
   }
   if (variant == 0 && M > kMmaMaxM && !forced) return false;

@@ -29,6 +29,7 @@
 
 #include "qlora/codebooks.h"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/mbarrier.cuh"
 #include "qlora/nested_scale.cuh"
 #include "qlora/wgmma.cuh"
 
@@ -113,121 +114,133 @@ __device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4][4], uint3
   for (int q = 0; q < 4; ++q) sink ^= r[q][0] ^ r[q][1] ^ r[q][2] ^ r[q][3];
 }
 
-template <typename T, bool NESTED, int BN, int STAGES>
-__global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
-    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
-    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int64_t stages_per_split) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ float code_table[16 * 32];  // code v of lane l at v * 32 + l: bank l
-  __shared__ float nested_code[NESTED ? 256 : 1];
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, c = lane & 3;
+// A CTA's work: 128 weight rows from row0, BN tokens from tok0, stages [first_stage,
+// first_stage + nst) of K split `split`. Grid order: token tiles fastest (the CTAs that share
+// weight rows run together), then row tiles, then splits.
+struct WgTile {
+  int64_t row0, tok0, split, first_stage;
+  int nst;
+};
+__device__ __forceinline__ WgTile wg_tile(int64_t M, int64_t N, int64_t K, int bn, int64_t stages_per_split) {
   const int64_t row_tiles = (N + kWgRows - 1) / kWgRows;
-  const int64_t tok_tiles = (M + BN - 1) / BN;
+  const int64_t tok_tiles = (M + bn - 1) / bn;
   int64_t b = blockIdx.x;
-  const int64_t tok0 = (b % tok_tiles) * BN;
+  WgTile t;
+  t.tok0 = (b % tok_tiles) * bn;
   b /= tok_tiles;
-  const int64_t row0 = (b % row_tiles) * kWgRows;
-  const int64_t split = b / row_tiles;
-  const int64_t first_stage = split * stages_per_split;
-  const int nst = static_cast<int>(min(K / kWgStageK - first_stage, stages_per_split));  // >= 1: see launch
-  const int64_t nb = K >> bs_log2;  // blocks a row
-  const int64_t row_bytes = K >> 1;
+  t.row0 = (b % row_tiles) * kWgRows;
+  t.split = b / row_tiles;
+  t.first_stage = t.split * stages_per_split;
+  t.nst = static_cast<int>(min(K / kWgStageK - t.first_stage, stages_per_split));  // >= 1: see launch
+  return t;
+}
 
-  for (int i = tid; i < 16 * 32; i += kWgThreads) code_table[i] = (fp4 ? kWgFP4 : kWgNF4)[i >> 5];
-  if constexpr (NESTED) {
-    for (int i = tid; i < 256; i += kWgThreads) nested_code[i] = sc.nested_code[i];
-  }
-  const float offset = NESTED ? *sc.offset : 0.f;
+// The copies of a stage by COPIERS threads (`copier`: this thread's index among them), addresses
+// set once and advanced 64 k a stage: x's 16-byte chunk copier % 8 of tokens copier / 8 +
+// u * COPIERS / 8 (zeros past M), the codes' 16-byte chunks copier + i * COPIERS (row chunk / 2),
+// and scale words copier + i * COPIERS of the 256 (row w % 128; w < 128: the float32 scale or the
+// 8-bit code's aligned word, else the nested scale). Rows past N read row N - 1 (their sums are
+// dropped).
+template <typename T, bool NESTED, int BN, int COPIERS>
+struct StageCopies {
+  static constexpr int kX = BN * 8 / COPIERS;
+  static constexpr int kChunks = kWgRows * 2 / COPIERS;
+  const T* x;
+  const T* x_src;
+  int64_t x_stride;
+  uint32_t x_valid = 0, x_dst;
+  const uint8_t* code_src[kChunks];
+  const void* scale_src[kChunks];  // the row's first block (float32 scale, code or nested scale array)
+  int64_t scale_block[kChunks];    // the row's first block index
+  int first_stage, stage_shift;
 
-  // What each thread copies a stage, its addresses set here once and advanced 64 k a stage: x's
-  // 16-byte chunk xchunk of tokens xt + 32u (zeros past M), 16 bytes of codes of row tid / 2, and
-  // the scale words of row tid % 128. Rows past N read row N - 1 (their sums are dropped).
-  constexpr int kXCopies = BN * 8 / kWgThreads;
-  const int xt = tid >> 3, xchunk = tid & 7;
-  const T* x_src = x + (tok0 + xt) * K + first_stage * kWgStageK + xchunk * 8;
-  const int64_t x_stride = 32 * K;  // from token t to t + 32
-  uint32_t x_valid = 0;
+  __device__ __forceinline__ StageCopies(int copier, const T* x_, int64_t M, const uint8_t* packed, int64_t N,
+                                         int64_t K, int bs_log2, const Scales& sc, const WgTile& t)
+      : x(x_), first_stage(static_cast<int>(t.first_stage)), stage_shift(bs_log2 - 6) {
+    const int xt = copier >> 3, xchunk = copier & 7;
+    x_src = x + (t.tok0 + xt) * K + t.first_stage * kWgStageK + xchunk * 8;
+    x_stride = (COPIERS / 8) * K;
 #pragma unroll
-  for (int u = 0; u < kXCopies; ++u) x_valid |= (tok0 + xt + 32 * u < M ? 1u : 0u) << u;
-  const uint32_t x_dst = xt * 128 + ((xchunk ^ (xt & 7)) << 4);  // 128-byte swizzle; + 4096 a u
-  const uint8_t* code_src =
-      packed + min(row0 + (tid >> 1), N - 1) * row_bytes + first_stage * (kWgStageK / 2) + (tid & 1) * 16;
-  const uint32_t code_dst = BN * 128 + (tid >> 1) * 32 + (tid & 1) * 16;
-  const int64_t scale_row_block = min(row0 + (tid & 127), N - 1) * nb;
-  const uint32_t scale_dst = BN * 128 + kWgRows * 32 + (tid & 127) * 8;
-  const int stage_shift = bs_log2 - 6;  // a stage's block: its index in the row >> stage_shift
-  const uint32_t ring_address = shared_address(ring);
+    for (int u = 0; u < kX; ++u) x_valid |= (t.tok0 + xt + (COPIERS / 8) * u < M ? 1u : 0u) << u;
+    x_dst = xt * 128 + ((xchunk ^ (xt & 7)) << 4);  // the 128-byte swizzle; + COPIERS * 16 a u
+    const int64_t nb = K >> bs_log2;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int chunk = copier + i * COPIERS;
+      code_src[i] = packed + min(t.row0 + (chunk >> 1), N - 1) * (K >> 1) + t.first_stage * (kWgStageK / 2) +
+                    (chunk & 1) * 16;
+      const int64_t row_block = min(t.row0 + (chunk & 127), N - 1) * nb;
+      scale_block[i] = row_block;
+      if constexpr (NESTED) scale_src[i] = chunk < 128 ? static_cast<const void*>(sc.qabsmax) : sc.nested_absmax;
+      else scale_src[i] = sc.absmax;
+    }
+  }
 
-  auto issue = [&](int j, uint32_t slot) {
-    const uint32_t base = ring_address + slot;
+  // Stage j of the split into the slot at shared address `base`.
+  __device__ __forceinline__ void issue(uint32_t base, int j, int copier) const {
     const int64_t step = int64_t{j} * kWgStageK;
 #pragma unroll
-    for (int u = 0; u < kXCopies; ++u) {
+    for (int u = 0; u < kX; ++u) {
       const bool valid = (x_valid >> u) & 1;
-      copy16(base + x_dst + u * 4096, valid ? x_src + u * x_stride + step : x, valid);
+      copy16(base + x_dst + u * (COPIERS * 16), valid ? x_src + u * x_stride + step : x, valid);
     }
-    copy16(base + code_dst, code_src + (step >> 1), true);
-    const int64_t block = scale_row_block + ((first_stage + j) >> stage_shift);
-    if constexpr (NESTED) {
-      // The 8-bit code's aligned 4-byte word (the byte is picked at use), and the nested scale.
-      if (tid < 128) copy4(base + scale_dst, sc.qabsmax + (block & ~int64_t{3}));
-      else copy4(base + scale_dst + 4, sc.nested_absmax + (block >> 8));
-    } else {
-      if (tid < 128) copy4(base + scale_dst, sc.absmax + block);
+    const int64_t stage_block = (first_stage + j) >> stage_shift;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int chunk = copier + i * COPIERS;
+      copy16(base + BN * 128 + chunk * 16, code_src[i] + (step >> 1), true);
+      const int64_t block = scale_block[i] + stage_block;
+      const uint32_t dst = base + BN * 128 + kWgRows * 32 + (chunk & 127) * 8;
+      if constexpr (NESTED) {
+        // The 8-bit code's aligned 4-byte word (the byte is picked at use), and the nested scale.
+        if (chunk < 128) copy4(dst, static_cast<const uint8_t*>(scale_src[i]) + (block & ~int64_t{3}));
+        else copy4(dst + 4, static_cast<const float*>(scale_src[i]) + (block >> 8));
+      } else {
+        if (chunk < 128) copy4(dst, static_cast<const float*>(scale_src[i]) + block);
+      }
     }
-  };
-
-  // This thread's rows in the tile: warpgroup wg's warp w holds rows 64 wg + 16 w + g (+ 8).
-  const int r0 = 16 * warp + g;
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-
-  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
-#pragma unroll
-  for (int j = 0; j < STAGES - 2; ++j) {
-    if (j < nst) issue(j, j * kStageBytes);
-    copy_commit();
   }
-  __syncthreads();  // the tables
+};
 
-  // The codes' table lookup: byte c of a word holds k pair (2c, 2c + 1) of its 8 k, the even k in
-  // the high nibble. Rotating the word right by 8c - 3 (- 7) puts the high (low) nibble at bits
-  // 7-10, the entry's byte offset in the table; lane * 4 in bits 2-6 picks the lane's copy.
-  const char* table = reinterpret_cast<const char*>(code_table);
-  const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
-  const uint32_t rot_hi = (8 * c - 3) & 31, rot_lo = (8 * c - 7) & 31;
-  auto decode = [&](uint32_t word, float scale) {
+// The A fragments of a stage for this thread (rows r0 and r0 + 8 of the tile, r0 = 16 * warp + g
+// over the CTA's two math warpgroups), decoded from the stage's codes and scales.
+template <typename T, bool NESTED, int BN>
+struct StageDecoder {
+  const char* table;
+  const float* nested_code;
+  float offset;
+  uint32_t lane4, rot_hi, rot_lo, code_at, scale_at;
+  uint32_t scale_byte_base[2];  // the low bits of the rows' first block index
+  int first_stage, stage_shift;
+
+  __device__ __forceinline__ StageDecoder(const float* code_table, const float* nested_code_, float offset_,
+                                          int lane, int r0, int64_t N, int64_t K, int bs_log2, const WgTile& t)
+      : table(reinterpret_cast<const char*>(code_table)),
+        nested_code(nested_code_),
+        offset(offset_),
+        first_stage(static_cast<int>(t.first_stage)),
+        stage_shift(bs_log2 - 6) {
+    // The codes' table lookup: byte c of a word holds k pair (2c, 2c + 1) of its 8 k, the even k in
+    // the high nibble. Rotating the word right by 8c - 3 (- 7) puts the high (low) nibble at bits
+    // 7-10, the entry's byte offset in the table; lane * 4 in bits 2-6 picks the lane's copy.
+    const int c = lane & 3;
+    lane4 = 4u * static_cast<uint32_t>(lane);
+    rot_hi = (8 * c - 3) & 31;
+    rot_lo = (8 * c - 7) & 31;
+    code_at = BN * 128 + r0 * 32;                 // rows r0 and r0 + 8 (+ 256)
+    scale_at = BN * 128 + kWgRows * 32 + r0 * 8;  // (+ 64)
+    const int64_t nb = K >> bs_log2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scale_byte_base[h] = static_cast<uint32_t>(min(t.row0 + r0 + 8 * h, N - 1) * nb);
+  }
+
+  __device__ __forceinline__ uint32_t decode(uint32_t word, float scale) const {
     const float hi = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_hi) & 0x780u) | lane4));
     const float lo = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_lo) & 0x780u) | lane4));
     return round_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
-  };
-  const uint32_t code_at = BN * 128 + r0 * 32;                 // rows r0 and r0 + 8 (+ 256)
-  const uint32_t scale_at = BN * 128 + kWgRows * 32 + r0 * 8;  // (+ 64)
-  uint32_t scale_byte_base[2];  // the low bits of the rows' first block index
-#pragma unroll
-  for (int h = 0; h < 2; ++h) scale_byte_base[h] = static_cast<uint32_t>(min(row0 + r0 + 8 * h, N - 1) * nb);
+  }
 
-  // A stage's four A fragments, two sets: the wgmma group of stage j reads one set while stage
-  // j + 1 decodes into the other.
-  uint32_t a0[4][4] = {}, a1[4][4] = {};
-  uint32_t sink = 0;
-  uint32_t read_slot = 0, write_slot = (STAGES - 2) * kStageBytes;
-  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
-    copy_wait<STAGES - 3>();
-    // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    if (j + STAGES - 2 < nst) issue(j + STAGES - 2, write_slot);
-    copy_commit();
-    write_slot = write_slot == (STAGES - 1) * kStageBytes ? 0 : write_slot + kStageBytes;
-
-    const uint8_t* slot = ring + read_slot;
+  __device__ __forceinline__ void stage(const uint8_t* slot, int j, uint32_t (&a)[4][4]) const {
     float s[2];
     if constexpr (NESTED) {
       const uint32_t block = static_cast<uint32_t>((first_stage + j) >> stage_shift);
@@ -256,32 +269,31 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) 
       a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
       a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
     }
-    const uint32_t xs = ring_address + read_slot;
-    read_slot = read_slot == (STAGES - 1) * kStageBytes ? 0 : read_slot + kStageBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], swizzle128_descriptor(xs + q * 32));
-    wgmma_commit();
-    wgmma_wait<1>();
-    keep_until_here(previous, sink);  // the previous stage's group read these: complete now
-  };
-  int j = 0;
-  for (; j + 1 < nst; j += 2) {
-    stage(j, a0, a1);
-    stage(j + 1, a1, a0);
   }
-  if (j < nst) stage(j, a0, a1);
-  wgmma_wait<0>();
-  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
+};
 
-  // acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1).
+// A stage's four wgmma (x at shared address xs) as one commit group.
+template <typename T, int BN>
+__device__ __forceinline__ void wgmma_stage(float (&acc)[BN / 2], const uint32_t (&a)[4][4], uint32_t xs) {
+  wgmma_fence();
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], swizzle128_descriptor(xs + q * 32));
+  wgmma_commit();
+}
+
+// acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1); into the output (with the bias)
+// or, when K is split, the split's float32 partial sums.
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int c, int64_t M,
+                                           int64_t N, const T* __restrict__ bias, T* __restrict__ out,
+                                           float* __restrict__ partial) {
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
-    const int64_t row = row0 + r0 + ((i & 2) ? 8 : 0);
-    const int64_t tok = tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
+    const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
+    const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
     if (row < N && tok < M) {
       if (partial != nullptr) {
-        partial[(split * M + tok) * N + row] = acc[i];
+        partial[(t.split * M + tok) * N + row] = acc[i];
       } else {
         float v = acc[i];
         if (bias != nullptr) v = __fadd_rn(v, widen(bias[row]));
@@ -289,8 +301,169 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) 
       }
     }
   }
+}
+
+template <bool NESTED>
+__device__ __forceinline__ void fill_tables(float* code_table, float* nested_code, const Scales& sc, int fp4,
+                                            int tid, int threads) {
+  for (int i = tid; i < 16 * 32; i += threads) code_table[i] = (fp4 ? kWgFP4 : kWgNF4)[i >> 5];
+  if constexpr (NESTED) {
+    for (int i = tid; i < 256; i += threads) nested_code[i] = sc.nested_code[i];
+  }
+}
+
+// All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
+// multiply; a barrier a stage.
+template <typename T, bool NESTED, int BN, int STAGES>
+__global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
+    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
+    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int64_t stages_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ float code_table[16 * 32];  // code v of lane l at v * 32 + l: bank l
+  __shared__ float nested_code[NESTED ? 256 : 1];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+  const uint32_t ring_address = shared_address(ring);
+  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
+  fill_tables<NESTED>(code_table, nested_code, sc, fp4, tid, kWgThreads);
+  const float offset = NESTED ? *sc.offset : 0.f;
+  const StageCopies<T, NESTED, BN, kWgThreads> copies(tid, x, M, packed, N, K, bs_log2, sc, t);
+  const int r0 = 16 * warp + (lane >> 2);
+  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int j = 0; j < STAGES - 2; ++j) {
+    if (j < t.nst) copies.issue(ring_address + j * kStageBytes, j, tid);
+    copy_commit();
+  }
+  __syncthreads();  // the tables
+
+  // A stage's four A fragments, two sets: the wgmma group of stage j reads one set while stage
+  // j + 1 decodes into the other.
+  uint32_t a0[4][4] = {}, a1[4][4] = {};
+  uint32_t sink = 0;
+  uint32_t read_slot = 0, write_slot = (STAGES - 2) * kStageBytes;
+  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
+    copy_wait<STAGES - 3>();
+    // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    if (j + STAGES - 2 < t.nst) copies.issue(ring_address + write_slot, j + STAGES - 2, tid);
+    copy_commit();
+    write_slot = write_slot == (STAGES - 1) * kStageBytes ? 0 : write_slot + kStageBytes;
+    decoder.stage(ring + read_slot, j, a);
+    wgmma_stage<T, BN>(acc, a, ring_address + read_slot);
+    read_slot = read_slot == (STAGES - 1) * kStageBytes ? 0 : read_slot + kStageBytes;
+    wgmma_wait<1>();
+    keep_until_here(previous, sink);  // the previous stage's group read these: complete now
+  };
+  int j = 0;
+  for (; j + 1 < t.nst; j += 2) {
+    stage(j, a0, a1);
+    stage(j + 1, a1, a0);
+  }
+  if (j < t.nst) stage(j, a0, a1);
+  wgmma_wait<0>();
+  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
+  store_tile<T, BN>(acc, t, r0, lane & 3, M, N, bias, out, partial);
 #else
   __trap();  // the host launches this kernel only where sm_90a code exists
+#endif
+}
+
+// Warp-specialized (variant 13): warpgroup 0 only copies, warpgroups 1 and 2 only decode and
+// multiply, handing stages over on mbarriers (full: the copies of a stage have landed, 128
+// arrivals; empty: both math warpgroups are done with it, 256 arrivals), so that no math warp waits
+// at a CTA-wide barrier and the copies run up to STAGES stages ahead. A copier signals stage j
+// once it has issued stage j + kSignalLag: its cp.async writes must be complete and fenced to the
+// async proxy (wgmma's) before it arrives, and waiting on older groups keeps kSignalLag stages in
+// flight.
+constexpr int kWsThreads = 384;
+constexpr int kSignalLag = 3;
+
+template <typename T, bool NESTED, int BN, int STAGES>
+__global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
+    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
+    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int64_t stages_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kSignalLag < STAGES, "a slot is refilled only after its stage was signalled");
+  __shared__ float code_table[16 * 32];
+  __shared__ float nested_code[NESTED ? 256 : 1];
+  __shared__ uint64_t full[STAGES], empty[STAGES];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+  const uint32_t ring_address = shared_address(ring);
+  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
+  fill_tables<NESTED>(code_table, nested_code, sc, fp4, tid, kWsThreads);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 128);
+      mbar_init(&empty[s], 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {  // the copiers
+    const StageCopies<T, NESTED, BN, 128> copies(tid, x, M, packed, N, K, bs_log2, sc, t);
+    auto signal = [&](int j) {
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      mbar_arrive(&full[j % STAGES]);
+    };
+    for (int j = 0; j < t.nst; ++j) {
+      // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
+      if (j >= STAGES) mbar_wait(&empty[j % STAGES], ((j / STAGES) - 1) & 1);
+      copies.issue(ring_address + (j % STAGES) * kStageBytes, j, tid);
+      copy_commit();
+      if (j >= kSignalLag) {
+        copy_wait<kSignalLag>();
+        signal(j - kSignalLag);
+      }
+    }
+    copy_wait<0>();
+    for (int j = max(0, t.nst - kSignalLag); j < t.nst; ++j) signal(j);
+    return;
+  }
+
+  const float offset = NESTED ? *sc.offset : 0.f;
+  const int r0 = 16 * (warp - 4) + (lane >> 2);
+  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  uint32_t a0[4][4] = {}, a1[4][4] = {};
+  uint32_t sink = 0;
+  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
+    const int slot = j % STAGES;
+    mbar_wait(&full[slot], (j / STAGES) & 1);
+    decoder.stage(ring + slot * kStageBytes, j, a);
+    wgmma_stage<T, BN>(acc, a, ring_address + slot * kStageBytes);
+    wgmma_wait<1>();
+    keep_until_here(previous, sink);
+    if (j > 0) mbar_arrive(&empty[(j - 1) % STAGES]);  // stage j - 1's group is complete
+  };
+  int j = 0;
+  for (; j + 1 < t.nst; j += 2) {
+    stage(j, a0, a1);
+    stage(j + 1, a1, a0);
+  }
+  if (j < t.nst) stage(j, a0, a1);
+  wgmma_wait<0>();
+  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
+  store_tile<T, BN>(acc, t, r0, lane & 3, M, N, bias, out, partial);
+#else
+  __trap();
 #endif
 }
 
@@ -315,7 +488,7 @@ struct Occupancy {
 // Per kernel and device: whether the kernel has sm_90a code to run, and how many CTAs fit an SM.
 // (Keyed by the kernel itself: the instantiations share one function type.)
 template <typename Kernel>
-Occupancy occupancy(Kernel kernel, size_t smem, int device) {
+Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, Occupancy> cache;
   std::lock_guard<std::mutex> lock(mutex);
@@ -332,7 +505,7 @@ Occupancy occupancy(Kernel kernel, size_t smem, int device) {
     // is a trap.
     if (major == 9 && smem <= static_cast<size_t>(optin)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.ctas_per_sm, kernel, kWgThreads, smem));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.ctas_per_sm, kernel, threads, smem));
       o.has_code = o.ctas_per_sm > 0;
     }
 #endif
@@ -361,13 +534,14 @@ int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t s
   return best;
 }
 
-template <typename T, bool NESTED, int BN, int STAGES>
+template <typename T, bool NESTED, int BN, int STAGES, bool WS = false>
 bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
             const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
             const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
-  auto kernel = gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
+  auto kernel = WS ? gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES> : gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
+  constexpr int threads = WS ? kWsThreads : kWgThreads;
   constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
-  const Occupancy occ = occupancy(kernel, smem, x2.get_device());
+  const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
   if (!occ.has_code) return false;
   const int64_t stages = p.K / kWgStageK;
   const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
@@ -379,7 +553,7 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
   if (used_splits > 1) part = partials(used_splits * M * p.N);
   const T* bias_ptr = bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
   T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-  kernel<<<static_cast<unsigned>(tiles * used_splits), kWgThreads, smem, stream>>>(
+  kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias_ptr, out_ptr, used_splits > 1 ? part.data_ptr<float>() : nullptr,
       per_split);
@@ -400,7 +574,14 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
 template <typename T, bool NESTED>
 bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-              const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+              const std::function<at::Tensor(int64_t)>& partials, int forced_splits, bool warp_specialized) {
+  // The warp-specialized kernel: one CTA an SM, so as many stages as shared memory holds.
+  if (warp_specialized && M <= 32)
+    return launch<T, NESTED, 32, 16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  if (warp_specialized && M <= 64)
+    return launch<T, NESTED, 64, 12, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+  if (warp_specialized && M <= 128)
+    return launch<T, NESTED, 128, 9, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
   if (M <= 32) return launch<T, NESTED, 32, 7>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
   if (M <= 64) return launch<T, NESTED, 64, 6>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
   if (M <= 128) return launch<T, NESTED, 128, 5>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
@@ -411,7 +592,8 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
 
 bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits,
+                     bool warp_specialized) {
   // Whole stages of 64 k (the caller has K % blocksize == 0 with blocksize >= 64), 16-byte copies of
   // x and the codes, 4-byte copies of the scales' words.
   if (p.K % kWgStageK != 0 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0 ||
@@ -420,12 +602,15 @@ bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, 
     return false;
   const bool nested = sc.qabsmax != nullptr;
   if (x2.scalar_type() == at::kHalf) {
-    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits)
-                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, warp_specialized)
+                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
+                                                    warp_specialized);
   }
   return nested
-             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits)
-             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
+             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
+                                             warp_specialized)
+             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
+                                              warp_specialized);
 }
 
 }  // namespace qlora::cuda

@@ -25,9 +25,11 @@ struct Scales {
 // codes decoded into the tensor cores' register operand, on Hopper built for sm_90a. Returns false
 // without launching where it cannot run (another GPU, no sm_90a code, misaligned inputs). Splitting
 // K over CTAs writes float32 partial sums into `partials(numel)` (a workspace the caller owns),
-// then adds them in a fixed order. variant_splits > 0 forces the number of K splits (benchmarks).
+// then adds them in a fixed order. forced_splits > 0 forces the number of K splits, and
+// warp_specialized picks the kernel with a copying warpgroup at M <= 128 (benchmarks).
 bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits = 0);
+                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits = 0,
+                     bool warp_specialized = false);
 
 }  // namespace qlora::cuda
