@@ -48,6 +48,7 @@
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/half_convert.cuh"
 #include "qlora/mbarrier.cuh"
 #include "qlora/kernels.h"
 #include "qlora/nested_scale.cuh"
@@ -68,17 +69,6 @@ __constant__ float kGemmNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kGemmFP4[16] = {QLORA_FP4_CODE_SIGNED};
 
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-}
-
 // The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
 // high nibble) in its low half and code[e & 15] in its high half; lane l reads copy l (bank l).
 template <typename T>
@@ -89,18 +79,6 @@ __device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid
     const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
 }
 
 // d += A (16x16, row major) * B (16x8, column major), fp32 accumulators.

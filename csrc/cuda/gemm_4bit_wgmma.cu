@@ -29,6 +29,7 @@
 
 #include "qlora/codebooks.h"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/half_convert.cuh"
 #include "qlora/mbarrier.cuh"
 #include "qlora/nested_scale.cuh"
 #include "qlora/wgmma.cuh"
@@ -80,28 +81,6 @@ __device__ __forceinline__ void copy_wait() {
 __device__ __forceinline__ uint64_t swizzle128_descriptor(uint32_t address) {
   return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
          (uint64_t{1} << 62);
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t round_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T round_to(float v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
-template <typename T>
-__device__ __forceinline__ float widen(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
 }
 
 // The registers of a wgmma's A operand must keep their values until the wgmma is known complete
@@ -237,7 +216,7 @@ struct StageDecoder {
   __device__ __forceinline__ uint32_t decode(uint32_t word, float scale) const {
     const float hi = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_hi) & 0x780u) | lane4));
     const float lo = *reinterpret_cast<const float*>(table + ((__funnelshift_r(word, word, rot_lo) & 0x780u) | lane4));
-    return round_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
+    return pack_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
   }
 
   __device__ __forceinline__ void stage(const uint8_t* slot, int j, uint32_t (&a)[4][4]) const {
@@ -296,11 +275,29 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
         partial[(t.split * M + tok) * N + row] = acc[i];
       } else {
         float v = acc[i];
-        if (bias != nullptr) v = __fadd_rn(v, widen(bias[row]));
-        out[tok * N + row] = round_to<T>(v);
+        if (bias != nullptr) v = __fadd_rn(v, to_float(bias[row]));
+        out[tok * N + row] = from_float<T>(v);
       }
     }
   }
+}
+
+// Runs stage(j, a, previous) for the split's stages, the two A-fragment sets alternating (the
+// loop unrolled by two keeps them in registers), waits for the last wgmma group and stores the tile.
+template <typename T, int BN, typename Stage>
+__device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4], uint32_t (&a1)[4][4],
+                                           const uint32_t& sink, float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
+                                           const T* __restrict__ bias, T* __restrict__ out,
+                                           float* __restrict__ partial, Stage& stage) {
+  int j = 0;
+  for (; j + 1 < t.nst; j += 2) {
+    stage(j, a0, a1);
+    stage(j + 1, a1, a0);
+  }
+  if (j < t.nst) stage(j, a0, a1);
+  wgmma_wait<0>();
+  if (M < 0) out[0] = from_float<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
+  store_tile<T, BN>(acc, t, r0, c, M, N, bias, out, partial);
 }
 
 template <bool NESTED>
@@ -364,15 +361,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) 
     wgmma_wait<1>();
     keep_until_here(previous, sink);  // the previous stage's group read these: complete now
   };
-  int j = 0;
-  for (; j + 1 < t.nst; j += 2) {
-    stage(j, a0, a1);
-    stage(j + 1, a1, a0);
-  }
-  if (j < t.nst) stage(j, a0, a1);
-  wgmma_wait<0>();
-  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
-  store_tile<T, BN>(acc, t, r0, lane & 3, M, N, bias, out, partial);
+  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
 #else
   __trap();  // the host launches this kernel only where sm_90a code exists
 #endif
@@ -453,15 +442,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
     keep_until_here(previous, sink);
     if (j > 0) mbar_arrive(&empty[(j - 1) % STAGES]);  // stage j - 1's group is complete
   };
-  int j = 0;
-  for (; j + 1 < t.nst; j += 2) {
-    stage(j, a0, a1);
-    stage(j + 1, a1, a0);
-  }
-  if (j < t.nst) stage(j, a0, a1);
-  wgmma_wait<0>();
-  if (M < 0) out[0] = round_to<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
-  store_tile<T, BN>(acc, t, r0, lane & 3, M, N, bias, out, partial);
+  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
 #else
   __trap();
 #endif
@@ -474,8 +455,8 @@ __global__ void add_splits_kernel(const float* __restrict__ partial, int splits,
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
     float v = partial[i];
     for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
-    if (bias != nullptr) v = __fadd_rn(v, widen(bias[i % N]));
-    out[i] = round_to<T>(v);
+    if (bias != nullptr) v = __fadd_rn(v, to_float(bias[i % N]));
+    out[i] = from_float<T>(v);
   }
 }
 
