@@ -146,13 +146,14 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
     1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 8: the stream kernel; 9: the
     warp-specialized kernel at any M; 10: the same with 8 math warps, M <= 16; 11 / 12: the wgmma
-    kernel with / without K splits; 13: its warp-specialized form), bf16 with double quantization. 1000 x 4096 gives each CTA of
+    kernel with / without K splits; 13: its warp-specialized form; 14: its bf16 pair-table decode),
+    bf16 with double quantization. 1000 x 4096 gives each CTA of
     the warp-specialized kernel several tiles (its copy warp runs across tile boundaries, its scale
     buffers alternate); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
     and rows longer than 16384 (the register-fed kernel by default above M = 16)."""
@@ -175,10 +176,10 @@ def test_every_fused_kernel(gen, variant, n, k):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
 @pytest.mark.parametrize("blocksize", [64, 256])
-@pytest.mark.parametrize("variant", [11, 13])
+@pytest.mark.parametrize("variant", [11, 13, 14])
 def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
-    """The wgmma kernel (variant 11, and 13 its warp-specialized form up to M = 128; both fall back
-    where the GPU lacks sm_90a) in every format, with
+    """The wgmma kernel (variant 11; 13, its warp-specialized form up to M = 128; 14, its bf16
+    pair-table decode up to M = 64; all fall back where the GPU lacks sm_90a) in every format, with
     a bias, at every token tile (32, 64, 128, 256 and two tiles of 256), with a partial row tile
     (200 rows: 128 + 72) and K split over CTAs (4096 k on 2 row tiles). Its weight is
     dequantize_4bit's, so it must also agree with dequantize + cuBLAS within fp32 accumulation, and

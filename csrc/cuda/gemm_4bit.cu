@@ -1038,12 +1038,15 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // the dequantized weight at M = 128 (64.0 against 87.2; 193 against 290), at M = 256 only with
   // K >= 8192 (86.4 against 95.9 on 8192x8192; 78.5 against 66.6 on 11008x4096); at M = 32 the
   // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
-  // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128.
+  // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
+  // its bf16 pair-table decode at M <= 64.
   const bool wgmma_default = variant == 0 && M > 32 && (M <= 128 || (M <= 256 && p.K >= 8192));
-  if (variant == 11 || variant == 12 || variant == 13 || wgmma_default) {
+  if ((variant >= 11 && variant <= 14) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
-    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0,
-                        variant == 13))
+    const WgmmaForm form = variant == 13   ? WgmmaForm::kWarpSpecialized
+                           : variant == 14 ? WgmmaForm::kPairTable
+                                           : WgmmaForm::kDefault;
+    if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0, form))
       return true;
   }
   if (variant == 0 && M > kMmaMaxM && !forced) return false;

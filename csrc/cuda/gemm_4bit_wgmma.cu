@@ -182,9 +182,13 @@ struct StageCopies {
 };
 
 // The A fragments of a stage for this thread (rows r0 and r0 + 8 of the tile, r0 = 16 * warp + g
-// over the CTA's two math warpgroups), decoded from the stage's codes and scales.
-template <typename T, bool NESTED, int BN>
+// over the CTA's two math warpgroups), decoded from the stage's codes and scales. PAIR (bf16 only,
+// variant 14): one lookup a register in a table of code pairs, scaled with one bf16x2 multiply
+// (bf16(bf16(code) * bf16(scale)): two roundings more than dequantize_4bit's weight, within the
+// tests' bound), in place of two float lookups, two float multiplies and a conversion.
+template <typename T, bool NESTED, int BN, bool PAIR = false>
 struct StageDecoder {
+  static_assert(!PAIR || std::is_same_v<T, __nv_bfloat16>, "the pair table is bf16");
   const char* table;
   const float* nested_code;
   float offset;
@@ -192,7 +196,7 @@ struct StageDecoder {
   uint32_t scale_byte_base[2];  // the low bits of the rows' first block index
   int first_stage, stage_shift;
 
-  __device__ __forceinline__ StageDecoder(const float* code_table, const float* nested_code_, float offset_,
+  __device__ __forceinline__ StageDecoder(const void* code_table, const float* nested_code_, float offset_,
                                           int lane, int r0, int64_t N, int64_t K, int bs_log2, const WgTile& t)
       : table(reinterpret_cast<const char*>(code_table)),
         nested_code(nested_code_),
@@ -219,6 +223,14 @@ struct StageDecoder {
     return pack_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
   }
 
+  // The pair table: entry b (a code byte) of lane l's copy at byte offset b * 128 + 4 * l, so the
+  // rotation of the low nibble (bits 7-10) brings the whole byte to bits 7-14.
+  __device__ __forceinline__ uint32_t decode_pair(uint32_t word, __nv_bfloat162 scale) const {
+    uint32_t v = *reinterpret_cast<const uint32_t*>(table + ((__funnelshift_r(word, word, rot_lo) & 0x7f80u) | lane4));
+    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), scale);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+
   __device__ __forceinline__ void stage(const uint8_t* slot, int j, uint32_t (&a)[4][4]) const {
     float s[2];
     if constexpr (NESTED) {
@@ -243,10 +255,18 @@ struct StageDecoder {
       // Step q: k 16q .. 16q + 15, words 2q (k 16q .. 16q + 7) and 2q + 1 of rows g and g + 8.
       const uint4& v0 = w0[q >> 1];
       const uint4& v1 = w1[q >> 1];
-      a[q][0] = decode((q & 1) ? v0.z : v0.x, s[0]);
-      a[q][1] = decode((q & 1) ? v1.z : v1.x, s[1]);
-      a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
-      a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
+      if constexpr (PAIR) {
+        const __nv_bfloat162 s0 = __float2bfloat162_rn(s[0]), s1 = __float2bfloat162_rn(s[1]);
+        a[q][0] = decode_pair((q & 1) ? v0.z : v0.x, s0);
+        a[q][1] = decode_pair((q & 1) ? v1.z : v1.x, s1);
+        a[q][2] = decode_pair((q & 1) ? v0.w : v0.y, s0);
+        a[q][3] = decode_pair((q & 1) ? v1.w : v1.y, s1);
+      } else {
+        a[q][0] = decode((q & 1) ? v0.z : v0.x, s[0]);
+        a[q][1] = decode((q & 1) ? v1.z : v1.x, s[1]);
+        a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
+        a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
+      }
     }
   }
 };
@@ -300,10 +320,18 @@ __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4]
   store_tile<T, BN>(acc, t, r0, c, M, N, bias, out, partial);
 }
 
-template <bool NESTED>
-__device__ __forceinline__ void fill_tables(float* code_table, float* nested_code, const Scales& sc, int fp4,
+// The code table (16 floats, or with PAIR 256 bf16 code pairs), 32 copies, copy l in bank l; and
+// the nested code.
+template <bool NESTED, bool PAIR = false>
+__device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_code, const Scales& sc, int fp4,
                                             int tid, int threads) {
-  for (int i = tid; i < 16 * 32; i += threads) code_table[i] = (fp4 ? kWgFP4 : kWgNF4)[i >> 5];
+  const float* code = fp4 ? kWgFP4 : kWgNF4;
+  if constexpr (PAIR) {
+    for (int i = tid; i < 256 * 32; i += threads)
+      code_table[i] = pack_pair<__nv_bfloat16>(code[(i >> 5) >> 4], code[(i >> 5) & 15]);
+  } else {
+    for (int i = tid; i < 16 * 32; i += threads) code_table[i] = __float_as_uint(code[i >> 5]);
+  }
   if constexpr (NESTED) {
     for (int i = tid; i < 256; i += threads) nested_code[i] = sc.nested_code[i];
   }
@@ -311,13 +339,13 @@ __device__ __forceinline__ void fill_tables(float* code_table, float* nested_cod
 
 // All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
 // multiply; a barrier a stage.
-template <typename T, bool NESTED, int BN, int STAGES>
+template <typename T, bool NESTED, int BN, int STAGES, bool PAIR = false>
 __global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
     const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
     Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ float code_table[16 * 32];  // code v of lane l at v * 32 + l: bank l
+  __shared__ uint32_t code_table[(PAIR ? 256 : 16) * 32];  // entry v of lane l at v * 32 + l: bank l
   __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ uint8_t smem_raw[];
   uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
@@ -326,11 +354,11 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
-  fill_tables<NESTED>(code_table, nested_code, sc, fp4, tid, kWgThreads);
+  fill_tables<NESTED, PAIR>(code_table, nested_code, sc, fp4, tid, kWgThreads);
   const float offset = NESTED ? *sc.offset : 0.f;
   const StageCopies<T, NESTED, BN, kWgThreads> copies(tid, x, M, packed, N, K, bs_log2, sc, t);
   const int r0 = 16 * warp + (lane >> 2);
-  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+  const StageDecoder<T, NESTED, BN, PAIR> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
 
   float acc[BN / 2];
 #pragma unroll
@@ -384,7 +412,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
     int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(kSignalLag < STAGES, "a slot is refilled only after its stage was signalled");
-  __shared__ float code_table[16 * 32];
+  __shared__ uint32_t code_table[16 * 32];
   __shared__ float nested_code[NESTED ? 256 : 1];
   __shared__ uint64_t full[STAGES], empty[STAGES];
   extern __shared__ uint8_t smem_raw[];
@@ -515,11 +543,12 @@ int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t s
   return best;
 }
 
-template <typename T, bool NESTED, int BN, int STAGES, bool WS = false>
+template <typename T, bool NESTED, int BN, int STAGES, bool WS = false, bool PAIR = false>
 bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
             const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
             const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
-  auto kernel = WS ? gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES> : gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
+  auto kernel = WS ? gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>
+                  : gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
   constexpr int threads = WS ? kWsThreads : kWgThreads;
   constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
   const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
@@ -555,8 +584,18 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
 template <typename T, bool NESTED>
 bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-              const std::function<at::Tensor(int64_t)>& partials, int forced_splits, bool warp_specialized) {
+              const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
+  // The pair table (32 KB) leaves room for two CTAs an SM only at BN <= 64, with fewer stages.
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (form == WgmmaForm::kPairTable && M <= 32)
+      return launch<T, NESTED, 32, 6, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                   forced_splits);
+    if (form == WgmmaForm::kPairTable && M <= 64)
+      return launch<T, NESTED, 64, 5, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                   forced_splits);
+  }
   // The warp-specialized kernel: one CTA an SM, so as many stages as shared memory holds.
+  const bool warp_specialized = form == WgmmaForm::kWarpSpecialized;
   if (warp_specialized && M <= 32)
     return launch<T, NESTED, 32, 16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
   if (warp_specialized && M <= 64)
@@ -573,8 +612,7 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
 
 bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits,
-                     bool warp_specialized) {
+                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
   // Whole stages of 64 k (the caller has K % blocksize == 0 with blocksize >= 64), 16-byte copies of
   // x and the codes, 4-byte copies of the scales' words.
   if (p.K % kWgStageK != 0 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0 ||
@@ -583,15 +621,12 @@ bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, 
     return false;
   const bool nested = sc.qabsmax != nullptr;
   if (x2.scalar_type() == at::kHalf) {
-    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, warp_specialized)
-                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
-                                                    warp_specialized);
+    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form)
+                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form);
   }
   return nested
-             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
-                                             warp_specialized)
-             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits,
-                                              warp_specialized);
+             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form)
+             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form);
 }
 
 }  // namespace qlora::cuda
