@@ -38,12 +38,13 @@ tail -3 "$out/pytest.log"
 echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
 python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
 fi
-# PROFILE=1: ncu's view of the fused product at M = 1 on 28672x8192 (ncu-gemm.txt); PROFILE_KERNEL
-# names the kernel (default gemm_4bit_ws, the default kernel at M = 1).
+# PROFILE=1: ncu's view of the fused product (ncu-gemm.txt; SourceCounters names the SASS lines
+# where warps stall most): PROFILE_SHAPE "N K" (default 28672 8192), PROFILE_M (1), PROFILE_VARIANT
+# (0), PROFILE_KERNEL a regex of the kernel's name (gemm_4bit_ws, the default kernel at M = 1).
 if [ -n "${PROFILE:-}" ]; then
   timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:${PROFILE_KERNEL:-gemm_4bit_ws} --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-    --section Occupancy --section SchedulerStats --section LaunchStats \
+    --section Occupancy --section SchedulerStats --section LaunchStats --section SourceCounters \
     --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
     python3 bench/profile_gemm.py ${PROFILE_SHAPE:-28672 8192} ${PROFILE_M:-1} ${PROFILE_VARIANT:-0} > "$out/ncu-gemm.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
