@@ -202,9 +202,9 @@ def main() -> None:
                     paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
                     paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []
                     paths += [("fused13", 1 << 40, 13)] if 16 <= m <= 128 else []
-                    paths += [("fused14", 1 << 40, 14)] if 16 <= m <= 64 else []
+                    paths += [("fused14", 1 << 40, 14)] if m >= 16 else []
                     if m > 256:
-                        paths = [p for p in paths if p[0] in ("fused11", "cublas")]
+                        paths = [p for p in paths if p[0] in ("fused11", "fused14", "cublas")]
                     paths += [("cublas", 0, 0)] if m >= 16 else []
                     graphs = {}
                     for path, limit, variant in paths:

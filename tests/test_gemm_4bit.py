@@ -179,7 +179,7 @@ def test_every_fused_kernel(gen, variant, n, k):
 @pytest.mark.parametrize("variant", [11, 13, 14])
 def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
     """The wgmma kernel (variant 11; 13, its warp-specialized form up to M = 128; 14, its bf16
-    pair-table decode up to M = 64; all fall back where the GPU lacks sm_90a) in every format, with
+    pair-table decode; all fall back where the GPU lacks sm_90a) in every format, with
     a bias, at every token tile (32, 64, 128, 256 and two tiles of 256), with a partial row tile
     (200 rows: 128 + 72) and K split over CTAs (4096 k on 2 row tiles). Its weight is
     dequantize_4bit's, so it must also agree with dequantize + cuBLAS within fp32 accumulation, and

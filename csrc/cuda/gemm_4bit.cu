@@ -1039,7 +1039,7 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // K >= 8192 (86.4 against 95.9 on 8192x8192; 78.5 against 66.6 on 11008x4096); at M = 32 the
   // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
   // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
-  // its bf16 pair-table decode at M <= 64.
+  // its bf16 pair-table decode.
   const bool wgmma_default = variant == 0 && M > 32 && (M <= 128 || (M <= 256 && p.K >= 8192));
   if ((variant >= 11 && variant <= 14) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };

@@ -585,7 +585,8 @@ template <typename T, bool NESTED>
 bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
               const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
-  // The pair table (32 KB) leaves room for two CTAs an SM only at BN <= 64, with fewer stages.
+  // The pair table (32 KB) leaves room for two CTAs an SM at BN <= 64 with fewer stages, and for
+  // the one CTA of BN = 256 (which serves M > 64: at BN = 128 two CTAs would keep 3 stages).
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     if (form == WgmmaForm::kPairTable && M <= 32)
       return launch<T, NESTED, 32, 6, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
@@ -593,6 +594,9 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
     if (form == WgmmaForm::kPairTable && M <= 64)
       return launch<T, NESTED, 64, 5, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
                                                    forced_splits);
+    if (form == WgmmaForm::kPairTable)
+      return launch<T, NESTED, 256, 5, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                    forced_splits);
   }
   // The warp-specialized kernel: one CTA an SM, so as many stages as shared memory holds.
   const bool warp_specialized = form == WgmmaForm::kWarpSpecialized;
