@@ -373,6 +373,36 @@ def test_cuda_graph_capture_and_replay(gen, m):
 
 @requires_cuda
 @pytest.mark.cuda
+def test_graph_keeps_its_workspace_when_the_eager_one_grows(gen):
+    """A graph captured while the stream's cached workspace was large enough must not write into
+    that buffer on replay: a later eager call with a larger weight grows (frees and replaces) it,
+    and the freed memory goes to the next tensor on the stream (here `bystander`)."""
+    n, k, m = 256, 512, 1024  # M = 1024: dequantize + cuBLAS, a 256 KB workspace
+    packed, state = make_weight(n, k, "cuda", gen)
+    big_packed, big_state = make_weight(2048, 1024, "cuda", gen)  # a 4 MB workspace
+    x = make_input((m, k), torch.bfloat16, "cuda", gen)
+    x_big = make_input((m, 1024), torch.bfloat16, "cuda", gen)
+    F.release_gemm_workspaces()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        F.gemm_4bit(x, packed, state)  # warm-up; caches the stream's 256 KB workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y = F.gemm_4bit(x, packed, state)
+    with torch.cuda.stream(stream):
+        F.gemm_4bit(x_big, big_packed, big_state)  # grows the workspace: the 256 KB buffer is freed
+        bystander = torch.full((n * k // 2,), 7.0, device="cuda")  # 256 KB, on the same stream
+    torch.cuda.current_stream().wait_stream(stream)
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool((bystander == 7.0).all()), "the graph wrote into memory it no longer owns"
+    assert torch.equal(y, F.gemm_4bit(x, packed, state))
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("path", list(PATHS))
 def test_cuda_deterministic_and_every_element_written(gen, path):
     n, k = 1000, 2048

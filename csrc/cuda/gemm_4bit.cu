@@ -1103,9 +1103,11 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
 #undef QLORA_LAUNCH
 }
 
-// The dequantized weight's home for the cuBLAS path: one buffer per device and stream, kept and
-// grown. During CUDA graph capture a buffer too small is not replaced (the capture's allocation
-// belongs to its graph); the call uses a buffer of its own instead.
+// The dequantized weight's home for the cuBLAS path (and the wgmma kernel's split partial sums):
+// one buffer per device and stream, kept and grown. A call under CUDA graph capture never uses it:
+// the graph would keep its address, and a later call that grows the buffer would free that memory
+// while the graph still writes there on replay. It takes a buffer of its own from the capture's
+// private pool instead, which the graph keeps.
 std::mutex g_workspace_mutex;
 auto* g_workspaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never destroyed: see release
 
@@ -1114,19 +1116,14 @@ at::Tensor workspace(int64_t numel, at::ScalarType dtype, const at::Device& devi
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const auto options = at::TensorOptions().dtype(at::kByte).device(device);
+  if (capture != cudaStreamCaptureStatusNone) return at::empty({nbytes}, options).view(dtype);
   std::lock_guard<std::mutex> lock(g_workspace_mutex);
   at::Tensor& buf = (*g_workspaces)[{device.index(), stream}];
-  at::Tensor use = buf;
   if (!buf.defined() || buf.numel() < nbytes) {
-    if (capture != cudaStreamCaptureStatusNone) {
-      use = at::empty({nbytes}, options);
-    } else {
-      buf = at::Tensor();  // the old buffer goes back to the allocator before the new one is taken
-      buf = at::empty({nbytes}, options);
-      use = buf;
-    }
+    buf = at::Tensor();  // the old buffer goes back to the allocator before the new one is taken
+    buf = at::empty({nbytes}, options);
   }
-  return use.narrow(0, 0, nbytes).view(dtype);
+  return buf.narrow(0, 0, nbytes).view(dtype);
 }
 
 void release_workspaces() {

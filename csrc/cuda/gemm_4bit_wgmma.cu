@@ -171,7 +171,8 @@ struct StageCopies {
       const int64_t block = scale_block[i] + stage_block;
       const uint32_t dst = base + BN * 128 + kWgRows * 32 + (chunk & 127) * 8;
       if constexpr (NESTED) {
-        // The 8-bit code's aligned 4-byte word (the byte is picked at use), and the nested scale.
+        // The 8-bit code's aligned 4-byte word (the byte is picked at use; the host checked that the
+      // array holds whole words), and the nested scale.
         if (chunk < 128) copy4(dst, static_cast<const uint8_t*>(scale_src[i]) + (block & ~int64_t{3}));
         else copy4(dst + 4, static_cast<const float*>(scale_src[i]) + (block >> 8));
       } else {
@@ -340,7 +341,7 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
 // All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
 // multiply; a barrier a stage.
 template <typename T, bool NESTED, int BN, int STAGES, bool PAIR = false>
-__global__ void __launch_bounds__(kWgThreads, BN <= 32 ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
+__global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
     const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
     Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int64_t stages_per_split) {
@@ -411,7 +412,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
     Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kSignalLag < STAGES, "a slot is refilled only after its stage was signalled");
+  // The copiers wait for slot j % STAGES to be released (math warps past stage j - STAGES + 1),
+  // which needs stage j - STAGES + 1 signalled, which they do after issuing stage
+  // j - STAGES + 1 + kSignalLag: that must come before j, or both sides wait forever.
+  static_assert(STAGES >= kSignalLag + 2, "the copiers would wait on a release that waits on them");
   __shared__ uint32_t code_table[16 * 32];
   __shared__ float nested_code[NESTED ? 256 : 1];
   __shared__ uint64_t full[STAGES], empty[STAGES];
@@ -512,7 +516,9 @@ Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
 #if defined(QLORA_HAS_SM90A)
     // Only a 9.x device runs the sm_90a code; any other gets the PTX of an older target, whose body
     // is a trap.
-    if (major == 9 && smem <= static_cast<size_t>(optin)) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    if (major == 9 && smem + attr.sharedSizeBytes <= static_cast<size_t>(optin)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.ctas_per_sm, kernel, threads, smem));
       o.has_code = o.ctas_per_sm > 0;
@@ -547,8 +553,11 @@ template <typename T, bool NESTED, int BN, int STAGES, bool WS = false, bool PAI
 bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
             const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
             const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
-  auto kernel = WS ? gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>
-                  : gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
+  // (if constexpr: each launch instantiates only the kernel it launches)
+  auto kernel = [] {
+    if constexpr (WS) return gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>;
+    else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
+  }();
   constexpr int threads = WS ? kWsThreads : kWgThreads;
   constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
   const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
@@ -619,9 +628,12 @@ bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, 
                      const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
   // Whole stages of 64 k (the caller has K % blocksize == 0 with blocksize >= 64), 16-byte copies of
   // x and the codes, 4-byte copies of the scales' words.
+  // The 8-bit scale codes are copied as aligned 4-byte words: a whole number of them (N times the
+  // blocks a row a multiple of 4), so that the last word lies inside the array.
   if (p.K % kWgStageK != 0 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
-      (sc.qabsmax != nullptr && reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 != 0))
+      (sc.qabsmax != nullptr &&
+       (reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 != 0 || (p.N * (p.K >> bs_log2)) % 4 != 0)))
     return false;
   const bool nested = sc.qabsmax != nullptr;
   if (x2.scalar_type() == at::kHalf) {
