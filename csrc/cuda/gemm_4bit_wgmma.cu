@@ -13,9 +13,12 @@
 //     16-entry float table (one copy a bank): the same weight dequantize_4bit writes. wgmma then
 //     accumulates in float32 over the whole K range, with no per-block rescaling.
 //   - Pipeline: all 256 threads copy stage j + STAGES - 2 (x, the 128 rows' codes and their block
-//     scales' raw words) with cp.async while stage j is multiplied; the decode of step q + 1 runs
-//     while wgmma q is in flight (wait_group 1); a stage's slot is refilled two stages after it was
-//     read, when no wgmma can still be reading it.
+//     scales' raw words) with cp.async while stage j is multiplied; the four wgmma of a stage are
+//     one commit group, in flight while the next stage decodes (wait_group 1); a stage's slot is
+//     refilled two stages after it was read, when no wgmma can still be reading it.
+//   - Benchmark forms: variant 13 (gemm_4bit_wgmma_ws_kernel: a copying warpgroup and mbarriers in
+//     place of the CTA barrier) and variant 14 (bf16: a pair table and bf16x2 scaling in place of
+//     the float decode); see StageDecoder and the kernels.
 //   - Grid: one CTA a (row tile, token tile, K split). K is split over CTAs when the tiles alone
 //     would leave SMs idle (4096 rows make 32 tiles for 132 SMs); each split writes float32 partial
 //     sums, and a second kernel adds them in split order: the result is the same bits run to run.
