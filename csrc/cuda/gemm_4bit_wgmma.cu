@@ -65,6 +65,12 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The ring's start: dynamic shared memory rounded up to 1024 bytes, the 128-byte swizzle's atom
+// (wg_smem_bytes reserves the 1024 bytes this may skip).
+__device__ __forceinline__ uint8_t* swizzle_aligned(uint8_t* smem) {
+  return smem + ((1024 - (shared_address(smem) & 1023)) & 1023);
+}
+
 __device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool valid) {
   // src-size 0 fills the 16 bytes with zeros: tokens past M multiply as zeros.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
@@ -352,7 +358,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
   __shared__ uint32_t code_table[(PAIR ? 256 : 16) * 32];  // entry v of lane l at v * 32 + l: bank l
   __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+  uint8_t* ring = swizzle_aligned(smem_raw);
   const uint32_t ring_address = shared_address(ring);
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
 
@@ -423,7 +429,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
   __shared__ float nested_code[NESTED ? 256 : 1];
   __shared__ uint64_t full[STAGES], empty[STAGES];
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+  uint8_t* ring = swizzle_aligned(smem_raw);
   const uint32_t ring_address = shared_address(ring);
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
 
