@@ -23,7 +23,7 @@
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
-//     (_set_gemm_variant) pick any of them. At 32 < M <= 256 on Hopper the wgmma kernel
+//     (_set_gemm_variant) pick any of them. At 16 < M <= 256 (bf16; 32 < M for fp16) on Hopper the wgmma kernel
 //     (csrc/cuda/gemm_4bit_wgmma.cu) takes over where it measured faster (dispatch_mma).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
@@ -1040,12 +1040,21 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
   // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
   // its bf16 pair-table decode.
-  const bool wgmma_default = variant == 0 && M > 32 && (M <= 128 || (M <= 256 && p.K >= 8192));
+  // bf16 takes the pair-table decode (variant 14) by default at 16 < M <= 64 and 128 < M <= 256,
+  // and from M = 17: in the sweep of f809e0c (H200, 2026-11-30, bench/results) it beat every other
+  // path there on all six shapes but 4096x4096 at M = 32 (13.8 against 13.4 us for the stream
+  // kernel): 8192x8192 35.5 / 43.4 / 87.3 us at M = 32 / 64 / 256 against 41.0 / 50.0 / 94.8 for
+  // the previous defaults, 28672x8192 114.7 / 138.5 / 310 against 130.8 / 172.4 / 343. At M = 16
+  // the warp-specialized mma.sync kernel stayed faster (29.5 against 34.1 on 8192x8192), at M = 128
+  // the float decode at BN = 128 (65.8 against 76.7: the pair table's BN = 256 tile is half empty).
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const bool pair_default = kBf16 && (M <= 64 || M > 128);
+  const bool wgmma_default = variant == 0 && M > (kBf16 ? 16 : 32) && (M <= 128 || (M <= 256 && p.K >= 8192));
   if ((variant >= 11 && variant <= 14) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
-    const WgmmaForm form = variant == 13   ? WgmmaForm::kWarpSpecialized
-                           : variant == 14 ? WgmmaForm::kPairTable
-                                           : WgmmaForm::kDefault;
+    const WgmmaForm form = variant == 13                        ? WgmmaForm::kWarpSpecialized
+                           : variant == 14 || (variant == 0 && pair_default) ? WgmmaForm::kPairTable
+                                                                 : WgmmaForm::kDefault;
     if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0, form))
       return true;
   }
