@@ -146,7 +146,7 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
@@ -170,20 +170,42 @@ def test_every_fused_kernel(gen, variant, n, k):
         _C._set_gemm_variant(previous)
 
 
+def cuda_kernels_launched(fn) -> list[str]:
+    """The names of the CUDA kernels fn launches (torch.profiler), so that a test can tell a fused
+    kernel from the fallback it would silently take."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# The kernel each wgmma variant must launch on an sm_90 GPU (bf16: 15 and 16 are bf16 forms).
+WGMMA_KERNELS = {
+    11: "gemm_4bit_wgmma_kernel",
+    13: "gemm_4bit_wgmma_ws_kernel",
+    14: "gemm_4bit_wgmma_kernel",
+    15: "gemm_4bit_wgmma_tma_kernel",
+    16: "gemm_4bit_wgmma_tma_kernel",
+}
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
 @pytest.mark.parametrize("blocksize", [64, 256])
-@pytest.mark.parametrize("variant", [11, 13, 14])
+@pytest.mark.parametrize("variant", [11, 13, 14, 15, 16])
 def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
     """The wgmma kernel (variant 11; 13, its warp-specialized form up to M = 128; 14, its bf16
-    pair-table decode; all fall back where the GPU lacks sm_90a) in every format, with
-    a bias, at every token tile (32, 64, 128, 256 and two tiles of 256), with a partial row tile
-    (200 rows: 128 + 72) and K split over CTAs (4096 k on 2 row tiles). Its weight is
-    dequantize_4bit's, so it must also agree with dequantize + cuBLAS within fp32 accumulation, and
-    give the same bits run to run (the splits are added in a fixed order)."""
+    pair-table decode; 15 / 16, that decode fed by tensor copies, two / one CTA an SM; all fall back
+    where the GPU lacks sm_90a) in every format, with a bias, at every token tile (32, 64, 128, 256
+    and two tiles of 256), with a partial row tile (200 rows: 128 + 72) and K split over CTAs
+    (4096 k on 2 row tiles). Its weight is dequantize_4bit's, so it must also agree with
+    dequantize + cuBLAS within fp32 accumulation, and give the same bits run to run (the splits are
+    added in a fixed order). On an sm_90 GPU the variant's own kernel must be the one that ran."""
     n, k = 200, 4096
     packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
     w = F.dequantize_4bit(packed, state)
@@ -195,6 +217,10 @@ def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
             with fused_max_m(1 << 40):
                 out = F.gemm_4bit(x, packed, state, bias)
                 again = F.gemm_4bit(x, packed, state, bias)
+                hopper = torch.cuda.get_device_capability() == (9, 0)
+                if hopper and m == 64 and (dtype == torch.bfloat16 or variant < 14):
+                    names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state, bias))
+                    assert any(WGMMA_KERNELS[variant] + "<" in name for name in names), names
             what = f"wgmma variant {variant} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
             assert_close_to_reference(out, x, w, bias, what)
             assert torch.equal(out, again), f"{what}: two runs differ"

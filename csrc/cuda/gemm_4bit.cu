@@ -1039,7 +1039,8 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // K >= 8192 (86.4 against 95.9 on 8192x8192; 78.5 against 66.6 on 11008x4096); at M = 32 the
   // stream kernel was as fast or faster (41.0 against 47.1 on 8192x8192).
   // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
-  // its bf16 pair-table decode.
+  // its bf16 pair-table decode; variant 15: that decode fed by tensor copies (bf16),
+  // 16 the same with one CTA an SM.
   // bf16 takes the pair-table decode (variant 14) by default at 16 < M <= 64 and 128 < M <= 256,
   // and from M = 17: in the sweep of f809e0c (H200, 2026-11-30, bench/results) it beat every other
   // path there on all six shapes but 4096x4096 at M = 32 (13.8 against 13.4 us for the stream
@@ -1050,11 +1051,13 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const bool pair_default = kBf16 && (M <= 64 || M > 128);
   const bool wgmma_default = variant == 0 && M > (kBf16 ? 16 : 32) && (M <= 128 || (M <= 256 && p.K >= 8192));
-  if ((variant >= 11 && variant <= 14) || wgmma_default) {
+  if ((variant >= 11 && variant <= 16) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
-    const WgmmaForm form = variant == 13                        ? WgmmaForm::kWarpSpecialized
+    const WgmmaForm form = variant == 13                                     ? WgmmaForm::kWarpSpecialized
                            : variant == 14 || (variant == 0 && pair_default) ? WgmmaForm::kPairTable
-                                                                 : WgmmaForm::kDefault;
+                           : variant == 15                                   ? WgmmaForm::kTensorCopy
+                           : variant == 16                                   ? WgmmaForm::kTensorCopyOneCta
+                                                                             : WgmmaForm::kDefault;
     if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0, form))
       return true;
   }

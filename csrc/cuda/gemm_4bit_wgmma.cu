@@ -24,6 +24,7 @@
 //     sums, and a second kernel adds them in split order: the result is the same bits run to run.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda.h>  // CUtensorMap (the encoder comes from the driver at run time: no libcuda link)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -489,6 +490,126 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
 #endif
 }
 
+// The bulk tensor copy form (variant 15, bf16): one copy warp feeds the two math warpgroups. Per
+// stage its lane 0 issues two tensor copies (TMA): x's BN x 64 tile, which the copy engine writes
+// in the 128-byte swizzle wgmma's descriptor names (tokens past M read as zeros), and the 128 rows'
+// 32 code bytes (rows past N as zeros); its 32 lanes copy the rows' scale words with cp.async, whose
+// completion arrives on the same mbarrier (full: 1 + 32 arrivals and the copies' bytes). The math
+// warps wait on mbarriers only, decode with the pair table and release a slot (empty: 256
+// arrivals) once the wgmma group that read it is complete. In place of the default kernel's
+// per-stage CTA barrier, and of every thread's 64-bit copy addresses and predicates: ncu on
+// 8192x8192 at M = 64 (variant 14) counted 262 instructions a warp and stage, 70 of them the
+// copies', and 11% of stall samples at the barrier and its fences.
+constexpr int kTmaThreads = 288;  // warps 0-7: two math warpgroups; warp 8: the copies
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void tensor_copy_2d(uint32_t dst, const CUtensorMap* map, int32_t inner, int32_t outer,
+                                               uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
+      : "memory");
+}
+// Arrives on `bar` when this thread's earlier cp.async copies have landed (the arrival was counted
+// in the barrier's initial count: noinc).
+__device__ __forceinline__ void copies_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+#endif
+
+// CTAS: the CTAs an SM the registers are capped for (9 warps: two CTAs leave 96 registers a
+// thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168).
+template <bool NESTED, int BN, int STAGES, int CTAS>
+__global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
+    const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map, int64_t M, int64_t N,
+    int64_t K, int bs_log2, Scales sc, int fp4, const __nv_bfloat16* __restrict__ bias,
+    __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int64_t stages_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = __nv_bfloat16;
+  __shared__ uint32_t code_table[256 * 32];
+  __shared__ float nested_code[NESTED ? 256 : 1];
+  __shared__ uint64_t full[STAGES], empty[STAGES];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* ring = swizzle_aligned(smem_raw);
+  const uint32_t ring_address = shared_address(ring);
+  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
+  constexpr uint32_t kTensorBytes = BN * 128 + kWgRows * 32;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
+  fill_tables<NESTED, true>(code_table, nested_code, sc, fp4, tid, kTmaThreads);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1 + 32);
+      mbar_init(&empty[s], 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == 8) {  // the copies
+    const int64_t nb = K >> bs_log2;
+    const int stage_shift = bs_log2 - 6;
+    int64_t row_block[4];  // rows lane + 32 i (row N - 1 past N): their first block's index
+#pragma unroll
+    for (int i = 0; i < 4; ++i) row_block[i] = min(t.row0 + lane + 32 * i, N - 1) * nb;
+    for (int j = 0; j < t.nst; ++j) {
+      const int slot = j % STAGES;
+      // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
+      if (j >= STAGES) mbar_wait(&empty[slot], ((j / STAGES) - 1) & 1);
+      const uint32_t base = ring_address + slot * kStageBytes;
+      const int stage = static_cast<int>(t.first_stage) + j;
+      if (lane == 0) {
+        mbar_arrive_expect_tx(&full[slot], kTensorBytes);
+        tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
+        tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0), &full[slot]);
+      }
+      const int64_t stage_block = stage >> stage_shift;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t dst = base + BN * 128 + kWgRows * 32 + (lane + 32 * i) * 8;
+        const int64_t block = row_block[i] + stage_block;
+        if constexpr (NESTED) {
+          copy4(dst, sc.qabsmax + (block & ~int64_t{3}));  // the aligned word; the byte is picked at use
+          copy4(dst + 4, sc.nested_absmax + (block >> 8));
+        } else {
+          copy4(dst, sc.absmax + block);
+        }
+      }
+      copies_arrive(&full[slot]);
+    }
+    copy_wait<0>();
+    return;
+  }
+
+  const float offset = NESTED ? *sc.offset : 0.f;
+  const int r0 = 16 * warp + (lane >> 2);
+  const StageDecoder<T, NESTED, BN, true> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  uint32_t a0[4][4] = {}, a1[4][4] = {};
+  uint32_t sink = 0;
+  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
+    const int slot = j % STAGES;
+    mbar_wait(&full[slot], (j / STAGES) & 1);
+    decoder.stage(ring + slot * kStageBytes, j, a);
+    wgmma_stage<T, BN>(acc, a, ring_address + slot * kStageBytes);
+    wgmma_wait<1>();
+    keep_until_here(previous, sink);
+    if (j > 0) mbar_arrive(&empty[(j - 1) % STAGES]);  // stage j - 1's group is complete
+  };
+  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+#else
+  __trap();
+#endif
+}
+
 // out = the sum of the splits' partial sums, in split order, plus the bias.
 template <typename T>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
@@ -558,19 +679,65 @@ int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t s
   return best;
 }
 
-template <typename T, bool NESTED, int BN, int STAGES, bool WS = false, bool PAIR = false>
+// cuTensorMapEncodeTiled, from the driver the runtime has loaded (null where it has none).
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(fn);
+  }();
+  return encode;
+}
+
+// A row-major 2-D tensor [outer, inner] read in boxes of [box_outer, box_inner]; outside the
+// tensor the copies read zeros.
+bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t inner, uint64_t outer,
+                   uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, bool NESTED, int BN, int STAGES, bool WS = false, bool PAIR = false, bool TMA = false,
+          int TMA_CTAS = 1>
 bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
             const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
             const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
   // (if constexpr: each launch instantiates only the kernel it launches)
   auto kernel = [] {
-    if constexpr (WS) return gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>;
+    if constexpr (TMA) return gemm_4bit_wgmma_tma_kernel<NESTED, BN, STAGES, TMA_CTAS>;
+    else if constexpr (WS) return gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>;
     else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
   }();
-  constexpr int threads = WS ? kWsThreads : kWgThreads;
+  constexpr int threads = TMA ? kTmaThreads : WS ? kWsThreads : kWgThreads;
   constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
   const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
   if (!occ.has_code) return false;
+  [[maybe_unused]] CUtensorMap x_map{}, code_map{};
+  if constexpr (TMA) {
+    // The copies' coordinates are 32-bit.
+    if (M >= (int64_t{1} << 31) || p.N >= (int64_t{1} << 31) || p.K >= (int64_t{1} << 31)) return false;
+    if (!tensor_map_2d(&x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x2.const_data_ptr(), p.K, M, p.K * 2, kWgStageK, BN,
+                       CU_TENSOR_MAP_SWIZZLE_128B) ||
+        !tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.const_data_ptr(), p.K / 2, p.N, p.K / 2,
+                       kWgStageK / 2, kWgRows, CU_TENSOR_MAP_SWIZZLE_NONE))
+      return false;
+  }
   const int64_t stages = p.K / kWgStageK;
   const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
   const int splits = forced_splits > 0 ? static_cast<int>(std::min<int64_t>(forced_splits, stages))
@@ -581,10 +748,16 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
   if (used_splits > 1) part = partials(used_splits * M * p.N);
   const T* bias_ptr = bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
   T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-  kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
-      reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
-      p.quant_type == QuantType::FP4 ? 1 : 0, bias_ptr, out_ptr, used_splits > 1 ? part.data_ptr<float>() : nullptr,
-      per_split);
+  float* part_ptr = used_splits > 1 ? part.data_ptr<float>() : nullptr;
+  const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
+  if constexpr (TMA) {
+    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
+        x_map, code_map, M, p.N, p.K, bs_log2, sc, fp4, bias_ptr, out_ptr, part_ptr, per_split);
+  } else {
+    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
+        reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
+        fp4, bias_ptr, out_ptr, part_ptr, per_split);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
@@ -606,6 +779,24 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
   // The pair table (32 KB) leaves room for two CTAs an SM at BN <= 64 with fewer stages, and for
   // the one CTA of BN = 256 (which serves M > 64: at BN = 128 two CTAs would keep 3 stages).
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // The tensor-copy form: two CTAs an SM at BN <= 64 (the 32 KB pair table beside 8 / 5 stages;
+    // 96 registers), or (kTensorCopyOneCta) one with up to 16 stages and 168 registers; BN = 128
+    // beyond M = 64 (BN = 256 would spill without setmaxnreg).
+    if (form == WgmmaForm::kTensorCopy && M <= 32)
+      return launch<T, NESTED, 32, 8, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                            forced_splits);
+    if (form == WgmmaForm::kTensorCopy && M <= 64)
+      return launch<T, NESTED, 64, 5, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                            forced_splits);
+    if (form == WgmmaForm::kTensorCopyOneCta && M <= 32)
+      return launch<T, NESTED, 32, 16, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
+                                                             partials, forced_splits);
+    if (form == WgmmaForm::kTensorCopyOneCta && M <= 64)
+      return launch<T, NESTED, 64, 12, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
+                                                             partials, forced_splits);
+    if (form == WgmmaForm::kTensorCopy || form == WgmmaForm::kTensorCopyOneCta)
+      return launch<T, NESTED, 128, 8, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
+                                                             partials, forced_splits);
     if (form == WgmmaForm::kPairTable && M <= 32)
       return launch<T, NESTED, 32, 6, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
                                                    forced_splits);

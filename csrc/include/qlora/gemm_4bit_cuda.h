@@ -27,8 +27,9 @@ struct Scales {
 // K over CTAs writes float32 partial sums into `partials(numel)` (a workspace the caller owns),
 // then adds them in a fixed order. forced_splits > 0 forces the number of K splits; `form` picks
 // a benchmark variant where it applies (kWarpSpecialized: a copying warpgroup, M <= 128;
-// kPairTable: the bf16 pair-table decode), else the default kernel.
-enum class WgmmaForm { kDefault, kWarpSpecialized, kPairTable };
+// kPairTable: the bf16 pair-table decode; kTensorCopy: bf16, the pair table fed by a copy warp's
+// tensor copies, two CTAs an SM at M <= 64, or one with kTensorCopyOneCta), else the default kernel.
+enum class WgmmaForm { kDefault, kWarpSpecialized, kPairTable, kTensorCopy, kTensorCopyOneCta };
 bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                      const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
                      const std::function<at::Tensor(int64_t)>& partials, int forced_splits = 0,
