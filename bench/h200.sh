@@ -3,7 +3,7 @@
 #   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
 # pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
-# picks the benchmarks (BENCH= none), GEMM_ARGS adds arguments to bench/gemm.py; SKIP_TESTS=1 skips
+# picks the benchmarks (BENCH= none), GEMM_ARGS are bench/gemm.py's arguments (default --sweep); SKIP_TESTS=1 skips
 # the tests; PROFILE=1 adds an ncu profile.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
@@ -53,7 +53,7 @@ fi
 for b in ${BENCH-quantize gemm}; do
   case $b in
     quantize) python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
-    gemm) python3 bench/gemm.py --sweep ${GEMM_ARGS:-} --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1
+    gemm) python3 bench/gemm.py ${GEMM_ARGS---sweep} --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1
           grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
   esac
 done

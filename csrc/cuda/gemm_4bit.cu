@@ -1041,22 +1041,25 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
   // its bf16 pair-table decode; variant 15: that decode fed by tensor copies (bf16),
   // 16 the same with one CTA an SM.
-  // bf16 takes the pair-table decode (variant 14) by default at 16 < M <= 64 and 128 < M <= 256,
-  // and from M = 17: in the sweep of f809e0c (H200, 2026-11-30, bench/results) it beat every other
-  // path there on all six shapes but 4096x4096 at M = 32 (13.8 against 13.4 us for the stream
-  // kernel): 8192x8192 35.5 / 43.4 / 87.3 us at M = 32 / 64 / 256 against 41.0 / 50.0 / 94.8 for
-  // the previous defaults, 28672x8192 114.7 / 138.5 / 310 against 130.8 / 172.4 / 343. At M = 16
-  // the warp-specialized mma.sync kernel stayed faster (29.5 against 34.1 on 8192x8192), at M = 128
-  // the float decode at BN = 128 (65.8 against 76.7: the pair table's BN = 256 tile is half empty).
+  // bf16 by default (sweeps of f809e0c and 7685229, H200, 2026-11-30, bench/results): from M = 17
+  // the wgmma kernel's pair-table decode; fed by tensor copies (variant 15: 8192x8192 at M = 128
+  // 45.0 us against 65.5 for the float decode, at M = 256 75.4 against 87.9; 28672x8192 147 / 297
+  // against 216 / 311) except at M <= 32 on weights under 2^26 (4096x4096: 14.5 against 13.8 for
+  // variant 14), with one CTA an SM at 32 < M <= 64 (variant 16: 8192x8192 38.8 against 43.9,
+  // 8192x28672 110 against 130). At M = 16 the warp-specialized mma.sync kernel stayed faster
+  // (29.5 against 33.3 on 8192x8192).
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const bool pair_default = kBf16 && (M <= 64 || M > 128);
+  const WgmmaForm bf16_form = M <= 32 && p.N * p.K < (int64_t{1} << 26) ? WgmmaForm::kPairTable
+                              : M > 32 && M <= 64                          ? WgmmaForm::kTensorCopyOneCta
+                                                                           : WgmmaForm::kTensorCopy;
   const bool wgmma_default = variant == 0 && M > (kBf16 ? 16 : 32) && (M <= 128 || (M <= 256 && p.K >= 8192));
   if ((variant >= 11 && variant <= 16) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
     const WgmmaForm form = variant == 13                                     ? WgmmaForm::kWarpSpecialized
-                           : variant == 14 || (variant == 0 && pair_default) ? WgmmaForm::kPairTable
+                           : variant == 14                                   ? WgmmaForm::kPairTable
                            : variant == 15                                   ? WgmmaForm::kTensorCopy
                            : variant == 16                                   ? WgmmaForm::kTensorCopyOneCta
+                           : variant == 0 && kBf16                           ? bf16_form
                                                                              : WgmmaForm::kDefault;
     if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0, form))
       return true;

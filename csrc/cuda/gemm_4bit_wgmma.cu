@@ -663,10 +663,10 @@ Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
 // last wave is fuller by 5 points of the slots wins over a smaller one), with at least 8 stages
 // (512 k) a split and the partial sums (4 bytes a split, token and row) no more bytes than the
 // codes, so that adding them (mostly in L2) costs little beside the product.
-int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t slots) {
-  // Tiles for half the slots or more: splitting measured slower (28672x8192, 224 tiles for 264
-  // slots: 211 us unsplit against 234 split at M = 128, 306 against 335 at M = 256; 1785878).
-  if (2 * tiles >= slots) return 1;
+int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t slots, int64_t sms) {
+  // A tile for every SM: splitting measured slower (28672x8192, 224 tiles for 132 SMs of two slots:
+  // 211 us unsplit against 234 split at M = 128, 306 against 335 at M = 256; 1785878).
+  if (tiles >= sms) return 1;
   auto fill = [&](int64_t s) {
     const int64_t units = tiles * s;
     return static_cast<double>(units) / static_cast<double>(((units + slots - 1) / slots) * slots);
@@ -741,7 +741,7 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
   const int64_t stages = p.K / kWgStageK;
   const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
   const int splits = forced_splits > 0 ? static_cast<int>(std::min<int64_t>(forced_splits, stages))
-                                       : choose_splits(tiles, stages, M, p.K, int64_t{occ.ctas_per_sm} * occ.sms);
+                                       : choose_splits(tiles, stages, M, p.K, int64_t{occ.ctas_per_sm} * occ.sms, occ.sms);
   const int64_t per_split = (stages + splits - 1) / splits;
   const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
   at::Tensor part;
