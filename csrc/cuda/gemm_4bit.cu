@@ -23,8 +23,9 @@
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
-//     (_set_gemm_variant) pick any of them. At 16 < M <= 256 (bf16; 32 < M for fp16) on Hopper the wgmma kernel
-//     (csrc/cuda/gemm_4bit_wgmma.cu) takes over where it measured faster (dispatch_mma).
+//     (_set_gemm_variant) pick any of them. On Hopper at 16 < M <= 256 (32 < M for fp16) the
+//     wgmma kernels (csrc/cuda/gemm_4bit_wgmma.cu) take over where they measured faster
+//     (dispatch_mma).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
 // multiplies. The crossovers (kDefaultFusedMaxM, dispatch_mma) are H200 measurements in bench/results.

@@ -16,9 +16,11 @@
 //     scales' raw words) with cp.async while stage j is multiplied; the four wgmma of a stage are
 //     one commit group, in flight while the next stage decodes (wait_group 1); a stage's slot is
 //     refilled two stages after it was read, when no wgmma can still be reading it.
-//   - Benchmark forms: variant 13 (gemm_4bit_wgmma_ws_kernel: a copying warpgroup and mbarriers in
-//     place of the CTA barrier) and variant 14 (bf16: a pair table and bf16x2 scaling in place of
-//     the float decode); see StageDecoder and the kernels.
+//   - Forms: bf16 by default (and variants 15 / 16) gemm_4bit_wgmma_tma_kernel, the pair-table
+//     decode fed by a copy warp's tensor copies on mbarriers (two / one CTA an SM); fp16 the kernel
+//     above; variant 13 (gemm_4bit_wgmma_ws_kernel: a copying warpgroup and mbarriers in place of
+//     the CTA barrier) and variant 14 (bf16: the pair table, with the CTA barrier) for benchmarks.
+//     See StageDecoder and the kernels.
 //   - Grid: one CTA a (row tile, token tile, K split). K is split over CTAs when the tiles alone
 //     would leave SMs idle (4096 rows make 32 tiles for 132 SMs); each split writes float32 partial
 //     sums, and a second kernel adds them in split order: the result is the same bits run to run.
