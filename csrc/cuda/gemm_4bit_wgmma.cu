@@ -285,11 +285,17 @@ struct StageDecoder {
 };
 
 // A stage's four wgmma (x at shared address xs) as one commit group.
+// (Step q's descriptor is step 0's with 2 q added to its low word, the start address in 16-byte
+// units: a slot's 96 bytes on never carry out of that 14-bit field, shared addresses being under
+// 256 KB; the constant high word then stays out of the per-step arithmetic.)
 template <typename T, int BN>
 __device__ __forceinline__ void wgmma_stage(float (&acc)[BN / 2], const uint32_t (&a)[4][4], uint32_t xs) {
+  const uint64_t descriptor = swizzle128_descriptor(xs);
+  const uint32_t low = static_cast<uint32_t>(descriptor);
+  const uint64_t high = descriptor & 0xFFFFFFFF00000000ull;
   wgmma_fence();
 #pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], swizzle128_descriptor(xs + q * 32));
+  for (int q = 0; q < 4; ++q) Wgmma<T, BN>::run(acc, a[q], high | (low + 2 * q));
   wgmma_commit();
 }
 
@@ -349,6 +355,46 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
     for (int i = tid; i < 256; i += threads) nested_code[i] = sc.nested_code[i];
   }
 }
+
+// The two math warpgroups of the mbarrier-fed kernels (math_tid: 0-255 over them): wait for
+// stage j's slot to be full, decode it and start its wgmma group, and release stage j - 1's slot
+// once that group is complete. Slot and phase advance a stage at a time (no division per stage).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <typename T, bool NESTED, int BN, int STAGES, bool PAIR>
+__device__ __forceinline__ void mbarrier_math(int math_tid, const void* code_table, const float* nested_code,
+                                              const Scales& sc, uint8_t* ring, uint64_t* full, uint64_t* empty,
+                                              const WgTile& t, int64_t M, int64_t N, int64_t K, int bs_log2,
+                                              const T* __restrict__ bias, T* __restrict__ out,
+                                              float* __restrict__ partial) {
+  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
+  const uint32_t ring_address = shared_address(ring);
+  const int lane = math_tid & 31;
+  const int r0 = 16 * (math_tid >> 5) + (lane >> 2);
+  const float offset = NESTED ? *sc.offset : 0.f;
+  const StageDecoder<T, NESTED, BN, PAIR> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  uint32_t a0[4][4] = {}, a1[4][4] = {};
+  uint32_t sink = 0;
+  uint32_t slot = 0, phase = 0, previous_slot = 0;  // stage j's
+  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
+    mbar_wait(&full[slot], phase);
+    const uint32_t at = slot * kStageBytes;
+    decoder.stage(ring + at, j, a);
+    wgmma_stage<T, BN>(acc, a, ring_address + at);
+    wgmma_wait<1>();
+    keep_until_here(previous, sink);
+    if (j > 0) mbar_arrive(&empty[previous_slot]);  // stage j - 1's group is complete
+    previous_slot = slot;
+    if (++slot == STAGES) {
+      slot = 0;
+      phase ^= 1;
+    }
+  };
+  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+}
+#endif
 
 // All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
 // multiply; a barrier a stage.
@@ -436,7 +482,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
   const uint32_t ring_address = shared_address(ring);
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
   fill_tables<NESTED>(code_table, nested_code, sc, fp4, tid, kWsThreads);
   if (tid == 0) {
@@ -469,24 +515,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
     return;
   }
 
-  const float offset = NESTED ? *sc.offset : 0.f;
-  const int r0 = 16 * (warp - 4) + (lane >> 2);
-  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  uint32_t a0[4][4] = {}, a1[4][4] = {};
-  uint32_t sink = 0;
-  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
-    const int slot = j % STAGES;
-    mbar_wait(&full[slot], (j / STAGES) & 1);
-    decoder.stage(ring + slot * kStageBytes, j, a);
-    wgmma_stage<T, BN>(acc, a, ring_address + slot * kStageBytes);
-    wgmma_wait<1>();
-    keep_until_here(previous, sink);
-    if (j > 0) mbar_arrive(&empty[(j - 1) % STAGES]);  // stage j - 1's group is complete
-  };
-  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  mbarrier_math<T, NESTED, BN, STAGES, false>(tid - 128, code_table, nested_code, sc, ring, full, empty, t, M, N, K,
+                                               bs_log2, bias, out, partial);
 #else
   __trap();
 #endif
@@ -589,24 +619,8 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
     return;
   }
 
-  const float offset = NESTED ? *sc.offset : 0.f;
-  const int r0 = 16 * warp + (lane >> 2);
-  const StageDecoder<T, NESTED, BN, true> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  uint32_t a0[4][4] = {}, a1[4][4] = {};
-  uint32_t sink = 0;
-  auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
-    const int slot = j % STAGES;
-    mbar_wait(&full[slot], (j / STAGES) & 1);
-    decoder.stage(ring + slot * kStageBytes, j, a);
-    wgmma_stage<T, BN>(acc, a, ring_address + slot * kStageBytes);
-    wgmma_wait<1>();
-    keep_until_here(previous, sink);
-    if (j > 0) mbar_arrive(&empty[(j - 1) % STAGES]);  // stage j - 1's group is complete
-  };
-  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  mbarrier_math<T, NESTED, BN, STAGES, true>(tid, code_table, nested_code, sc, ring, full, empty, t, M, N, K, bs_log2,
+                                              bias, out, partial);
 #else
   __trap();
 #endif
