@@ -192,13 +192,18 @@ def main() -> None:
                 # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies
                 # (two / one CTA an SM).
                 # (Variants 2, 6 and 7 lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
-                for m in (1, 8, 16, 32, 64, 128, 256, 1024):
+                # the sweep's M: these, or those of --ms among them when --ms is given
+                sweep_ms = (1, 8, 16, 32, 64, 128, 256, 1024)
+                if args.ms != ap.get_default("ms"):
+                    sweep_ms = tuple(m for m in sweep_ms if m in ms_list)
+                for m in sweep_ms:
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
                     paths = [("fused0", 1 << 40, 0)]
                     paths += [("fused8", 1 << 40, 8)] if m <= 64 else []
                     paths += [("fused9", 1 << 40, 9)] if m <= 64 else []
                     paths += [("fused10", 1 << 40, 10)] if m <= 16 else []
+                    paths += [("fused17", 1 << 40, 17)] if m <= 16 else []
                     paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
                     paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
                     paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []

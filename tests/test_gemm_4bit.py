@@ -146,7 +146,7 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;

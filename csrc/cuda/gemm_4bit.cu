@@ -632,7 +632,10 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // Math warps (MW) a CTA: 16 by default; variant 10 tries 8, each with twice the sub-blocks a stage
 // (half the per-stage instructions a sub-block) and up to 168 registers.
 constexpr int ws_threads(int mw) { return (mw + 2) * 32; }
-constexpr int kWsStages = 4;
+// Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
+// H200: the ring is 99 KB); variant 17 keeps kWsMinStages for comparison.
+constexpr int kWsMaxStages = 8;
+constexpr int kWsMinStages = 4;
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
@@ -647,7 +650,7 @@ __host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw) {
   return (nt == 1 ? 2u : 1u) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
 }
 
-__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw) {
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int stages) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -660,11 +663,11 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
     b += bytes;
     return b - bytes;
   };
-  L.bars = place((2 * kWsStages + 4) * 8);
+  L.bars = place((2 * kWsMaxStages + 4) * 8);
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
   L.red = place(ws_red_bytes(nt, mw));
-  L.ring = place(kWsStages * kStageBytes);
+  L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
   L.total = b;
   return L;
 }
@@ -690,15 +693,28 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
   asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
   return v;
 }
+// Ring bytes and scales, rewritten as the kernel runs: volatile keeps them after the mbarrier
+// wait that publishes them. Through 32-bit shared addresses: generic loads (what C++ pointers to
+// shared memory compiled to here) take 64-bit address arithmetic and the generic path.
+__device__ __forceinline__ uint2 lds_ring_u64(uint32_t address) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(address));
+  return v;
+}
+__device__ __forceinline__ float lds_ring_f32(uint32_t address) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(address));
+  return v;
+}
 
 // Sub-block j as mma_sub_block, with the wide table; `lane_base` is kWsLutAddress | 4 * lane, and
 // the byte at position k of word v is looked up at __byte_perm(v, lane_base, 0x7604 | k << 4).
 // x: the lane's 16 k of the sub-block for each token octet at xs[nt].
 template <typename T, int NT>
-__device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, float s1, uint32_t lane_base,
+__device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s1, uint32_t lane_base,
                                                    const T* const (&xs)[NT], float (&acc)[NT][4]) {
-  const uint2 w0 = *reinterpret_cast<const uint2*>(w);
-  const uint2 w1 = *reinterpret_cast<const uint2*>(w + 8 * kStagePitch);
+  const uint2 w0 = lds_ring_u64(w);
+  const uint2 w1 = lds_ring_u64(w + 8 * kStagePitch);
   uint32_t a[4][4];
   a_fragments(w0, w1, a, [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); });
 #pragma unroll
@@ -722,16 +738,18 @@ __device__ __forceinline__ void mma_sub_block_wide(const uint8_t* w, float s0, f
 #endif
 
 // `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
-// as the host laid it out; `nb`: quantization blocks a row, a multiple of 4.
+// as the host laid it out; `nb`: quantization blocks a row, a multiple of 4; `stages`: the ring's
+// stages (kWsMinStages..kWsMaxStages).
 template <typename T, bool NESTED, int NT, int MW>
 __global__ void __launch_bounds__(ws_threads(MW), 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo) {
+                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo,
+                        int stages) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  const WsLayout L = ws_layout(lo, nb, NT, MW);
+  const WsLayout L = ws_layout(lo, nb, NT, MW, stages);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
   float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
@@ -739,8 +757,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   float* ncode = reinterpret_cast<float*>(base + L.ncode);
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
   uint64_t* full = bars;                   // a stage's bytes arrived (the copy warp's expect_tx)
-  uint64_t* empty = bars + kWsStages;      // every math thread is done with a stage
-  uint64_t* sfull = bars + 2 * kWsStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
+  uint64_t* empty = bars + kWsMaxStages;      // every math thread is done with a stage
+  uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
   uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -763,7 +781,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     for (int i = tid; i < 256; i += ws_threads(MW)) ncode[i] = sc.nested_code[i];
   }
   if (tid == 0) {
-    for (int s = 0; s < kWsStages; ++s) {
+    for (int s = 0; s < stages; ++s) {
       mbar_init(full + s, 1);
       mbar_init(empty + s, MW * 32);
     }
@@ -791,7 +809,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
         if (lane < rows)
           bulk_copy(ring + slot * kStageBytes + lane * kStagePitch, src + int64_t{st} * kStageRowBytes, bytes,
                     full + slot);
-        if (++slot == kWsStages) {
+        if (++slot == stages) {
           slot = 0;
           phase ^= 1;
         }
@@ -858,7 +876,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   }
 
   // The math warps. (Opaque copies of the ring's address and the warp index, as below.)
-  asm volatile("" : "+l"(ring), "+l"(full), "+l"(empty));
+  uint32_t ring_s = smem_u32(ring);
+  asm volatile("" : "+r"(ring_s), "+l"(full), "+l"(empty));
   int my_warp = warp;
   asm volatile("" : "+r"(my_warp));
   const int g = lane >> 2, c = lane & 3;
@@ -887,15 +906,17 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
     const int buf = static_cast<int>(local & 1);
     mbar_wait(sfull + buf, static_cast<uint32_t>((local >> 1) & 1));
-    const float* srow = scales + buf * 16 * (nb + 1) + g * (nb + 1);
-    asm volatile("" : "+l"(srow));
+    uint32_t srow = smem_u32(scales + buf * 16 * (nb + 1) + g * (nb + 1));
+    asm volatile("" : "+r"(srow));
+    const uint32_t s1_off = 8 * (nb + 1) * 4;
     // Sub-block `sub` of a stage whose first sub-block is j0 (x of the stage at xs).
-    auto sub_block = [&](const uint8_t* stage, int j0, int sub, const T* const (&xs)[NT]) {
-      const int b = (j0 + sub) >> sub_shift;
+    auto sub_block = [&](uint32_t stage, int j0, int sub, const T* const (&xs)[NT]) {
+      const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
       const T* xsub[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
-      mma_sub_block_wide<T, NT>(stage + lane_off + sub * 32, srow[b], srow[8 * (nb + 1) + b], lane_base, xsub, acc);
+      mma_sub_block_wide<T, NT>(stage + lane_off + sub * 32, lds_ring_f32(b), lds_ring_f32(b + s1_off), lane_base,
+                                xsub, acc);
     };
     for (int st = 0; st < nstage; ++st) {
       const int j0 = st * kStageSubs;
@@ -903,7 +924,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
       mbar_wait(full + slot, phase);
-      const uint8_t* stage = ring + slot * kStageBytes;
+      const uint32_t stage = ring_s + slot * kStageBytes;
       if (j0 + kStageSubs <= nsub) {
 #pragma unroll
         for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xs);
@@ -915,7 +936,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
         }
       }
       mbar_arrive(empty + slot);
-      if (++slot == kWsStages) {
+      if (++slot == stages) {
         slot = 0;
         phase ^= 1;
       }
@@ -973,7 +994,8 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
 // it launched.
 template <typename T, bool NESTED, int NT, int MW = 16>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream) {
+               const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
+               int max_stages = kWsMaxStages) {
   const int64_t nb = p.K >> bs_log2;
   const int device = x2.get_device();
   const DeviceLimits lim = device_limits(device);
@@ -984,7 +1006,11 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   if (lim.major != 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
       nb % 4 != 0 || nb > 1536 || !scales_aligned)
     return false;
-  const size_t smem = ws_layout(lim.reserved, nb, NT, MW).total;
+  // The deepest ring that fits: at M = 1 the math warps drained 4 stages (64 KB) faster than HBM
+  // refilled them (ncu, 28672x8192: 45% of DRAM bandwidth, 53% of cycles with no eligible warp).
+  int stages = max_stages;
+  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, NT, MW, stages).total > lim.smem_optin) --stages;
+  const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages).total;
   if (smem > lim.smem_optin) return false;
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW>;
   {
@@ -1007,7 +1033,7 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   kernel<<<static_cast<unsigned>(grid), ws_threads(MW), smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
       p.quant_type == QuantType::FP4 ? 1 : 0, bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr,
-      reinterpret_cast<T*>(out.data_ptr()), lim.reserved);
+      reinterpret_cast<T*>(out.data_ptr()), lim.reserved, stages);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -1084,12 +1110,14 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
   }
-  if ((variant == 0 && ws_default) || variant == 9) {
+  // Variant 17: variant 9 with the ring of kWsMinStages stages.
+  if ((variant == 0 && ws_default) || variant == 9 || variant == 17) {
+    const int stages = variant == 17 ? kWsMinStages : kWsMaxStages;
     bool launched = false;
-    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     if (launched) return true;
   }
   // Variant 8: the stream kernel where the warp-specialized one would run.
