@@ -640,29 +640,21 @@ constexpr int ws_scale_vectors(int mw) { return mw >= 16 ? 4 : 8; }
 // H200: the ring is 99 KB); variant 17 keeps kWsMinStages for comparison.
 constexpr int kWsMaxStages = 8;
 constexpr int kWsMinStages = 4;
-constexpr int kWsFewestStages = 3;  // what long rows leave room for (fp32 scales at K = 28672)
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
 // reserved bytes): region A below the table holds what fits of the barriers, the nested code, the
 // two scale buffers and the reduction buffer; the ring and the rest follow the table.
 struct WsLayout {
-  uint32_t bars, ncode, scales, staging, red, lut, ring, total;
+  uint32_t bars, ncode, scales, red, lut, ring, total;
 };
-
-// The first chunk of a tile's scale vectors as the math threads copy them in (cp.async) during the
-// tile before: codes and nested scales (8 bytes a vector), or 4 float32 scales (16 bytes).
-__host__ __device__ inline uint32_t ws_staging_bytes(int64_t nb, int mw, bool nested) {
-  const int64_t vectors = 4 * nb < int64_t{ws_scale_vectors(mw)} * mw * 32 ? 4 * nb : int64_t{ws_scale_vectors(mw)} * mw * 32;
-  return static_cast<uint32_t>(vectors * (nested ? 8 : 16));
-}
 
 __host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw) {
   const int chunk = nt < 4 ? nt : 4;  // token octets a reduction round
   return (nt == 1 ? 2u : 1u) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
 }
 
-__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int stages, bool nested) {
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int stages) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -679,7 +671,6 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
   L.red = place(ws_red_bytes(nt, mw));
-  L.staging = place(ws_staging_bytes(nb, mw, nested));
   L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
   L.total = b;
   return L;
@@ -712,11 +703,6 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
 __device__ __forceinline__ uint2 lds_ring_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(address));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds_ring_u32(uint32_t address) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
   return v;
 }
 __device__ __forceinline__ float lds_ring_f32(uint32_t address) {
@@ -783,57 +769,6 @@ __device__ __forceinline__ void load_tile_scales(TileScales<NESTED, V>& ts, cons
   }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Chunk 0 of a tile's scale vectors into the staging buffer at shared address `staging`
-// (cp.async: x loads issued after it do not wait for these DRAM reads, as they did behind
-// register loads: plain loads here made 28672x8192 at M = 1 20% slower).
-template <bool NESTED, int V>
-__device__ __forceinline__ void prefetch_tile_scales(uint32_t staging, const Scales& sc, int64_t first, int64_t total,
-                                                     int nvec, int t, int threads) {
-#pragma unroll
-  for (int u = 0; u < V; ++u) {
-    const int v = u * threads + t;
-    const int64_t at = first + 4 * int64_t{v};
-    if (v < nvec && at < total) {
-      if constexpr (NESTED) {
-        const int staged = nvec < V * threads ? nvec : V * threads;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(staging + 4 * v), "l"(sc.qabsmax + at));
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(staging + 4 * (staged + v)),
-                     "l"(sc.nested_absmax + (at >> 8)));
-      } else {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(staging + 16 * v), "l"(sc.absmax + at));
-      }
-    }
-  }
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// The staged chunk 0 (this thread's own copies: no barrier needed) into ts.
-template <bool NESTED, int V>
-__device__ __forceinline__ void staged_tile_scales(TileScales<NESTED, V>& ts, uint32_t staging, int64_t first,
-                                                   int64_t total, int nvec, int t, int threads) {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#pragma unroll
-  for (int u = 0; u < V; ++u) {
-    const int v = u * threads + t;
-    if (v < nvec && first + 4 * int64_t{v} < total) {
-      if constexpr (NESTED) {
-        const int staged = nvec < V * threads ? nvec : V * threads;
-        ts.code[u] = lds_ring_u32(staging + 4 * v);
-        ts.nested[u] = __uint_as_float(lds_ring_u32(staging + 4 * (staged + v)));
-      } else {
-        uint4 w;
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
-                     : "r"(staging + 16 * v));
-        ts.value[u] = make_float4(__uint_as_float(w.x), __uint_as_float(w.y), __uint_as_float(w.z), __uint_as_float(w.w));
-      }
-    }
-  }
-}
-
-#endif
-
 // Decodes the loaded scales into `dst` ([16][nb + 1] floats: the padding float puts rows g and
 // g + 1 in different banks for the math warps' reads).
 template <bool NESTED, int V>
@@ -869,7 +804,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  const WsLayout L = ws_layout(lo, nb, NT, MW, stages, NESTED);
+  const WsLayout L = ws_layout(lo, nb, NT, MW, stages);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
   float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
@@ -971,8 +906,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
     const int64_t next = tile + gridDim.x;
     const int64_t next_first = tile_first_scale(next);
-    const uint32_t staging = smem_u32(base + L.staging);
-    if (next < tiles) prefetch_tile_scales<NESTED, V>(staging, sc, next_first, scale_total, nvec, tid, kMathThreads);
+    TileScales<NESTED, V> next_scales;
+    if (next < tiles) load_tile_scales(next_scales, sc, next_first, scale_total, nvec, 0, tid, kMathThreads);
     // The empty asm statements keep these in registers: without them the compiler recomputes the
     // clamped x row from the thread index at every stage (about 40 instructions a stage).
     const T* xrow[NT];
@@ -1026,8 +961,6 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     // tile's stages, before that tile's reduction barrier; the reduction barrier below publishes it).
     if (next < tiles) {
       float* dst = scale_buffer(local + 1);
-      TileScales<NESTED, V> next_scales;
-      staged_tile_scales(next_scales, staging, next_first, scale_total, nvec, tid, kMathThreads);
       store_tile_scales(next_scales, dst, ncode, offset, next_first, scale_total, nb, nvec, 0, tid, kMathThreads);
       for (int ch = 1; ch < scale_chunks; ++ch) {
         load_tile_scales(next_scales, sc, next_first, scale_total, nvec, ch, tid, kMathThreads);
@@ -1101,8 +1034,8 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   // The deepest ring that fits: at M = 1 the math warps drained 4 stages (64 KB) faster than HBM
   // refilled them (ncu, 28672x8192: 45% of DRAM bandwidth, 53% of cycles with no eligible warp).
   int stages = max_stages;
-  while (stages > kWsFewestStages && ws_layout(lim.reserved, nb, NT, MW, stages, NESTED).total > lim.smem_optin) --stages;
-  const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages, NESTED).total;
+  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, NT, MW, stages).total > lim.smem_optin) --stages;
+  const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages).total;
   if (smem > lim.smem_optin) return false;
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW>;
   {
