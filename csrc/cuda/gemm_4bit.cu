@@ -19,7 +19,7 @@
 //     sums are added in shared memory in a fixed order: the result is the same bits run to run. The
 //     grid is one wave of CTAs that stride over the tiles.
 //   - Kernels: on sm_90 at M <= 16 with long rows or many weights, the warp-specialized kernel (a
-//     copy warp moving the codes with bulk copies on mbarriers, 8 or 16 math warps); else up
+//     copy warp moving the codes with bulk copies on mbarriers, a scale warp, 16 math warps); else up
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
@@ -623,19 +623,15 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // every stage, and the ring drains at every tile. Here:
 //   - one copy warp moves each stage with 16 bulk copies (cp.async.bulk, a row each, lanes 0-15)
 //     that complete on the stage's mbarrier, running ahead across tile boundaries;
-//   - the math warps (MW) wait only on mbarriers, and meet once a tile for the reduction; they
-//     load the next tile's block scales (codes) at the start of a tile and decode them into the
-//     other of two buffers at its end. (A scale warp did that before: its ~1200 instructions a
-//     tile all fell on one scheduler, whose two math warps then lagged the other six: every
-//     stage waits for its slowest warp.)
+//   - one scale warp decodes the next tile's block scales into the other of two buffers while
+//     the current tile is multiplied;
+//   - 16 math warps (MW) wait only on mbarriers, and meet once a tile for the reduction;
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
 //     address 0x10000, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
 //     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
-// Math warps (MW) a CTA: 16, or 8 (each with twice the sub-blocks a stage and up to 168 registers).
-constexpr int ws_threads(int mw) { return (mw + 1) * 32; }
-// Scale vectors (4 codes or floats) a math thread prefetches for the next tile: the tile's 16 * nb
-// scales fit at nb <= 512 (K <= 32768 with blocks of 64); more are loaded at the tile's end.
-constexpr int ws_scale_vectors(int mw) { return mw >= 16 ? 4 : 8; }
+// Math warps (MW) a CTA: 16 by default; variant 10 tries 8, each with twice the sub-blocks a stage
+// (half the per-stage instructions a sub-block) and up to 168 registers.
+constexpr int ws_threads(int mw) { return (mw + 2) * 32; }
 // Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
 // H200: the ring is 99 KB); variant 17 keeps kWsMinStages for comparison.
 constexpr int kWsMaxStages = 8;
@@ -667,7 +663,7 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
     b += bytes;
     return b - bytes;
   };
-  L.bars = place(2 * kWsMaxStages * 8);
+  L.bars = place((2 * kWsMaxStages + 4) * 8);
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
   L.red = place(ws_red_bytes(nt, mw));
@@ -741,57 +737,6 @@ __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s
 }
 #endif
 
-// A tile's block scales as its math threads load them: vector v (4 codes, or 4 floats, of the tile's
-// 16 rows x nb contiguous scales) of chunk ch is thread t's element u when
-// v = (ch * V + u) * threads + t.
-template <bool NESTED, int V>
-struct TileScales {
-  uint32_t code[V];    // double quantization: 4 8-bit codes
-  float nested[V];     // and their nested block's scale
-  float4 value[V];     // otherwise: 4 float32 scales
-};
-
-template <bool NESTED, int V>
-__device__ __forceinline__ void load_tile_scales(TileScales<NESTED, V>& ts, const Scales& sc, int64_t first,
-                                                 int64_t total, int nvec, int chunk, int t, int threads) {
-#pragma unroll
-  for (int u = 0; u < V; ++u) {
-    const int v = (chunk * V + u) * threads + t;
-    const int64_t at = first + 4 * int64_t{v};
-    if (v < nvec && at < total) {  // rows past N: left as they are (their sums are dropped)
-      if constexpr (NESTED) {
-        ts.code[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
-        ts.nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
-      } else {
-        ts.value[u] = __ldg(reinterpret_cast<const float4*>(sc.absmax + at));
-      }
-    }
-  }
-}
-
-// Decodes the loaded scales into `dst` ([16][nb + 1] floats: the padding float puts rows g and
-// g + 1 in different banks for the math warps' reads).
-template <bool NESTED, int V>
-__device__ __forceinline__ void store_tile_scales(const TileScales<NESTED, V>& ts, float* dst, const float* ncode,
-                                                  float offset, int64_t first, int64_t total, int nb, int nvec,
-                                                  int chunk, int t, int threads) {
-  const int vectors_a_row = nb >> 2;
-#pragma unroll
-  for (int u = 0; u < V; ++u) {
-    const int v = (chunk * V + u) * threads + t;
-    if (v < nvec && first + 4 * int64_t{v} < total) {
-      const int row = v / vectors_a_row;
-      float* d = dst + row * (nb + 1) + 4 * (v - row * vectors_a_row);
-      if constexpr (NESTED) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) d[e] = nested_scale(ncode[(ts.code[u] >> (8 * e)) & 0xff], ts.nested[u], offset);
-      } else {
-        d[0] = ts.value[u].x, d[1] = ts.value[u].y, d[2] = ts.value[u].z, d[3] = ts.value[u].w;
-      }
-    }
-  }
-}
-
 // `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
 // as the host laid it out; `nb`: quantization blocks a row, a multiple of 4; `stages`: the ring's
 // stages (kWsMinStages..kWsMaxStages).
@@ -812,7 +757,9 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   float* ncode = reinterpret_cast<float*>(base + L.ncode);
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
   uint64_t* full = bars;                   // a stage's bytes arrived (the copy warp's expect_tx)
-  uint64_t* empty = bars + kWsMaxStages;  // every math thread is done with a stage
+  uint64_t* empty = bars + kWsMaxStages;      // every math thread is done with a stage
+  uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
+  uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_bytes = K >> 1;
@@ -837,6 +784,10 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     for (int s = 0; s < stages; ++s) {
       mbar_init(full + s, 1);
       mbar_init(empty + s, MW * 32);
+    }
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(sfull + b, 32);
+      mbar_init(sempty + b, MW * 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -866,6 +817,64 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     }
     return;
   }
+  if (warp == MW + 1) {  // the scale warp
+    float offset = 0.f;
+    if constexpr (NESTED) offset = *sc.offset;
+    const float inv_nb = 1.f / static_cast<float>(nb);
+    const int64_t total = N * nb;
+    int64_t local = 0;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
+      const int buf = static_cast<int>(local & 1);
+      mbar_wait(sempty + buf, static_cast<uint32_t>((local >> 1) & 1) ^ 1);
+      float* dst = scales + buf * 16 * (nb + 1);
+      const int64_t first = (tile / tok_tiles) * 16 * nb;
+      // 16 rows of nb blocks are one contiguous run of scales, read 4 at a time (nb % 4 == 0 and
+      // aligned arrays: the launch checks), in batches of 16 vectors a lane whose loads are all
+      // issued before the first store (stores through a generic pointer would otherwise keep the
+      // next loads behind them: one memory latency a vector). Rows past N are left as they are
+      // (their sums are dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value, less than
+      // half the 1 / nb (>= 1 / 1536) to the nearest integer: the row, with no division.
+      constexpr int kBatch = 16;
+      for (int i0 = 4 * lane; i0 < 16 * nb; i0 += 128 * kBatch) {
+        uint32_t q[kBatch];
+        float4 v[kBatch];
+        float nested[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t at = first + i0 + 128 * u;
+          if (i0 + 128 * u < 16 * nb && at < total) {
+            if constexpr (NESTED) {
+              q[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
+              nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
+            } else {
+              v[u] = __ldg(reinterpret_cast<const float4*>(sc.absmax + at));
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int i = i0 + 128 * u;
+          if (i < 16 * nb && first + i < total) {
+            float s[4];
+            if constexpr (NESTED) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[e] = nested_scale(ncode[(q[u] >> (8 * e)) & 0xff], nested[u], offset);
+            } else {
+              s[0] = v[u].x, s[1] = v[u].y, s[2] = v[u].z, s[3] = v[u].w;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
+              dst[i + e + r] = s[e];
+            }
+          }
+        }
+      }
+      mbar_arrive(sfull + buf);
+    }
+    return;
+  }
+
   // The math warps. (Opaque copies of the ring's address and the warp index, as below.)
   uint32_t ring_s = smem_u32(ring);
   asm volatile("" : "+r"(ring_s), "+l"(full), "+l"(empty));
@@ -876,38 +885,12 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   int lane_off = g * kStagePitch + 8 * c;  // the lane's bytes of row g in a stage
   asm volatile("" : "+r"(lane_base), "+r"(lane_off));
   const int sub_shift = bs_log2 - 6;
-
-  // The block scales: the first tile's decoded before the loop, each next tile's loaded during the
-  // current one (TileScales) and decoded at its end, before the reduction's barrier.
-  constexpr int V = ws_scale_vectors(MW);
-  constexpr int kMathThreads = MW * 32;
-  const int nvec = 4 * nb;  // 16 rows x nb / 4
-  const int scale_chunks = (nvec + V * kMathThreads - 1) / (V * kMathThreads);
-  const int64_t scale_total = N * nb;
-  float offset = 0.f;
-  if constexpr (NESTED) offset = *sc.offset;
-  auto tile_first_scale = [&](int64_t t) { return (t / tok_tiles) * 16 * nb; };
-  auto scale_buffer = [&](int64_t local_tile) { return scales + (local_tile & 1) * 16 * (nb + 1); };
-  if (blockIdx.x < tiles) {
-    const int64_t first = tile_first_scale(blockIdx.x);
-    for (int ch = 0; ch < scale_chunks; ++ch) {
-      TileScales<NESTED, V> ts;
-      load_tile_scales(ts, sc, first, scale_total, nvec, ch, tid, kMathThreads);
-      store_tile_scales(ts, scale_buffer(0), ncode, offset, first, scale_total, nb, nvec, ch, tid, kMathThreads);
-    }
-  }
-  math_barrier<MW>();
-
   int slot = 0;
   uint32_t phase = 0;
   int64_t local = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
     const int64_t row0 = (tile / tok_tiles) * 16;
     const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
-    const int64_t next = tile + gridDim.x;
-    const int64_t next_first = tile_first_scale(next);
-    TileScales<NESTED, V> next_scales;
-    if (next < tiles) load_tile_scales(next_scales, sc, next_first, scale_total, nvec, 0, tid, kMathThreads);
     // The empty asm statements keep these in registers: without them the compiler recomputes the
     // clamped x row from the thread index at every stage (about 40 instructions a stage).
     const T* xrow[NT];
@@ -922,7 +905,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
     const int buf = static_cast<int>(local & 1);
-    uint32_t srow = smem_u32(scale_buffer(local) + g * (nb + 1));
+    mbar_wait(sfull + buf, static_cast<uint32_t>((local >> 1) & 1));
+    uint32_t srow = smem_u32(scales + buf * 16 * (nb + 1) + g * (nb + 1));
     asm volatile("" : "+r"(srow));
     const uint32_t s1_off = 8 * (nb + 1) * 4;
     // Sub-block `sub` of a stage whose first sub-block is j0 (x of the stage at xs).
@@ -957,16 +941,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
         phase ^= 1;
       }
     }
-    // The next tile's scales into the other buffer (every warp read it last in the previous
-    // tile's stages, before that tile's reduction barrier; the reduction barrier below publishes it).
-    if (next < tiles) {
-      float* dst = scale_buffer(local + 1);
-      store_tile_scales(next_scales, dst, ncode, offset, next_first, scale_total, nb, nvec, 0, tid, kMathThreads);
-      for (int ch = 1; ch < scale_chunks; ++ch) {
-        load_tile_scales(next_scales, sc, next_first, scale_total, nvec, ch, tid, kMathThreads);
-        store_tile_scales(next_scales, dst, ncode, offset, next_first, scale_total, nb, nvec, ch, tid, kMathThreads);
-      }
-    }
+    mbar_arrive(sempty + buf);
 
     // The warps' partial sums, added in warp order (the same bits run to run), in rounds of up to
     // 4 token octets. With one octet the buffer alternates between tiles, and the next tile's
@@ -1130,11 +1105,8 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
   // (8.5 against 9.1, 18.8 against 19.4).
   const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
-  // Math warps: 8 at M <= 8, 16 above (sweep of d09d751, H200, 2026-11-30: 8 won at M = 1 and 8 on
-  // every shape, e.g. 28672x8192 51.8 against 56.9 us at M = 1; 16 at M = 16 on the large shapes,
-  // 86.6 against 91.1 on 8192x28672). Variant 10: the other count, M <= 16.
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
-    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 16>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {  // variant 10: 8 math warps, M <= 16
+    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
   }
@@ -1142,7 +1114,7 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   if ((variant == 0 && ws_default) || variant == 9 || variant == 17) {
     const int stages = variant == 17 ? kWsMinStages : kWsMaxStages;
     bool launched = false;
-    if (M <= 8) launched = launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
