@@ -151,8 +151,10 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
     1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 8: the stream kernel; 9: the
-    warp-specialized kernel at any M; 10: the same with 8 math warps, M <= 16; 11 / 12: the wgmma
-    kernel with / without K splits; 13: its warp-specialized form; 14: its bf16 pair-table decode),
+    warp-specialized kernel at any M; 10: the same with the other math-warp count (16 at M <= 8,
+    8 at 8 < M <= 16); 11 / 12: the wgmma kernel with / without K splits; 13: its warp-specialized
+    form; 14: its bf16 pair-table decode; 15 / 16: that decode fed by tensor copies; 17: variant 9
+    with the 4-stage ring),
     bf16 with double quantization. 1000 x 4096 gives each CTA of
     the warp-specialized kernel several tiles (its copy warp runs across tile boundaries, its scale
     buffers alternate); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),

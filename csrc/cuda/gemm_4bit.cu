@@ -629,8 +629,10 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
 //     address 0x10000, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
 //     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
-// Math warps (MW) a CTA: 16 by default; variant 10 tries 8, each with twice the sub-blocks a stage
-// (half the per-stage instructions a sub-block) and up to 168 registers.
+// Math warps (MW) a CTA: 8 at M <= 8 (each with twice the sub-blocks a stage and up to 168
+// registers), 16 above. (Moving the scale warp's work into the math warps, its next tile's codes
+// loaded at a tile's start and decoded at its end, measured slower at K = 8192: 62 against 52 us
+// on 28672x8192 at M = 1 with plain loads, 65 with cp.async; b68712c and 5bba0c2, reverted.)
 constexpr int ws_threads(int mw) { return (mw + 2) * 32; }
 // Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
 // H200: the ring is 99 KB); variant 17 keeps kWsMinStages for comparison.
@@ -1105,8 +1107,11 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
   // (8.5 against 9.1, 18.8 against 19.4).
   const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {  // variant 10: 8 math warps, M <= 16
-    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
+  // Math warps: 8 at M <= 8, 16 above (sweep of d09d751, H200, 2026-11-30: 8 won at M = 1 and 8 on
+  // every shape, e.g. 28672x8192 51.8 against 56.9 us at M = 1; 16 at M = 16 on the large shapes,
+  // 86.6 against 91.1 on 8192x28672). Variant 10: the other count, M <= 16.
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
+    if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 16>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
   }
@@ -1114,7 +1119,7 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   if ((variant == 0 && ws_default) || variant == 9 || variant == 17) {
     const int stages = variant == 17 ? kWsMinStages : kWsMaxStages;
     bool launched = false;
-    if (M <= 8) launched = launch_ws<T, NESTED, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    if (M <= 8) launched = launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else if (M <= 32) launched = launch_ws<T, NESTED, 4>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else launched = launch_ws<T, NESTED, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
