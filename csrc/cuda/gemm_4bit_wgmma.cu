@@ -357,21 +357,16 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
 }
 
 // The two math warpgroups of the mbarrier-fed kernels (math_tid: 0-255 over them): wait for
-// stage j's slot to be full, decode it and start its wgmma group, and release stage j - 1's slot
-// once that group is complete. Slot and phase advance a stage at a time (no division per stage).
+// stage j's slot to be full, decode it (decode(slot, j, a) fills the A fragments and returns the
+// slot's x tile's shared address) and start its wgmma group, and release stage j - 1's slot once
+// that group is complete. Slot and phase advance a stage at a time (no division per stage).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <typename T, bool NESTED, int BN, int STAGES, bool PAIR>
-__device__ __forceinline__ void mbarrier_math(int math_tid, const void* code_table, const float* nested_code,
-                                              const Scales& sc, uint8_t* ring, uint64_t* full, uint64_t* empty,
-                                              const WgTile& t, int64_t M, int64_t N, int64_t K, int bs_log2,
-                                              const T* __restrict__ bias, T* __restrict__ out,
-                                              float* __restrict__ partial) {
-  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
-  const uint32_t ring_address = shared_address(ring);
+template <typename T, int BN, int STAGES, typename Decode>
+__device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode, uint64_t* full, uint64_t* empty,
+                                              const WgTile& t, int64_t M, int64_t N, const T* __restrict__ bias,
+                                              T* __restrict__ out, float* __restrict__ partial) {
   const int lane = math_tid & 31;
   const int r0 = 16 * (math_tid >> 5) + (lane >> 2);
-  const float offset = NESTED ? *sc.offset : 0.f;
-  const StageDecoder<T, NESTED, BN, PAIR> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -380,9 +375,7 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const void* code_tab
   uint32_t slot = 0, phase = 0, previous_slot = 0;  // stage j's
   auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
     mbar_wait(&full[slot], phase);
-    const uint32_t at = slot * kStageBytes;
-    decoder.stage(ring + at, j, a);
-    wgmma_stage<T, BN>(acc, a, ring_address + at);
+    wgmma_stage<T, BN>(acc, a, decode(slot, j, a));
     wgmma_wait<1>();
     keep_until_here(previous, sink);
     if (j > 0) mbar_arrive(&empty[previous_slot]);  // stage j - 1's group is complete
@@ -515,8 +508,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
     return;
   }
 
-  mbarrier_math<T, NESTED, BN, STAGES, false>(tid - 128, code_table, nested_code, sc, ring, full, empty, t, M, N, K,
-                                               bs_log2, bias, out, partial);
+  const int math_tid = tid - 128, lane = tid & 31;
+  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, NESTED ? *sc.offset : 0.f, lane,
+                                            16 * (math_tid >> 5) + (lane >> 2), N, K, bs_log2, t);
+  const auto decode = [&](uint32_t slot, int j, uint32_t (&a)[4][4]) {
+    decoder.stage(ring + slot * kStageBytes, j, a);
+    return ring_address + slot * kStageBytes;
+  };
+  mbarrier_math<T, BN, STAGES>(math_tid, decode, full, empty, t, M, N, bias, out, partial);
 #else
   __trap();
 #endif
@@ -525,14 +524,41 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
 // The bulk tensor copy form (variant 15, bf16): one copy warp feeds the two math warpgroups. Per
 // stage its lane 0 issues two tensor copies (TMA): x's BN x 64 tile, which the copy engine writes
 // in the 128-byte swizzle wgmma's descriptor names (tokens past M read as zeros), and the 128 rows'
-// 32 code bytes (rows past N as zeros); its 32 lanes copy the rows' scale words with cp.async, whose
-// completion arrives on the same mbarrier (full: 1 + 32 arrivals and the copies' bytes). The math
-// warps wait on mbarriers only, decode with the pair table and release a slot (empty: 256
-// arrivals) once the wgmma group that read it is complete. In place of the default kernel's
-// per-stage CTA barrier, and of every thread's 64-bit copy addresses and predicates: ncu on
-// 8192x8192 at M = 64 (variant 14) counted 262 instructions a warp and stage, 70 of them the
-// copies', and 11% of stall samples at the barrier and its fences.
+// 32 code bytes (rows past N as zeros). Its 32 lanes load the rows' block scales two stages ahead,
+// decode them (double quantization included) and store each math thread's two rows' scales as one
+// bf16 pair in the slot, then arrive (full: 1 + 32 arrivals and the copies' bytes). The math warps
+// wait on mbarriers only, decode the codes with the pair table and release a slot (empty: 256
+// arrivals) once the wgmma group that read it is complete.
+// Why so: ncu on 28672x8192 at M = 32 (48211e9) found the kernel issue-bound (0.61 instructions a
+// cycle and scheduler, stalls mostly "selected" and "not selected") at 186 instructions a math warp
+// and stage, of which the 16 lookups took 80 (a rotate, a mask, the table's base added, the load, the
+// scale's multiply) and each thread's decode of its two scales about 25. With the scales decoded by
+// the copy warp and the table at shared address 0x8000 (32 KB-aligned: the mask and the lane's
+// table address are one LOP3), a lookup is 4 instructions and a stage's scales one load.
 constexpr int kTmaThreads = 288;  // warps 0-7: two math warpgroups; warp 8: the copies
+constexpr uint32_t kTmaTableAddress = 0x8000;  // the pair table's shared-window address, 32 KB long
+constexpr int kTmaScaleLead = 2;               // stages the copy warp's scale loads run ahead
+
+// Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
+// reserved bytes): the barriers and the nested code, the ring's first `low_slots` slots below the
+// table, the others after it (slots 1024-byte aligned: the x tile's swizzle atom).
+struct TmaLayout {
+  uint32_t bars, ncode, table, low_ring, low_slots, high_ring, total;
+};
+
+__host__ __device__ inline TmaLayout tma_layout(uint32_t lo, uint32_t stage_bytes, uint32_t stages) {
+  TmaLayout L{};
+  L.bars = 0;      // 2 * stages mbarriers, stages <= 32
+  L.ncode = 512;   // 256 floats
+  const uint32_t low_ring = (lo + 512 + 1024 + 1023) & ~1023u;
+  L.low_ring = low_ring - lo;
+  L.table = kTmaTableAddress - lo;
+  const uint32_t fit = low_ring < kTmaTableAddress ? (kTmaTableAddress - low_ring) / stage_bytes : 0;
+  L.low_slots = fit < stages ? fit : stages;
+  L.high_ring = 2 * kTmaTableAddress - lo;
+  L.total = L.high_ring + (stages - L.low_slots) * stage_bytes;
+  return L;
+}
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -547,34 +573,99 @@ __device__ __forceinline__ void tensor_copy_2d(uint32_t dst, const CUtensorMap* 
       "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
       : "memory");
 }
-// Arrives on `bar` when this thread's earlier cp.async copies have landed (the arrival was counted
-// in the barrier's initial count: noinc).
-__device__ __forceinline__ void copies_arrive(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+// A word of the pair table (written before the kernel's first barrier, constant after).
+__device__ __forceinline__ uint32_t lds_table(uint32_t address) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
+  return v;
+}
+// Ring words, rewritten as the kernel runs: volatile keeps them after the mbarrier wait that
+// publishes them.
+__device__ __forceinline__ uint32_t lds_ring_b32(uint32_t address) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
+  return v;
+}
+__device__ __forceinline__ uint4 lds_ring_b128(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+  return v;
+}
+__device__ __forceinline__ void sts_b32(uint32_t address, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(v) : "memory");
 }
 #endif
 
+// The tensor-copy kernel's A fragments of a stage (rows r0 and r0 + 8 of the tile), as
+// StageDecoder's pair-table decode: the code pair's entry at (byte << 7) | 4 * lane of the table,
+// times the rows' bf16 scales, which the copy warp stored as one pair (r0's low) at word
+// 8 * (r0 / 16) + r0 % 16 of the slot's scale area.
+template <int BN>
+struct TmaStageDecoder {
+  uint32_t lane_table, rot, code_at, scale_at;
+
+  __device__ __forceinline__ TmaStageDecoder(int lane, int r0)
+      : lane_table(kTmaTableAddress | (4u * static_cast<uint32_t>(lane))),
+        rot(static_cast<uint32_t>(8 * (lane & 3) - 7) & 31),
+        code_at(BN * 128 + r0 * 32),
+        scale_at(BN * 128 + kWgRows * 32 + 4 * (8 * (r0 >> 4) + (r0 & 15))) {}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __device__ __forceinline__ uint32_t decode_pair(uint32_t word, __nv_bfloat162 scale) const {
+    uint32_t v = lds_table((__funnelshift_r(word, word, rot) & 0x7f80u) | lane_table);
+    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), scale);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+
+  // The stage in the slot at shared address `slot`.
+  __device__ __forceinline__ void stage(uint32_t slot, uint32_t (&a)[4][4]) const {
+    uint32_t pair = lds_ring_b32(slot + scale_at);
+    const __nv_bfloat162 both = *reinterpret_cast<const __nv_bfloat162*>(&pair);
+    const __nv_bfloat162 s0 = __low2bfloat162(both), s1 = __high2bfloat162(both);
+    const uint4 w0[2] = {lds_ring_b128(slot + code_at), lds_ring_b128(slot + code_at + 16)};
+    const uint4 w1[2] = {lds_ring_b128(slot + code_at + 256), lds_ring_b128(slot + code_at + 272)};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4& v0 = w0[q >> 1];
+      const uint4& v1 = w1[q >> 1];
+      a[q][0] = decode_pair((q & 1) ? v0.z : v0.x, s0);
+      a[q][1] = decode_pair((q & 1) ? v1.z : v1.x, s1);
+      a[q][2] = decode_pair((q & 1) ? v0.w : v0.y, s0);
+      a[q][3] = decode_pair((q & 1) ? v1.w : v1.y, s1);
+    }
+  }
+#endif
+};
+
 // CTAS: the CTAs an SM the registers are capped for (9 warps: two CTAs leave 96 registers a
-// thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168).
+// thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168). `lo`: the shared
+// address where dynamic shared memory starts (the block's reserved bytes), as the host laid it out.
 template <bool NESTED, int BN, int STAGES, int CTAS>
 __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
     const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map, int64_t M, int64_t N,
     int64_t K, int bs_log2, Scales sc, int fp4, const __nv_bfloat16* __restrict__ bias,
-    __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int64_t stages_per_split) {
+    __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int64_t stages_per_split, uint32_t lo) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // The copy warp publishes stage j's scales when it issues stage j + kTmaScaleLead, which may wait
+  // for stage j + kTmaScaleLead - STAGES's slot, released while stage j + kTmaScaleLead - STAGES + 1
+  // is multiplied: that stage must come before j, or both sides wait forever.
+  static_assert(STAGES > kTmaScaleLead + 1, "the copy warp would wait on a release that waits on it");
   using T = __nv_bfloat16;
-  __shared__ uint32_t code_table[256 * 32];
-  __shared__ float nested_code[NESTED ? 256 : 1];
-  __shared__ uint64_t full[STAGES], empty[STAGES];
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* ring = swizzle_aligned(smem_raw);
-  const uint32_t ring_address = shared_address(ring);
+  if (shared_address(smem_raw) != lo) __trap();  // the layout assumed another start: never launch it wrong
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
   constexpr uint32_t kTensorBytes = BN * 128 + kWgRows * 32;
+  const TmaLayout L = tma_layout(lo, kStageBytes, STAGES);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + L.bars);
+  uint64_t* empty = full + STAGES;
+  float* nested_code = reinterpret_cast<float*>(smem_raw + L.ncode);
+  const auto slot_at = [&](uint32_t slot) {
+    return lo + (slot < L.low_slots ? L.low_ring + slot * kStageBytes : L.high_ring + (slot - L.low_slots) * kStageBytes);
+  };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
-  fill_tables<NESTED, true>(code_table, nested_code, sc, fp4, tid, kTmaThreads);
+  fill_tables<NESTED, true>(reinterpret_cast<uint32_t*>(smem_raw + L.table), nested_code, sc, fp4, tid, kTmaThreads);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1 + 32);
@@ -584,43 +675,82 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
   }
   __syncthreads();
 
-  if (warp == 8) {  // the copies
+  if (warp == 8) {  // the copies and the scales
     const int64_t nb = K >> bs_log2;
     const int stage_shift = bs_log2 - 6;
-    int64_t row_block[4];  // rows lane + 32 i (row N - 1 past N): their first block's index
+    const float offset = NESTED ? *sc.offset : 0.f;
+    // Lane l decodes pairs l and l + 32 (u), the rows 16 (p / 8) + p % 8 + 8 h of the tile (row
+    // N - 1 past N): their first block's index.
+    int64_t row_block[2][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) row_block[i] = min(t.row0 + lane + 32 * i, N - 1) * nb;
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int p = lane + 32 * u;
+        row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
+      }
+    struct Raw {
+      uint32_t code[2][2];  // the 8-bit code (double quantization)
+      float value[2][2];    // its nested scale, or the float32 scale
+    };
+    const auto load = [&](int j, Raw& r) {
+      const int64_t stage_block = (t.first_stage + j) >> stage_shift;
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t block = row_block[u][h] + stage_block;
+          if constexpr (NESTED) {
+            r.code[u][h] = __ldg(sc.qabsmax + block);
+            r.value[u][h] = __ldg(sc.nested_absmax + (block >> 8));
+          } else {
+            r.value[u][h] = __ldg(sc.absmax + block);
+          }
+        }
+    };
+    const auto publish = [&](int j, const Raw& r) {
+      const uint32_t slot = static_cast<uint32_t>(j % STAGES);
+      const uint32_t at = slot_at(slot) + BN * 128 + kWgRows * 32;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        float s[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
+        sts_b32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
+      }
+      mbar_arrive(&full[slot]);
+    };
+    static_assert(kTmaScaleLead == 2, "the loads of two stages ahead are held in ahead0 and ahead1");
+    Raw ahead0{}, ahead1{}, due{};  // stages j - 1, j - 2 (entering iteration j)
     for (int j = 0; j < t.nst; ++j) {
       const int slot = j % STAGES;
       // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
       if (j >= STAGES) mbar_wait(&empty[slot], ((j / STAGES) - 1) & 1);
-      const uint32_t base = ring_address + slot * kStageBytes;
       const int stage = static_cast<int>(t.first_stage) + j;
       if (lane == 0) {
+        const uint32_t base = slot_at(static_cast<uint32_t>(slot));
         mbar_arrive_expect_tx(&full[slot], kTensorBytes);
         tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
         tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0), &full[slot]);
       }
-      const int64_t stage_block = stage >> stage_shift;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t dst = base + BN * 128 + kWgRows * 32 + (lane + 32 * i) * 8;
-        const int64_t block = row_block[i] + stage_block;
-        if constexpr (NESTED) {
-          copy4(dst, sc.qabsmax + (block & ~int64_t{3}));  // the aligned word; the byte is picked at use
-          copy4(dst + 4, sc.nested_absmax + (block >> 8));
-        } else {
-          copy4(dst, sc.absmax + block);
-        }
-      }
-      copies_arrive(&full[slot]);
+      due = ahead1;
+      ahead1 = ahead0;
+      load(j, ahead0);
+      if (j >= kTmaScaleLead) publish(j - kTmaScaleLead, due);
     }
-    copy_wait<0>();
+    if (t.nst >= 2) publish(t.nst - 2, ahead1);
+    if (t.nst >= 1) publish(t.nst - 1, ahead0);
     return;
   }
 
-  mbarrier_math<T, NESTED, BN, STAGES, true>(tid, code_table, nested_code, sc, ring, full, empty, t, M, N, K, bs_log2,
-                                              bias, out, partial);
+  const TmaStageDecoder<BN> decoder(lane, 16 * warp + (lane >> 2));
+  const auto decode = [&](uint32_t slot, int, uint32_t (&a)[4][4]) {
+    const uint32_t at = slot_at(slot);
+    decoder.stage(at, a);
+    return at;
+  };
+  mbarrier_math<T, BN, STAGES>(tid, decode, full, empty, t, M, N, bias, out, partial);
 #else
   __trap();
 #endif
@@ -671,6 +801,20 @@ Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
     }
 #endif
     it = cache.emplace(key, o).first;
+  }
+  return it->second;
+}
+
+// Shared memory the device reserves at the start of each block's window (1 KB on sm_90).
+uint32_t reserved_shared_bytes(int device) {
+  static std::mutex mutex;
+  static std::map<int, uint32_t> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int reserved = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    it = cache.emplace(device, static_cast<uint32_t>(reserved)).first;
   }
   return it->second;
 }
@@ -741,7 +885,11 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
     else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
   }();
   constexpr int threads = TMA ? kTmaThreads : WS ? kWsThreads : kWgThreads;
-  constexpr size_t smem = wg_smem_bytes<BN, STAGES>();
+  // The tensor-copy kernel lays out its shared memory from where it starts (the block's reserved
+  // bytes): the pair table at kTmaTableAddress.
+  const uint32_t lo = TMA ? reserved_shared_bytes(x2.get_device()) : 0;
+  if (TMA && lo + 2048 > kTmaTableAddress) return false;
+  const size_t smem = TMA ? tma_layout(lo, wg_stage_bytes<BN>(), STAGES).total : wg_smem_bytes<BN, STAGES>();
   const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
   if (!occ.has_code) return false;
   [[maybe_unused]] CUtensorMap x_map{}, code_map{};
@@ -768,7 +916,7 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
   const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
   if constexpr (TMA) {
     kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
-        x_map, code_map, M, p.N, p.K, bs_log2, sc, fp4, bias_ptr, out_ptr, part_ptr, per_split);
+        x_map, code_map, M, p.N, p.K, bs_log2, sc, fp4, bias_ptr, out_ptr, part_ptr, per_split, lo);
   } else {
     kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
         reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
