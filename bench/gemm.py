@@ -191,7 +191,7 @@ def main() -> None:
                 # fused1 / fused5: the register-fed kernel at M <= 8 / M > 16; fused11 / fused12:
                 # the wgmma kernel with / without K splits; fused13 / fused14: its warp-specialized form
                 # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies
-                # (two / one CTA an SM).
+                # (two / one CTA an SM; fused15 at M <= 16 with 16-token tiles).
                 # (Variants 2, 6 and 7 lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
                 # the sweep's M: these, or those of --ms among them when --ms is given
                 sweep_ms = (1, 8, 16, 32, 64, 128, 256, 1024)
@@ -210,7 +210,7 @@ def main() -> None:
                     paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []
                     paths += [("fused13", 1 << 40, 13)] if 16 <= m <= 128 else []
                     paths += [("fused14", 1 << 40, 14)] if m >= 16 else []
-                    paths += [("fused15", 1 << 40, 15)] if m >= 16 else []
+                    paths += [("fused15", 1 << 40, 15)]
                     paths += [("fused16", 1 << 40, 16)] if 16 <= m <= 64 else []
                     if m > 256:
                         paths = [p for p in paths if p[0] in ("fused11", "fused14", "fused15", "cublas")]

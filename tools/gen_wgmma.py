@@ -8,7 +8,7 @@ N = 256), which no one should write by hand; this script writes them. Run it aga
 
 from pathlib import Path
 
-NS = (32, 64, 128, 256)
+NS = (16, 32, 64, 128, 256)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 
 out = [

@@ -98,11 +98,14 @@ __device__ __forceinline__ uint64_t swizzle128_descriptor(uint32_t address) {
 // The registers of a wgmma's A operand must keep their values until the wgmma is known complete
 // (the wait after the next group). The allocator does not know that wgmma reads them late: as soon as
 // their last use is the wgmma it reuses them, and ptxas then waits for every wgmma to finish
-// (WARPGROUP.DEPBAR 0) before the reuse. Folding them into `sink` after the wait keeps them live
-// until there (a few LOP3 a stage; sink is stored only when M < 0, never).
-__device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4][4], uint32_t& sink) {
+// (WARPGROUP.DEPBAR 0) before the reuse. A store of them on a path never taken (`never`: M < 0)
+// after the wait keeps them live until there, for a branch a stage (folding them into a value
+// stored on that path took 8 LOP3 a stage).
+__device__ __forceinline__ void keep_until_here(const uint32_t (&r)[4][4], bool never, void* sink) {
+  if (never) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) sink ^= r[q][0] ^ r[q][1] ^ r[q][2] ^ r[q][3];
+    for (int q = 0; q < 4; ++q) static_cast<uint4*>(sink)[q] = make_uint4(r[q][0], r[q][1], r[q][2], r[q][3]);
+  }
 }
 
 // A CTA's work: 128 weight rows from row0, BN tokens from tok0, stages [first_stage,
@@ -325,7 +328,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
 // loop unrolled by two keeps them in registers), waits for the last wgmma group and stores the tile.
 template <typename T, int BN, typename Stage>
 __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4], uint32_t (&a1)[4][4],
-                                           const uint32_t& sink, float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
+                                           float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
                                            const T* __restrict__ bias, T* __restrict__ out,
                                            float* __restrict__ partial, Stage& stage) {
   int j = 0;
@@ -335,7 +338,8 @@ __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4]
   }
   if (j < t.nst) stage(j, a0, a1);
   wgmma_wait<0>();
-  if (M < 0) out[0] = from_float<T>(__uint_as_float(sink ^ a0[0][0] ^ a1[0][0]));
+  keep_until_here(a0, M < 0, out);
+  keep_until_here(a1, M < 0, out);
   store_tile<T, BN>(acc, t, r0, c, M, N, bias, out, partial);
 }
 
@@ -371,13 +375,12 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
   uint32_t a0[4][4] = {}, a1[4][4] = {};
-  uint32_t sink = 0;
   uint32_t slot = 0, phase = 0, previous_slot = 0;  // stage j's
   auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
     mbar_wait(&full[slot], phase);
     wgmma_stage<T, BN>(acc, a, decode(slot, j, a));
     wgmma_wait<1>();
-    keep_until_here(previous, sink);
+    keep_until_here(previous, M < 0, out);
     if (j > 0) mbar_arrive(&empty[previous_slot]);  // stage j - 1's group is complete
     previous_slot = slot;
     if (++slot == STAGES) {
@@ -385,7 +388,7 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
       phase ^= 1;
     }
   };
-  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, bias, out, partial, stage);
 }
 #endif
 
@@ -425,7 +428,6 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
   // A stage's four A fragments, two sets: the wgmma group of stage j reads one set while stage
   // j + 1 decodes into the other.
   uint32_t a0[4][4] = {}, a1[4][4] = {};
-  uint32_t sink = 0;
   uint32_t read_slot = 0, write_slot = (STAGES - 2) * kStageBytes;
   auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
     copy_wait<STAGES - 3>();
@@ -439,9 +441,9 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
     wgmma_stage<T, BN>(acc, a, ring_address + read_slot);
     read_slot = read_slot == (STAGES - 1) * kStageBytes ? 0 : read_slot + kStageBytes;
     wgmma_wait<1>();
-    keep_until_here(previous, sink);  // the previous stage's group read these: complete now
+    keep_until_here(previous, M < 0, out);  // the previous stage's group read these: complete now
   };
-  run_stages<T, BN>(t, a0, a1, sink, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, bias, out, partial, stage);
 #else
   __trap();  // the host launches this kernel only where sm_90a code exists
 #endif
@@ -943,9 +945,12 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
   // The pair table (32 KB) leaves room for two CTAs an SM at BN <= 64 with fewer stages, and for
   // the one CTA of BN = 256 (which serves M > 64: at BN = 128 two CTAs would keep 3 stages).
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    // The tensor-copy form: two CTAs an SM at BN <= 64 (the 32 KB pair table beside 8 / 5 stages;
-    // 96 registers), or (kTensorCopyOneCta) one with up to 16 stages and 168 registers; BN = 128
+    // The tensor-copy form: two CTAs an SM at BN <= 64 (the 32 KB pair table beside 10 / 8 / 5
+    // stages at BN = 16 / 32 / 64; 96 registers), or (kTensorCopyOneCta) one with up to 16 stages and 168 registers; BN = 128
     // beyond M = 64 (BN = 256 would spill without setmaxnreg).
+    if (form == WgmmaForm::kTensorCopy && M <= 16)
+      return launch<T, NESTED, 16, 10, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
+                                                             forced_splits);
     if (form == WgmmaForm::kTensorCopy && M <= 32)
       return launch<T, NESTED, 32, 8, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
                                                             forced_splits);
