@@ -183,6 +183,26 @@ def cuda_kernels_launched(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_default_kernel_by_m(gen):
+    """The default dispatch on a weight of 2^26 codes (bf16, double quantization): the
+    warp-specialized mma.sync kernel up to M = 8, the tensor-copy wgmma kernel from M = 9 to 64 (on
+    an sm_90 GPU; elsewhere whatever runs must still be right)."""
+    n, k = 8192, 8192
+    packed, state = make_weight(n, k, "cuda", gen)
+    w = F.dequantize_4bit(packed, state)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for m, kernel in ((8, "gemm_4bit_ws_kernel"), (9, "gemm_4bit_wgmma_tma_kernel"), (16, "gemm_4bit_wgmma_tma_kernel"),
+                      (33, "gemm_4bit_wgmma_tma_kernel")):
+        x = make_input((m, k), torch.bfloat16, "cuda", gen)
+        out = F.gemm_4bit(x, packed, state)
+        assert_close_to_reference(out, x, w, None, f"default M={m} {n}x{k}")
+        if hopper:
+            names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
+            assert any(kernel + "<" in name for name in names), (m, names)
+
+
 # The kernel each wgmma variant must launch on an sm_90 GPU (bf16: 15 and 16 are bf16 forms).
 WGMMA_KERNELS = {
     11: "gemm_4bit_wgmma_kernel",

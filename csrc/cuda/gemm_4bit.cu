@@ -1071,18 +1071,19 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // Variant 13: its warp-specialized form (a copying warpgroup, mbarriers) at M <= 128; variant 14:
   // its bf16 pair-table decode; variant 15: that decode fed by tensor copies (bf16),
   // 16 the same with one CTA an SM.
-  // bf16 by default (sweeps of f809e0c and 7685229, H200, 2026-11-30, bench/results): from M = 17
-  // the wgmma kernel's pair-table decode; fed by tensor copies (variant 15: 8192x8192 at M = 128
-  // 45.0 us against 65.5 for the float decode, at M = 256 75.4 against 87.9; 28672x8192 147 / 297
-  // against 216 / 311) except at M <= 32 on weights under 2^26 (4096x4096: 14.5 against 13.8 for
-  // variant 14), with one CTA an SM at 32 < M <= 64 (variant 16: 8192x8192 38.8 against 43.9,
-  // 8192x28672 110 against 130). At M = 16 the warp-specialized mma.sync kernel stayed faster
-  // (29.5 against 33.3 on 8192x8192).
+  // Before 570e735 (sweeps of f809e0c and 7685229, H200, 2026-11-30) the tensor-copy form already
+  // beat the float decode (8192x8192 at M = 128 45.0 us against 65.5; 28672x8192 147 against 216),
+  // but not the pair table at M <= 32 on weights under 2^26 nor the mma.sync kernels at M = 16.
+  // Since 570e735 (the copy warp decodes the scales; sweep of 570e735, H200, 2026-11-30) the
+  // tensor-copy form with two CTAs an SM is the bf16 default from M = 9 on weights of 2^25 or more
+  // (16-token tiles at M <= 16: 28672x8192 86.5 against 92.4 us for the warp-specialized kernel,
+  // 11008x4096 20.2 against 24.9; on 4096x4096 the mma.sync kernels stay faster, 10.4 against
+  // 12.7) and from M = 17 on all (11008x4096 at M = 32 21.6 against 25.2 for the pair table; at
+  // M = 64 28672x8192 101.8 against 124.4 for one CTA an SM, 4096x4096 16.1 against 15.4).
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const WgmmaForm bf16_form = M <= 32 && p.N * p.K < (int64_t{1} << 26) ? WgmmaForm::kPairTable
-                              : M > 32 && M <= 64                          ? WgmmaForm::kTensorCopyOneCta
-                                                                           : WgmmaForm::kTensorCopy;
-  const bool wgmma_default = variant == 0 && M > (kBf16 ? 16 : 32) && (M <= 128 || (M <= 256 && p.K >= 8192));
+  const WgmmaForm bf16_form = WgmmaForm::kTensorCopy;
+  const int64_t wgmma_min_m = kBf16 ? (p.N * p.K >= (int64_t{1} << 25) ? 8 : 16) : 32;
+  const bool wgmma_default = variant == 0 && M > wgmma_min_m && (M <= 128 || (M <= 256 && p.K >= 8192));
   if ((variant >= 11 && variant <= 16) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
     const WgmmaForm form = variant == 13                                     ? WgmmaForm::kWarpSpecialized
