@@ -675,10 +675,6 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                    smem_u32(dst)),
@@ -689,26 +685,6 @@ template <int MW>
 __device__ __forceinline__ void math_barrier() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(MW * 32) : "memory");
 }
-// A table word at a shared-window address (written once before the kernel's first barrier).
-__device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
-  uint32_t v;
-  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
-  return v;
-}
-// Ring bytes and scales, rewritten as the kernel runs: volatile keeps them after the mbarrier
-// wait that publishes them. Through 32-bit shared addresses: generic loads (what C++ pointers to
-// shared memory compiled to here) take 64-bit address arithmetic and the generic path.
-__device__ __forceinline__ uint2 lds_ring_u64(uint32_t address) {
-  uint2 v;
-  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(address));
-  return v;
-}
-__device__ __forceinline__ float lds_ring_f32(uint32_t address) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(address));
-  return v;
-}
-
 // Sub-block j as mma_sub_block, with the wide table; `lane_base` is kWsLutAddress | 4 * lane, and
 // the byte at position k of word v is looked up at __byte_perm(v, lane_base, 0x7604 | k << 4).
 // x: the lane's 16 k of the sub-block for each token octet at xs[nt].

@@ -563,10 +563,6 @@ __host__ __device__ inline TmaLayout tma_layout(uint32_t lo, uint32_t stage_byte
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
 __device__ __forceinline__ void tensor_copy_2d(uint32_t dst, const CUtensorMap* map, int32_t inner, int32_t outer,
                                                uint64_t* bar) {
   asm volatile(
@@ -574,27 +570,6 @@ __device__ __forceinline__ void tensor_copy_2d(uint32_t dst, const CUtensorMap* 
           "r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
       : "memory");
-}
-// A word of the pair table (written before the kernel's first barrier, constant after).
-__device__ __forceinline__ uint32_t lds_table(uint32_t address) {
-  uint32_t v;
-  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
-  return v;
-}
-// Ring words, rewritten as the kernel runs: volatile keeps them after the mbarrier wait that
-// publishes them.
-__device__ __forceinline__ uint32_t lds_ring_b32(uint32_t address) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(address));
-  return v;
-}
-__device__ __forceinline__ uint4 lds_ring_b128(uint32_t address) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
-  return v;
-}
-__device__ __forceinline__ void sts_b32(uint32_t address, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(v) : "memory");
 }
 #endif
 
@@ -614,18 +589,18 @@ struct TmaStageDecoder {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __device__ __forceinline__ uint32_t decode_pair(uint32_t word, __nv_bfloat162 scale) const {
-    uint32_t v = lds_table((__funnelshift_r(word, word, rot) & 0x7f80u) | lane_table);
+    uint32_t v = lds_u32((__funnelshift_r(word, word, rot) & 0x7f80u) | lane_table);
     const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), scale);
     return *reinterpret_cast<const uint32_t*>(&r);
   }
 
   // The stage in the slot at shared address `slot`.
   __device__ __forceinline__ void stage(uint32_t slot, uint32_t (&a)[4][4]) const {
-    uint32_t pair = lds_ring_b32(slot + scale_at);
+    uint32_t pair = lds_ring_u32(slot + scale_at);
     const __nv_bfloat162 both = *reinterpret_cast<const __nv_bfloat162*>(&pair);
     const __nv_bfloat162 s0 = __low2bfloat162(both), s1 = __high2bfloat162(both);
-    const uint4 w0[2] = {lds_ring_b128(slot + code_at), lds_ring_b128(slot + code_at + 16)};
-    const uint4 w1[2] = {lds_ring_b128(slot + code_at + 256), lds_ring_b128(slot + code_at + 272)};
+    const uint4 w0[2] = {lds_ring_u128(slot + code_at), lds_ring_u128(slot + code_at + 16)};
+    const uint4 w1[2] = {lds_ring_u128(slot + code_at + 256), lds_ring_u128(slot + code_at + 272)};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint4& v0 = w0[q >> 1];
@@ -719,7 +694,7 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
-        sts_b32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
+        sts_u32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
       }
       mbar_arrive(&full[slot]);
     };
