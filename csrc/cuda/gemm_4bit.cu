@@ -543,31 +543,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
   }
 }
 
-struct DeviceLimits {
-  int major;
-  size_t smem_optin;
-  uint32_t reserved;  // shared memory the system keeps at the start of each block's window
-  int sms;
-};
-
-// The compute capability's major, the opt-in shared memory of a block, the reserved shared memory
-// and the multiprocessors, read once a device.
-DeviceLimits device_limits(int device) {
-  static std::mutex mutex;
-  static std::map<int, DeviceLimits> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    int major = 0, optin = 0, reserved = 0, sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    it = cache.emplace(device, DeviceLimits{major, static_cast<size_t>(optin), static_cast<uint32_t>(reserved), sms})
-             .first;
-  }
-  return it->second;
-}
 
 // CTAs of `kernel` resident on the device at once with `smem` bytes of dynamic shared memory,
 // cached in `cache` (the caller's, one per kernel) by device and size: the 16-row-tile kernels'
@@ -1267,6 +1242,25 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
 }
 
 }  // namespace
+
+// The compute capability's major, the opt-in shared memory of a block, the reserved shared memory
+// and the multiprocessors, read once a device.
+DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int major = 0, optin = 0, reserved = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = cache.emplace(device, DeviceLimits{major, static_cast<size_t>(optin), static_cast<uint32_t>(reserved), sms})
+             .first;
+  }
+  return it->second;
+}
 
 TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("gemm_4bit", &gemm_4bit_cuda);

@@ -782,20 +782,6 @@ Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
   return it->second;
 }
 
-// Shared memory the device reserves at the start of each block's window (1 KB on sm_90).
-uint32_t reserved_shared_bytes(int device) {
-  static std::mutex mutex;
-  static std::map<int, uint32_t> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    int reserved = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-    it = cache.emplace(device, static_cast<uint32_t>(reserved)).first;
-  }
-  return it->second;
-}
-
 // The number of K splits: the fewest that keep the CTA slots of the GPU busy (a split count whose
 // last wave is fuller by 5 points of the slots wins over a smaller one), with at least 8 stages
 // (512 k) a split and the partial sums (4 bytes a split, token and row) no more bytes than the
@@ -864,7 +850,7 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
   constexpr int threads = TMA ? kTmaThreads : WS ? kWsThreads : kWgThreads;
   // The tensor-copy kernel lays out its shared memory from where it starts (the block's reserved
   // bytes): the pair table at kTmaTableAddress.
-  const uint32_t lo = TMA ? reserved_shared_bytes(x2.get_device()) : 0;
+  const uint32_t lo = TMA ? device_limits(x2.get_device()).reserved : 0;
   if (TMA && lo + 2048 > kTmaTableAddress) return false;
   const size_t smem = TMA ? tma_layout(lo, wg_stage_bytes<BN>(), STAGES).total : wg_smem_bytes<BN, STAGES>();
   const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());

@@ -35,4 +35,13 @@ bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, 
                      const std::function<at::Tensor(int64_t)>& partials, int forced_splits = 0,
                      WgmmaForm form = WgmmaForm::kDefault);
 
+// What the products' launches need to know of a device, read once a device (csrc/cuda/gemm_4bit.cu).
+struct DeviceLimits {
+  int major;
+  size_t smem_optin;
+  uint32_t reserved;  // shared memory the system keeps at the start of each block's window
+  int sms;
+};
+DeviceLimits device_limits(int device);
+
 }  // namespace qlora::cuda
