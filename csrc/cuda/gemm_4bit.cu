@@ -1032,16 +1032,14 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // 12.7) and from M = 17 on all (11008x4096 at M = 32 21.6 against 25.2 for the pair table; at
   // M = 64 28672x8192 101.8 against 124.4 for one CTA an SM, 4096x4096 16.1 against 15.4).
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const WgmmaForm bf16_form = WgmmaForm::kTensorCopy;
   const int64_t wgmma_min_m = kBf16 ? (p.N * p.K >= (int64_t{1} << 25) ? 8 : 16) : 32;
   const bool wgmma_default = variant == 0 && M > wgmma_min_m && (M <= 128 || (M <= 256 && p.K >= 8192));
   if ((variant >= 11 && variant <= 16) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
     const WgmmaForm form = variant == 13                                     ? WgmmaForm::kWarpSpecialized
                            : variant == 14                                   ? WgmmaForm::kPairTable
-                           : variant == 15                                   ? WgmmaForm::kTensorCopy
+                           : variant == 15 || (variant == 0 && kBf16)       ? WgmmaForm::kTensorCopy
                            : variant == 16                                   ? WgmmaForm::kTensorCopyOneCta
-                           : variant == 0 && kBf16                           ? bf16_form
                                                                              : WgmmaForm::kDefault;
     if (gemm_4bit_wgmma(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, variant == 12 ? 1 : 0, form))
       return true;
