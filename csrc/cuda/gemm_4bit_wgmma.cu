@@ -538,6 +538,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
 // the copy warp and the table at shared address 0x8000 (32 KB-aligned: the mask and the lane's
 // table address are one LOP3), a lookup is 4 instructions and a stage's scales one load.
 constexpr int kTmaThreads = 288;  // warps 0-7: two math warpgroups; warp 8: the copies
+// BN = 256: a third warpgroup (warp 8 copies, 9-11 exit) so that setmaxnreg can move registers to the
+// math warps: 9 warps cap a thread at 168 (three share one scheduler's 16384), too few for 128
+// accumulators; 232 / 232 / 48 over a scheduler's three warps fit (16384 registers).
+template <int BN>
+constexpr int tma_threads() {
+  return BN == 256 ? 384 : kTmaThreads;
+}
+constexpr int kTmaMathRegisters = 232;
+constexpr int kTmaCopyRegisters = 48;
 constexpr uint32_t kTmaTableAddress = 0x8000;  // the pair table's shared-window address, 32 KB long
 constexpr int kTmaScaleLead = 2;               // stages the copy warp's scale loads run ahead
 
@@ -618,7 +627,7 @@ struct TmaStageDecoder {
 // thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168). `lo`: the shared
 // address where dynamic shared memory starts (the block's reserved bytes), as the host laid it out.
 template <bool NESTED, int BN, int STAGES, int CTAS>
-__global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
+__global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_kernel(
     const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map, int64_t M, int64_t N,
     int64_t K, int bs_log2, Scales sc, int fp4, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int64_t stages_per_split, uint32_t lo) {
@@ -642,7 +651,8 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
-  fill_tables<NESTED, true>(reinterpret_cast<uint32_t*>(smem_raw + L.table), nested_code, sc, fp4, tid, kTmaThreads);
+  fill_tables<NESTED, true>(reinterpret_cast<uint32_t*>(smem_raw + L.table), nested_code, sc, fp4, tid,
+                            tma_threads<BN>());
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1 + 32);
@@ -652,7 +662,15 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
   }
   __syncthreads();
 
+  // (Each role's register count is set inside its own branch, which never rejoins another: ptxas
+  // ignores setmaxnreg where code after it could run under either count.)
+  constexpr bool kMoveRegisters = tma_threads<BN>() > kTmaThreads;
+  if (warp > 8) {  // the third warpgroup's idle warps
+    if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
+    return;
+  }
   if (warp == 8) {  // the copies and the scales
+    if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
     const int64_t nb = K >> bs_log2;
     const int stage_shift = bs_log2 - 6;
     const float offset = NESTED ? *sc.offset : 0.f;
@@ -721,6 +739,7 @@ __global__ void __launch_bounds__(kTmaThreads, CTAS) gemm_4bit_wgmma_tma_kernel(
     return;
   }
 
+  if constexpr (kMoveRegisters) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaMathRegisters));
   const TmaStageDecoder<BN> decoder(lane, 16 * warp + (lane >> 2));
   const auto decode = [&](uint32_t slot, int, uint32_t (&a)[4][4]) {
     const uint32_t at = slot_at(slot);
@@ -847,7 +866,7 @@ bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const Gem
     else if constexpr (WS) return gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>;
     else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
   }();
-  constexpr int threads = TMA ? kTmaThreads : WS ? kWsThreads : kWgThreads;
+  constexpr int threads = TMA ? tma_threads<BN>() : WS ? kWsThreads : kWgThreads;
   // The tensor-copy kernel lays out its shared memory from where it starts (the block's reserved
   // bytes): the pair table at kTmaTableAddress.
   const uint32_t lo = TMA ? device_limits(x2.get_device()).reserved : 0;
@@ -924,6 +943,11 @@ bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const G
     if (form == WgmmaForm::kTensorCopyOneCta && M <= 64)
       return launch<T, NESTED, 64, 12, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
                                                              partials, forced_splits);
+    // Above M = 128 one 256-token tile (each code decoded once; 4 stages of 37 KB beside the
+    // table, and up to 224 registers a thread for the 128 accumulators with one CTA of 9 warps).
+    if ((form == WgmmaForm::kTensorCopy || form == WgmmaForm::kTensorCopyOneCta) && M > 128)
+      return launch<T, NESTED, 256, 4, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
+                                                              partials, forced_splits);
     if (form == WgmmaForm::kTensorCopy || form == WgmmaForm::kTensorCopyOneCta)
       return launch<T, NESTED, 128, 8, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
                                                              partials, forced_splits);
