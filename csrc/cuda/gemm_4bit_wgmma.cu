@@ -662,81 +662,81 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
   }
   __syncthreads();
 
-  // (Each role's register count is set inside its own branch, which never rejoins another: ptxas
-  // ignores setmaxnreg where code after it could run under either count.)
+  // Each role's register count is set inside its own branch, which never rejoins another (ptxas
+  // ignores setmaxnreg where code after it could run under either count), and by one instruction
+  // for the whole warpgroup (.sync.aligned: the four warps of the copy warpgroup must execute the
+  // same setmaxnreg; two copies of it, one a branch, hung the H200 at 7fff7e1).
   constexpr bool kMoveRegisters = tma_threads<BN>() > kTmaThreads;
-  if (warp > 8) {  // the third warpgroup's idle warps
+  if (warp >= 8) {
     if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
-    return;
-  }
-  if (warp == 8) {  // the copies and the scales
-    if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
-    const int64_t nb = K >> bs_log2;
-    const int stage_shift = bs_log2 - 6;
-    const float offset = NESTED ? *sc.offset : 0.f;
-    // Lane l decodes pairs l and l + 32 (u), the rows 16 (p / 8) + p % 8 + 8 h of the tile (row
-    // N - 1 past N): their first block's index.
-    int64_t row_block[2][2];
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int p = lane + 32 * u;
-        row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
-      }
-    struct Raw {
-      uint32_t code[2][2];  // the 8-bit code (double quantization)
-      float value[2][2];    // its nested scale, or the float32 scale
-    };
-    const auto load = [&](int j, Raw& r) {
-      const int64_t stage_block = (t.first_stage + j) >> stage_shift;
-#pragma unroll
+    if (warp == 8) {  // the copies and the scales
+      const int64_t nb = K >> bs_log2;
+      const int stage_shift = bs_log2 - 6;
+      const float offset = NESTED ? *sc.offset : 0.f;
+      // Lane l decodes pairs l and l + 32 (u), the rows 16 (p / 8) + p % 8 + 8 h of the tile (row
+      // N - 1 past N): their first block's index.
+      int64_t row_block[2][2];
+  #pragma unroll
       for (int u = 0; u < 2; ++u)
-#pragma unroll
+  #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t block = row_block[u][h] + stage_block;
-          if constexpr (NESTED) {
-            r.code[u][h] = __ldg(sc.qabsmax + block);
-            r.value[u][h] = __ldg(sc.nested_absmax + (block >> 8));
-          } else {
-            r.value[u][h] = __ldg(sc.absmax + block);
-          }
+          const int p = lane + 32 * u;
+          row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
         }
-    };
-    const auto publish = [&](int j, const Raw& r) {
-      const uint32_t slot = static_cast<uint32_t>(j % STAGES);
-      const uint32_t at = slot_at(slot) + BN * 128 + kWgRows * 32;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        float s[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
-        sts_u32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
+      struct Raw {
+        uint32_t code[2][2];  // the 8-bit code (double quantization)
+        float value[2][2];    // its nested scale, or the float32 scale
+      };
+      const auto load = [&](int j, Raw& r) {
+        const int64_t stage_block = (t.first_stage + j) >> stage_shift;
+  #pragma unroll
+        for (int u = 0; u < 2; ++u)
+  #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t block = row_block[u][h] + stage_block;
+            if constexpr (NESTED) {
+              r.code[u][h] = __ldg(sc.qabsmax + block);
+              r.value[u][h] = __ldg(sc.nested_absmax + (block >> 8));
+            } else {
+              r.value[u][h] = __ldg(sc.absmax + block);
+            }
+          }
+      };
+      const auto publish = [&](int j, const Raw& r) {
+        const uint32_t slot = static_cast<uint32_t>(j % STAGES);
+        const uint32_t at = slot_at(slot) + BN * 128 + kWgRows * 32;
+  #pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float s[2];
+  #pragma unroll
+          for (int h = 0; h < 2; ++h)
+            s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
+          sts_u32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
+        }
+        mbar_arrive(&full[slot]);
+      };
+      static_assert(kTmaScaleLead == 2, "the loads of two stages ahead are held in ahead0 and ahead1");
+      Raw ahead0{}, ahead1{}, due{};  // stages j - 1, j - 2 (entering iteration j)
+      for (int j = 0; j < t.nst; ++j) {
+        const int slot = j % STAGES;
+        // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
+        if (j >= STAGES) mbar_wait(&empty[slot], ((j / STAGES) - 1) & 1);
+        const int stage = static_cast<int>(t.first_stage) + j;
+        if (lane == 0) {
+          const uint32_t base = slot_at(static_cast<uint32_t>(slot));
+          mbar_arrive_expect_tx(&full[slot], kTensorBytes);
+          tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
+          tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0), &full[slot]);
+        }
+        due = ahead1;
+        ahead1 = ahead0;
+        load(j, ahead0);
+        if (j >= kTmaScaleLead) publish(j - kTmaScaleLead, due);
       }
-      mbar_arrive(&full[slot]);
-    };
-    static_assert(kTmaScaleLead == 2, "the loads of two stages ahead are held in ahead0 and ahead1");
-    Raw ahead0{}, ahead1{}, due{};  // stages j - 1, j - 2 (entering iteration j)
-    for (int j = 0; j < t.nst; ++j) {
-      const int slot = j % STAGES;
-      // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
-      if (j >= STAGES) mbar_wait(&empty[slot], ((j / STAGES) - 1) & 1);
-      const int stage = static_cast<int>(t.first_stage) + j;
-      if (lane == 0) {
-        const uint32_t base = slot_at(static_cast<uint32_t>(slot));
-        mbar_arrive_expect_tx(&full[slot], kTensorBytes);
-        tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
-        tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0), &full[slot]);
-      }
-      due = ahead1;
-      ahead1 = ahead0;
-      load(j, ahead0);
-      if (j >= kTmaScaleLead) publish(j - kTmaScaleLead, due);
+      if (t.nst >= 2) publish(t.nst - 2, ahead1);
+      if (t.nst >= 1) publish(t.nst - 1, ahead0);
     }
-    if (t.nst >= 2) publish(t.nst - 2, ahead1);
-    if (t.nst >= 1) publish(t.nst - 1, ahead0);
-    return;
+    return;  // warps 9-11 (BN = 256) only give their registers back
   }
 
   if constexpr (kMoveRegisters) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaMathRegisters));
