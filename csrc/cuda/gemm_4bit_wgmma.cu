@@ -540,13 +540,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
 constexpr int kTmaThreads = 288;  // warps 0-7: two math warpgroups; warp 8: the copies
 // BN = 256: a third warpgroup (warp 8 copies, 9-11 exit) so that setmaxnreg can move registers to the
 // math warps: 9 warps cap a thread at 168 (three share one scheduler's 16384), too few for 128
-// accumulators; 232 / 232 / 48 over a scheduler's three warps fit (16384 registers).
+// accumulators. setmaxnreg.inc waits until the CTA's own pool (168 x 384 registers, what the
+// launch gave it) can serve it: 8 math warps x 224 + 4 copy-warpgroup warps x 48 = 168 x 12 warps
+// (7fff7e1 asked for 232 with 48, more than the pool holds; its H200 test run hung).
 template <int BN>
 constexpr int tma_threads() {
   return BN == 256 ? 384 : kTmaThreads;
 }
-constexpr int kTmaMathRegisters = 232;
+constexpr int kTmaMathRegisters = 224;
 constexpr int kTmaCopyRegisters = 48;
+static_assert(8 * kTmaMathRegisters + 4 * kTmaCopyRegisters <= 12 * 168, "the math warps would wait forever for registers");
 constexpr uint32_t kTmaTableAddress = 0x8000;  // the pair table's shared-window address, 32 KB long
 constexpr int kTmaScaleLead = 2;               // stages the copy warp's scale loads run ahead
 
@@ -665,7 +668,7 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
   // Each role's register count is set inside its own branch, which never rejoins another (ptxas
   // ignores setmaxnreg where code after it could run under either count), and by one instruction
   // for the whole warpgroup (.sync.aligned: the four warps of the copy warpgroup must execute the
-  // same setmaxnreg; two copies of it, one a branch, hung the H200 at 7fff7e1).
+  // same setmaxnreg; 7fff7e1 had two copies of it, one a branch).
   constexpr bool kMoveRegisters = tma_threads<BN>() > kTmaThreads;
   if (warp >= 8) {
     if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
