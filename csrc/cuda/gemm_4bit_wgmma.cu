@@ -679,9 +679,9 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
       // Lane l decodes pairs l and l + 32 (u), the rows 16 (p / 8) + p % 8 + 8 h of the tile (row
       // N - 1 past N): their first block's index.
       int64_t row_block[2][2];
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < 2; ++u)
-  #pragma unroll
+#pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int p = lane + 32 * u;
           row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
@@ -692,9 +692,9 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
       };
       const auto load = [&](int j, Raw& r) {
         const int64_t stage_block = (t.first_stage + j) >> stage_shift;
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < 2; ++u)
-  #pragma unroll
+#pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int64_t block = row_block[u][h] + stage_block;
             if constexpr (NESTED) {
@@ -708,10 +708,10 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
       const auto publish = [&](int j, const Raw& r) {
         const uint32_t slot = static_cast<uint32_t>(j % STAGES);
         const uint32_t at = slot_at(slot) + BN * 128 + kWgRows * 32;
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < 2; ++u) {
           float s[2];
-  #pragma unroll
+#pragma unroll
           for (int h = 0; h < 2; ++h)
             s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
           sts_u32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
