@@ -19,7 +19,7 @@
 //     sums are added in shared memory in a fixed order: the result is the same bits run to run. The
 //     grid is one wave of CTAs that stride over the tiles.
 //   - Kernels: on sm_90 at M <= 16 with long rows or many weights, the warp-specialized kernel (a
-//     copy warp moving the codes with bulk copies on mbarriers, a scale warp, 16 math warps); else up
+//     copy warp moving the codes with bulk copies on mbarriers, scale warps, 8 or 16 math warps); else up
 //     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
@@ -598,7 +598,7 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // every stage, and the ring drains at every tile. Here:
 //   - one copy warp moves each stage with 16 bulk copies (cp.async.bulk, a row each, lanes 0-15)
 //     that complete on the stage's mbarrier, running ahead across tile boundaries;
-//   - one scale warp decodes the next tile's block scales into the other of two buffers while
+//   - a scale warp decodes the next tile's block scales into the other of two buffers while
 //     the current tile is multiplied;
 //   - 16 math warps (MW) wait only on mbarriers, and meet once a tile for the reduction;
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
@@ -608,7 +608,12 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // registers), 16 above. (Moving the scale warp's work into the math warps, its next tile's codes
 // loaded at a tile's start and decoded at its end, measured slower at K = 8192: 62 against 52 us
 // on 28672x8192 at M = 1 with plain loads, 65 with cp.async; b68712c and 5bba0c2, reverted.)
-constexpr int ws_threads(int mw) { return (mw + 2) * 32; }
+// Scale warps: 2 at MW = 8, each decoding every other tile's scales into its own buffer (ncu on
+// 28672x8192 at M = 1, 732e8ba: the one scale warp was busy all the kernel long, 1469
+// instructions a tile, and the math warps waited for it at 5% of their samples); 1 at MW = 16,
+// whose 19th warp would cut every thread's registers from 112 to 104.
+constexpr int ws_scale_warps(int mw) { return mw <= 8 ? 2 : 1; }
+constexpr int ws_threads(int mw) { return (mw + 1 + ws_scale_warps(mw)) * 32; }
 // Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
 // H200: 99 KB); variant 17 keeps kWsMinStages for comparison.
 constexpr int kWsMaxStages = 8;
@@ -770,13 +775,14 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     }
     return;
   }
-  if (warp == MW + 1) {  // the scale warp
+  if (warp > MW) {  // the scale warps: warp MW + 1 + w serves the CTA's tiles w, w + S, ...
+    constexpr int S = ws_scale_warps(MW);
     float offset = 0.f;
     if constexpr (NESTED) offset = *sc.offset;
     const float inv_nb = 1.f / static_cast<float>(nb);
     const int64_t total = N * nb;
-    int64_t local = 0;
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
+    int64_t local = warp - (MW + 1);
+    for (int64_t tile = blockIdx.x + local * gridDim.x; tile < tiles; tile += S * gridDim.x, local += S) {
       const int buf = static_cast<int>(local & 1);
       mbar_wait(sempty + buf, static_cast<uint32_t>((local >> 1) & 1) ^ 1);
       float* dst = scales + buf * 16 * (nb + 1);
