@@ -608,11 +608,12 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // registers), 16 above. (Moving the scale warp's work into the math warps, its next tile's codes
 // loaded at a tile's start and decoded at its end, measured slower at K = 8192: 62 against 52 us
 // on 28672x8192 at M = 1 with plain loads, 65 with cp.async; b68712c and 5bba0c2, reverted.)
-// Scale warps: 2 at MW = 8, each decoding every other tile's scales into its own buffer (ncu on
-// 28672x8192 at M = 1, 732e8ba: the one scale warp was busy all the kernel long, 1469
-// instructions a tile, and the math warps waited for it at 5% of their samples); 1 at MW = 16,
-// whose 19th warp would cut every thread's registers from 112 to 104.
-constexpr int ws_scale_warps(int mw) { return mw <= 8 ? 2 : 1; }
+// Scale warps: 2, each decoding every other tile's scales into its own buffer (ncu on 28672x8192
+// at M = 1, 732e8ba: one scale warp was busy all the kernel long, 1469 instructions a tile, and
+// the math warps waited for it at 5% of their samples). The registers a thread stay as they were
+// (a quarter of the SM's warps on each scheduler's 16K registers: 168 a thread with 11 or 12
+// warps, 96 with 18 to 20).
+constexpr int ws_scale_warps(int) { return 2; }
 constexpr int ws_threads(int mw) { return (mw + 1 + ws_scale_warps(mw)) * 32; }
 // Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
 // H200: 99 KB); variant 17 keeps kWsMinStages for comparison.
@@ -667,18 +668,26 @@ __device__ __forceinline__ void math_barrier() {
 }
 // Sub-block j as mma_sub_block, with the wide table; `lane_base` is kWsLutAddress | 4 * lane, and
 // the byte at position k of word v is looked up at __byte_perm(v, lane_base, 0x7604 | k << 4).
-// x: the lane's 16 k of the sub-block for each token octet at xs[nt].
+// xv[nt]: the lane's 16 k of the sub-block for token octet nt (load_sub_block_x).
+template <typename T, int NT>
+__device__ __forceinline__ void load_sub_block_x(const T* const (&xs)[NT], uint4 (&xv)[NT][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
+    xv[nt][0] = __ldg(xp);
+    xv[nt][1] = __ldg(xp + 1);
+  }
+}
 template <typename T, int NT>
 __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s1, uint32_t lane_base,
-                                                   const T* const (&xs)[NT], float (&acc)[NT][4]) {
+                                                   const uint4 (&xvs)[NT][2], float (&acc)[NT][4]) {
   const uint2 w0 = lds_ring_u64(w);
   const uint2 w1 = lds_ring_u64(w + 8 * kStagePitch);
   uint32_t a[4][4];
   a_fragments(w0, w1, a, [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); });
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const uint4* xp = reinterpret_cast<const uint4*>(xs[nt]);
-    const uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
+    const uint4 (&xv)[2] = xvs[nt];
     // One chain of four mma: two chains of two (the stream kernel's) measured no faster here
     // (57.8 against 55.7 us on 28672x8192 at M = 1, 89.0 against 92.7 at M = 16).
     float d[4] = {0.f, 0.f, 0.f, 0.f};
@@ -691,6 +700,57 @@ __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s
     acc[nt][1] = __fmaf_rn(s0, d[1], acc[nt][1]);
     acc[nt][2] = __fmaf_rn(s1, d[2], acc[nt][2]);
     acc[nt][3] = __fmaf_rn(s1, d[3], acc[nt][3]);
+  }
+}
+#endif
+
+// Thread t of P decodes the block scales of 16 rows, the contiguous run of 16 * nb from scale
+// `first`, into dst (row r's at dst[r * (nb + 1)]). They are read 4 at a time (nb % 4 == 0 and
+// aligned arrays: the launch checks), in batches of 16 vectors a thread whose loads are all issued
+// before the first store (stores through a generic pointer would otherwise keep the next loads
+// behind them: one memory latency a vector). Rows past N are left as they are (their sums are
+// dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value, less than half the 1 / nb
+// (>= 1 / 1536) to the nearest integer: the row, with no division.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+template <bool NESTED>
+__device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int64_t total, int nb, const Scales& sc,
+                                                 const float* ncode, float offset, int t, int P) {
+  const float inv_nb = 1.f / static_cast<float>(nb);
+  constexpr int kBatch = 16;
+  for (int i0 = 4 * t; i0 < 16 * nb; i0 += 4 * P * kBatch) {
+    uint32_t q[kBatch];
+    float4 v[kBatch];
+    float nested[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t at = first + i0 + 4 * P * u;
+      if (i0 + 4 * P * u < 16 * nb && at < total) {
+        if constexpr (NESTED) {
+          q[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
+          nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
+        } else {
+          v[u] = __ldg(reinterpret_cast<const float4*>(sc.absmax + at));
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + 4 * P * u;
+      if (i < 16 * nb && first + i < total) {
+        float s[4];
+        if constexpr (NESTED) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[e] = nested_scale(ncode[(q[u] >> (8 * e)) & 0xff], nested[u], offset);
+        } else {
+          s[0] = v[u].x, s[1] = v[u].y, s[2] = v[u].z, s[3] = v[u].w;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
+          dst[i + e + r] = s[e];
+        }
+      }
+    }
   }
 }
 #endif
@@ -775,60 +835,27 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     }
     return;
   }
-  if (warp > MW) {  // the scale warps: warp MW + 1 + w serves the CTA's tiles w, w + S, ...
-    constexpr int S = ws_scale_warps(MW);
-    float offset = 0.f;
-    if constexpr (NESTED) offset = *sc.offset;
-    const float inv_nb = 1.f / static_cast<float>(nb);
-    const int64_t total = N * nb;
+  // The first tile's scales: decoded by every warp but the copy warp (which is already issuing the
+  // first stages' copies), not by one scale warp while the math warps wait: ncu on 8192x8192 at
+  // M = 1 (086c6c0) had the math warps waiting for that first buffer for about 3.9 of 19.7 us.
+  constexpr int S = ws_scale_warps(MW);
+  float offset = 0.f;
+  if constexpr (NESTED) offset = *sc.offset;
+  const int64_t total = N * nb;
+  ws_decode_scales<NESTED>(scales, (blockIdx.x / tok_tiles) * 16 * nb, total, nb, sc, ncode, offset,
+                           warp < MW ? tid : tid - 32, (MW + S) * 32);
+  asm volatile("bar.sync 2, %0;\n" ::"n"((MW + S) * 32) : "memory");  // the copy warp has gone its way
+  if (warp > MW) {  // the scale warps: warp MW + 1 + w serves the CTA's tiles w, w + S, ... from the second on
     int64_t local = warp - (MW + 1);
+    if (local == 0) {
+      mbar_arrive(sfull);  // the first tile's buffer, decoded above
+      local = S;
+    }
     for (int64_t tile = blockIdx.x + local * gridDim.x; tile < tiles; tile += S * gridDim.x, local += S) {
       const int buf = static_cast<int>(local & 1);
       mbar_wait(sempty + buf, static_cast<uint32_t>((local >> 1) & 1) ^ 1);
-      float* dst = scales + buf * 16 * (nb + 1);
-      const int64_t first = (tile / tok_tiles) * 16 * nb;
-      // 16 rows of nb blocks are one contiguous run of scales, read 4 at a time (nb % 4 == 0 and
-      // aligned arrays: the launch checks), in batches of 16 vectors a lane whose loads are all
-      // issued before the first store (stores through a generic pointer would otherwise keep the
-      // next loads behind them: one memory latency a vector). Rows past N are left as they are
-      // (their sums are dropped). (i + 0.5) / nb in fp32 is within 2e-6 of its value, less than
-      // half the 1 / nb (>= 1 / 1536) to the nearest integer: the row, with no division.
-      constexpr int kBatch = 16;
-      for (int i0 = 4 * lane; i0 < 16 * nb; i0 += 128 * kBatch) {
-        uint32_t q[kBatch];
-        float4 v[kBatch];
-        float nested[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int64_t at = first + i0 + 128 * u;
-          if (i0 + 128 * u < 16 * nb && at < total) {
-            if constexpr (NESTED) {
-              q[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
-              nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
-            } else {
-              v[u] = __ldg(reinterpret_cast<const float4*>(sc.absmax + at));
-            }
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int i = i0 + 128 * u;
-          if (i < 16 * nb && first + i < total) {
-            float s[4];
-            if constexpr (NESTED) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) s[e] = nested_scale(ncode[(q[u] >> (8 * e)) & 0xff], nested[u], offset);
-            } else {
-              s[0] = v[u].x, s[1] = v[u].y, s[2] = v[u].z, s[3] = v[u].w;
-            }
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int r = static_cast<int>((static_cast<float>(i + e) + 0.5f) * inv_nb);
-              dst[i + e + r] = s[e];
-            }
-          }
-        }
-      }
+      ws_decode_scales<NESTED>(scales + buf * 16 * (nb + 1), (tile / tok_tiles) * 16 * nb, total, nb, sc, ncode,
+                               offset, lane, 32);
       mbar_arrive(sfull + buf);
     }
     return;
@@ -868,30 +895,44 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     uint32_t srow = smem_u32(scales + buf * 16 * (nb + 1) + g * (nb + 1));
     asm volatile("" : "+r"(srow));
     const uint32_t s1_off = 8 * (nb + 1) * 4;
-    // Sub-block `sub` of a stage whose first sub-block is j0 (x of the stage at xs).
-    auto sub_block = [&](uint32_t stage, int j0, int sub, const T* const (&xs)[NT]) {
-      const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
+    // x of sub-block `sub` of a stage whose x starts at xs.
+    auto load_x = [&](const T* const (&xs)[NT], int sub, uint4 (&xv)[NT][2]) {
       const T* xsub[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
+      load_sub_block_x<T, NT>(xsub, xv);
+    };
+    // Sub-block `sub` of a stage whose first sub-block is j0, with its x in xv.
+    auto sub_block = [&](uint32_t stage, int j0, int sub, const uint4 (&xv)[NT][2]) {
+      const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
       mma_sub_block_wide<T, NT>(stage + lane_off + sub * 32, lds_ring_f32(b), lds_ring_f32(b + s1_off), lane_base,
-                                xsub, acc);
+                                xv, acc);
     };
     for (int st = 0; st < nstage; ++st) {
       const int j0 = st * kStageSubs;
       const T* xs[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
-      mbar_wait(full + slot, phase);
       const uint32_t stage = ring_s + slot * kStageBytes;
       if (j0 + kStageSubs <= nsub) {
+        // x is read before the wait for the stage's codes, so that its latency (L2 where L1 does
+        // not hold x) passes while the codes arrive.
+        uint4 xv[kStageSubs / MW][NT][2];
 #pragma unroll
-        for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xs);
+        for (int u = 0; u < kStageSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
+        mbar_wait(full + slot, phase);
+#pragma unroll
+        for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xv[u]);
       } else {
+        mbar_wait(full + slot, phase);
 #pragma unroll
         for (int u = 0; u < kStageSubs / MW; ++u) {
           const int sub = u * MW + my_warp;
-          if (j0 + sub < nsub) sub_block(stage, j0, sub, xs);
+          if (j0 + sub < nsub) {
+            uint4 xv[NT][2];
+            load_x(xs, sub, xv);
+            sub_block(stage, j0, sub, xv);
+          }
         }
       }
       mbar_arrive(empty + slot);
