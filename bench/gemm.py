@@ -187,7 +187,7 @@ def main() -> None:
                 # fused0: the default by M; fused8: the stream kernel (cp.async ring, the default
                 # before the warp-specialized one); fused9: the warp-specialized kernel at any M;
                 # fused10: the warp-specialized kernel with the other math-warp count (M <= 16);
-                # fused17: fused9 with the 4-stage ring;
+                # fused17: fused9 with the deepest ring that fits (6 stages at K <= 8192);
                 # fused1 / fused5: the register-fed kernel at M <= 8 / M > 16; fused11 / fused12:
                 # the wgmma kernel with / without K splits; fused13 / fused14: its warp-specialized form
                 # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies

@@ -615,8 +615,8 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // warps, 96 with 18 to 20).
 constexpr int ws_scale_warps(int) { return 2; }
 constexpr int ws_threads(int mw) { return (mw + 1 + ws_scale_warps(mw)) * 32; }
-// Ring stages: as many as fit, up to kWsMaxStages (6 fit beside the table at K <= 8192 on the
-// H200: 99 KB); variant 17 keeps kWsMinStages for comparison.
+// Ring stages: kWsMinStages; variant 17 takes as many as fit, up to kWsMaxStages (6 fit beside the
+// table at K <= 8192 on the H200: 99 KB), for comparison.
 constexpr int kWsMaxStages = 8;
 constexpr int kWsMinStages = 4;
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
@@ -995,7 +995,7 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
 template <typename T, bool NESTED, int NT, int MW = 16>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-               int max_stages = kWsMaxStages) {
+               int max_stages = kWsMinStages) {
   const int64_t nb = p.K >> bs_log2;
   const int device = x2.get_device();
   const DeviceLimits lim = device_limits(device);
@@ -1006,9 +1006,10 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   if (lim.major != 9 || lim.reserved >= kWsLutAddress || reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
       nb % 4 != 0 || nb > 1536 || !scales_aligned)
     return false;
-  // The deepest ring that fits. (6 stages measured as fast as 4, variant 17: 51.2 against 51.5 us
-  // on 28672x8192 at M = 1, sweep of 1fb272c: the kernel is bound by its math warps' issue, not
-  // by the bytes in flight.)
+  // The deepest ring that fits, up to max_stages. (4 stages measured a little faster than 6, variant
+  // 17, on all six shapes at M = 1 and 8 in the sweep of 59f3e26 (H200, 2026-11-30): 48.8 against
+  // 49.7 us on 28672x8192 at M = 1, 17.6 against 17.9 on 8192x8192; the kernel is bound by its
+  // math warps, not by the bytes in flight.)
   int stages = max_stages;
   while (stages > kWsMinStages && ws_layout(lim.reserved, nb, NT, MW, stages).total > lim.smem_optin) --stages;
   const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages).total;
@@ -1102,9 +1103,11 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // tiles ahead into L2 made it slower: 62-65 against 56 us on 28672x8192 at M = 1.)
   // By default where it measured faster than the stream kernel (bench/results, 2026-11-29): M <= 16
   // with rows of 8192 k or more, or 2^26 weights or more (4096x11008: 16.2 against 17.7 us at
-  // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 and 11008x4096 the stream kernel won
-  // (8.5 against 9.1, 18.8 against 19.4).
-  const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 26));
+  // M = 1, 28672x8192: 55.7 against 68.3); on 4096x4096 the stream kernel won (8.5 against 9.1).
+  // Since 59f3e26 (the first tile's scales decoded by all warps; sweep of 59f3e26) it wins on
+  // 11008x4096 too: 16.5 against 18.6 us at M = 1, 18.4 against 20.3 at M = 8; on 4096x4096 the
+  // stream kernel still does (8.4 against 9.4 at M = 1).
+  const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 25));
   // Math warps: 8 at M <= 8, 16 above (sweep of d09d751, H200, 2026-11-30: 8 won at M = 1 and 8 on
   // every shape, e.g. 28672x8192 51.8 against 56.9 us at M = 1; 16 at M = 16 on the large shapes,
   // 86.6 against 91.1 on 8192x28672). Variant 10: the other count, M <= 16.
@@ -1113,9 +1116,9 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
   }
-  // Variant 17: variant 9 with the ring of kWsMinStages stages.
+  // Variant 17: variant 9 with the deepest ring that fits.
   if ((variant == 0 && ws_default) || variant == 9 || variant == 17) {
-    const int stages = variant == 17 ? kWsMinStages : kWsMaxStages;
+    const int stages = variant == 17 ? kWsMaxStages : kWsMinStages;
     bool launched = false;
     if (M <= 8) launched = launch_ws<T, NESTED, 1, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
     else if (M <= 16) launched = launch_ws<T, NESTED, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
