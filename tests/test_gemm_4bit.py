@@ -147,17 +147,17 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
-@pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (1000, 4096)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (5000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
     1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 8: the stream kernel; 9: the
     warp-specialized kernel at any M; 10: the same with the other math-warp count (16 at M <= 8,
     8 at 8 < M <= 16); 11 / 12: the wgmma kernel with / without K splits; 13: its warp-specialized
     form; 14: its bf16 pair-table decode; 15 / 16: that decode fed by tensor copies; 17: variant 9
-    with the 4-stage ring),
-    bf16 with double quantization. 1000 x 4096 gives each CTA of
-    the warp-specialized kernel several tiles (its copy warp runs across tile boundaries, its scale
-    buffers alternate); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
+    with the deepest ring), bf16 with double quantization. 5000 x 4096 gives each CTA of the
+    warp-specialized kernel two or three tiles of 16 rows on a GPU of up to 156 SMs (its copy warp
+    runs across tile boundaries; the first tile's scales are decoded by all warps, the second's
+    and third's by the two scale warps in turn); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
     and rows longer than 16384 (the register-fed kernel by default above M = 16)."""
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
