@@ -1081,7 +1081,11 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // M = 64 28672x8192 101.8 against 124.4 for one CTA an SM, 4096x4096 16.1 against 15.4).
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const int64_t wgmma_min_m = kBf16 ? (p.N * p.K >= (int64_t{1} << 25) ? 8 : 16) : 32;
-  const bool wgmma_default = variant == 0 && M > wgmma_min_m && (M <= 128 || (M <= 256 && p.K >= 8192));
+  // At 128 < M <= 256 the bf16 tensor-copy form takes 256-token tiles (each code decoded once) since
+  // 732e8ba, and wins on 11008x4096 too (sweep of 732e8ba, H200, 2026-11-30: 54.0 against 66.2 us for
+  // dequantize + cuBLAS at M = 256), not on 4096x4096 (32.7 against 26.8).
+  const bool mid_m_fused = p.K >= 8192 || (kBf16 && p.N * p.K >= (int64_t{1} << 25));
+  const bool wgmma_default = variant == 0 && M > wgmma_min_m && (M <= 128 || (M <= 256 && mid_m_fused));
   if ((variant >= 11 && variant <= 16) || wgmma_default) {
     const auto partials = [&](int64_t numel) { return workspace(numel, at::kFloat, x2.device(), stream); };
     const WgmmaForm form = variant == 13                                     ? WgmmaForm::kWarpSpecialized
