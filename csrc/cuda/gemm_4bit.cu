@@ -619,6 +619,7 @@ constexpr int ws_threads(int mw) { return (mw + 1 + ws_scale_warps(mw)) * 32; }
 // table at K <= 8192 on the H200: 99 KB), for comparison.
 constexpr int kWsMaxStages = 8;
 constexpr int kWsMinStages = 4;
+constexpr int kWsMaxRedBufs = kWsMaxStages + 1;  // ws_red_bufs at one stage a tile
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
@@ -628,12 +629,23 @@ struct WsLayout {
   uint32_t bars, ncode, scales, red, lut, ring, total;
 };
 
-__host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw) {
+// Reduction buffers with one token octet (NT = 1): each tile's partial sums go to buffer
+// (tile % R), and the last math warp to finish the tile adds them up while the others go on (no
+// barrier: ncu on 28672x8192 at M = 1, 27e0b8c, had the math warps waiting at the tile's barrier
+// for 5% of all samples). A warp can run ahead of the slowest one, which is still adding up tile
+// t, by the ring's stages only (the copy warp refills a slot once every math warp is done with
+// it): at most stages / nstage tiles past t. R = that + 1 buffers are never written while read.
+__host__ __device__ inline int ws_red_bufs(int64_t K, int stages) {
+  const int64_t nstage = ((K >> 1) + kStageRowBytes - 1) / kStageRowBytes;
+  return static_cast<int>(stages / nstage) + 1;
+}
+__host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw, int red_bufs) {
   const int chunk = nt < 4 ? nt : 4;  // token octets a reduction round
-  return (nt == 1 ? 2u : 1u) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
+  return static_cast<uint32_t>(nt == 1 ? red_bufs : 1) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) *
+         4 * 32 * 4;
 }
 
-__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int stages) {
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K, int nt, int mw, int stages) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -646,10 +658,10 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, i
     b += bytes;
     return b - bytes;
   };
-  L.bars = place((2 * kWsMaxStages + 4) * 8);
+  L.bars = place((2 * kWsMaxStages + 4) * 8 + kWsMaxRedBufs * 4);  // the mbarriers, then the reduction counters
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
-  L.red = place(ws_red_bytes(nt, mw));
+  L.red = place(ws_red_bytes(nt, mw, ws_red_bufs(K, stages)));
   L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
   L.total = b;
   return L;
@@ -767,7 +779,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  const WsLayout L = ws_layout(lo, nb, NT, MW, stages);
+  const WsLayout L = ws_layout(lo, nb, K, NT, MW, stages);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
   float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
@@ -778,6 +790,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   uint64_t* empty = bars + kWsMaxStages;      // every math thread is done with a stage
   uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
   uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
+  uint32_t* red_count = reinterpret_cast<uint32_t*>(sempty + 2);  // math warps done with a reduction buffer
+  const int red_bufs = ws_red_bufs(K, stages);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_bytes = K >> 1;
@@ -807,6 +821,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       mbar_init(sfull + b, 32);
       mbar_init(sempty + b, MW * 32);
     }
+    for (int b = 0; b < kWsMaxRedBufs; ++b) red_count[b] = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the table and barriers, for the copy engine
@@ -943,34 +958,64 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     }
     mbar_arrive(sempty + buf);
 
-    // The warps' partial sums, added in warp order (the same bits run to run), in rounds of up to
-    // 4 token octets. With one octet the buffer alternates between tiles, and the next tile's
-    // barrier orders this tile's reads before the writes of the tile after; otherwise a second
-    // barrier ends each round.
-    constexpr int kChunk = NT < 4 ? NT : 4;
-    constexpr int kChunkFloats = MW * kChunk * 4 * 32;
-    float* rb = red + (NT == 1 ? buf : 0) * kChunkFloats;
+    // The warps' partial sums, added in warp order (the same bits run to run).
+    if constexpr (NT == 1) {
+      // One octet: buffer (local % red_bufs), added up by the last warp to get here (ws_red_bufs).
+      const int rbuf = static_cast<int>(local % red_bufs);
+      float* rb = red + rbuf * (MW * 4 * 32);
 #pragma unroll
-    for (int n0 = 0; n0 < NT; n0 += kChunk) {
-      float* mine = rb + warp * (kChunk * 4 * 32);
-#pragma unroll
-      for (int nt = 0; nt < kChunk; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[n0 + nt][q];
-      math_barrier<MW>();
-      for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
-        const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
-        const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
-        const int64_t tok = tok0 + 8 * (n0 + nt) + 2 * (ln & 3) + (q & 1);
-        if (row < N && tok < M) {
-          float v = 0.f;
-#pragma unroll
-          for (int wi = 0; wi < MW; ++wi) v += rb[wi * (kChunk * 4 * 32) + idx];
-          if (bias != nullptr) v += to_float(bias[row]);
-          out[tok * N + row] = from_float<T>(v);
-        }
+      for (int q = 0; q < 4; ++q) rb[(warp * 4 + q) * 32 + lane] = acc[0][q];
+      __syncwarp();  // the lanes' stores, ordered before lane 0's fence and count
+      uint32_t last = 0;
+      if (lane == 0) {
+        __threadfence_block();
+        last = atomicAdd(red_count + rbuf, 1u) == MW - 1;
       }
-      if constexpr (NT > 1) math_barrier<MW>();
+      last = __shfl_sync(0xffffffffu, last, 0);
+      if (last) {
+        __threadfence_block();  // the other warps' partial sums, seen after their counts
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t row = row0 + (lane >> 2) + 8 * (q >> 1);
+          const int64_t tok = tok0 + 2 * (lane & 3) + (q & 1);
+          if (row < N && tok < M) {
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MW; ++wi) v += rb[(wi * 4 + q) * 32 + lane];
+            if (bias != nullptr) v += to_float(bias[row]);
+            out[tok * N + row] = from_float<T>(v);
+          }
+        }
+        // Reset for tile local + red_bufs, whose first count comes after this warp's arrivals on
+        // the next tile's stages (release) and the copies they let through (acquire).
+        __syncwarp();
+        if (lane == 0) red_count[rbuf] = 0;
+      }
+    } else {
+      // In rounds of up to 4 token octets, all math warps meeting at a barrier twice a round.
+      constexpr int kChunk = NT < 4 ? NT : 4;
+#pragma unroll
+      for (int n0 = 0; n0 < NT; n0 += kChunk) {
+        float* mine = red + warp * (kChunk * 4 * 32);
+#pragma unroll
+        for (int nt = 0; nt < kChunk; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[n0 + nt][q];
+        math_barrier<MW>();
+        for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
+          const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
+          const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
+          const int64_t tok = tok0 + 8 * (n0 + nt) + 2 * (ln & 3) + (q & 1);
+          if (row < N && tok < M) {
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MW; ++wi) v += red[wi * (kChunk * 4 * 32) + idx];
+            if (bias != nullptr) v += to_float(bias[row]);
+            out[tok * N + row] = from_float<T>(v);
+          }
+        }
+        math_barrier<MW>();
+      }
     }
   }
 #else
@@ -1011,8 +1056,8 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   // 49.7 us on 28672x8192 at M = 1, 17.6 against 17.9 on 8192x8192; the kernel is bound by its
   // math warps, not by the bytes in flight.)
   int stages = max_stages;
-  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, NT, MW, stages).total > lim.smem_optin) --stages;
-  const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages).total;
+  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, p.K, NT, MW, stages).total > lim.smem_optin) --stages;
+  const size_t smem = ws_layout(lim.reserved, nb, p.K, NT, MW, stages).total;
   if (smem > lim.smem_optin) return false;
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW>;
   {
