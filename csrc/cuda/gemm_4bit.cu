@@ -598,9 +598,10 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // every stage, and the ring drains at every tile. Here:
 //   - one copy warp moves each stage with 16 bulk copies (cp.async.bulk, a row each, lanes 0-15)
 //     that complete on the stage's mbarrier, running ahead across tile boundaries;
-//   - a scale warp decodes the next tile's block scales into the other of two buffers while
-//     the current tile is multiplied;
-//   - 16 math warps (MW) wait only on mbarriers, and meet once a tile for the reduction;
+//   - two scale warps decode the next tiles' block scales, each warp into its own of two
+//     buffers, while the current tile is multiplied (the first tile's: all warps but the copy warp);
+//   - the math warps (MW) wait only on mbarriers; at M <= 8 the last one to finish a tile adds up
+//     the partial sums while the others go on, above they meet once a tile for the reduction;
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
 //     address 0x10000, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
 //     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
