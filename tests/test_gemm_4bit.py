@@ -467,6 +467,32 @@ def test_cuda_deterministic_and_every_element_written(gen, path):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", [9, 17])
+def test_ws_kernel_many_tiles_a_cta(gen, variant):
+    """The warp-specialized kernel with many tiles a CTA and short rows: 25344 x 1024 is 1584
+    tiles of 16 rows, 12 a CTA on 132 SMs, one ring stage a tile, so the reduction buffers (5 with
+    the 4-stage ring, variant 9; 9 with the deepest, variant 17) and the scale buffers are each
+    reused several times and fast math warps run tiles ahead of the one adding up. Right against
+    the float64 reference, and the same bits run to run with poisoned memory between calls."""
+    n, k = 16 * 132 * 12, 1024
+    packed, state = make_weight(n, k, "cuda", gen)
+    w = F.dequantize_4bit(packed, state)
+    previous = _C._set_gemm_variant(variant)
+    try:
+        for m in (1, 8):
+            x = make_input((m, k), torch.bfloat16, "cuda", gen)
+            with fused_max_m(1 << 40):
+                first = F.gemm_4bit(x, packed, state)
+                assert_close_to_reference(first, x, w, None, f"variant {variant} M={m} {n}x{k}")
+                for _ in range(5):
+                    torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
+                    assert torch.equal(F.gemm_4bit(x, packed, state), first)
+    finally:
+        _C._set_gemm_variant(previous)
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_workspace_is_reused_and_released(gen):
     packed, state = make_weight(512, 1024, "cuda", gen)
     x = make_input((300, 1024), torch.bfloat16, "cuda", gen)

@@ -932,9 +932,10 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
       const uint32_t stage = ring_s + slot * kStageBytes;
-      if (j0 + kStageSubs <= nsub) {
-        // x is read before the wait for the stage's codes, so that its latency (L2 where L1 does
-        // not hold x) passes while the codes arrive.
+      // x is read before the wait for the stage's codes, so that its latency (L2 where L1 does not
+      // hold x) passes while the codes arrive; not with 4 or 8 token octets (variant 9 above
+      // M = 16), whose x of a stage would take 64-128 registers a thread.
+      if (NT <= 2 && j0 + kStageSubs <= nsub) {
         uint4 xv[kStageSubs / MW][NT][2];
 #pragma unroll
         for (int u = 0; u < kStageSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
@@ -971,12 +972,13 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       __syncwarp();  // the lanes' stores, ordered before lane 0's fence and count
       uint32_t last = 0;
       if (lane == 0) {
-        __threadfence_block();
+        __threadfence_block();  // with the count: a release of the warp's partial sums
         last = atomicAdd(red_count + rbuf, 1u) == MW - 1;
+        if (last) __threadfence_block();  // with the count read: the acquire of the others'
       }
       last = __shfl_sync(0xffffffffu, last, 0);
       if (last) {
-        __threadfence_block();  // the other warps' partial sums, seen after their counts
+        __syncwarp();  // lane 0's acquire, for the loads of every lane (a shuffle orders no memory)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int64_t row = row0 + (lane >> 2) + 8 * (q >> 1);
@@ -989,9 +991,9 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
             out[tok * N + row] = from_float<T>(v);
           }
         }
-        // Reset for tile local + red_bufs, whose first count comes after this warp's arrivals on
-        // the next tile's stages (release) and the copies they let through (acquire).
-        __syncwarp();
+        // Reset for tile local + red_bufs: its first count comes after that warp's wait on a stage
+        // (acquire) whose fill the copy warp announced (arrive.expect_tx, a release) after its own
+        // wait for this warp's arrival on the next tile's stages (a release after this store).
         if (lane == 0) red_count[rbuf] = 0;
       }
     } else {
