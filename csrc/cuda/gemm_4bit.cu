@@ -614,8 +614,8 @@ void launch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const
 // the math warps waited for it at 5% of their samples). The registers a thread stay as they were
 // (a quarter of the SM's warps on each scheduler's 16K registers: 168 a thread with 11 or 12
 // warps, 96 with 18 to 20).
-constexpr int ws_scale_warps(int) { return 2; }
-constexpr int ws_threads(int mw) { return (mw + 1 + ws_scale_warps(mw)) * 32; }
+constexpr int kWsScaleWarps = 2;
+constexpr int ws_threads(int mw) { return (mw + 1 + kWsScaleWarps) * 32; }
 // Ring stages: kWsMinStages; variant 17 takes as many as fit, up to kWsMaxStages (6 fit beside the
 // table at K <= 8192 on the H200: 99 KB), for comparison.
 constexpr int kWsMaxStages = 8;
@@ -856,7 +856,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   // The first tile's scales: decoded by every warp but the copy warp (which is already issuing the
   // first stages' copies), not by one scale warp while the math warps wait: ncu on 8192x8192 at
   // M = 1 (086c6c0) had the math warps waiting for that first buffer for about 3.9 of 19.7 us.
-  constexpr int S = ws_scale_warps(MW);
+  constexpr int S = kWsScaleWarps;
   float offset = 0.f;
   if constexpr (NESTED) offset = *sc.offset;
   const int64_t total = N * nb;
