@@ -191,7 +191,8 @@ def main() -> None:
                 # fused1 / fused5: the register-fed kernel at M <= 8 / M > 16; fused11 / fused12:
                 # the wgmma kernel with / without K splits; fused13 / fused14: its warp-specialized form
                 # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies
-                # (two / one CTA an SM; fused15 at M <= 16 with 16-token tiles).
+                # (two / one CTA an SM; fused15 at M <= 16 with 16-token tiles); fused19 / fused20:
+                # the warp-specialized kernel with tiles of 2 / 4 row groups (32 / 64 rows), M <= 64.
                 # (Variants 2, 6 and 7 lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
                 # the sweep's M: these, or those of --ms among them when --ms is given
                 sweep_ms = (1, 8, 16, 32, 64, 128, 256, 1024)
@@ -205,6 +206,7 @@ def main() -> None:
                     paths += [("fused9", 1 << 40, 9)] if m <= 64 else []
                     paths += [("fused10", 1 << 40, 10)] if m <= 16 else []
                     paths += [("fused17", 1 << 40, 17)] if m <= 16 else []
+                    paths += [("fused19", 1 << 40, 19), ("fused20", 1 << 40, 20)] if m <= 64 else []
                     paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
                     paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
                     paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []

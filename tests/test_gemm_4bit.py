@@ -146,7 +146,7 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20])
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (5000, 4096)], ids=lambda v: str(v))
 def test_every_fused_kernel(gen, variant, n, k):
     """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
@@ -154,7 +154,8 @@ def test_every_fused_kernel(gen, variant, n, k):
     warp-specialized kernel at any M; 10: the same with the other math-warp count (16 at M <= 8,
     8 at 8 < M <= 16); 11 / 12: the wgmma kernel with / without K splits; 13: its warp-specialized
     form; 14: its bf16 pair-table decode; 15 / 16: that decode fed by tensor copies; 17: variant 9
-    with the deepest ring), bf16 with double quantization. 5000 x 4096 gives each CTA of the
+    with the deepest ring; 19 / 20: the warp-specialized kernel with tiles of 2 / 4 groups of 16
+    rows, up to M = 64), bf16 with double quantization. 5000 rows are not a multiple of 32 or 64. 5000 x 4096 gives each CTA of the
     warp-specialized kernel two or three tiles of 16 rows on a GPU of up to 156 SMs (its copy warp
     runs across tile boundaries; the first tile's scales are decoded by all warps, the second's
     and third's by the two scale warps in turn); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
@@ -467,23 +468,32 @@ def test_cuda_deterministic_and_every_element_written(gen, path):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [9, 17])
+@pytest.mark.parametrize("variant", [9, 17, 19, 20])
 def test_ws_kernel_many_tiles_a_cta(gen, variant):
     """The warp-specialized kernel with many tiles a CTA and short rows: 25344 x 1024 is 1584
     tiles of 16 rows, 12 a CTA on 132 SMs, one ring stage a tile, so the reduction buffers (5 with
     the 4-stage ring, variant 9; 9 with the deepest, variant 17) and the scale buffers are each
-    reused several times and fast math warps run tiles ahead of the one adding up. Right against
-    the float64 reference, and the same bits run to run with poisoned memory between calls."""
+    reused several times and fast math warps run tiles ahead of the one adding up; variants 19 / 20
+    take tiles of 32 / 64 rows (6 / 3 a CTA; 16 tokens: two octets, the reduction at a barrier).
+    Right against the float64 reference, the same bits run to run with poisoned memory between
+    calls, and on an sm_90 GPU the kernel that ran has the variant's row groups."""
     n, k = 16 * 132 * 12, 1024
+    row_groups = {19: 2, 20: 4}.get(variant, 1)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     previous = _C._set_gemm_variant(variant)
     try:
-        for m in (1, 8):
+        for m in (1, 8, 16):
             x = make_input((m, k), torch.bfloat16, "cuda", gen)
             with fused_max_m(1 << 40):
                 first = F.gemm_4bit(x, packed, state)
                 assert_close_to_reference(first, x, w, None, f"variant {variant} M={m} {n}x{k}")
+                if hopper:
+                    names = [s for s in cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
+                             if "gemm_4bit_ws_kernel<" in s]
+                    # the template's last argument: MT, the row groups a tile
+                    assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
                 for _ in range(5):
                     torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
                     assert torch.equal(F.gemm_4bit(x, packed, state), first)

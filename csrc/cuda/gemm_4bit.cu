@@ -623,6 +623,14 @@ constexpr int kWsMinStages = 4;
 constexpr int kWsMaxRedBufs = kWsMaxStages + 1;  // ws_red_bufs at one stage a tile
 constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window address, 64 KB long
 
+// A tile of MT row groups (16 * MT rows): each math warp decodes the MT groups' A fragments of a
+// sub-block against one load of its x, so that x is read from L1 once a 16 * MT rows instead of
+// once a 16 (at M = 8 a 16-row tile read 128 KB of x against 64 KB of codes at K = 8192). A stage
+// keeps its 16 KB of codes: 1024 / MT bytes of each of the 16 * MT rows.
+__host__ __device__ constexpr int ws_stage_row_bytes(int mt) { return kStageRowBytes / mt; }
+__host__ __device__ constexpr int ws_stage_pitch(int mt) { return ws_stage_row_bytes(mt) + 32; }  // rows g, g + 4: other banks
+__host__ __device__ constexpr int ws_stage_bytes(int mt) { return 16 * mt * ws_stage_pitch(mt); }
+
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
 // reserved bytes): region A below the table holds what fits of the barriers, the nested code, the
 // two scale buffers and the reduction buffer; the ring and the rest follow the table.
@@ -638,17 +646,17 @@ struct WsLayout {
 // whole, kept for the long rows). A warp can run ahead of the slowest one, which is still adding up tile
 // t, by the ring's stages only (the copy warp refills a slot once every math warp is done with
 // it): at most stages / nstage tiles past t. R = that + 1 buffers are never written while read.
-__host__ __device__ inline int ws_red_bufs(int64_t K, int stages) {
-  const int64_t nstage = ((K >> 1) + kStageRowBytes - 1) / kStageRowBytes;
+__host__ __device__ inline int ws_red_bufs(int64_t K, int stages, int mt) {
+  const int64_t nstage = ((K >> 1) + ws_stage_row_bytes(mt) - 1) / ws_stage_row_bytes(mt);
   return static_cast<int>(stages / nstage) + 1;
 }
-__host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw, int red_bufs) {
-  const int chunk = nt < 4 ? nt : 4;  // token octets a reduction round
+__host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw, int red_bufs, int mt) {
+  const int chunk = nt == 1 ? mt : (mt * nt < 4 ? mt * nt : 4);  // fragments (row group, octet) a round
   return static_cast<uint32_t>(nt == 1 ? red_bufs : 1) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) *
          4 * 32 * 4;
 }
 
-__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K, int nt, int mw, int stages) {
+__host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K, int nt, int mw, int stages, int mt) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -663,9 +671,9 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K
   };
   L.bars = place((2 * kWsMaxStages + 4) * 8 + kWsMaxRedBufs * 4);  // the mbarriers, then the reduction counters
   L.ncode = place(256 * 4);
-  L.scales = place(static_cast<uint32_t>(2 * 16 * (nb + 1) * 4));
-  L.red = place(ws_red_bytes(nt, mw, ws_red_bufs(K, stages)));
-  L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
+  L.scales = place(static_cast<uint32_t>(2 * 16 * mt * (nb + 1) * 4));
+  L.red = place(ws_red_bytes(nt, mw, ws_red_bufs(K, stages, mt), mt));
+  L.ring = place(static_cast<uint32_t>(stages) * static_cast<uint32_t>(ws_stage_bytes(mt)));
   L.total = b;
   return L;
 }
@@ -693,11 +701,11 @@ __device__ __forceinline__ void load_sub_block_x(const T* const (&xs)[NT], uint4
     xv[nt][1] = __ldg(xp + 1);
   }
 }
-template <typename T, int NT>
+template <typename T, int NT, int PITCH>
 __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s1, uint32_t lane_base,
                                                    const uint4 (&xvs)[NT][2], float (&acc)[NT][4]) {
   const uint2 w0 = lds_ring_u64(w);
-  const uint2 w1 = lds_ring_u64(w + 8 * kStagePitch);
+  const uint2 w1 = lds_ring_u64(w + 8 * PITCH);
   uint32_t a[4][4];
   a_fragments(w0, w1, a, [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); });
 #pragma unroll
@@ -719,7 +727,7 @@ __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s
 }
 #endif
 
-// Thread t of P decodes the block scales of 16 rows, the contiguous run of 16 * nb from scale
+// Thread t of P decodes the block scales of `rows` rows, the contiguous run of rows * nb from scale
 // `first`, into dst (row r's at dst[r * (nb + 1)]). They are read 4 at a time (nb % 4 == 0 and
 // aligned arrays: the launch checks), in batches of 16 vectors a thread whose loads are all issued
 // before the first store (stores through a generic pointer would otherwise keep the next loads
@@ -728,18 +736,18 @@ __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s
 // (>= 1 / 1536) to the nearest integer: the row, with no division.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 template <bool NESTED>
-__device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int64_t total, int nb, const Scales& sc,
-                                                 const float* ncode, float offset, int t, int P) {
+__device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int64_t total, int nb, int rows,
+                                                 const Scales& sc, const float* ncode, float offset, int t, int P) {
   const float inv_nb = 1.f / static_cast<float>(nb);
   constexpr int kBatch = 16;
-  for (int i0 = 4 * t; i0 < 16 * nb; i0 += 4 * P * kBatch) {
+  for (int i0 = 4 * t; i0 < rows * nb; i0 += 4 * P * kBatch) {
     uint32_t q[kBatch];
     float4 v[kBatch];
     float nested[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int64_t at = first + i0 + 4 * P * u;
-      if (i0 + 4 * P * u < 16 * nb && at < total) {
+      if (i0 + 4 * P * u < rows * nb && at < total) {
         if constexpr (NESTED) {
           q[u] = __ldg(reinterpret_cast<const uint32_t*>(sc.qabsmax + at));
           nested[u] = __ldg(sc.nested_absmax + (at >> 8));  // 4 codes, one nested block
@@ -751,7 +759,7 @@ __device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int6
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int i = i0 + 4 * P * u;
-      if (i < 16 * nb && first + i < total) {
+      if (i < rows * nb && first + i < total) {
         float s[4];
         if constexpr (NESTED) {
 #pragma unroll
@@ -772,8 +780,8 @@ __device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int6
 
 // `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
 // as the host laid it out; `nb`: quantization blocks a row, a multiple of 4; `stages`: the ring's
-// stages (kWsMinStages..kWsMaxStages).
-template <typename T, bool NESTED, int NT, int MW>
+// stages (kWsMinStages..kWsMaxStages); MT: row groups of 16 a tile (ws_stage_row_bytes).
+template <typename T, bool NESTED, int NT, int MW, int MT>
 __global__ void __launch_bounds__(ws_threads(MW), 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
                         int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo,
@@ -782,10 +790,16 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  const WsLayout L = ws_layout(lo, nb, K, NT, MW, stages);
+  constexpr int kRows = 16 * MT;                         // a tile's rows
+  constexpr int kRowBytes = ws_stage_row_bytes(MT);      // a stage's bytes of a row
+  constexpr int kSubs = kRowBytes / 32;                  // a stage's sub-blocks of a row
+  constexpr int kPitch = ws_stage_pitch(MT);
+  constexpr int kBytes = ws_stage_bytes(MT);
+  static_assert(kSubs % MW == 0, "every math warp takes the same sub-blocks of a stage");
+  const WsLayout L = ws_layout(lo, nb, K, NT, MW, stages, MT);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
-  float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][16][nb + 1]
+  float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][kRows][nb + 1]
   float* red = reinterpret_cast<float*>(base + L.red);
   float* ncode = reinterpret_cast<float*>(base + L.ncode);
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
@@ -794,14 +808,14 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
   uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
   uint32_t* red_count = reinterpret_cast<uint32_t*>(sempty + 2);  // math warps done with a reduction buffer
-  const int red_bufs = ws_red_bufs(K, stages);
+  const int red_bufs = ws_red_bufs(K, stages, MT);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_bytes = K >> 1;
   const int nsub = static_cast<int>(K / kSubK);
-  const int nstage = static_cast<int>((row_bytes + kStageRowBytes - 1) / kStageRowBytes);
+  const int nstage = static_cast<int>((row_bytes + kRowBytes - 1) / kRowBytes);
   const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
-  const int64_t tiles = ((N + 15) / 16) * tok_tiles;
+  const int64_t tiles = ((N + kRows - 1) / kRows) * tok_tiles;
 
   {  // the pair table: entry e of lane l at e * 256 + 4 * l
     uint4* lut = reinterpret_cast<uint4*>(base + L.lut);
@@ -834,17 +848,18 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     int slot = 0;
     uint32_t phase = 0;
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int64_t row0 = (tile / tok_tiles) * 16;
-      const int rows = static_cast<int>(min(int64_t{16}, N - row0));
-      const uint8_t* src = packed + (row0 + lane) * row_bytes;
+      const int64_t row0 = (tile / tok_tiles) * kRows;
+      const int rows = static_cast<int>(min(int64_t{kRows}, N - row0));
       for (int st = 0; st < nstage; ++st) {
-        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kStageRowBytes}, row_bytes - int64_t{st} * kStageRowBytes));
+        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kRowBytes}, row_bytes - int64_t{st} * kRowBytes));
         mbar_wait(empty + slot, phase ^ 1);
         if (lane == 0) mbar_arrive_expect_tx(full + slot, bytes * rows);
         __syncwarp();
-        if (lane < rows)
-          bulk_copy(ring + slot * kStageBytes + lane * kStagePitch, src + int64_t{st} * kStageRowBytes, bytes,
-                    full + slot);
+#pragma unroll
+        for (int r = lane; r < kRows; r += 32)
+          if (r < rows)
+            bulk_copy(ring + slot * kBytes + r * kPitch, packed + (row0 + r) * row_bytes + int64_t{st} * kRowBytes,
+                      bytes, full + slot);
         if (++slot == stages) {
           slot = 0;
           phase ^= 1;
@@ -860,7 +875,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   float offset = 0.f;
   if constexpr (NESTED) offset = *sc.offset;
   const int64_t total = N * nb;
-  ws_decode_scales<NESTED>(scales, (blockIdx.x / tok_tiles) * 16 * nb, total, nb, sc, ncode, offset,
+  ws_decode_scales<NESTED>(scales, (blockIdx.x / tok_tiles) * kRows * nb, total, nb, kRows, sc, ncode, offset,
                            warp < MW ? tid : tid - 32, (MW + S) * 32);
   asm volatile("bar.sync 2, %0;\n" ::"n"((MW + S) * 32) : "memory");  // the copy warp has gone its way
   if (warp > MW) {  // the scale warps: warp MW + 1 + w serves the CTA's tiles w, w + S, ... from the second on
@@ -872,8 +887,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     for (int64_t tile = blockIdx.x + local * gridDim.x; tile < tiles; tile += S * gridDim.x, local += S) {
       const int buf = static_cast<int>(local & 1);
       mbar_wait(sempty + buf, static_cast<uint32_t>((local >> 1) & 1) ^ 1);
-      ws_decode_scales<NESTED>(scales + buf * 16 * (nb + 1), (tile / tok_tiles) * 16 * nb, total, nb, sc, ncode,
-                               offset, lane, 32);
+      ws_decode_scales<NESTED>(scales + buf * kRows * (nb + 1), (tile / tok_tiles) * kRows * nb, total, nb, kRows, sc,
+                               ncode, offset, lane, 32);
       mbar_arrive(sfull + buf);
     }
     return;
@@ -886,14 +901,14 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   asm volatile("" : "+r"(my_warp));
   const int g = lane >> 2, c = lane & 3;
   uint32_t lane_base = kWsLutAddress | (4u * static_cast<uint32_t>(lane));
-  int lane_off = g * kStagePitch + 8 * c;  // the lane's bytes of row g in a stage
+  int lane_off = g * kPitch + 8 * c;  // the lane's bytes of row g in a stage
   asm volatile("" : "+r"(lane_base), "+r"(lane_off));
   const int sub_shift = bs_log2 - 6;
   int slot = 0;
   uint32_t phase = 0;
   int64_t local = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
-    const int64_t row0 = (tile / tok_tiles) * 16;
+    const int64_t row0 = (tile / tok_tiles) * kRows;
     const int64_t tok0 = (tile % tok_tiles) * (8 * NT);
     // The empty asm statements keep these in registers: without them the compiler recomputes the
     // clamped x row from the thread index at every stage (about 40 instructions a stage).
@@ -903,14 +918,16 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       xrow[nt] = x + min(tok0 + 8 * nt + g, M - 1) * K + 16 * c;
       asm volatile("" : "+l"(xrow[nt]));
     }
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[m][nt][q] = 0.f;
     const int buf = static_cast<int>(local & 1);
     mbar_wait(sfull + buf, static_cast<uint32_t>((local >> 1) & 1));
-    uint32_t srow = smem_u32(scales + buf * 16 * (nb + 1) + g * (nb + 1));
+    uint32_t srow = smem_u32(scales + buf * kRows * (nb + 1) + g * (nb + 1));
     asm volatile("" : "+r"(srow));
     const uint32_t s1_off = 8 * (nb + 1) * 4;
     // x of sub-block `sub` of a stage whose x starts at xs.
@@ -920,32 +937,36 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
       load_sub_block_x<T, NT>(xsub, xv);
     };
-    // Sub-block `sub` of a stage whose first sub-block is j0, with its x in xv.
+    // Sub-block `sub` of a stage whose first sub-block is j0, with its x in xv, for each row group.
     auto sub_block = [&](uint32_t stage, int j0, int sub, const uint4 (&xv)[NT][2]) {
       const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
-      mma_sub_block_wide<T, NT>(stage + lane_off + sub * 32, lds_ring_f32(b), lds_ring_f32(b + s1_off), lane_base,
-                                xv, acc);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const uint32_t bm = b + static_cast<uint32_t>(m) * 2 * s1_off;  // row group m: 16 rows on
+        mma_sub_block_wide<T, NT, kPitch>(stage + lane_off + m * 16 * kPitch + sub * 32, lds_ring_f32(bm),
+                                          lds_ring_f32(bm + s1_off), lane_base, xv, acc[m]);
+      }
     };
     for (int st = 0; st < nstage; ++st) {
-      const int j0 = st * kStageSubs;
+      const int j0 = st * kSubs;
       const T* xs[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
-      const uint32_t stage = ring_s + slot * kStageBytes;
+      const uint32_t stage = ring_s + slot * kBytes;
       // x is read before the wait for the stage's codes, so that its latency (L2 where L1 does not
       // hold x) passes while the codes arrive; not with 4 or 8 token octets (variant 9 above
       // M = 16), whose x of a stage would take 64-128 registers a thread.
-      if (NT <= 2 && j0 + kStageSubs <= nsub) {
-        uint4 xv[kStageSubs / MW][NT][2];
+      if (NT <= 2 && j0 + kSubs <= nsub) {
+        uint4 xv[kSubs / MW][NT][2];
 #pragma unroll
-        for (int u = 0; u < kStageSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
+        for (int u = 0; u < kSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
         mbar_wait(full + slot, phase);
 #pragma unroll
-        for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xv[u]);
+        for (int u = 0; u < kSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xv[u]);
       } else {
         mbar_wait(full + slot, phase);
 #pragma unroll
-        for (int u = 0; u < kStageSubs / MW; ++u) {
+        for (int u = 0; u < kSubs / MW; ++u) {
           const int sub = u * MW + my_warp;
           if (j0 + sub < nsub) {
             uint4 xv[NT][2];
@@ -966,9 +987,11 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     if constexpr (NT == 1) {
       // One octet: buffer (local % red_bufs), added up by the last warp to get here (ws_red_bufs).
       const int rbuf = static_cast<int>(local % red_bufs);
-      float* rb = red + rbuf * (MW * 4 * 32);
+      float* rb = red + rbuf * (MW * MT * 4 * 32);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) rb[(warp * 4 + q) * 32 + lane] = acc[0][q];
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) rb[((warp * MT + m) * 4 + q) * 32 + lane] = acc[m][0][q];
       __syncwarp();  // the lanes' stores, ordered before lane 0's fence and count
       uint32_t last = 0;
       if (lane == 0) {
@@ -980,13 +1003,14 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       if (last) {
         __syncwarp();  // lane 0's acquire, for the loads of every lane (a shuffle orders no memory)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t row = row0 + (lane >> 2) + 8 * (q >> 1);
+        for (int mq = 0; mq < MT * 4; ++mq) {
+          const int m = mq >> 2, q = mq & 3;
+          const int64_t row = row0 + 16 * m + (lane >> 2) + 8 * (q >> 1);
           const int64_t tok = tok0 + 2 * (lane & 3) + (q & 1);
           if (row < N && tok < M) {
             float v = 0.f;
 #pragma unroll
-            for (int wi = 0; wi < MW; ++wi) v += rb[(wi * 4 + q) * 32 + lane];
+            for (int wi = 0; wi < MW; ++wi) v += rb[((wi * MT + m) * 4 + q) * 32 + lane];
             if (bias != nullptr) v += to_float(bias[row]);
             out[tok * N + row] = from_float<T>(v);
           }
@@ -997,20 +1021,22 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
         if (lane == 0) red_count[rbuf] = 0;
       }
     } else {
-      // In rounds of up to 4 token octets, all math warps meeting at a barrier twice a round.
-      constexpr int kChunk = NT < 4 ? NT : 4;
+      // In rounds of up to 4 fragments (row group m, token octet nt; f = m * NT + nt), all math
+      // warps meeting at a barrier twice a round.
+      constexpr int kFrags = MT * NT;
+      constexpr int kChunk = kFrags < 4 ? kFrags : 4;
 #pragma unroll
-      for (int n0 = 0; n0 < NT; n0 += kChunk) {
+      for (int f0 = 0; f0 < kFrags; f0 += kChunk) {
         float* mine = red + warp * (kChunk * 4 * 32);
 #pragma unroll
-        for (int nt = 0; nt < kChunk; ++nt)
+        for (int fi = 0; fi < kChunk; ++fi)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) mine[(nt * 4 + q) * 32 + lane] = acc[n0 + nt][q];
+          for (int q = 0; q < 4; ++q) mine[(fi * 4 + q) * 32 + lane] = acc[(f0 + fi) / NT][(f0 + fi) % NT][q];
         math_barrier<MW>();
         for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
-          const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
-          const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
-          const int64_t tok = tok0 + 8 * (n0 + nt) + 2 * (ln & 3) + (q & 1);
+          const int r = idx >> 5, ln = idx & 31, q = r & 3, f = f0 + (r >> 2);
+          const int64_t row = row0 + 16 * (f / NT) + (ln >> 2) + 8 * (q >> 1);
+          const int64_t tok = tok0 + 8 * (f % NT) + 2 * (ln & 3) + (q & 1);
           if (row < N && tok < M) {
             float v = 0.f;
 #pragma unroll
@@ -1042,7 +1068,7 @@ void launch_stream(const at::Tensor& x2, int64_t M, const at::Tensor& packed, co
 // 16-byte aligned, scales read 4 at a time (blocks a row a multiple of 4, aligned scale arrays) and
 // its shared memory (which grows with the blocks a row) within the device's limit. Returns whether
 // it launched.
-template <typename T, bool NESTED, int NT, int MW = 16>
+template <typename T, bool NESTED, int NT, int MW = 16, int MT = 1>
 bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
                const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
                int max_stages = kWsMinStages) {
@@ -1061,10 +1087,10 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   // 49.7 us on 28672x8192 at M = 1, 17.6 against 17.9 on 8192x8192; the kernel is bound by its
   // math warps, not by the bytes in flight.)
   int stages = max_stages;
-  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, p.K, NT, MW, stages).total > lim.smem_optin) --stages;
-  const size_t smem = ws_layout(lim.reserved, nb, p.K, NT, MW, stages).total;
+  while (stages > kWsMinStages && ws_layout(lim.reserved, nb, p.K, NT, MW, stages, MT).total > lim.smem_optin) --stages;
+  const size_t smem = ws_layout(lim.reserved, nb, p.K, NT, MW, stages, MT).total;
   if (smem > lim.smem_optin) return false;
-  auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW>;
+  auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW, MT>;
   {
     // The kernel's body exists only in sm_90 code: a build whose list lacks 9.0 (the driver would
     // compile the 8.0 PTX, whose body is a trap) falls back to the other kernels.
@@ -1080,7 +1106,7 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
     if (!it->second) return false;
   }
   static std::map<std::pair<int, size_t>, int> cache;
-  const int64_t tiles = ((p.N + 15) / 16) * ((M + 8 * NT - 1) / (8 * NT));
+  const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((M + 8 * NT - 1) / (8 * NT));
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, smem, device, cache, ws_threads(MW)));
   kernel<<<static_cast<unsigned>(grid), ws_threads(MW), smem, stream>>>(
       reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
@@ -1169,6 +1195,25 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     if (variant == 10 && M <= 8 && launch_ws<T, NESTED, 1, 16>(x2, M, packed, p, bs_log2, sc, bias, out, stream)) return true;
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
+  }
+  // Variants 19 / 20: the warp-specialized kernel with tiles of 2 / 4 row groups (8 math warps), up
+  // to M = 64.
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
+    if (variant == 19 || variant == 20) {
+      bool launched = false;
+#define QLORA_WS_ROWS(MT)                                                                                      \
+  if (M <= 8) launched = launch_ws<T, NESTED, 1, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream);       \
+  else if (M <= 16) launched = launch_ws<T, NESTED, 2, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream); \
+  else if (M <= 32) launched = launch_ws<T, NESTED, 4, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream); \
+  else launched = launch_ws<T, NESTED, 8, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
+      if (variant == 19) {
+        QLORA_WS_ROWS(2)
+      } else {
+        QLORA_WS_ROWS(4)
+      }
+#undef QLORA_WS_ROWS
+      if (launched) return true;
+    }
   }
   // Variant 17: variant 9 with the deepest ring that fits.
   if ((variant == 0 && ws_default) || variant == 9 || variant == 17) {
