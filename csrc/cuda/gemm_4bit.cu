@@ -625,11 +625,10 @@ constexpr uint32_t kWsLutAddress = 0x10000;  // the table's shared-window addres
 
 // A tile of MT row groups (16 * MT rows): each math warp decodes the MT groups' A fragments of a
 // sub-block against one load of its x, so that x is read from L1 once a 16 * MT rows instead of
-// once a 16 (at M = 8 a 16-row tile read 128 KB of x against 64 KB of codes at K = 8192). A stage
-// keeps its 16 KB of codes: 1024 / MT bytes of each of the 16 * MT rows.
-__host__ __device__ constexpr int ws_stage_row_bytes(int mt) { return kStageRowBytes / mt; }
-__host__ __device__ constexpr int ws_stage_pitch(int mt) { return ws_stage_row_bytes(mt) + 32; }  // rows g, g + 4: other banks
-__host__ __device__ constexpr int ws_stage_bytes(int mt) { return 16 * mt * ws_stage_pitch(mt); }
+// once a 16 (at M = 8 a 16-row tile read 128 KB of x against 64 KB of codes at K = 8192). A ring
+// slot stays 16 rows x 1 KB, the MT groups' slots of one k range consecutive: slots of 32 rows x
+// 512 bytes measured slower at M = 1 (71.3 against 50.2 us on 28672x8192; 64 x 256: 85.1) in the
+// sweep of 3d66edb (H200, 2026-11-30), the shorter bulk copies being the one thing that changed.
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
 // reserved bytes): region A below the table holds what fits of the barriers, the nested code, the
@@ -647,7 +646,7 @@ struct WsLayout {
 // t, by the ring's stages only (the copy warp refills a slot once every math warp is done with
 // it): at most stages / nstage tiles past t. R = that + 1 buffers are never written while read.
 __host__ __device__ inline int ws_red_bufs(int64_t K, int stages, int mt) {
-  const int64_t nstage = ((K >> 1) + ws_stage_row_bytes(mt) - 1) / ws_stage_row_bytes(mt);
+  const int64_t nstage = mt * (((K >> 1) + kStageRowBytes - 1) / kStageRowBytes);  // ring slots a tile
   return static_cast<int>(stages / nstage) + 1;
 }
 __host__ __device__ inline uint32_t ws_red_bytes(int nt, int mw, int red_bufs, int mt) {
@@ -673,7 +672,7 @@ __host__ __device__ inline WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * mt * (nb + 1) * 4));
   L.red = place(ws_red_bytes(nt, mw, ws_red_bufs(K, stages, mt), mt));
-  L.ring = place(static_cast<uint32_t>(stages) * static_cast<uint32_t>(ws_stage_bytes(mt)));
+  L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
   L.total = b;
   return L;
 }
@@ -780,7 +779,7 @@ __device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int6
 
 // `lo`: the shared-window address where dynamic shared memory starts (the block's reserved bytes),
 // as the host laid it out; `nb`: quantization blocks a row, a multiple of 4; `stages`: the ring's
-// stages (kWsMinStages..kWsMaxStages); MT: row groups of 16 a tile (ws_stage_row_bytes).
+// stages (kWsMinStages..kWsMaxStages, at least 2 * MT); MT: row groups of 16 a tile.
 template <typename T, bool NESTED, int NT, int MW, int MT>
 __global__ void __launch_bounds__(ws_threads(MW), 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
@@ -790,12 +789,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   extern __shared__ uint4 smem[];
   if (smem_u32(smem) != lo) __trap();  // the layout assumed another start: never launch it wrong
   const int nb = static_cast<int>(K >> bs_log2);
-  constexpr int kRows = 16 * MT;                         // a tile's rows
-  constexpr int kRowBytes = ws_stage_row_bytes(MT);      // a stage's bytes of a row
-  constexpr int kSubs = kRowBytes / 32;                  // a stage's sub-blocks of a row
-  constexpr int kPitch = ws_stage_pitch(MT);
-  constexpr int kBytes = ws_stage_bytes(MT);
-  static_assert(kSubs % MW == 0, "every math warp takes the same sub-blocks of a stage");
+  constexpr int kRows = 16 * MT;  // a tile's rows
+  static_assert(kStageSubs % MW == 0, "every math warp takes the same sub-blocks of a stage");
   const WsLayout L = ws_layout(lo, nb, K, NT, MW, stages, MT);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
@@ -813,7 +808,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_bytes = K >> 1;
   const int nsub = static_cast<int>(K / kSubK);
-  const int nstage = static_cast<int>((row_bytes + kRowBytes - 1) / kRowBytes);
+  const int nstage = static_cast<int>((row_bytes + kStageRowBytes - 1) / kStageRowBytes);  // k ranges a tile
   const int64_t tok_tiles = (M + 8 * NT - 1) / (8 * NT);
   const int64_t tiles = ((N + kRows - 1) / kRows) * tok_tiles;
 
@@ -849,17 +844,16 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     uint32_t phase = 0;
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       const int64_t row0 = (tile / tok_tiles) * kRows;
-      const int rows = static_cast<int>(min(int64_t{kRows}, N - row0));
-      for (int st = 0; st < nstage; ++st) {
-        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kRowBytes}, row_bytes - int64_t{st} * kRowBytes));
+      for (int sm = 0; sm < nstage * MT; ++sm) {
+        const int st = sm / MT, m = sm % MT;  // k range st of row group m
+        const int rows = static_cast<int>(max(int64_t{0}, min(int64_t{16}, N - row0 - 16 * m)));
+        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kStageRowBytes}, row_bytes - int64_t{st} * kStageRowBytes));
         mbar_wait(empty + slot, phase ^ 1);
         if (lane == 0) mbar_arrive_expect_tx(full + slot, bytes * rows);
         __syncwarp();
-#pragma unroll
-        for (int r = lane; r < kRows; r += 32)
-          if (r < rows)
-            bulk_copy(ring + slot * kBytes + r * kPitch, packed + (row0 + r) * row_bytes + int64_t{st} * kRowBytes,
-                      bytes, full + slot);
+        if (lane < rows)
+          bulk_copy(ring + slot * kStageBytes + lane * kStagePitch,
+                    packed + (row0 + 16 * m + lane) * row_bytes + int64_t{st} * kStageRowBytes, bytes, full + slot);
         if (++slot == stages) {
           slot = 0;
           phase ^= 1;
@@ -901,7 +895,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   asm volatile("" : "+r"(my_warp));
   const int g = lane >> 2, c = lane & 3;
   uint32_t lane_base = kWsLutAddress | (4u * static_cast<uint32_t>(lane));
-  int lane_off = g * kPitch + 8 * c;  // the lane's bytes of row g in a stage
+  int lane_off = g * kStagePitch + 8 * c;  // the lane's bytes of row g in a stage
   asm volatile("" : "+r"(lane_base), "+r"(lane_off));
   const int sub_shift = bs_log2 - 6;
   int slot = 0;
@@ -937,36 +931,51 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
       load_sub_block_x<T, NT>(xsub, xv);
     };
-    // Sub-block `sub` of a stage whose first sub-block is j0, with its x in xv, for each row group.
-    auto sub_block = [&](uint32_t stage, int j0, int sub, const uint4 (&xv)[NT][2]) {
+    // Sub-block `sub` of the k range whose first sub-block is j0 (row group m's slot at stage[m]),
+    // with its x in xv, for each row group.
+    auto sub_block = [&](const uint32_t (&stage)[MT], int j0, int sub, const uint4 (&xv)[NT][2]) {
       const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const uint32_t bm = b + static_cast<uint32_t>(m) * 2 * s1_off;  // row group m: 16 rows on
-        mma_sub_block_wide<T, NT, kPitch>(stage + lane_off + m * 16 * kPitch + sub * 32, lds_ring_f32(bm),
-                                          lds_ring_f32(bm + s1_off), lane_base, xv, acc[m]);
+        mma_sub_block_wide<T, NT, kStagePitch>(stage[m] + lane_off + sub * 32, lds_ring_f32(bm),
+                                               lds_ring_f32(bm + s1_off), lane_base, xv, acc[m]);
       }
     };
     for (int st = 0; st < nstage; ++st) {
-      const int j0 = st * kSubs;
+      const int j0 = st * kStageSubs;
       const T* xs[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + int64_t{j0} * kSubK;
-      const uint32_t stage = ring_s + slot * kBytes;
+      uint32_t stage[MT], stage_slot[MT], stage_phase[MT];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        stage[m] = ring_s + slot * kStageBytes;
+        stage_slot[m] = slot;
+        stage_phase[m] = phase;
+        if (++slot == stages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      }
+      const auto wait_stages = [&] {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) mbar_wait(full + stage_slot[m], stage_phase[m]);
+      };
       // x is read before the wait for the stage's codes, so that its latency (L2 where L1 does not
       // hold x) passes while the codes arrive; not with 4 or 8 token octets (variant 9 above
       // M = 16), whose x of a stage would take 64-128 registers a thread.
-      if (NT <= 2 && j0 + kSubs <= nsub) {
-        uint4 xv[kSubs / MW][NT][2];
+      if (NT <= 2 && j0 + kStageSubs <= nsub) {
+        uint4 xv[kStageSubs / MW][NT][2];
 #pragma unroll
-        for (int u = 0; u < kSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
-        mbar_wait(full + slot, phase);
+        for (int u = 0; u < kStageSubs / MW; ++u) load_x(xs, u * MW + my_warp, xv[u]);
+        wait_stages();
 #pragma unroll
-        for (int u = 0; u < kSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xv[u]);
+        for (int u = 0; u < kStageSubs / MW; ++u) sub_block(stage, j0, u * MW + my_warp, xv[u]);
       } else {
-        mbar_wait(full + slot, phase);
+        wait_stages();
 #pragma unroll
-        for (int u = 0; u < kSubs / MW; ++u) {
+        for (int u = 0; u < kStageSubs / MW; ++u) {
           const int sub = u * MW + my_warp;
           if (j0 + sub < nsub) {
             uint4 xv[NT][2];
@@ -975,11 +984,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
           }
         }
       }
-      mbar_arrive(empty + slot);
-      if (++slot == stages) {
-        slot = 0;
-        phase ^= 1;
-      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) mbar_arrive(empty + stage_slot[m]);
     }
     mbar_arrive(sempty + buf);
 
@@ -1090,6 +1096,7 @@ bool launch_ws(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const 
   while (stages > kWsMinStages && ws_layout(lim.reserved, nb, p.K, NT, MW, stages, MT).total > lim.smem_optin) --stages;
   const size_t smem = ws_layout(lim.reserved, nb, p.K, NT, MW, stages, MT).total;
   if (smem > lim.smem_optin) return false;
+  static_assert(2 * MT <= kWsMinStages, "the math warps hold MT slots at once: the ring must hold two k ranges");
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW, MT>;
   {
     // The kernel's body exists only in sm_90 code: a build whose list lacks 9.0 (the driver would
@@ -1196,22 +1203,16 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
     if (variant == 10 && M > 8 && M <= 16 && launch_ws<T, NESTED, 2, 8>(x2, M, packed, p, bs_log2, sc, bias, out, stream))
       return true;
   }
-  // Variants 19 / 20: the warp-specialized kernel with tiles of 2 / 4 row groups (8 math warps), up
-  // to M = 64.
+  // Variants 19 / 20: the warp-specialized kernel with tiles of 2 row groups (32 rows, 8 math
+  // warps) up to M = 64, with the 4-stage / the deepest ring.
   if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {
     if (variant == 19 || variant == 20) {
+      const int stages = variant == 20 ? kWsMaxStages : kWsMinStages;
       bool launched = false;
-#define QLORA_WS_ROWS(MT)                                                                                      \
-  if (M <= 8) launched = launch_ws<T, NESTED, 1, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream);       \
-  else if (M <= 16) launched = launch_ws<T, NESTED, 2, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream); \
-  else if (M <= 32) launched = launch_ws<T, NESTED, 4, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream); \
-  else launched = launch_ws<T, NESTED, 8, 8, MT>(x2, M, packed, p, bs_log2, sc, bias, out, stream);
-      if (variant == 19) {
-        QLORA_WS_ROWS(2)
-      } else {
-        QLORA_WS_ROWS(4)
-      }
-#undef QLORA_WS_ROWS
+      if (M <= 8) launched = launch_ws<T, NESTED, 1, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+      else if (M <= 16) launched = launch_ws<T, NESTED, 2, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+      else if (M <= 32) launched = launch_ws<T, NESTED, 4, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+      else launched = launch_ws<T, NESTED, 8, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
       if (launched) return true;
     }
   }
