@@ -192,7 +192,8 @@ def main() -> None:
                 # the wgmma kernel with / without K splits; fused13 / fused14: its warp-specialized form
                 # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies
                 # (two / one CTA an SM; fused15 at M <= 16 with 16-token tiles); fused19 / fused20:
-                # the warp-specialized kernel with tiles of 2 / 4 row groups (32 / 64 rows), M <= 64.
+                # the warp-specialized kernel with tiles of 2 row groups (32 rows), 4 stages / the
+                # deepest ring, M <= 64.
                 # (Variants 2, 6 and 7 lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
                 # the sweep's M: these, or those of --ms among them when --ms is given
                 sweep_ms = (1, 8, 16, 32, 64, 128, 256, 1024)

@@ -154,8 +154,9 @@ def test_every_fused_kernel(gen, variant, n, k):
     warp-specialized kernel at any M; 10: the same with the other math-warp count (16 at M <= 8,
     8 at 8 < M <= 16); 11 / 12: the wgmma kernel with / without K splits; 13: its warp-specialized
     form; 14: its bf16 pair-table decode; 15 / 16: that decode fed by tensor copies; 17: variant 9
-    with the deepest ring; 19 / 20: the warp-specialized kernel with tiles of 2 / 4 groups of 16
-    rows, up to M = 64), bf16 with double quantization. 5000 rows are not a multiple of 32 or 64. 5000 x 4096 gives each CTA of the
+    with the deepest ring; 19 / 20: the warp-specialized kernel with tiles of 2 groups of 16 rows,
+    4 stages / the deepest ring, up to M = 64), bf16 with double quantization. 5000 rows are not a
+    multiple of 32. 5000 x 4096 gives each CTA of the
     warp-specialized kernel two or three tiles of 16 rows on a GPU of up to 156 SMs (its copy warp
     runs across tile boundaries; the first tile's scales are decoded by all warps, the second's
     and third's by the two scale warps in turn); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
@@ -188,13 +189,15 @@ def cuda_kernels_launched(fn) -> list[str]:
 @pytest.mark.cuda
 def test_default_kernel_by_m(gen):
     """The default dispatch on a weight of 2^26 codes (bf16, double quantization): the
-    warp-specialized mma.sync kernel up to M = 8, the tensor-copy wgmma kernel from M = 9 to 64 (on
-    an sm_90 GPU; elsewhere whatever runs must still be right)."""
+    warp-specialized mma.sync kernel with tiles of two row groups (its last template argument) up to
+    M = 16, the tensor-copy wgmma kernel from M = 17 (on an sm_90 GPU; elsewhere whatever runs must
+    still be right)."""
     n, k = 8192, 8192
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for m, kernel in ((8, "gemm_4bit_ws_kernel"), (9, "gemm_4bit_wgmma_tma_kernel"), (16, "gemm_4bit_wgmma_tma_kernel"),
+    for m, kernel in ((1, "gemm_4bit_ws_kernel"), (8, "gemm_4bit_ws_kernel"), (9, "gemm_4bit_ws_kernel"),
+                      (16, "gemm_4bit_ws_kernel"), (17, "gemm_4bit_wgmma_tma_kernel"),
                       (33, "gemm_4bit_wgmma_tma_kernel")):
         x = make_input((m, k), torch.bfloat16, "cuda", gen)
         out = F.gemm_4bit(x, packed, state)
@@ -202,6 +205,8 @@ def test_default_kernel_by_m(gen):
         if hopper:
             names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
             assert any(kernel + "<" in name for name in names), (m, names)
+            if kernel == "gemm_4bit_ws_kernel":
+                assert any(name.split(">")[0].endswith(", 2") for name in names if kernel + "<" in name), (m, names)
 
 
 # The kernel each wgmma variant must launch on an sm_90 GPU (bf16: 15 and 16 are bf16 forms).
@@ -474,11 +479,12 @@ def test_ws_kernel_many_tiles_a_cta(gen, variant):
     tiles of 16 rows, 12 a CTA on 132 SMs, one ring stage a tile, so the reduction buffers (5 with
     the 4-stage ring, variant 9; 9 with the deepest, variant 17) and the scale buffers are each
     reused several times and fast math warps run tiles ahead of the one adding up; variants 19 / 20
-    take tiles of 32 / 64 rows (6 / 3 a CTA; 16 tokens: two octets, the reduction at a barrier).
+    take tiles of 32 rows (6 a CTA; 4 stages / the deepest ring; at 16 tokens two octets, whose
+    reduction meets at a barrier).
     Right against the float64 reference, the same bits run to run with poisoned memory between
     calls, and on an sm_90 GPU the kernel that ran has the variant's row groups."""
     n, k = 16 * 132 * 12, 1024
-    row_groups = {19: 2, 20: 4}.get(variant, 1)
+    row_groups = {19: 2, 20: 2}.get(variant, 1)
     hopper = torch.cuda.get_device_capability() == (9, 0)
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)

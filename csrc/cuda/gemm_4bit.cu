@@ -18,9 +18,10 @@
 //   - Work: a CTA owns a tile of 16 (or 16*MT) rows x 8*NT tokens and its 8 warps split K. Partial
 //     sums are added in shared memory in a fixed order: the result is the same bits run to run. The
 //     grid is one wave of CTAs that stride over the tiles.
-//   - Kernels: on sm_90 at M <= 16 with long rows or many weights, the warp-specialized kernel (a
-//     copy warp moving the codes with bulk copies on mbarriers, scale warps, 8 or 16 math warps); else up
-//     to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
+//   - Kernels: on sm_90 at M <= 8 with long rows or many weights, at M <= 16 on all, and at M <= 32
+//     on small weights, the warp-specialized kernel (a copy warp moving the codes with bulk copies
+//     on mbarriers, scale warps, 8 or 16 math warps; tiles of two row groups, each warp's x of a
+//     sub-block used for 32 rows, where its shared memory fits); else up to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
 //     (_set_gemm_variant) pick any of them. On Hopper at 16 < M <= 256 (32 < M for fp16) the
@@ -1163,6 +1164,27 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // 12.7) and from M = 17 on all (11008x4096 at M = 32 21.6 against 25.2 for the pair table; at
   // M = 64 28672x8192 101.8 against 124.4 for one CTA an SM, 4096x4096 16.1 against 15.4).
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // The warp-specialized kernel with tiles of two row groups (x read once a 32 rows) is the default
+  // since f2eef46 where it measured fastest (sweep of f2eef46, H200, 2026-11-30, against the default
+  // before it): at M <= 8 on the weights the warp-specialized kernel took (8192x8192 at M = 8 20.0
+  // against 21.4 us with the deepest ring, 28672x8192 55.6 against 62.0, 11008x4096 at M = 1 15.5
+  // against 17.1 with 4 stages), at 8 < M <= 16 on all (28672x8192 65.1 against 87.1 for the
+  // tensor-copy wgmma kernel, 8192x8192 21.5 against 29.2, 4096x4096 9.3 against 10.4 for the
+  // stream kernel), at 16 < M <= 32 on weights under 2^25 (4096x4096 12.1 against 13.5; on the
+  // others it lost: 8192x8192 31.7 against 30.2). The deepest ring won at M <= 8 with K >= 8192
+  // (28672x8192 at M = 8: 55.6 against 59.7 with 4 stages), 4 stages above (65.1 against 66.5 at
+  // M = 16). Where its shared memory does not fit (rows of 28672 k: the scales of 32 rows), the
+  // kernels below run as before.
+  const bool large_weight = p.K >= 8192 || p.N * p.K >= (int64_t{1} << 25);
+  const bool ws_two_groups = variant == 0 && (M <= 8 ? large_weight : M <= 16 || (M <= 32 && p.N * p.K < (int64_t{1} << 25)));
+  if (ws_two_groups) {
+    const int stages = M <= 8 && p.K >= 8192 ? kWsMaxStages : kWsMinStages;
+    bool launched = false;
+    if (M <= 8) launched = launch_ws<T, NESTED, 1, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    else if (M <= 16) launched = launch_ws<T, NESTED, 2, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    else launched = launch_ws<T, NESTED, 4, 8, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, stages);
+    if (launched) return true;
+  }
   const int64_t wgmma_min_m = kBf16 ? (p.N * p.K >= (int64_t{1} << 25) ? 8 : 16) : 32;
   // At 128 < M <= 256 the bf16 tensor-copy form takes 256-token tiles (each code decoded once) since
   // 732e8ba, and wins on 11008x4096 too (sweep of 732e8ba, H200, 2026-11-30: 54.0 against 66.2 us for
@@ -1194,7 +1216,7 @@ bool dispatch_mma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, con
   // Since 59f3e26 (the first tile's scales decoded by all warps; sweep of 59f3e26) it wins on
   // 11008x4096 too: 16.5 against 18.6 us at M = 1, 18.4 against 20.3 at M = 8; on 4096x4096 the
   // stream kernel still does (8.4 against 9.4 at M = 1).
-  const bool ws_default = M <= 16 && (p.K >= 8192 || p.N * p.K >= (int64_t{1} << 25));
+  const bool ws_default = M <= 16 && large_weight;
   // Math warps: 8 at M <= 8, 16 above (sweep of d09d751, H200, 2026-11-30: 8 won at M = 1 and 8 on
   // every shape, e.g. 28672x8192 51.8 against 56.9 us at M = 1; 16 at M = 16 on the large shapes,
   // 86.6 against 91.1 on 8192x28672). Variant 10: the other count, M <= 16.
