@@ -62,7 +62,8 @@ static PyMethodDef qlora_methods[] = {
     {"_set_gemm_variant", set_gemm_variant, METH_O,
      "The fused CUDA kernel for benchmarks (0: default by M and K; 1, 2, 5: register-fed; 8: stream; 9: "
      "warp-specialized; 10: warp-specialized with the other math-warp count (16 at M <= 8, 8 above); 11: wgmma; 12: wgmma without K splits; 13: warp-specialized wgmma; 14: wgmma with the bf16 pair table; 15, 16: that table fed by tensor copies (two, one "
-     "CTA an SM); 17: warp-specialized with the deepest ring that fits); returns the previous one."},
+     "CTA an SM); 17: warp-specialized with the deepest ring that fits; 19, 20: warp-specialized with tiles of two row "
+     "groups, 4 stages / the deepest ring, M <= 64); returns the previous one."},
     {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
      "Frees the CUDA products' dequantization workspaces."},
     {"_set_gemm_fused_max_m", set_gemm_fused_max_m, METH_O, "Largest M of the fused CUDA product (-1: default)."},
