@@ -21,7 +21,8 @@
 //   - Kernels: on sm_90 at M <= 8 with long rows or many weights, at M <= 16 on all, and at M <= 32
 //     on small weights, the warp-specialized kernel (a copy warp moving the codes with bulk copies
 //     on mbarriers, scale warps, 8 or 16 math warps; tiles of two row groups, each warp's x of a
-//     sub-block used for 32 rows, where its shared memory fits); else up to M = 64 the stream kernel (codes through shared memory with cp.async, all warps alike); the
+//     sub-block used for 32 rows, where its shared memory fits); else up to M = 64 the stream
+//     kernel (codes through shared memory with cp.async, all warps alike); the
 //     register-fed kernel (codes loaded into registers a few sub-blocks ahead) serves unaligned
 //     codes and rows of more than 16384 k where it measured faster; benchmark variants
 //     (_set_gemm_variant) pick any of them. On Hopper at 16 < M <= 256 (32 < M for fp16) the
