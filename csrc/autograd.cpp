@@ -9,12 +9,12 @@
 
 #include <optional>
 
+#include "qlora/op_calls.h"
+
 namespace qlora {
-namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor call_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
@@ -44,30 +44,26 @@ at::Tensor call_gemm_4bit_transposed(const at::Tensor& grad, const at::Tensor& p
                  shape);
 }
 
-// The weight's state, kept for the backward.
-void save_state(AutogradContext* ctx, const at::Tensor& packed, const at::Tensor& absmax,
-                const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
-                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type, c10::SymIntArrayRef shape) {
-  ctx->save_for_backward({packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor()),
-                          offset.value_or(at::Tensor())});
+// The weight's state, kept for the backward, followed by `extra`.
+void save_weight_state(AutogradContext* ctx, const at::Tensor& packed, const at::Tensor& absmax,
+                       const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                       int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                       c10::SymIntArrayRef shape, const variable_list& extra) {
+  variable_list saved{packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor()),
+                      offset.value_or(at::Tensor())};
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
   ctx->saved_data["blocksize"] = blocksize;
   ctx->saved_data["nested_blocksize"] = nested_blocksize;
   ctx->saved_data["quant_type"] = std::string(quant_type);
   ctx->saved_data["shape"] = c10::IValue(shape);
 }
 
-struct State {
-  at::Tensor packed, absmax;
-  OptTensor nested_absmax, nested_code, offset;
-  int64_t blocksize, nested_blocksize;
-  std::string quant_type;
-  std::vector<c10::SymInt> shape;
-};
+static OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-State load_state(AutogradContext* ctx) {
+WeightState load_weight_state(AutogradContext* ctx, variable_list* extra) {
   const variable_list saved = ctx->get_saved_variables();
+  if (extra != nullptr) extra->assign(saved.begin() + 5, saved.end());
   return {saved[0],
           saved[1],
           optional_of(saved[2]),
@@ -79,6 +75,8 @@ State load_state(AutogradContext* ctx) {
           ctx->saved_data["shape"].toSymIntVector()};
 }
 
+namespace {
+
 class Gemm4bit : public torch::autograd::Function<Gemm4bit> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
@@ -86,8 +84,8 @@ class Gemm4bit : public torch::autograd::Function<Gemm4bit> {
                             const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
                             c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-               shape);
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                      quant_type, shape);
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["has_bias"] = has_bias;
     // The bias's edge: tensors that autograd saw before it (x, packed, absmax, the nested state).
@@ -97,7 +95,7 @@ class Gemm4bit : public torch::autograd::Function<Gemm4bit> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const State s = load_state(ctx);
+    const WeightState s = load_weight_state(ctx);
     const at::Tensor& grad = grads[0];
     variable_list out(11);
     if (ctx->needs_input_grad(0)) {
@@ -119,14 +117,14 @@ class Gemm4bitTransposed : public torch::autograd::Function<Gemm4bitTransposed> 
                             const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
                             c10::string_view quant_type, c10::SymIntArrayRef shape) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-               shape);
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                      quant_type, shape);
     return call_gemm_4bit_transposed(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                      nested_blocksize, quant_type, shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const State s = load_state(ctx);
+    const WeightState s = load_weight_state(ctx);
     variable_list out(10);
     if (ctx->needs_input_grad(0)) {
       out[0] = call_gemm_4bit(grads[0], s.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.blocksize,

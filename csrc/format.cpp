@@ -126,8 +126,10 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
   const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, op, ": the weight's shape must not have negative sizes, got ", shape);
-  TORCH_CHECK_TYPE(is_float_input(x.scalar_type()), op, ": ", transposed ? "grad" : "x",
-                   " must be float32, float16 or bfloat16, got ", x.scalar_type());
+  // float64 on the CPU: for gradcheck of the layers built on these products.
+  TORCH_CHECK_TYPE(is_float_input(x.scalar_type()) || (x.scalar_type() == at::kDouble && x.device().is_cpu()), op,
+                   ": ", transposed ? "grad" : "x", " must be float32, float16 or bfloat16 (or float64 on the CPU), got ",
+                   x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", transposed ? "grad" : "x", " must have at least one dimension");
   const int64_t inner = transposed ? N : K;
   TORCH_CHECK_VALUE(x.size(-1) == inner, op, ": ", transposed ? "grad" : "x", " has ", x.size(-1),
@@ -150,6 +152,22 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
                       "] (out_features), got ", bias->sizes());
   }
   return {qt, N, K};
+}
+
+void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& seed, double p,
+                             const at::Tensor& base) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a float tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op, ": seed must be int64, got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1, op, ": seed must have one element, got shape ", seed.sizes());
+  check_same_device(seed, x, op, "seed", "x");
+  if (base.defined()) {
+    check_same_device(base, x, op, "base", "x");
+    TORCH_CHECK_TYPE(base.scalar_type() == x.scalar_type(), op, ": base must have x's dtype (", x.scalar_type(),
+                     "), got ", base.scalar_type());
+    TORCH_CHECK_VALUE(base.sizes() == x.sizes(), op, ": base must have x's shape ", x.sizes(), ", got ",
+                      base.sizes());
+  }
 }
 
 std::atomic<int64_t> g_gemm_fused_max_m{-1};

@@ -32,6 +32,19 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "gemm_4bit_transposed(Tensor grad, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
+  // LoRA's dropout: x * keep / (1 - p), keep drawn from `seed` (int64, one element, on x's device) and
+  // each element's row-major index (qlora/dropout.h), so that the backward regenerates the mask.
+  m.def("lora_dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  // base + lora_dropout(x, seed, p), to the bit: the adapter's share of the backward's dX.
+  m.def("lora_dropout_add(Tensor base, Tensor x, Tensor seed, float p) -> Tensor");
+  // The QLoRA layer: x @ W^T + bias + scaling * (lora_dropout(x) @ lora_A^T) @ lora_B^T, W the frozen
+  // 4-bit weight [N, K] (arguments as in gemm_4bit), lora_A [r, K], lora_B [N, r] in any float dtype
+  // (the products run in x's); seed may be None when dropout_p is 0. Its backward returns the
+  // gradients of x, bias, lora_A and lora_B, and keeps only x, x's down-projection [M, r] and the seed.
+  m.def(
+      "lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed) -> Tensor");
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.

@@ -530,14 +530,14 @@ def test_bad_input_names_the_argument(gen):
     x = make_input((4, 128), torch.bfloat16, "cpu", gen)
     cases = [
         (lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state), ValueError, "in_features"),
-        (lambda: F.gemm_4bit(x.double(), packed, state), TypeError, "x must be float32, float16 or bfloat16"),
+        (lambda: F.gemm_4bit(x.to(torch.int32), packed, state), TypeError, "x must be float32, float16 or bfloat16"),
         (lambda: F.gemm_4bit(x, packed, state, torch.zeros(32)), TypeError, "bias must have x's dtype"),
         (lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)), ValueError, "bias must have shape"),
         (lambda: F.gemm_4bit(x, packed[:-1], state), ValueError, "packed has"),
         (lambda: F.gemm_4bit(x, packed, "state"), TypeError, "quant_state must be a QuantState"),
         (lambda: F.gemm_4bit("x", packed, state), TypeError, "x must be a tensor"),
         (lambda: F.gemm_4bit_transposed(x, packed, state), ValueError, "out_features"),
-        (lambda: F.gemm_4bit_transposed(make_input((4, 32), torch.float64, "cpu", gen), packed, state), TypeError, "grad must be"),
+        (lambda: F.gemm_4bit_transposed(make_input((4, 32), torch.float64, "cpu", gen).to(torch.int64), packed, state), TypeError, "grad must be"),
     ]
     flat_packed, flat_state = F.quantize_4bit(make_input((4096,), torch.bfloat16, "cpu", gen))
     cases.append((lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]"))
@@ -557,6 +557,8 @@ def test_device_mismatch_is_an_error(gen):
         F.gemm_4bit(x.cuda(), packed, state, torch.zeros(32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="is on"):
         F.gemm_4bit_transposed(torch.zeros(4, 32, dtype=torch.bfloat16), packed, state)
+    with pytest.raises(TypeError, match=r"or float64 on the CPU\), got Double on cuda"):
+        F.gemm_4bit(x.cuda().double(), packed, state)
 
 
 def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):

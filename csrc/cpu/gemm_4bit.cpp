@@ -17,8 +17,11 @@ at::Tensor dequantized_weight(const GemmProblem& p, const at::Tensor& packed, co
                               int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                               at::ScalarType dtype) {
   const std::array<c10::SymInt, 2> shape{c10::SymInt(p.N), c10::SymInt(p.K)};
-  return dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                             quant_type, shape, dtype);
+  // float64 (gradcheck) through float32: code * scale is a float32 value, exact in float64.
+  const at::ScalarType stored = dtype == at::kDouble ? at::kFloat : dtype;
+  const at::Tensor W = dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                           nested_blocksize, quant_type, shape, stored);
+  return stored == dtype ? W : W.to(dtype);
 }
 
 at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,

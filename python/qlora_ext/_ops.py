@@ -67,3 +67,18 @@ def _gemm_4bit_transposed_fake(grad, packed, absmax, nested_absmax, nested_code,
     return grad.new_empty(_gemm_shape(grad, shape, True))
 
 # Autograd of the two products is registered in C++ (csrc/autograd.cpp).
+
+
+@torch.library.register_fake("qlora::lora_dropout")
+def _lora_dropout_fake(x, seed, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qlora::lora_dropout_add")
+def _lora_dropout_add_fake(base, x, seed, p):
+    torch._check(base.shape == x.shape, lambda: f"lora_dropout_add: base has shape {list(base.shape)}, x {list(x.shape)}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# qlora::lora_linear is built from the ops above (a CompositeExplicitAutograd kernel, csrc/lora.cpp):
+# its fake kernel is that composition run on fake tensors.

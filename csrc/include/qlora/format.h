@@ -43,6 +43,11 @@ QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor&
                                      int64_t nested_blocksize, std::string_view quant_type, int64_t n,
                                      at::ScalarType dtype);
 
+// lora_dropout(x, seed, p) and lora_dropout_add(base, x, seed, p) (base undefined for the former):
+// x float, seed an int64 tensor of one element on x's device, 0 <= p <= 1.
+void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& seed, double p,
+                             const at::Tensor& base);
+
 // The facts of a product with a 4-bit weight W of shape [N, K] (gemm_4bit: x [..., K] -> [..., N];
 // gemm_4bit_transposed: x [..., N] -> [..., K]).
 struct GemmProblem {

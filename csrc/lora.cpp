@@ -1,0 +1,261 @@
+// The QLoRA layer op (qlora::lora_linear) for every backend, built from the other ops, and the
+// autograd of it and of LoRA's dropout.
+//
+// y = x W^T + bias + s (drop(x) A^T) B^T with W frozen in 4 bits. The forward keeps x, the
+// down-projection drop(x) A^T ([M, r], r << K) and the 8-byte seed; the backward regenerates the
+// mask from the seed and needs no float copy of W:
+//   dB = s dY^T down,  d_down = s dY B,  dA = d_down^T drop(x),  dX = dY W + drop'(d_down A),
+// where drop' applies the same mask and scale. The up-projection accumulates into the base output
+// (addmm with beta = 1: no separate pass over [M, N]); with dropout, dX's adapter term is added by
+// lora_dropout_add in one pass. A and B may be float32 while x is bfloat16 or float16: they are cast
+// for the products (r x K and N x r, small) and their gradients come back in their own dtypes.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "qlora/op_calls.h"
+
+namespace qlora {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_lora_dropout(const at::Tensor& x, const at::Tensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::lora_dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, seed, p);
+}
+
+at::Tensor call_lora_dropout_add(const at::Tensor& base, const at::Tensor& x, const at::Tensor& seed, double p) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlora::lora_dropout_add", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(base, x, seed, p);
+}
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// What lora_linear checks beyond gemm_4bit's own checks of x, the weight and the bias.
+void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
+  const char* op = "lora_linear";
+  TORCH_CHECK_VALUE(shape.size() == 2, op, ": the weight's shape must be [out_features, in_features], got ", shape);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  TORCH_CHECK_TYPE(at::isFloatingType(lora_A.scalar_type()), op, ": lora_A must be a float tensor, got ",
+                   lora_A.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(lora_B.scalar_type()), op, ": lora_B must be a float tensor, got ",
+                   lora_B.scalar_type());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == K, op,
+                    ": lora_A must have shape [r, ", K, "] (r >= 1, in_features ", K, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r, op, ": lora_B must have shape [",
+                    N, ", ", r, "] (out_features, lora_A's rank), got ", lora_B.sizes());
+  TORCH_CHECK_VALUE(lora_A.device() == x.device(), op, ": lora_A is on ", lora_A.device(), " but x is on ",
+                    x.device(), "; move them to one device");
+  TORCH_CHECK_VALUE(lora_B.device() == x.device(), op, ": lora_B is on ", lora_B.device(), " but x is on ",
+                    x.device(), "; move them to one device");
+  TORCH_CHECK_VALUE(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p == 0.0 || defined(seed), op, ": dropout_p is ", dropout_p,
+                    " but seed is None; pass the dropout seed (an int64 tensor of one element on x's device)");
+}
+
+// The products' dtype: x's; the adapters are cast to it (a no-op when they have it already).
+struct Adapters {
+  at::Tensor A, B;
+};
+Adapters adapters_in(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  return {lora_A.to(x.scalar_type()), lora_B.to(x.scalar_type())};
+}
+
+// alpha * a @ b in one product (cuBLAS / ATen scale inside the GEMM: no pass over the result).
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  // beta = 0: the 0-dim self is neither read nor copied (so it needs no fill either).
+  return at::addmm(at::empty({}, a.options()), a, b, /*beta=*/0, /*alpha=*/alpha);
+}
+
+// y and the down-projection drop(x) A^T ([M, r]) that the backward keeps.
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+    const OptTensor& nested_code, const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+    c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
+  check_lora_linear_args(x, shape, lora_A, lora_B, scaling, dropout_p, seed);
+  at::Tensor y = call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                quant_type, shape, bias)
+                     .contiguous();
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  const at::Tensor x2 = x.reshape({-1, K});
+  const at::Tensor dropped = dropout_p > 0.0 ? call_lora_dropout(x2, *seed, dropout_p) : x2;
+  const Adapters ad = adapters_in(x, lora_A, lora_B);
+  at::Tensor down = at::mm(dropped, ad.A.t());
+  y.view({-1, N}).addmm_(down, ad.B.t(), /*beta=*/1, /*alpha=*/scaling);
+  return {y, down};
+}
+
+// The op's kernel below autograd, for every backend (CPU, CUDA, Meta).
+at::Tensor lora_linear_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                 const OptTensor& nested_absmax, const OptTensor& nested_code,
+                                 const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+                                 c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                 double dropout_p, const OptTensor& seed) {
+  return std::get<0>(lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling,
+                                         dropout_p, seed));
+}
+
+class LoraLinear : public torch::autograd::Function<LoraLinear> {
+ public:
+  // Positions of the arguments in forward's list (and of their gradients in backward's result).
+  static constexpr size_t kX = 0, kBias = 10, kA = 11, kB = 12, kArgs = 16;
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                            const at::Tensor& absmax, const OptTensor& nested_absmax, const OptTensor& nested_code,
+                            const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+                            c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                            const OptTensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, down] = lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling,
+                                         dropout_p, seed);
+    // x itself (no copy), the [M, r] down-projection and the seed; A and B are the module's own.
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                      quant_type, shape, {x, down, lora_A, lora_B, dropout_p > 0.0 ? *seed : at::Tensor()});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    // Autograd's edges count the defined tensors among the arguments before each one.
+    const int64_t state_edges = 3 + defined(nested_absmax) + defined(nested_code) + defined(offset);
+    ctx->saved_data["has_bias"] = defined(bias);
+    ctx->saved_data["bias_edge"] = state_edges;
+    ctx->saved_data["a_edge"] = state_edges + defined(bias);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved;
+    const WeightState w = load_weight_state(ctx, &saved);
+    const at::Tensor &x = saved[0], &down = saved[1], &lora_A = saved[2], &lora_B = saved[3], &seed = saved[4];
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const int64_t a_edge = ctx->saved_data["a_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_A = ctx->needs_input_grad(static_cast<size_t>(a_edge));
+    const bool need_B = ctx->needs_input_grad(static_cast<size_t>(a_edge + 1));
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() &&
+                           ctx->needs_input_grad(static_cast<size_t>(ctx->saved_data["bias_edge"].toInt()));
+    variable_list out(kArgs);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const int64_t N = w.shape[0].guard_int(__FILE__, __LINE__);
+    const int64_t K = w.shape[1].guard_int(__FILE__, __LINE__);
+    const at::Tensor grad2 = grad.reshape({-1, N});
+    const at::Tensor x2 = x.reshape({-1, K});
+    const Adapters ad = adapters_in(x, lora_A, lora_B);
+    if (need_B) out[kB] = scaled_mm(grad2.t(), down, scaling).to(lora_B.scalar_type());
+    if (need_A || need_x) {
+      const at::Tensor grad_down = scaled_mm(grad2, ad.B, scaling);  // [M, r]
+      if (need_A) {
+        const at::Tensor dropped = dropout_p > 0.0 ? call_lora_dropout(x2, seed, dropout_p) : x2;
+        out[kA] = at::mm(grad_down.t(), dropped).to(lora_A.scalar_type());
+      }
+      if (need_x) {
+        at::Tensor dx = call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset,
+                                                  w.blocksize, w.nested_blocksize, w.quant_type, w.shape)
+                            .contiguous();
+        if (dropout_p > 0.0) {
+          dx = call_lora_dropout_add(dx.view({-1, K}), at::mm(grad_down, ad.A), seed, dropout_p);
+        } else {
+          dx.view({-1, K}).addmm_(grad_down, ad.A);
+        }
+        out[kX] = dx.view(x.sizes());
+      }
+    }
+    if (need_bias) out[kBias] = grad2.sum(0);
+    return out;
+  }
+};
+
+at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                                c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
+                                const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
+  const bool wants_grad = x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
+                          (defined(bias) && bias->requires_grad());
+  if (!at::GradMode::is_enabled() || !wants_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lora_linear_composite(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                 quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  }
+  return LoraLinear::apply(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                           quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p, seed);
+}
+
+// d lora_dropout(x)/dx applies the same mask and scale to the gradient; lora_dropout_add passes the
+// gradient to base unchanged.
+class LoraDropout : public torch::autograd::Function<LoraDropout> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const OptTensor& base, const at::Tensor& x, const at::Tensor& seed,
+                            double p) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({seed});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["has_base"] = defined(base);
+    return defined(base) ? call_lora_dropout_add(*base, x, seed, p) : call_lora_dropout(x, seed, p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor seed = ctx->get_saved_variables()[0];
+    const bool has_base = ctx->saved_data["has_base"].toBool();
+    variable_list out(4);
+    if (!grads[0].defined()) return out;
+    // Edges: base (when given), x, seed.
+    if (has_base && ctx->needs_input_grad(0)) out[0] = grads[0];
+    if (ctx->needs_input_grad(has_base ? 1 : 0)) {
+      out[1] = call_lora_dropout(grads[0], seed, ctx->saved_data["p"].toDouble());
+    }
+    return out;
+  }
+};
+
+at::Tensor lora_dropout_autograd(const at::Tensor& x, const at::Tensor& seed, double p) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_lora_dropout(x, seed, p);
+  }
+  return LoraDropout::apply(OptTensor(), x, seed, p);
+}
+
+at::Tensor lora_dropout_add_autograd(const at::Tensor& base, const at::Tensor& x, const at::Tensor& seed, double p) {
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || base.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_lora_dropout_add(base, x, seed, p);
+  }
+  return LoraDropout::apply(OptTensor(base), x, seed, p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) { m.impl("lora_linear", &lora_linear_composite); }
+
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("lora_linear", &lora_linear_autograd);
+  m.impl("lora_dropout", &lora_dropout_autograd);
+  m.impl("lora_dropout_add", &lora_dropout_add_autograd);
+}
+
+}  // namespace qlora
