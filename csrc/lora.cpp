@@ -74,8 +74,15 @@ void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, cons
 struct Adapters {
   at::Tensor A, B;
 };
+// Only where needed: an op below autograd may not return its input, which at::to and
+// at::contiguous do when there is nothing to change (opcheck's schema test flags it).
+at::Tensor with_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+at::Tensor contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
 Adapters adapters_in(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B) {
-  return {lora_A.to(x.scalar_type()), lora_B.to(x.scalar_type())};
+  return {with_dtype(lora_A, x.scalar_type()), with_dtype(lora_B, x.scalar_type())};
 }
 
 // alpha * a @ b in one product (cuBLAS / ATen scale inside the GEMM: no pass over the result).
@@ -92,9 +99,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
   check_lora_linear_args(x, shape, lora_A, lora_B, scaling, dropout_p, seed);
-  at::Tensor y = call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                quant_type, shape, bias)
-                     .contiguous();
+  at::Tensor y = contiguous(call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                           nested_blocksize, quant_type, shape, bias));
   const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
   const at::Tensor x2 = x.reshape({-1, K});
@@ -146,6 +152,9 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The saved down-projection carries no graph, so the gradients' own gradients would be wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "lora_linear: double backward (create_graph=True) is not supported; the first backward is");
     variable_list saved;
     const WeightState w = load_weight_state(ctx, &saved);
     const at::Tensor &x = saved[0], &down = saved[1], &lora_A = saved[2], &lora_B = saved[3], &seed = saved[4];
@@ -165,17 +174,17 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
     const at::Tensor grad2 = grad.reshape({-1, N});
     const at::Tensor x2 = x.reshape({-1, K});
     const Adapters ad = adapters_in(x, lora_A, lora_B);
-    if (need_B) out[kB] = scaled_mm(grad2.t(), down, scaling).to(lora_B.scalar_type());
+    if (need_B) out[kB] = with_dtype(scaled_mm(grad2.t(), down, scaling), lora_B.scalar_type());
     if (need_A || need_x) {
       const at::Tensor grad_down = scaled_mm(grad2, ad.B, scaling);  // [M, r]
       if (need_A) {
         const at::Tensor dropped = dropout_p > 0.0 ? call_lora_dropout(x2, seed, dropout_p) : x2;
-        out[kA] = at::mm(grad_down.t(), dropped).to(lora_A.scalar_type());
+        out[kA] = with_dtype(at::mm(grad_down.t(), dropped), lora_A.scalar_type());
       }
       if (need_x) {
-        at::Tensor dx = call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset,
-                                                  w.blocksize, w.nested_blocksize, w.quant_type, w.shape)
-                            .contiguous();
+        at::Tensor dx = contiguous(call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code,
+                                                             w.offset, w.blocksize, w.nested_blocksize, w.quant_type,
+                                                             w.shape));
         if (dropout_p > 0.0) {
           dx = call_lora_dropout_add(dx.view({-1, K}), at::mm(grad_down, ad.A), seed, dropout_p);
         } else {

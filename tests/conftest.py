@@ -65,7 +65,7 @@ def poison(device: str, nbytes: int) -> None:
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "", signed_zeros: bool = True) -> None:

@@ -8,20 +8,25 @@ import torch  # noqa: F401  (the compiled library needs torch's symbols loaded f
 
 from . import _C  # noqa: F401  (registers torch.ops.qlora)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
-from . import functional
-from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, matmul_4bit, quantize_4bit
+from . import functional, nn
+from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, lora_linear, matmul_4bit, quantize_4bit
+from .nn import Linear4bit, QLoRALinear
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Linear4bit",
+    "QLoRALinear",
     "QuantState",
     "cuda_kernels_available",
     "dequantize_4bit",
     "functional",
     "gemm_4bit",
     "gemm_4bit_transposed",
+    "lora_linear",
     "matmul_4bit",
+    "nn",
     "quantize_4bit",
 ]
 

@@ -15,8 +15,11 @@ from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
 __all__ = [
     "dequantize_4bit",
     "dequantize_absmax",
+    "dropout_seed",
     "gemm_4bit",
     "gemm_4bit_transposed",
+    "lora_dropout",
+    "lora_linear",
     "matmul_4bit",
     "quantize_4bit",
     "release_gemm_workspaces",
@@ -30,6 +33,8 @@ _quantize_absmax_op = torch.ops.qlora.quantize_absmax.default
 _dequantize_4bit_op = torch.ops.qlora.dequantize_4bit.default
 _gemm_4bit_op = torch.ops.qlora.gemm_4bit.default
 _gemm_4bit_transposed_op = torch.ops.qlora.gemm_4bit_transposed.default
+_lora_linear_op = torch.ops.qlora.lora_linear.default
+_lora_dropout_op = torch.ops.qlora.lora_dropout.default
 
 
 def quantize_4bit(
@@ -205,6 +210,60 @@ def matmul_4bit(
     if out is None:
         return result
     return out.copy_(result)
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed on ``device``: an int64 tensor of one element drawn from torch's generator
+    of that device, so that ``torch.manual_seed`` repeats it, ``torch.utils.checkpoint`` (which
+    restores the generator's state) regenerates it, and a CUDA graph draws a new one each replay."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``x * keep / (1 - p)``: LoRA's dropout with the mask that ``lora_linear`` draws from ``seed``.
+
+    Element ``i`` of ``x`` (row-major) is kept when the Philox4x32-10 draw for ``(seed, i)`` is at least
+    ``p * 2**32``; the CPU and CUDA kernels draw the same mask. Differentiable in ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    return _lora_dropout_op(x, seed, float(p))
+
+
+def lora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The QLoRA layer: ``x @ W.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    Args:
+        x: ``[..., in_features]``, bfloat16 or float16 (float32 too; float64 on the CPU).
+        packed, quant_state: the frozen 4-bit weight ``W`` of shape ``[out_features, in_features]``.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; any float dtype (cast to x's
+            for the products; their gradients come back in their own dtypes).
+        scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+        dropout_p: the adapter input's dropout probability (0 in eval mode).
+        bias: ``[out_features]`` in x's dtype, or None.
+        seed: the dropout seed (see ``dropout_seed``); drawn here when ``dropout_p > 0`` and None.
+
+    Returns:
+        ``[..., out_features]`` in x's dtype. Differentiable in x, lora_A, lora_B and bias; for the
+        backward it keeps x, the ``[..., r]`` down-projection and the seed, nothing else.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if dropout_p > 0 and seed is None:
+        seed = dropout_seed(x.device)
+    return _lora_linear_op(
+        x, *_state_args(packed, quant_state), quant_state.shape, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed
+    )
 
 
 def release_gemm_workspaces() -> None:

@@ -1,0 +1,332 @@
+"""Layers: ``Linear4bit`` (a frozen linear layer whose weight is stored in 4 bits) and ``QLoRALinear``
+(that layer with trainable LoRA adapters), in place of bitsandbytes' ``Linear4bit`` and PEFT's LoRA
+layer on top of it.
+
+``Linear4bit``'s state dict has bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
+``bias``), so each loads the other's. ``QLoRALinear``'s has PEFT's layout: ``base_layer.*``,
+``lora_A.<adapter>.weight`` ([r, in_features]) and ``lora_B.<adapter>.weight`` ([out_features, r]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .quant_state import QuantState
+
+__all__ = ["Linear4bit", "QLoRALinear"]
+
+_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The products' dtype: autocast's where it is on for x's device, else the layer's, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return compute_dtype if compute_dtype is not None else x.dtype
+
+
+class Linear4bit(nn.Module):
+    """A frozen ``nn.Linear`` with its weight in 4 bits (NF4 or FP4, blockwise, optionally double
+    quantized), computing ``x @ W.T + bias`` with the fused kernels of ``functional.gemm_4bit``.
+
+    Build one with ``Linear4bit.from_linear(linear, ...)``, or as an empty shell
+    (``Linear4bit(in_features, out_features, ...)``) that ``load_state_dict`` fills from a state dict in
+    bitsandbytes' format. The packed codes are the uint8 parameter ``weight`` (requires_grad False,
+    shape ``[(out * in + 1) // 2, 1]`` as in bitsandbytes), ``quant_state`` holds the scales; both move
+    with ``.to(device)``, and dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave them as they are.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        compute_dtype: the products' dtype; None computes in the input's dtype. Under autocast,
+            autocast's dtype. The output has the input's dtype (autocast's under autocast).
+        compress_statistics, quant_type, blocksize: the format (see ``functional.quantize_4bit``),
+            used by ``from_linear``; a loaded state dict brings its own.
+        quant_storage: dtype of the packed bytes in the state dict (bitsandbytes' ``quant_storage``).
+        device: where the empty shell's tensors go.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        compress_statistics: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        quant_storage: torch.dtype = torch.uint8,
+        device: Union[str, torch.device, None] = None,
+    ):
+        super().__init__()
+        if not (isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0):
+            raise ValueError(f"in_features and out_features must be positive integers, got {in_features}, {out_features}")
+        if quant_storage not in _STORAGE_DTYPES:
+            raise TypeError(f"quant_storage must be one of {_STORAGE_DTYPES}, got {quant_storage}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.quant_storage = quant_storage
+        n = in_features * out_features
+        self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
+        # None until from_linear or load_state_dict gives the layer a weight.
+        self.quant_state: Optional[QuantState] = None
+        dtype = compute_dtype if compute_dtype is not None else torch.float32
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        quant_storage: torch.dtype = torch.uint8,
+        device: Union[str, torch.device, None] = None,
+    ) -> "Linear4bit":
+        """Quantizes ``linear``'s weight (on ``device``, or where the weight is); the bias is kept in
+        ``compute_dtype`` (the weight's dtype when None). ``linear`` itself is not changed."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.is_meta:
+            raise ValueError("linear's weight is on the meta device: load its values first")
+        if device is not None:
+            weight = weight.to(device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            quant_storage=quant_storage,
+            device="meta",
+        )
+        packed, state = F.quantize_4bit(weight, blocksize, quant_type, compress_statistics)
+        layer.weight = nn.Parameter(packed, requires_grad=False)
+        layer.quant_state = state
+        if linear.bias is not None:
+            bias_dtype = compute_dtype if compute_dtype is not None else weight.dtype
+            layer.bias = nn.Parameter(linear.bias.detach().to(device=weight.device, dtype=bias_dtype).clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as a float tensor ``[out_features, in_features]`` of its original dtype."""
+        return F.dequantize_4bit(self.weight, self._state())
+
+    def _state(self) -> QuantState:
+        if self.quant_state is None:
+            raise RuntimeError("this Linear4bit has no weight yet: build it with from_linear or load a state dict")
+        return self.quant_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x, self.compute_dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        out = F.gemm_4bit(x.to(dtype), self.weight, self._state(), bias)
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Parameters go through fn (the uint8 codes are left alone by dtype casts); the state follows
+        # the codes to their device.
+        super()._apply(fn, recurse)
+        if self.quant_state is not None and self.quant_state.absmax.device != self.weight.device:
+            self.quant_state.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        state = self._state()
+        weight = self.weight if keep_vars else self.weight.detach()
+        if self.quant_storage != torch.uint8:
+            weight = F._view_storage(weight, self.quant_storage)
+        destination[prefix + "weight"] = weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for key, value in state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight_key = prefix + "weight"
+        own = {k: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        if weight_key in state_dict:
+            try:
+                self._load_weight(state_dict[weight_key], own)
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"{weight_key}: {e}")
+        rest = {k: v for k, v in state_dict.items() if k != weight_key and k not in own}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if weight_key in state_dict and weight_key in missing_keys:
+            missing_keys.remove(weight_key)
+
+    def _load_weight(self, packed: torch.Tensor, entries: dict[str, Any]) -> None:
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"the weight must be a tensor, got {type(packed).__name__}")
+        if not entries:
+            raise ValueError(
+                "the state dict has the weight but none of its 4-bit entries (weight.absmax, "
+                "weight.quant_state.bitsandbytes__nf4, ...): is it a 4-bit checkpoint?"
+            )
+        device = self.weight.device if not self.weight.is_meta else packed.device
+        state = QuantState.from_dict(entries, device=device)
+        expected = (self.out_features, self.in_features)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"the 4-bit weight has shape {tuple(state.shape)}, this layer needs {expected}")
+        if packed.dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"the packed weight must be one of {_STORAGE_DTYPES}, got {packed.dtype}")
+        codes = F._as_bytes(packed.detach().contiguous()).reshape(-1, 1)
+        n = self.in_features * self.out_features
+        if codes.numel() != (n + 1) // 2:
+            raise ValueError(f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs {(n + 1) // 2}")
+        self.weight = nn.Parameter(codes.to(device).clone(), requires_grad=False)
+        self.quant_state = state
+        self.quant_storage = packed.dtype
+        self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+
+class QLoRALinear(nn.Module):
+    """A frozen 4-bit linear layer with LoRA adapters: ``y = x W^T + b + s * B(A(dropout(x)))``.
+
+    ``base_layer`` is the ``Linear4bit``; ``lora_A[name]`` (``nn.Linear(in, r)``, weight ``[r, in]``) and
+    ``lora_B[name]`` (``nn.Linear(r, out)``) are the only trainable parameters, ``s = lora_alpha / r``
+    (``lora_alpha / sqrt(r)`` with rsLoRA). One fused autograd op (``functional.lora_linear``) computes
+    the layer: its backward keeps x, the ``[..., r]`` down-projection and a dropout seed, and
+    regenerates the dropout mask instead of storing it.
+
+    Build one with ``QLoRALinear.from_linear(linear, r=8, lora_alpha=16, ...)``.
+    """
+
+    def __init__(
+        self,
+        base_layer: Linear4bit,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Union[str, bool] = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+        adapter_name: str = "default",
+    ):
+        super().__init__()
+        if not isinstance(base_layer, Linear4bit):
+            raise TypeError(f"base_layer must be a qlora_ext.nn.Linear4bit, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Union[str, bool] = "kaiming",
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+    ) -> "QLoRALinear":
+        """Quantizes ``linear``'s weight (on ``device``, or where the weight is: CPU or GPU) into a
+        frozen ``Linear4bit`` and adds adapters initialized as PEFT does: ``init="kaiming"`` (or True)
+        draws A kaiming-uniform with a = sqrt(5) and sets B to zero, so the layer starts as the
+        quantized base; ``"gaussian"`` draws A from N(0, 1/r); False leaves both at nn.Linear's
+        initialization. Adapters are ``adapter_dtype`` (float32 as PEFT keeps them; the products run
+        in the compute dtype). Only A and B require grad."""
+        base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype, device=device)
+        return cls(base, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Union[str, bool] = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Adds adapter ``adapter_name`` (it does not become the active one unless it is the first)."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if init not in ("kaiming", "gaussian", True, False):
+            raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {init!r}")
+        if adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} exists already")
+        device = self.base_layer.weight.device
+        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        with torch.no_grad():
+            if init in ("kaiming", True):
+                nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(lora_B.weight)
+            elif init == "gaussian":
+                nn.init.normal_(lora_A.weight, std=1.0 / r)
+                nn.init.zeros_(lora_B.weight)
+        self.lora_A[adapter_name] = lora_A
+        self.lora_B[adapter_name] = lora_B
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = float(lora_alpha)
+        self.scaling[adapter_name] = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.base_layer.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        name = self.active_adapter
+        if self.disable_adapters or name is None:
+            return base(x)
+        dtype = _compute_dtype(x, base.compute_dtype)
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        p = self.lora_dropout[name] if self.training else 0.0
+        out = F.lora_linear(
+            x.to(dtype),
+            base.weight,
+            base._state(),
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            p,
+            bias,
+        )
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        name = self.active_adapter
+        if name is None:
+            return "no active adapter"
+        return f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}, scaling={self.scaling[name]:.4g}"

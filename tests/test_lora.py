@@ -1,0 +1,514 @@
+"""LoRA on the 4-bit base: the dropout mask (Philox from a seed), the fused layer op lora_linear
+(forward and every gradient against float64 and against plain PyTorch in the same precision, what
+it saves for backward, gradcheck, opcheck, checkpointing, autocast, torch.compile) and the modules
+Linear4bit / QLoRALinear."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+import qlora_ext
+from qlora_ext import functional as F
+from qlora_ext.nn import Linear4bit, QLoRALinear
+
+from conftest import DEVICES, assert_bits_equal, requires_cuda
+from test_gemm_4bit import make_input, make_weight
+
+
+def seed_tensor(value: int, device: str) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def fp32_scale(p: float) -> float:
+    """The kernels' scale: 1 / (1 - p) rounded to float32, as torch's dropout computes it."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)) if p < 1 else 0.0
+
+
+def mask_of(shape, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """The kept elements (bool) of a tensor of `shape` under `seed`."""
+    ones = torch.ones(shape, dtype=torch.float32, device=seed.device)
+    return F.lora_dropout(ones, p, seed) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The dropout mask
+
+
+def philox4x32_10(seed: int, counter: int) -> list[int]:
+    """Philox4x32-10 in plain Python (Salmon et al. 2011), the spec the kernels follow."""
+    m32 = 0xFFFFFFFF
+    c = [counter & m32, (counter >> 32) & m32, 0, 0]
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & m32, p1 & m32, ((p0 >> 32) ^ c[3] ^ k1) & m32, p0 & m32]
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_is_philox_of_the_element_index(gen, device):
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    p = 0.3
+    n = 1001  # a partial last group of four
+    mask = mask_of((n,), seed_tensor(seed, device), p).cpu()
+    threshold = round(p * 2**32)
+    expected = torch.tensor([philox4x32_10(seed, i // 4)[i % 4] >= threshold for i in range(n)])
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_values_and_rate(gen, device, dtype, p):
+    x = make_input((37, 515), dtype, device, gen)
+    seed = seed_tensor(int(torch.randint(0, 2**62, (), generator=gen)), device)
+    out = F.lora_dropout(x, p, seed)
+    mask = mask_of(x.shape, seed, p)
+    # Kept: x * float32(1 / (1 - p)), rounded once to x's dtype (float64 scales in float64).
+    scale = 1.0 / (1.0 - p) if dtype == torch.float64 else fp32_scale(p)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.where(mask, (x.to(acc) * scale).to(dtype), torch.zeros((), dtype=dtype, device=device))
+    assert_bits_equal(out, expected, "lora_dropout", signed_zeros=False)
+    # The rate: a binomial count of n draws, within 6 standard deviations of n p.
+    n = x.numel()
+    dropped = int((~mask).sum())
+    assert abs(dropped - n * p) < 6 * math.sqrt(n * p * (1 - p)), (dropped, n * p)
+    # The mask is the seed's: the same in every dtype, another for another seed.
+    assert torch.equal(mask_of(x.shape, seed, p), (F.lora_dropout(x.double(), p, seed) != 0) | (x == 0))
+    other = mask_of(x.shape, seed + 1, p)
+    assert (other != mask).float().mean() > p * (1 - p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_edge_probabilities_and_strides(gen, device):
+    x = make_input((16, 40), torch.bfloat16, device, gen)
+    seed = seed_tensor(7, device)
+    assert torch.equal(F.lora_dropout(x, 0.0, seed), x)
+    assert not F.lora_dropout(x, 1.0, seed).any()
+    # The mask follows the logical (row-major) index, whatever x's strides.
+    xt = make_input((40, 16), torch.bfloat16, device, gen).t()
+    assert_bits_equal(F.lora_dropout(xt, 0.25, seed), F.lora_dropout(xt.contiguous(), 0.25, seed))
+    # An odd offset into storage takes the unaligned path.
+    flat = make_input((1 + 4 * 33,), torch.bfloat16, device, gen)
+    assert_bits_equal(F.lora_dropout(flat[1:], 0.25, seed), F.lora_dropout(flat[1:].clone(), 0.25, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_add_is_base_plus_dropout(gen, device):
+    base = make_input((9, 130), torch.bfloat16, device, gen)
+    x = make_input((9, 130), torch.bfloat16, device, gen)
+    seed = seed_tensor(12345, device)
+    got = torch.ops.qlora.lora_dropout_add(base, x, seed, 0.2)
+    assert_bits_equal(got, base + F.lora_dropout(x, 0.2, seed))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_dropout_same_mask_on_cpu_and_cuda(gen):
+    for dtype in (torch.bfloat16, torch.float32):
+        x = make_input((33, 4097), dtype, "cpu", gen)
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        cpu = F.lora_dropout(x, 0.1, seed_tensor(seed, "cpu"))
+        cuda = F.lora_dropout(x.cuda(), 0.1, seed_tensor(seed, "cuda"))
+        assert_bits_equal(cuda, cpu, f"{dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_autograd_and_opcheck(gen, device):
+    x = make_input((6, 70), torch.float32, device, gen).requires_grad_()
+    base = make_input((6, 70), torch.float32, device, gen).requires_grad_()
+    seed = seed_tensor(99, device)
+    g = make_input((6, 70), torch.float32, device, gen)
+    torch.ops.qlora.lora_dropout_add(base, x, seed, 0.3).backward(g)
+    assert torch.equal(base.grad, g)
+    assert_bits_equal(x.grad, F.lora_dropout(g, 0.3, seed))
+    torch.library.opcheck(torch.ops.qlora.lora_dropout.default, (x, seed, 0.3))
+    torch.library.opcheck(torch.ops.qlora.lora_dropout_add.default, (base, x, seed, 0.3))
+
+
+def test_dropout_bad_input_names_the_argument():
+    x = torch.ones(4, 8)
+    s = seed_tensor(1, "cpu")
+    cases = [
+        (lambda: F.lora_dropout(x, 1.5, s), ValueError, "p must be in"),
+        (lambda: F.lora_dropout(x, 0.1, s.int()), TypeError, "seed must be int64"),
+        (lambda: F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64)), ValueError, "seed must have one element"),
+        (lambda: F.lora_dropout(x.int(), 0.1, s), TypeError, "x must be a float tensor"),
+        (lambda: torch.ops.qlora.lora_dropout_add(torch.ones(4, 9), x, s, 0.1), ValueError, "base must have x's shape"),
+        (lambda: torch.ops.qlora.lora_dropout_add(x.double(), x, s, 0.1), TypeError, "base must have x's dtype"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer op
+
+
+class Layer:
+    """A 4-bit weight, its bias and adapters, with fresh random values (B not zero: a zero B would
+    hide every error of the adapter path)."""
+
+    def __init__(self, n, k, r, device, gen, dtype=torch.bfloat16, adapter_dtype=None, bias=True, **fmt):
+        self.packed, self.state = make_weight(n, k, device, gen, dtype=dtype, **fmt)
+        adapter_dtype = adapter_dtype or dtype
+        self.bias = make_input((n,), dtype, device, gen) * 0.1 if bias else None
+        self.A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(adapter_dtype).to(device)
+        self.B = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(adapter_dtype).to(device)
+        self.scaling = 16 / r
+        self.W = F.dequantize_4bit(self.packed, self.state)
+
+    def __call__(self, x, p=0.0, seed=None, A=None, B=None, bias=None):
+        return F.lora_linear(
+            x, self.packed, self.state, self.A if A is None else A, self.B if B is None else B, self.scaling, p,
+            self.bias if bias is None else bias, seed,
+        )
+
+    def reference(self, x, p, seed, dtype):
+        """The layer composed of plain PyTorch ops in `dtype` with the same mask, and its function."""
+        mask = mask_of(x.shape, seed, p) if p > 0 else None
+        scale = fp32_scale(p)
+        W = self.W.to(dtype)
+
+        def f(x, A, B, bias):
+            xd = x if mask is None else x * mask * scale
+            y = torch.nn.functional.linear(x, W, bias)
+            return y + self.scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A), B)
+
+        return f
+
+
+def reference_outputs(layer, x, g, p, seed, dtype):
+    """y, dx, dA, dB (and dbias) of the PyTorch composition with every input cast to `dtype`."""
+    f = layer.reference(x, p, seed, dtype)
+    inputs = [x.detach().to(dtype).requires_grad_(), layer.A.detach().to(dtype).requires_grad_(), layer.B.detach().to(dtype).requires_grad_()]
+    bias = layer.bias.detach().to(dtype).requires_grad_() if layer.bias is not None else None
+    y = f(*inputs, bias)
+    grads = torch.autograd.grad(y, inputs + ([bias] if bias is not None else []), g.to(dtype))
+    return [y.detach(), *grads]
+
+
+def ours_outputs(layer, x, g, p, seed):
+    x = x.detach().requires_grad_()
+    A = layer.A.detach().requires_grad_()
+    B = layer.B.detach().requires_grad_()
+    bias = layer.bias.detach().requires_grad_() if layer.bias is not None else None
+    y = layer(x, p, seed, A, B, bias)
+    grads = torch.autograd.grad(y, [x, A, B] + ([bias] if bias is not None else []), g)
+    return [y.detach(), *grads]
+
+
+def assert_within_twice_the_reference_error(ours, low, exact, names):
+    """flash-attention's rule: our error against float64 within 2x that of plain PyTorch in the same
+    precision (plus a floor of a few units in the last place for outputs PyTorch gets exactly)."""
+    for o, lo, ex, name in zip(ours, low, exact, names):
+        assert o.shape == ex.shape and o.dtype == lo.dtype, (name, o.shape, ex.shape, o.dtype, lo.dtype)
+        ex = ex.double().cpu()
+        err = (o.double().cpu() - ex).abs().max().item()
+        ref_err = (lo.double().cpu() - ex).abs().max().item()
+        floor = 4 * torch.finfo(o.dtype).eps * ex.abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs PyTorch's {ref_err:.3g} (floor {floor:.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m,n,k,r", [(1, 96, 128, 8), (33, 130, 192, 16), (129, 67, 100, 64)])
+def test_layer_forward_and_gradients(gen, device, dtype, p, m, n, k, r):
+    layer = Layer(n, k, r, device, gen, dtype=dtype)
+    x = make_input((m, k), dtype, device, gen) * 0.5
+    g = make_input((m, n), dtype, device, gen)
+    seed = seed_tensor(int(torch.randint(0, 2**62, (), generator=gen)), device)
+    ours = ours_outputs(layer, x, g, p, seed)
+    low = reference_outputs(layer, x, g, p, seed, dtype)
+    exact = reference_outputs(layer, x, g, p, seed, torch.float64)
+    assert_within_twice_the_reference_error(ours, low, exact, ["y", "dx", "dA", "dB", "dbias"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_adapter_dtypes_and_leading_dims(gen, device, adapter_dtype):
+    layer = Layer(48, 64, 8, device, gen, dtype=torch.bfloat16, adapter_dtype=adapter_dtype, bias=False)
+    x = make_input((2, 3, 5, 64), torch.bfloat16, device, gen)
+    g = make_input((2, 3, 5, 48), torch.bfloat16, device, gen)
+    seed = seed_tensor(5, device)
+    y, dx, dA, dB = ours_outputs(layer, x, g, 0.1, seed)
+    assert y.shape == (2, 3, 5, 48) and dx.shape == x.shape
+    assert dA.dtype == adapter_dtype and dB.dtype == adapter_dtype
+    # The same as the flattened batch: leading dims are rows.
+    y2, dx2, dA2, dB2 = ours_outputs(layer, x.reshape(30, 64), g.reshape(30, 48), 0.1, seed)
+    assert_bits_equal(y, y2.reshape(y.shape))
+    assert_bits_equal(dx, dx2.reshape(dx.shape))
+    assert_bits_equal(dA, dA2)
+    assert_bits_equal(dB, dB2)
+    # A non-contiguous x gives the same as its contiguous copy.
+    xt = make_input((64, 30), torch.bfloat16, device, gen).t()
+    assert_bits_equal(layer(xt, 0.1, seed), layer(xt.contiguous(), 0.1, seed))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("fp4", False)])
+def test_gradcheck_float64_cpu(gen, p, quant_type, dq):
+    layer = Layer(12, 40, 4, "cpu", gen, dtype=torch.float32, quant_type=quant_type, dq=dq, blocksize=32)
+    x = torch.randn(3, 2, 40, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = layer.A.double().requires_grad_()
+    B = layer.B.double().requires_grad_()
+    bias = torch.randn(12, dtype=torch.float64, generator=gen, requires_grad=True)
+    seed = seed_tensor(2024, "cpu")
+
+    def f(x, A, B, bias):
+        return F.lora_linear(x, layer.packed, layer.state, A, B, 1.7, p, bias, seed)
+
+    assert torch.autograd.gradcheck(f, (x, A, B, bias))
+    # Second derivatives are not provided: asking for them is an error, not a silent wrong value.
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(f(x, A, B, bias).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_saves_only_x_and_the_down_projection(gen, device, p):
+    m, n, k, r = 64, 96, 256, 16
+    module = QLoRALinear.from_linear(torch.nn.Linear(k, n).to(torch.bfloat16), r=r, lora_dropout=p, compute_dtype=torch.bfloat16).to(device)
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    state = module.base_layer.quant_state
+    own |= {t.untyped_storage().data_ptr() for t in (state.absmax, state.state2.absmax, state.state2._code_for_kernel(), state.offset)}
+    x = make_input((2, m // 2, k), torch.bfloat16, device, gen).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    foreign = [t for t in saved if t.untyped_storage().data_ptr() not in own]
+    sizes = sorted((tuple(t.shape), t.dtype) for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    expected = sorted([((m, r), torch.bfloat16)] + ([((), torch.int64)] if p > 0 else []))
+    assert sizes == expected, sizes
+    assert any(t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in foreign)
+    extra = sum(t.nbytes for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    assert extra == m * r * 2 + (8 if p > 0 else 0)
+    y.float().sum().backward()
+    assert x.grad is not None and module.lora_A.default.weight.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_meta(gen, device):
+    layer = Layer(48, 128, 8, device, gen)
+    s = layer.state
+    seed = seed_tensor(3, device)
+    for m, p in ((1, 0.0), (7, 0.1), (100, 0.2)):
+        x = make_input((m, 128), torch.bfloat16, device, gen).requires_grad_()
+        A = layer.A.clone().requires_grad_()
+        B = layer.B.clone().requires_grad_()
+        torch.library.opcheck(
+            torch.ops.qlora.lora_linear.default,
+            (x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4", [48, 128],
+             layer.bias, A, B, layer.scaling, p, seed),
+        )
+
+
+def test_meta_tensors(gen):
+    layer = Layer(48, 128, 8, "cpu", gen)
+    state = layer.state.to("meta")
+    out = F.lora_linear(
+        torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"), layer.packed.to("meta"), state,
+        layer.A.to("meta"), layer.B.to("meta"), 2.0, 0.1, None, seed_tensor(1, "meta"),
+    )
+    assert out.shape == (2, 5, 48) and out.device.type == "meta"
+
+
+def test_bad_input_names_the_argument(gen):
+    layer = Layer(32, 64, 4, "cpu", gen)
+    x = make_input((3, 64), torch.bfloat16, "cpu", gen)
+    cases = [
+        (lambda: layer(x, A=layer.A[:, :60]), ValueError, r"lora_A must have shape \[r, 64\]"),
+        (lambda: layer(x, B=layer.B[:, :3]), ValueError, r"lora_B must have shape \[32, 4\]"),
+        (lambda: layer(x, A=layer.A.int()), TypeError, "lora_A must be a float tensor"),
+        (lambda: torch.ops.qlora.lora_linear(x, layer.packed, layer.state.absmax, None, None, None, 64, 256, "nf4",
+                                             [32, 64], None, layer.A, layer.B, 1.0, 0.1, None), ValueError, "seed is None"),
+        (lambda: layer(x, p=1.5, seed=seed_tensor(1, "cpu")), ValueError, r"dropout_p must be in \[0, 1\]"),
+        (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
+        (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError, "scaling must be finite"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_device_mismatch_is_an_error(gen):
+    layer = Layer(32, 64, 4, "cuda", gen)
+    x = make_input((3, 64), torch.bfloat16, "cuda", gen)
+    with pytest.raises(ValueError, match="lora_A is on cpu"):
+        layer(x, A=layer.A.cpu())
+    with pytest.raises(ValueError, match="seed is on cpu"):
+        layer(x, p=0.1, seed=seed_tensor(1, "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules
+
+
+def make_linear(n, k, dtype, gen, bias=True):
+    linear = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.05)
+        if bias:
+            linear.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return linear.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_linear_from_linear(gen, device):
+    linear = make_linear(96, 128, torch.bfloat16, gen)
+    module = QLoRALinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.1, device=device)
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["lora_A.default.weight", "lora_B.default.weight"]
+    assert module.lora_A.default.weight.shape == (8, 128) and module.lora_B.default.weight.shape == (96, 8)
+    assert module.lora_A.default.weight.dtype == torch.float32
+    assert module.scaling["default"] == 2.0
+    assert not module.lora_B.default.weight.any()  # B starts at zero: the layer starts as its base
+    # Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(in_features).
+    a = module.lora_A.default.weight
+    assert a.abs().max() <= 1 / math.sqrt(128) and a.std() > 0.5 / math.sqrt(3 * 128)
+    x = make_input((5, 128), torch.bfloat16, device, gen)
+    module.train()
+    assert_bits_equal(module(x), module.base_layer(x))
+    # The base is the quantized linear: its output is gemm_4bit's.
+    assert_bits_equal(module.base_layer(x), F.gemm_4bit(x, module.base_layer.weight, module.base_layer.quant_state, module.base_layer.bias))
+    rs = QLoRALinear.from_linear(linear, r=16, lora_alpha=8, use_rslora=True, init="gaussian", device=device)
+    assert rs.scaling["default"] == 8 / 4
+    assert abs(rs.lora_A.default.weight.std().item() - 1 / 16) < 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_linear_train_eval_and_dropout(gen, device):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    module = QLoRALinear.from_linear(make_linear(64, 96, torch.bfloat16, gen), r=8, lora_dropout=0.3, device=device)
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    x = make_input((17, 96), torch.bfloat16, device, gen)
+    module.eval()
+    y_eval = module(x)
+    assert_bits_equal(y_eval, module(x))  # no dropout in eval mode
+    layer_args = (module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight, module.lora_B.default.weight, 2.0)
+    assert_bits_equal(y_eval, F.lora_linear(x, *layer_args, 0.0, module.base_layer.bias))
+    module.train()
+    y1, y2 = module(x), module(x)
+    assert not torch.equal(y1, y2)  # a fresh mask each step
+    torch.manual_seed(11)
+    y3 = module(x)
+    torch.manual_seed(11)
+    assert_bits_equal(module(x), y3)  # torch.manual_seed repeats it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_recomputes_the_same_mask(gen, device, use_reentrant):
+    module = QLoRALinear.from_linear(make_linear(64, 96, torch.bfloat16, gen), r=8, lora_dropout=0.2, device=device)
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    x = make_input((2, 9, 96), torch.bfloat16, device, gen)
+    g = make_input((2, 9, 64), torch.bfloat16, device, gen)
+
+    def run(checkpointed):
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(77)
+        y = torch.utils.checkpoint.checkpoint(module, xi, use_reentrant=use_reentrant) if checkpointed else module(xi)
+        y.backward(g)
+        return y.detach(), xi.grad, module.lora_A.default.weight.grad.clone(), module.lora_B.default.weight.grad.clone()
+
+    for a, b in zip(run(False), run(True)):
+        assert_bits_equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_and_input_without_grad(gen, device):
+    module = QLoRALinear.from_linear(make_linear(64, 96, torch.float32, gen), r=8, device=device)
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    x = make_input((5, 96), torch.float32, device, gen)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = module(x)
+    assert y.dtype == torch.bfloat16
+    expected = F.lora_linear(
+        x.bfloat16(), module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight,
+        module.lora_B.default.weight, 2.0, 0.0, module.base_layer.bias.bfloat16(),
+    )
+    assert_bits_equal(y, expected)
+    # Without autocast and without a compute dtype: float32 throughout, output float32.
+    y32 = module(x)
+    assert y32.dtype == torch.float32
+    y32.sum().backward()  # x needs no grad: only the adapters get one
+    assert module.lora_A.default.weight.grad is not None and x.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(gen, device):
+    module = QLoRALinear.from_linear(make_linear(64, 128, torch.bfloat16, gen), r=8, lora_dropout=0.1, device=device)
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    compiled = torch.compile(module, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    x = make_input((33, 128), torch.bfloat16, device, gen)
+    g = make_input((33, 64), torch.bfloat16, device, gen)
+    module.eval()
+    assert_bits_equal(compiled(x), module(x))
+    module.train()
+    results = []
+    for fn in (module, compiled):
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        with torch._inductor.config.patch(fallback_random=True):
+            y = fn(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, module.lora_A.default.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear4bit_state_dict_round_trip(gen, device):
+    linear = make_linear(40, 96, torch.bfloat16, gen)
+    layer = Linear4bit.from_linear(linear, blocksize=32, compute_dtype=torch.bfloat16, device=device)
+    sd = layer.state_dict()
+    assert sorted(sd) == sorted(
+        ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+         "weight.quant_state.bitsandbytes__nf4"]
+    )
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (40 * 96 // 2, 1)
+    shell = Linear4bit(96, 40, compute_dtype=torch.bfloat16, device=device)
+    shell.load_state_dict(sd)
+    x = make_input((3, 96), torch.bfloat16, device, gen)
+    assert_bits_equal(shell(x), layer(x))
+    assert_bits_equal(shell.dequantize(), layer.dequantize())
+    # Dtype casts leave the codes and scales alone; .to(device) moves both.
+    layer.half()
+    assert layer.weight.dtype == torch.uint8 and layer.bias.dtype == torch.float16
+    wrong = Linear4bit(96, 41, device=device)
+    with pytest.raises(RuntimeError, match=r"has shape \(40, 96\), this layer needs \(41, 96\)"):
+        wrong.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="none of its 4-bit entries"):
+        Linear4bit(96, 40, device=device).load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
+
+
+def test_linear4bit_loads_bitsandbytes_state_dict(gen):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    linear = make_linear(40, 128, torch.bfloat16, gen)
+    theirs = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cuda") if torch.cuda.is_available() else theirs
+    if theirs.weight.quant_state is None:
+        pytest.skip("this bitsandbytes build does not quantize on this device")
+    sd = {k: v.cpu() for k, v in theirs.state_dict().items()}
+    ours = Linear4bit(128, 40, compute_dtype=torch.bfloat16)
+    ours.load_state_dict(sd)
+    expected = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state).cpu()
+    assert_bits_equal(ours.dequantize(), expected)
+    assert_bits_equal(ours.bias, sd["bias"].to(torch.bfloat16))
