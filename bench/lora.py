@@ -1,0 +1,276 @@
+"""One QLoRA layer, forward + backward: qlora_ext against bf16 LoRA and bitsandbytes + LoRA, one run.
+
+    python3 bench/lora.py --out bench/results/lora-h200-DATE.json
+
+For each weight shape (out x in, bf16, NF4 with double quantization, blocksize 64), each rank r and
+each dropout probability, op "lora_layer" rows for three implementations of
+y = x W^T + b + s * B(A(dropout(x))):
+  "qlora_ext":         qlora_ext.nn.QLoRALinear (the fused op functional.lora_linear);
+  "torch_bf16":        the layer as PEFT builds it: a frozen bf16 nn.Linear, nn.Dropout, and A, B as
+                       nn.Linear, result = base(x) + lora_B(lora_A(dropout(x))) * scaling;
+  "bitsandbytes_peft": the same LoRA on bitsandbytes' Linear4bit (its matmul_4bit).
+All three hold the same weight (the bf16 one is the dequantized 4-bit weight) and bf16 adapters, so
+they compute one function; each is checked against float64 first (dropout 0, output and the
+gradients of x, A and B).
+mode "train": M tokens (default 4096), forward + backward (x requires grad, as a layer inside a
+model; A and B get gradients, the base weight none), timed with CUDA events, the median of many steps.
+peak_mib: the peak allocated memory of a step above what was allocated before it (layer, x and dY
+already there), the activations kept for backward included.
+mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
+layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
+floor_ms: train, FLOPs / the bf16 matmul rate measured in this run (4MNK for the two products with
+the base weight + 6Mr(N+K) for the adapters); decode, the weight's bytes / the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
+
+from qlora_ext import functional as F  # noqa: E402
+from qlora_ext.nn import Linear4bit, QLoRALinear  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
+
+
+class PeftLoRA(nn.Module):
+    """PEFT's LoRA Linear forward on any base layer (peft/tuners/lora/layer.py, Linear.forward)."""
+
+    def __init__(self, base: nn.Module, k: int, n: int, r: int, alpha: float, p: float, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.base_layer = base
+        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.lora_A = nn.Linear(k, r, bias=False, device=A.device, dtype=A.dtype)
+        self.lora_B = nn.Linear(r, n, bias=False, device=B.device, dtype=B.dtype)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A)
+            self.lora_B.weight.copy_(B)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        x = x.to(self.lora_A.weight.dtype)
+        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def build(impl: str, n: int, k: int, r: int, p: float, w: torch.Tensor, bias: torch.Tensor, A, B, bnb):
+    """The layer of `impl` with weight w (already 4-bit representable), bias, adapters A, B, on w's device."""
+    device = w.device
+    if impl == "qlora_ext":
+        linear = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(bias)
+        layer = QLoRALinear.from_linear(linear, r=r, lora_alpha=2 * r, lora_dropout=p, compute_dtype=torch.bfloat16,
+                                        adapter_dtype=torch.bfloat16)  # fmt: skip
+        with torch.no_grad():
+            layer.lora_A.default.weight.copy_(A)
+            layer.lora_B.default.weight.copy_(B)
+        return layer
+    if impl == "torch_bf16":
+        base = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            base.weight.copy_(w)
+            base.bias.copy_(bias)
+    else:
+        base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                 quant_type="nf4", device="cpu")  # fmt: skip
+        base.load_state_dict({"weight": w.cpu(), "bias": bias.cpu()})
+        base = base.to(device)
+    base.requires_grad_(False)
+    return PeftLoRA(base, k, n, r, 2 * r, p, A, B)
+
+
+def adapters(layer):
+    if isinstance(layer, QLoRALinear):
+        return layer.lora_A.default.weight, layer.lora_B.default.weight
+    return layer.lora_A.weight, layer.lora_B.weight
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(impl, layer, x, g, ref) -> float:
+    """The layer's y, dx, dA, dB (dropout 0) against float64; the worst relative error."""
+    A, B = adapters(layer)
+    xi = x.detach().requires_grad_()
+    layer.eval()
+    y = layer(xi)
+    dx, dA, dB = torch.autograd.grad(y, [xi, A, B], g)
+    layer.train()
+    errs = [rel_err(t, r) for t, r in zip((y, dx, dA, dB), ref)]
+    worst = max(errs)
+    if not worst < 2e-2:
+        raise SystemExit(f"{impl}: relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64")
+    return worst
+
+
+def reference(w, bias, A, B, scaling, x, g):
+    """y, dx, dA, dB in float64 (dropout 0)."""
+    xd = x.double().requires_grad_()
+    Ad, Bd = A.double().requires_grad_(), B.double().requires_grad_()
+    y = xd @ w.double().T + bias.double() + scaling * (xd @ Ad.T) @ Bd.T
+    dx, dA, dB = torch.autograd.grad(y, [xd, Ad, Bd], g.double())
+    return y.detach(), dx, dA, dB
+
+
+def time_train(layer, x, g, iters: int) -> tuple[float, float | None]:
+    """Median ms of forward + backward, and the peak MiB allocated above the start of a step (CUDA)."""
+    A, B = adapters(layer)
+    xi = x.detach().requires_grad_()
+
+    def step(_):
+        xi.grad = A.grad = B.grad = None
+        layer(xi).backward(g)
+
+    if x.device.type != "cuda":
+        return common.time_cpu(step, iters), None
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    xi.grad = A.grad = B.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    layer(xi).backward(g)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return common.time_cuda(step, iters), peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--dropouts", default="0.05,0")
+    ap.add_argument("--m", type=int, default=4096, help="tokens of the training step")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--modes", default="train,decode")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (no GPU numbers)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = args.device
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    dropouts = [float(p) for p in args.dropouts.split(",")]
+    modes = args.modes.split(",")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+        print("bitsandbytes is not installed: its rows are left out")
+    impls = ["qlora_ext", "torch_bf16"] + (["bitsandbytes_peft"] if bnb is not None else [])
+
+    copy = common.copy_gbps(dev, nbytes=2**30 if dev == "cuda" else 2**26)
+    tflops = matmul_tflops() if dev == "cuda" else float("nan")
+    meta = common.meta(dev)
+    meta.update(copy_gbps=round(copy, 1), matmul_tflops=round(tflops, 1),
+                timing="train: CUDA events, median of --iters steps; decode: CUDA graph replays")  # fmt: skip
+    print(f"copy {copy:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    rows = []
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(1234)
+    for n, k in shapes:
+        w32 = torch.randn(n, k, device=dev, generator=gen) * 0.02
+        packed, state = F.quantize_4bit(w32.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=True)
+        w = F.dequantize_4bit(packed, state)  # 4-bit representable: every implementation holds this weight
+        del w32, packed, state
+        bias = (torch.randn(n, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
+        w4_bytes = n * k // 2 + n * k // 64 + n * k // 64 // 256 * 4
+        for r in ranks:
+            A = (torch.randn(r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+            B = (torch.randn(n, r, device=dev, generator=gen) / math.sqrt(r)).to(torch.bfloat16)
+            scaling = 2.0
+            if "train" in modes:
+                m = args.m
+                x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+                g = (torch.randn(m, n, device=dev, generator=gen) * 0.01).to(torch.bfloat16)
+                ref = reference(w, bias, A, B, scaling, x, g)
+                for p in dropouts:
+                    times = {}
+                    for impl in impls:
+                        layer = build(impl, n, k, r, p, w, bias, A, B, bnb)
+                        err = check(impl, layer, x, g, ref)
+                        ms, peak = time_train(layer, x, g, args.iters)
+                        times[impl] = (ms, peak, err)
+                        del layer
+                    flops = 4 * m * n * k + 6 * m * r * (n + k)
+                    floor = flops / (tflops * 1e12) * 1e3
+                    for impl, (ms, peak, err) in times.items():
+                        row = {
+                            "op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
+                            "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64,
+                            "ms": round(ms, 5), "peak_mib": None if peak is None else round(peak, 1), "rel_err_vs_float64": float(f"{err:.3g}"),
+                            "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
+                        }  # fmt: skip
+                        if impl == "qlora_ext":
+                            for other in ("torch_bf16", "bitsandbytes_peft"):
+                                if other in times:
+                                    row[f"speedup_vs_{other}"] = round(times[other][0] / ms, 3)
+                        rows.append(row)
+                    line = "  ".join(f"{i} {t[0]:7.3f} ms {t[1] or 0:7.0f} MiB" for i, t in times.items())
+                    print(f"train  {n:5d}x{k:<5d} M={m} r={r:<3d} p={p:<4}  {line}", flush=True)
+                del x, g, ref
+            if "decode" in modes:
+                x = torch.randn(1, k, device=dev, generator=gen).to(torch.bfloat16)
+                yref = x.double() @ w.double().T + bias.double() + scaling * (x.double() @ A.double().T) @ B.double().T
+                graphs, errs, layers = {}, {}, {}
+                for impl in impls:
+                    per_copy = 2 * n * k if impl == "torch_bf16" else w4_bytes
+                    copies = common.rotations(per_copy) if dev == "cuda" else 2
+                    layers[impl] = [build(impl, n, k, r, 0.0, w, bias, A, B, bnb).eval() for _ in range(copies)]
+                    with torch.no_grad():
+                        errs[impl] = rel_err(layers[impl][0](x), yref)
+                        if not errs[impl] < 2e-2:
+                            raise SystemExit(f"{impl} decode {n}x{k}: relative error {errs[impl]:.2e}")
+                        fn = lambda i, ls=layers[impl]: ls[i % len(ls)](x)  # noqa: E731
+                        graphs[impl] = capture(fn, copies) if dev == "cuda" else fn
+                with torch.no_grad():
+                    if dev == "cuda":
+                        timed = time_graphs(graphs)
+                    else:
+                        timed = {impl: common.time_cpu(fn, 5) for impl, fn in graphs.items()}
+                del graphs, layers
+                for impl, ms in timed.items():
+                    wbytes = 2 * n * k if impl == "torch_bf16" else w4_bytes
+                    floor = (wbytes + 2 * r * (n + k)) / (copy * 1e9) * 1e3
+                    row = {
+                        "op": "lora_layer", "mode": "decode", "impl": impl, "n": n, "k": k, "M": 1, "r": r,
+                        "dropout": 0.0, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64,
+                        "ms": round(ms, 5), "rel_err_vs_float64": float(f"{errs[impl]:.3g}"),
+                        "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
+                    }  # fmt: skip
+                    if impl == "qlora_ext":
+                        for other in ("torch_bf16", "bitsandbytes_peft"):
+                            if other in timed:
+                                row[f"speedup_vs_{other}"] = round(timed[other] / ms, 3)
+                    rows.append(row)
+                line = "  ".join(f"{i} {t * 1e3:8.1f} us" for i, t in timed.items())
+                print(f"decode {n:5d}x{k:<5d} M=1 r={r:<3d}  {line}", flush=True)
+    if args.out:
+        common.write_results(args.out, meta, rows)
+    _summary(rows)
+
+
+def _summary(rows) -> None:
+    ours = [r for r in rows if r["impl"] == "qlora_ext"]
+    if not ours:
+        return
+    print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")
+    for r in ours:
+        peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
+        print(f"{r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
+              f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
