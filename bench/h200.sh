@@ -2,8 +2,9 @@
 # One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
 #   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
-# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm"
-# picks the benchmarks (BENCH= none), GEMM_ARGS are bench/gemm.py's arguments (default --sweep); SKIP_TESTS=1 skips
+# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm lora"
+# picks the benchmarks (BENCH= none), GEMM_ARGS / LORA_ARGS are bench/gemm.py's / bench/lora.py's
+# arguments (default --sweep / none); SKIP_TESTS=1 skips
 # the tests; PROFILE=1 adds an ncu profile.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
@@ -50,11 +51,13 @@ if [ -n "${PROFILE:-}" ]; then
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all); BENCH= runs none.
-for b in ${BENCH-quantize gemm}; do
+for b in ${BENCH-quantize gemm lora}; do
   case $b in
     quantize) python3 bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
     gemm) python3 bench/gemm.py ${GEMM_ARGS---sweep} --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1
           grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
+    lora) python3 bench/lora.py ${LORA_ARGS-} --out "$out/lora-h200.json" > "$out/bench-lora.log" 2>&1
+          grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
   esac
 done
 exit $rc
