@@ -8,14 +8,18 @@ y = x W^T + b + s * B(A(dropout(x))):
   "qlora_ext":         qlora_ext.nn.QLoRALinear (the fused op functional.lora_linear);
   "torch_bf16":        the layer as PEFT builds it: a frozen bf16 nn.Linear, nn.Dropout, and A, B as
                        nn.Linear, result = base(x) + lora_B(lora_A(dropout(x))) * scaling;
-  "bitsandbytes_peft": the same LoRA on bitsandbytes' Linear4bit (its matmul_4bit).
+  "bitsandbytes_peft": the same LoRA on bitsandbytes' Linear4bit (its matmul_4bit);
+  "qlora_ext_fused":   qlora_ext with the fused dropout kernels of the adapter products
+                       (_C._set_lora_fused(True); train rows with dropout only).
 All three hold the same weight (the bf16 one is the dequantized 4-bit weight) and bf16 adapters, so
 they compute one function; each is checked against float64 first (dropout 0, output and the
 gradients of x, A and B).
 mode "train": M tokens (default 4096), forward + backward (x requires grad, as a layer inside a
 model; A and B get gradients, the base weight none), timed with CUDA events, the median of many steps.
 peak_mib: the peak allocated memory of a step above what was allocated before it (layer, x and dY
-already there), the activations kept for backward included.
+already there), the activations kept for backward included, in steady state; persistent_mib: what
+the first steps left allocated (qlora_ext's dequantization workspace of the large-M products, one a
+device and stream, shared by every layer of a model).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
 layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
 floor_ms: train, FLOPs / the bf16 matmul rate measured in this run (4MNK for the two products with
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 
-from qlora_ext import functional as F  # noqa: E402
+from qlora_ext import _C, functional as F  # noqa: E402
 from qlora_ext.nn import Linear4bit, QLoRALinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
@@ -65,7 +69,7 @@ class PeftLoRA(nn.Module):
 def build(impl: str, n: int, k: int, r: int, p: float, w: torch.Tensor, bias: torch.Tensor, A, B, bnb):
     """The layer of `impl` with weight w (already 4-bit representable), bias, adapters A, B, on w's device."""
     device = w.device
-    if impl == "qlora_ext":
+    if impl.startswith("qlora_ext"):
         linear = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             linear.weight.copy_(w)
@@ -124,8 +128,10 @@ def reference(w, bias, A, B, scaling, x, g):
     return y.detach(), dx, dA, dB
 
 
-def time_train(layer, x, g, iters: int) -> tuple[float, float | None]:
-    """Median ms of forward + backward, and the peak MiB allocated above the start of a step (CUDA)."""
+def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | None]:
+    """Median ms of forward + backward; on CUDA the peak MiB allocated above the start of a step in
+    steady state, and the MiB the first steps left allocated for good (qlora_ext's dequantization
+    workspace, shared by all layers of a model; released first so that this layer's is counted)."""
     A, B = adapters(layer)
     xi = x.detach().requires_grad_()
 
@@ -134,7 +140,10 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None]:
         layer(xi).backward(g)
 
     if x.device.type != "cuda":
-        return common.time_cpu(step, iters), None
+        return common.time_cpu(step, iters), None, None
+    F.release_gemm_workspaces()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
@@ -144,7 +153,7 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None]:
     layer(xi).backward(g)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return common.time_cuda(step, iters), peak
+    return common.time_cuda(step, iters), peak, (before - start) / 2**20
 
 
 def main() -> None:
@@ -197,22 +206,27 @@ def main() -> None:
                 ref = reference(w, bias, A, B, scaling, x, g)
                 for p in dropouts:
                     times = {}
-                    for impl in impls:
+                    for impl in impls + (["qlora_ext_fused"] if p > 0 else []):
                         layer = build(impl, n, k, r, p, w, bias, A, B, bnb)
-                        err = check(impl, layer, x, g, ref)
-                        ms, peak = time_train(layer, x, g, args.iters)
-                        times[impl] = (ms, peak, err)
+                        previous = _C._set_lora_fused(impl == "qlora_ext_fused")
+                        try:
+                            err = check(impl, layer, x, g, ref)
+                            ms, peak, persistent = time_train(layer, x, g, args.iters)
+                        finally:
+                            _C._set_lora_fused(previous)
+                        times[impl] = (ms, peak, err, persistent)
                         del layer
                     flops = 4 * m * n * k + 6 * m * r * (n + k)
                     floor = flops / (tflops * 1e12) * 1e3
-                    for impl, (ms, peak, err) in times.items():
+                    for impl, (ms, peak, err, persistent) in times.items():
                         row = {
                             "op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
                             "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64,
-                            "ms": round(ms, 5), "peak_mib": None if peak is None else round(peak, 1), "rel_err_vs_float64": float(f"{err:.3g}"),
+                            "ms": round(ms, 5), "peak_mib": None if peak is None else round(peak, 1),
+                            "persistent_mib": None if persistent is None else round(persistent, 1), "rel_err_vs_float64": float(f"{err:.3g}"),
                             "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
                         }  # fmt: skip
-                        if impl == "qlora_ext":
+                        if impl.startswith("qlora_ext"):
                             for other in ("torch_bf16", "bitsandbytes_peft"):
                                 if other in times:
                                     row[f"speedup_vs_{other}"] = round(times[other][0] / ms, 3)
@@ -262,13 +276,13 @@ def main() -> None:
 
 
 def _summary(rows) -> None:
-    ours = [r for r in rows if r["impl"] == "qlora_ext"]
+    ours = [r for r in rows if r["impl"].startswith("qlora_ext")]
     if not ours:
         return
     print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")
     for r in ours:
         peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
-        print(f"{r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
+        print(f"{r['impl']:15s} {r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
               f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
 
 

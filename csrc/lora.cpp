@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "qlora/lora.h"
 #include "qlora/op_calls.h"
 
 namespace qlora {
@@ -42,6 +43,30 @@ at::Tensor call_lora_dropout_add(const at::Tensor& base, const at::Tensor& x, co
 }
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+at::Tensor call_lora_down(const at::Tensor& x, const at::Tensor& lora_A, const OptTensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::lora_down", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>();
+  return op.call(x, lora_A, seed, p);
+}
+
+at::Tensor call_lora_grad_A(const at::Tensor& grad_down, const at::Tensor& x, const OptTensor& seed, double p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::lora_grad_A", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>();
+  return op.call(grad_down, x, seed, p);
+}
+
+at::Tensor call_lora_dropout_add_mm(const at::Tensor& base, const at::Tensor& grad_down, const at::Tensor& lora_A,
+                                    const OptTensor& seed, double p) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlora::lora_dropout_add_mm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double)>();
+  return op.call(base, grad_down, lora_A, seed, p);
+}
 
 // What lora_linear checks beyond gemm_4bit's own checks of x, the weight and the bias.
 void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
@@ -103,10 +128,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
                                            nested_blocksize, quant_type, shape, bias));
   const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
-  const at::Tensor x2 = x.reshape({-1, K});
-  const at::Tensor dropped = dropout_p > 0.0 ? call_lora_dropout(x2, *seed, dropout_p) : x2;
   const Adapters ad = adapters_in(x, lora_A, lora_B);
-  at::Tensor down = at::mm(dropped, ad.A.t());
+  at::Tensor down = call_lora_down(contiguous(x.reshape({-1, K})), ad.A, seed, dropout_p);
   y.view({-1, N}).addmm_(down, ad.B.t(), /*beta=*/1, /*alpha=*/scaling);
   return {y, down};
 }
@@ -172,21 +195,19 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
     const int64_t N = w.shape[0].guard_int(__FILE__, __LINE__);
     const int64_t K = w.shape[1].guard_int(__FILE__, __LINE__);
     const at::Tensor grad2 = grad.reshape({-1, N});
-    const at::Tensor x2 = x.reshape({-1, K});
+    const at::Tensor x2 = contiguous(x.reshape({-1, K}));
+    const OptTensor optional_seed = optional_of(seed);
     const Adapters ad = adapters_in(x, lora_A, lora_B);
     if (need_B) out[kB] = with_dtype(scaled_mm(grad2.t(), down, scaling), lora_B.scalar_type());
     if (need_A || need_x) {
       const at::Tensor grad_down = scaled_mm(grad2, ad.B, scaling);  // [M, r]
-      if (need_A) {
-        const at::Tensor dropped = dropout_p > 0.0 ? call_lora_dropout(x2, seed, dropout_p) : x2;
-        out[kA] = with_dtype(at::mm(grad_down.t(), dropped), lora_A.scalar_type());
-      }
+      if (need_A) out[kA] = with_dtype(call_lora_grad_A(grad_down, x2, optional_seed, dropout_p), lora_A.scalar_type());
       if (need_x) {
         at::Tensor dx = contiguous(call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code,
                                                              w.offset, w.blocksize, w.nested_blocksize, w.quant_type,
                                                              w.shape));
         if (dropout_p > 0.0) {
-          dx = call_lora_dropout_add(dx.view({-1, K}), at::mm(grad_down, ad.A), seed, dropout_p);
+          dx = call_lora_dropout_add_mm(dx.view({-1, K}), grad_down, ad.A, optional_seed, dropout_p);
         } else {
           dx.view({-1, K}).addmm_(grad_down, ad.A);
         }
@@ -259,7 +280,61 @@ at::Tensor lora_dropout_add_autograd(const at::Tensor& base, const at::Tensor& x
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) { m.impl("lora_linear", &lora_linear_composite); }
+std::atomic<bool> g_lora_fused{false};
+
+int64_t check_lora_product_args(const char* op, const at::Tensor& x, const char* x_name, const at::Tensor& A,
+                                const at::Tensor& grad_down, const OptTensor& seed, double p) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": ", x_name, " must be a float tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": ", x_name, " must be 2-D [M, K], got shape ", x.sizes());
+  const auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have ", x_name, "'s dtype (",
+                     x.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ", x_name, " is on ",
+                      x.device(), "; move them to one device");
+  };
+  int64_t r = -1;
+  if (A.defined()) {
+    same(A, "lora_A");
+    TORCH_CHECK_VALUE(A.size(1) == x.size(1), op, ": lora_A must have shape [r, ", x.size(1), "], got ", A.sizes());
+    r = A.size(0);
+  }
+  if (grad_down.defined()) {
+    same(grad_down, "grad_down");
+    TORCH_CHECK_VALUE(grad_down.size(0) == x.size(0) && (r < 0 || grad_down.size(1) == r), op,
+                      ": grad_down must have shape [", x.size(0), ", ", r < 0 ? std::string("r") : std::to_string(r),
+                      "], got ", grad_down.sizes());
+    r = grad_down.size(1);
+  }
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
+  TORCH_CHECK_VALUE(p == 0.0 || defined(seed), op, ": p is ", p, " but seed is None");
+  return r;
+}
+
+at::Tensor lora_down_composite(const at::Tensor& x, const at::Tensor& lora_A, const OptTensor& seed, double p) {
+  check_lora_product_args("lora_down", x, "x", lora_A, at::Tensor(), seed, p);
+  return at::mm(p > 0.0 ? call_lora_dropout(x, *seed, p) : x, lora_A.t());
+}
+
+at::Tensor lora_grad_A_composite(const at::Tensor& grad_down, const at::Tensor& x, const OptTensor& seed, double p) {
+  check_lora_product_args("lora_grad_A", x, "x", at::Tensor(), grad_down, seed, p);
+  return at::mm(grad_down.t(), p > 0.0 ? call_lora_dropout(x, *seed, p) : x);
+}
+
+at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down,
+                                         const at::Tensor& lora_A, const OptTensor& seed, double p) {
+  check_lora_product_args("lora_dropout_add_mm", base, "base", lora_A, grad_down, seed, p);
+  if (p == 0.0) return at::addmm(base, grad_down, lora_A);
+  return call_lora_dropout_add(base, at::mm(grad_down, lora_A), *seed, p);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear_composite);
+  m.impl("lora_down", &lora_down_composite);
+  m.impl("lora_grad_A", &lora_grad_A_composite);
+  m.impl("lora_dropout_add_mm", &lora_dropout_add_mm_composite);
+}
 
 TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "qlora/format.h"
+#include "qlora/lora.h"
 
 TORCH_LIBRARY(qlora, m) {
   // Blockwise 4-bit quantization, bitsandbytes' format: packed uint8 ((n + 1) // 2, 1), two codes a
@@ -37,6 +38,13 @@ TORCH_LIBRARY(qlora, m) {
   m.def("lora_dropout(Tensor x, Tensor seed, float p) -> Tensor");
   // base + lora_dropout(x, seed, p), to the bit: the adapter's share of the backward's dX.
   m.def("lora_dropout_add(Tensor base, Tensor x, Tensor seed, float p) -> Tensor");
+  // The adapter products of the layer (qlora/lora.h), fused with the dropout on CUDA: drop(x) @ A^T,
+  // grad_down^T @ drop(x) and base + drop(grad_down @ A); x / base [M, K], lora_A [r, K],
+  // grad_down [M, r], one dtype; seed may be None when p is 0. Not differentiable themselves: they
+  // are the pieces of lora_linear's forward and backward.
+  m.def("lora_down(Tensor x, Tensor lora_A, Tensor? seed, float p) -> Tensor");
+  m.def("lora_grad_A(Tensor grad_down, Tensor x, Tensor? seed, float p) -> Tensor");
+  m.def("lora_dropout_add_mm(Tensor base, Tensor grad_down, Tensor lora_A, Tensor? seed, float p) -> Tensor");
   // The QLoRA layer: x @ W^T + bias + scaling * (lora_dropout(x) @ lora_A^T) @ lora_B^T, W the frozen
   // 4-bit weight [N, K] (arguments as in gemm_4bit), lora_A [r, K], lora_B [N, r] in any float dtype
   // (the products run in x's); seed may be None when dropout_p is 0. Its backward returns the
@@ -71,7 +79,16 @@ static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+static PyObject* set_lora_fused(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(qlora::g_lora_fused.exchange(on != 0));
+}
+
 static PyMethodDef qlora_methods[] = {
+    {"_set_lora_fused", set_lora_fused, METH_O,
+     "Whether the CUDA adapter products (lora_down, lora_grad_A, lora_dropout_add_mm) use the fused dropout "
+     "kernels (off by default) or the dropout kernel + cuBLAS; returns the previous setting."},
     {"_set_gemm_variant", set_gemm_variant, METH_O,
      "The fused CUDA kernel for benchmarks (0: default by M and K; 1, 2, 5: register-fed; 8: stream; 9: "
      "warp-specialized; 10: warp-specialized with the other math-warp count (16 at M <= 8, 8 above); 11: wgmma; 12: wgmma without K splits; 13: warp-specialized wgmma; 14: wgmma with the bf16 pair table; 15, 16: that table fed by tensor copies (two, one "

@@ -11,12 +11,23 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
+import contextlib
+
 import qlora_ext
-from qlora_ext import functional as F
+from qlora_ext import _C, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
 from conftest import DEVICES, assert_bits_equal, requires_cuda
 from test_gemm_4bit import make_input, make_weight
+
+
+@contextlib.contextmanager
+def lora_fused(on: bool):
+    previous = _C._set_lora_fused(on)
+    try:
+        yield
+    finally:
+        _C._set_lora_fused(previous)
 
 
 def seed_tensor(value: int, device: str) -> torch.Tensor:
@@ -148,6 +159,115 @@ def test_dropout_bad_input_names_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------
+# The adapter products: drop(x) @ A^T, grad_down^T @ drop(x), base + drop(grad_down @ A)
+
+
+def product_inputs(m, k, r, dtype, device, gen):
+    x = make_input((m, k), dtype, device, gen)
+    A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(dtype).to(device)
+    gd = make_input((m, r), dtype, device, gen)
+    base = make_input((m, k), dtype, device, gen)
+    return x, A, gd, base
+
+
+def product_references(x, A, gd, base, seed, p):
+    """The three products in float64 on the same mask (the dropped values rounded to x's dtype, as
+    the ops multiply them)."""
+    xd = F.lora_dropout(x, p, seed).double().cpu()
+    A64, gd64 = A.double().cpu(), gd.double().cpu()
+    prod = (gd64 @ A64).to(x.dtype)  # the op rounds the product to x's dtype before the dropout
+    added = base.double().cpu() + F.lora_dropout(prod.to(x.device), p, seed).double().cpu()
+    return xd @ A64.T, gd64.T @ xd, added
+
+
+def run_products(x, A, gd, base, seed, p):
+    return (
+        torch.ops.qlora.lora_down(x, A, seed, p),
+        torch.ops.qlora.lora_grad_A(gd, x, seed, p),
+        torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.15])
+def test_products_composite(gen, device, p):
+    x, A, gd, base = product_inputs(37, 200, 8, torch.bfloat16, device, gen)
+    seed = seed_tensor(41, device)
+    down, dA, added = run_products(x, A, gd, base, seed, p)
+    xd = F.lora_dropout(x, p, seed) if p > 0 else x
+    assert_bits_equal(down, xd @ A.T)
+    assert_bits_equal(dA, gd.T @ xd)
+    expected = base + F.lora_dropout(gd @ A, p, seed) if p > 0 else torch.addmm(base, gd, A)
+    assert_bits_equal(added, expected)
+    for op, args in [
+        (torch.ops.qlora.lora_down.default, (x, A, seed, p)),
+        (torch.ops.qlora.lora_grad_A.default, (gd, x, seed, p)),
+        (torch.ops.qlora.lora_dropout_add_mm.default, (base, gd, A, seed, p)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,r", [(1, 64, 8), (70, 200, 24), (257, 1032, 64), (64, 136, 72), (130, 520, 128), (4100, 256, 16)])
+def test_fused_products_against_float64(gen, dtype, m, k, r):
+    """The fused kernels within 2x the composite form's error against float64, on tiles that M, K and r
+    do not fill."""
+    x, A, gd, base = product_inputs(m, k, r, dtype, "cuda", gen)
+    seed = seed_tensor(int(torch.randint(0, 2**62, (), generator=gen)), "cuda")
+    refs = product_references(x, A, gd, base, seed, 0.1)
+    with lora_fused(False):
+        composite = run_products(x, A, gd, base, seed, 0.1)
+    with lora_fused(True):
+        torch.cuda.synchronize()
+        fused = run_products(x, A, gd, base, seed, 0.1)
+        again = run_products(x, A, gd, base, seed, 0.1)
+    for name, f, c, ref, a in zip(("lora_down", "lora_grad_A", "lora_dropout_add_mm"), fused, composite, refs, again):
+        assert f.shape == c.shape and f.dtype == c.dtype, name
+        assert not f.isnan().any(), name
+        err = (f.double().cpu() - ref).abs().max().item()
+        c_err = (c.double().cpu() - ref).abs().max().item()
+        floor = 2 * torch.finfo(dtype).eps * ref.abs().max().item()
+        assert err <= 2 * c_err + floor, f"{name}: fused error {err:.3g}, composite {c_err:.3g}"
+        assert_bits_equal(a, f, f"{name} run to run")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fused_products_fall_back_where_they_do_not_apply(gen):
+    """r or K not a multiple of 8, float32, r over 128, p = 0: the composite form, to the bit."""
+    for dtype, m, k, r, p in [(torch.bfloat16, 9, 100, 8, 0.1), (torch.bfloat16, 9, 128, 12, 0.1),
+                              (torch.float32, 9, 128, 8, 0.1), (torch.bfloat16, 9, 128, 136, 0.1),
+                              (torch.bfloat16, 9, 128, 8, 0.0)]:  # fmt: skip
+        x, A, gd, base = product_inputs(m, k, r, dtype, "cuda", gen)
+        seed = seed_tensor(3, "cuda")
+        with lora_fused(False):
+            composite = run_products(x, A, gd, base, seed, p)
+        with lora_fused(True):
+            fused = run_products(x, A, gd, base, seed, p)
+        for f, c in zip(fused, composite):
+            assert_bits_equal(f, c, f"{dtype} {m}x{k} r={r} p={p}")
+
+
+def test_products_bad_input_names_the_argument():
+    x, A = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(2, 16, dtype=torch.bfloat16)
+    gd = torch.ones(4, 2, dtype=torch.bfloat16)
+    s = seed_tensor(1, "cpu")
+    cases = [
+        (lambda: torch.ops.qlora.lora_down(x, A[:, :8], s, 0.1), ValueError, r"lora_A must have shape \[r, 16\]"),
+        (lambda: torch.ops.qlora.lora_down(x, A.float(), s, 0.1), TypeError, "lora_A must have x's dtype"),
+        (lambda: torch.ops.qlora.lora_down(x, A, None, 0.1), ValueError, "seed is None"),
+        (lambda: torch.ops.qlora.lora_grad_A(gd[:3], x, s, 0.1), ValueError, r"grad_down must have shape \[4, r\]"),
+        (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1), ValueError, r"grad_down must have shape \[4, 2\]"),
+        (lambda: torch.ops.qlora.lora_down(x[0], A, s, 0.1), ValueError, "x must be 2-D"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+
+
+# ---------------------------------------------------------------------------------------------
 # The layer op
 
 
@@ -216,16 +336,23 @@ def assert_within_twice_the_reference_error(ours, low, exact, names):
         assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs PyTorch's {ref_err:.3g} (floor {floor:.3g})"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# The CUDA layer with the adapter products composed (dropout kernel + cuBLAS) and fused.
+LAYER_PATHS = [pytest.param("cpu", False, id="cpu"),
+               pytest.param("cuda", False, id="cuda", marks=[requires_cuda, pytest.mark.cuda]),
+               pytest.param("cuda", True, id="cuda-fused", marks=[requires_cuda, pytest.mark.cuda])]  # fmt: skip
+
+
+@pytest.mark.parametrize("device,fused", LAYER_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("m,n,k,r", [(1, 96, 128, 8), (33, 130, 192, 16), (129, 67, 100, 64)])
-def test_layer_forward_and_gradients(gen, device, dtype, p, m, n, k, r):
+@pytest.mark.parametrize("m,n,k,r", [(1, 96, 128, 8), (33, 130, 192, 16), (129, 67, 100, 64), (200, 72, 328, 24)])
+def test_layer_forward_and_gradients(gen, device, fused, dtype, p, m, n, k, r):
     layer = Layer(n, k, r, device, gen, dtype=dtype)
     x = make_input((m, k), dtype, device, gen) * 0.5
     g = make_input((m, n), dtype, device, gen)
     seed = seed_tensor(int(torch.randint(0, 2**62, (), generator=gen)), device)
-    ours = ours_outputs(layer, x, g, p, seed)
+    with lora_fused(fused):
+        ours = ours_outputs(layer, x, g, p, seed)
     low = reference_outputs(layer, x, g, p, seed, dtype)
     exact = reference_outputs(layer, x, g, p, seed, torch.float64)
     assert_within_twice_the_reference_error(ours, low, exact, ["y", "dx", "dA", "dB", "dbias"])

@@ -53,6 +53,7 @@
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/half_convert.cuh"
 #include "qlora/mbarrier.cuh"
+#include "qlora/mma.cuh"
 #include "qlora/kernels.h"
 #include "qlora/nested_scale.cuh"
 
@@ -81,22 +82,6 @@ __device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid
     const float* code = fp4 ? kGemmFP4 : kGemmNF4;
     const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-}
-
-// d += A (16x16, row major) * B (16x8, column major), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 
