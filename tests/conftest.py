@@ -91,3 +91,10 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
             f"{what}: {(~same).sum().item()} of {same.numel()} elements differ; first at {bad}: "
             f"{flat_a[idx].tolist()} != {flat_e[idx].tolist()}"
         )
+
+
+def assert_each_raises(cases) -> None:
+    """Each (call, error type, message regex) raises that error with that message."""
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()

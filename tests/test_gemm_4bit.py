@@ -13,7 +13,7 @@ import qlora_ext
 from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
-from conftest import DEVICES, HAS_CUDA, random_weights, requires_cuda
+from conftest import DEVICES, HAS_CUDA, assert_each_raises, random_weights, requires_cuda
 
 # Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
 # dequantize + cuBLAS forced at every M. On the CPU there is one path.
@@ -541,9 +541,7 @@ def test_bad_input_names_the_argument(gen):
     ]
     flat_packed, flat_state = F.quantize_4bit(make_input((4096,), torch.bfloat16, "cpu", gen))
     cases.append((lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]"))
-    for fn, error, match in cases:
-        with pytest.raises(error, match=match):
-            fn()
+    assert_each_raises(cases)
 
 
 @requires_cuda

@@ -17,7 +17,7 @@ import qlora_ext
 from qlora_ext import _C, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, requires_cuda
+from conftest import DEVICES, assert_bits_equal, assert_each_raises, requires_cuda
 from test_gemm_4bit import make_input, make_weight
 
 
@@ -153,9 +153,7 @@ def test_dropout_bad_input_names_the_argument():
         (lambda: torch.ops.qlora.lora_dropout_add(torch.ones(4, 9), x, s, 0.1), ValueError, "base must have x's shape"),
         (lambda: torch.ops.qlora.lora_dropout_add(x.double(), x, s, 0.1), TypeError, "base must have x's dtype"),
     ]
-    for fn, error, match in cases:
-        with pytest.raises(error, match=match):
-            fn()
+    assert_each_raises(cases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +260,7 @@ def test_products_bad_input_names_the_argument():
         (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1), ValueError, r"grad_down must have shape \[4, 2\]"),
         (lambda: torch.ops.qlora.lora_down(x[0], A, s, 0.1), ValueError, "x must be 2-D"),
     ]
-    for fn, error, match in cases:
-        with pytest.raises(error, match=match):
-            fn()
+    assert_each_raises(cases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,9 +462,7 @@ def test_bad_input_names_the_argument(gen):
         (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
         (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError, "scaling must be finite"),
     ]
-    for fn, error, match in cases:
-        with pytest.raises(error, match=match):
-            fn()
+    assert_each_raises(cases)
 
 
 @requires_cuda
