@@ -208,7 +208,7 @@ def test_products_composite(gen, device, p):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,r", [(1, 64, 8), (70, 200, 24), (257, 1032, 64), (64, 136, 72), (130, 520, 128), (4100, 256, 16)])
+@pytest.mark.parametrize("m,k,r", [(1, 64, 8), (63, 72, 8), (65, 200, 24), (70, 200, 24), (257, 1032, 64), (64, 136, 72), (130, 520, 128), (4100, 256, 16)])
 def test_fused_products_against_float64(gen, dtype, m, k, r):
     """The fused kernels within 2x the composite form's error against float64, on tiles that M, K and r
     do not fill."""
@@ -234,10 +234,11 @@ def test_fused_products_against_float64(gen, dtype, m, k, r):
 @requires_cuda
 @pytest.mark.cuda
 def test_fused_products_fall_back_where_they_do_not_apply(gen):
-    """r or K not a multiple of 8, float32, r over 128, p = 0: the composite form, to the bit."""
+    """r or K not a multiple of 8, float32, r over 128, p = 0, empty x: the composite form, to the bit."""
     for dtype, m, k, r, p in [(torch.bfloat16, 9, 100, 8, 0.1), (torch.bfloat16, 9, 128, 12, 0.1),
                               (torch.float32, 9, 128, 8, 0.1), (torch.bfloat16, 9, 128, 136, 0.1),
-                              (torch.bfloat16, 9, 128, 8, 0.0)]:  # fmt: skip
+                              (torch.bfloat16, 9, 128, 8, 0.0), (torch.bfloat16, 9, 0, 8, 0.1),
+                              (torch.bfloat16, 0, 64, 8, 0.1)]:  # fmt: skip
         x, A, gd, base = product_inputs(m, k, r, dtype, "cuda", gen)
         seed = seed_tensor(3, "cuda")
         with lora_fused(False):
@@ -632,3 +633,34 @@ def test_linear4bit_loads_bitsandbytes_state_dict(gen):
     expected = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state).cpu()
     assert_bits_equal(ours.dequantize(), expected)
     assert_bits_equal(ours.bias, sd["bias"].to(torch.bfloat16))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_draws_a_new_mask_each_replay(gen):
+    module = QLoRALinear.from_linear(make_linear(64, 128, torch.bfloat16, gen), r=8, lora_dropout=0.3, device="cuda")
+    torch.nn.init.normal_(module.lora_B.default.weight)
+    x = make_input((16, 128), torch.bfloat16, "cuda", gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        module(x)  # warm-up outside the capture (cuBLAS handles)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = module(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(y.clone())
+    assert not torch.equal(outs[0], outs[1])  # the seed is drawn on the device each replay
+    module.eval()
+    with torch.no_grad():
+        eval_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(eval_graph, stream=stream):
+            y_eval = module(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        eval_graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(y_eval, module(x))

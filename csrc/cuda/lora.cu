@@ -424,7 +424,7 @@ at::Tensor lora_down_cuda(const at::Tensor& x_in, const at::Tensor& A_in, const 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  if (M == 0 || !fused_applies({&x, &A}, K, r, p)) return lora_down_composite(x_in, A_in, seed, p);
+  if (M == 0 || K == 0 || !fused_applies({&x, &A}, K, r, p)) return lora_down_composite(x_in, A_in, seed, p);
   check_lora_dropout_args("lora_down", x, *seed, p, at::Tensor());
   const int sms = device_limits(x.get_device()).sms;
   const int64_t m_tiles = ceil_div(M, kTile), r_tiles = ceil_div(r, kTile), k_chunks = ceil_div(K, kTile);
