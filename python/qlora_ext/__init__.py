@@ -10,6 +10,20 @@ from . import _C  # noqa: F401  (registers torch.ops.qlora)
 from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
 from . import functional, nn
 from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, lora_linear, matmul_4bit, quantize_4bit
+from .model import (
+    LoraConfig,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    load_quantized,
+    merge_adapter,
+    prepare_model,
+    save_adapter,
+    save_quantized,
+    set_adapter,
+    unmerge_adapter,
+)
 from .nn import Linear4bit, QLoRALinear
 from .quant_state import QuantState
 
@@ -17,17 +31,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Linear4bit",
+    "LoraConfig",
     "QLoRALinear",
     "QuantState",
+    "add_adapter",
     "cuda_kernels_available",
+    "delete_adapter",
     "dequantize_4bit",
+    "disable_adapters",
     "functional",
     "gemm_4bit",
     "gemm_4bit_transposed",
+    "load_adapter",
+    "load_quantized",
     "lora_linear",
     "matmul_4bit",
+    "merge_adapter",
     "nn",
+    "prepare_model",
     "quantize_4bit",
+    "save_adapter",
+    "save_quantized",
+    "set_adapter",
+    "unmerge_adapter",
 ]
 
 

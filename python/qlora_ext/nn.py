@@ -235,8 +235,11 @@ class QLoRALinear(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self.active_adapter = adapter_name
+        self.active_adapter: Optional[str] = adapter_name
         self.disable_adapters = False
+        # merge(): the 16-bit weight with an adapter folded in, used in place of base + adapter
+        self.merged_adapter: Optional[str] = None
+        self.register_buffer("merged_weight", None, persistent=False)
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
 
     @classmethod
@@ -305,9 +308,39 @@ class QLoRALinear(nn.Module):
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.base_layer.requires_grad_(False)
 
+    def merged_weight_for(self, adapter_name: str) -> torch.Tensor:
+        """``deq(W) + s B A`` in the base weight's original dtype, computed in float32."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter {adapter_name!r} in this layer; it has {sorted(self.lora_A)}")
+        base = self.base_layer
+        A = self.lora_A[adapter_name].weight.detach().float()
+        B = self.lora_B[adapter_name].weight.detach().float()
+        W = base.dequantize().float() + self.scaling[adapter_name] * (B @ A)
+        return W.to(base._state().dtype)
+
+    def merge(self, adapter_name: str, weight: Optional[torch.Tensor] = None) -> None:
+        """Runs on the 16-bit weight with ``adapter_name`` folded in (``merged_weight_for``) until
+        ``unmerge``; the 4-bit base and the adapters stay as they are."""
+        if self.merged_adapter is not None:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged already; unmerge first")
+        self.merged_weight = self.merged_weight_for(adapter_name) if weight is None else weight
+        self.merged_adapter = adapter_name
+
+    def unmerge(self) -> None:
+        """Back to the 4-bit base + adapter, exactly as before ``merge``."""
+        if self.merged_adapter is None:
+            raise ValueError("no adapter is merged")
+        self.merged_weight = None
+        self.merged_adapter = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         name = self.active_adapter
+        if self.merged_weight is not None and not self.disable_adapters:
+            dtype = _compute_dtype(x, base.compute_dtype)
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            out = nn.functional.linear(x.to(dtype), self.merged_weight.to(dtype), bias)
+            return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
         if self.disable_adapters or name is None:
             return base(x)
         dtype = _compute_dtype(x, base.compute_dtype)
@@ -324,6 +357,12 @@ class QLoRALinear(nn.Module):
             bias,
         )
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Makes ``adapter_name`` the active adapter (None: the base alone)."""
+        if adapter_name is not None and adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter {adapter_name!r} in this layer; it has {sorted(self.lora_A)}")
+        self.active_adapter = adapter_name
 
     def extra_repr(self) -> str:
         name = self.active_adapter

@@ -1,0 +1,689 @@
+"""Whole models: prepare a model for QLoRA, and save, load, switch and merge adapters in PEFT's format.
+
+- ``prepare_model(model, LoraConfig(...))`` replaces the targeted ``nn.Linear`` layers in place by
+  ``QLoRALinear`` (4-bit frozen base + trainable adapters), optionally the other linears by frozen
+  ``Linear4bit``, freezes everything else, and can stream the weights from safetensors shards one
+  layer at a time into a model built on the meta device.
+- ``save_adapter`` / ``load_adapter`` write and read PEFT's files (``adapter_config.json`` and
+  ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``), so PEFT loads ours
+  and we load PEFT's.
+- ``save_quantized`` / ``load_quantized`` write and read the quantized base in bitsandbytes' keys, as
+  transformers + bitsandbytes save a 4-bit model (safetensors only).
+- ``merge_adapter`` folds an adapter into a 16-bit weight (optionally quantized again to 4 bits,
+  with a warning that states the error it adds); ``unmerge_adapter`` undoes a 16-bit merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .nn import Linear4bit, QLoRALinear
+
+__all__ = [
+    "LoraConfig",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "load_quantized",
+    "merge_adapter",
+    "prepare_model",
+    "qlora_layers",
+    "save_adapter",
+    "save_quantized",
+    "set_adapter",
+    "unmerge_adapter",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """Which layers get adapters and what the adapters are (PEFT's ``LoraConfig`` fields).
+
+    Args:
+        r, lora_alpha, lora_dropout, use_rslora: as in PEFT (scaling ``lora_alpha / r``, or
+            ``lora_alpha / sqrt(r)`` with rsLoRA).
+        target_modules: a list of module names (a module matches when its full name is one of them
+            or ends with ``"." + name``), a regex matched against the full name, or ``"all-linear"``
+            (every ``nn.Linear`` but the output head).
+        init: ``"kaiming"`` / True (B zero), ``"gaussian"`` (B zero), False (both random), as PEFT's
+            ``init_lora_weights``.
+        modules_to_save: modules (names as in target_modules' list form) kept trainable in full
+            precision and saved with the adapter, such as a classification head.
+        adapter_dtype: dtype of the adapters' parameters (float32, as PEFT keeps them).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: Union[list[str], str] = "all-linear"
+    use_rslora: bool = False
+    init: Union[str, bool] = "kaiming"
+    modules_to_save: Optional[list[str]] = None
+    adapter_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"target_modules must be non-empty names, got {self.target_modules!r}")
+            self.target_modules = sorted(self.target_modules)
+        elif isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as e:
+                    raise ValueError(f"target_modules is not a valid regex: {e}") from None
+        else:
+            raise TypeError(f"target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}")
+        if self.init not in ("kaiming", "gaussian", True, False):
+            raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {self.init!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def matches(self, name: str) -> bool:
+        """Whether the module of full name ``name`` is a target (all-linear is decided by the caller)."""
+        if isinstance(self.target_modules, str):
+            return self.target_modules == "all-linear" or re.fullmatch(self.target_modules, name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+    def to_peft(self, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` that PEFT (0.21) writes for these settings."""
+        init = {"kaiming": True, True: True, "gaussian": "gaussian", False: False}[self.init]
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+            "use_rslora": self.use_rslora,
+            "init_lora_weights": init,
+            "modules_to_save": self.modules_to_save,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft(cls, d: Mapping[str, Any]) -> "LoraConfig":
+        """Reads a PEFT ``adapter_config.json``; refuses what these layers cannot do (DoRA, biases on the
+        adapters, fan_in_fan_out, per-module ranks)."""
+        if d.get("peft_type") != "LORA":
+            raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {d.get('peft_type')!r}")
+        for key, allowed in (("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None))):
+            if d.get(key) not in allowed:
+                raise ValueError(f"adapter_config.json: {key}={d.get(key)!r} is not supported (only {allowed[0]!r})")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if d.get(key):
+                raise ValueError(f"adapter_config.json: {key} is not supported")
+        init = d.get("init_lora_weights", True)
+        target = d.get("target_modules")
+        if target is None:
+            raise ValueError("adapter_config.json has no target_modules")
+        return cls(
+            r=int(d["r"]),
+            lora_alpha=d.get("lora_alpha", 8),
+            lora_dropout=float(d.get("lora_dropout", 0.0)),
+            target_modules=list(target) if isinstance(target, (list, tuple)) else target,
+            use_rslora=bool(d.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else bool(init) if init in (True, False) else True,
+            modules_to_save=d.get("modules_to_save"),
+        )
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return getattr(model, "lm_head", None)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def qlora_layers(model: nn.Module) -> Iterator[tuple[str, QLoRALinear]]:
+    """The model's QLoRALinear layers with their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, QLoRALinear):
+            yield name, module
+
+
+class _WeightSource:
+    """Tensors by name from a state dict, a safetensors file, or a directory of safetensors shards,
+    read one at a time (safe_open maps the file; nothing is loaded until asked for)."""
+
+    def __init__(self, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]], prefix: str = ""):
+        self.prefix = prefix
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        if isinstance(weights, Mapping):
+            self._dict = weights
+            return
+        self._dict = None
+        path = Path(weights)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or any(f.suffix != ".safetensors" for f in files):
+            raise ValueError(f"weights must be a .safetensors file or a directory of them (no pickle), got {path}")
+        from safetensors import safe_open
+
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            self._files[str(f)] = handle
+            for key in handle.keys():
+                self._where[key] = str(f)
+
+    def __contains__(self, name: str) -> bool:
+        key = self.prefix + name
+        return key in self._dict if self._dict is not None else key in self._where
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Tensor `name`, checked against the dtype class and shape of the module's `like`."""
+        key = self.prefix + name
+        if self._dict is not None:
+            if key not in self._dict:
+                raise KeyError(f"the weights have no {key!r}")
+            t = self._dict[key]
+        else:
+            if key not in self._where:
+                raise KeyError(f"the weights have no {key!r}")
+            t = self._files[self._where[key]].get_tensor(key)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, the model needs {tuple(like.shape)}")
+        if t.is_floating_point() != like.is_floating_point():
+            raise TypeError(f"{key} is {t.dtype}, the model needs {like.dtype}")
+        return t
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled or not items:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a bar is a nicety: without tqdm, a line a tenth of the way
+        def plain():
+            step = max(1, len(items) // 10)
+            for i, item in enumerate(items):
+                if i % step == 0:
+                    print(f"{desc}: {i}/{len(items)}", flush=True)
+                yield item
+            print(f"{desc}: {len(items)}/{len(items)}", flush=True)
+
+        return plain()
+    return tqdm(items, desc=desc, unit="layer")
+
+
+def _materialized_linear(name: str, module: nn.Linear, source: Optional[_WeightSource], device) -> nn.Linear:
+    """`module` with real weights on `device`: its own, or read from `source` when it is on meta."""
+    if source is not None and (module.weight.is_meta or f"{name}.weight" in source):
+        dtype = module.weight.dtype
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype)
+        weight = source.get(f"{name}.weight", module.weight).to(device=device, dtype=dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(source.get(f"{name}.bias", module.bias).to(device=device, dtype=dtype), requires_grad=False)
+        return linear
+    if module.weight.is_meta:
+        raise ValueError(f"{name} is on the meta device and no weights were given for it")
+    return module if device is None else module.to(device)
+
+
+def prepare_model(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+    quantize_others: bool = False,
+    weights: Union[str, os.PathLike, Mapping[str, torch.Tensor], None] = None,
+    weights_prefix: str = "",
+    device: Union[str, torch.device, None] = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> nn.Module:
+    """Makes ``model`` a QLoRA model, in place, and returns it.
+
+    Each ``nn.Linear`` that ``lora_config`` targets becomes a ``QLoRALinear`` (its weight quantized,
+    adapters added); with ``quantize_others`` the remaining linears (the output head excepted) become
+    frozen ``Linear4bit``. Every parameter but the adapters' and those of ``modules_to_save`` is frozen.
+    Gradient checkpointing gets inputs that require grad (``enable_input_require_grads`` of
+    transformers' models, else a hook on the first embedding), so that checkpointed blocks have a
+    gradient to pass back.
+
+    ``weights`` (a safetensors file, a directory of shards, or a state dict; keys ``weights_prefix`` +
+    the module names) fills a model built on the meta device: each layer is read, quantized and
+    dropped in turn, so the 16-bit model is never whole in memory; the other parameters are loaded as
+    they are. ``device`` is where quantized layers go (default: where each weight is).
+    """
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a qlora_ext.LoraConfig, got {type(lora_config).__name__}")
+    if any(True for _ in qlora_layers(model)):
+        raise ValueError("the model is prepared already; add more adapters with add_adapter")
+    source = _WeightSource(weights, weights_prefix) if weights is not None else None
+    head = _output_head(model)
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    targets = [(n, m) for n, m in linears if lora_config.matches(n) and not (lora_config.target_modules == "all-linear" and m is head)]
+    save_names = set(lora_config.modules_to_save or [])
+    targets = [(n, m) for n, m in targets if not any(n == s or n.endswith("." + s) for s in save_names)]
+    if not targets:
+        raise ValueError(f"target_modules {lora_config.target_modules!r} matches no nn.Linear of the model")
+    target_names = {n for n, _ in targets}
+    others = [(n, m) for n, m in linears if quantize_others and n not in target_names and m is not head
+              and not any(n == s or n.endswith("." + s) for s in save_names)]  # fmt: skip
+    work = [(n, m, True) for n, m in targets] + [(n, m, False) for n, m in others]
+    for name, module, adapt in _progress(work, progress, "quantizing"):
+        linear = _materialized_linear(name, module, source, device)
+        base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
+        new = (
+            QLoRALinear(base, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout, lora_config.use_rslora,
+                        lora_config.init, lora_config.adapter_dtype, adapter_name)  # fmt: skip
+            if adapt
+            else base
+        )
+        parent, child = _parent(model, name)
+        setattr(parent, child, new)
+        del linear
+    if source is not None:
+        _load_rest(model, source)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in qlora_layers(model):
+        for p in layer.lora_A.parameters():
+            p.requires_grad_(True)
+        for p in layer.lora_B.parameters():
+            p.requires_grad_(True)
+    for name, module in model.named_modules():
+        if any(name == s or name.endswith("." + s) for s in save_names):
+            module.requires_grad_(True)
+    _enable_input_grads(model)
+    model.qlora_config = {adapter_name: lora_config}
+    return model
+
+
+def _load_rest(model: nn.Module, source: _WeightSource) -> None:
+    """Loads every parameter and buffer still on the meta device from `source`."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, (Linear4bit, QLoRALinear)):
+            continue
+        for kind in ("_parameters", "_buffers"):
+            for pname, t in list(getattr(module, kind).items()):
+                if t is None or not t.is_meta:
+                    continue
+                full = f"{module_name}.{pname}" if module_name else pname
+                if full not in source:
+                    if kind == "_buffers":
+                        raise ValueError(
+                            f"buffer {full} is on the meta device and not in the weights: build the model with "
+                            "parameters only on meta (accelerate.init_empty_weights()), so that computed buffers "
+                            "such as rotary frequencies are real"
+                        )
+                    raise KeyError(f"the weights have no {source.prefix + full!r}")
+                value = source.get(full, t)
+                if kind == "_parameters":
+                    getattr(module, kind)[pname] = nn.Parameter(value.to(t.dtype), requires_grad=t.requires_grad)
+                else:
+                    getattr(module, kind)[pname] = value.to(t.dtype)
+
+
+def _enable_input_grads(model: nn.Module) -> None:
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable):
+        try:
+            enable()
+            return
+        except (NotImplementedError, AttributeError):
+            pass
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# Several adapters
+
+
+def _configs(model: nn.Module) -> dict[str, LoraConfig]:
+    configs = getattr(model, "qlora_config", None)
+    if not configs:
+        raise ValueError("the model has no adapters: prepare it with qlora_ext.prepare_model first")
+    return configs
+
+
+def add_adapter(model: nn.Module, adapter_name: str, lora_config: LoraConfig) -> None:
+    """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` targets (they keep the
+    active adapter they had). Layers that are not QLoRALinear yet are not changed."""
+    configs = _configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} exists already")
+    added = 0
+    for name, layer in qlora_layers(model):
+        if lora_config.matches(name):
+            layer.add_adapter(adapter_name, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout,
+                              lora_config.use_rslora, lora_config.init, lora_config.adapter_dtype)  # fmt: skip
+            added += 1
+    if not added:
+        raise ValueError(f"target_modules {lora_config.target_modules!r} matches no prepared layer")
+    configs[adapter_name] = lora_config
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Makes ``adapter_name`` the active adapter of every layer that has it (the others run their
+    base alone); only its parameters require grad."""
+    if adapter_name not in _configs(model):
+        raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(_configs(model))}")
+    for _, layer in qlora_layers(model):
+        has = adapter_name in layer.lora_A
+        layer.active_adapter = adapter_name if has else None
+        for name in layer.lora_A:
+            for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+                p.requires_grad_(name == adapter_name)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Removes ``adapter_name`` from every layer; a layer whose active adapter it was runs its base alone."""
+    configs = _configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(configs)}")
+    for _, layer in qlora_layers(model):
+        if adapter_name in layer.lora_A:
+            if layer.merged_adapter == adapter_name:
+                raise ValueError(f"adapter {adapter_name!r} is merged: unmerge it first")
+            del layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+            for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout):
+                d.pop(adapter_name, None)
+            if layer.active_adapter == adapter_name:
+                layer.active_adapter = None
+    del configs[adapter_name]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model runs its 4-bit bases alone."""
+    layers = [layer for _, layer in qlora_layers(model)]
+    before = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, b in zip(layers, before):
+            layer.disable_adapters = b
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's files
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    adapter_name: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's ``save_pretrained``
+    does: keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+    plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
+    adapter: the active one of the first layer."""
+    from safetensors.torch import save_file
+
+    configs = _configs(model)
+    if adapter_name is None:
+        adapter_name = next((layer.active_adapter for _, layer in qlora_layers(model) if layer.active_adapter), None)
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(configs)}")
+    config = configs[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in qlora_layers(model):
+        if adapter_name in layer.lora_A:
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().contiguous().cpu()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().contiguous().cpu()
+    for name, module in model.named_modules():
+        if any(name == s or name.endswith("." + s) for s in config.modules_to_save or []):
+            for pname, p in module.named_parameters():
+                tensors[f"{_PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
+    if not tensors:
+        raise ValueError(f"adapter {adapter_name!r} has no layers")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n")
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    set_active: bool = True,
+) -> LoraConfig:
+    """Loads an adapter saved by PEFT (or by ``save_adapter``) under ``adapter_name``.
+
+    The model must be prepared (``prepare_model``) or hold ``Linear4bit`` layers where the adapter has
+    weights (those become QLoRALinear). Every tensor is checked (shape, float dtype) and keeps its
+    dtype; a key that names no layer of the model is an error. Reads safetensors only. Returns the
+    adapter's config; with ``set_active`` the adapter becomes the active one.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    if not weights_path.exists():
+        found = sorted(p.name for p in directory.glob("adapter_model.*")) if directory.is_dir() else []
+        raise FileNotFoundError(f"no {weights_path}" + (f" (found {found}: only safetensors is read)" if found else ""))
+    config = LoraConfig.from_peft(json.loads(config_path.read_text()))
+    tensors = load_file(str(weights_path))
+    configs = getattr(model, "qlora_config", None)
+    if configs is None:
+        configs = model.qlora_config = {}
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} exists already; delete it first or pick another name")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise ValueError(f"{weights_path}: key {key!r} does not start with {_PEFT_PREFIX!r}")
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{weights_path}: {key} is {value.dtype}, not a float tensor")
+        rest = key[len(_PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", rest)
+        if m:
+            layers.setdefault(m.group(1), {})[m.group(2)] = value
+        else:
+            saved[rest] = value
+    for name, pair in layers.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs lora_A and lora_B")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
+        A, B = pair["lora_A"], pair["lora_B"]
+        if isinstance(module, Linear4bit):
+            module = QLoRALinear(module, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False,
+                                 A.dtype, adapter_name)  # fmt: skip
+            module.active_adapter = None
+            parent, child = _parent(model, name)
+            setattr(parent, child, module)
+        elif isinstance(module, QLoRALinear):
+            module.add_adapter(adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype)
+        else:
+            raise ValueError(f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter")
+        if tuple(A.shape) != (A.shape[0], module.in_features) or tuple(B.shape) != (module.out_features, A.shape[0]):
+            raise ValueError(
+                f"{weights_path}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; the layer needs "
+                f"[r, {module.in_features}] and [{module.out_features}, r]"
+            )
+        with torch.no_grad():
+            module.lora_A[adapter_name].weight.copy_(A)
+            module.lora_B[adapter_name].weight.copy_(B)
+        for p in (*module.lora_A[adapter_name].parameters(), *module.lora_B[adapter_name].parameters()):
+            p.requires_grad_(is_trainable)
+    for key, value in saved.items():
+        module_name, _, pname = key.rpartition(".")
+        try:
+            target = model.get_submodule(module_name).get_parameter(pname)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: the model has no parameter {key!r}") from None
+        if target.shape != value.shape:
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+    configs[adapter_name] = config
+    if set_active:
+        set_adapter(model, adapter_name)
+        if not is_trainable:
+            for _, layer in qlora_layers(model):
+                for p in (*layer.parameters(),):
+                    p.requires_grad_(False)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantized base in bitsandbytes' keys
+
+
+def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without adapters and with ``base_layer.`` folded away: the keys a
+    transformers + bitsandbytes 4-bit model has."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if re.search(r"\.lora_[AB]\.", key):
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Writes the model's weights (4-bit layers in bitsandbytes' keys, adapters left out) to one
+    safetensors file, as transformers + bitsandbytes save a 4-bit model."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _base_state_dict(model).items()}
+    # safetensors refuses tensors that share storage (tied embeddings): keep the first name of each
+    seen: dict[tuple, str] = {}
+    for k in list(tensors):
+        t = tensors[k]
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            del tensors[k]
+        else:
+            seen[ident] = k
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_quantized(
+    model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]], strict: bool = True
+) -> nn.Module:
+    """Loads a 4-bit checkpoint in bitsandbytes' keys (saved by ``save_quantized``, or by transformers +
+    bitsandbytes) into a model whose quantized layers are ``Linear4bit`` / ``QLoRALinear`` (built
+    empty or prepared); adapters are left as they are. Reads safetensors or a state dict, never
+    pickle; every 4-bit entry is checked (``QuantState.from_dict``)."""
+    if not isinstance(weights, Mapping):
+        path = Path(weights)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"weights must be a .safetensors file (no pickle), got {path}")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    own = {}
+    bases = {name for name, _ in qlora_layers(model)}
+    for key, value in weights.items():
+        head = key.split(".weight")[0] if ".weight." in key or key.endswith(".weight") else key.rpartition(".")[0]
+        if head in bases:
+            key = f"{head}.base_layer{key[len(head):]}"
+        own[key] = value
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not re.search(r"\.lora_[AB]\.", k)]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requantize: bool = False) -> nn.Module:
+    """Folds adapter ``adapter_name`` (default: each layer's active one) into its layer's weight.
+
+    Without ``requantize`` each layer keeps its 4-bit base and adapters and gets a 16-bit weight
+    ``W = deq(W_4bit) + s B A`` (in the base's dtype) that its forward uses; ``unmerge_adapter`` drops it.
+    With ``requantize`` the merged weight is quantized again to the base's format and the layer becomes
+    a ``Linear4bit`` (no unmerge): a warning states the relative error this adds,
+    ``||q(W) - W|| / ||W||`` over all merged weights, measured here. Returns the model.
+    """
+    errors_num, errors_den = 0.0, 0.0
+    for name, layer in list(qlora_layers(model)):
+        adapter = adapter_name or layer.active_adapter
+        if adapter is None or adapter not in layer.lora_A:
+            continue
+        merged = layer.merged_weight_for(adapter)
+        if not requantize:
+            layer.merge(adapter, merged)
+            continue
+        base = layer.base_layer
+        state = base.quant_state
+        packed, new_state = F.quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
+        back = F.dequantize_4bit(packed, new_state).double()
+        errors_num += (back - merged.double()).pow(2).sum().item()
+        errors_den += merged.double().pow(2).sum().item()
+        new = Linear4bit(base.in_features, base.out_features, bias=base.bias is not None, compute_dtype=base.compute_dtype,
+                         compress_statistics=state.nested, quant_type=state.quant_type, blocksize=state.blocksize,
+                         quant_storage=base.quant_storage, device="meta")  # fmt: skip
+        new.weight = nn.Parameter(packed, requires_grad=False)
+        new.quant_state = new_state
+        new.bias = base.bias
+        parent, child = _parent(model, name)
+        setattr(parent, child, new)
+    if requantize and errors_den > 0:
+        warnings.warn(
+            f"merge_adapter(requantize=True): the merged weights were quantized again; that adds a relative error "
+            f"of {math.sqrt(errors_num / errors_den):.4f} (||q(W) - W|| / ||W|| over all merged weights)",
+            stacklevel=2,
+        )
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Undoes ``merge_adapter`` (without requantize): the layers run 4-bit base + adapter again, exactly
+    as before the merge."""
+    count = 0
+    for _, layer in qlora_layers(model):
+        if layer.merged_adapter is not None:
+            layer.unmerge()
+            count += 1
+    if count == 0:
+        raise ValueError("no layer is merged in 16 bits (a merge with requantize=True cannot be undone)")
+    return model
