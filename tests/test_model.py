@@ -142,8 +142,10 @@ def test_meta_model_streamed_from_safetensors(gen, tmp_path):
 def test_checkpointed_training_step_gets_gradients(gen):
     model = qlora_ext.prepare_model(tiny_llama(4), LoraConfig(r=4, lora_dropout=0.1), compute_dtype=torch.float32, progress=False)
     randomize_adapters(model, gen)  # with B = 0, A's gradient is zero
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     ids = tokens(gen)
     loss = model(ids, labels=ids).loss
