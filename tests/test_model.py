@@ -313,3 +313,53 @@ def test_bad_input_names_the_argument(tmp_path):
         (lambda: qlora_ext.load_adapter(model, tmp_path / "pickled"), FileNotFoundError, "only safetensors is read"),
         (lambda: qlora_ext.save_adapter(model, tmp_path / "x", "nope"), ValueError, "no adapter 'nope'"),
     ])  # fmt: skip
+
+
+def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
+    """A 4-bit checkpoint saved by transformers + bitsandbytes loads into ours, and ours, saved with
+    save_quantized beside that checkpoint's config.json, loads back into transformers + bitsandbytes:
+    the same dequantized weights, bit for bit. (bitsandbytes' CPU forward repacks the weights for its
+    own kernel and computes with bfloat16 scales, so its logits are compared with its own.)"""
+    bnb = pytest.importorskip("bitsandbytes")
+    import shutil
+
+    def dequantized(model):
+        out = {}
+        for name, m in model.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                out[name] = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            elif isinstance(m, Linear4bit) and not name.endswith(".base_layer"):
+                out[name] = m.dequantize()
+            elif isinstance(m, QLoRALinear):
+                out[name] = m.base_layer.dequantize()
+        return out
+
+    original = tiny_llama(15)
+    original.save_pretrained(str(tmp_path / "fp32"))
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=q, device_map="cpu").eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    expected = dequantized(theirs)
+    assert len(expected) == 14
+    ours = qlora_ext.prepare_model(tiny_llama(16), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True,
+                                   compute_dtype=torch.float32, progress=False)  # fmt: skip
+    qlora_ext.load_quantized(ours, tmp_path / "theirs" / "model.safetensors")
+    got = dequantized(ours)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert_bits_equal(got[name], expected[name], name)
+    ids = tokens(gen)
+    with qlora_ext.disable_adapters(ours):
+        torch.testing.assert_close(logits(ours, ids), logits(dequantized_copy(original, ours), ids), rtol=1e-5, atol=1e-5)
+    # ours back: our file in place of theirs, their config (with its quantization_config) beside it
+    (tmp_path / "back").mkdir()
+    for name in ("config.json", "generation_config.json"):
+        if (tmp_path / "theirs" / name).exists():
+            shutil.copy(tmp_path / "theirs" / name, tmp_path / "back" / name)
+    qlora_ext.save_quantized(ours, tmp_path / "back" / "model.safetensors")
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "back"), device_map="cpu").eval()
+    assert type(back.model.layers[0].self_attn.q_proj) is bnb.nn.Linear4bit
+    for name, w in dequantized(back).items():
+        assert_bits_equal(w, expected[name], name)
+    assert_bits_equal(logits(back, ids), logits(theirs, ids))
