@@ -260,6 +260,16 @@ def test_save_and_load_quantized(gen, tmp_path):
         assert_bits_equal(logits(other, ids), logits(model, ids))
     with pytest.raises(ValueError, match="no pickle"):
         qlora_ext.load_quantized(other, tmp_path / "model.bin")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"].half()
+    with pytest.raises(ValueError, match=r"model.norm.weight is torch.float16 \(64,\), the model has torch.float32"):
+        qlora_ext.load_quantized(other, sd)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd["model.layers.0.self_attn.q_proj.weight.absmax"] = sd["model.layers.0.self_attn.q_proj.weight.absmax"][:-1]
+    with pytest.raises(RuntimeError, match="absmax must have"):
+        qlora_ext.load_quantized(other, sd)
 
 
 def test_bitsandbytes_checkpoint_both_ways(gen):

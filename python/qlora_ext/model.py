@@ -585,6 +585,15 @@ def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _owner(model: nn.Module, key: str) -> Optional[nn.Module]:
+    """The module a state-dict key belongs to (`a.b.weight.absmax` -> a.b), or None."""
+    head = key.split(".weight")[0] if ".weight" in key else key.rpartition(".")[0]
+    try:
+        return model.get_submodule(head)
+    except AttributeError:
+        return None
+
+
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Writes the model's weights (4-bit layers in bitsandbytes' keys, adapters left out) to one
     safetensors file, as transformers + bitsandbytes save a 4-bit model."""
@@ -624,6 +633,17 @@ def load_quantized(
         if head in bases:
             key = f"{head}.base_layer{key[len(head):]}"
         own[key] = value
+    # load_state_dict would convert a float16 tensor into a float32 parameter without a word: refuse
+    # what does not match (the 4-bit entries are checked by Linear4bit / QuantState.from_dict).
+    current = model.state_dict()
+    for key, value in own.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(value).__name__}")
+        ref = current.get(key)
+        if ref is None or (isinstance(_owner(model, key), Linear4bit) and ".weight" in key):
+            continue  # unexpected keys are reported below; the 4-bit entries are checked as they load
+        if ref.dtype != value.dtype or ref.shape != value.shape:
+            raise ValueError(f"{key} is {value.dtype} {tuple(value.shape)}, the model has {ref.dtype} {tuple(ref.shape)}")
     missing, unexpected = model.load_state_dict(own, strict=False)
     missing = [k for k in missing if not re.search(r"\.lora_[AB]\.", k)]
     if strict and (missing or unexpected):
