@@ -41,7 +41,7 @@ import common  # noqa: E402
 from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 
 from qlora_ext import _C, functional as F  # noqa: E402
-from qlora_ext.nn import Linear4bit, QLoRALinear  # noqa: E402
+from qlora_ext.nn import QLoRALinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
 

@@ -9,11 +9,10 @@ import contextlib
 import pytest
 import torch
 
-import qlora_ext
 from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
-from conftest import DEVICES, HAS_CUDA, assert_each_raises, random_weights, requires_cuda
+from conftest import DEVICES, assert_each_raises, random_weights, requires_cuda
 
 # Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
 # dequantize + cuBLAS forced at every M. On the CPU there is one path.

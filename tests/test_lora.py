@@ -13,7 +13,6 @@ import torch.utils.checkpoint
 
 import contextlib
 
-import qlora_ext
 from qlora_ext import _C, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 

