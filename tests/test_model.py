@@ -373,3 +373,23 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     for name, w in dequantized(back).items():
         assert_bits_equal(w, expected[name], name)
     assert_bits_equal(logits(back, ids), logits(theirs, ids))
+
+
+def test_a_failed_save_keeps_the_previous_adapter(gen, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = qlora_ext.prepare_model(tiny_llama(17), LoraConfig(r=4, target_modules=["q_proj"]), progress=False)
+    qlora_ext.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    randomize_adapters(model, gen)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        qlora_ext.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -155,6 +155,21 @@ class LoraConfig:
         )
 
 
+def _write_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it into place: a crash mid-write
+    leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -453,7 +468,7 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's ``save_pretrained``
-    does: keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+    does (each to a temporary file renamed into place, so a crash never leaves a half-written one): keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
     plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
     adapter: the active one of the first layer."""
     from safetensors.torch import save_file
@@ -477,8 +492,9 @@ def save_adapter(
         raise ValueError(f"adapter {adapter_name!r} has no layers")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n")
+    _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    text = json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n"
+    _write_atomically(directory / ADAPTER_CONFIG_NAME, lambda p: p.write_text(text))
 
 
 def load_adapter(
@@ -609,7 +625,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             del tensors[k]
         else:
             seen[ident] = k
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    _write_atomically(Path(path), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
 
 def load_quantized(
