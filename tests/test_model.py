@@ -393,3 +393,12 @@ def test_a_failed_save_keeps_the_previous_adapter(gen, tmp_path, monkeypatch):
         qlora_ext.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_prepared_layers_keep_the_models_mode():
+    """A layer put in by prepare_model is in the mode of the one it replaces: an eval-mode model runs
+    no adapter dropout."""
+    model = qlora_ext.prepare_model(tiny_llama(18), LoraConfig(r=4, lora_dropout=0.5), progress=False)  # eval mode
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -326,6 +326,7 @@ def prepare_model(
             if adapt
             else base
         )
+        new.train(module.training)  # a new module starts in training mode: take the one it replaces
         parent, child = _parent(model, name)
         setattr(parent, child, new)
         del linear
@@ -347,7 +348,10 @@ def prepare_model(
 
 
 def _load_rest(model: nn.Module, source: _WeightSource) -> None:
-    """Loads every parameter and buffer still on the meta device from `source`."""
+    """Loads every parameter and buffer still on the meta device from `source`. A parameter a
+    checkpoint leaves out because it is tied to another (an output head sharing the embedding) is
+    tied again by the model's own ``tie_weights``."""
+    tied_later = []
     for module_name, module in model.named_modules():
         if isinstance(module, (Linear4bit, QLoRALinear)):
             continue
@@ -363,12 +367,18 @@ def _load_rest(model: nn.Module, source: _WeightSource) -> None:
                             "parameters only on meta (accelerate.init_empty_weights()), so that computed buffers "
                             "such as rotary frequencies are real"
                         )
-                    raise KeyError(f"the weights have no {source.prefix + full!r}")
+                    tied_later.append(full)
+                    continue
                 value = source.get(full, t)
                 if kind == "_parameters":
                     getattr(module, kind)[pname] = nn.Parameter(value.to(t.dtype), requires_grad=t.requires_grad)
                 else:
                     getattr(module, kind)[pname] = value.to(t.dtype)
+    if tied_later and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    still = [n for n in tied_later if model.get_parameter(n).is_meta]
+    if still:
+        raise KeyError(f"the weights have no {', '.join(repr(source.prefix + n) for n in still[:5])}")
 
 
 def _enable_input_grads(model: nn.Module) -> None:
@@ -548,7 +558,7 @@ def load_adapter(
         A, B = pair["lora_A"], pair["lora_B"]
         if isinstance(module, Linear4bit):
             module = QLoRALinear(module, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False,
-                                 A.dtype, adapter_name)  # fmt: skip
+                                 A.dtype, adapter_name).train(module.training)  # fmt: skip
             module.active_adapter = None
             parent, child = _parent(model, name)
             setattr(parent, child, module)
@@ -701,6 +711,7 @@ def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requanti
         new.weight = nn.Parameter(packed, requires_grad=False)
         new.quant_state = new_state
         new.bias = base.bias
+        new.train(layer.training)
         parent, child = _parent(model, name)
         setattr(parent, child, new)
     if requantize and errors_den > 0:

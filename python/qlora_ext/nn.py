@@ -300,8 +300,8 @@ class QLoRALinear(nn.Module):
             elif init == "gaussian":
                 nn.init.normal_(lora_A.weight, std=1.0 / r)
                 nn.init.zeros_(lora_B.weight)
-        self.lora_A[adapter_name] = lora_A
-        self.lora_B[adapter_name] = lora_B
+        self.lora_A[adapter_name] = lora_A.train(self.training)
+        self.lora_B[adapter_name] = lora_B.train(self.training)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(lora_alpha)
         self.scaling[adapter_name] = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)

@@ -1,0 +1,350 @@
+"""``qlora-ext finetune``: QLoRA fine-tuning of a causal language model on local disk.
+
+    qlora-ext finetune --model DIR --data FILE.jsonl --output DIR [options]
+    python -m qlora_ext finetune ...
+
+The model is a transformers causal LM directory (config.json, safetensors weights, tokenizer). Its
+weights are streamed from the safetensors shards into a model built on the meta device and
+quantized layer by layer (NF4 with double quantization), so the 16-bit model is never whole in
+memory. LoRA goes on every linear layer of the blocks. The defaults are those of the original
+qlora.py: r = 64, alpha = 16, dropout 0.05, AdamW with lr 2e-4, a constant rate after a linear
+warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointing, and batch 1 with
+16 steps of gradient accumulation.
+
+Data: JSON lines, each ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "response": ...}``
+(loss on the response's tokens only). A malformed line is an error that names it.
+
+Checkpoints: every ``--save-steps`` optimizer steps, ``OUTPUT/checkpoint-STEP/`` gets the adapter (PEFT's
+format), the optimizer and scheduler state and the random generators' states, all in safetensors and
+JSON (nothing is pickled). A checkpoint is written into a temporary directory and renamed into place,
+so a crash mid-save leaves the previous one whole. A later run with the same ``--output`` resumes from
+the newest checkpoint and gives the same adapter as a run without the interruption. At the end the
+adapter is written to ``OUTPUT/`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import qlora_ext
+from qlora_ext import LoraConfig
+from qlora_ext.model import ADAPTER_WEIGHTS_NAME
+
+_CHECKPOINT = "checkpoint-"
+_STATE = "trainer_state.json"
+_TENSORS = "trainer_state.safetensors"
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The JSON lines of `path`: each {"text"} or {"prompt", "response"}, strings, not empty."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(item, dict):
+                raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
+            keys = set(item)
+            if keys == {"text"} or (keys >= {"text"} and not keys & {"prompt", "response"}):
+                fields = ("text",)
+            elif keys >= {"prompt", "response"} and "text" not in keys:
+                fields = ("prompt", "response")
+            else:
+                raise DataError(f"{where}: needs 'text', or 'prompt' and 'response'; it has {sorted(keys)}")
+            for k in fields:
+                if not isinstance(item[k], str):
+                    raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
+            if not any(item[k].strip() for k in fields[-1:]):
+                raise DataError(f"{where}: {fields[-1]!r} is empty")
+            examples.append({k: item[k] for k in fields})
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        if "text" in ex:
+            ids = tokenizer(ex["text"], add_special_tokens=True)["input_ids"]
+            ids = ids + ([eos] if eos is not None else [])
+            labels = list(ids)
+        else:
+            prompt = tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
+            response = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            ids = prompt + response
+            labels = [-100] * len(prompt) + response
+        out.append((ids[:max_length], labels[:max_length]))
+    return out
+
+
+def batches(data, batch_size: int, pad_id: int, epoch_seed: int):
+    """The epoch's batches in an order fixed by `epoch_seed`, padded on the right."""
+    order = list(range(len(data)))
+    random.Random(epoch_seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        chunk = [data[j] for j in order[i : i + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (x, y) in enumerate(chunk):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
+        yield ids, labels, mask
+
+
+def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_type: str, double_quant: bool):
+    """The causal LM of `model_dir`, built on the meta device and filled layer by layer (quantized)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise SystemExit(f"{model_dir} has no .safetensors weights (pickled weights are not read)")
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise SystemExit("qlora-ext finetune needs accelerate (pip install accelerate) to build the model empty") from None
+    # parameters on the meta device; buffers computed at construction (rotary frequencies) are real
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    qlora_ext.prepare_model(model, lora, quant_type=quant_type, compress_statistics=double_quant,
+                            compute_dtype=compute_dtype, weights=model_dir, device=device)  # fmt: skip
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors and JSON only
+
+
+def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    final = output / f"{_CHECKPOINT}{step}"
+    tmp = output / f".{_CHECKPOINT}{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    qlora_ext.save_adapter(model, tmp)
+    tensors, opt_json = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
+    full = dict(state, step=step, optimizer=opt_json, scheduler=scheduler.state_dict(), python_rng=_jsonable(random.getstate()))
+    (tmp / _STATE).write_text(json.dumps(full, indent=1) + "\n")
+    if final.exists():  # a checkpoint of this step already (a resumed run): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(output)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"optim.{index}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"])}
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    found = []
+    for p in output.glob(f"{_CHECKPOINT}*"):
+        suffix = p.name[len(_CHECKPOINT):]
+        if p.is_dir() and suffix.isdigit() and (p / _STATE).exists() and (p / ADAPTER_WEIGHTS_NAME).exists():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((checkpoint / _STATE).read_text())
+    qlora_ext.delete_adapter(model, "default")
+    qlora_ext.load_adapter(model, checkpoint, "default", is_trainable=True)
+    tensors = load_file(str(checkpoint / _TENSORS))
+    opt = state["optimizer"]
+    opt_state = {}
+    for index in opt["indices"]:
+        prefix = f"optim.{index}."
+        opt_state[index] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    # the parameters the optimizer holds are the new adapter's: point it at them, then load
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer.param_groups[0]["params"] = trainable
+    optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    py = state["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def finetune(args: argparse.Namespace) -> Path:
+    import transformers
+
+    model_dir, output = Path(args.model), Path(args.output)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"--model {model_dir}: no config.json (a transformers model directory is needed)")
+    examples = read_examples(Path(args.data))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu"))
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise SystemExit(f"--model {model_dir}: the tokenizer has neither a pad nor an eos token")
+    data = tokenize(examples, tokenizer, args.max_length)
+    lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
+    model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
+    if not args.no_gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches_per_epoch = math.ceil(len(data) / args.batch_size)
+    total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
+    warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
+    output.mkdir(parents=True, exist_ok=True)
+    step, micro = 0, 0
+    existing = _checkpoints(output)
+    if existing and not args.no_resume:
+        state = _resume(existing[-1], model, optimizer, scheduler)
+        step, micro = state["step"], state["micro"]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
+    model.train()
+    progress = _bar(total, step, args.quiet)
+    t0, losses = time.perf_counter(), []
+    while step < total:
+        epoch, skip = divmod(micro, batches_per_epoch)
+        for ids, labels, mask in batches(data, args.batch_size, pad_id, args.seed + epoch):
+            if skip:  # the batches a resumed run consumed already
+                skip -= 1
+                continue
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            (out.loss / args.grad_accum).backward()
+            losses.append(out.loss.item())
+            micro += 1
+            if micro % args.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress(step, sum(losses[-args.grad_accum:]) / len(losses[-args.grad_accum:]))
+            if args.save_steps and step % args.save_steps == 0 and step < total:
+                _save_checkpoint(output, step, model, optimizer, scheduler, {"micro": micro, "total": total}, args.keep)
+            if step >= total:
+                break
+    qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))
+    if not args.quiet:
+        print(f"\ntrained {step} steps in {time.perf_counter() - t0:.1f} s; adapter in {output}", flush=True)
+    return output
+
+
+def _bar(total: int, start: int, quiet: bool):
+    if quiet:
+        return lambda step, loss: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda step, loss: print(f"step {step}/{total} loss {loss:.4f}", flush=True)
+    bar = tqdm(total=total, initial=start, unit="step")
+
+    def update(step, loss):
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qlora-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines")
+    ft.add_argument("--model", required=True, help="a transformers causal LM directory (safetensors weights)")
+    ft.add_argument("--data", required=True, help="JSON lines: {'text'} or {'prompt', 'response'}")
+    ft.add_argument("--output", required=True, help="the adapter and the checkpoints go here")
+    ft.add_argument("--r", type=int, default=64)
+    ft.add_argument("--lora-alpha", type=float, default=16)
+    ft.add_argument("--lora-dropout", type=float, default=0.05)
+    ft.add_argument("--lr", type=float, default=2e-4)
+    ft.add_argument("--warmup-ratio", type=float, default=0.03)
+    ft.add_argument("--max-grad-norm", type=float, default=0.3)
+    ft.add_argument("--batch-size", type=int, default=1)
+    ft.add_argument("--grad-accum", type=int, default=16)
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
+    ft.add_argument("--max-length", type=int, default=512, help="tokens an example is cut to")
+    ft.add_argument("--save-steps", type=int, default=100, help="a checkpoint every this many steps (0: none)")
+    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    ft.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
+    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    ft.add_argument("--no-double-quant", action="store_true")
+    ft.add_argument("--no-gradient-checkpointing", action="store_true")
+    ft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="compute dtype (bf16 on a GPU, fp32 on the CPU)")
+    ft.add_argument("--device", default=None)
+    ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "finetune":
+        try:
+            finetune(args)
+        except DataError as e:
+            print(f"qlora-ext finetune: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

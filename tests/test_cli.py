@@ -1,0 +1,130 @@
+"""qlora-ext finetune end to end on the CPU: a tiny causal LM saved to disk, a few steps, a checkpoint,
+an interruption and a resume that ends where an uninterrupted run ends, the adapter loaded by PEFT,
+and data errors that name the line."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import qlora_ext
+from qlora_ext import cli
+from qlora_ext.nn import QLoRALinear
+
+from conftest import assert_bits_equal
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+WORDS = "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")  # fmt: skip
+    fast.save_pretrained(str(path))
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=1, bos_token_id=2, eos_token_id=3)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = []
+    for i in range(12):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
+        if i % 2:
+            lines.append(json.dumps({"text": words}))
+        else:
+            lines.append(json.dumps({"prompt": words, "response": " ".join(rng.choice(WORDS) for _ in range(4))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(model_dir, data_file, output, *extra):
+    return cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
+                     "--r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+                     "--lr", "1e-2", "--quiet", *extra])  # fmt: skip
+
+
+def adapter_tensors(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def test_finetune_checkpoint_resume_and_peft(model_dir, data_file, tmp_path, monkeypatch):
+    assert run(model_dir, data_file, tmp_path / "straight") == 0
+    straight = adapter_tensors(tmp_path / "straight")
+    start = adapter_tensors(tmp_path / "straight" / "checkpoint-2")
+    assert any(not torch.equal(straight[k], start[k]) for k in straight)  # it trained
+    assert any(v.abs().sum() > 0 for k, v in straight.items() if "lora_B" in k)
+
+    # The same run, interrupted right after its checkpoint at step 2, then run again: it resumes.
+    save = cli._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, data_file, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(cli, "_save_checkpoint", save)
+    assert run(model_dir, data_file, tmp_path / "resumed") == 0
+    resumed = adapter_tensors(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(straight)
+    for k in straight:
+        assert_bits_equal(resumed[k], straight[k], k)
+
+    # PEFT loads the adapter onto the base (as quantized) and computes what ours computes.
+    peft = pytest.importorskip("peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), qlora_ext.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"),
+                                   compute_dtype=torch.float32, progress=False)  # fmt: skip
+    qlora_ext.load_adapter(ours, tmp_path / "straight", "trained")
+    plain = copy.deepcopy(base)
+    for name, module in ours.named_modules():
+        if isinstance(module, QLoRALinear):
+            with torch.no_grad():
+                plain.get_submodule(name).weight.copy_(module.base_layer.dequantize().float())
+    theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path / "straight")).eval()
+    ids = torch.randint(4, 20, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"text": "a b"', "not valid JSON"),
+        ('["text"]', "a line must be a JSON object"),
+        ('{"prompt": "a"}', "needs 'text', or 'prompt' and 'response'"),
+        ('{"text": 3}', "'text' must be a string"),
+        ('{"prompt": "a", "response": "  "}', "'response' is empty"),
+    ],
+)
+def test_malformed_data_names_the_line(model_dir, tmp_path, capsys, line, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "the model"}\n\n' + line + "\n")
+    assert run(model_dir, data, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"bad.jsonl:3: {message}" in err, err
