@@ -2,9 +2,9 @@
 # One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
 #   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes. Writes build.log,
-# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm lora"
-# picks the benchmarks (BENCH= none), GEMM_ARGS / LORA_ARGS are bench/gemm.py's / bench/lora.py's
-# arguments (default --sweep / none); SKIP_TESTS=1 skips
+# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm lora e2e"
+# picks the benchmarks (BENCH= none; the default leaves out e2e), GEMM_ARGS / LORA_ARGS / E2E_ARGS are
+# bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none); SKIP_TESTS=1 skips
 # the tests; PROFILE=1 adds an ncu profile.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
@@ -58,6 +58,8 @@ for b in ${BENCH-quantize gemm lora}; do
           grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
     lora) python3 bench/lora.py ${LORA_ARGS-} --out "$out/lora-h200.json" > "$out/bench-lora.log" 2>&1
           grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
+    e2e) python3 bench/e2e.py ${E2E_ARGS-} --out "$out/e2e-h200.json" > "$out/bench-e2e.log" 2>&1
+         grep -v "^wrote" "$out/bench-e2e.log" | tail -30 ;;
   esac
 done
 exit $rc
