@@ -265,9 +265,17 @@ def test_save_and_load_quantized(gen, tmp_path):
     with pytest.raises(ValueError, match=r"model.norm.weight is torch.float16 \(64,\), the model has torch.float32"):
         qlora_ext.load_quantized(other, sd)
     sd = load_file(str(tmp_path / "model.safetensors"))
-    sd["model.layers.0.self_attn.q_proj.weight.absmax"] = sd["model.layers.0.self_attn.q_proj.weight.absmax"][:-1]
-    with pytest.raises(RuntimeError, match="absmax must have"):
-        qlora_ext.load_quantized(other, sd)
+    sd["model.layers.1.self_attn.q_proj.weight.absmax"] = sd["model.layers.1.self_attn.q_proj.weight.absmax"][:-1]
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    randomized = qlora_ext.prepare_model(tiny_llama(19), LoraConfig(r=4), progress=False)
+    with pytest.raises(ValueError, match="layers.1.self_attn.q_proj.base_layer.weight: absmax must have"):
+        qlora_ext.load_quantized(randomized, sd)
+    # a checkpoint that fails changes nothing (layer 0 came before the bad entry)
+    fresh = qlora_ext.prepare_model(tiny_llama(19), LoraConfig(r=4), progress=False)
+    for k, v in fresh.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, randomized.state_dict()[k]), k
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
 def test_bitsandbytes_checkpoint_both_ways(gen):

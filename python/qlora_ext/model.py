@@ -517,24 +517,28 @@ def load_adapter(
     """Loads an adapter saved by PEFT (or by ``save_adapter``) under ``adapter_name``.
 
     The model must be prepared (``prepare_model``) or hold ``Linear4bit`` layers where the adapter has
-    weights (those become QLoRALinear). Every tensor is checked (shape, float dtype) and keeps its
-    dtype; a key that names no layer of the model is an error. Reads safetensors only. Returns the
-    adapter's config; with ``set_active`` the adapter becomes the active one.
+    weights (those become QLoRALinear). Reads safetensors only. Everything is checked before the
+    model is touched: the config, every key (it must name a layer or parameter of the model), every
+    tensor's float dtype and shape; a file that fails (truncated, corrupt, wrong shapes, missing or
+    extra keys) raises an error naming it and leaves the model as it was. Tensors keep their dtype.
+    Returns the adapter's config; with ``set_active`` the adapter becomes the active one.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     if not weights_path.exists():
         found = sorted(p.name for p in directory.glob("adapter_model.*")) if directory.is_dir() else []
         raise FileNotFoundError(f"no {weights_path}" + (f" (found {found}: only safetensors is read)" if found else ""))
-    config = LoraConfig.from_peft(json.loads(config_path.read_text()))
-    tensors = load_file(str(weights_path))
-    configs = getattr(model, "qlora_config", None)
-    if configs is None:
-        configs = model.qlora_config = {}
+    try:
+        config = LoraConfig.from_peft(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {config_path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: not a valid adapter config ({type(e).__name__}: {e})") from None
+    tensors = _read_safetensors(weights_path)
+    configs = getattr(model, "qlora_config", None) or {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} exists already; delete it first or pick another name")
+    # Plan: every check first.
     layers: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -548,6 +552,9 @@ def load_adapter(
             layers.setdefault(m.group(1), {})[m.group(2)] = value
         else:
             saved[rest] = value
+    if not layers:
+        raise ValueError(f"{weights_path}: no lora_A / lora_B weights")
+    plan = []
     for name, pair in layers.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs lora_A and lora_B")
@@ -555,27 +562,19 @@ def load_adapter(
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
-        A, B = pair["lora_A"], pair["lora_B"]
-        if isinstance(module, Linear4bit):
-            module = QLoRALinear(module, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False,
-                                 A.dtype, adapter_name).train(module.training)  # fmt: skip
-            module.active_adapter = None
-            parent, child = _parent(model, name)
-            setattr(parent, child, module)
-        elif isinstance(module, QLoRALinear):
-            module.add_adapter(adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype)
-        else:
+        if not isinstance(module, (Linear4bit, QLoRALinear)):
             raise ValueError(f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter")
-        if tuple(A.shape) != (A.shape[0], module.in_features) or tuple(B.shape) != (module.out_features, A.shape[0]):
+        if isinstance(module, QLoRALinear) and adapter_name in module.lora_A:
+            raise ValueError(f"{name} has an adapter {adapter_name!r} already")
+        A, B = pair["lora_A"], pair["lora_B"]
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.dim() != 2 or B.dim() != 2 or r < 1 or A.shape[1] != module.in_features or tuple(B.shape) != (module.out_features, r):
             raise ValueError(
                 f"{weights_path}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; the layer needs "
                 f"[r, {module.in_features}] and [{module.out_features}, r]"
             )
-        with torch.no_grad():
-            module.lora_A[adapter_name].weight.copy_(A)
-            module.lora_B[adapter_name].weight.copy_(B)
-        for p in (*module.lora_A[adapter_name].parameters(), *module.lora_B[adapter_name].parameters()):
-            p.requires_grad_(is_trainable)
+        plan.append((name, module, A, B))
+    targets = []
     for key, value in saved.items():
         module_name, _, pname = key.rpartition(".")
         try:
@@ -584,14 +583,32 @@ def load_adapter(
             raise ValueError(f"{weights_path}: the model has no parameter {key!r}") from None
         if target.shape != value.shape:
             raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}")
+        targets.append((target, value))
+    # Apply.
+    for name, module, A, B in plan:
+        if isinstance(module, Linear4bit):
+            module = QLoRALinear(module, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False,
+                                 A.dtype, adapter_name).train(module.training)  # fmt: skip
+            module.active_adapter = None
+            parent, child = _parent(model, name)
+            setattr(parent, child, module)
+        else:
+            module.add_adapter(adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype)
         with torch.no_grad():
+            module.lora_A[adapter_name].weight.copy_(A)
+            module.lora_B[adapter_name].weight.copy_(B)
+        for p in (*module.lora_A[adapter_name].parameters(), *module.lora_B[adapter_name].parameters()):
+            p.requires_grad_(is_trainable)
+    with torch.no_grad():
+        for target, value in targets:
             target.copy_(value)
     configs[adapter_name] = config
+    model.qlora_config = configs
     if set_active:
         set_adapter(model, adapter_name)
         if not is_trainable:
             for _, layer in qlora_layers(model):
-                for p in (*layer.parameters(),):
+                for p in layer.parameters():
                     p.requires_grad_(False)
     return config
 
@@ -609,15 +626,6 @@ def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key.replace(".base_layer.", ".")] = value
     return out
-
-
-def _owner(model: nn.Module, key: str) -> Optional[nn.Module]:
-    """The module a state-dict key belongs to (`a.b.weight.absmax` -> a.b), or None."""
-    head = key.split(".weight")[0] if ".weight" in key else key.rpartition(".")[0]
-    try:
-        return model.get_submodule(head)
-    except AttributeError:
-        return None
 
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -638,42 +646,76 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     _write_atomically(Path(path), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def load_quantized(
     model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]], strict: bool = True
 ) -> nn.Module:
     """Loads a 4-bit checkpoint in bitsandbytes' keys (saved by ``save_quantized``, or by transformers +
     bitsandbytes) into a model whose quantized layers are ``Linear4bit`` / ``QLoRALinear`` (built
-    empty or prepared); adapters are left as they are. Reads safetensors or a state dict, never
-    pickle; every 4-bit entry is checked (``QuantState.from_dict``)."""
+    empty or prepared); adapters are left as they are.
+
+    Reads safetensors or a state dict, never pickle. Everything is checked before anything is
+    loaded: each 4-bit weight's entries (``QuantState.from_dict``, the layer's shape, the byte count),
+    every other tensor's dtype and shape against the model's, and with ``strict`` missing and
+    unexpected keys. A checkpoint that fails raises ValueError / TypeError naming the key and leaves
+    the model as it was."""
     if not isinstance(weights, Mapping):
         path = Path(weights)
         if path.suffix != ".safetensors":
             raise ValueError(f"weights must be a .safetensors file (no pickle), got {path}")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path))
-    own = {}
+        weights = _read_safetensors(path)
     bases = {name for name, _ in qlora_layers(model)}
+    own = {}
     for key, value in weights.items():
         head = key.split(".weight")[0] if ".weight." in key or key.endswith(".weight") else key.rpartition(".")[0]
-        if head in bases:
-            key = f"{head}.base_layer{key[len(head):]}"
-        own[key] = value
-    # load_state_dict would convert a float16 tensor into a float32 parameter without a word: refuse
-    # what does not match (the 4-bit entries are checked by Linear4bit / QuantState.from_dict).
+        own[f"{head}.base_layer{key[len(head):]}" if head in bases else key] = value
     current = model.state_dict()
+    linear4 = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    checked, consumed, missing = {}, set(), []
+    for name, layer in linear4.items():
+        wkey = f"{name}.weight"
+        entries = {k: v for k, v in own.items() if k.startswith(wkey + ".")}
+        consumed |= set(entries) | {wkey}
+        if wkey not in own:
+            if entries:
+                raise ValueError(f"{wkey}: the checkpoint has its 4-bit entries but not the weight")
+            missing.append(wkey)
+            continue
+        try:
+            checked[name] = (layer.check_weight(own[wkey], entries), own[wkey].dtype)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{wkey}: {e}") from None
+    others, unexpected = {}, []
     for key, value in own.items():
+        if key in consumed:
+            continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{key} must be a tensor, got {type(value).__name__}")
         ref = current.get(key)
-        if ref is None or (isinstance(_owner(model, key), Linear4bit) and ".weight" in key):
-            continue  # unexpected keys are reported below; the 4-bit entries are checked as they load
+        if ref is None:
+            unexpected.append(key)
+            continue
         if ref.dtype != value.dtype or ref.shape != value.shape:
             raise ValueError(f"{key} is {value.dtype} {tuple(value.shape)}, the model has {ref.dtype} {tuple(ref.shape)}")
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    missing = [k for k in missing if not re.search(r"\.lora_[AB]\.", k)]
+        others[key] = value
+    missing += [k for k in current if k not in own and k not in consumed and not re.search(r"\.lora_[AB]\.", k)
+                and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
     if strict and (missing or unexpected):
-        raise RuntimeError(f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+        raise ValueError(f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; nothing was loaded")
+    for name, ((codes, state), storage) in checked.items():
+        linear4[name].set_weight(codes, state, storage)
+    model.load_state_dict(others, strict=False)
     return model
 
 

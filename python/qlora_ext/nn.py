@@ -169,6 +169,20 @@ class Linear4bit(nn.Module):
             missing_keys.remove(weight_key)
 
     def _load_weight(self, packed: torch.Tensor, entries: dict[str, Any]) -> None:
+        codes, state = self.check_weight(packed, entries)
+        self.set_weight(codes, state, packed.dtype)
+
+    def set_weight(self, codes: torch.Tensor, state: QuantState, quant_storage: torch.dtype = torch.uint8) -> None:
+        """Takes the codes and state that ``check_weight`` returned."""
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.quant_state = state
+        self.quant_storage = quant_storage
+        self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
+
+    def check_weight(self, packed: torch.Tensor, entries: dict[str, Any]) -> tuple[torch.Tensor, QuantState]:
+        """The uint8 codes (on this layer's device) and QuantState that `packed` and its 4-bit entries
+        (``weight.absmax``, ...) would give this layer; raises ValueError / TypeError naming what does
+        not fit, and changes nothing."""
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"the weight must be a tensor, got {type(packed).__name__}")
         if not entries:
@@ -187,10 +201,7 @@ class Linear4bit(nn.Module):
         n = self.in_features * self.out_features
         if codes.numel() != (n + 1) // 2:
             raise ValueError(f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs {(n + 1) // 2}")
-        self.weight = nn.Parameter(codes.to(device).clone(), requires_grad=False)
-        self.quant_state = state
-        self.quant_storage = packed.dtype
-        self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
+        return codes.to(device).clone(), state
 
     def extra_repr(self) -> str:
         return (
