@@ -577,3 +577,32 @@ def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):
     out = torch.full((7, 96), float("nan"), dtype=torch.bfloat16)
     assert F.matmul_4bit(x, packed.t(), state, out=out) is out
     assert torch.equal(out, bnb.matmul_4bit(x, packed.t(), bstate))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["default", "cublas"])
+def test_weight_past_2_to_the_31_elements(gen, path):
+    """int64 indexing in the products: a 65536 x 32769 weight (2**31 + 65536 codes, rows that cross
+    blocks), checked on row ranges at its start, across element 2**31 and at its end against the
+    float64 product on the dequantized weight."""
+    n, k = 65536, 32769
+    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
+    del w
+    wq = F.dequantize_4bit(packed, state)
+    mid = 2**31 // k  # the row that holds element 2**31
+    rows = [(0, 64), (mid - 32, mid + 32), (n - 64, n)]
+    with fused_max_m(PATHS[path]):
+        for m in (1, 16, 300):
+            x = make_input((m, k), torch.bfloat16, "cuda", gen)
+            y = F.gemm_4bit(x, packed, state)
+            for r0, r1 in rows:
+                assert_close_to_reference(y[:, r0:r1], x, wq[r0:r1], None, f"gemm M={m} rows {r0}-{r1}")
+            del y
+        g = make_input((3, n), torch.bfloat16, "cuda", gen)
+        dx = F.gemm_4bit_transposed(g, packed, state)
+        cols = [(0, 64), (k - 64, k)]
+        for c0, c1 in cols:
+            assert_close_to_reference(dx[:, c0:c1], g, wq[:, c0:c1].T.contiguous(), None, f"gemm_t cols {c0}-{c1}")

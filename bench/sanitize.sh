@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# compute-sanitizer over the GPU tests, one tool at a time (memcheck, racecheck, initcheck, synccheck),
+# on the GPU machine:
+#   bash bench/sanitize.sh OUTDIR [pytest args...]
+# Default selection: the CUDA tests of the format ops, the LoRA kernels, and the products' tests that
+# run every fused kernel and dispatch path (each tool slows a kernel 10-100x; the whole suite would not
+# fit one call). Writes sanitize-TOOL.log per tool and sanitize.md, the error counts, under OUTDIR.
+# Torch's caching allocator is off under memcheck and initcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so
+# that an access past a tensor's end falls outside its allocation instead of into a cached neighbour.
+# Needs the extension installed (bench/h200.sh with SKIP_TESTS=1 BENCH= builds it).
+set -uo pipefail
+out=${1:?usage: bash bench/sanitize.sh OUTDIR [pytest args]}
+shift
+mkdir -p "$out"
+export PYTHONPATH=$PWD/.device-site${PYTHONPATH:+:$PYTHONPATH}
+san=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+if [ $# -eq 0 ]; then
+  set -- tests/test_quantize_4bit.py tests/test_lora.py tests/test_gemm_4bit.py -m "cuda and not slow" \
+    -k "not test_gemm_4bit or every_fused_kernel or deterministic or wgmma_kernel or transposed or empty or autograd"
+fi
+{
+  echo "# compute-sanitizer over the GPU tests"
+  echo
+  echo "Command: \`bash bench/sanitize.sh OUTDIR $*\` ($(date -u '+%Y-%m-%d %H:%M UTC'), commit ${QLORA_COMMIT:-unknown})"
+  echo
+  echo "| tool | errors reported | pytest | seconds |"
+  echo "| --- | --- | --- | --- |"
+} > "$out/sanitize.md"
+for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
+  flags=()
+  env_cache=()
+  case $tool in
+    memcheck) flags+=(--leak-check full); env_cache=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
+    initcheck) env_cache=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
+  esac
+  t0=$(date +%s)
+  env "${env_cache[@]}" timeout "${SANITIZE_TIMEOUT:-900}" "$san" --tool "$tool" "${flags[@]}" --print-limit 50 \
+    --target-processes all python3 -m pytest -q -p no:cacheprovider "$@" > "$out/sanitize-$tool.log" 2>&1
+  rc=$?
+  # one "ERROR SUMMARY: N errors" line a process; their sum
+  errors=$(grep -oE "ERROR SUMMARY: [0-9]+" "$out/sanitize-$tool.log" | awk '{s += $3} END {print s + 0}')
+  result=$(grep -E "^[0-9]+ (passed|failed)|passed|failed" "$out/sanitize-$tool.log" | tail -1)
+  echo "| $tool | $errors | ${result:-exit $rc} | $(( $(date +%s) - t0 )) |" >> "$out/sanitize.md"
+  echo "$tool: $errors errors; ${result:-exit $rc}"
+done
+cat "$out/sanitize.md"
