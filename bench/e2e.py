@@ -91,15 +91,18 @@ def build(impl: str, name: str, device):
         import bitsandbytes as bnb
         import peft
 
+        replaced = []
         for mname, module in list(model.named_modules()):
             if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
+                replaced.append(mname)
                 layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
                                           compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
                 layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
                 parent, child = qlora_ext.model._parent(model, mname)
                 setattr(parent, child, layer.to(device))  # bitsandbytes quantizes on .to()
-        qlora_ext.model._load_rest(model, qlora_ext.model._WeightSource(weights))
+        rest = RandomWeights({k: v for k, v in shapes.items() if k.rpartition(".")[0] not in replaced}, device)
+        qlora_ext.model._load_rest(model, qlora_ext.model._WeightSource(rest))
         model = model.to(device=device)
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -154,7 +157,7 @@ def measure(impl, name, seqs, steps, device, compile_model: bool):
         results[seq] = dict(first_loss=first, step_s=step_s, tok_per_s=seq / step_s, peak_gib=peak)
         print(f"{impl:18s}{' compiled' if compile_model else '':9s} {name:9s} seq {seq:5d}: {seq / step_s:8.0f} tok/s, "
               f"step {step_s:.3f} s, peak {peak or 0:.2f} GiB, first loss {first:.4f}", flush=True)  # fmt: skip
-    del model, fn, optimizer, trainable
+    model = fn = optimizer = trainable = None  # freed before the next build
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -128,3 +128,38 @@ def test_malformed_data_names_the_line(model_dir, tmp_path, capsys, line, messag
     assert run(model_dir, data, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert f"bad.jsonl:3: {message}" in err, err
+
+
+def test_prompts_that_fill_max_length_are_left_out(model_dir, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    long_prompt = " ".join(["the"] * 40)
+    data.write_text(json.dumps({"prompt": long_prompt, "response": "answer"}) + "\n"
+                    + json.dumps({"text": "the model is quantized"}) + "\n")  # fmt: skip
+    assert run(model_dir, data, tmp_path / "out", "--max-length", "16", "--max-steps", "1") == 0
+    assert "1 of 2 examples left out" in capsys.readouterr().err
+    tensors = adapter_tensors(tmp_path / "out")
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    only_long = tmp_path / "only-long.jsonl"
+    only_long.write_text(json.dumps({"prompt": long_prompt, "response": "answer"}) + "\n")
+    assert run(model_dir, only_long, tmp_path / "out2", "--max-length", "16") == 2
+    assert "no example has a token to learn from" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(model_dir, data_file, tmp_path, monkeypatch):
+    save = cli._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, data_file, tmp_path / "out")
+    monkeypatch.setattr(cli, "_save_checkpoint", save)
+    with pytest.raises(SystemExit, match="other r"):
+        cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "out"),
+                  "--r", "8", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+                  "--lr", "1e-2", "--quiet"])  # fmt: skip
+    with pytest.raises(SystemExit, match="--no-resume will not overwrite them"):
+        run(model_dir, data_file, tmp_path / "out", "--no-resume")
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()

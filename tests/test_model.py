@@ -410,3 +410,51 @@ def test_prepared_layers_keep_the_models_mode():
     assert not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_tied_embeddings_round_trip(gen, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(24)
+    model = qlora_ext.prepare_model(transformers.LlamaForCausalLM(cfg).eval(), LoraConfig(r=4), progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    qlora_ext.save_quantized(model, tmp_path / "tied.safetensors")
+    torch.manual_seed(25)
+    other = qlora_ext.prepare_model(transformers.LlamaForCausalLM(cfg).eval(), LoraConfig(r=4), progress=False)
+    qlora_ext.load_quantized(other, tmp_path / "tied.safetensors")
+    assert other.lm_head.weight is other.model.embed_tokens.weight
+    ids = tokens(gen)
+    with qlora_ext.disable_adapters(model), qlora_ext.disable_adapters(other):
+        assert_bits_equal(logits(other, ids), logits(model, ids))
+
+
+def test_adapters_refuse_to_switch_while_merged(gen):
+    model = qlora_ext.prepare_model(tiny_llama(26), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), progress=False)
+    qlora_ext.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"]))
+    # a new adapter trains only once it is active
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    qlora_ext.merge_adapter(model)
+    merged = [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)]
+    assert_each_raises([
+        (lambda: qlora_ext.set_adapter(model, "other"), ValueError, "unmerge_adapter first"),
+        (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError, "unmerge_adapter first"),
+        (lambda: qlora_ext.merge_adapter(model, "other"), ValueError, "unmerge_adapter first"),
+        (lambda: qlora_ext.delete_adapter(model, "default"), ValueError, "is merged"),
+    ])  # fmt: skip
+    assert [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)] == merged
+    qlora_ext.unmerge_adapter(model)
+    qlora_ext.set_adapter(model, "other")
+
+
+def test_weights_fill_a_model_that_is_not_on_meta(gen):
+    """weights= given for a model built in full: every tensor the weights have is taken from them."""
+    original = tiny_llama(27)
+    config = LoraConfig(r=4, target_modules="all-linear")
+    from_weights = qlora_ext.prepare_model(tiny_llama(28), config, compute_dtype=torch.float32,
+                                           weights=original.state_dict(), progress=False)  # fmt: skip
+    direct = qlora_ext.prepare_model(copy.deepcopy(original), config, compute_dtype=torch.float32, progress=False)
+    assert torch.equal(from_weights.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    with qlora_ext.disable_adapters(from_weights), qlora_ext.disable_adapters(direct):
+        ids = tokens(gen)
+        assert_bits_equal(logits(from_weights, ids), logits(direct, ids))

@@ -50,6 +50,21 @@ class DataError(ValueError):
     pass
 
 
+# The arguments a checkpoint is resumed with must be the ones it was written with.
+_RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed", "epochs",
+             "max_steps", "lr", "warmup_ratio", "quant_type", "no_double_quant")  # fmt: skip
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_examples(path: Path) -> list[dict]:
     """The JSON lines of `path`: each {"text"} or {"prompt", "response"}, strings, not empty."""
     examples = []
@@ -96,7 +111,10 @@ def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[lis
             response = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             ids = prompt + response
             labels = [-100] * len(prompt) + response
-        out.append((ids[:max_length], labels[:max_length]))
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(t == -100 for t in labels):
+            continue  # a prompt that fills max_length leaves no token to learn from (its loss would be NaN)
+        out.append((ids, labels))
     return out
 
 
@@ -152,8 +170,9 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
     qlora_ext.save_adapter(model, tmp)
     tensors, opt_json = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
     full = dict(state, step=step, optimizer=opt_json, scheduler=scheduler.state_dict(), python_rng=_jsonable(random.getstate()))
     (tmp / _STATE).write_text(json.dumps(full, indent=1) + "\n")
@@ -205,8 +224,9 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    device = next(model.parameters()).device
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     py = state["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     return state
@@ -233,6 +253,11 @@ def finetune(args: argparse.Namespace) -> Path:
     if pad_id is None:
         raise SystemExit(f"--model {model_dir}: the tokenizer has neither a pad nor an eos token")
     data = tokenize(examples, tokenizer, args.max_length)
+    if len(data) < len(examples):
+        print(f"qlora-ext finetune: {len(examples) - len(data)} of {len(examples)} examples left out: their prompt "
+              f"fills --max-length {args.max_length} and leaves no response token", file=sys.stderr)  # fmt: skip
+    if not data:
+        raise DataError(f"{args.data}: no example has a token to learn from within --max-length {args.max_length}")
     lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
     if not args.no_gradient_checkpointing:
@@ -250,7 +275,18 @@ def finetune(args: argparse.Namespace) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     step, micro = 0, 0
     existing = _checkpoints(output)
-    if existing and not args.no_resume:
+    # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same adapter
+    run = {k: getattr(args, k) for k in _RUN_KEYS}
+    run["data"] = _file_digest(Path(args.data))
+    if existing and args.no_resume:
+        raise SystemExit(f"{output} holds checkpoints of an earlier run ({existing[-1].name}); --no-resume will not "
+                         "overwrite them: pass another --output or remove them")  # fmt: skip
+    if existing:
+        saved = json.loads((existing[-1] / _STATE).read_text()).get("run", {})
+        changed = sorted(k for k in run if saved.get(k) != run[k])
+        if changed:
+            raise SystemExit(f"{existing[-1]} was written by a run with other {', '.join(changed)}; resuming it would "
+                             "train on other batches or another adapter: pass another --output")  # fmt: skip
         state = _resume(existing[-1], model, optimizer, scheduler)
         step, micro = state["step"], state["micro"]
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -277,7 +313,8 @@ def finetune(args: argparse.Namespace) -> Path:
             step += 1
             progress(step, sum(losses[-args.grad_accum:]) / len(losses[-args.grad_accum:]))
             if args.save_steps and step % args.save_steps == 0 and step < total:
-                _save_checkpoint(output, step, model, optimizer, scheduler, {"micro": micro, "total": total}, args.keep)
+                _save_checkpoint(output, step, model, optimizer, scheduler, {"micro": micro, "total": total, "run": run},
+                                 args.keep)  # fmt: skip
             if step >= total:
                 break
     qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))

@@ -331,7 +331,7 @@ def prepare_model(
         setattr(parent, child, new)
         del linear
     if source is not None:
-        _load_rest(model, source)
+        _load_rest(model, source, device)
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in qlora_layers(model):
@@ -347,8 +347,9 @@ def prepare_model(
     return model
 
 
-def _load_rest(model: nn.Module, source: _WeightSource) -> None:
-    """Loads every parameter and buffer still on the meta device from `source`. A parameter a
+def _load_rest(model: nn.Module, source: _WeightSource, device=None) -> None:
+    """Loads every parameter and buffer that `source` has (and must have those still on the meta
+    device), onto `device` when given. A parameter a
     checkpoint leaves out because it is tied to another (an output head sharing the embedding) is
     tied again by the model's own ``tie_weights``."""
     tied_later = []
@@ -357,9 +358,11 @@ def _load_rest(model: nn.Module, source: _WeightSource) -> None:
             continue
         for kind in ("_parameters", "_buffers"):
             for pname, t in list(getattr(module, kind).items()):
-                if t is None or not t.is_meta:
+                if t is None:
                     continue
                 full = f"{module_name}.{pname}" if module_name else pname
+                if not t.is_meta and full not in source:
+                    continue  # a real tensor the weights do not have: the model's own
                 if full not in source:
                     if kind == "_buffers":
                         raise ValueError(
@@ -369,11 +372,12 @@ def _load_rest(model: nn.Module, source: _WeightSource) -> None:
                         )
                     tied_later.append(full)
                     continue
-                value = source.get(full, t)
+                value = source.get(full, t).to(device=device if device is not None else (None if t.is_meta else t.device),
+                                               dtype=t.dtype)  # fmt: skip
                 if kind == "_parameters":
-                    getattr(module, kind)[pname] = nn.Parameter(value.to(t.dtype), requires_grad=t.requires_grad)
+                    getattr(module, kind)[pname] = nn.Parameter(value, requires_grad=t.requires_grad)
                 else:
-                    getattr(module, kind)[pname] = value.to(t.dtype)
+                    getattr(module, kind)[pname] = value
     if tied_later and callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
     still = [n for n in tied_later if model.get_parameter(n).is_meta]
@@ -406,10 +410,18 @@ def _configs(model: nn.Module) -> dict[str, LoraConfig]:
     return configs
 
 
+def _refuse_if_merged(model: nn.Module, what: str) -> None:
+    merged = [n for n, layer in qlora_layers(model) if layer.merged_adapter is not None]
+    if merged:
+        raise ValueError(f"{what}: {len(merged)} layers run a merged adapter ({merged[0]}, ...); unmerge_adapter first")
+
+
 def add_adapter(model: nn.Module, adapter_name: str, lora_config: LoraConfig) -> None:
     """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` targets (they keep the
-    active adapter they had). Layers that are not QLoRALinear yet are not changed."""
+    active adapter they had; the new one trains only once it is set active). Layers that are not
+    QLoRALinear yet are not changed."""
     configs = _configs(model)
+    _refuse_if_merged(model, "add_adapter")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} exists already")
     added = 0
@@ -428,6 +440,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     base alone); only its parameters require grad."""
     if adapter_name not in _configs(model):
         raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(_configs(model))}")
+    _refuse_if_merged(model, "set_adapter")
     for _, layer in qlora_layers(model):
         has = adapter_name in layer.lora_A
         layer.active_adapter = adapter_name if has else None
@@ -441,10 +454,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(configs)}")
+    if any(layer.merged_adapter == adapter_name for _, layer in qlora_layers(model)):
+        raise ValueError(f"adapter {adapter_name!r} is merged: unmerge it first")
     for _, layer in qlora_layers(model):
         if adapter_name in layer.lora_A:
-            if layer.merged_adapter == adapter_name:
-                raise ValueError(f"adapter {adapter_name!r} is merged: unmerge it first")
             del layer.lora_A[adapter_name], layer.lora_B[adapter_name]
             for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout):
                 d.pop(adapter_name, None)
@@ -538,6 +551,7 @@ def load_adapter(
     configs = getattr(model, "qlora_config", None) or {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} exists already; delete it first or pick another name")
+    _refuse_if_merged(model, "load_adapter")
     # Plan: every check first.
     layers: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
@@ -581,8 +595,9 @@ def load_adapter(
             target = model.get_submodule(module_name).get_parameter(pname)
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no parameter {key!r}") from None
-        if target.shape != value.shape:
-            raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}")
+        if target.shape != value.shape or target.dtype != value.dtype:
+            raise ValueError(f"{weights_path}: {key} is {value.dtype} {tuple(value.shape)}, the model's "
+                             f"{target.dtype} {tuple(target.shape)}")  # fmt: skip
         targets.append((target, value))
     # Apply.
     for name, module, A, B in plan:
@@ -600,8 +615,9 @@ def load_adapter(
         for p in (*module.lora_A[adapter_name].parameters(), *module.lora_B[adapter_name].parameters()):
             p.requires_grad_(is_trainable)
     with torch.no_grad():
-        for target, value in targets:
+        for target, value in targets:  # modules_to_save: one copy a model, shared by its adapters
             target.copy_(value)
+            target.requires_grad_(is_trainable)
     configs[adapter_name] = config
     model.qlora_config = configs
     if set_active:
@@ -633,16 +649,16 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     safetensors file, as transformers + bitsandbytes save a 4-bit model."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _base_state_dict(model).items()}
-    # safetensors refuses tensors that share storage (tied embeddings): keep the first name of each
-    seen: dict[tuple, str] = {}
-    for k in list(tensors):
-        t = tensors[k]
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+    # safetensors refuses tensors that share storage (tied embeddings): keep the first name of each,
+    # found on the tensors as they are (a copy to the CPU would hide the sharing); load_quantized
+    # knows the others from the model's own ties
+    tensors, seen = {}, set()
+    for k, t in _base_state_dict(model).items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
-            del tensors[k]
-        else:
-            seen[ident] = k
+            continue
+        seen.add(ident)
+        tensors[k] = t.detach().contiguous().cpu()
     _write_atomically(Path(path), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
 
@@ -675,11 +691,11 @@ def load_quantized(
         if path.suffix != ".safetensors":
             raise ValueError(f"weights must be a .safetensors file (no pickle), got {path}")
         weights = _read_safetensors(path)
-    bases = {name for name, _ in qlora_layers(model)}
+    bases = [name for name, _ in qlora_layers(model)]
     own = {}
     for key, value in weights.items():
-        head = key.split(".weight")[0] if ".weight." in key or key.endswith(".weight") else key.rpartition(".")[0]
-        own[f"{head}.base_layer{key[len(head):]}" if head in bases else key] = value
+        head = next((b for b in bases if key.startswith(b + ".") and not key.startswith(b + ".base_layer.")), None)
+        own[f"{head}.base_layer{key[len(head):]}" if head is not None else key] = value
     current = model.state_dict()
     linear4 = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
     checked, consumed, missing = {}, set(), []
@@ -709,8 +725,11 @@ def load_quantized(
         if ref.dtype != value.dtype or ref.shape != value.shape:
             raise ValueError(f"{key} is {value.dtype} {tuple(value.shape)}, the model has {ref.dtype} {tuple(ref.shape)}")
         others[key] = value
-    missing += [k for k in current if k not in own and k not in consumed and not re.search(r"\.lora_[AB]\.", k)
-                and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
+    # a key the checkpoint leaves out is not missing when its parameter is tied to one it has
+    loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in own}
+    tied = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in loaded}
+    missing += [k for k in current if k not in own and k not in consumed and k not in tied
+                and not re.search(r"\.lora_[AB]\.", k) and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
     if strict and (missing or unexpected):
         raise ValueError(f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; nothing was loaded")
     for name, ((codes, state), storage) in checked.items():
@@ -733,6 +752,8 @@ def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requanti
     ``||q(W) - W|| / ||W||`` over all merged weights, measured here. Returns the model.
     """
     errors_num, errors_den = 0.0, 0.0
+    if not requantize:
+        _refuse_if_merged(model, "merge_adapter")
     for name, layer in list(qlora_layers(model)):
         adapter = adapter_name or layer.active_adapter
         if adapter is None or adapter not in layer.lora_A:

@@ -93,8 +93,8 @@ class Linear4bit(nn.Module):
         quant_storage: torch.dtype = torch.uint8,
         device: Union[str, torch.device, None] = None,
     ) -> "Linear4bit":
-        """Quantizes ``linear``'s weight (on ``device``, or where the weight is); the bias is kept in
-        ``compute_dtype`` (the weight's dtype when None). ``linear`` itself is not changed."""
+        """Quantizes ``linear``'s weight (on ``device``, or where the weight is); the bias is kept as it
+        is, in its own dtype (forward casts it to the compute dtype). ``linear`` itself is not changed."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
@@ -117,8 +117,9 @@ class Linear4bit(nn.Module):
         layer.weight = nn.Parameter(packed, requires_grad=False)
         layer.quant_state = state
         if linear.bias is not None:
-            bias_dtype = compute_dtype if compute_dtype is not None else weight.dtype
-            layer.bias = nn.Parameter(linear.bias.detach().to(device=weight.device, dtype=bias_dtype).clone(), requires_grad=False)
+            # the bias keeps its dtype (a float32 bias rounded to bfloat16 would change what a user
+            # saved); forward casts it to the compute dtype, a vector of out_features
+            layer.bias = nn.Parameter(linear.bias.detach().to(device=weight.device).clone(), requires_grad=False)
         return layer
 
     def dequantize(self) -> torch.Tensor:
@@ -313,6 +314,9 @@ class QLoRALinear(nn.Module):
                 nn.init.zeros_(lora_B.weight)
         self.lora_A[adapter_name] = lora_A.train(self.training)
         self.lora_B[adapter_name] = lora_B.train(self.training)
+        # only the active adapter trains (the first one added is active)
+        lora_A.requires_grad_(adapter_name == self.active_adapter)
+        lora_B.requires_grad_(adapter_name == self.active_adapter)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(lora_alpha)
         self.scaling[adapter_name] = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
@@ -373,6 +377,8 @@ class QLoRALinear(nn.Module):
         """Makes ``adapter_name`` the active adapter (None: the base alone)."""
         if adapter_name is not None and adapter_name not in self.lora_A:
             raise ValueError(f"no adapter {adapter_name!r} in this layer; it has {sorted(self.lora_A)}")
+        if self.merged_adapter is not None:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged into this layer; unmerge first")
         self.active_adapter = adapter_name
 
     def extra_repr(self) -> str:
