@@ -64,6 +64,20 @@ def run(model_dir, data_file, output, *extra):
                      "--lr", "1e-2", "--quiet", *extra])  # fmt: skip
 
 
+def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch):
+    """run() stopped (KeyboardInterrupt) right after it wrote its first checkpoint."""
+    save = cli._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(model_dir, data_file, output)
+
+
 def adapter_tensors(directory):
     from safetensors.torch import load_file
 
@@ -78,17 +92,8 @@ def test_finetune_checkpoint_resume_and_peft(model_dir, data_file, tmp_path, mon
     assert any(v.abs().sum() > 0 for k, v in straight.items() if "lora_B" in k)
 
     # The same run, interrupted right after its checkpoint at step 2, then run again: it resumes.
-    save = cli._save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(model_dir, data_file, tmp_path / "resumed")
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch)
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
-    monkeypatch.setattr(cli, "_save_checkpoint", save)
     assert run(model_dir, data_file, tmp_path / "resumed") == 0
     resumed = adapter_tensors(tmp_path / "resumed")
     assert sorted(resumed) == sorted(straight)
@@ -146,16 +151,7 @@ def test_prompts_that_fill_max_length_are_left_out(model_dir, tmp_path, capsys):
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(model_dir, data_file, tmp_path, monkeypatch):
-    save = cli._save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(model_dir, data_file, tmp_path / "out")
-    monkeypatch.setattr(cli, "_save_checkpoint", save)
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "out", monkeypatch)
     with pytest.raises(SystemExit, match="other r"):
         cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "out"),
                   "--r", "8", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
