@@ -54,6 +54,11 @@ _PEFT_PREFIX = "base_model.model."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _named(name: str, names) -> bool:
+    """PEFT's matching of a module by name: the full name, or a ``.name`` suffix of it."""
+    return any(name == t or name.endswith("." + t) for t in names)
+
+
 @dataclasses.dataclass
 class LoraConfig:
     """Which layers get adapters and what the adapters are (PEFT's ``LoraConfig`` fields).
@@ -106,7 +111,12 @@ class LoraConfig:
         """Whether the module of full name ``name`` is a target (all-linear is decided by the caller)."""
         if isinstance(self.target_modules, str):
             return self.target_modules == "all-linear" or re.fullmatch(self.target_modules, name) is not None
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        return _named(name, self.target_modules)
+
+    def saves(self, name: str) -> bool:
+        """Whether the module of full name ``name`` is one of ``modules_to_save``."""
+        return _named(name, self.modules_to_save or [])
+
 
     def to_peft(self, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
         """The ``adapter_config.json`` that PEFT (0.21) writes for these settings."""
@@ -309,13 +319,12 @@ def prepare_model(
     head = _output_head(model)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     targets = [(n, m) for n, m in linears if lora_config.matches(n) and not (lora_config.target_modules == "all-linear" and m is head)]
-    save_names = set(lora_config.modules_to_save or [])
-    targets = [(n, m) for n, m in targets if not any(n == s or n.endswith("." + s) for s in save_names)]
+    targets = [(n, m) for n, m in targets if not lora_config.saves(n)]
     if not targets:
         raise ValueError(f"target_modules {lora_config.target_modules!r} matches no nn.Linear of the model")
     target_names = {n for n, _ in targets}
     others = [(n, m) for n, m in linears if quantize_others and n not in target_names and m is not head
-              and not any(n == s or n.endswith("." + s) for s in save_names)]  # fmt: skip
+              and not lora_config.saves(n)]  # fmt: skip
     work = [(n, m, True) for n, m in targets] + [(n, m, False) for n, m in others]
     for name, module, adapt in _progress(work, progress, "quantizing"):
         linear = _materialized_linear(name, module, source, device)
@@ -340,7 +349,7 @@ def prepare_model(
         for p in layer.lora_B.parameters():
             p.requires_grad_(True)
     for name, module in model.named_modules():
-        if any(name == s or name.endswith("." + s) for s in save_names):
+        if lora_config.saves(name):
             module.requires_grad_(True)
     _enable_input_grads(model)
     model.qlora_config = {adapter_name: lora_config}
@@ -508,7 +517,7 @@ def save_adapter(
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().contiguous().cpu()
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().contiguous().cpu()
     for name, module in model.named_modules():
-        if any(name == s or name.endswith("." + s) for s in config.modules_to_save or []):
+        if config.saves(name):
             for pname, p in module.named_parameters():
                 tensors[f"{_PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
     if not tensors:

@@ -31,6 +31,17 @@ def _compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> tor
     return compute_dtype if compute_dtype is not None else x.dtype
 
 
+def _in_compute_dtype(x: torch.Tensor, base: "Linear4bit") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x and the base's bias cast to the products' dtype."""
+    dtype = _compute_dtype(x, base.compute_dtype)
+    return x.to(dtype), (base.bias.to(dtype) if base.bias is not None else None)
+
+
+def _output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The result in x's dtype, or in autocast's under autocast (as torch's linear)."""
+    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
 class Linear4bit(nn.Module):
     """A frozen ``nn.Linear`` with its weight in 4 bits (NF4 or FP4, blockwise, optionally double
     quantized), computing ``x @ W.T + bias`` with the fused kernels of ``functional.gemm_4bit``.
@@ -132,10 +143,8 @@ class Linear4bit(nn.Module):
         return self.quant_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x, self.compute_dtype)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        out = F.gemm_4bit(x.to(dtype), self.weight, self._state(), bias)
-        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+        xc, bias = _in_compute_dtype(x, self)
+        return _output(F.gemm_4bit(xc, self.weight, self._state(), bias), x)
 
     def _apply(self, fn, recurse=True):
         # Parameters go through fn (the uint8 codes are left alone by dtype casts); the state follows
@@ -352,26 +361,16 @@ class QLoRALinear(nn.Module):
         base = self.base_layer
         name = self.active_adapter
         if self.merged_weight is not None and not self.disable_adapters:
-            dtype = _compute_dtype(x, base.compute_dtype)
-            bias = base.bias.to(dtype) if base.bias is not None else None
-            out = nn.functional.linear(x.to(dtype), self.merged_weight.to(dtype), bias)
-            return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+            xc, bias = _in_compute_dtype(x, base)
+            return _output(nn.functional.linear(xc, self.merged_weight.to(xc.dtype), bias), x)
         if self.disable_adapters or name is None:
             return base(x)
-        dtype = _compute_dtype(x, base.compute_dtype)
-        bias = base.bias.to(dtype) if base.bias is not None else None
+        xc, bias = _in_compute_dtype(x, base)
         p = self.lora_dropout[name] if self.training else 0.0
         out = F.lora_linear(
-            x.to(dtype),
-            base.weight,
-            base._state(),
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            self.scaling[name],
-            p,
-            bias,
+            xc, base.weight, base._state(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, bias
         )
-        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+        return _output(out, x)
 
     def set_adapter(self, adapter_name: Optional[str]) -> None:
         """Makes ``adapter_name`` the active adapter (None: the base alone)."""
