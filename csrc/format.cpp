@@ -39,8 +39,8 @@ void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize) {
                     " (bitsandbytes' nested blocksize), got ", blocksize);
 }
 
-static void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                              const char* ref_name) {
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
                     " is on ", ref.device(), "; move them to one device");
 }

@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "qlora/format.h"
 #include "qlora/lora.h"
 #include "qlora/op_calls.h"
 
@@ -309,6 +310,13 @@ int64_t check_lora_product_args(const char* op, const at::Tensor& x, const char*
   }
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
   TORCH_CHECK_VALUE(p == 0.0 || defined(seed), op, ": p is ", p, " but seed is None");
+  // Checked here, before dispatch picks a backend: a CUDA seed beside CPU tensors would otherwise
+  // route the call to the CUDA kernel and fail in its device guard with a message naming no argument.
+  if (defined(seed)) {
+    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, op, ": seed must be int64, got ", seed->scalar_type());
+    TORCH_CHECK_VALUE(seed->numel() == 1, op, ": seed must have one element, got shape ", seed->sizes());
+    check_same_device(*seed, x, op, "seed", x_name);
+  }
   return r;
 }
 

@@ -259,7 +259,18 @@ def test_products_bad_input_names_the_argument():
         (lambda: torch.ops.qlora.lora_grad_A(gd[:3], x, s, 0.1), ValueError, r"grad_down must have shape \[4, r\]"),
         (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1), ValueError, r"grad_down must have shape \[4, 2\]"),
         (lambda: torch.ops.qlora.lora_down(x[0], A, s, 0.1), ValueError, "x must be 2-D"),
+        (lambda: torch.ops.qlora.lora_down(x, A, s.int(), 0.1), TypeError, "lora_down: seed must be int64"),
+        (lambda: torch.ops.qlora.lora_grad_A(gd, x, torch.zeros(2, dtype=torch.int64), 0.1), ValueError,
+         "lora_grad_A: seed must have one element"),
     ]
+    if torch.cuda.is_available():
+        # A CUDA seed beside CPU tensors, even with p = 0, must name the seed rather than reach a kernel.
+        cuda_seed = seed_tensor(1, "cuda")
+        cases += [
+            (lambda: torch.ops.qlora.lora_down(x, A, cuda_seed, 0.0), ValueError, "seed is on cuda"),
+            (lambda: torch.ops.qlora.lora_grad_A(gd, x, cuda_seed, 0.1), ValueError, "seed is on cuda"),
+            (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd, A, cuda_seed, 0.1), ValueError, "seed is on cuda"),
+        ]
     assert_each_raises(cases)
 
 

@@ -42,6 +42,11 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
+// The product rounded on its own, never contracted with the add into an FMA whatever --fmad says:
+// the CPU kernel rounds twice, and the two must agree to the bit for float32 / float64 too.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // out[i] = x[i] * keep(i) * scale (+ base[i], rounded after the product as base + dropout(x) is).
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kDropoutThreads)
@@ -61,13 +66,13 @@ __global__ void __launch_bounds__(kDropoutThreads)
       Vec4<T> ov;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const T dropped = static_cast<T>(static_cast<Acc>(xv.v[j]) * (draw.v[j] >= threshold ? scale : Acc(0)));
+        const T dropped = static_cast<T>(mul_rn(static_cast<Acc>(xv.v[j]), draw.v[j] >= threshold ? scale : Acc(0)));
         ov.v[j] = base == nullptr ? dropped : static_cast<T>(static_cast<Acc>(bv.v[j]) + static_cast<Acc>(dropped));
       }
       *reinterpret_cast<Vec4<T>*>(out + i0) = ov;
     } else {
       for (int j = 0; j < 4 && i0 + j < n; ++j) {
-        const T dropped = static_cast<T>(static_cast<Acc>(x[i0 + j]) * (draw.v[j] >= threshold ? scale : Acc(0)));
+        const T dropped = static_cast<T>(mul_rn(static_cast<Acc>(x[i0 + j]), draw.v[j] >= threshold ? scale : Acc(0)));
         out[i0 + j] =
             base == nullptr ? dropped : static_cast<T>(static_cast<Acc>(base[i0 + j]) + static_cast<Acc>(dropped));
       }
@@ -486,12 +491,12 @@ at::Tensor lora_dropout_add_mm_cuda(const at::Tensor& base_in, const at::Tensor&
   const c10::cuda::CUDAGuard guard(base_in.device());
   const at::Tensor base = base_in.contiguous(), grad_down = grad_down_in.contiguous(), A = A_in.contiguous();
   const int64_t M = base.size(0), K = base.size(1);
-  if (M == 0 || K == 0 || !fused_applies({&base, &grad_down, &A}, K, r, p)) {
+  const int64_t m_tiles = ceil_div(M, kTile), k_tiles = ceil_div(K, kTile);
+  // k tiles ride on gridDim.y (at most 65535): a wider base takes the composite path instead of failing.
+  if (M == 0 || K == 0 || m_tiles > INT32_MAX || k_tiles > 65535 || !fused_applies({&base, &grad_down, &A}, K, r, p)) {
     return lora_dropout_add_mm_composite(base_in, grad_down_in, A_in, seed, p);
   }
   check_lora_dropout_args("lora_dropout_add_mm", base, *seed, p, at::Tensor());
-  const int64_t m_tiles = ceil_div(M, kTile), k_tiles = ceil_div(K, kTile);
-  TORCH_CHECK(m_tiles <= INT32_MAX && k_tiles <= 65535, "lora_dropout_add_mm: base is too large (", base.sizes(), ")");
   at::Tensor out = at::empty({M, K}, base.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(base.get_device()).stream();
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(k_tiles));

@@ -28,6 +28,8 @@ inline bool is_float_input(at::ScalarType t) {
 // whose message names the op and the argument.
 QuantType parse_quant_type(std::string_view quant_type);
 void check_blocksize(int64_t blocksize);
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name);
 QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
 void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize);
 // The scales of a dequantization: float32 absmax, or uint8 absmax with its nested state.
