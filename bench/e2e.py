@@ -106,7 +106,13 @@ def build(impl: str, name: str, device):
         model = model.to(device=device)
         model.requires_grad_(False)
         model.enable_input_require_grads()
+        # What from_pretrained(load_in_4bit) sets: PEFT then wraps each Linear4bit in its bitsandbytes
+        # LoRA layer (peft/tuners/lora/bnb.py), the one QLoRA users train, not its generic one.
+        model.is_loaded_in_4bit = True
         model = peft.get_peft_model(model, peft.LoraConfig(target_modules=PROJECTIONS, **lora))
+        kinds = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+        if kinds != {"peft.tuners.lora.bnb"}:
+            raise SystemExit(f"PEFT made LoRA layers of {sorted(kinds)}, not of peft.tuners.lora.bnb")
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -176,7 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     seqs = [int(s) for s in args.seqs.split(",")]
-    rows = []
+    rows, disagreements = [], []
+    meta = common.meta(args.device)
     for name in args.models.split(","):
         firsts = {}
         for impl in args.impls.split(","):
@@ -194,12 +201,20 @@ def main() -> None:
                                  "batch": 1, "tok_per_s": round(r["tok_per_s"], 1), "step_s": round(r["step_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
                                  "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
+                if args.out:  # after every model and implementation: a later crash or timeout keeps these
+                    common.write_results(args.out, meta, rows)
         for seq, losses in firsts.items():
             values = list(losses.values())
+            # Same weights, same tokens: the models differ only in rounding (bf16 products, the order
+            # of the 4-bit dequantization), which moves the loss far less than 2%.
             if max(values) - min(values) > 0.02 * abs(values[0]):
-                raise SystemExit(f"{name} seq {seq}: the first-step losses disagree: {losses}")
+                disagreements.append(f"{name} seq {seq}: the first-step losses disagree: {losses}")
+                print("FAILED " + disagreements[-1], flush=True)
+                for row in rows:  # kept, and marked: their speed is not of one computation
+                    if row["model"] == name and row["seq"] == seq:
+                        row["losses_disagree"] = True
     if args.out:
-        common.write_results(args.out, common.meta(args.device), rows)
+        common.write_results(args.out, meta, rows)
     for name in args.models.split(","):
         for seq in seqs:
             pick = {r["impl"]: r for r in rows if r["model"] == name and r["seq"] == seq}
@@ -207,6 +222,8 @@ def main() -> None:
                 a, b = pick["qlora_ext"], pick["bitsandbytes_peft"]
                 print(f"{name} seq {seq}: qlora_ext / bitsandbytes + PEFT tokens/s {a['tok_per_s'] / b['tok_per_s']:.2f}x, "
                       f"peak {a['peak_gib']} vs {b['peak_gib']} GiB")  # fmt: skip
+    if disagreements:
+        raise SystemExit("\n".join(disagreements))
 
 
 if __name__ == "__main__":
