@@ -12,7 +12,7 @@ import torch
 from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
-from conftest import DEVICES, assert_each_raises, random_weights, requires_cuda
+from conftest import DEVICES, assert_each_raises, needs_caching_allocator, random_weights, requires_cuda
 
 # Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
 # dequantize + cuBLAS forced at every M. On the CPU there is one path.
@@ -52,26 +52,6 @@ def make_input(shape, dtype, device, gen):
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
-
-
-@pytest.fixture(autouse=True)
-def fp32_cublas_reductions():
-    """cuBLAS accumulates in fp32 here, as the fused kernels do and as the bound below assumes.
-
-    torch lets cuBLAS reduce split-K partial sums of bf16 / fp16 products in bf16 / fp16 by default
-    (allow_bf16_reduced_precision_reduction), which rounds each partial sum once more: on the H200
-    the cuBLAS path at M = 7 on 130x1024 once came out 0.053 from the float64 value where the bound
-    allows 0.052 (2026-11-29). The dequantize + cuBLAS path follows whatever the caller set, as
-    torch.matmul does; these tests pin fp32 reductions so that the bound is the one derived below.
-    """
-    m = torch.backends.cuda.matmul
-    saved = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
-    m.allow_bf16_reduced_precision_reduction = False
-    m.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
 def assert_close_to_reference(out, x, w, bias=None, what=""):
@@ -393,6 +373,7 @@ def test_torch_compile_fullgraph(gen, device):
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
+@needs_caching_allocator
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 16, 64, 1024])
@@ -428,6 +409,7 @@ def test_cuda_graph_capture_and_replay(gen, m):
         assert torch.equal(dx, F.gemm_4bit_transposed(g_in, packed, state))
 
 
+@needs_caching_allocator
 @requires_cuda
 @pytest.mark.cuda
 def test_graph_keeps_its_workspace_when_the_eager_one_grows(gen):

@@ -16,7 +16,7 @@ import contextlib
 from qlora_ext import _C, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, assert_each_raises, requires_cuda
+from conftest import DEVICES, assert_bits_equal, assert_each_raises, needs_caching_allocator, requires_cuda
 from test_gemm_4bit import make_input, make_weight
 
 
@@ -645,6 +645,7 @@ def test_linear4bit_loads_bitsandbytes_state_dict(gen):
     assert_bits_equal(ours.bias, sd["bias"].to(torch.bfloat16))
 
 
+@needs_caching_allocator
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_graph_draws_a_new_mask_each_replay(gen):
