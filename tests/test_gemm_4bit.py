@@ -566,10 +566,10 @@ def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["default", "cublas"])
 def test_weight_past_2_to_the_31_elements(gen, path):
-    """int64 indexing in the products: a 65536 x 32769 weight (2**31 + 65536 codes, rows that cross
-    blocks), checked on row ranges at its start, across element 2**31 and at its end against the
-    float64 product on the dequantized weight."""
-    n, k = 65536, 32769
+    """int64 indexing in the products: an 81920 x 32769 weight (2**31 + 536 million codes, rows that
+    cross blocks; element 2**31 in row 65534, 16k rows before the end), checked on row ranges at its
+    start, across element 2**31 and at its end against the float64 product on the dequantized weight."""
+    n, k = 81920, 32769
     w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
     del w
