@@ -213,6 +213,8 @@ def main() -> None:
                 for row in rows:  # kept, and marked: their speed is not of one computation
                     if row["model"] == name and row["seq"] == seq:
                         row["losses_disagree"] = True
+                if args.out:
+                    common.write_results(args.out, meta, rows)
     if args.out:
         common.write_results(args.out, meta, rows)
     for name in args.models.split(","):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, the whole test suite (GPU tests included), the benchmarks.
+# On the GPU machine: build, the whole test suite (GPU tests included), the benchmarks, within one
+# device call (600 s): the suite and `lora e2e` do not fit one together, so run them in two.
 #   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
 # Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes and .device-wheels/
 # (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both. Writes build.log,
@@ -7,17 +8,29 @@
 # picks the benchmarks (BENCH= none; the default leaves out e2e), GEMM_ARGS / LORA_ARGS / E2E_ARGS are
 # bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none); SKIP_TESTS=1 skips
 # the tests; PROFILE=1 adds an ncu profile. TEST_TIMEOUT / TEST_CASE_TIMEOUT / BENCH_TIMEOUT bound the
-# suite, one test and one benchmark (s). A call is at most 600 s: tests and `lora e2e` need two calls.
+# suite, one test and one benchmark (s), CALL_BUDGET the whole.
 set -uo pipefail
 out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
 shift
 mkdir -p "$out"
+# A device call ends at 600 s, and what it was running is lost with it: each step below gets at most
+# what is left before CALL_BUDGET seconds (default 570) from here, and a step left under 30 s is skipped.
+deadline=$(( $(date +%s) + ${CALL_BUDGET:-570} ))
+left() { echo $(( deadline - $(date +%s) )); }
+bounded() {  # bounded LIMIT: the smaller of LIMIT and the time left, less 20 s for the kill grace
+  local l=$(( $(left) - 20 ))
+  [ "$1" -lt "$l" ] && l=$1
+  echo "$l"
+}
 # .device-wheels (bash bench/device-deps.sh, carried zipped): transformers, PEFT, accelerate,
 # safetensors, hypothesis, which the image lacks; unpacked once into .device-py.
-if [ -d .device-wheels ] && [ ! -f .device-py/.stamp ]; then
-  rm -rf .device-py
-  python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('.device-py') for w in sorted(glob.glob('.device-wheels/*.whl'))]" &&
-    touch .device-py/.stamp
+if [ -d .device-wheels ]; then
+  wheels=$(ls .device-wheels | sha256sum | cut -c1-16)
+  if [ "$(cat .device-py/.stamp 2>/dev/null)" != "$wheels" ]; then
+    rm -rf .device-py && mkdir -p .device-py
+    python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('.device-py') for w in sorted(glob.glob('.device-wheels/*.whl'))]" &&
+      echo "$wheels" > .device-py/.stamp
+  fi
 fi
 [ -d .device-wheels ] || echo "note: no .device-wheels (bash bench/device-deps.sh): tests needing transformers / PEFT / hypothesis skip, e2e fails"
 export PYTHONPATH=$PWD/.device-site:$PWD/.device-py${PYTHONPATH:+:$PYTHONPATH}
@@ -47,13 +60,20 @@ cmd="python3 -m pytest -q -rfE -n 4 --junitxml=$out/junit.xml $*"
 t1=$(date +%s)
 rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
-timeout -s INT -k 30 "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rfE -n 4 "${per_test[@]}" \
+limit=$(bounded "${TEST_TIMEOUT:-420}")
+[ $(( $(left) - 20 )) -ge 30 ] || { echo "tests: only $(left) s left of the call after the build; run again (the build is kept)"; exit 1; }
+timeout -s INT -k 15 "$limit" python3 -m pytest -q -rfE -n 4 "${per_test[@]}" \
   --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40
 tail -3 "$out/pytest.log"
 echo "tests: $(( $(date +%s) - t1 )) s, exit $rc"
 python3 bench/summarize_tests.py "$out/junit.xml" "$cmd" > "$out/gpu-tests.md"
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  # The junit file then lists only the tests that finished: say so where the counts are read.
+  printf '\n**Cut short** after %s s (exit %s): the counts above are of the tests that finished; see pytest.log.\n' \
+    "$limit" "$rc" | tee -a "$out/gpu-tests.md"
+fi
 fi
 # PROFILE=1: ncu's view of the fused product (ncu-gemm.txt; SourceCounters names the SASS lines
 # where warps stall most): PROFILE_SHAPE "N K" (default 28672 8192), PROFILE_M (1), PROFILE_VARIANT
@@ -67,9 +87,17 @@ if [ -n "${PROFILE:-}" ]; then
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all but e2e); BENCH= runs none. Each
-# is bounded by BENCH_TIMEOUT seconds (default 300); the scripts rewrite their JSON as rows come, so
-# what was measured before a timeout or a crash survives.
-bench_run() { timeout -s INT -k 30 "${BENCH_TIMEOUT:-300}" python3 "$@"; }
+# is bounded by BENCH_TIMEOUT seconds (default 300) and by the call's deadline; lora.py and e2e.py
+# rewrite their JSON as rows come, so what they measured before a timeout or a crash survives.
+bench_run() {
+  local limit
+  limit=$(bounded "${BENCH_TIMEOUT:-300}")
+  if [ $(( $(left) - 20 )) -lt 30 ]; then echo "skipped $1: $(left) s left of the call"; return 0; fi
+  timeout -s INT -k 15 "$limit" python3 "$@"
+  local rc=$?
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "$1: cut short after $limit s (exit $rc)"
+  return $rc
+}
 for b in ${BENCH-quantize gemm lora}; do
   case $b in
     quantize) bench_run bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;

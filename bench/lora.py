@@ -3,7 +3,7 @@
     python3 bench/lora.py --out bench/results/lora-h200-DATE.json
 
 For each weight shape (out x in, bf16, NF4 with double quantization, blocksize 64), each rank r and
-each dropout probability, op "lora_layer" rows for three implementations of
+each dropout probability, op "lora_layer" rows for four implementations of
 y = x W^T + b + s * B(A(dropout(x))):
   "qlora_ext":         qlora_ext.nn.QLoRALinear (the fused op functional.lora_linear);
   "torch_bf16":        PEFT's own LoRA layer (get_peft_model) on a frozen bf16 nn.Linear: nn.Dropout,
@@ -12,9 +12,11 @@ y = x W^T + b + s * B(A(dropout(x))):
                        as get_peft_model makes it for a model loaded in 4 bits;
   "qlora_ext_fused":   qlora_ext with the fused dropout kernels of the adapter products
                        (_C._set_lora_fused(True); train rows with dropout only).
-All three hold the same weight (the bf16 one is the dequantized 4-bit weight) and bf16 adapters, so
-they compute one function; each is checked against float64 first (dropout 0, output and the
-gradients of x, A and B).
+All hold the same weight (the bf16 one is the dequantized 4-bit weight) and bf16 adapters, so they
+compute one function; each is checked against float64 first (dropout 0, output and the gradients of
+x, A and B), and qlora_ext_fused, whose kernels run only with dropout on, also against qlora_ext's
+composite products on one training step with the same mask. A row that fails has "error" and no
+time; the run goes on and exits non-zero at the end.
 mode "train": M tokens (default 4096), forward + backward (x requires grad, as a layer inside a
 model; A and B get gradients, the base weight none), timed with CUDA events, the median of many steps.
 peak_mib: the peak allocated memory of a step above what was allocated before it (layer, x and dY
@@ -121,6 +123,31 @@ def check(layer, x, g, ref) -> list[float]:
     dx, dA, dB = torch.autograd.grad(y, [xi, A, B], g)
     layer.train()
     return [rel_err(t, r) for t, r in zip((y, dx, dA, dB), ref)]
+
+
+def train_outputs(layer, x, g) -> list[torch.Tensor]:
+    """y, dx, dA, dB of one training step (dropout on), its mask drawn after torch.manual_seed(0)."""
+    A, B = adapters(layer)
+    xi = x.detach().requires_grad_()
+    torch.manual_seed(0)
+    y = layer(xi)
+    return [y, *torch.autograd.grad(y, [xi, A, B], g)]
+
+
+def check_fused(layer, x, g) -> str | None:
+    """The fused adapter kernels run only with dropout on, which check() (eval mode) leaves off: the
+    same training step with them on against them off, on the same mask. None when they agree."""
+    previous = _C._set_lora_fused(False)
+    try:
+        composite = train_outputs(layer, x, g)
+        _C._set_lora_fused(True)
+        fused = train_outputs(layer, x, g)
+    finally:
+        _C._set_lora_fused(previous)
+    errs = [rel_err(f, c.double()) for f, c in zip(fused, composite)]
+    if max(errs) < MAX_REL_ERR and all(torch.isfinite(f).all() for f in fused):
+        return None
+    return f"fused against composite, same mask: relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]}"
 
 
 # bf16 inputs and outputs: each of y, dx, dA, dB has relative error ~2^-9 from rounding alone; 2e-2
@@ -230,38 +257,48 @@ def main() -> None:
                 g = (torch.randn(m, n, device=dev, generator=gen) * 0.01).to(torch.bfloat16)
                 ref = reference(w, bias, A, B, scaling, x, g)
                 for p in dropouts:
-                    times = {}
+                    times, config_rows = {}, {}
+                    flops = 4 * m * n * k + 6 * m * r * (n + k)
+                    floor = flops / (tflops * 1e12) * 1e3
                     # The fused kernels only differ from qlora_ext with dropout on.
                     for impl in [i for i in impls if p > 0 or i != "qlora_ext_fused"]:
                         layer = build(impl, n, k, r, p, w, bias, A, B, bnb)
                         previous = _C._set_lora_fused(impl == "qlora_ext_fused")
                         try:
                             errs = check(layer, x, g, ref)
+                            problem = None
                             if not max(errs) < MAX_REL_ERR:
-                                failures.append(f"train {n}x{k} r={r} p={p} {impl}: relative errors (y, dx, dA, dB) "
-                                                f"{['%.2e' % e for e in errs]} against float64")  # fmt: skip
-                                print("FAILED " + failures[-1], flush=True)
-                                continue
-                            ms, peak, persistent = time_train(layer, x, g, args.iters)
+                                problem = f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                            elif impl == "qlora_ext_fused":
+                                problem = check_fused(layer, x, g)
+                            if problem is None:
+                                ms, peak, persistent = time_train(layer, x, g, args.iters)
                         finally:
                             _C._set_lora_fused(previous)
                             del layer
+                        key = {"op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
+                               "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64}  # fmt: skip
+                        if problem is not None:
+                            failures.append(f"train {n}x{k} r={r} p={p} {impl}: {problem}")
+                            print("FAILED " + failures[-1], flush=True)
+                            rows.append({**key, "error": problem})
+                            save()
+                            continue
                         times[impl] = (ms, peak, max(errs), persistent)
-                    flops = 4 * m * n * k + 6 * m * r * (n + k)
-                    floor = flops / (tflops * 1e12) * 1e3
-                    for impl, (ms, peak, err, persistent) in times.items():
                         row = {
-                            "op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
-                            "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64,
-                            "ms": round(ms, 5), "peak_mib": None if peak is None else round(peak, 1),
-                            "persistent_mib": None if persistent is None else round(persistent, 1), "rel_err_vs_float64": float(f"{err:.3g}"),
+                            **key, "ms": round(ms, 5), "peak_mib": None if peak is None else round(peak, 1),
+                            "persistent_mib": None if persistent is None else round(persistent, 1),
+                            "rel_err_vs_float64": float(f"{max(errs):.3g}"),
                             "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
                         }  # fmt: skip
+                        config_rows[impl] = row
+                        rows.append(row)
+                        save()  # each row as it is timed: a CUDA fault in the next implementation keeps it
+                    for impl, row in config_rows.items():
                         if impl.startswith("qlora_ext"):
                             for other in ("torch_bf16", "bitsandbytes_peft"):
                                 if other in times:
-                                    row[f"speedup_vs_{other}"] = round(times[other][0] / ms, 3)
-                        rows.append(row)
+                                    row[f"speedup_vs_{other}"] = round(times[other][0] / row["ms"], 3)
                     line = "  ".join(f"{i} {t[0]:7.3f} ms {t[1] or 0:7.0f} MiB" for i, t in times.items())
                     print(f"train  {n:5d}x{k:<5d} M={m} r={r:<3d} p={p:<4}  {line}", flush=True)
                     save()
@@ -279,6 +316,9 @@ def main() -> None:
                         if not errs[impl] < MAX_REL_ERR:
                             failures.append(f"decode {n}x{k} r={r} {impl}: relative error {errs[impl]:.2e}")
                             print("FAILED " + failures[-1], flush=True)
+                            rows.append({"op": "lora_layer", "mode": "decode", "impl": impl, "n": n, "k": k, "M": 1,
+                                         "r": r, "dropout": 0.0, "error": f"relative error {errs[impl]:.2e} against float64"})  # fmt: skip
+                            save()
                             del layers[impl]
                             continue
                         fn = lambda i, ls=layers[impl]: ls[i % len(ls)](x)  # noqa: E731
@@ -313,7 +353,7 @@ def main() -> None:
 
 
 def _summary(rows) -> None:
-    ours = [r for r in rows if r["impl"].startswith("qlora_ext")]
+    ours = [r for r in rows if r["impl"].startswith("qlora_ext") and "error" not in r]
     if not ours:
         return
     print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")

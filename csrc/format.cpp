@@ -154,13 +154,17 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
   return {qt, N, K};
 }
 
+void check_seed(const char* op, const at::Tensor& seed, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op, ": seed must be int64, got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1, op, ": seed must have one element, got shape ", seed.sizes());
+  check_same_device(seed, x, op, "seed", x_name);
+}
+
 void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& seed, double p,
                              const at::Tensor& base) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a float tensor, got ", x.scalar_type());
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
-  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op, ": seed must be int64, got ", seed.scalar_type());
-  TORCH_CHECK_VALUE(seed.numel() == 1, op, ": seed must have one element, got shape ", seed.sizes());
-  check_same_device(seed, x, op, "seed", "x");
+  check_seed(op, seed, x, "x");
   if (base.defined()) {
     check_same_device(base, x, op, "base", "x");
     TORCH_CHECK_TYPE(base.scalar_type() == x.scalar_type(), op, ": base must have x's dtype (", x.scalar_type(),

@@ -94,6 +94,7 @@ void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, cons
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK_VALUE(dropout_p == 0.0 || defined(seed), op, ": dropout_p is ", dropout_p,
                     " but seed is None; pass the dropout seed (an int64 tensor of one element on x's device)");
+  if (defined(seed)) check_seed(op, *seed, x, "x");
 }
 
 // The products' dtype: x's; the adapters are cast to it (a no-op when they have it already).
@@ -310,13 +311,10 @@ int64_t check_lora_product_args(const char* op, const at::Tensor& x, const char*
   }
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
   TORCH_CHECK_VALUE(p == 0.0 || defined(seed), op, ": p is ", p, " but seed is None");
-  // Checked here, before dispatch picks a backend: a CUDA seed beside CPU tensors would otherwise
-  // route the call to the CUDA kernel and fail in its device guard with a message naming no argument.
-  if (defined(seed)) {
-    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, op, ": seed must be int64, got ", seed->scalar_type());
-    TORCH_CHECK_VALUE(seed->numel() == 1, op, ": seed must have one element, got shape ", seed->sizes());
-    check_same_device(*seed, x, op, "seed", x_name);
-  }
+  // Checked first in every backend's kernel, also where p = 0 leaves the seed unused: a CUDA seed
+  // beside CPU tensors dispatches to the CUDA kernel, whose device guard would otherwise fail with a
+  // message naming no argument.
+  if (defined(seed)) check_seed(op, *seed, x, x_name);
   return r;
 }
 

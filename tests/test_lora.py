@@ -248,6 +248,20 @@ def test_fused_products_fall_back_where_they_do_not_apply(gen):
             assert_bits_equal(f, c, f"{dtype} {m}x{k} r={r} p={p}")
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_fused_add_mm_falls_back_past_65535_k_tiles(gen):
+    """lora_dropout_add_mm puts its 64-column tiles of K on gridDim.y (at most 65535): a wider base
+    takes the composite form, to the bit, instead of failing (two rows of 4194368: 16 MiB each)."""
+    x, A, gd, base = product_inputs(2, 65536 * 64 + 64, 8, torch.bfloat16, "cuda", gen)
+    seed = seed_tensor(5, "cuda")
+    with lora_fused(False):
+        composite = torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, 0.1)
+    with lora_fused(True):
+        fused = torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, 0.1)
+    assert_bits_equal(fused, composite, "K = 65536 * 64 + 64")
+
+
 def test_products_bad_input_names_the_argument():
     x, A = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(2, 16, dtype=torch.bfloat16)
     gd = torch.ones(4, 2, dtype=torch.bfloat16)
@@ -472,6 +486,9 @@ def test_bad_input_names_the_argument(gen):
         (lambda: layer(x, p=1.5, seed=seed_tensor(1, "cpu")), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
         (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError, "scaling must be finite"),
+        (lambda: layer(x, p=0.1, seed=seed_tensor(1, "cpu").int()), TypeError, "lora_linear: seed must be int64"),
+        # A seed is checked where p = 0 leaves it unused too: it is an argument like any other.
+        (lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)), ValueError, "lora_linear: seed must have one element"),
     ]
     assert_each_raises(cases)
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_bits_equal, poison, random_weights, requires_cuda
+from conftest import DEVICES, HAS_CUDA, assert_bits_equal, needs_caching_allocator, poison, random_weights, requires_cuda
 
 import qlora_ext
 from qlora_ext import QuantState
@@ -412,6 +412,7 @@ def test_bad_input_names_the_argument(gen, device):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_device_mismatch_is_an_error(gen):
     x = random_weights(64 * 8, torch.float32, "cuda", gen)
     p, s = Q.quantize_4bit(x)
@@ -472,7 +473,9 @@ def test_torch_compile_fullgraph(gen, device):
     assert_bits_equal(compiled(w), roundtrip(w), "compiled")
 
 
+@needs_caching_allocator
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay(gen):
     x = random_weights(64 * 1000 + 5, torch.bfloat16, "cuda", gen)
     static_x = x.clone()
@@ -499,6 +502,7 @@ def test_cuda_graph_capture_and_replay(gen):
 
 
 @requires_cuda
+@pytest.mark.cuda
 @pytest.mark.slow
 def test_past_2_to_the_31_elements(gen):
     """int64 indexing: a bf16 tensor of 2**31 + 12325 elements, checked block by block against the

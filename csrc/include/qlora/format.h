@@ -47,6 +47,8 @@ QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor&
 
 // lora_dropout(x, seed, p) and lora_dropout_add(base, x, seed, p) (base undefined for the former):
 // x float, seed an int64 tensor of one element on x's device, 0 <= p <= 1.
+// The dropout seed: an int64 tensor of one element on x's device.
+void check_seed(const char* op, const at::Tensor& seed, const at::Tensor& x, const char* x_name);
 void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& seed, double p,
                              const at::Tensor& base);
 
