@@ -32,6 +32,7 @@ the base weight + 6Mr(N+K) for the adapters); decode, the weight's bytes / the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -134,16 +135,23 @@ def train_outputs(layer, x, g) -> list[torch.Tensor]:
     return [y, *torch.autograd.grad(y, [xi, A, B], g)]
 
 
+@contextlib.contextmanager
+def lora_fused(on: bool):
+    """qlora_ext's fused adapter kernels on or off inside the block, as they were after it."""
+    previous = _C._set_lora_fused(on)
+    try:
+        yield
+    finally:
+        _C._set_lora_fused(previous)
+
+
 def check_fused(layer, x, g) -> str | None:
     """The fused adapter kernels run only with dropout on, which check() (eval mode) leaves off: the
     same training step with them on against them off, on the same mask. None when they agree."""
-    previous = _C._set_lora_fused(False)
-    try:
+    with lora_fused(False):
         composite = train_outputs(layer, x, g)
-        _C._set_lora_fused(True)
+    with lora_fused(True):
         fused = train_outputs(layer, x, g)
-    finally:
-        _C._set_lora_fused(previous)
     errs = [rel_err(f, c.double()) for f, c in zip(fused, composite)]
     if max(errs) < MAX_REL_ERR and all(torch.isfinite(f).all() for f in fused):
         return None
@@ -263,18 +271,17 @@ def main() -> None:
                     # The fused kernels only differ from qlora_ext with dropout on.
                     for impl in [i for i in impls if p > 0 or i != "qlora_ext_fused"]:
                         layer = build(impl, n, k, r, p, w, bias, A, B, bnb)
-                        previous = _C._set_lora_fused(impl == "qlora_ext_fused")
                         try:
-                            errs = check(layer, x, g, ref)
-                            problem = None
-                            if not max(errs) < MAX_REL_ERR:
-                                problem = f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
-                            elif impl == "qlora_ext_fused":
-                                problem = check_fused(layer, x, g)
-                            if problem is None:
-                                ms, peak, persistent = time_train(layer, x, g, args.iters)
+                            with lora_fused(impl == "qlora_ext_fused"):
+                                errs = check(layer, x, g, ref)
+                                problem = None
+                                if not max(errs) < MAX_REL_ERR:
+                                    problem = f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                                elif impl == "qlora_ext_fused":
+                                    problem = check_fused(layer, x, g)
+                                if problem is None:
+                                    ms, peak, persistent = time_train(layer, x, g, args.iters)
                         finally:
-                            _C._set_lora_fused(previous)
                             del layer
                         key = {"op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
                                "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64}  # fmt: skip
