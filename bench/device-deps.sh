@@ -2,7 +2,7 @@
 # The Python packages that the GPU machine's image lacks and the tests and benchmarks import:
 # transformers, PEFT, accelerate, safetensors (tests/test_model.py, test_cli.py, test_files.py,
 # bench/e2e.py), hypothesis (tests/test_properties.py) and pytest-timeout (bench/h200.sh). Without them those tests skip on the H200
-# and bench/e2e.py cannot start. The image has torch 2.11, numpy, packaging and pytest;
+# and bench/e2e.py cannot start; transformers 5 asks for kernels whenever from_pretrained loads. The image has torch 2.11, numpy, packaging and pytest;
 # bitsandbytes and torchao come from ../shared/tools/device-site.sh.
 #   bash bench/device-deps.sh          (run here, from the project root, with ./dev setup done)
 # Downloads CPython 3.12 wheels, at the versions of this machine's .venv (the ones CI tests), into
@@ -16,7 +16,7 @@ py=${QLORA_VENV:-.venv}/bin/python
 packages=(transformers tokenizers huggingface_hub hf-xet httpx2 httpcore2 anyio idna truststore h11 click
           typer pydantic pydantic_core annotated-types typing-inspection annotated-doc shellingham rich
           markdown-it-py mdurl pygments regex PyYAML tqdm safetensors peft accelerate psutil hypothesis
-          sortedcontainers typing_extensions pytest-timeout)
+          sortedcontainers typing_extensions pytest-timeout kernels tomlkit)
 pins=()
 for p in "${packages[@]}"; do
   v=$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p") ||
