@@ -1,20 +1,29 @@
 """A whole QLoRA training step of Llama-shaped models: qlora_ext against bitsandbytes + PEFT, one run.
 
-    python3 bench/e2e.py --out bench/results/e2e-h200-DATE.json [--models llama7b,llama65b] [--seqs 512,2048]
+    python3 bench/e2e.py --out bench/results/e2e-GPU-DATE.json [--models llama7b,llama65b]
+        [--runs 1x2048,4x2048] [--adapter-dtypes float32,bfloat16] [--loss-steps 50] [--profile FILE]
 
 transformers' LlamaForCausalLM with random weights (std 0.02, norms 1), built on the meta device and
 quantized layer by layer (NF4, double quantization, blocksize 64); LoRA r = 64, alpha = 16, dropout
-0.05 on all seven projections; gradient checkpointing (non-reentrant); AdamW (lr 1e-4); bf16;
-batch 1. The two implementations hold the same weights (the same random values, quantized to the
-same bits) and differ in the layers:
-  "qlora_ext":     qlora_ext.prepare_model (QLoRALinear: fused 4-bit products, one autograd op a layer);
-  "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top.
+0.05 on all seven projections; gradient checkpointing (non-reentrant); AdamW (lr 1e-4); bf16. The
+implementations hold the same weights (the same random values, quantized to the same bits) and
+differ in the layers:
+  "qlora_ext":         qlora_ext.prepare_model (QLoRALinear: fused 4-bit products, one autograd op a layer);
+  "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);
+  "bf16_peft":         the bf16 model with PEFT's LoRA: the ceiling a 4-bit base can at best reach
+                       (left out where its 16-bit weights would take over half the GPU's memory).
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
-would, for both). Correctness first: the loss of the same tokens at the first step (B = 0, so the
-quantized base) must agree within 2%. Then: the median time of --steps full steps (forward,
-backward, optimizer step) after 3 warm-up steps, tokens/s, and the peak allocated memory of the
-process (weights included). Rows: op "e2e", impl, model, seq, tok_per_s, peak_gib, step_s.
---compile adds the same with torch.compile of the model, where it works.
+would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
+every implementation alike (AdamW's states then bf16 too).
+
+Correctness first: the loss of the same tokens at the first step (B = 0, so the quantized base) must
+agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
+(forward, backward, optimizer step) after 3 warm-up steps, tokens/s, and the peak allocated memory of
+the process (weights included). Rows: op "e2e", impl, model, batch, seq, adapter_dtype, tok_per_s,
+peak_gib, step_s. --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
+for each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
+--profile FILE writes, per implementation, the GPU time of one step kernel by kernel
+(torch.profiler) and the step's wall time against the GPU's busy time.
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import math
+import re
 import statistics
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,12 +55,17 @@ MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),
 }  # fmt: skip
+# The batch x sequence shapes of issue 18 for each model (--runs replaces them for every model).
+RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IMPLS = ["qlora_ext", "bitsandbytes_peft", "bf16_peft"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)
 
 
 class RandomWeights(Mapping):
     """The model's tensors, drawn when asked for: std 0.02 (norm weights 1), one generator seeded by
-    the tensor's name, so both implementations get the same values without either holding them all."""
+    the tensor's name, so every implementation gets the same values without any holding them all."""
 
     def __init__(self, shapes: dict[str, torch.Size], device, dtype=torch.bfloat16):
         self.shapes, self.device, self.dtype = shapes, device, dtype
@@ -58,7 +75,7 @@ class RandomWeights(Mapping):
         if "norm" in key:
             return torch.ones(shape, dtype=self.dtype, device=self.device)
         g = torch.Generator(device=self.device)
-        g.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
+        g.manual_seed(name_seed(key))
         return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * 0.02).to(self.dtype)
 
     def __iter__(self):
@@ -66,6 +83,10 @@ class RandomWeights(Mapping):
 
     def __len__(self):
         return len(self.shapes)
+
+
+def name_seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
 
 
 def empty_model(name: str):
@@ -78,41 +99,53 @@ def empty_model(name: str):
     return model
 
 
-def build(impl: str, name: str, device):
+def bf16_bytes(name: str) -> int:
+    c = MODELS[name]
+    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    return 2 * (n * (4 * h * h + 3 * h * i) + 2 * v * h)
+
+
+def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
     model = empty_model(name)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = RandomWeights(shapes, device)
-    lora = dict(r=64, lora_alpha=16, lora_dropout=0.05)
     if impl == "qlora_ext":
-        qlora_ext.prepare_model(model, qlora_ext.LoraConfig(target_modules=PROJECTIONS, **lora), compute_dtype=torch.bfloat16,
-                                weights=weights, device=device, progress=False)  # fmt: skip
+        config = qlora_ext.LoraConfig(target_modules=PROJECTIONS, adapter_dtype=adapter_dtype, **LORA)
+        qlora_ext.prepare_model(model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False)
         model = model.to(device=device)
     else:
-        import bitsandbytes as bnb
         import peft
 
         replaced = []
-        for mname, module in list(model.named_modules()):
-            if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
-                replaced.append(mname)
-                layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                          compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
-                layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
-                parent, child = qlora_ext.model._parent(model, mname)
-                setattr(parent, child, layer.to(device))  # bitsandbytes quantizes on .to()
+        if impl == "bitsandbytes_peft":
+            import bitsandbytes as bnb
+
+            for mname, module in list(model.named_modules()):
+                if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
+                    replaced.append(mname)
+                    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                              compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                    layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
+                    parent, child = qlora_ext.model._parent(model, mname)
+                    setattr(parent, child, layer.to(device))  # bitsandbytes quantizes on .to()
         rest = RandomWeights({k: v for k, v in shapes.items() if k.rpartition(".")[0] not in replaced}, device)
         qlora_ext.model._load_rest(model, qlora_ext.model._WeightSource(rest))
         model = model.to(device=device)
         model.requires_grad_(False)
         model.enable_input_require_grads()
-        # What from_pretrained(load_in_4bit) sets: PEFT then wraps each Linear4bit in its bitsandbytes
-        # LoRA layer (peft/tuners/lora/bnb.py), the one QLoRA users train, not its generic one.
-        model.is_loaded_in_4bit = True
-        model = peft.get_peft_model(model, peft.LoraConfig(target_modules=PROJECTIONS, **lora))
+        if impl == "bitsandbytes_peft":
+            # What from_pretrained(load_in_4bit) sets: PEFT then wraps each Linear4bit in its bitsandbytes
+            # LoRA layer (peft/tuners/lora/bnb.py), the one QLoRA users train, not its generic one.
+            model.is_loaded_in_4bit = True
+        model = peft.get_peft_model(model, peft.LoraConfig(target_modules=PROJECTIONS, **LORA))
         kinds = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-        if kinds != {"peft.tuners.lora.bnb"}:
-            raise SystemExit(f"PEFT made LoRA layers of {sorted(kinds)}, not of peft.tuners.lora.bnb")
+        want = "peft.tuners.lora.bnb" if impl == "bitsandbytes_peft" else "peft.tuners.lora.layer"
+        if kinds != {want}:
+            raise SystemExit(f"PEFT made LoRA layers of {sorted(kinds)}, not of {want}")
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != adapter_dtype:
+                p.data = p.data.to(adapter_dtype)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -122,30 +155,112 @@ def build(impl: str, name: str, device):
     return model
 
 
-def measure(impl, name, seqs, steps, device, compile_model: bool):
+def adapter_key(name: str) -> str:
+    """A LoRA parameter's name without PEFT's wrapper prefix: the same key in every implementation."""
+    return name.removeprefix("base_model.model.")
+
+
+def reset_adapters(model) -> None:
+    """A from the layer's name (kaiming-uniform's bound, 1 / sqrt(in_features)), B = 0: the same start
+    for every implementation."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if ".lora_B." in pname:
+                p.zero_()
+            elif ".lora_A." in pname:
+                g = torch.Generator(device=p.device).manual_seed(name_seed(adapter_key(pname)))
+                bound = 1 / math.sqrt(p.shape[1])
+                p.copy_(torch.rand(p.shape, generator=g, device=p.device) * (2 * bound) - bound)
+
+
+def tokens(name: str, batch: int, seq: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MODELS[name]["vocab_size"], (batch, seq), generator=g).to(device)
+
+
+# Kernel families for the profile's summary: the first pattern a kernel's name matches.
+FAMILIES = [
+    ("qlora_ext products", r"gemm_4bit|dequant.*4bit|qlora|kDequantizeBlockwise|lora_"),
+    ("bitsandbytes", r"kDequantize|kgemm_4bit|kQuantize"),
+    ("attention", r"flash|fmha|attention|sdpa|cutlass.*Kernel.*(Fwd|Bwd)"),
+    ("GEMM (cuBLAS)", r"nvjet|gemm|sm90_xmma|cutlass|splitKreduce|Kernel2"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("loss / softmax", r"softmax|nll|log_softmax|cross_entropy"),
+    ("reductions", r"reduce"),
+    ("copies / casts", r"copy|cast|CatArray|fill"),
+    ("elementwise", r"elementwise|vectorized|unrolled|index"),
+]
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """Microseconds of GPU time and launch count per kernel name, from a torch.profiler run."""
+    out: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and getattr(e, "is_legacy", False) is False:
+            t = getattr(e, "device_time", None)
+            if t is None:
+                t = getattr(e, "cuda_time", 0.0)
+            if t and not e.cpu_children and e.name and not e.name.startswith("cuda"):
+                out[e.name][0] += t
+                out[e.name][1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def profile_step(step, label: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+    times = kernel_times(prof)
+    busy = sum(t for t, _ in times.values()) / 1e3
+    families: dict[str, float] = defaultdict(float)
+    for kname, (t, _) in times.items():
+        fam = next((f for f, pat in FAMILIES if re.search(pat, kname, re.I)), "other")
+        families[fam] += t / 1e3
+    lines = [f"## {label}", "", f"step {wall:.1f} ms wall (under the profiler), GPU busy {busy:.1f} ms, "
+             f"{sum(n for _, n in times.values())} kernels", "", "| family | ms | share |", "| --- | --- | --- |"]
+    lines += [f"| {f} | {ms:.1f} | {ms / busy:.1%} |" for f, ms in sorted(families.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| kernel | ms | launches |", "| --- | --- | --- |"]
+    for kname, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:30]:
+        lines.append(f"| `{kname[:110]}` | {t / 1e3:.2f} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def release(*_):
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(impl, name, runs, steps, device, adapter_dtype, profile_run):
+    """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    model = build(impl, name, device)
+    model = build(impl, name, device, adapter_dtype)
     sync()
     build_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    fn = torch.compile(model) if compile_model else model
-    vocab = MODELS[name]["vocab_size"]
-    results = {}
-    for seq in seqs:
-        g = torch.Generator().manual_seed(seq)
-        ids = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+    results, profile_text = {}, ""
+    for batch, seq in runs:
+        ids = tokens(name, batch, seq, device, seed=seq)
 
         def step():
-            loss = fn(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
 
         with torch.no_grad():
-            first = fn(input_ids=ids, labels=ids).loss.item()
+            first = model(input_ids=ids, labels=ids).loss.item()
         for _ in range(3):
             step()
         sync()
@@ -160,70 +275,130 @@ def measure(impl, name, seqs, steps, device, compile_model: bool):
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         step_s = statistics.median(times)
-        results[seq] = dict(first_loss=first, step_s=step_s, tok_per_s=seq / step_s, peak_gib=peak)
-        print(f"{impl:18s}{' compiled' if compile_model else '':9s} {name:9s} seq {seq:5d}: {seq / step_s:8.0f} tok/s, "
+        n = batch * seq
+        results[(batch, seq)] = dict(first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak)
+        print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s}: {n / step_s:8.0f} tok/s, "
               f"step {step_s:.3f} s, peak {peak or 0:.2f} GiB, first loss {first:.4f}", flush=True)  # fmt: skip
-    model = fn = optimizer = trainable = None  # freed before the next build
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return build_s, results
+        if profile_run == (batch, seq) and device.type == "cuda":
+            profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters")
+            print(profile_text, flush=True)
+    del model, optimizer, trainable
+    release()
+    return build_s, results, profile_text
+
+
+def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> list[float]:
+    """`steps` training steps (lr 2e-4) on 4 fixed batches, cycled, from the same initial adapters."""
+    model = build(impl, name, device, adapter_dtype)
+    reset_adapters(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    data = [tokens(name, batch, seq, device, seed=1000 + i) for i in range(4)]
+    torch.manual_seed(0)
+    losses = []
+    for i in range(steps):
+        ids = data[i % len(data)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    del model, optimizer
+    release()
+    print(f"{impl:18s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
+    return losses
+
+
+def parse_runs(text: str) -> list[tuple[int, int]]:
+    runs = []
+    for item in text.split(","):
+        b, _, s = item.partition("x")
+        if not (b.isdigit() and s.isdigit()):
+            raise SystemExit(f"--runs: each run is BATCHxSEQ (e.g. 1x2048), got {item!r}")
+        runs.append((int(b), int(s)))
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama7b,llama65b")
-    ap.add_argument("--seqs", default="512,2048")
+    ap.add_argument("--runs", default=None, help="BATCHxSEQ list for every model (default: " +
+                    "; ".join(f"{m} {r}" for m, r in RUNS.items()) + ")")  # fmt: skip
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--impls", default="qlora_ext,bitsandbytes_peft")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of each model")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
+    ap.add_argument("--adapter-dtypes", default="float32", help="float32 and/or bfloat16, for every implementation")
+    ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
+    ap.add_argument("--profile", default=None, help="FILE: one step of each implementation, kernel by kernel")
+    ap.add_argument("--profile-run", default="1x2048", help="the BATCHxSEQ run profiled")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --models tiny")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
-    seqs = [int(s) for s in args.seqs.split(",")]
-    rows, disagreements = [], []
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls: {impl!r} is not one of {IMPLS}")
+    dtypes = []
+    for d in args.adapter_dtypes.split(","):
+        if d not in DTYPES:
+            raise SystemExit(f"--adapter-dtypes: {d!r} is not one of {sorted(DTYPES)}")
+        dtypes.append(d)
+    profile_run = parse_runs(args.profile_run)[0] if args.profile else None
+    rows, disagreements, profiles = [], [], []
     meta = common.meta(args.device)
-    for name in args.models.split(","):
-        firsts = {}
-        for impl in args.impls.split(","):
-            for compiled in ([False, True] if args.compile else [False]):
-                try:
-                    build_s, results = measure(impl, name, seqs, args.steps, device, compiled)
-                except Exception as e:  # a compile failure is a result, not the end of the run
-                    if not compiled:
-                        raise
-                    print(f"{impl} {name}: torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None
+    models = args.models.split(",")
+    for name in models:
+        runs = parse_runs(args.runs or RUNS.get(name, "1x2048"))
+        for dname in dtypes:
+            firsts = {}
+            for impl in impls:
+                if impl == "bf16_peft" and gpu_bytes is not None and bf16_bytes(name) > gpu_bytes // 2:
+                    print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
+                          f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
-                for seq, r in results.items():
-                    firsts.setdefault(seq, {})[(impl, compiled)] = r["first_loss"]
-                    rows.append({"op": "e2e", "impl": impl + ("+compile" if compiled else ""), "model": name, "seq": seq,
-                                 "batch": 1, "tok_per_s": round(r["tok_per_s"], 1), "step_s": round(r["step_s"], 5),
+                build_s, results, prof = measure(impl, name, runs, args.steps, device, DTYPES[dname], profile_run)
+                if prof:
+                    profiles.append(prof)
+                for (batch, seq), r in results.items():
+                    firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
+                    rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
+                                 "adapter_dtype": dname, "tok_per_s": round(r["tok_per_s"], 1),
+                                 "step_s": round(r["step_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
                                  "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
-                if args.out:  # after every model and implementation: a later crash or timeout keeps these
+                if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
-        for seq, losses in firsts.items():
-            values = list(losses.values())
-            # Same weights, same tokens: the models differ only in rounding (bf16 products, the order
-            # of the 4-bit dequantization), which moves the loss far less than 2%.
-            if max(values) - min(values) > 0.02 * abs(values[0]):
-                disagreements.append(f"{name} seq {seq}: the first-step losses disagree: {losses}")
-                print("FAILED " + disagreements[-1], flush=True)
-                for row in rows:  # kept, and marked: their speed is not of one computation
-                    if row["model"] == name and row["seq"] == seq:
-                        row["losses_disagree"] = True
-                if args.out:
-                    common.write_results(args.out, meta, rows)
+                if args.profile and profiles:
+                    Path(args.profile).write_text(f"# One training step, kernel by kernel ({meta['gpu']}, commit "
+                                                  f"{meta['commit']})\n\n" + "\n".join(profiles))  # fmt: skip
+            for run, losses in firsts.items():
+                # Same weights, same tokens: the 4-bit models differ only in rounding (bf16 products, the
+                # order of the 4-bit dequantization), which moves the loss far less than 2%.
+                quantized = [v for k, v in losses.items() if k != "bf16_peft"]
+                if quantized and max(quantized) - min(quantized) > 0.02 * abs(quantized[0]):
+                    disagreements.append(f"{name} {run[0]}x{run[1]}: the first-step losses disagree: {losses}")
+                    print("FAILED " + disagreements[-1], flush=True)
+                    for row in rows:  # kept, and marked: their speed is not of one computation
+                        if row["model"] == name and (row["batch"], row["seq"]) == run and row["adapter_dtype"] == dname:
+                            row["losses_disagree"] = True
+    if args.loss_steps > 0:
+        name = models[0]
+        for impl in [i for i in impls if i != "bf16_peft"]:
+            losses = loss_curve(impl, name, args.loss_steps, device, DTYPES[dtypes[0]])
+            rows.append({"op": "loss_curve", "impl": impl, "model": name, "batch": 1, "seq": 512,
+                         "adapter_dtype": dtypes[0], "losses": [round(v, 5) for v in losses]})  # fmt: skip
+            if args.out:
+                common.write_results(args.out, meta, rows)
     if args.out:
         common.write_results(args.out, meta, rows)
-    for name in args.models.split(","):
-        for seq in seqs:
-            pick = {r["impl"]: r for r in rows if r["model"] == name and r["seq"] == seq}
-            if "qlora_ext" in pick and "bitsandbytes_peft" in pick:
-                a, b = pick["qlora_ext"], pick["bitsandbytes_peft"]
-                print(f"{name} seq {seq}: qlora_ext / bitsandbytes + PEFT tokens/s {a['tok_per_s'] / b['tok_per_s']:.2f}x, "
-                      f"peak {a['peak_gib']} vs {b['peak_gib']} GiB")  # fmt: skip
+    for row in rows:
+        if row["op"] != "e2e" or row["impl"] != "qlora_ext":
+            continue
+        peers = {r["impl"]: r for r in rows if r["op"] == "e2e" and r["impl"] != "qlora_ext" and
+                 all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype"))}  # fmt: skip
+        for impl, peer in peers.items():
+            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']}: qlora_ext / {impl} tokens/s "
+                  f"{row['tok_per_s'] / peer['tok_per_s']:.2f}x, peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
 
