@@ -20,8 +20,21 @@ export PYTHONPATH=$PWD/.device-site:$PWD/.device-py${PYTHONPATH:+:$PYTHONPATH}
 san=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 if [ $# -eq 0 ]; then
   set -- tests/test_quantize_4bit.py tests/test_lora.py tests/test_gemm_4bit.py -m "cuda and not slow" \
-    -k "not test_gemm_4bit or every_fused_kernel or deterministic or wgmma_kernel or transposed or empty or autograd"
+    -k "(not test_gemm_4bit or every_fused_kernel or deterministic or wgmma_kernel or transposed or empty or autograd) and not bitsandbytes"
 fi
+# bitsandbytes' own dequantization kernel reads past its absmax buffer under memcheck (and the
+# process dies there): the comparisons with it (tests named *bitsandbytes*) stay out of the default
+# selection. The profiler checks of which kernel ran skip (CUPTI cannot subscribe under the tool).
+export QLORA_SANITIZER=1
+# Without these, bulk (TMA) copies and wgmma operands are not tracked: initcheck then calls memory
+# that cuBLAS's and our kernels' TMA stores wrote "uninitialized". Each tool gets those it accepts
+# (tried on /bin/true).
+tool_flags() {
+  local f
+  for f in --check-bulk-copy --check-warpgroup-mma; do
+    "$san" --tool "$1" "$f" yes /bin/true > /dev/null 2>&1 && printf '%s yes ' "$f"
+  done
+}
 {
   echo "# compute-sanitizer over the GPU tests"
   echo
@@ -36,8 +49,9 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     memcheck) env_cache=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
     initcheck) env_cache=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;;
   esac
+  read -r -a extra <<< "$(tool_flags "$tool")"
   t0=$(date +%s)
-  env "${env_cache[@]}" timeout -s INT -k 15 "${SANITIZE_TIMEOUT:-120}" "$san" --tool "$tool" --print-limit 50 \
+  env "${env_cache[@]}" timeout -s INT -k 15 "${SANITIZE_TIMEOUT:-120}" "$san" --tool "$tool" "${extra[@]}" --print-limit 50 \
     --target-processes all python3 -m pytest -q -p no:cacheprovider "$@" > "$out/sanitize-$tool.log" 2>&1
   rc=$?
   # one "ERROR SUMMARY: N errors" line a process; their sum
@@ -48,7 +62,7 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     result="timed out (exit $rc) after: ${result:-nothing}"
     grep -q "ERROR SUMMARY" "$out/sanitize-$tool.log" || errors="n/a"
   fi
-  echo "| $tool | $errors | ${result:-exit $rc} | $(( $(date +%s) - t0 )) |" >> "$out/sanitize.md"
+  echo "| $tool ${extra[*]} | $errors | ${result:-exit $rc} | $(( $(date +%s) - t0 )) |" >> "$out/sanitize.md"
   echo "$tool: $errors errors; ${result:-exit $rc}"
 done
 cat "$out/sanitize.md"

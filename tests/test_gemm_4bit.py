@@ -5,6 +5,7 @@ torch.compile and CUDA graphs, and on bad input."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -157,6 +158,11 @@ def test_every_fused_kernel(gen, variant, n, k):
         _C._set_gemm_variant(previous)
 
 
+# Under compute-sanitizer (bench/sanitize.sh sets QLORA_SANITIZER) CUPTI cannot subscribe, so the
+# profiler-based checks of which kernel ran are left to the plain GPU run.
+CAN_PROFILE = not os.environ.get("QLORA_SANITIZER")
+
+
 def cuda_kernels_launched(fn) -> list[str]:
     """The names of the CUDA kernels fn launches (torch.profiler), so that a test can tell a fused
     kernel from the fallback it would silently take."""
@@ -185,7 +191,7 @@ def test_default_kernel_by_m(gen):
         x = make_input((m, k), torch.bfloat16, "cuda", gen)
         out = F.gemm_4bit(x, packed, state)
         assert_close_to_reference(out, x, w, None, f"default M={m} {n}x{k}")
-        if hopper:
+        if hopper and CAN_PROFILE:
             names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
             assert any(kernel + "<" in name for name in names), (m, names)
             if kernel == "gemm_4bit_ws_kernel":
@@ -229,7 +235,7 @@ def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
                 out = F.gemm_4bit(x, packed, state, bias)
                 again = F.gemm_4bit(x, packed, state, bias)
                 hopper = torch.cuda.get_device_capability() == (9, 0)
-                if hopper and m == 64 and (dtype == torch.bfloat16 or variant < 14):
+                if hopper and CAN_PROFILE and m == 64 and (dtype == torch.bfloat16 or variant < 14):
                     names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state, bias))
                     assert any(WGMMA_KERNELS[variant] + "<" in name for name in names), names
             what = f"wgmma variant {variant} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
@@ -480,7 +486,7 @@ def test_ws_kernel_many_tiles_a_cta(gen, variant):
             with fused_max_m(1 << 40):
                 first = F.gemm_4bit(x, packed, state)
                 assert_close_to_reference(first, x, w, None, f"variant {variant} M={m} {n}x{k}")
-                if hopper:
+                if hopper and CAN_PROFILE:
                     names = [s for s in cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
                              if "gemm_4bit_ws_kernel<" in s]
                     # the template's last argument: MT, the row groups a tile
