@@ -25,6 +25,9 @@ the first steps left allocated (qlora_ext's dequantization workspace of the larg
 device and stream, shared by every layer of a model).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
 layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
+mode "products": each fused adapter kernel (lora_down, lora_grad_A, lora_dropout_add_mm) against the
+composite form it replaces (the dropout kernel, then cuBLAS), M tokens, dropout 0.05, on every in_features
+K of the shapes: op "lora_product" rows, the fused result checked against the composite first.
 floor_ms: train, FLOPs / the bf16 matmul rate measured in this run (4MNK for the two products with
 the base weight + 6Mr(N+K) for the adapters); decode, the weight's bytes / the copy bandwidth.
 """
@@ -47,7 +50,7 @@ from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 from qlora_ext import _C, functional as F  # noqa: E402
 from qlora_ext.nn import QLoRALinear  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
+SHAPES = common.LLAMA_SHAPES
 # qlora_ext_fused last: its kernels are the newest, and a CUDA fault there ends the process.
 IMPLS = ["qlora_ext", "torch_bf16", "bitsandbytes_peft", "qlora_ext_fused"]
 
@@ -200,6 +203,42 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | No
     return common.time_cuda(step, iters), peak, (before - start) / 2**20
 
 
+def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
+    """The fused adapter kernels against their composite forms, one op at a time (the switch turns on
+    all three, but each op runs only its own kernel)."""
+    rows = []
+    p = 0.05
+    seed = F.dropout_seed(torch.device(dev))
+    for k in ks:
+        x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+        base = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+        for r in ranks:
+            A = (torch.randn(r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+            gd = torch.randn(m, r, device=dev, generator=gen).to(torch.bfloat16)
+            ops = {
+                "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
+                "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
+                "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+            }
+            for name, fn in ops.items():
+                with lora_fused(False):
+                    composite = fn(0)
+                    ms_composite = common.time_on(dev, fn, iters)
+                with lora_fused(True):
+                    fused = fn(0)
+                    ms_fused = common.time_on(dev, fn, iters)
+                err = rel_err(fused, composite.double())
+                row = {"op": "lora_product", "kernel": name, "M": m, "k": k, "r": r, "dropout": p, "dtype": "bfloat16",
+                       "ms_fused": round(ms_fused, 5), "ms_composite": round(ms_composite, 5),
+                       "speedup": round(ms_composite / ms_fused, 3), "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
+                if not err < MAX_REL_ERR:
+                    row["error"] = f"fused against composite: relative error {err:.2e}"
+                rows.append(row)
+                print(f"product {name:20s} M={m} K={k:<5d} r={r:<3d} fused {ms_fused * 1e3:8.1f} us  composite "
+                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -207,7 +246,7 @@ def main() -> None:
     ap.add_argument("--dropouts", default="0.05,0")
     ap.add_argument("--m", type=int, default=4096, help="tokens of the training step")
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--modes", default="train,decode")
+    ap.add_argument("--modes", default="train,decode,products")
     ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (no GPU numbers)")
     ap.add_argument("--out", default=None)
@@ -353,6 +392,11 @@ def main() -> None:
                 line = "  ".join(f"{i} {t * 1e3:8.1f} us" for i, t in timed.items())
                 print(f"decode {n:5d}x{k:<5d} M=1 r={r:<3d}  {line}", flush=True)
                 save()
+    if "products" in modes:
+        ks = sorted({k for _, k in shapes})
+        product_rows = time_products(dev, ks, ranks, args.m, max(args.iters, 50), gen)
+        failures += [f"product {r['kernel']} K={r['k']} r={r['r']}: {r['error']}" for r in product_rows if "error" in r]
+        rows += product_rows
     save()
     _summary(rows)
     if failures:
@@ -360,12 +404,12 @@ def main() -> None:
 
 
 def _summary(rows) -> None:
-    ours = [r for r in rows if r["impl"].startswith("qlora_ext") and "error" not in r]
+    ours = [r for r in rows if r["op"] == "lora_layer" and r["impl"].startswith("qlora_ext") and "error" not in r]
     if not ours:
         return
     print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")
     for r in ours:
-        peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
+        peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["op"] == "lora_layer" and x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
         print(f"{r['impl']:15s} {r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
               f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
 

@@ -40,6 +40,8 @@ tool_flags() {
   echo
   echo "Command: \`bash bench/sanitize.sh OUTDIR $*\` ($(date -u '+%Y-%m-%d %H:%M UTC'), commit ${QLORA_COMMIT:-unknown})"
   echo
+  echo "$("$san" --version 2>&1 | tail -1); options on bulk copies / wgmma it lists: $("$san" --help 2>&1 | grep -ioE -- '--check-[a-z-]*(bulk|mma|tma)[a-z-]*' | sort -u | tr '\n' ' ')"
+  echo
   echo "| tool | errors reported | pytest | seconds |"
   echo "| --- | --- | --- | --- |"
 } > "$out/sanitize.md"
