@@ -1,7 +1,8 @@
 """A whole QLoRA training step of Llama-shaped models: qlora_ext against bitsandbytes + PEFT, one run.
 
     python3 bench/e2e.py --out bench/results/e2e-GPU-DATE.json [--models llama7b,llama65b]
-        [--runs 1x2048,4x2048] [--adapter-dtypes float32,bfloat16] [--loss-steps 50] [--profile FILE]
+        [--runs 1x2048,4x2048] [--adapter-dtypes float32,bfloat16] [--optims adamw,adamw_8bit]
+        [--loss-steps 50] [--profile FILE]
 
 transformers' LlamaForCausalLM with random weights (std 0.02, norms 1), built on the meta device and
 quantized layer by layer (NF4, double quantization, blocksize 64); LoRA r = 64, alpha = 16, dropout
@@ -14,7 +15,10 @@ differ in the layers:
                        (left out where its 16-bit weights would take over half the GPU's memory).
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
 would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
-every implementation alike (AdamW's states then bf16 too).
+every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
+every implementation: torch's AdamW, or bitsandbytes' AdamW8bit, PagedAdamW8bit, PagedAdamW32bit
+(paged states live in CUDA managed memory, which torch's peak does not count: their bytes are
+reported beside it as paged_gib).
 
 Correctness first: the loss of the same tokens at the first step (B = 0, so the quantized base) must
 agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
@@ -60,6 +64,9 @@ RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "tiny": "1x64,2x
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ["qlora_ext", "bitsandbytes_peft", "bf16_peft"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
+OPTIMS = {"adamw": None, "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+          "paged_adamw_32bit": "PagedAdamW32bit"}
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)
 
 
@@ -233,13 +240,31 @@ def profile_step(step, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_optimizer(name: str, params: list, lr: float = 1e-4):
+    if OPTIMS[name] is None:
+        return torch.optim.AdamW(params, lr=lr)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, OPTIMS[name])(params, lr=lr)
+
+
+def paged_gib(optimizer) -> float:
+    """GiB of the optimizer's states in CUDA managed memory (bitsandbytes' paged tensors)."""
+    total = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False):
+                total += t.numel() * t.element_size()
+    return total / 2**30
+
+
 def release(*_):
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def measure(impl, name, runs, steps, device, adapter_dtype, profile_run):
+def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -247,7 +272,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, profile_run):
     sync()
     build_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = make_optimizer(optim, trainable)
     results, profile_text = {}, ""
     for batch, seq in runs:
         ids = tokens(name, batch, seq, device, seed=seq)
@@ -276,11 +301,13 @@ def measure(impl, name, runs, steps, device, adapter_dtype, profile_run):
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         step_s = statistics.median(times)
         n = batch * seq
-        results[(batch, seq)] = dict(first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak)
-        print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s}: {n / step_s:8.0f} tok/s, "
-              f"step {step_s:.3f} s, peak {peak or 0:.2f} GiB, first loss {first:.4f}", flush=True)  # fmt: skip
+        paged = paged_gib(optimizer)
+        results[(batch, seq)] = dict(first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged)
+        print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
+              f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s, peak {peak or 0:.2f} GiB"
+              f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
-            profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters")
+            profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}")
             print(profile_text, flush=True)
     del model, optimizer, trainable
     release()
@@ -326,6 +353,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
     ap.add_argument("--adapter-dtypes", default="float32", help="float32 and/or bfloat16, for every implementation")
+    ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(OPTIMS) + ", for every implementation")
     ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
     ap.add_argument("--profile", default=None, help="FILE: one step of each implementation, kernel by kernel")
     ap.add_argument("--profile-run", default="1x2048", help="the BATCHxSEQ run profiled")
@@ -342,6 +370,10 @@ def main() -> None:
         if d not in DTYPES:
             raise SystemExit(f"--adapter-dtypes: {d!r} is not one of {sorted(DTYPES)}")
         dtypes.append(d)
+    optims = args.optims.split(",")
+    for o in optims:
+        if o not in OPTIMS:
+            raise SystemExit(f"--optims: {o!r} is not one of {sorted(OPTIMS)}")
     profile_run = parse_runs(args.profile_run)[0] if args.profile else None
     rows, disagreements, profiles = [], [], []
     meta = common.meta(args.device)
@@ -349,23 +381,23 @@ def main() -> None:
     models = args.models.split(",")
     for name in models:
         runs = parse_runs(args.runs or RUNS.get(name, "1x2048"))
-        for dname in dtypes:
+        for dname, optim in [(d, o) for d in dtypes for o in optims]:
             firsts = {}
             for impl in impls:
                 if impl == "bf16_peft" and gpu_bytes is not None and bf16_bytes(name) > gpu_bytes // 2:
                     print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
                           f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
-                build_s, results, prof = measure(impl, name, runs, args.steps, device, DTYPES[dname], profile_run)
+                build_s, results, prof = measure(impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run)
                 if prof:
                     profiles.append(prof)
                 for (batch, seq), r in results.items():
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
-                                 "adapter_dtype": dname, "tok_per_s": round(r["tok_per_s"], 1),
+                                 "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
                                  "step_s": round(r["step_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
-                                 "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
+                                 "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:
@@ -379,7 +411,7 @@ def main() -> None:
                     disagreements.append(f"{name} {run[0]}x{run[1]}: the first-step losses disagree: {losses}")
                     print("FAILED " + disagreements[-1], flush=True)
                     for row in rows:  # kept, and marked: their speed is not of one computation
-                        if row["model"] == name and (row["batch"], row["seq"]) == run and row["adapter_dtype"] == dname:
+                        if (row["model"], row["batch"], row["seq"], row["adapter_dtype"], row["optim"]) == (name, *run, dname, optim):
                             row["losses_disagree"] = True
     if args.loss_steps > 0:
         name = models[0]
@@ -395,9 +427,9 @@ def main() -> None:
         if row["op"] != "e2e" or row["impl"] != "qlora_ext":
             continue
         peers = {r["impl"]: r for r in rows if r["op"] == "e2e" and r["impl"] != "qlora_ext" and
-                 all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype"))}  # fmt: skip
+                 all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype", "optim"))}  # fmt: skip
         for impl, peer in peers.items():
-            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']}: qlora_ext / {impl} tokens/s "
+            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: qlora_ext / {impl} tokens/s "
                   f"{row['tok_per_s'] / peer['tok_per_s']:.2f}x, peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
