@@ -189,8 +189,8 @@ def tokens(name: str, batch: int, seq: int, device, seed: int):
 
 # Kernel families for the profile's summary: the first pattern a kernel's name matches.
 FAMILIES = [
-    ("qlora_ext products", r"gemm_4bit|dequant.*4bit|qlora|kDequantizeBlockwise|lora_"),
     ("bitsandbytes", r"kDequantize|kgemm_4bit|kQuantize"),
+    ("qlora_ext kernels", r"qlora"),
     ("attention", r"flash|fmha|attention|sdpa|cutlass.*Kernel.*(Fwd|Bwd)"),
     ("GEMM (cuBLAS)", r"nvjet|gemm|sm90_xmma|cutlass|splitKreduce|Kernel2"),
     ("optimizer", r"multi_tensor|adam|foreach"),
