@@ -1,7 +1,7 @@
 """QuantState: what it takes to dequantize a 4-bit tensor, in bitsandbytes' layout and serialized keys.
 
 The fields and ``as_dict`` / ``from_dict`` follow ``bitsandbytes.functional.QuantState`` (0.50.2), so a
-state saved by one loads in the other. See ``shared/spec/nf4-format.md`` for the format.
+state saved by one loads in the other. See ``docs/spec/nf4-format.md`` for the format.
 """
 
 from __future__ import annotations
