@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The Python packages that the GPU machine's image lacks and the tests and benchmarks import:
 # transformers, PEFT, accelerate, safetensors (tests/test_model.py, test_cli.py, test_files.py,
-# bench/e2e.py), hypothesis (tests/test_properties.py) and pytest-timeout (bench/h200.sh). Without them those tests skip on the H200
+# bench/e2e.py), hypothesis (tests/test_properties.py) and pytest-timeout (bench/gpu_suite.sh). Without them those tests skip on the GPU machine
 # and bench/e2e.py cannot start; transformers 5 asks for kernels whenever from_pretrained loads. The image has torch 2.11, numpy, packaging and pytest;
-# bitsandbytes and torchao come from ../shared/tools/device-site.sh.
+# bitsandbytes and torchao come from .device-site/, made outside this repository (../shared/tools/device-site.sh).
 #   bash bench/device-deps.sh          (run here, from the project root, with ./dev setup done)
 # Downloads CPython 3.12 wheels, at the versions of this machine's .venv (the ones CI tests), into
 # .device-wheels/ (git-ignored): carry it. They stay zipped because unpacked they pass the device
-# tool's 64 MiB carry limit; bench/h200.sh unpacks them into .device-py/ there.
+# tool's 64 MiB carry limit; bench/gpu_suite.sh unpacks them into .device-py/ there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${QLORA_VENV:-.venv}/bin/python
@@ -28,4 +28,4 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d .device-wheels "${pins[@]}"
 du -sh .device-wheels
-echo "ready: carry .device-wheels (bench/h200.sh unpacks it into .device-py and puts that on PYTHONPATH)"
+echo "ready: carry .device-wheels (bench/gpu_suite.sh unpacks it into .device-py and puts that on PYTHONPATH)"

@@ -11,7 +11,7 @@
 # and code tables that live until exit would count as errors. SANITIZE_TOOLS picks the tools and
 # SANITIZE_TIMEOUT bounds each (default 120 s: four fit one 600 s device call; a tool cut short
 # reports the errors of the processes that finished). Needs the extension installed on a warm
-# machine (bench/h200.sh builds it).
+# machine (bench/gpu_suite.sh builds it).
 set -uo pipefail
 out=${1:?usage: bash bench/sanitize.sh OUTDIR [pytest args]}
 shift

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# On the GPU machine: build, the whole test suite (GPU tests included), the benchmarks, within one
-# device call (600 s): the suite and `lora e2e` do not fit one together, so run them in two.
-#   bash bench/h200.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
-# Needs .device-site/ (bash ../shared/tools/device-site.sh) for bitsandbytes and .device-wheels/
-# (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both. Writes build.log,
-# pytest.log, junit.xml, gpu-tests.md and the benchmark JSON under OUTDIR. BENCH="quantize gemm lora e2e"
+# On a machine with a CUDA GPU (the project's runs: H100 and H200): build, the whole test suite (GPU
+# tests included), the benchmarks, within one device call (600 s): the suite and `lora e2e` do not
+# fit one together, so run them in two.
+#   bash bench/gpu_suite.sh OUTDIR [pytest args...]   (default: tests, the whole suite)
+# Needs .device-site/ for bitsandbytes (made outside this repository, by ../shared/tools/device-site.sh)
+# and .device-wheels/ (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both.
+# Writes build.log, pytest.log, junit.xml, gpu-tests.md and the benchmark JSON (quantize.json,
+# gemm.json, lora.json, e2e.json) under OUTDIR. BENCH="quantize gemm lora e2e"
 # picks the benchmarks (BENCH= none; the default leaves out e2e), GEMM_ARGS / LORA_ARGS / E2E_ARGS are
 # bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none); SKIP_TESTS=1 skips
 # the tests; PROFILE=1 adds an ncu profile. TEST_TIMEOUT / TEST_CASE_TIMEOUT / BENCH_TIMEOUT bound the
-# suite, one test and one benchmark (s), CALL_BUDGET the whole.
+# suite, one test and one benchmark (s), CALL_BUDGET the whole. The build targets TORCH_CUDA_ARCH_LIST
+# where it is set, else the visible GPU (9.0 becomes 9.0a, as CMakeLists.txt does).
+# Results are committed renamed under bench/results/ (see bench/results/MANIFEST.md).
 set -uo pipefail
-out=${1:?usage: bash bench/h200.sh OUTDIR [pytest args]}
+out=${1:?usage: bash bench/gpu_suite.sh OUTDIR [pytest args]}
 shift
 mkdir -p "$out"
 # A device call ends at 600 s, and what it was running is lost with it: each step below gets at most
@@ -34,7 +38,6 @@ if [ -d .device-wheels ]; then
 fi
 [ -d .device-wheels ] || echo "note: no .device-wheels (bash bench/device-deps.sh): tests needing transformers / PEFT / hypothesis skip, e2e fails"
 export PYTHONPATH=$PWD/.device-site:$PWD/.device-py${PYTHONPATH:+:$PYTHONPATH}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export PYTHONUNBUFFERED=1
 # The image's default compiler (/opt/gcc) links libstdc++ statically into shared objects, and that
 # private copy crashes as soon as the extension formats a number (an error message): build with
@@ -100,12 +103,12 @@ bench_run() {
 }
 for b in ${BENCH-quantize gemm lora}; do
   case $b in
-    quantize) bench_run bench/quantize.py --out "$out/quantize-h200.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
-    gemm) bench_run bench/gemm.py ${GEMM_ARGS---sweep} --out "$out/gemm-h200.json" > "$out/bench-gemm.log" 2>&1
+    quantize) bench_run bench/quantize.py --out "$out/quantize.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
+    gemm) bench_run bench/gemm.py ${GEMM_ARGS---sweep} --out "$out/gemm.json" > "$out/bench-gemm.log" 2>&1
           grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
-    lora) bench_run bench/lora.py ${LORA_ARGS-} --out "$out/lora-h200.json" > "$out/bench-lora.log" 2>&1
+    lora) bench_run bench/lora.py ${LORA_ARGS-} --out "$out/lora.json" > "$out/bench-lora.log" 2>&1
           grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
-    e2e) bench_run bench/e2e.py ${E2E_ARGS-} --out "$out/e2e-h200.json" > "$out/bench-e2e.log" 2>&1
+    e2e) bench_run bench/e2e.py ${E2E_ARGS-} --out "$out/e2e.json" > "$out/bench-e2e.log" 2>&1
          grep -v "^wrote" "$out/bench-e2e.log" | tail -30 ;;
   esac
 done
