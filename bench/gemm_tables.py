@@ -1,10 +1,10 @@
-"""The README's tables of the products with a 4-bit weight, from a bench/gemm.py result.
+"""The tables of the products with a 4-bit weight, from a bench/gemm.py result.
 
-    python bench/gemm_tables.py bench/results/gemm-h200-2026-11-30-cfc2cc0.json
+    python bench/gemm_tables.py bench/results/gemm-h200-2026-11-30-2e13a5c.json
 
 One table per op present (gemm: forward, gemm_t: backward): a row per M, a column per weight
 shape, each cell the time ratio bf16 / qlora_ext and, in brackets, bitsandbytes / qlora_ext. The
-forward table ends with issue 3's target for the row.
+forward table ends with the target for the row (docs/performance.md).
 """
 
 import json

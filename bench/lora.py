@@ -1,6 +1,6 @@
 """One QLoRA layer, forward + backward: qlora_ext against bf16 LoRA and bitsandbytes + LoRA, one run.
 
-    python3 bench/lora.py --out bench/results/lora-h200-DATE.json
+    python3 bench/lora.py --out bench/results/lora-GPU-DATE.json
 
 For each weight shape (out x in, bf16, NF4 with double quantization, blocksize 64), each rank r and
 each dropout probability, op "lora_layer" rows for four implementations of

@@ -5,7 +5,7 @@ checks that both libraries give the same bytes, then times quantize_4bit and deq
 (NF4, blocksize 64). Effective bandwidth counts 2.5 bytes a weight (2 bytes of 16-bit weight,
 0.5 byte of codes); the floor is those bytes at the measured copy rate.
 
-    python bench/quantize.py --out bench/results/quantize-h200.json            # GPU
+    python bench/quantize.py --out bench/results/quantize-GPU-DATE.json        # GPU
     python bench/quantize.py --device cpu --shapes 4096x4096 --out ...        # CPU
 """
 

@@ -1,4 +1,4 @@
-"""Markdown tables from a bench/results JSON (the README's tables are made with this).
+"""Markdown tables from a bench/quantize.py result (the quantize tables of README.md and docs/performance.md).
 
     python bench/report.py bench/results/quantize-h200-2026-11-29.json
 """

@@ -1,4 +1,4 @@
-"""Turns a pytest junit XML into the short Markdown record committed under bench/results/:
+"""Turns a pytest junit XML into the short Markdown record committed under bench/results/tests/:
 the machine, the date, the commit, the command, and the counts by outcome and device.
 
     python bench/summarize_tests.py junit.xml "the pytest command" > gpu-tests.md
