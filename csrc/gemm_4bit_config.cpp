@@ -183,7 +183,7 @@ const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu) {
   // 2^25 codes (11008x4096 at M = 256 54.0 against 66.2 us; 4096x4096 lost, 32.7 against 26.8;
   // gemm-sweep-h200-2026-11-30-732e8ba.json).
   const bool wgmma_reach = M <= 128 || (M <= 256 && (K >= 8192 || (bf16 && weight >= k2Pow25)));
-  if (M > wgmma_min_m && wgmma_reach) {
+  if (M > wgmma_min_m && wgmma_reach) {  // (a wgmma kernel that cannot run leaves M to what follows)
     // bf16: the tensor-copy form, two CTAs an SM up to M = 64, one 256-token tile above M = 128
     // (each code decoded once); fp16: the float decode.
     const GemmConfigId id = bf16 ? (M <= 16    ? kWgmmaTma128x16
@@ -198,11 +198,13 @@ const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu) {
 
   // Rows of more than 16384 k above M = 16: the register-fed kernel (8192x28672 at M = 32 140.9
   // against 151.0 us for the stream kernel, at M = 64 263.5 against 294.5; gemm-h200-2026-11-29.json).
-  if (M > 16 && K > 16384) return gemm_config(kMma32x32);
+  const bool long_rows_above_16 = M > 16 && K > 16384;
+  if (long_rows_above_16) return gemm_config(kMma32x32);
   // The one-group warp-specialized kernel where the two-group tile does not fit: 8 math warps at
   // M <= 8, 16 above (28672x8192 at M = 1 51.8 against 56.9 us; 8192x28672 at M = 16 86.6 against
   // 91.1; gemm-sweep-h200-2026-11-30-d09d751.json).
-  if (M <= 16 && large_weight) {
+  const bool ws_one_group = M <= 16 && large_weight;
+  if (ws_one_group) {
     const GemmConfigId id = M <= 8 ? kWs16x8 : kWs16x16;
     if (fits(id)) return gemm_config(id);
   }
