@@ -13,8 +13,10 @@ Timing: each implementation's calls are captured in a CUDA graph (launch overhea
 measured is the GPU's time) over weights rotated through at least 512 MiB, so that no call is served
 from the 60 MiB L2; the median of the replays, divided by the calls a replay makes. The floor of each
 row is max(bytes it must move / copy bandwidth, 2MNK / bf16 matmul rate), both measured in this run.
---sweep adds op "gemm_path" rows: the fused kernel and dequantize + cuBLAS timed at each medium M,
-the measurement behind the dispatch threshold.
+--sweep adds op "gemm_path" rows: at each M the dispatch's choice (fused kernels forced at every M:
+impl qlora_ext_default), the kernel configurations it weighs there (impl qlora_ext_<configuration>,
+run through the private op torch.ops.qlora._gemm_4bit_with) and dequantize + cuBLAS, the
+measurements behind the dispatch table of csrc/gemm_4bit_config.cpp.
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ import common  # noqa: E402
 from qlora_ext import _C, functional as F  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def sweep_configs(m: int) -> list[str]:
+    """The kernel configurations (csrc/gemm_4bit_config.cpp) the sweep times at M = m beside the
+    dispatch's choice: those the dispatch picks at that M on some weight, GPU or alignment, the ones
+    kept for comparison (wgmma_tma_*_1cta), and dequantize + cuBLAS from M = 16."""
+    if m <= 8:
+        configs = ["ws_32x8", "ws_32x8_deep", "ws_16x8", "stream_16x8", "mma_16x8", "wgmma_tma_128x16"]
+    elif m <= 16:
+        configs = ["ws_32x16", "ws_16x16", "stream_16x16", "mma_16x16", "wgmma_tma_128x16"]
+    elif m <= 32:
+        configs = ["ws_32x32", "stream_16x32", "mma_32x32", "wgmma_tma_128x32", "wgmma_tma_128x32_1cta"]
+    elif m <= 64:
+        configs = ["wgmma_tma_128x64", "wgmma_tma_128x64_1cta", "stream_16x64", "mma_32x32"]
+    elif m <= 128:
+        configs = ["wgmma_tma_128x128"]
+    else:
+        configs = ["wgmma_tma_128x256"]
+    return configs + (["dequantize_cublas"] if m >= 16 else [])
 
 
 def capture(fn, copies: int):
@@ -184,17 +205,6 @@ def main() -> None:
                       f"x{times['torch_bf16'][0] / times['qlora_ext'][0]:.2f} vs bf16", flush=True)  # fmt: skip
                 del x, ref
             if op == "gemm" and args.sweep:
-                # fused0: the default by M; fused8: the stream kernel (cp.async ring, the default
-                # before the warp-specialized one); fused9: the warp-specialized kernel at any M;
-                # fused10: the warp-specialized kernel with the other math-warp count (M <= 16);
-                # fused17: fused9 with the deepest ring that fits (6 stages at K <= 8192);
-                # fused1 / fused5: the register-fed kernel at M <= 8 / M > 16; fused11 / fused12:
-                # the wgmma kernel with / without K splits; fused13 / fused14: its warp-specialized form
-                # and its bf16 pair-table decode; fused15 / fused16: that decode fed by tensor copies
-                # (two / one CTA an SM; fused15 at M <= 16 with 16-token tiles); fused19 / fused20:
-                # the warp-specialized kernel with tiles of 2 row groups (32 rows), 4 stages / the
-                # deepest ring, M <= 64.
-                # (Variants 2, 6 and 7 lost to these in the sweep of 2026-11-29, bench/results/gemm-h200-2026-11-29.json.)
                 # the sweep's M: these, or those of --ms among them when --ms is given
                 sweep_ms = (1, 8, 16, 32, 64, 128, 256, 1024)
                 if args.ms != ap.get_default("ms"):
@@ -202,39 +212,26 @@ def main() -> None:
                 for m in sweep_ms:
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
-                    paths = [("fused0", 1 << 40, 0)]
-                    paths += [("fused8", 1 << 40, 8)] if m <= 64 else []
-                    paths += [("fused9", 1 << 40, 9)] if m <= 64 else []
-                    paths += [("fused10", 1 << 40, 10)] if m <= 16 else []
-                    paths += [("fused17", 1 << 40, 17)] if m <= 16 else []
-                    paths += [("fused19", 1 << 40, 19), ("fused20", 1 << 40, 20)] if m <= 64 else []
-                    paths += [("fused1", 1 << 40, 1)] if m <= 8 else []
-                    paths += [("fused5", 1 << 40, 5)] if 16 < m <= 64 else []
-                    paths += [("fused11", 1 << 40, 11), ("fused12", 1 << 40, 12)] if m >= 16 else []
-                    paths += [("fused13", 1 << 40, 13)] if 16 <= m <= 128 else []
-                    paths += [("fused14", 1 << 40, 14)] if m >= 16 else []
-                    paths += [("fused15", 1 << 40, 15)]
-                    paths += [("fused16", 1 << 40, 16)] if 16 <= m <= 64 else []
-                    if m > 256:
-                        paths = [p for p in paths if p[0] in ("fused11", "fused14", "fused15", "cublas")]
-                    paths += [("cublas", 0, 0)] if m >= 16 else []
+                    paths = {"default": lambda i: F.gemm_4bit(x, *ours[i % copies4])}
+                    for name in sweep_configs(m):
+                        paths[name] = lambda i, name=name: F._gemm_4bit_with(x, *ours[i % copies4], name)
                     graphs = {}
-                    for path, limit, variant in paths:
-                        previous = _C._set_gemm_fused_max_m(limit)
-                        previous_variant = _C._set_gemm_variant(variant)
+                    for path, fn in paths.items():
+                        # "default": the dispatch's choice, with the fused kernels forced at every M
+                        previous = _C._set_gemm_fused_max_m(1 << 40 if path == "default" else -1)
                         try:
-                            fn = lambda i: F.gemm_4bit(x, *ours[i % copies4])  # noqa: E731
                             err = rel_err(fn(0), ref)
                             if not err < 1e-2:
-                                # a wrong variant is reported and left out; the run goes on
+                                # a wrong configuration is reported and left out; the run goes on
                                 print(f"WRONG {path} {n}x{k} M={m}: relative error {err:.2e}", flush=True)
                                 rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k,
                                              "M": m, "dtype": "bfloat16", "error": f"relative error {err:.2e}"})
                                 continue
-                            graphs[path] = capture(fn, copies4)  # the knobs act at capture
+                            graphs[path] = capture(fn, copies4)  # the limit acts at capture
+                        except NotImplementedError as e:  # the configuration cannot run on this weight or GPU
+                            print(f"skipped {path} {n}x{k} M={m}: {str(e).splitlines()[0]}", flush=True)
                         finally:
                             _C._set_gemm_fused_max_m(previous)
-                            _C._set_gemm_variant(previous_variant)
                     graphs["torch_bf16"] = capture(lambda i: torch.matmul(x, bf16[i % copies16].t()), copies16)
                     res = time_graphs(graphs)
                     del graphs

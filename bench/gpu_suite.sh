@@ -79,14 +79,15 @@ if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
 fi
 fi
 # PROFILE=1: ncu's view of the fused product (ncu-gemm.txt; SourceCounters names the SASS lines
-# where warps stall most): PROFILE_SHAPE "N K" (default 28672 8192), PROFILE_M (1), PROFILE_VARIANT
-# (0), PROFILE_KERNEL a regex of the kernel's name (gemm_4bit_ws, the default kernel at M = 1).
+# where warps stall most): PROFILE_SHAPE "N K" (default 28672 8192), PROFILE_M (1), PROFILE_CONFIG
+# (default, or a kernel configuration's name), PROFILE_KERNEL a regex of the kernel's name
+# (gemm_4bit_ws, the default kernel at M = 1).
 if [ -n "${PROFILE:-}" ]; then
   timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:${PROFILE_KERNEL:-gemm_4bit_ws} --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section Occupancy --section SchedulerStats --section LaunchStats --section SourceCounters \
     --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
-    python3 bench/profile_gemm.py ${PROFILE_SHAPE:-28672 8192} ${PROFILE_M:-1} ${PROFILE_VARIANT:-0} > "$out/ncu-gemm.txt" 2>&1
+    python3 bench/profile_gemm.py ${PROFILE_SHAPE:-28672 8192} ${PROFILE_M:-1} ${PROFILE_CONFIG:-default} > "$out/ncu-gemm.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
 # BENCH names the benchmarks to run after the tests (default: all but e2e); BENCH= runs none. Each

@@ -1,19 +1,26 @@
 """A few launches of the fused product for a profiler (ncu) to look at.
 
-    ncu -k regex:gemm_4bit_stream --launch-skip 2 --launch-count 1 python3 bench/profile_gemm.py [N K M variant]
+    ncu -k regex:gemm_4bit_stream --launch-skip 2 --launch-count 1 python3 bench/profile_gemm.py [N K M CONFIG]
+
+CONFIG: "default" (the dispatch's choice) or a kernel configuration's name (python3 -c "from qlora_ext
+import _C; print([c['name'] for c in _C._gemm_4bit_configs()])"), run through the private op
+torch.ops.qlora._gemm_4bit_with.
 """
 
 import sys
 
 import torch
 
-from qlora_ext import _C, functional as F
+from qlora_ext import functional as F
 
-n, k, m, variant = (int(v) for v in (sys.argv[1:] or ["28672", "8192", "1", "0"]))
+n, k, m = (int(v) for v in (sys.argv[1:4] or ["28672", "8192", "1"]))
+config = sys.argv[4] if len(sys.argv) > 4 else "default"
 w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
 packed, state = F.quantize_4bit(w)
 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-_C._set_gemm_variant(variant)
 for _ in range(5):
-    F.gemm_4bit(x, packed, state)
+    if config == "default":
+        F.gemm_4bit(x, packed, state)
+    else:
+        F._gemm_4bit_with(x, packed, state, config)
 torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ncu's view of one fused-product kernel, with the SASS lines where its warps stall most.
-#   bash bench/profile_ncu.sh OUTDIR NAME KERNEL_REGEX N K M VARIANT
+#   bash bench/profile_ncu.sh OUTDIR NAME KERNEL_REGEX N K M CONFIG
+# (CONFIG: default, or a kernel configuration's name: bench/profile_gemm.py)
 # Writes NAME.txt (the sections) and NAME-sass.csv (the source page) under OUTDIR.
 set -uo pipefail
 out=$1 name=$2 kernel=$3

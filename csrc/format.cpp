@@ -175,7 +175,6 @@ void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tens
 }
 
 std::atomic<int64_t> g_gemm_fused_max_m{-1};
-std::atomic<int> g_gemm_variant{0};
 void (*g_release_gemm_workspaces)() = nullptr;
 
 }  // namespace qlora

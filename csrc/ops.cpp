@@ -3,7 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "qlora/format.h"
+#include "qlora/gemm_4bit_config.h"
 #include "qlora/lora.h"
 
 TORCH_LIBRARY(qlora, m) {
@@ -29,6 +32,13 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias) -> Tensor");
+  // Private, for tests and benchmarks: gemm_4bit with the named kernel configuration (the names of
+  // csrc/gemm_4bit_config.cpp; _C._gemm_4bit_configs() lists them) in place of the dispatch's
+  // choice, CUDA only; NotImplementedError where that configuration cannot run.
+  m.def(
+      "_gemm_4bit_with(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
+      "str config) -> Tensor");
   // grad @ W for grad of shape [..., N]: the product of the backward pass, [..., K].
   m.def(
       "gemm_4bit_transposed(Tensor grad, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
@@ -68,10 +78,97 @@ static PyObject* set_gemm_fused_max_m(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(qlora::g_gemm_fused_max_m.exchange(m));
 }
 
-static PyObject* set_gemm_variant(PyObject*, PyObject* arg) {
-  const long v = PyLong_AsLong(arg);
-  if (v == -1 && PyErr_Occurred()) return nullptr;
-  return PyLong_FromLong(qlora::g_gemm_variant.exchange(static_cast<int>(v)));
+// A configuration as a dict: its name, kernel family and the family's fields.
+static PyObject* config_dict(const qlora::GemmConfig& c) {
+  switch (c.kernel) {
+    case qlora::GemmKernel::kMma:
+      return Py_BuildValue("{s:s,s:s,s:i,s:i,s:i}", "name", c.name, "kernel", "mma", "row_groups", c.mma.row_groups,
+                           "token_octets", c.mma.token_octets, "unroll", c.mma.unroll);
+    case qlora::GemmKernel::kStream:
+      return Py_BuildValue("{s:s,s:s,s:i}", "name", c.name, "kernel", "stream", "token_octets", c.stream.token_octets);
+    case qlora::GemmKernel::kWarpSpecialized:
+      return Py_BuildValue("{s:s,s:s,s:i,s:i,s:i,s:i}", "name", c.name, "kernel", "ws", "row_groups",
+                           c.ws.row_groups, "token_octets", c.ws.token_octets, "math_warps", c.ws.math_warps,
+                           "max_stages", c.ws.max_stages);
+    case qlora::GemmKernel::kWgmma:
+      return Py_BuildValue("{s:s,s:s,s:i,s:i,s:O,s:i}", "name", c.name, "kernel", "wgmma", "tokens", c.wgmma.tokens,
+                           "stages", c.wgmma.stages, "tensor_copy", c.wgmma.tensor_copy ? Py_True : Py_False,
+                           "ctas_per_sm", c.wgmma.ctas_per_sm);
+    default:
+      return Py_BuildValue("{s:s,s:s}", "name", c.name, "kernel", "dequantize_cublas");
+  }
+}
+
+// The configuration the CUDA gemm_4bit picks (csrc/gemm_4bit_config.cpp) for a problem on a GPU
+// described by the arguments, as a config_dict. Host code: tests read the dispatch table without a
+// GPU. The GPU's shared memory defaults to the H100 / H200's (sm_90), the A100's (sm_80) or 99 KB;
+// on sm_90 the build is taken to have sm_90 and sm_90a code unless the arguments say otherwise.
+static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"M", "N", "K", "dtype", "quant_type", "nested", "sm_major", "sm_minor", "sms",
+                                   "blocksize", "fused_max_m", "x_alignment", "packed_alignment",
+                                   "scales_alignment", "smem_optin", "smem_reserved", "sm90_code", "sm90a_code",
+                                   nullptr};
+  long long M = 0, N = 0, K = 0, blocksize = 64, fused_max_m = -1, smem_optin = -1, smem_reserved = 1024;
+  const char* dtype = nullptr;
+  const char* quant_type = nullptr;
+  int nested = 0, major = 0, minor = 0, sms = 0, x_alignment = 16, packed_alignment = 16, scales_alignment = 16;
+  int sm90_code = -1, sm90a_code = -1;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLsspiii|LLiiiLLpp", const_cast<char**>(keywords), &M, &N, &K,
+                                   &dtype, &quant_type, &nested, &major, &minor, &sms, &blocksize, &fused_max_m,
+                                   &x_alignment, &packed_alignment, &scales_alignment, &smem_optin, &smem_reserved,
+                                   &sm90_code, &sm90a_code))
+    return nullptr;
+  const std::string d = dtype;
+  if (d != "float32" && d != "float16" && d != "bfloat16") {
+    PyErr_SetString(PyExc_ValueError, "_gemm_4bit_config: dtype must be float32, float16 or bfloat16");
+    return nullptr;
+  }
+  if (M < 1 || N < 1 || K < 1 || blocksize < 1 || (blocksize & (blocksize - 1)) != 0) {
+    PyErr_SetString(PyExc_ValueError, "_gemm_4bit_config: M, N and K must be positive, blocksize a power of 2");
+    return nullptr;
+  }
+  try {
+    qlora::parse_quant_type(quant_type);  // NF4 or FP4: the choice does not depend on it
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  const qlora::GemmQuery q{M,
+                           N,
+                           K,
+                           d == "float32"   ? qlora::GemmDtype::kFloat32
+                           : d == "float16" ? qlora::GemmDtype::kFloat16
+                                            : qlora::GemmDtype::kBFloat16,
+                           nested != 0,
+                           blocksize,
+                           x_alignment,
+                           packed_alignment,
+                           scales_alignment,
+                           fused_max_m};
+  const bool sm90 = major == 9 && minor == 0;
+  const size_t optin = smem_optin >= 0 ? static_cast<size_t>(smem_optin)
+                       : major == 9    ? 232448  // 227 KB
+                       : major == 8 && (minor == 0 || minor == 7) ? 166912  // 163 KB
+                                                                   : 101376;  // 99 KB
+  const qlora::GpuInfo gpu{major, minor, sms, optin, static_cast<uint32_t>(smem_reserved),
+                           sm90_code >= 0 ? sm90_code != 0 : sm90, sm90a_code >= 0 ? sm90a_code != 0 : sm90};
+  return config_dict(qlora::choose_gemm_config(q, gpu));
+}
+
+// Every configuration _gemm_4bit_with takes, as config_dict's.
+static PyObject* gemm_4bit_configs(PyObject*, PyObject*) {
+  const int n = static_cast<int>(qlora::GemmConfigId::kCount);
+  PyObject* configs = PyList_New(n);
+  if (configs == nullptr) return nullptr;
+  for (int i = 0; i < n; ++i) {
+    PyObject* c = config_dict(qlora::gemm_config(static_cast<qlora::GemmConfigId>(i)));
+    if (c == nullptr) {
+      Py_DECREF(configs);
+      return nullptr;
+    }
+    PyList_SET_ITEM(configs, i, c);
+  }
+  return configs;
 }
 
 static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
@@ -89,11 +186,14 @@ static PyMethodDef qlora_methods[] = {
     {"_set_lora_fused", set_lora_fused, METH_O,
      "Whether the CUDA adapter products (lora_down, lora_grad_A, lora_dropout_add_mm) use the fused dropout "
      "kernels (off by default) or the dropout kernel + cuBLAS; returns the previous setting."},
-    {"_set_gemm_variant", set_gemm_variant, METH_O,
-     "The fused CUDA kernel for benchmarks (0: default by M and K; 1, 2, 5: register-fed; 8: stream; 9: "
-     "warp-specialized; 10: warp-specialized with the other math-warp count (16 at M <= 8, 8 above); 11: wgmma; 12: wgmma without K splits; 13: warp-specialized wgmma; 14: wgmma with the bf16 pair table; 15, 16: that table fed by tensor copies (two, one "
-     "CTA an SM); 17: warp-specialized with the deepest ring that fits; 19, 20: warp-specialized with tiles of two row "
-     "groups, 4 stages / the deepest ring, M <= 64); returns the previous one."},
+    {"_gemm_4bit_config", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gemm_4bit_config)),
+     METH_VARARGS | METH_KEYWORDS,
+     "_gemm_4bit_config(M, N, K, dtype, quant_type, nested, sm_major, sm_minor, sms, *, blocksize=64, "
+     "fused_max_m=-1, x_alignment=16, packed_alignment=16, scales_alignment=16, smem_optin=-1 (the GPU's), "
+     "smem_reserved=1024, sm90_code=sm_90, sm90a_code=sm_90) -> dict: the kernel configuration the CUDA gemm_4bit "
+     "picks for x [M, K] of dtype ('bfloat16', 'float16', 'float32') and a 4-bit weight [N, K] on that GPU."},
+    {"_gemm_4bit_configs", gemm_4bit_configs, METH_NOARGS,
+     "Every kernel configuration torch.ops.qlora._gemm_4bit_with takes, as _gemm_4bit_config's dicts."},
     {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
      "Frees the CUDA products' dequantization workspaces."},
     {"_set_gemm_fused_max_m", set_gemm_fused_max_m, METH_O, "Largest M of the fused CUDA product (-1: default)."},
@@ -112,4 +212,5 @@ TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
   m.impl("quantize_absmax", torch::CppFunction::makeFallthrough());
   m.impl("dequantize_absmax", torch::CppFunction::makeFallthrough());
   m.impl("dequantize_4bit", torch::CppFunction::makeFallthrough());
+  m.impl("_gemm_4bit_with", torch::CppFunction::makeFallthrough());
 }

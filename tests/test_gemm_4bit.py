@@ -128,34 +128,64 @@ def test_gemm_formats(gen, device, path, dtype, quant_type, dq, blocksize):
         assert_close_to_reference(out, x, w, None, f"{path} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}")
 
 
+# Every kernel configuration of the CUDA dispatch table (csrc/gemm_4bit_config.cpp), by name, and its
+# fields; tests and benchmarks run one through F._gemm_4bit_with.
+CONFIGS = {c["name"]: c for c in _C._gemm_4bit_configs()}
+FUSED_CONFIGS = [name for name, c in CONFIGS.items() if c["kernel"] != "dequantize_cublas"]
+
+
+def config_dtype(name: str) -> torch.dtype:
+    """The dtype a configuration multiplies: the wgmma kernels' float decode is fp16 only, their
+    tensor-copy form bf16 only; the others take either (bf16 here)."""
+    c = CONFIGS[name]
+    return torch.float16 if c["kernel"] == "wgmma" and not c["tensor_copy"] else torch.bfloat16
+
+
+def runs_here(name: str, k: int, blocksize: int = 64) -> bool:
+    """Whether the configuration can run on this GPU for rows of k codes (a default build: sm_90a
+    code where the GPU is sm_90): the warp-specialized kernel needs sm_90 and blocks a row in
+    multiples of 4, the wgmma kernels sm_90."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    kernel = CONFIGS[name]["kernel"]
+    if kernel == "ws":
+        return hopper and (k // blocksize) % 4 == 0
+    return hopper or kernel != "wgmma"
+
+
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20])
+@pytest.mark.parametrize("config", FUSED_CONFIGS)
 @pytest.mark.parametrize("n,k", [(200, 1024), (40, 16384 + 64), (5000, 4096)], ids=lambda v: str(v))
-def test_every_fused_kernel(gen, variant, n, k):
-    """Each CUDA kernel the dispatch or a benchmark can pick (variant 0: the default by M and K;
-    1 / 2 / 5: the register-fed kernel at M <= 8 / <= 16 / > 16; 8: the stream kernel; 9: the
-    warp-specialized kernel at any M; 10: the same with the other math-warp count (16 at M <= 8,
-    8 at 8 < M <= 16); 11 / 12: the wgmma kernel with / without K splits; 13: its warp-specialized
-    form; 14: its bf16 pair-table decode; 15 / 16: that decode fed by tensor copies; 17: variant 9
-    with the deepest ring; 19 / 20: the warp-specialized kernel with tiles of 2 groups of 16 rows,
-    4 stages / the deepest ring, up to M = 64), bf16 with double quantization. 5000 rows are not a
-    multiple of 32. 5000 x 4096 gives each CTA of the
-    warp-specialized kernel two or three tiles of 16 rows on a GPU of up to 156 SMs (its copy warp
-    runs across tile boundaries; the first tile's scales are decoded by all warps, the second's
-    and third's by the two scale warps in turn); 40 x 16448 has 257 blocks a row, not a multiple of 4 (variant 9 falls back),
-    and rows longer than 16384 (the register-fed kernel by default above M = 16)."""
-    packed, state = make_weight(n, k, "cuda", gen)
+def test_every_fused_kernel(gen, config, n, k):
+    """Each kernel configuration the dispatch or a benchmark can pick, at every M from 1 to 100 (a
+    configuration's token tile repeats over M), with double quantization, in its dtype. 5000 rows
+    are not a multiple of 32. 5000 x 4096 gives each CTA of the warp-specialized kernel two or three
+    tiles of 16 rows on a GPU of up to 156 SMs (its copy warp runs across tile boundaries; the first
+    tile's scales are decoded by all warps, the second's and third's by the two scale warps in turn);
+    40 x 16448 has 257 blocks a row, not a multiple of 4 (the warp-specialized kernel cannot run:
+    NotImplementedError), and rows longer than 16384. Where a configuration cannot run on this GPU
+    it must say so, not fall back."""
+    dtype = config_dtype(config)
+    packed, state = make_weight(n, k, "cuda", gen, dtype=dtype)
     w = F.dequantize_4bit(packed, state)
-    previous = _C._set_gemm_variant(variant)
-    try:
-        for m in (1, 5, 8, 16, 40, 64, 100):
-            x = make_input((m, k), torch.bfloat16, "cuda", gen)
-            with fused_max_m(1 << 40):
-                out = F.gemm_4bit(x, packed, state)
-            assert_close_to_reference(out, x, w, None, f"variant {variant} M={m} {n}x{k}")
-    finally:
-        _C._set_gemm_variant(previous)
+    for m in (1, 5, 8, 16, 40, 64, 100):
+        x = make_input((m, k), dtype, "cuda", gen)
+        if not runs_here(config, k):
+            with pytest.raises(NotImplementedError, match="cannot run here"):
+                F._gemm_4bit_with(x, packed, state, config)
+            continue
+        out = F._gemm_4bit_with(x, packed, state, config)
+        assert_close_to_reference(out, x, w, None, f"{config} M={m} {n}x{k}")
+
+
+def test_unknown_config_is_an_error(gen):
+    packed, state = make_weight(32, 128, "cpu", gen)
+    x = make_input((4, 128), torch.bfloat16, "cpu", gen)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # no CPU kernel: the configurations are CUDA's
+        F._gemm_4bit_with(x, packed, state, "mma_16x8")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no configuration named 'variant 9'"):
+            F._gemm_4bit_with(x.cuda(), packed.cuda(), state.to("cuda"), "variant 9")
 
 
 # Under compute-sanitizer (bench/sanitize.sh sets QLORA_SANITIZER) CUPTI cannot subscribe, so the
@@ -198,51 +228,45 @@ def test_default_kernel_by_m(gen):
                 assert any(name.split(">")[0].endswith(", 2") for name in names if kernel + "<" in name), (m, names)
 
 
-# The kernel each wgmma variant must launch on an sm_90 GPU (bf16: 15 and 16 are bf16 forms).
-WGMMA_KERNELS = {
-    11: "gemm_4bit_wgmma_kernel",
-    13: "gemm_4bit_wgmma_ws_kernel",
-    14: "gemm_4bit_wgmma_kernel",
-    15: "gemm_4bit_wgmma_tma_kernel",
-    16: "gemm_4bit_wgmma_tma_kernel",
-}
+WGMMA_CONFIGS = [name for name in FUSED_CONFIGS if CONFIGS[name]["kernel"] == "wgmma"]
 
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
 @pytest.mark.parametrize("blocksize", [64, 256])
-@pytest.mark.parametrize("variant", [11, 13, 14, 15, 16])
-def test_wgmma_kernel(gen, dtype, quant_type, dq, blocksize, variant):
-    """The wgmma kernel (variant 11; 13, its warp-specialized form up to M = 128; 14, its bf16
-    pair-table decode; 15 / 16, that decode fed by tensor copies, two / one CTA an SM; all fall back
-    where the GPU lacks sm_90a) in every format, with a bias, at every token tile (32, 64, 128, 256
-    and two tiles of 256), with a partial row tile (200 rows: 128 + 72) and K split over CTAs
-    (4096 k on 2 row tiles). Its weight is dequantize_4bit's, so it must also agree with
-    dequantize + cuBLAS within fp32 accumulation, and give the same bits run to run (the splits are
-    added in a fixed order). On an sm_90 GPU the variant's own kernel must be the one that ran."""
+@pytest.mark.parametrize("config", WGMMA_CONFIGS)
+def test_wgmma_kernel(gen, quant_type, dq, blocksize, config):
+    """Each wgmma configuration (fp16: the float decode; bf16: the pair table fed by tensor copies,
+    two or one CTA an SM) in every format, with a bias, at M from 1 to 300 (one partial token tile
+    to several), with a partial row tile (200 rows: 128 + 72) and K split over CTAs (4096 k on 2 row
+    tiles). Its weight is dequantize_4bit's, so it must agree with dequantize + cuBLAS within fp32
+    accumulation, and give the same bits run to run (the splits are added in a fixed order). On an
+    sm_90 GPU the configuration's own kernel must be the one that ran (its tile and stages in the
+    template arguments); elsewhere it must refuse."""
+    c = CONFIGS[config]
+    dtype = config_dtype(config)
     n, k = 200, 4096
     packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
     w = F.dequantize_4bit(packed, state)
     bias = make_input((n,), dtype, "cuda", gen)
-    previous = _C._set_gemm_variant(variant)
-    try:
-        for m in (1, 17, 33, 64, 100, 129, 256, 300):
-            x = make_input((m, k), dtype, "cuda", gen)
-            with fused_max_m(1 << 40):
-                out = F.gemm_4bit(x, packed, state, bias)
-                again = F.gemm_4bit(x, packed, state, bias)
-                hopper = torch.cuda.get_device_capability() == (9, 0)
-                if hopper and CAN_PROFILE and m == 64 and (dtype == torch.bfloat16 or variant < 14):
-                    names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state, bias))
-                    assert any(WGMMA_KERNELS[variant] + "<" in name for name in names), names
-            what = f"wgmma variant {variant} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
-            assert_close_to_reference(out, x, w, bias, what)
-            assert torch.equal(out, again), f"{what}: two runs differ"
-    finally:
-        _C._set_gemm_variant(previous)
+    kernel = "gemm_4bit_wgmma_tma_kernel<" if c["tensor_copy"] else "gemm_4bit_wgmma_kernel<"
+    for m in (1, 17, 33, 64, 100, 129, 256, 300):
+        x = make_input((m, k), dtype, "cuda", gen)
+        if not runs_here(config, k, blocksize):
+            with pytest.raises(NotImplementedError, match="cannot run here"):
+                F._gemm_4bit_with(x, packed, state, config, bias)
+            continue
+        out = F._gemm_4bit_with(x, packed, state, config, bias)
+        again = F._gemm_4bit_with(x, packed, state, config, bias)
+        if CAN_PROFILE and m == 64:
+            names = cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config, bias))
+            tile = f", {c['tokens']}, {c['stages']}"
+            assert any(kernel in name and tile in name.split(">")[0] for name in names), names
+        what = f"{config} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
+        assert_close_to_reference(out, x, w, bias, what)
+        assert torch.equal(out, again), f"{what}: two runs differ"
 
 
 @pytest.mark.parametrize("device,path", device_paths())
@@ -464,38 +488,32 @@ def test_cuda_deterministic_and_every_element_written(gen, path):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [9, 17, 19, 20])
-def test_ws_kernel_many_tiles_a_cta(gen, variant):
+@pytest.mark.parametrize("config", [name for name in FUSED_CONFIGS if CONFIGS[name]["kernel"] == "ws"])
+def test_ws_kernel_many_tiles_a_cta(gen, config):
     """The warp-specialized kernel with many tiles a CTA and short rows: 25344 x 1024 is 1584
-    tiles of 16 rows, 12 a CTA on 132 SMs, one ring stage a tile, so the reduction buffers (5 with
-    the 4-stage ring, variant 9; 9 with the deepest, variant 17) and the scale buffers are each
-    reused several times and fast math warps run tiles ahead of the one adding up; variants 19 / 20
-    take tiles of 32 rows (6 a CTA; 4 stages / the deepest ring; at 16 tokens two octets, whose
-    reduction meets at a barrier).
-    Right against the float64 reference, the same bits run to run with poisoned memory between
-    calls, and on an sm_90 GPU the kernel that ran has the variant's row groups."""
+    tiles of 16 rows (792 of 32), 12 (6) a CTA on 132 SMs, one ring stage a row group, so the
+    reduction buffers (5 with the 4-stage ring; 9 with the deepest) and the scale buffers are each
+    reused several times and fast math warps run tiles ahead of the one adding up; at 16 tokens two
+    octets, whose reduction meets at a barrier. Right against the float64 reference, the same bits
+    run to run with poisoned memory between calls, and on an sm_90 GPU the kernel that ran has the
+    configuration's row groups (its last template argument)."""
     n, k = 16 * 132 * 12, 1024
-    row_groups = {19: 2, 20: 2}.get(variant, 1)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if not runs_here(config, k):
+        pytest.skip("the warp-specialized kernel runs on sm_90")
+    row_groups = CONFIGS[config]["row_groups"]
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
-    previous = _C._set_gemm_variant(variant)
-    try:
-        for m in (1, 8, 16):
-            x = make_input((m, k), torch.bfloat16, "cuda", gen)
-            with fused_max_m(1 << 40):
-                first = F.gemm_4bit(x, packed, state)
-                assert_close_to_reference(first, x, w, None, f"variant {variant} M={m} {n}x{k}")
-                if hopper and CAN_PROFILE:
-                    names = [s for s in cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
-                             if "gemm_4bit_ws_kernel<" in s]
-                    # the template's last argument: MT, the row groups a tile
-                    assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
-                for _ in range(5):
-                    torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
-                    assert torch.equal(F.gemm_4bit(x, packed, state), first)
-    finally:
-        _C._set_gemm_variant(previous)
+    for m in (1, 8, 16):
+        x = make_input((m, k), torch.bfloat16, "cuda", gen)
+        first = F._gemm_4bit_with(x, packed, state, config)
+        assert_close_to_reference(first, x, w, None, f"{config} M={m} {n}x{k}")
+        if CAN_PROFILE:
+            names = [s for s in cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config))
+                     if "gemm_4bit_ws_kernel<" in s]
+            assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
+        for _ in range(5):
+            torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
+            assert torch.equal(F._gemm_4bit_with(x, packed, state, config), first)
 
 
 @requires_cuda

@@ -1,8 +1,8 @@
 // The fused 4-bit product on Hopper's warpgroup MMA (wgmma, sm_90a): out = x @ W^T (+ bias) for
-// medium M, where the products of csrc/cuda/gemm_4bit.cu (mma.sync, each warp reading x again from
-// L1 for every 16 weight rows) spend their time moving x, not multiplying.
+// medium M, where the mma.sync products (csrc/cuda/gemm_4bit_mma.cu, gemm_4bit_ws.cu: each warp
+// reading x again from L1 for every 16 or 32 weight rows) spend their time moving x, not multiplying.
 //
-//   - Tile: a CTA owns 128 weight rows x BN tokens (BN = wgmma's N, 32..256). Each of its two
+//   - Tile: a CTA owns 128 weight rows x BN tokens (BN = wgmma's N, 16..256). Each of its two
 //     warpgroups multiplies 64 rows by all BN tokens: a token of x in shared memory serves 128 rows,
 //     a weight code (decoded once) serves BN tokens.
 //   - Operands: x is wgmma's B operand, read by the tensor cores from shared memory (a token's 64 k
@@ -16,11 +16,10 @@
 //     scales' raw words) with cp.async while stage j is multiplied; the four wgmma of a stage are
 //     one commit group, in flight while the next stage decodes (wait_group 1); a stage's slot is
 //     refilled two stages after it was read, when no wgmma can still be reading it.
-//   - Forms: bf16 by default (and variants 15 / 16) gemm_4bit_wgmma_tma_kernel, the pair-table
-//     decode fed by a copy warp's tensor copies on mbarriers (two / one CTA an SM); fp16 the kernel
-//     above; variant 13 (gemm_4bit_wgmma_ws_kernel: a copying warpgroup and mbarriers in place of
-//     the CTA barrier) and variant 14 (bf16: the pair table, with the CTA barrier) for benchmarks.
-//     See StageDecoder and the kernels.
+//   - Forms: bf16 gemm_4bit_wgmma_tma_kernel, the pair-table decode fed by a copy warp's tensor
+//     copies on mbarriers (two or one CTA an SM); fp16 gemm_4bit_wgmma_kernel, the float decode
+//     with the CTA-barrier pipeline above (the pair table and the tensor copies are written for
+//     bf16 only). The configurations: csrc/gemm_4bit_config.cpp.
 //   - Grid: one CTA a (row tile, token tile, K split). K is split over CTAs when the tiles alone
 //     would leave SMs idle (4096 rows make 32 tiles for 132 SMs); each split writes float32 partial
 //     sums, and a second kernel adds them in split order: the result is the same bits run to run.
@@ -30,11 +29,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <map>
-#include <mutex>
+#include <algorithm>
 
-#include "qlora/codebooks.h"
+#include "qlora/cp_async.cuh"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/gemm_4bit_device.cuh"
+#include "qlora/gemm_4bit_layout.h"
 #include "qlora/half_convert.cuh"
 #include "qlora/mbarrier.cuh"
 #include "qlora/nested_scale.cuh"
@@ -46,11 +46,6 @@ namespace {
 constexpr int kWgRows = 128;  // weight rows a CTA: two warpgroups of 64
 constexpr int kWgThreads = 256;
 constexpr int kWgStageK = 64;  // k a stage: 128 bytes of x a token, 32 bytes of codes a row
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
-__constant__ float kWgNF4[16] = {QLORA_NF4_CODE};
-__constant__ float kWgFP4[16] = {QLORA_FP4_CODE_SIGNED};
-#endif
 
 // A stage: x [BN tokens][128 bytes] (1024-byte aligned: the swizzle atom), the codes [128 rows][32
 // bytes], the scales' raw words [128 rows][2] (the 8-bit code's aligned word and the nested scale,
@@ -64,27 +59,10 @@ constexpr size_t wg_smem_bytes() {
   return size_t{STAGES} * wg_stage_bytes<BN>() + 1024;  // + 1024: the ring's start is aligned up
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // The ring's start: dynamic shared memory rounded up to 1024 bytes, the 128-byte swizzle's atom
 // (wg_smem_bytes reserves the 1024 bytes this may skip).
 __device__ __forceinline__ uint8_t* swizzle_aligned(uint8_t* smem) {
-  return smem + ((1024 - (shared_address(smem) & 1023)) & 1023);
-}
-
-__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 fills the 16 bytes with zeros: tokens past M multiply as zeros.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void copy4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  return smem + ((1024 - (smem_u32(smem) & 1023)) & 1023);
 }
 
 // wgmma's shared-memory matrix descriptor for a K-major operand with the 128-byte swizzle: start
@@ -175,36 +153,33 @@ struct StageCopies {
     const int64_t step = int64_t{j} * kWgStageK;
 #pragma unroll
     for (int u = 0; u < kX; ++u) {
-      const bool valid = (x_valid >> u) & 1;
-      copy16(base + x_dst + u * (COPIERS * 16), valid ? x_src + u * x_stride + step : x, valid);
+      const bool valid = (x_valid >> u) & 1;  // tokens past M multiply as zeros
+      cp_async_16_or_zeros(base + x_dst + u * (COPIERS * 16), valid ? x_src + u * x_stride + step : x, valid);
     }
     const int64_t stage_block = (first_stage + j) >> stage_shift;
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int chunk = copier + i * COPIERS;
-      copy16(base + BN * 128 + chunk * 16, code_src[i] + (step >> 1), true);
+      cp_async_16_or_zeros(base + BN * 128 + chunk * 16, code_src[i] + (step >> 1), true);
       const int64_t block = scale_block[i] + stage_block;
       const uint32_t dst = base + BN * 128 + kWgRows * 32 + (chunk & 127) * 8;
       if constexpr (NESTED) {
         // The 8-bit code's aligned 4-byte word (the byte is picked at use; the host checked that the
       // array holds whole words), and the nested scale.
-        if (chunk < 128) copy4(dst, static_cast<const uint8_t*>(scale_src[i]) + (block & ~int64_t{3}));
-        else copy4(dst + 4, static_cast<const float*>(scale_src[i]) + (block >> 8));
+        if (chunk < 128) cp_async_4(dst, static_cast<const uint8_t*>(scale_src[i]) + (block & ~int64_t{3}));
+        else cp_async_4(dst + 4, static_cast<const float*>(scale_src[i]) + (block >> 8));
       } else {
-        if (chunk < 128) copy4(dst, static_cast<const float*>(scale_src[i]) + block);
+        if (chunk < 128) cp_async_4(dst, static_cast<const float*>(scale_src[i]) + block);
       }
     }
   }
 };
 
 // The A fragments of a stage for this thread (rows r0 and r0 + 8 of the tile, r0 = 16 * warp + g
-// over the CTA's two math warpgroups), decoded from the stage's codes and scales. PAIR (bf16 only,
-// variant 14): one lookup a register in a table of code pairs, scaled with one bf16x2 multiply
-// (bf16(bf16(code) * bf16(scale)): two roundings more than dequantize_4bit's weight, within the
-// tests' bound), in place of two float lookups, two float multiplies and a conversion.
-template <typename T, bool NESTED, int BN, bool PAIR = false>
+// over the CTA's two math warpgroups), decoded from the stage's codes and scales as
+// bf16(code * scale), computed in float32: the weight dequantize_4bit writes.
+template <typename T, bool NESTED, int BN>
 struct StageDecoder {
-  static_assert(!PAIR || std::is_same_v<T, __nv_bfloat16>, "the pair table is bf16");
   const char* table;
   const float* nested_code;
   float offset;
@@ -239,14 +214,6 @@ struct StageDecoder {
     return pack_pair<T>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
   }
 
-  // The pair table: entry b (a code byte) of lane l's copy at byte offset b * 128 + 4 * l, so the
-  // rotation of the low nibble (bits 7-10) brings the whole byte to bits 7-14.
-  __device__ __forceinline__ uint32_t decode_pair(uint32_t word, __nv_bfloat162 scale) const {
-    uint32_t v = *reinterpret_cast<const uint32_t*>(table + ((__funnelshift_r(word, word, rot_lo) & 0x7f80u) | lane4));
-    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), scale);
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-
   __device__ __forceinline__ void stage(const uint8_t* slot, int j, uint32_t (&a)[4][4]) const {
     float s[2];
     if constexpr (NESTED) {
@@ -271,18 +238,10 @@ struct StageDecoder {
       // Step q: k 16q .. 16q + 15, words 2q (k 16q .. 16q + 7) and 2q + 1 of rows g and g + 8.
       const uint4& v0 = w0[q >> 1];
       const uint4& v1 = w1[q >> 1];
-      if constexpr (PAIR) {
-        const __nv_bfloat162 s0 = __float2bfloat162_rn(s[0]), s1 = __float2bfloat162_rn(s[1]);
-        a[q][0] = decode_pair((q & 1) ? v0.z : v0.x, s0);
-        a[q][1] = decode_pair((q & 1) ? v1.z : v1.x, s1);
-        a[q][2] = decode_pair((q & 1) ? v0.w : v0.y, s0);
-        a[q][3] = decode_pair((q & 1) ? v1.w : v1.y, s1);
-      } else {
-        a[q][0] = decode((q & 1) ? v0.z : v0.x, s[0]);
-        a[q][1] = decode((q & 1) ? v1.z : v1.x, s[1]);
-        a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
-        a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
-      }
+      a[q][0] = decode((q & 1) ? v0.z : v0.x, s[0]);
+      a[q][1] = decode((q & 1) ? v1.z : v1.x, s[1]);
+      a[q][2] = decode((q & 1) ? v0.w : v0.y, s[0]);
+      a[q][3] = decode((q & 1) ? v1.w : v1.y, s[1]);
     }
   }
 };
@@ -343,12 +302,12 @@ __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4]
   store_tile<T, BN>(acc, t, r0, c, M, N, bias, out, partial);
 }
 
-// The code table (16 floats, or with PAIR 256 bf16 code pairs), 32 copies, copy l in bank l; and
-// the nested code.
-template <bool NESTED, bool PAIR = false>
+// The code table (16 floats, or with PAIR 256 bf16 code pairs: the tensor-copy kernel's), 32
+// copies, copy l in bank l; and the nested code.
+template <bool NESTED, bool PAIR>
 __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_code, const Scales& sc, int fp4,
                                             int tid, int threads) {
-  const float* code = fp4 ? kWgFP4 : kWgNF4;
+  const float* code = fp4 ? kFP4Values<> : kNF4Values<>;
   if constexpr (PAIR) {
     for (int i = tid; i < 256 * 32; i += threads)
       code_table[i] = pack_pair<__nv_bfloat16>(code[(i >> 5) >> 4], code[(i >> 5) & 15]);
@@ -360,7 +319,7 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
   }
 }
 
-// The two math warpgroups of the mbarrier-fed kernels (math_tid: 0-255 over them): wait for
+// The two math warpgroups of the tensor-copy kernel (math_tid: 0-255 over them): wait for
 // stage j's slot to be full, decode it (decode(slot, j, a) fills the A fragments and returns the
 // slot's x tile's shared address) and start its wgmma group, and release stage j - 1's slot once
 // that group is complete. Slot and phase advance a stage at a time (no division per stage).
@@ -394,26 +353,26 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
 
 // All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
 // multiply; a barrier a stage.
-template <typename T, bool NESTED, int BN, int STAGES, bool PAIR = false>
-__global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
+template <typename T, bool NESTED, int BN, int STAGES>
+__global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
     const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
     Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ uint32_t code_table[(PAIR ? 256 : 16) * 32];  // entry v of lane l at v * 32 + l: bank l
+  __shared__ uint32_t code_table[16 * 32];  // entry v of lane l at v * 32 + l: bank l
   __shared__ float nested_code[NESTED ? 256 : 1];
   extern __shared__ uint8_t smem_raw[];
   uint8_t* ring = swizzle_aligned(smem_raw);
-  const uint32_t ring_address = shared_address(ring);
+  const uint32_t ring_address = smem_u32(ring);
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
-  fill_tables<NESTED, PAIR>(code_table, nested_code, sc, fp4, tid, kWgThreads);
+  fill_tables<NESTED, false>(code_table, nested_code, sc, fp4, tid, kWgThreads);
   const float offset = NESTED ? *sc.offset : 0.f;
   const StageCopies<T, NESTED, BN, kWgThreads> copies(tid, x, M, packed, N, K, bs_log2, sc, t);
   const int r0 = 16 * warp + (lane >> 2);
-  const StageDecoder<T, NESTED, BN, PAIR> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
+  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, offset, lane, r0, N, K, bs_log2, t);
 
   float acc[BN / 2];
 #pragma unroll
@@ -421,7 +380,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
 #pragma unroll
   for (int j = 0; j < STAGES - 2; ++j) {
     if (j < t.nst) copies.issue(ring_address + j * kStageBytes, j, tid);
-    copy_commit();
+    cp_async_commit();
   }
   __syncthreads();  // the tables
 
@@ -430,12 +389,12 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
   uint32_t a0[4][4] = {}, a1[4][4] = {};
   uint32_t read_slot = 0, write_slot = (STAGES - 2) * kStageBytes;
   auto stage = [&](int j, uint32_t (&a)[4][4], const uint32_t (&previous)[4][4]) {
-    copy_wait<STAGES - 3>();
+    cp_async_wait<STAGES - 3>();
     // cp.async writes through the generic proxy; wgmma reads x through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
     if (j + STAGES - 2 < t.nst) copies.issue(ring_address + write_slot, j + STAGES - 2, tid);
-    copy_commit();
+    cp_async_commit();
     write_slot = write_slot == (STAGES - 1) * kStageBytes ? 0 : write_slot + kStageBytes;
     decoder.stage(ring + read_slot, j, a);
     wgmma_stage<T, BN>(acc, a, ring_address + read_slot);
@@ -449,81 +408,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 32 && !PAIR ? 3 : BN <= 128 
 #endif
 }
 
-// Warp-specialized (variant 13): warpgroup 0 only copies, warpgroups 1 and 2 only decode and
-// multiply, handing stages over on mbarriers (full: the copies of a stage have landed, 128
-// arrivals; empty: both math warpgroups are done with it, 256 arrivals), so that no math warp waits
-// at a CTA-wide barrier and the copies run up to STAGES stages ahead. A copier signals stage j
-// once it has issued stage j + kSignalLag: its cp.async writes must be complete and fenced to the
-// async proxy (wgmma's) before it arrives, and waiting on older groups keeps kSignalLag stages in
-// flight.
-constexpr int kWsThreads = 384;
-constexpr int kSignalLag = 3;
-
-template <typename T, bool NESTED, int BN, int STAGES>
-__global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
-    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
-    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int64_t stages_per_split) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  // The copiers wait for slot j % STAGES to be released (math warps past stage j - STAGES + 1),
-  // which needs stage j - STAGES + 1 signalled, which they do after issuing stage
-  // j - STAGES + 1 + kSignalLag: that must come before j, or both sides wait forever.
-  static_assert(STAGES >= kSignalLag + 2, "the copiers would wait on a release that waits on them");
-  __shared__ uint32_t code_table[16 * 32];
-  __shared__ float nested_code[NESTED ? 256 : 1];
-  __shared__ uint64_t full[STAGES], empty[STAGES];
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* ring = swizzle_aligned(smem_raw);
-  const uint32_t ring_address = shared_address(ring);
-  constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
-
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const WgTile t = wg_tile(M, N, K, BN, stages_per_split);
-  fill_tables<NESTED>(code_table, nested_code, sc, fp4, tid, kWsThreads);
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 128);
-      mbar_init(&empty[s], 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp < 4) {  // the copiers
-    const StageCopies<T, NESTED, BN, 128> copies(tid, x, M, packed, N, K, bs_log2, sc, t);
-    auto signal = [&](int j) {
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      mbar_arrive(&full[j % STAGES]);
-    };
-    for (int j = 0; j < t.nst; ++j) {
-      // The slot's previous stage (j - STAGES) must be released: its empty phase (j / STAGES - 1).
-      if (j >= STAGES) mbar_wait(&empty[j % STAGES], ((j / STAGES) - 1) & 1);
-      copies.issue(ring_address + (j % STAGES) * kStageBytes, j, tid);
-      copy_commit();
-      if (j >= kSignalLag) {
-        copy_wait<kSignalLag>();
-        signal(j - kSignalLag);
-      }
-    }
-    copy_wait<0>();
-    for (int j = max(0, t.nst - kSignalLag); j < t.nst; ++j) signal(j);
-    return;
-  }
-
-  const int math_tid = tid - 128, lane = tid & 31;
-  const StageDecoder<T, NESTED, BN> decoder(code_table, nested_code, NESTED ? *sc.offset : 0.f, lane,
-                                            16 * (math_tid >> 5) + (lane >> 2), N, K, bs_log2, t);
-  const auto decode = [&](uint32_t slot, int j, uint32_t (&a)[4][4]) {
-    decoder.stage(ring + slot * kStageBytes, j, a);
-    return ring_address + slot * kStageBytes;
-  };
-  mbarrier_math<T, BN, STAGES>(math_tid, decode, full, empty, t, M, N, bias, out, partial);
-#else
-  __trap();
-#endif
-}
-
-// The bulk tensor copy form (variant 15, bf16): one copy warp feeds the two math warpgroups. Per
+// The bulk tensor copy form (bf16): one copy warp feeds the two math warpgroups. Per
 // stage its lane 0 issues two tensor copies (TMA): x's BN x 64 tile, which the copy engine writes
 // in the 128-byte swizzle wgmma's descriptor names (tokens past M read as zeros), and the 128 rows'
 // 32 code bytes (rows past N as zeros). Its 32 lanes load the rows' block scales two stages ahead,
@@ -531,18 +416,19 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_4bit_wgmma_ws_kernel(
 // bf16 pair in the slot, then arrive (full: 1 + 32 arrivals and the copies' bytes). The math warps
 // wait on mbarriers only, decode the codes with the pair table and release a slot (empty: 256
 // arrivals) once the wgmma group that read it is complete.
-// Why so: ncu on 28672x8192 at M = 32 (48211e9) found the kernel issue-bound (0.61 instructions a
-// cycle and scheduler, stalls mostly "selected" and "not selected") at 186 instructions a math warp
-// and stage, of which the 16 lookups took 80 (a rotate, a mask, the table's base added, the load, the
-// scale's multiply) and each thread's decode of its two scales about 25. With the scales decoded by
-// the copy warp and the table at shared address 0x8000 (32 KB-aligned: the mask and the lane's
-// table address are one LOP3), a lookup is 4 instructions and a stage's scales one load.
+// Why so: the float-decode kernel is issue-bound at 186 instructions a math warp and stage, of
+// which the 16 lookups take 80 (a rotate, a mask, the table's base added, the load, the scale's
+// multiply) and each thread's decode of its two scales about 25. With the scales decoded by the
+// copy warp and the table at shared address 0x8000 (32 KB-aligned: the mask and the lane's table
+// address are one LOP3), a lookup is 4 instructions and a stage's scales one load. The pair table's
+// weight is bf16(bf16(code) * bf16(scale)): two roundings more than dequantize_4bit's, within the
+// tests' bound.
 constexpr int kTmaThreads = 288;  // warps 0-7: two math warpgroups; warp 8: the copies
 // BN = 256: a third warpgroup (warp 8 copies, 9-11 exit) so that setmaxnreg can move registers to the
 // math warps: 9 warps cap a thread at 168 (three share one scheduler's 16384), too few for 128
 // accumulators. setmaxnreg.inc waits until the CTA's own pool (168 x 384 registers, what the
 // launch gave it) can serve it: 8 math warps x 224 + 4 copy-warpgroup warps x 48 = 168 x 12 warps
-// (7fff7e1 asked for 232 with 48, more than the pool holds; its H200 test run hung).
+// (more than the pool holds and the math warps wait forever).
 template <int BN>
 constexpr int tma_threads() {
   return BN == 256 ? 384 : kTmaThreads;
@@ -550,7 +436,6 @@ constexpr int tma_threads() {
 constexpr int kTmaMathRegisters = 224;
 constexpr int kTmaCopyRegisters = 48;
 static_assert(8 * kTmaMathRegisters + 4 * kTmaCopyRegisters <= 12 * 168, "the math warps would wait forever for registers");
-constexpr uint32_t kTmaTableAddress = 0x8000;  // the pair table's shared-window address, 32 KB long
 constexpr int kTmaScaleLead = 2;               // stages the copy warp's scale loads run ahead
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
@@ -641,7 +526,7 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
   static_assert(STAGES > kTmaScaleLead + 1, "the copy warp would wait on a release that waits on it");
   using T = __nv_bfloat16;
   extern __shared__ uint8_t smem_raw[];
-  if (shared_address(smem_raw) != lo) __trap();  // the layout assumed another start: never launch it wrong
+  if (smem_u32(smem_raw) != lo) __trap();  // the layout assumed another start: never launch it wrong
   constexpr uint32_t kStageBytes = wg_stage_bytes<BN>();
   constexpr uint32_t kTensorBytes = BN * 128 + kWgRows * 32;
   const TmaLayout L = tma_layout(lo, kStageBytes, STAGES);
@@ -668,7 +553,7 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
   // Each role's register count is set inside its own branch, which never rejoins another (ptxas
   // ignores setmaxnreg where code after it could run under either count), and by one instruction
   // for the whole warpgroup (.sync.aligned: the four warps of the copy warpgroup must execute the
-  // same setmaxnreg; 7fff7e1 had two copies of it, one a branch).
+  // same setmaxnreg, not two copies of it, one a branch).
   constexpr bool kMoveRegisters = tma_threads<BN>() > kTmaThreads;
   if (warp >= 8) {
     if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
@@ -767,50 +652,13 @@ __global__ void add_splits_kernel(const float* __restrict__ partial, int splits,
   }
 }
 
-struct Occupancy {
-  int ctas_per_sm = 0;
-  int sms = 0;
-  bool has_code = false;
-};
-
-// Per kernel and device: whether the kernel has sm_90a code to run, and how many CTAs fit an SM.
-// (Keyed by the kernel itself: the instantiations share one function type.)
-template <typename Kernel>
-Occupancy occupancy(Kernel kernel, size_t smem, int threads, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, Occupancy> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    Occupancy o;
-    int major = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&o.sms, cudaDevAttrMultiProcessorCount, device));
-#if defined(QLORA_HAS_SM90A)
-    // Only a 9.x device runs the sm_90a code; any other gets the PTX of an older target, whose body
-    // is a trap.
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    if (major == 9 && smem + attr.sharedSizeBytes <= static_cast<size_t>(optin)) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.ctas_per_sm, kernel, threads, smem));
-      o.has_code = o.ctas_per_sm > 0;
-    }
-#endif
-    it = cache.emplace(key, o).first;
-  }
-  return it->second;
-}
-
 // The number of K splits: the fewest that keep the CTA slots of the GPU busy (a split count whose
 // last wave is fuller by 5 points of the slots wins over a smaller one), with at least 8 stages
 // (512 k) a split and the partial sums (4 bytes a split, token and row) no more bytes than the
 // codes, so that adding them (mostly in L2) costs little beside the product.
 int choose_splits(int64_t tiles, int64_t stages, int64_t M, int64_t K, int64_t slots, int64_t sms) {
   // A tile for every SM: splitting measured slower (28672x8192, 224 tiles for 132 SMs of two slots:
-  // 211 us unsplit against 234 split at M = 128, 306 against 335 at M = 256; 1785878).
+  // 211 us unsplit against 234 split at M = 128; a sweep not kept, docs/perf/gemm_4bit.md).
   if (tiles >= sms) return 1;
   auto fill = [&](int64_t s) {
     const int64_t units = tiles * s;
@@ -858,148 +706,112 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, bool NESTED, int BN, int STAGES, bool WS = false, bool PAIR = false, bool TMA = false,
-          int TMA_CTAS = 1>
-bool launch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-            const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-            const std::function<at::Tensor(int64_t)>& partials, int forced_splits) {
+// Launches the float-decode kernel (TMA false) or the tensor-copy kernel (TMA, bf16, compiled for
+// TMA_CTAS CTAs an SM) with BN-token tiles and a ring of STAGES slots, K split as choose_splits
+// says; false where it declines (no tensor-map encoder, no CTA fits an SM).
+template <typename T, bool NESTED, int BN, int STAGES, bool TMA = false, int TMA_CTAS = 1>
+bool launch(const FusedGemm& g) {
+  const at::Tensor& x2 = g.x2;
+  const GemmProblem& p = g.p;
+  const int64_t M = g.M;
   // (if constexpr: each launch instantiates only the kernel it launches)
   auto kernel = [] {
     if constexpr (TMA) return gemm_4bit_wgmma_tma_kernel<NESTED, BN, STAGES, TMA_CTAS>;
-    else if constexpr (WS) return gemm_4bit_wgmma_ws_kernel<T, NESTED, BN, STAGES>;
-    else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES, PAIR>;
+    else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
   }();
-  constexpr int threads = TMA ? tma_threads<BN>() : WS ? kWsThreads : kWgThreads;
+  constexpr int threads = TMA ? tma_threads<BN>() : kWgThreads;
+  const int device = x2.get_device();
   // The tensor-copy kernel lays out its shared memory from where it starts (the block's reserved
   // bytes): the pair table at kTmaTableAddress.
-  const uint32_t lo = TMA ? device_limits(x2.get_device()).reserved : 0;
-  if (TMA && lo + 2048 > kTmaTableAddress) return false;
+  const uint32_t lo = TMA ? device_limits(device).reserved : 0;
+  TORCH_CHECK(!TMA || lo + 2048 <= kTmaTableAddress, "gemm_4bit: the tensor-copy kernel's layout does not fit");
   const size_t smem = TMA ? tma_layout(lo, wg_stage_bytes<BN>(), STAGES).total : wg_smem_bytes<BN, STAGES>();
-  const Occupancy occ = occupancy(kernel, smem, threads, x2.get_device());
-  if (!occ.has_code) return false;
+  const int per_sm = ctas_per_sm(kernel, threads, smem, device);
+  if (per_sm == 0) return false;
+  const int sms = device_limits(device).sms;
   [[maybe_unused]] CUtensorMap x_map{}, code_map{};
   if constexpr (TMA) {
-    // The copies' coordinates are 32-bit.
-    if (M >= (int64_t{1} << 31) || p.N >= (int64_t{1} << 31) || p.K >= (int64_t{1} << 31)) return false;
     if (!tensor_map_2d(&x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x2.const_data_ptr(), p.K, M, p.K * 2, kWgStageK, BN,
                        CU_TENSOR_MAP_SWIZZLE_128B) ||
-        !tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.const_data_ptr(), p.K / 2, p.N, p.K / 2,
+        !tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.packed.const_data_ptr(), p.K / 2, p.N, p.K / 2,
                        kWgStageK / 2, kWgRows, CU_TENSOR_MAP_SWIZZLE_NONE))
       return false;
   }
   const int64_t stages = p.K / kWgStageK;
   const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
-  const int splits = forced_splits > 0 ? static_cast<int>(std::min<int64_t>(forced_splits, stages))
-                                       : choose_splits(tiles, stages, M, p.K, int64_t{occ.ctas_per_sm} * occ.sms, occ.sms);
+  const int splits = choose_splits(tiles, stages, M, p.K, int64_t{per_sm} * sms, sms);
   const int64_t per_split = (stages + splits - 1) / splits;
   const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
   at::Tensor part;
-  if (used_splits > 1) part = partials(used_splits * M * p.N);
-  const T* bias_ptr = bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
-  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  if (used_splits > 1) part = workspace(used_splits * M * p.N, at::kFloat, x2.device(), g.stream);
+  const T* bias_ptr = g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr;
+  T* out_ptr = reinterpret_cast<T*>(g.out.data_ptr());
   float* part_ptr = used_splits > 1 ? part.data_ptr<float>() : nullptr;
   const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
   if constexpr (TMA) {
-    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
-        x_map, code_map, M, p.N, p.K, bs_log2, sc, fp4, bias_ptr, out_ptr, part_ptr, per_split, lo);
+    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, g.stream>>>(
+        x_map, code_map, M, p.N, p.K, g.bs_log2, g.sc, fp4, bias_ptr, out_ptr, part_ptr, per_split, lo);
   } else {
-    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, stream>>>(
-        reinterpret_cast<const T*>(x2.const_data_ptr()), M, packed.const_data_ptr<uint8_t>(), p.N, p.K, bs_log2, sc,
-        fp4, bias_ptr, out_ptr, part_ptr, per_split);
+    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, g.stream>>>(
+        reinterpret_cast<const T*>(x2.const_data_ptr()), M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
+        g.sc, fp4, bias_ptr, out_ptr, part_ptr, per_split);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
-    const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{occ.sms} * 8);
-    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(part.const_data_ptr<float>(),
-                                                                              static_cast<int>(used_splits), mn, p.N,
-                                                                              bias_ptr, out_ptr);
+    const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
+    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(part.const_data_ptr<float>(),
+                                                                                static_cast<int>(used_splits), mn, p.N,
+                                                                                bias_ptr, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
 }
 
-// Stages a CTA by token tile: enough codes in flight to cover DRAM latency (two or three CTAs an
-// SM at BN <= 128), within the shared memory of one (BN = 256) or two CTAs.
-template <typename T, bool NESTED>
-bool dispatch(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-              const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-              const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
-  // The pair table (32 KB) leaves room for two CTAs an SM at BN <= 64 with fewer stages, and for
-  // the one CTA of BN = 256 (which serves M > 64: at BN = 128 two CTAs would keep 3 stages).
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    // The tensor-copy form: two CTAs an SM at BN <= 64 (the 32 KB pair table beside 10 / 8 / 5
-    // stages at BN = 16 / 32 / 64; 96 registers), or (kTensorCopyOneCta) one with up to 16 stages and 168 registers; BN = 128
-    // beyond M = 64 (BN = 256 would spill without setmaxnreg).
-    if (form == WgmmaForm::kTensorCopy && M <= 16)
-      return launch<T, NESTED, 16, 10, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                             forced_splits);
-    if (form == WgmmaForm::kTensorCopy && M <= 32)
-      return launch<T, NESTED, 32, 8, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                            forced_splits);
-    if (form == WgmmaForm::kTensorCopy && M <= 64)
-      return launch<T, NESTED, 64, 5, false, true, true, 2>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                            forced_splits);
-    if (form == WgmmaForm::kTensorCopyOneCta && M <= 32)
-      return launch<T, NESTED, 32, 16, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
-                                                             partials, forced_splits);
-    if (form == WgmmaForm::kTensorCopyOneCta && M <= 64)
-      return launch<T, NESTED, 64, 12, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
-                                                             partials, forced_splits);
-    // Above M = 128 one 256-token tile (each code decoded once; 4 stages of 37 KB beside the
-    // table, and up to 224 registers a thread for the 128 accumulators with one CTA of 9 warps).
-    if ((form == WgmmaForm::kTensorCopy || form == WgmmaForm::kTensorCopyOneCta) && M > 128)
-      return launch<T, NESTED, 256, 4, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
-                                                              partials, forced_splits);
-    if (form == WgmmaForm::kTensorCopy || form == WgmmaForm::kTensorCopyOneCta)
-      return launch<T, NESTED, 128, 8, false, true, true, 1>(x2, M, packed, p, bs_log2, sc, bias, out, stream,
-                                                             partials, forced_splits);
-    if (form == WgmmaForm::kPairTable && M <= 32)
-      return launch<T, NESTED, 32, 6, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                   forced_splits);
-    if (form == WgmmaForm::kPairTable && M <= 64)
-      return launch<T, NESTED, 64, 5, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                   forced_splits);
-    if (form == WgmmaForm::kPairTable)
-      return launch<T, NESTED, 256, 5, false, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials,
-                                                    forced_splits);
-  }
-  // The warp-specialized kernel: one CTA an SM, so as many stages as shared memory holds.
-  const bool warp_specialized = form == WgmmaForm::kWarpSpecialized;
-  if (warp_specialized && M <= 32)
-    return launch<T, NESTED, 32, 16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  if (warp_specialized && M <= 64)
-    return launch<T, NESTED, 64, 12, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  if (warp_specialized && M <= 128)
-    return launch<T, NESTED, 128, 9, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  if (M <= 32) return launch<T, NESTED, 32, 7>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  if (M <= 64) return launch<T, NESTED, 64, 6>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  if (M <= 128) return launch<T, NESTED, 128, 5>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-  return launch<T, NESTED, 256, 5>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits);
-}
-
 }  // namespace
 
-bool gemm_4bit_wgmma(const at::Tensor& x2, int64_t M, const at::Tensor& packed, const GemmProblem& p, int bs_log2,
-                     const Scales& sc, const at::Tensor* bias, at::Tensor& out, cudaStream_t stream,
-                     const std::function<at::Tensor(int64_t)>& partials, int forced_splits, WgmmaForm form) {
-  // Whole stages of 64 k (the caller has K % blocksize == 0 with blocksize >= 64), 16-byte copies of
-  // x and the codes, 4-byte copies of the scales' words.
-  // The 8-bit scale codes are copied as aligned 4-byte words: a whole number of them (N times the
-  // blocks a row a multiple of 4), so that the last word lies inside the array.
-  if (p.K % kWgStageK != 0 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 16 != 0 ||
-      (sc.qabsmax != nullptr &&
-       (reinterpret_cast<uintptr_t>(sc.qabsmax) % 4 != 0 || (p.N * (p.K >> bs_log2)) % 4 != 0)))
-    return false;
-  const bool nested = sc.qabsmax != nullptr;
-  if (x2.scalar_type() == at::kHalf) {
-    return nested ? dispatch<__half, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form)
-                  : dispatch<__half, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form);
-  }
-  return nested
-             ? dispatch<__nv_bfloat16, true>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form)
-             : dispatch<__nv_bfloat16, false>(x2, M, packed, p, bs_log2, sc, bias, out, stream, partials, forced_splits, form);
+// The dispatch has checked (gemm_config_unfit) the GPU, the dtype, K and the alignment: whole
+// stages of 64 k, 16-byte copies of x and the codes, the 8-bit scale codes as whole aligned words.
+bool launch_gemm_wgmma(const WgmmaConfig& c, const FusedGemm& g) {
+  bool launched = false;
+  with_types(g, [&](auto t, auto nested) {
+    using T = typename decltype(t)::type;
+    constexpr bool NESTED = decltype(nested)::value;
+    const auto is = [&](int tokens, int stages, int ctas) {
+      return c.tokens == tokens && c.stages == stages && (!c.tensor_copy || c.ctas_per_sm == ctas);
+    };
+    bool known = true;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      TORCH_CHECK(c.tensor_copy, "gemm_4bit: the bf16 wgmma kernel is the tensor-copy form");
+      if (is(16, 10, 2)) launched = launch<T, NESTED, 16, 10, true, 2>(g);
+      else if (is(32, 8, 2)) launched = launch<T, NESTED, 32, 8, true, 2>(g);
+      else if (is(64, 5, 2)) launched = launch<T, NESTED, 64, 5, true, 2>(g);
+      else if (is(128, 8, 1)) launched = launch<T, NESTED, 128, 8, true, 1>(g);
+      else if (is(256, 4, 1)) launched = launch<T, NESTED, 256, 4, true, 1>(g);
+      else if (is(32, 16, 1)) launched = launch<T, NESTED, 32, 16, true, 1>(g);
+      else if (is(64, 12, 1)) launched = launch<T, NESTED, 64, 12, true, 1>(g);
+      else known = false;
+    } else {
+      TORCH_CHECK(!c.tensor_copy, "gemm_4bit: the tensor-copy wgmma kernel is bf16 only");
+      if (is(64, 6, 0)) launched = launch<T, NESTED, 64, 6>(g);
+      else if (is(128, 5, 0)) launched = launch<T, NESTED, 128, 5>(g);
+      else if (is(256, 5, 0)) launched = launch<T, NESTED, 256, 5>(g);
+      else known = false;
+    }
+    TORCH_CHECK(known, "gemm_4bit: no wgmma kernel of ", c.tokens, " tokens, ", c.stages, " stages");
+  });
+  return launched;
+}
+
+// Only a 9.x device runs the sm_90a code; any other gets the PTX of an older target, whose body is
+// a trap.
+bool wgmma_kernels_have_sm90a_code(int major) {
+#if defined(QLORA_HAS_SM90A)
+  return major == 9;
+#else
+  (void)major;
+  return false;
+#endif
 }
 
 }  // namespace qlora::cuda

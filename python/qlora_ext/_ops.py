@@ -60,6 +60,11 @@ def _gemm_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, block
     return x.new_empty(_gemm_shape(x, shape, False))
 
 
+@torch.library.register_fake("qlora::_gemm_4bit_with")
+def _gemm_4bit_with_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias, config):
+    return _gemm_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias)
+
+
 @torch.library.register_fake("qlora::gemm_4bit_transposed")
 def _gemm_4bit_transposed_fake(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
     torch._check(len(shape) == 2, lambda: f"gemm_4bit_transposed: the weight's shape must be 2-D, got {list(shape)}")

@@ -66,12 +66,10 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
                                  int64_t nested_blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
                                  const std::optional<at::Tensor>& bias);
 
-// The largest M (rows of x) that the CUDA forward product sends to its fused kernel; -1 means the
-// default measured on the H200 (csrc/cuda/gemm_4bit.cu). Benchmarks move it through
-// qlora_ext._C._set_gemm_fused_max_m to time both paths in one process.
+// The largest M (rows of x) that the CUDA forward product sends to a fused kernel; -1 means the
+// default measured on the H200 (csrc/gemm_4bit_config.cpp), >= 0 a fused kernel at every M up to
+// it. Tests and benchmarks move it through qlora_ext._C._set_gemm_fused_max_m to run both paths.
 extern std::atomic<int64_t> g_gemm_fused_max_m;
-// The fused kernel's tile shape, 0 for the default; benchmarks compare others (csrc/cuda/gemm_4bit.cu).
-extern std::atomic<int> g_gemm_variant;
 // Frees the CUDA products' dequantization workspaces; set by the CUDA kernels when built.
 extern void (*g_release_gemm_workspaces)();
 
