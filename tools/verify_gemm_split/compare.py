@@ -1,0 +1,114 @@
+"""dump TAG: run the default gemm_4bit over a grid of cases with this PYTHONPATH's build, saving the
+outputs and the launched kernels (name, grid, block, shared memory, registers) under /tmp/dump_TAG.
+compare: the two dumps, bit for bit and launch for launch."""
+import glob
+import json
+import os
+import sys
+
+import torch
+
+CASES = []
+big = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
+small = [(200, 1024), (40, 16448), (5000, 4096), (72, 4608)]
+MS = [1, 2, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300]
+for n, k in big + small:
+    for m in MS:
+        CASES.append((n, k, m, "bf16", True, -1))
+for n, k in [(4096, 4096), (8192, 8192), (8192, 28672), (11008, 4096), (72, 4608)]:
+    for m in MS:
+        CASES.append((n, k, m, "fp16", True, -1))
+for n, k in [(8192, 8192), (4096, 4096), (8192, 28672)]:
+    for m in [1, 9, 16, 17, 64, 129, 256]:
+        CASES.append((n, k, m, "bf16", False, -1))
+        CASES.append((n, k, m, "fp16", False, -1))
+for n, k in [(4096, 4096), (8192, 8192), (8192, 28672), (200, 1024)]:
+    for m in [64, 300, 1024]:
+        CASES.append((n, k, m, "bf16", True, 1 << 40))
+
+
+def dump(tag):
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_ext import _C, functional as F
+
+    out_dir = f"/tmp/dump_{tag}"
+    os.makedirs(out_dir, exist_ok=True)
+    by_shape = {}
+    for i, c in enumerate(CASES):
+        by_shape.setdefault((c[0], c[1], c[3], c[4]), []).append((i, c))
+    launches = {}
+    for (n, k, dt, nested), cases in by_shape.items():
+        dtype = torch.bfloat16 if dt == "bf16" else torch.float16
+        g = torch.Generator().manual_seed(n * 7 + k)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(dtype).cuda()
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        torch.save({"packed": packed.cpu(), "absmax": state.absmax.cpu()}, f"{out_dir}/w_{n}x{k}_{dt}_{nested}.pt")
+        inputs = []
+        for i, (_, _, m, _, _, maxm) in cases:
+            gx = torch.Generator().manual_seed(1000 + i)
+            x = torch.randn(m, k, generator=gx).to(dtype).cuda()
+            bias = (torch.randn(n, generator=gx) * 0.1).to(dtype).cuda() if i % 2 else None
+            inputs.append((i, x, bias, maxm))
+        for i, x, bias, maxm in inputs:  # warm-up: caches, workspaces
+            prev = _C._set_gemm_fused_max_m(maxm)
+            F.gemm_4bit(x, packed, state, bias)
+            _C._set_gemm_fused_max_m(prev)
+        torch.cuda.synchronize()
+        outs = {}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i, x, bias, maxm in inputs:
+                prev = _C._set_gemm_fused_max_m(maxm)
+                outs[i] = F.gemm_4bit(x, packed, state, bias)
+                _C._set_gemm_fused_max_m(prev)
+            torch.cuda.synchronize()
+        trace = f"/tmp/trace_{tag}.json"
+        prof.export_chrome_trace(trace)
+        ev = [e for e in json.load(open(trace))["traceEvents"] if e.get("cat") == "kernel"]
+        ev.sort(key=lambda e: e["ts"])
+        launches[f"{n}x{k}_{dt}_{nested}"] = [
+            (e["name"], e["args"].get("grid"), e["args"].get("block"), e["args"].get("shared memory"),
+             e["args"].get("registers per thread"))
+            for e in ev
+        ]
+        for i, o in outs.items():
+            torch.save(o.cpu(), f"{out_dir}/out_{i}.pt")
+    json.dump(launches, open(f"{out_dir}/launches.json", "w"))
+    print(tag, "dumped", len(CASES), "cases", sum(len(v) for v in launches.values()), "kernel launches", flush=True)
+
+
+def compare():
+    a, b = "/tmp/dump_orig", "/tmp/dump_new"
+    same = diff = 0
+    for i, c in enumerate(CASES):
+        x, y = torch.load(f"{a}/out_{i}.pt"), torch.load(f"{b}/out_{i}.pt")
+        if torch.equal(x, y):
+            same += 1
+        else:
+            diff += 1
+            print("DIFFERENT OUTPUT", c)
+    for f in glob.glob(f"{a}/w_*.pt"):
+        wa, wb = torch.load(f), torch.load(f.replace(a, b))
+        assert all(torch.equal(wa[t], wb[t]) for t in wa), f
+    la, lb = json.load(open(f"{a}/launches.json")), json.load(open(f"{b}/launches.json"))
+    ldiff = 0
+    kernels = {}
+    for key in la:
+        A, B = la[key], lb[key]
+        for q in B:
+            short = q[0].split("<")[0].split("::")[-1].replace("void ", "")
+            kernels[short] = kernels.get(short, 0) + 1
+        if len(A) != len(B) or any(p[1:] != q[1:] for p, q in zip(A, B)):
+            ldiff += 1
+            print("DIFFERENT LAUNCHES", key, len(A), len(B))
+            for p, q in zip(A, B):
+                if p[1:] != q[1:]:
+                    print("   ", p, "\n   ", q)
+                    break
+    print(f"outputs: {same} bit-identical, {diff} different; launches (grid, block, shared memory, registers): "
+          f"{len(la) - ldiff} of {len(la)} weight groups identical, {sum(len(v) for v in lb.values())} launches; "
+          f"kernels: {kernels}")
+
+
+if __name__ == "__main__":
+    dump(sys.argv[2]) if sys.argv[1] == "dump" else compare()

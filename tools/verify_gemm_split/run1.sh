@@ -1,0 +1,25 @@
+#!/bin/bash
+# A one-off check of the split of the products' kernels (merge 824d5a2): on the GPU machine, build the
+# tree before the split (26789df) and this one for sm_90a into build/site-*, then run the default
+# gemm_4bit of both over a grid of cases, compared bit for bit and launch for launch. Delete this
+# folder once it has passed on a GPU.
+#   here:  mkdir -p .verify/orig-src && git archive 26789df | tar -x -C .verify/orig-src
+#          (and add /.verify/ to .git/info/exclude); carry .verify
+#   there: bash tools/verify_gemm_split/run1.sh
+set -u
+export TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
+[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 -c "import torch; print(torch.__version__)"
+t0=$(date +%s)
+root=$PWD
+mkdir -p build
+( cd .verify/orig-src && python3 -m pip install -q --no-build-isolation --no-deps --target $root/build/site-orig . > $OUT/build-orig.log 2>&1; echo "orig build exit $?" ) &
+( python3 -m pip install -v --no-build-isolation --no-deps --target $root/build/site-new . > $OUT/build-new.log 2>&1; echo "new build exit $?" ) &
+wait
+echo "builds: $(( $(date +%s) - t0 )) s"
+grep -i "warning" $OUT/build-new.log | grep -v "avx512\|Remark" | sort | uniq -c | head -20
+PYTHONPATH=$root/build/site-orig python3 tools/verify_gemm_split/compare.py dump orig 2>&1 | tail -3
+PYTHONPATH=$root/build/site-new python3 tools/verify_gemm_split/compare.py dump new 2>&1 | tail -3
+PYTHONPATH=$root/build/site-new python3 tools/verify_gemm_split/compare.py compare 2>&1 | tail -30
+echo "total: $(( $(date +%s) - t0 )) s"
