@@ -6,6 +6,9 @@
 #   here:  mkdir -p .verify/orig-src && git archive 26789df | tar -x -C .verify/orig-src
 #          (and add /.verify/ to .git/info/exclude); carry .verify
 #   there: bash tools/verify_gemm_split/run1.sh
+# GEMM_BENCH=1 then times both builds' products (bench/gemm.py --ops gemm, bitsandbytes left out) one
+# after the other on the same GPU: gemm-orig.json and gemm-new.json under OUT (the split is to be within
+# 3% of the original on every row).
 set -u
 export TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
@@ -22,4 +25,24 @@ grep -i "warning" $OUT/build-new.log | grep -v "avx512\|Remark" | sort | uniq -c
 PYTHONPATH=$root/build/site-orig python3 tools/verify_gemm_split/compare.py dump orig 2>&1 | tail -3
 PYTHONPATH=$root/build/site-new python3 tools/verify_gemm_split/compare.py dump new 2>&1 | tail -3
 PYTHONPATH=$root/build/site-new python3 tools/verify_gemm_split/compare.py compare 2>&1 | tail -30
+if [ -n "${GEMM_BENCH:-}" ]; then
+  for tag in orig new; do
+    PYTHONPATH=$root/build/site-$tag timeout 150 python3 bench/gemm.py --ops gemm ${GEMM_BENCH_ARGS:-} \
+      --out "$OUT/gemm-$tag.json" > "$OUT/bench-gemm-$tag.log" 2>&1; echo "gemm $tag: exit $?"
+  done
+  python3 - "$OUT/gemm-orig.json" "$OUT/gemm-new.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p))["rows"] for p in sys.argv[1:3])
+key = lambda r: (r.get("op"), r.get("impl"), r.get("n"), r.get("k"), r.get("M"))
+old = {key(r): r for r in a if r.get("impl", "").startswith("qlora_ext") and "ms" in r}
+worst = []
+for r in b:
+    if key(r) in old and "ms" in r:
+        worst.append((r["ms"] / old[key(r)]["ms"], key(r)))
+worst.sort()
+print(f"{len(worst)} rows; new / orig time: min {worst[0][0]:.3f}, max {worst[-1][0]:.3f}")
+for ratio, k in worst[-5:]:
+    print(f"  {ratio:.3f} {k}")
+PY
+fi
 echo "total: $(( $(date +%s) - t0 )) s"
