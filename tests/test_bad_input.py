@@ -15,7 +15,7 @@ import qlora_ext
 from qlora_ext import LoraConfig, QuantState, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, HAS_CUDA, assert_bits_equal, assert_each_raises
+from helpers import DEVICES, HAS_CUDA, assert_bits_equal, assert_each_raises
 
 
 def bf16(*shape, device="cpu"):

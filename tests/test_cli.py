@@ -14,7 +14,7 @@ import qlora_ext
 from qlora_ext import cli
 from qlora_ext.nn import QLoRALinear
 
-from conftest import assert_bits_equal, requires_cuda
+from helpers import assert_bits_equal, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -12,8 +12,9 @@ import torch
 import qlora_ext
 from qlora_ext import LoraConfig
 
+from helpers import tiny_llama
+
 transformers = pytest.importorskip("transformers")
-from test_model import tiny_llama  # noqa: E402
 
 
 def snapshot(model):

@@ -4,7 +4,6 @@ torch.compile and CUDA graphs, and on bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -13,20 +12,20 @@ import torch
 from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
-from conftest import DEVICES, assert_each_raises, needs_caching_allocator, random_weights, requires_cuda
+from helpers import (
+    DEVICES,
+    assert_close_to_reference,
+    assert_each_raises,
+    fused_max_m,
+    make_input,
+    make_weight,
+    needs_caching_allocator,
+    requires_cuda,
+)
 
 # Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
 # dequantize + cuBLAS forced at every M. On the CPU there is one path.
 PATHS = {"default": -1, "fused": 1 << 40, "cublas": 0}
-
-
-@contextlib.contextmanager
-def fused_max_m(m: int):
-    previous = _C._set_gemm_fused_max_m(m)
-    try:
-        yield
-    finally:
-        _C._set_gemm_fused_max_m(previous)
 
 
 def device_paths():
@@ -34,60 +33,6 @@ def device_paths():
     for path in PATHS:
         out.append(pytest.param("cuda", path, id=f"cuda-{path}", marks=[requires_cuda, pytest.mark.cuda]))
     return out
-
-
-def make_weight(n, k, device, gen, dtype=torch.bfloat16, blocksize=64, quant_type="nf4", dq=True):
-    w = random_weights(n * k, torch.float32, "cpu", gen, blocksize).reshape(n, k)
-    # an RMS of 0.05, as in trained layers, so that float16 products stay in range
-    w = (w * (0.05 / w.pow(2).mean().sqrt().clamp_min(1e-30))).to(dtype).to(device)
-    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
-    return packed, state
-
-
-def make_input(shape, dtype, device, gen):
-    # Activations: unit Gaussians with a few large channels, as in transformer layers.
-    x = torch.randn(shape, generator=gen)
-    x[..., :: max(1, shape[-1] // 7)] *= 8
-    return x.to(dtype).to(device)
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
-
-
-def assert_close_to_reference(out, x, w, bias=None, what=""):
-    """out against x @ w^T + bias in float64, w the dequantized weight (float64 here).
-
-    The bound, element by element, with u the unit roundoff of the output dtype (2^-8 for bf16):
-    the output's own rounding (u * |ref|) plus the weight as the kernel sees it: the fused kernel
-    multiplies bf16(code) by the fp32 scale where the dequantized weight is bf16(code * scale), two
-    roundings of at most u each, so up to 2u * |x| @ |w|^T; fp32 accumulation adds
-    K * 2^-24 * |x| @ |w|^T. Where the output or a weight falls below the dtype's normal range the
-    relative terms fail (float16's subnormals are spaced 2^-24 apart, whatever their size): half that
-    spacing for the output and for each weight times |x| is added (found by tests/test_properties.py:
-    an fp16 product of 2.4e-6 off by 1.7e-8). A wrong index or scale is off by the order of
-    |x| @ |w|^T itself, far past the bound.
-    """
-    u = unit_roundoff(out.dtype)
-    xd, wd = x.double().cpu(), w.double().cpu()
-    ref = xd @ wd.T
-    if bias is not None:
-        ref = ref + bias.double().cpu()
-    mag = xd.abs() @ wd.abs().T
-    k = x.shape[-1]
-    sub = torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps / 2  # half the subnormal spacing
-    bound = u * ref.abs() + (2 * u + k * 2.0**-24) * mag + sub * (1 + xd.abs().sum(-1, keepdim=True)) + 1e-30
-    got = out.double().cpu()
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert not got.isnan().any(), f"{what}: NaN in the output"
-    err = (got - ref).abs()
-    bad = err > bound
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements past the bound; at {i}: got {got[tuple(i)].item()}, "
-            f"ref {ref[tuple(i)].item()}, bound {bound[tuple(i)].item()}"
-        )
 
 
 # M from decode to training; N and K odd, a multiple of the blocksize, or neither.

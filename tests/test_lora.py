@@ -11,37 +11,28 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-import contextlib
-
-from qlora_ext import _C, functional as F
+from qlora_ext import functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, assert_each_raises, needs_caching_allocator, requires_cuda
-from test_gemm_4bit import make_input, make_weight
-
-
-@contextlib.contextmanager
-def lora_fused(on: bool):
-    previous = _C._set_lora_fused(on)
-    try:
-        yield
-    finally:
-        _C._set_lora_fused(previous)
+from helpers import (
+    DEVICES,
+    Layer,
+    assert_bits_equal,
+    assert_each_raises,
+    assert_within_twice_the_reference_error,
+    fp32_scale,
+    lora_fused,
+    make_input,
+    mask_of,
+    needs_caching_allocator,
+    ours_outputs,
+    reference_outputs,
+    requires_cuda,
+)
 
 
 def seed_tensor(value: int, device: str) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
-
-
-def fp32_scale(p: float) -> float:
-    """The kernels' scale: 1 / (1 - p) rounded to float32, as torch's dropout computes it."""
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)) if p < 1 else 0.0
-
-
-def mask_of(shape, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The kept elements (bool) of a tensor of `shape` under `seed`."""
-    ones = torch.ones(shape, dtype=torch.float32, device=seed.device)
-    return F.lora_dropout(ones, p, seed) != 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,71 +281,6 @@ def test_products_bad_input_names_the_argument():
 
 # ---------------------------------------------------------------------------------------------
 # The layer op
-
-
-class Layer:
-    """A 4-bit weight, its bias and adapters, with fresh random values (B not zero: a zero B would
-    hide every error of the adapter path)."""
-
-    def __init__(self, n, k, r, device, gen, dtype=torch.bfloat16, adapter_dtype=None, bias=True, **fmt):
-        self.packed, self.state = make_weight(n, k, device, gen, dtype=dtype, **fmt)
-        adapter_dtype = adapter_dtype or dtype
-        self.bias = make_input((n,), dtype, device, gen) * 0.1 if bias else None
-        self.A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(adapter_dtype).to(device)
-        self.B = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(adapter_dtype).to(device)
-        self.scaling = 16 / r
-        self.W = F.dequantize_4bit(self.packed, self.state)
-
-    def __call__(self, x, p=0.0, seed=None, A=None, B=None, bias=None):
-        return F.lora_linear(
-            x, self.packed, self.state, self.A if A is None else A, self.B if B is None else B, self.scaling, p,
-            self.bias if bias is None else bias, seed,
-        )
-
-    def reference(self, x, p, seed, dtype):
-        """The layer composed of plain PyTorch ops in `dtype` with the same mask, and its function."""
-        mask = mask_of(x.shape, seed, p) if p > 0 else None
-        scale = fp32_scale(p)
-        W = self.W.to(dtype)
-
-        def f(x, A, B, bias):
-            xd = x if mask is None else x * mask * scale
-            y = torch.nn.functional.linear(x, W, bias)
-            return y + self.scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A), B)
-
-        return f
-
-
-def reference_outputs(layer, x, g, p, seed, dtype):
-    """y, dx, dA, dB (and dbias) of the PyTorch composition with every input cast to `dtype`."""
-    f = layer.reference(x, p, seed, dtype)
-    inputs = [x.detach().to(dtype).requires_grad_(), layer.A.detach().to(dtype).requires_grad_(), layer.B.detach().to(dtype).requires_grad_()]
-    bias = layer.bias.detach().to(dtype).requires_grad_() if layer.bias is not None else None
-    y = f(*inputs, bias)
-    grads = torch.autograd.grad(y, inputs + ([bias] if bias is not None else []), g.to(dtype))
-    return [y.detach(), *grads]
-
-
-def ours_outputs(layer, x, g, p, seed):
-    x = x.detach().requires_grad_()
-    A = layer.A.detach().requires_grad_()
-    B = layer.B.detach().requires_grad_()
-    bias = layer.bias.detach().requires_grad_() if layer.bias is not None else None
-    y = layer(x, p, seed, A, B, bias)
-    grads = torch.autograd.grad(y, [x, A, B] + ([bias] if bias is not None else []), g)
-    return [y.detach(), *grads]
-
-
-def assert_within_twice_the_reference_error(ours, low, exact, names):
-    """flash-attention's rule: our error against float64 within 2x that of plain PyTorch in the same
-    precision (plus a floor of a few units in the last place for outputs PyTorch gets exactly)."""
-    for o, lo, ex, name in zip(ours, low, exact, names):
-        assert o.shape == ex.shape and o.dtype == lo.dtype, (name, o.shape, ex.shape, o.dtype, lo.dtype)
-        ex = ex.double().cpu()
-        err = (o.double().cpu() - ex).abs().max().item()
-        ref_err = (lo.double().cpu() - ex).abs().max().item()
-        floor = 4 * torch.finfo(o.dtype).eps * ex.abs().max().item()
-        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs PyTorch's {ref_err:.3g} (floor {floor:.3g})"
 
 
 # The CUDA layer with the adapter products composed (dropout kernel + cuBLAS) and fused.

@@ -14,24 +14,9 @@ import qlora_ext
 from qlora_ext import LoraConfig
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, assert_each_raises
+from helpers import DEVICES, assert_bits_equal, assert_each_raises, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(seed: int, device: str = "cpu", meta: bool = False):
-    cfg = transformers.LlamaConfig(
-        # rows of a multiple of 64 k: bitsandbytes 0.50.2's C++ CPU dequantize disagrees with its own format
-        # (and with its flat torch path) on a 64 x 96 weight with blocksize 64; see the README
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    if meta:
-        with torch.device("meta"):
-            return transformers.LlamaForCausalLM(cfg).eval()
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    return model if device == "cpu" else model.to(device)
 
 
 def tokens(gen, device="cpu"):
