@@ -33,6 +33,7 @@ for each implementation (the same initial adapters: A drawn from the layer's nam
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import math
@@ -264,6 +265,15 @@ def release(*_):
         torch.cuda.empty_cache()
 
 
+def train_step(model, optimizer, ids):
+    """One training step on the batch `ids` (its own labels); returns the loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -276,14 +286,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     results, profile_text = {}, ""
     for batch, seq in runs:
         ids = tokens(name, batch, seq, device, seed=seq)
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
+        step = functools.partial(train_step, model, optimizer, ids)
         with torch.no_grad():
             first = model(input_ids=ids, labels=ids).loss.item()
         for _ in range(3):
@@ -309,7 +312,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
         if profile_run == (batch, seq) and device.type == "cuda":
             profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}")
             print(profile_text, flush=True)
-    del model, optimizer, trainable
+    del model, optimizer, trainable, step  # (step holds the model and optimizer too)
     release()
     return build_s, results, profile_text
 
@@ -323,12 +326,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
     torch.manual_seed(0)
     losses = []
     for i in range(steps):
-        ids = data[i % len(data)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, data[i % len(data)]).item())
     del model, optimizer
     release()
     print(f"{impl:18s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import sys
 from pathlib import Path
@@ -203,6 +204,20 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | No
     return common.time_cuda(step, iters), peak, (before - start) / 2**20
 
 
+def product_ops(x, A, gd, base, seed, p) -> dict:
+    """The three fused adapter products on these inputs, as functions of a call index (not used)."""
+    return {
+        "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
+        "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
+        "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+    }
+
+
+def call_copy(copies: list, x, i: int):
+    """Copy i % len(copies) of a layer applied to x (the copies rotate through more than the L2)."""
+    return copies[i % len(copies)](x)
+
+
 def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
     """The fused adapter kernels against their composite forms, one op at a time (the switch turns on
     all three, but each op runs only its own kernel)."""
@@ -215,12 +230,7 @@ def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
         for r in ranks:
             A = (torch.randn(r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
             gd = torch.randn(m, r, device=dev, generator=gen).to(torch.bfloat16)
-            ops = {
-                "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
-                "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
-                "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
-            }
-            for name, fn in ops.items():
+            for name, fn in product_ops(x, A, gd, base, seed, p).items():
                 with lora_fused(False):
                     composite = fn(0)
                     ms_composite = common.time_on(dev, fn, iters)
@@ -367,7 +377,7 @@ def main() -> None:
                             save()
                             del layers[impl]
                             continue
-                        fn = lambda i, ls=layers[impl]: ls[i % len(ls)](x)  # noqa: E731
+                        fn = functools.partial(call_copy, layers[impl], x)
                         graphs[impl] = capture(fn, copies) if dev == "cuda" else fn
                 with torch.no_grad():
                     if dev == "cuda":

@@ -47,6 +47,15 @@ def check_same(bnbf, x, dq) -> None:
         raise SystemExit(f"qlora_ext and bitsandbytes disagree on {tuple(x.shape)} {x.dtype} dq={dq}: not timing")
 
 
+def time_impl(device: str, quant, dequant, xs: list, kw: dict, iters: int) -> dict:
+    """Milliseconds a call of quant(x, **kw) and of dequant(*quant(x, **kw)), cycling through the
+    copies xs (more than the L2 holds)."""
+    qs = [quant(x, **kw) for x in xs]
+    ms_q = common.time_on(device, lambda i: quant(xs[i % len(xs)], **kw), iters)
+    ms_d = common.time_on(device, lambda i: dequant(*qs[i % len(qs)]), iters)
+    return {"quantize": ms_q, "dequantize": ms_d}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,14 +93,9 @@ def main() -> None:
                         lambda x, **kw: bnbf.quantize_4bit(x, **kw),
                         lambda p, s: bnbf.dequantize_4bit(p, s),
                     )
-                timings = {}
-                for impl, (quant, dequant) in impls.items():
-                    kw = dict(blocksize=64, quant_type="nf4", compress_statistics=dq)
-                    qs = [quant(x, **kw) for x in xs]
-                    ms_q = common.time_on(device, lambda i: quant(xs[i % reps], **kw), args.iters)
-                    ms_d = common.time_on(device, lambda i: dequant(*qs[i % reps]), args.iters)
-                    timings[impl] = {"quantize": ms_q, "dequantize": ms_d}
-                    del qs
+                kw = dict(blocksize=64, quant_type="nf4", compress_statistics=dq)
+                timings = {impl: time_impl(device, quant, dequant, xs, kw, args.iters)
+                           for impl, (quant, dequant) in impls.items()}  # fmt: skip
                 for impl, t in timings.items():
                     for op, ms in t.items():
                         gbps = numel * BYTES_PER_WEIGHT / (ms * 1e-3) / 1e9

@@ -138,13 +138,13 @@ def test_unknown_config_is_an_error(gen):
 CAN_PROFILE = not os.environ.get("QLORA_SANITIZER")
 
 
-def cuda_kernels_launched(fn) -> list[str]:
-    """The names of the CUDA kernels fn launches (torch.profiler), so that a test can tell a fused
-    kernel from the fallback it would silently take."""
+def cuda_kernels_launched(fn, *args) -> list[str]:
+    """The names of the CUDA kernels fn(*args) launches (torch.profiler), so that a test can tell a
+    fused kernel from the fallback it would silently take."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        fn(*args)
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
@@ -167,7 +167,7 @@ def test_default_kernel_by_m(gen):
         out = F.gemm_4bit(x, packed, state)
         assert_close_to_reference(out, x, w, None, f"default M={m} {n}x{k}")
         if hopper and CAN_PROFILE:
-            names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
+            names = cuda_kernels_launched(F.gemm_4bit, x, packed, state)
             assert any(kernel + "<" in name for name in names), (m, names)
             if kernel == "gemm_4bit_ws_kernel":
                 assert any(name.split(">")[0].endswith(", 2") for name in names if kernel + "<" in name), (m, names)
@@ -206,7 +206,7 @@ def test_wgmma_kernel(gen, quant_type, dq, blocksize, config):
         out = F._gemm_4bit_with(x, packed, state, config, bias)
         again = F._gemm_4bit_with(x, packed, state, config, bias)
         if CAN_PROFILE and m == 64:
-            names = cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config, bias))
+            names = cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config, bias)
             tile = f", {c['tokens']}, {c['stages']}"
             assert any(kernel in name and tile in name.split(">")[0] for name in names), names
         what = f"{config} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
@@ -453,7 +453,7 @@ def test_ws_kernel_many_tiles_a_cta(gen, config):
         first = F._gemm_4bit_with(x, packed, state, config)
         assert_close_to_reference(first, x, w, None, f"{config} M={m} {n}x{k}")
         if CAN_PROFILE:
-            names = [s for s in cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config))
+            names = [s for s in cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config)
                      if "gemm_4bit_ws_kernel<" in s]
             assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
         for _ in range(5):

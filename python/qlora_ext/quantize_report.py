@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     dequantized = {v: {} for v in variants}
     t_quant = 0.0
-    for name, module in linears:
+    for name, _ in linears:
         w = originals[name].float()
         row = {"name": name, "shape": tuple(w.shape), "n": w.numel()}
         for v, (qt, dq) in variants.items():

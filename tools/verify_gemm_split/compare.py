@@ -50,7 +50,7 @@ def dump(tag):
             x = torch.randn(m, k, generator=gx).to(dtype).cuda()
             bias = (torch.randn(n, generator=gx) * 0.1).to(dtype).cuda() if i % 2 else None
             inputs.append((i, x, bias, maxm))
-        for i, x, bias, maxm in inputs:  # warm-up: caches, workspaces
+        for _, x, bias, maxm in inputs:  # warm-up: caches, workspaces
             prev = _C._set_gemm_fused_max_m(maxm)
             F.gemm_4bit(x, packed, state, bias)
             _C._set_gemm_fused_max_m(prev)
