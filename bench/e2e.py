@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import qlora_ext  # noqa: E402
+
+import common  # noqa: E402
 
 MODELS = {
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -66,8 +66,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 IMPLS = ["qlora_ext", "bitsandbytes_peft", "bf16_peft"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
-OPTIMS = {"adamw": None, "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-          "paged_adamw_32bit": "PagedAdamW32bit"}
+OPTIMS = {
+    "adamw": None,
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)
 
 
@@ -119,7 +123,9 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
     weights = RandomWeights(shapes, device)
     if impl == "qlora_ext":
         config = qlora_ext.LoraConfig(target_modules=PROJECTIONS, adapter_dtype=adapter_dtype, **LORA)
-        qlora_ext.prepare_model(model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False)
+        qlora_ext.prepare_model(
+            model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
+        )
         model = model.to(device=device)
     else:
         import peft
@@ -232,8 +238,15 @@ def profile_step(step, label: str) -> str:
     for kname, (t, _) in times.items():
         fam = next((f for f, pat in FAMILIES if re.search(pat, kname, re.I)), "other")
         families[fam] += t / 1e3
-    lines = [f"## {label}", "", f"step {wall:.1f} ms wall (under the profiler), GPU busy {busy:.1f} ms, "
-             f"{sum(n for _, n in times.values())} kernels", "", "| family | ms | share |", "| --- | --- | --- |"]
+    lines = [
+        f"## {label}",
+        "",
+        f"step {wall:.1f} ms wall (under the profiler), GPU busy {busy:.1f} ms, "
+        f"{sum(n for _, n in times.values())} kernels",
+        "",
+        "| family | ms | share |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {f} | {ms:.1f} | {ms / busy:.1%} |" for f, ms in sorted(families.items(), key=lambda kv: -kv[1])]
     lines += ["", "| kernel | ms | launches |", "| --- | --- | --- |"]
     for kname, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:30]:
@@ -305,12 +318,16 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
         step_s = statistics.median(times)
         n = batch * seq
         paged = paged_gib(optimizer)
-        results[(batch, seq)] = dict(first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged)
+        results[(batch, seq)] = dict(
+            first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
+        )
         print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
               f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s, peak {peak or 0:.2f} GiB"
               f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
-            profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}")
+            profile_text = profile_step(
+                step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}"
+            )
             print(profile_text, flush=True)
     del model, optimizer, trainable, step  # (step holds the model and optimizer too)
     release()
@@ -386,7 +403,9 @@ def main() -> None:
                     print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
                           f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
-                build_s, results, prof = measure(impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run)
+                build_s, results, prof = measure(
+                    impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run
+                )
                 if prof:
                     profiles.append(prof)
                 for (batch, seq), r in results.items():
@@ -409,7 +428,12 @@ def main() -> None:
                     disagreements.append(f"{name} {run[0]}x{run[1]}: the first-step losses disagree: {losses}")
                     print("FAILED " + disagreements[-1], flush=True)
                     for row in rows:  # kept, and marked: their speed is not of one computation
-                        if (row["model"], row["batch"], row["seq"], row["adapter_dtype"], row["optim"]) == (name, *run, dname, optim):
+                        if (row["model"], row["batch"], row["seq"], row["adapter_dtype"], row["optim"]) == (
+                            name,
+                            *run,
+                            dname,
+                            optim,
+                        ):
                             row["losses_disagree"] = True
     if args.loss_steps > 0:
         name = models[0]

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 from qlora_ext import _C, functional as F  # noqa: E402
+
+import common  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 
@@ -197,8 +197,11 @@ def main() -> None:
     copy = common.copy_gbps("cuda")
     tflops = matmul_tflops()
     meta = common.meta("cuda")
-    meta.update(copy_gbps=round(copy, 1), matmul_tflops=round(tflops, 1),
-                timing="CUDA graph replays: median of 10, the lower of 2 rounds taken in turn")
+    meta.update(
+        copy_gbps=round(copy, 1),
+        matmul_tflops=round(tflops, 1),
+        timing="CUDA graph replays: median of 10, the lower of 2 rounds taken in turn",
+    )
     print(f"copy {copy:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
     rows = []
     g = torch.Generator(device="cuda")

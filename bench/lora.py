@@ -45,11 +45,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
-
 from qlora_ext import _C, functional as F  # noqa: E402
 from qlora_ext.nn import QLoRALinear  # noqa: E402
+
+import common  # noqa: E402
+from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 
 SHAPES = common.LLAMA_SHAPES
 # qlora_ext_fused last: its kernels are the newest, and a CUDA fault there ends the process.
@@ -299,7 +299,9 @@ def main() -> None:
     gen.manual_seed(1234)
     for n, k in shapes:
         w32 = torch.randn(n, k, device=dev, generator=gen) * 0.02
-        packed, state = F.quantize_4bit(w32.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = F.quantize_4bit(
+            w32.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=True
+        )
         w = F.dequantize_4bit(packed, state)  # 4-bit representable: every implementation holds this weight
         del w32, packed, state
         bias = (torch.randn(n, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
@@ -325,7 +327,9 @@ def main() -> None:
                                 errs = check(layer, x, g, ref)
                                 problem = None
                                 if not max(errs) < MAX_REL_ERR:
-                                    problem = f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                                    problem = (
+                                        f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                                    )
                                 elif impl == "qlora_ext_fused":
                                     problem = check_fused(layer, x, g)
                                 if problem is None:
@@ -419,7 +423,13 @@ def _summary(rows) -> None:
         return
     print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")
     for r in ours:
-        peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["op"] == "lora_layer" and x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
+        peaks = {
+            x["impl"]: x.get("peak_mib")
+            for x in rows
+            if x["op"] == "lora_layer"
+            and x["mode"] == r["mode"]
+            and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])
+        }
         print(f"{r['impl']:15s} {r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
               f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
 

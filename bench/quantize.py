@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import qlora_ext  # noqa: E402
 from qlora_ext import functional as Q  # noqa: E402
+
+import common  # noqa: E402
 
 BYTES_PER_WEIGHT = 2.5
 

@@ -1,6 +1,6 @@
 """Markdown tables from a bench/quantize.py result (the quantize tables of README.md and docs/performance.md).
 
-    python bench/report.py bench/results/quantize-h200-2026-11-29.json
+python bench/report.py bench/results/quantize-h200-2026-11-29.json
 """
 
 import json

@@ -221,8 +221,15 @@ class Layer:
 
     def __call__(self, x, p=0.0, seed=None, A=None, B=None, bias=None):
         return F.lora_linear(
-            x, self.packed, self.state, self.A if A is None else A, self.B if B is None else B, self.scaling, p,
-            self.bias if bias is None else bias, seed,
+            x,
+            self.packed,
+            self.state,
+            self.A if A is None else A,
+            self.B if B is None else B,
+            self.scaling,
+            p,
+            self.bias if bias is None else bias,
+            seed,
         )
 
     def reference(self, x, p, seed, dtype):
@@ -242,7 +249,11 @@ class Layer:
 def reference_outputs(layer, x, g, p, seed, dtype):
     """y, dx, dA, dB (and dbias) of the PyTorch composition with every input cast to `dtype`."""
     f = layer.reference(x, p, seed, dtype)
-    inputs = [x.detach().to(dtype).requires_grad_(), layer.A.detach().to(dtype).requires_grad_(), layer.B.detach().to(dtype).requires_grad_()]
+    inputs = [
+        x.detach().to(dtype).requires_grad_(),
+        layer.A.detach().to(dtype).requires_grad_(),
+        layer.B.detach().to(dtype).requires_grad_(),
+    ]
     bias = layer.bias.detach().to(dtype).requires_grad_() if layer.bias is not None else None
     y = f(*inputs, bias)
     grads = torch.autograd.grad(y, inputs + ([bias] if bias is not None else []), g.to(dtype))

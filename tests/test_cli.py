@@ -19,7 +19,9 @@ from helpers import assert_bits_equal, requires_cuda
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-WORDS = "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+WORDS = (
+    "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+)
 
 
 @pytest.fixture(scope="module")

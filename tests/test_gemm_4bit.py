@@ -160,9 +160,14 @@ def test_default_kernel_by_m(gen):
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for m, kernel in ((1, "gemm_4bit_ws_kernel"), (8, "gemm_4bit_ws_kernel"), (9, "gemm_4bit_ws_kernel"),
-                      (16, "gemm_4bit_ws_kernel"), (17, "gemm_4bit_wgmma_tma_kernel"),
-                      (33, "gemm_4bit_wgmma_tma_kernel")):
+    for m, kernel in (
+        (1, "gemm_4bit_ws_kernel"),
+        (8, "gemm_4bit_ws_kernel"),
+        (9, "gemm_4bit_ws_kernel"),
+        (16, "gemm_4bit_ws_kernel"),
+        (17, "gemm_4bit_wgmma_tma_kernel"),
+        (33, "gemm_4bit_wgmma_tma_kernel"),
+    ):
         x = make_input((m, k), torch.bfloat16, "cuda", gen)
         out = F.gemm_4bit(x, packed, state)
         assert_close_to_reference(out, x, w, None, f"default M={m} {n}x{k}")
@@ -323,7 +328,8 @@ def test_opcheck(gen, device):
         )
         g = make_input((m, 48), torch.bfloat16, device, gen).requires_grad_()
         torch.library.opcheck(
-            torch.ops.qlora.gemm_4bit_transposed.default, (g, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128])
+            torch.ops.qlora.gemm_4bit_transposed.default,
+            (g, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128]),
         )
 
 
@@ -342,7 +348,9 @@ def test_torch_compile_fullgraph(gen, device):
     def layer(x):
         return torch.relu(F.gemm_4bit(x, packed, state, bias)) * 2
 
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     for m in (1, 40):
         x = make_input((m, 256), torch.bfloat16, device, gen)
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
@@ -453,8 +461,11 @@ def test_ws_kernel_many_tiles_a_cta(gen, config):
         first = F._gemm_4bit_with(x, packed, state, config)
         assert_close_to_reference(first, x, w, None, f"{config} M={m} {n}x{k}")
         if CAN_PROFILE:
-            names = [s for s in cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config)
-                     if "gemm_4bit_ws_kernel<" in s]
+            names = [
+                s
+                for s in cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config)
+                if "gemm_4bit_ws_kernel<" in s
+            ]
             assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
         for _ in range(5):
             torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
@@ -483,18 +494,34 @@ def test_bad_input_names_the_argument(gen):
     packed, state = make_weight(32, 128, "cpu", gen)
     x = make_input((4, 128), torch.bfloat16, "cpu", gen)
     cases = [
-        (lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state), ValueError, "in_features"),
+        (
+            lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state),
+            ValueError,
+            "in_features",
+        ),
         (lambda: F.gemm_4bit(x.to(torch.int32), packed, state), TypeError, "x must be float32, float16 or bfloat16"),
         (lambda: F.gemm_4bit(x, packed, state, torch.zeros(32)), TypeError, "bias must have x's dtype"),
-        (lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)), ValueError, "bias must have shape"),
+        (
+            lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)),
+            ValueError,
+            "bias must have shape",
+        ),
         (lambda: F.gemm_4bit(x, packed[:-1], state), ValueError, "packed has"),
         (lambda: F.gemm_4bit(x, packed, "state"), TypeError, "quant_state must be a QuantState"),
         (lambda: F.gemm_4bit("x", packed, state), TypeError, "x must be a tensor"),
         (lambda: F.gemm_4bit_transposed(x, packed, state), ValueError, "out_features"),
-        (lambda: F.gemm_4bit_transposed(make_input((4, 32), torch.float64, "cpu", gen).to(torch.int64), packed, state), TypeError, "grad must be"),
+        (
+            lambda: F.gemm_4bit_transposed(
+                make_input((4, 32), torch.float64, "cpu", gen).to(torch.int64), packed, state
+            ),
+            TypeError,
+            "grad must be",
+        ),
     ]
     flat_packed, flat_state = F.quantize_4bit(make_input((4096,), torch.bfloat16, "cpu", gen))
-    cases.append((lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]"))
+    cases.append(
+        (lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]")
+    )
     assert_each_raises(cases)
 
 
@@ -524,7 +551,9 @@ def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):
     bias = make_input((96,), torch.bfloat16, "cpu", gen)
     for m in (1, 7):
         x = make_input((m, 256), torch.bfloat16, "cpu", gen)
-        assert torch.equal(F.matmul_4bit(x, packed.t(), state, bias=bias), bnb.matmul_4bit(x, packed.t(), bstate, bias=bias))
+        assert torch.equal(
+            F.matmul_4bit(x, packed.t(), state, bias=bias), bnb.matmul_4bit(x, packed.t(), bstate, bias=bias)
+        )
     out = torch.full((7, 96), float("nan"), dtype=torch.bfloat16)
     assert F.matmul_4bit(x, packed.t(), state, out=out) is out
     assert torch.equal(out, bnb.matmul_4bit(x, packed.t(), bstate))
@@ -539,7 +568,7 @@ def test_weight_past_2_to_the_31_elements(gen, path):
     cross blocks; element 2**31 in row 65534, 16k rows before the end), checked on row ranges at its
     start, across element 2**31 and at its end against the float64 product on the dequantized weight."""
     n, k = 81920, 32769
-    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
     del w
     wq = F.dequantize_4bit(packed, state)

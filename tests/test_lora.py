@@ -198,7 +198,19 @@ def test_products_composite(gen, device, p):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,r", [(1, 64, 8), (63, 72, 8), (65, 200, 24), (70, 200, 24), (257, 1032, 64), (64, 136, 72), (130, 520, 128), (4100, 256, 16)])
+@pytest.mark.parametrize(
+    "m,k,r",
+    [
+        (1, 64, 8),
+        (63, 72, 8),
+        (65, 200, 24),
+        (70, 200, 24),
+        (257, 1032, 64),
+        (64, 136, 72),
+        (130, 520, 128),
+        (4100, 256, 16),
+    ],
+)
 def test_fused_products_against_float64(gen, dtype, m, k, r):
     """The fused kernels within 2x the composite form's error against float64, on tiles that M, K and r
     do not fill."""
@@ -262,11 +274,18 @@ def test_products_bad_input_names_the_argument():
         (lambda: torch.ops.qlora.lora_down(x, A.float(), s, 0.1), TypeError, "lora_A must have x's dtype"),
         (lambda: torch.ops.qlora.lora_down(x, A, None, 0.1), ValueError, "seed is None"),
         (lambda: torch.ops.qlora.lora_grad_A(gd[:3], x, s, 0.1), ValueError, r"grad_down must have shape \[4, r\]"),
-        (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1), ValueError, r"grad_down must have shape \[4, 2\]"),
+        (
+            lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1),
+            ValueError,
+            r"grad_down must have shape \[4, 2\]",
+        ),
         (lambda: torch.ops.qlora.lora_down(x[0], A, s, 0.1), ValueError, "x must be 2-D"),
         (lambda: torch.ops.qlora.lora_down(x, A, s.int(), 0.1), TypeError, "lora_down: seed must be int64"),
-        (lambda: torch.ops.qlora.lora_grad_A(gd, x, torch.zeros(2, dtype=torch.int64), 0.1), ValueError,
-         "lora_grad_A: seed must have one element"),
+        (
+            lambda: torch.ops.qlora.lora_grad_A(gd, x, torch.zeros(2, dtype=torch.int64), 0.1),
+            ValueError,
+            "lora_grad_A: seed must have one element",
+        ),
     ]
     if torch.cuda.is_available():
         # A CUDA seed beside CPU tensors, even with p = 0, must name the seed rather than reach a kernel.
@@ -349,11 +368,16 @@ def test_gradcheck_float64_cpu(gen, p, quant_type, dq):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saves_only_x_and_the_down_projection(gen, device, p):
     m, n, k, r = 64, 96, 256, 16
-    module = QLoRALinear.from_linear(torch.nn.Linear(k, n).to(torch.bfloat16), r=r, lora_dropout=p, compute_dtype=torch.bfloat16).to(device)
+    module = QLoRALinear.from_linear(
+        torch.nn.Linear(k, n).to(torch.bfloat16), r=r, lora_dropout=p, compute_dtype=torch.bfloat16
+    ).to(device)
     torch.nn.init.normal_(module.lora_B.default.weight)
     own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
     state = module.base_layer.quant_state
-    own |= {t.untyped_storage().data_ptr() for t in (state.absmax, state.state2.absmax, state.state2._code_for_kernel(), state.offset)}
+    own |= {
+        t.untyped_storage().data_ptr()
+        for t in (state.absmax, state.state2.absmax, state.state2._code_for_kernel(), state.offset)
+    }
     x = make_input((2, m // 2, k), torch.bfloat16, device, gen).requires_grad_()
     saved = []
 
@@ -364,7 +388,9 @@ def test_saves_only_x_and_the_down_projection(gen, device, p):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = module(x)
     foreign = [t for t in saved if t.untyped_storage().data_ptr() not in own]
-    sizes = sorted((tuple(t.shape), t.dtype) for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    sizes = sorted(
+        (tuple(t.shape), t.dtype) for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
     expected = sorted([((m, r), torch.bfloat16)] + ([((), torch.int64)] if p > 0 else []))
     assert sizes == expected, sizes
     assert any(t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in foreign)
@@ -385,8 +411,24 @@ def test_opcheck_and_meta(gen, device):
         B = layer.B.clone().requires_grad_()
         torch.library.opcheck(
             torch.ops.qlora.lora_linear.default,
-            (x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4", [48, 128],
-             layer.bias, A, B, layer.scaling, p, seed),
+            (
+                x,
+                layer.packed,
+                s.absmax,
+                s.state2.absmax,
+                s.state2._code_for_kernel(),
+                s.offset,
+                64,
+                256,
+                "nf4",
+                [48, 128],
+                layer.bias,
+                A,
+                B,
+                layer.scaling,
+                p,
+                seed,
+            ),
         )
 
 
@@ -394,8 +436,15 @@ def test_meta_tensors(gen):
     layer = Layer(48, 128, 8, "cpu", gen)
     state = layer.state.to("meta")
     out = F.lora_linear(
-        torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"), layer.packed.to("meta"), state,
-        layer.A.to("meta"), layer.B.to("meta"), 2.0, 0.1, None, seed_tensor(1, "meta"),
+        torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"),
+        layer.packed.to("meta"),
+        state,
+        layer.A.to("meta"),
+        layer.B.to("meta"),
+        2.0,
+        0.1,
+        None,
+        seed_tensor(1, "meta"),
     )
     assert out.shape == (2, 5, 48) and out.device.type == "meta"
 
@@ -407,14 +456,42 @@ def test_bad_input_names_the_argument(gen):
         (lambda: layer(x, A=layer.A[:, :60]), ValueError, r"lora_A must have shape \[r, 64\]"),
         (lambda: layer(x, B=layer.B[:, :3]), ValueError, r"lora_B must have shape \[32, 4\]"),
         (lambda: layer(x, A=layer.A.int()), TypeError, "lora_A must be a float tensor"),
-        (lambda: torch.ops.qlora.lora_linear(x, layer.packed, layer.state.absmax, None, None, None, 64, 256, "nf4",
-                                             [32, 64], None, layer.A, layer.B, 1.0, 0.1, None), ValueError, "seed is None"),
+        (
+            lambda: torch.ops.qlora.lora_linear(
+                x,
+                layer.packed,
+                layer.state.absmax,
+                None,
+                None,
+                None,
+                64,
+                256,
+                "nf4",
+                [32, 64],
+                None,
+                layer.A,
+                layer.B,
+                1.0,
+                0.1,
+                None,
+            ),
+            ValueError,
+            "seed is None",
+        ),
         (lambda: layer(x, p=1.5, seed=seed_tensor(1, "cpu")), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
-        (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError, "scaling must be finite"),
+        (
+            lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")),
+            ValueError,
+            "scaling must be finite",
+        ),
         (lambda: layer(x, p=0.1, seed=seed_tensor(1, "cpu").int()), TypeError, "lora_linear: seed must be int64"),
         # A seed is checked where p = 0 leaves it unused too: it is an argument like any other.
-        (lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)), ValueError, "lora_linear: seed must have one element"),
+        (
+            lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)),
+            ValueError,
+            "lora_linear: seed must have one element",
+        ),
     ]
     assert_each_raises(cases)
 
@@ -447,7 +524,10 @@ def make_linear(n, k, dtype, gen, bias=True):
 def test_qlora_linear_from_linear(gen, device):
     linear = make_linear(96, 128, torch.bfloat16, gen)
     module = QLoRALinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.1, device=device)
-    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["lora_A.default.weight", "lora_B.default.weight"]
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == [
+        "lora_A.default.weight",
+        "lora_B.default.weight",
+    ]
     assert module.lora_A.default.weight.shape == (8, 128) and module.lora_B.default.weight.shape == (96, 8)
     assert module.lora_A.default.weight.dtype == torch.float32
     assert module.scaling["default"] == 2.0
@@ -459,7 +539,10 @@ def test_qlora_linear_from_linear(gen, device):
     module.train()
     assert_bits_equal(module(x), module.base_layer(x))
     # The base is the quantized linear: its output is gemm_4bit's.
-    assert_bits_equal(module.base_layer(x), F.gemm_4bit(x, module.base_layer.weight, module.base_layer.quant_state, module.base_layer.bias))
+    assert_bits_equal(
+        module.base_layer(x),
+        F.gemm_4bit(x, module.base_layer.weight, module.base_layer.quant_state, module.base_layer.bias),
+    )
     rs = QLoRALinear.from_linear(linear, r=16, lora_alpha=8, use_rslora=True, init="gaussian", device=device)
     assert rs.scaling["default"] == 8 / 4
     assert abs(rs.lora_A.default.weight.std().item() - 1 / 16) < 0.01
@@ -474,7 +557,13 @@ def test_qlora_linear_train_eval_and_dropout(gen, device):
     module.eval()
     y_eval = module(x)
     assert_bits_equal(y_eval, module(x))  # no dropout in eval mode
-    layer_args = (module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight, module.lora_B.default.weight, 2.0)
+    layer_args = (
+        module.base_layer.weight,
+        module.base_layer.quant_state,
+        module.lora_A.default.weight,
+        module.lora_B.default.weight,
+        2.0,
+    )
     assert_bits_equal(y_eval, F.lora_linear(x, *layer_args, 0.0, module.base_layer.bias))
     module.train()
     y1, y2 = module(x), module(x)
@@ -514,8 +603,14 @@ def test_autocast_and_input_without_grad(gen, device):
         y = module(x)
     assert y.dtype == torch.bfloat16
     expected = F.lora_linear(
-        x.bfloat16(), module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight,
-        module.lora_B.default.weight, 2.0, 0.0, module.base_layer.bias.bfloat16(),
+        x.bfloat16(),
+        module.base_layer.weight,
+        module.base_layer.quant_state,
+        module.lora_A.default.weight,
+        module.lora_B.default.weight,
+        2.0,
+        0.0,
+        module.base_layer.bias.bfloat16(),
     )
     assert_bits_equal(y, expected)
     # Without autocast and without a compute dtype: float32 throughout, output float32.
@@ -529,7 +624,9 @@ def test_autocast_and_input_without_grad(gen, device):
 def test_torch_compile_fullgraph(gen, device):
     module = QLoRALinear.from_linear(make_linear(64, 128, torch.bfloat16, gen), r=8, lora_dropout=0.1, device=device)
     torch.nn.init.normal_(module.lora_B.default.weight)
-    compiled = torch.compile(module, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        module, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     x = make_input((33, 128), torch.bfloat16, device, gen)
     g = make_input((33, 64), torch.bfloat16, device, gen)
     module.eval()
@@ -554,8 +651,15 @@ def test_linear4bit_state_dict_round_trip(gen, device):
     layer = Linear4bit.from_linear(linear, blocksize=32, compute_dtype=torch.bfloat16, device=device)
     sd = layer.state_dict()
     assert sorted(sd) == sorted(
-        ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-         "weight.quant_state.bitsandbytes__nf4"]
+        [
+            "weight",
+            "bias",
+            "weight.absmax",
+            "weight.quant_map",
+            "weight.nested_absmax",
+            "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4",
+        ]
     )
     assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (40 * 96 // 2, 1)
     shell = Linear4bit(96, 40, compute_dtype=torch.bfloat16, device=device)
@@ -576,7 +680,9 @@ def test_linear4bit_state_dict_round_trip(gen, device):
 def test_linear4bit_loads_bitsandbytes_state_dict(gen):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     linear = make_linear(40, 128, torch.bfloat16, gen)
-    theirs = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(
+        128, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
     theirs.load_state_dict(linear.state_dict())
     theirs = theirs.to("cuda" if torch.cuda.is_available() else "cpu")  # bitsandbytes quantizes on .to()
     assert theirs.weight.quant_state is not None

@@ -37,7 +37,9 @@ def dequantized_copy(original, prepared):
     that PEFT sees when it runs on top of the same quantization."""
     plain = copy.deepcopy(original)
     for name, module in prepared.named_modules():
-        base = module.base_layer if isinstance(module, QLoRALinear) else module if isinstance(module, Linear4bit) else None
+        base = (
+            module.base_layer if isinstance(module, QLoRALinear) else module if isinstance(module, Linear4bit) else None
+        )
         if base is not None and not name.endswith(".base_layer"):
             with torch.no_grad():
                 plain.get_submodule(name).weight.copy_(base.dequantize().float())
@@ -82,10 +84,14 @@ def test_target_forms(gen):
                                         progress=False)  # fmt: skip
         assert sum(1 for _ in qlora_ext.model.qlora_layers(model)) == count, target
         assert type(model.lm_head) is torch.nn.Linear
-    others = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=["q_proj"]), quantize_others=True, progress=False)
+    others = qlora_ext.prepare_model(
+        copy.deepcopy(original), LoraConfig(target_modules=["q_proj"]), quantize_others=True, progress=False
+    )
     assert type(others.model.layers[0].mlp.up_proj) is Linear4bit and type(others.lm_head) is torch.nn.Linear
     assert not any(p.requires_grad for p in others.model.layers[0].mlp.up_proj.parameters())
-    saved = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), progress=False)
+    saved = qlora_ext.prepare_model(
+        copy.deepcopy(original), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), progress=False
+    )
     assert saved.lm_head.weight.requires_grad
 
 
@@ -123,7 +129,9 @@ def test_meta_model_streamed_from_safetensors(gen, tmp_path):
 
 
 def test_checkpointed_training_step_gets_gradients(gen):
-    model = qlora_ext.prepare_model(tiny_llama(4), LoraConfig(r=4, lora_dropout=0.1), compute_dtype=torch.float32, progress=False)
+    model = qlora_ext.prepare_model(
+        tiny_llama(4), LoraConfig(r=4, lora_dropout=0.1), compute_dtype=torch.float32, progress=False
+    )
     randomize_adapters(model, gen)  # with B = 0, A's gradient is zero
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
@@ -277,7 +285,9 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
             setattr(parent, child, layer.to("cpu"))  # bitsandbytes quantizes on .to()
     sd = theirs.state_dict()
     assert "model.layers.0.mlp.up_proj.weight.absmax" in sd
-    ours = qlora_ext.prepare_model(tiny_llama(12), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True, progress=False)
+    ours = qlora_ext.prepare_model(
+        tiny_llama(12), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True, progress=False
+    )
     qlora_ext.load_quantized(ours, sd)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -289,11 +299,15 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
     saved = qlora_ext.model._base_state_dict(ours)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            stats = {k[len(name) + 8:]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
-            module.weight = bnb.nn.Params4bit.from_prequantized(saved[name + ".weight"], stats, device="cpu", module=module)
+            stats = {k[len(name) + 8 :]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
+            module.weight = bnb.nn.Params4bit.from_prequantized(
+                saved[name + ".weight"], stats, device="cpu", module=module
+            )
             mine = ours.get_submodule(name)
             mine = mine.base_layer if isinstance(mine, QLoRALinear) else mine
-            assert_bits_equal(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), mine.dequantize(), name)
+            assert_bits_equal(
+                bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), mine.dequantize(), name
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +355,9 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     original.save_pretrained(str(tmp_path / "fp32"))
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=q, device_map="cpu").eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "fp32"), quantization_config=q, device_map="cpu"
+    ).eval()
     theirs.save_pretrained(str(tmp_path / "theirs"))
     expected = dequantized(theirs)
     assert len(expected) == 14
@@ -354,7 +370,9 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
         assert_bits_equal(got[name], expected[name], name)
     ids = tokens(gen)
     with qlora_ext.disable_adapters(ours):
-        torch.testing.assert_close(logits(ours, ids), logits(dequantized_copy(original, ours), ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            logits(ours, ids), logits(dequantized_copy(original, ours), ids), rtol=1e-5, atol=1e-5
+        )
     # ours back: our file in place of theirs, their config (with its quantization_config) beside it
     (tmp_path / "back").mkdir()
     for name in ("config.json", "generation_config.json"):
@@ -414,7 +432,9 @@ def test_tied_embeddings_round_trip(gen, tmp_path):
 
 
 def test_adapters_refuse_to_switch_while_merged(gen):
-    model = qlora_ext.prepare_model(tiny_llama(26), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), progress=False)
+    model = qlora_ext.prepare_model(
+        tiny_llama(26), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), progress=False
+    )
     qlora_ext.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"]))
     # a new adapter trains only once it is active
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)

@@ -121,7 +121,9 @@ def test_codes_are_nearest_and_requantizing_is_stable(device, x, fmt):
         err_best = (v[:, None] - code[None, :]).abs().min(1).values[live]
         assert bool((err_chosen <= err_best + 2.0**-21).all()), f"max excess {(err_chosen - err_best).max().item()}"
     if x.dtype == torch.float32 and bool((state.absmax >= torch.finfo(torch.float32).tiny).all()):
-        again_p, again_s = Q.quantize_4bit(Q.dequantize_4bit(packed, state), blocksize, quant_type, compress_statistics=False)
+        again_p, again_s = Q.quantize_4bit(
+            Q.dequantize_4bit(packed, state), blocksize, quant_type, compress_statistics=False
+        )
         assert_bits_equal(again_s.absmax, state.absmax, "absmax")
         first, second = _nibbles(packed, n), _nibbles(again_p, n)
         # FP4 has two zero codes (0b0000, 0b1000); a zero may come back as the other one
@@ -149,7 +151,9 @@ def test_products_against_float64(device, m, n, k, dtype, fmt, seed):
     wq = Q.dequantize_4bit(packed, state)
     assert_close_to_reference(Q.gemm_4bit(x, packed, state, bias), x, wq, bias, "gemm_4bit")
     grad = torch.randn(m, n, generator=g).to(dtype).to(device)
-    assert_close_to_reference(Q.gemm_4bit_transposed(grad, packed, state), grad, wq.T.contiguous(), None, "gemm_4bit_transposed")
+    assert_close_to_reference(
+        Q.gemm_4bit_transposed(grad, packed, state), grad, wq.T.contiguous(), None, "gemm_4bit_transposed"
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import QuantState
-from qlora_ext import functional as Q
+from qlora_ext import QuantState, functional as Q
 from qlora_ext.codebooks import code_tensor
 
 from helpers import (
@@ -81,8 +80,9 @@ def _check_against_bnb(bnbf, x, blocksize, quant_type, dq, what):
         expected = reference_dequantize(p, s)
         assert_bits_equal(d, expected, f"{what} dequantized")
         assert_bits_equal(d_from_bnb, expected, f"{what} dequantized from bnb's state")
-        torch.testing.assert_close(d.float(), d_ref.float(), rtol=torch.finfo(x.dtype).eps, atol=_tiniest(x.dtype),
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            d.float(), d_ref.float(), rtol=torch.finfo(x.dtype).eps, atol=_tiniest(x.dtype), equal_nan=True
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,7 +92,11 @@ def _check_against_bnb(bnbf, x, blocksize, quant_type, dq, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_bitsandbytes(bnbf, gen, device, dtype, blocksize, quant_type, dq):
     # Several blocks, a partial last block and an odd element count.
-    n = blocksize * int(torch.randint(3, 40, (1,), generator=gen)) + int(torch.randint(1, blocksize, (1,), generator=gen)) | 1
+    n = (
+        blocksize * int(torch.randint(3, 40, (1,), generator=gen))
+        + int(torch.randint(1, blocksize, (1,), generator=gen))
+        | 1
+    )
     x = random_weights(n, dtype, device, gen, blocksize)
     _check_against_bnb(bnbf, x, blocksize, quant_type, dq, f"n={n}")
 
@@ -437,10 +441,12 @@ def test_opcheck(gen, device):
     torch.library.opcheck(torch.ops.qlora.dequantize_absmax.default, (q, nested, code2, offset, 256))
     shape = [x.numel()]
     torch.library.opcheck(
-        torch.ops.qlora.dequantize_4bit.default, (packed, absmax, None, None, None, 64, 256, "fp4", shape, torch.float16)
+        torch.ops.qlora.dequantize_4bit.default,
+        (packed, absmax, None, None, None, 64, 256, "fp4", shape, torch.float16),
     )
     torch.library.opcheck(
-        torch.ops.qlora.dequantize_4bit.default, (packed, q, nested, code2, offset, 64, 256, "fp4", shape, torch.bfloat16)
+        torch.ops.qlora.dequantize_4bit.default,
+        (packed, q, nested, code2, offset, 64, 256, "fp4", shape, torch.bfloat16),
     )
 
 
@@ -465,7 +471,9 @@ def test_torch_compile_fullgraph(gen, device):
 
     code = qlora_ext.codebooks.dynamic_map_tensor(device)
     w = random_weights(64 * 64, torch.bfloat16, device, gen).reshape(64, 64)
-    compiled = torch.compile(roundtrip, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        roundtrip, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     assert_bits_equal(compiled(w), roundtrip(w), "compiled")
 
 

@@ -71,7 +71,10 @@ def check(md: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     files = [Path(a).resolve() for a in argv] or [
-        ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "bench/results/MANIFEST.md"]
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").rglob("*.md")),
+        ROOT / "bench/results/MANIFEST.md",
+    ]
     problems = [p for f in files for p in check(f)]
     for p in problems:
         print(p)

@@ -1,6 +1,7 @@
 """dump TAG: run the default gemm_4bit over a grid of cases with this PYTHONPATH's build, saving the
 outputs and the launched kernels (name, grid, block, shared memory, registers) under /tmp/dump_TAG.
 compare: the two dumps, bit for bit and launch for launch."""
+
 import glob
 import json
 import os
@@ -67,8 +68,13 @@ def dump(tag):
         ev = [e for e in json.load(open(trace))["traceEvents"] if e.get("cat") == "kernel"]
         ev.sort(key=lambda e: e["ts"])
         launches[f"{n}x{k}_{dt}_{nested}"] = [
-            (e["name"], e["args"].get("grid"), e["args"].get("block"), e["args"].get("shared memory"),
-             e["args"].get("registers per thread"))
+            (
+                e["name"],
+                e["args"].get("grid"),
+                e["args"].get("block"),
+                e["args"].get("shared memory"),
+                e["args"].get("registers per thread"),
+            )
             for e in ev
         ]
         for i, o in outs.items():
@@ -105,9 +111,11 @@ def compare():
                 if p[1:] != q[1:]:
                     print("   ", p, "\n   ", q)
                     break
-    print(f"outputs: {same} bit-identical, {diff} different; launches (grid, block, shared memory, registers): "
-          f"{len(la) - ldiff} of {len(la)} weight groups identical, {sum(len(v) for v in lb.values())} launches; "
-          f"kernels: {kernels}")
+    print(
+        f"outputs: {same} bit-identical, {diff} different; launches (grid, block, shared memory, registers): "
+        f"{len(la) - ldiff} of {len(la)} weight groups identical, {sum(len(v) for v in lb.values())} launches; "
+        f"kernels: {kernels}"
+    )
 
 
 if __name__ == "__main__":
