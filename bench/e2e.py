@@ -137,8 +137,9 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
             for mname, module in list(model.named_modules()):
                 if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
                     replaced.append(mname)
-                    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                              compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                              device="meta")  # fmt: skip
                     layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
                                                      compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
                     parent, child = qlora_ext.model._parent(model, mname)
@@ -414,7 +415,8 @@ def main() -> None:
                                  "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
                                  "step_s": round(r["step_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
-                                 "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
+                                 "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
+                                 "build_s": round(build_s, 2)})  # fmt: skip
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:
@@ -451,8 +453,9 @@ def main() -> None:
         peers = {r["impl"]: r for r in rows if r["op"] == "e2e" and r["impl"] != "qlora_ext" and
                  all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype", "optim"))}  # fmt: skip
         for impl, peer in peers.items():
-            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: qlora_ext / {impl} tokens/s "
-                  f"{row['tok_per_s'] / peer['tok_per_s']:.2f}x, peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
+            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
+                  f"qlora_ext / {impl} tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
+                  f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
 

@@ -262,8 +262,8 @@ def main() -> None:
                         impl = path if path == "torch_bf16" else f"qlora_ext_{path}"
                         rows.append({"op": "gemm_path", "impl": impl, "n": n, "k": k, "M": m,
                                      "dtype": "bfloat16", "ms": round(ms, 5)})  # fmt: skip
-                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} " + "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items()),
-                          flush=True)  # fmt: skip
+                    times = "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items())
+                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} {times}", flush=True)
         del ours, theirs, bf16, w_deq, wd
         F.release_gemm_workspaces()
         torch.cuda.empty_cache()

@@ -240,12 +240,14 @@ def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
                 err = rel_err(fused, composite.double())
                 row = {"op": "lora_product", "kernel": name, "M": m, "k": k, "r": r, "dropout": p, "dtype": "bfloat16",
                        "ms_fused": round(ms_fused, 5), "ms_composite": round(ms_composite, 5),
-                       "speedup": round(ms_composite / ms_fused, 3), "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
+                       "speedup": round(ms_composite / ms_fused, 3),
+                       "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
                 if not err < MAX_REL_ERR:
                     row["error"] = f"fused against composite: relative error {err:.2e}"
                 rows.append(row)
                 print(f"product {name:20s} M={m} K={k:<5d} r={r:<3d} fused {ms_fused * 1e3:8.1f} us  composite "
-                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}", flush=True)  # fmt: skip
+                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}",
+                      flush=True)  # fmt: skip
     return rows
 
 
@@ -337,7 +339,8 @@ def main() -> None:
                         finally:
                             del layer
                         key = {"op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
-                               "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64}  # fmt: skip
+                               "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True,
+                               "blocksize": 64}  # fmt: skip
                         if problem is not None:
                             failures.append(f"train {n}x{k} r={r} p={p} {impl}: {problem}")
                             print("FAILED " + failures[-1], flush=True)
@@ -377,7 +380,8 @@ def main() -> None:
                             failures.append(f"decode {n}x{k} r={r} {impl}: relative error {errs[impl]:.2e}")
                             print("FAILED " + failures[-1], flush=True)
                             rows.append({"op": "lora_layer", "mode": "decode", "impl": impl, "n": n, "k": k, "M": 1,
-                                         "r": r, "dropout": 0.0, "error": f"relative error {errs[impl]:.2e} against float64"})  # fmt: skip
+                                         "r": r, "dropout": 0.0,
+                                         "error": f"relative error {errs[impl]:.2e} against float64"})  # fmt: skip
                             save()
                             del layers[impl]
                             continue
@@ -431,7 +435,8 @@ def _summary(rows) -> None:
             and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])
         }
         print(f"{r['impl']:15s} {r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
-              f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
+              f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, "
+              f"peak MiB {peaks}")  # fmt: skip
 
 
 if __name__ == "__main__":

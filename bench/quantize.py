@@ -125,7 +125,8 @@ def main() -> None:
     for r in rows:
         if r["impl"] != "qlora_ext":
             continue
-        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in ("op", "n", "k", "dtype", "dq"))), None)  # fmt: skip
+        same = ("op", "n", "k", "dtype", "dq")
+        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in same)), None)
         print(f"{r['op']:<10} {r['n']:>5}x{r['k']:<6} {r['dtype']:>8} {int(r['dq']):>3} {r['ms']:>9.4f} "
               f"{(ref['ms'] if ref else float('nan')):>8.4f} {r.get('speedup_vs_bitsandbytes', float('nan')):>6.2f} "
               f"{r['gbps']:>6.0f} {r['frac_of_copy']:>7.2f}")  # fmt: skip

@@ -32,9 +32,8 @@ for case in root.iter("testcase"):
 m = common.meta("cuda" if torch.cuda.is_available() else "cpu")
 print("# GPU test run")
 print()
-print(
-    f"- machine: {m.get('gpu')} ({m.get('sms')} SMs), torch {m['torch']}, CUDA {m['cuda']}, bitsandbytes {m['bitsandbytes']}"
-)
+print(f"- machine: {m.get('gpu')} ({m.get('sms')} SMs), torch {m['torch']}, CUDA {m['cuda']}, "
+      f"bitsandbytes {m['bitsandbytes']}")  # fmt: skip
 print(f"- date: {m['date']}")
 print(f"- commit: {m['commit']}")
 print(f"- command: `{command}`")

@@ -118,8 +118,9 @@ def test_every_op_gives_the_same_bits_run_to_run(device):
         packed, state = F.quantize_4bit(w, 64, "nf4", True)
         y = F.lora_linear(x, packed, state, A, B, 2.0, 0.1, None, seed)
         gx, gA, gB = torch.autograd.grad(y.float().square().sum(), [x, A, B])
-        return [packed, state.absmax, state.state2.absmax, F.dequantize_4bit(packed, state), F.gemm_4bit(x, packed, state),
-                F.gemm_4bit_transposed(y.detach(), packed, state), F.lora_dropout(x.detach(), 0.3, seed), y, gx, gA, gB]  # fmt: skip
+        return [packed, state.absmax, state.state2.absmax, F.dequantize_4bit(packed, state),
+                F.gemm_4bit(x, packed, state), F.gemm_4bit_transposed(y.detach(), packed, state),
+                F.lora_dropout(x.detach(), 0.3, seed), y, gx, gA, gB]  # fmt: skip
 
     first = everything()
     for a, b in zip(first, everything()):
@@ -180,5 +181,6 @@ def test_cuda_ops_refuse_cpu_tensors_without_crashing():
     packed, state = F.quantize_4bit(bf16(8, 64, device="cuda"))
     assert_each_raises([
         (lambda: F.gemm_4bit(bf16(2, 64), packed, state), ValueError, "is on"),
-        (lambda: F.lora_linear(bf16(2, 64, device="cuda"), packed, state, bf16(4, 64), bf16(8, 4, device="cuda"), 2.0), ValueError, "lora_A is on cpu"),
+        (lambda: F.lora_linear(bf16(2, 64, device="cuda"), packed, state, bf16(4, 64), bf16(8, 4, device="cuda"), 2.0),
+         ValueError, "lora_A is on cpu"),
     ])  # fmt: skip

@@ -411,41 +411,18 @@ def test_opcheck_and_meta(gen, device):
         B = layer.B.clone().requires_grad_()
         torch.library.opcheck(
             torch.ops.qlora.lora_linear.default,
-            (
-                x,
-                layer.packed,
-                s.absmax,
-                s.state2.absmax,
-                s.state2._code_for_kernel(),
-                s.offset,
-                64,
-                256,
-                "nf4",
-                [48, 128],
-                layer.bias,
-                A,
-                B,
-                layer.scaling,
-                p,
-                seed,
-            ),
-        )
+            (x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4",
+             [48, 128], layer.bias, A, B, layer.scaling, p, seed),
+        )  # fmt: skip
 
 
 def test_meta_tensors(gen):
     layer = Layer(48, 128, 8, "cpu", gen)
     state = layer.state.to("meta")
     out = F.lora_linear(
-        torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"),
-        layer.packed.to("meta"),
-        state,
-        layer.A.to("meta"),
-        layer.B.to("meta"),
-        2.0,
-        0.1,
-        None,
-        seed_tensor(1, "meta"),
-    )
+        torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"), layer.packed.to("meta"), state,
+        layer.A.to("meta"), layer.B.to("meta"), 2.0, 0.1, None, seed_tensor(1, "meta"),
+    )  # fmt: skip
     assert out.shape == (2, 5, 48) and out.device.type == "meta"
 
 
@@ -456,43 +433,18 @@ def test_bad_input_names_the_argument(gen):
         (lambda: layer(x, A=layer.A[:, :60]), ValueError, r"lora_A must have shape \[r, 64\]"),
         (lambda: layer(x, B=layer.B[:, :3]), ValueError, r"lora_B must have shape \[32, 4\]"),
         (lambda: layer(x, A=layer.A.int()), TypeError, "lora_A must be a float tensor"),
-        (
-            lambda: torch.ops.qlora.lora_linear(
-                x,
-                layer.packed,
-                layer.state.absmax,
-                None,
-                None,
-                None,
-                64,
-                256,
-                "nf4",
-                [32, 64],
-                None,
-                layer.A,
-                layer.B,
-                1.0,
-                0.1,
-                None,
-            ),
-            ValueError,
-            "seed is None",
-        ),
+        (lambda: torch.ops.qlora.lora_linear(x, layer.packed, layer.state.absmax, None, None, None, 64, 256, "nf4",
+                                             [32, 64], None, layer.A, layer.B, 1.0, 0.1, None),
+         ValueError, "seed is None"),
         (lambda: layer(x, p=1.5, seed=seed_tensor(1, "cpu")), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
-        (
-            lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")),
-            ValueError,
-            "scaling must be finite",
-        ),
+        (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError,
+         "scaling must be finite"),
         (lambda: layer(x, p=0.1, seed=seed_tensor(1, "cpu").int()), TypeError, "lora_linear: seed must be int64"),
         # A seed is checked where p = 0 leaves it unused too: it is an argument like any other.
-        (
-            lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)),
-            ValueError,
-            "lora_linear: seed must have one element",
-        ),
-    ]
+        (lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)), ValueError,
+         "lora_linear: seed must have one element"),
+    ]  # fmt: skip
     assert_each_raises(cases)
 
 

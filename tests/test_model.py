@@ -80,8 +80,8 @@ def test_target_forms(gen):
         ("up_proj", "down_proj"): 4,
     }
     for target, count in cases.items():
-        model = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=target if isinstance(target, str) else list(target)),
-                                        progress=False)  # fmt: skip
+        config = LoraConfig(target_modules=target if isinstance(target, str) else list(target))
+        model = qlora_ext.prepare_model(copy.deepcopy(original), config, progress=False)
         assert sum(1 for _ in qlora_ext.model.qlora_layers(model)) == count, target
         assert type(model.lm_head) is torch.nn.Linear
     others = qlora_ext.prepare_model(
@@ -152,8 +152,8 @@ def test_checkpointed_training_step_gets_gradients(gen):
 def test_our_adapter_loads_into_peft(gen, tmp_path):
     peft = pytest.importorskip("peft")
     original = tiny_llama(5)
-    model = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = qlora_ext.prepare_model(copy.deepcopy(original), lora_config, compute_dtype=torch.float32, progress=False)
     randomize_adapters(model, gen)
     qlora_ext.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -169,8 +169,8 @@ def test_peft_adapter_loads_into_ours(gen, tmp_path, use_rslora):
     original = tiny_llama(6)
     ours = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(r=8, target_modules="all-linear"),
                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "gate_proj"], init_lora_weights=False,
-                             use_rslora=use_rslora)  # fmt: skip
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "gate_proj"],
+                             init_lora_weights=False, use_rslora=use_rslora)  # fmt: skip
     theirs = peft.get_peft_model(dequantized_copy(original, ours), config).eval()
     theirs.save_pretrained(str(tmp_path))
     loaded = qlora_ext.load_adapter(ours, tmp_path, "peft")
@@ -279,7 +279,8 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
     for name, module in list(theirs.named_modules()):
         if type(module) is torch.nn.Linear and name != "lm_head":
             layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)  # fmt: skip
+                                      compute_dtype=torch.float32, quant_type="nf4",
+                                      compress_statistics=True)  # fmt: skip
             layer.load_state_dict(module.state_dict())
             parent, child = qlora_ext.model._parent(theirs, name)
             setattr(parent, child, layer.to("cpu"))  # bitsandbytes quantizes on .to()
@@ -324,7 +325,8 @@ def test_bad_input_names_the_argument(tmp_path):
         (lambda: LoraConfig(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)"),
         (lambda: LoraConfig(target_modules="(unclosed"), ValueError, "not a valid regex"),
         (lambda: LoraConfig(target_modules=[]), ValueError, "target_modules must be non-empty"),
-        (lambda: qlora_ext.prepare_model(tiny_llama(14), LoraConfig(target_modules=["nothing"]), progress=False), ValueError, "matches no nn.Linear"),
+        (lambda: qlora_ext.prepare_model(tiny_llama(14), LoraConfig(target_modules=["nothing"]), progress=False),
+         ValueError, "matches no nn.Linear"),
         (lambda: qlora_ext.prepare_model(model, LoraConfig(), progress=False), ValueError, "prepared already"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "empty"), FileNotFoundError, "adapter_model.safetensors"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "pickled"), FileNotFoundError, "only safetensors is read"),
@@ -443,7 +445,8 @@ def test_adapters_refuse_to_switch_while_merged(gen):
     merged = [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)]
     assert_each_raises([
         (lambda: qlora_ext.set_adapter(model, "other"), ValueError, "unmerge_adapter first"),
-        (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError, "unmerge_adapter first"),
+        (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError,
+         "unmerge_adapter first"),
         (lambda: qlora_ext.merge_adapter(model, "other"), ValueError, "unmerge_adapter first"),
         (lambda: qlora_ext.delete_adapter(model, "default"), ValueError, "is merged"),
     ])  # fmt: skip

@@ -28,7 +28,8 @@ def table(name: str, macro: str, values) -> str:
     rows = [", ".join(hexf(v) for v in values[i : i + 4]) for i in range(0, len(values), 4)]
     body = ", \\\n    ".join(rows)
     # The values also as a macro, so that CUDA __constant__ tables are initialized from the same list.
-    return f"#define {macro} \\\n    {body}\ninline constexpr float {name}[{len(values)}] = {{{macro}}};\n"
+    return (f"#define {macro} \\\n    {body}\n"
+            f"inline constexpr float {name}[{len(values)}] = {{{macro}}};\n")  # fmt: skip
 
 
 out = [

@@ -323,8 +323,8 @@ def finetune(args: argparse.Namespace) -> Path:
             step += 1
             progress(step, sum(losses[-args.grad_accum :]) / len(losses[-args.grad_accum :]))
             if args.save_steps and step % args.save_steps == 0 and step < total:
-                _save_checkpoint(output, step, model, optimizer, scheduler, {"micro": micro, "total": total, "run": run},
-                                 args.keep)  # fmt: skip
+                loop_state = {"micro": micro, "total": total, "run": run}
+                _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
             if step >= total:
                 break
     qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))

@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out retrieval ({after[2]} questions on {len(held_out)} unseen topics): top-1 accuracy / MRR")
     print(f"  fp32 model              {before[0]:.3f} / {before[1]:.3f}")
     print(f"  NF4 base, no adapter    {quantized[0]:.3f} / {quantized[1]:.3f}")
-    print(
-        f"  NF4 base + LoRA, trained {after[0]:.3f} / {after[1]:.3f}   ({args.steps} steps of {args.batch}, {t_train:.1f} s)"
-    )
+    print(f"  NF4 base + LoRA, trained {after[0]:.3f} / {after[1]:.3f}   "
+          f"({args.steps} steps of {args.batch}, {t_train:.1f} s)")  # fmt: skip
     print(f"base weights of the {len(layers)} adapted layers: fp32 {fp32_bytes / kib:.0f} KiB, "
           f"NF4 + double quant {nf4_bytes / kib:.0f} KiB ({fp32_bytes / nf4_bytes:.1f}x smaller)")  # fmt: skip
     print(f"adapter: r = {args.r}, {adapter_params} parameters, {adapter_file.stat().st_size / kib:.0f} KiB in "

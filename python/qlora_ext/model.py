@@ -340,19 +340,11 @@ def prepare_model(
         linear = _materialized_linear(name, module, source, device)
         base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
         new = (
-            QLoRALinear(
-                base,
-                lora_config.r,
-                lora_config.lora_alpha,
-                lora_config.lora_dropout,
-                lora_config.use_rslora,
-                lora_config.init,
-                lora_config.adapter_dtype,
-                adapter_name,
-            )  # fmt: skip
+            QLoRALinear(base, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout, lora_config.use_rslora,
+                        lora_config.init, lora_config.adapter_dtype, adapter_name)
             if adapt
             else base
-        )
+        )  # fmt: skip
         new.train(module.training)  # a new module starts in training mode: take the one it replaces
         parent, child = _parent(model, name)
         setattr(parent, child, new)
@@ -399,8 +391,8 @@ def _load_rest(model: nn.Module, source: _WeightSource, device=None) -> None:
                         )
                     tied_later.append(full)
                     continue
-                value = source.get(full, t).to(device=device if device is not None else (None if t.is_meta else t.device),
-                                               dtype=t.dtype)  # fmt: skip
+                target_device = device if device is not None else (None if t.is_meta else t.device)
+                value = source.get(full, t).to(device=target_device, dtype=t.dtype)
                 if kind == "_parameters":
                     getattr(module, kind)[pname] = nn.Parameter(value, requires_grad=t.requires_grad)
                 else:
@@ -518,7 +510,8 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's ``save_pretrained``
-    does (each to a temporary file renamed into place, so a crash never leaves a half-written one): keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+    does (each to a temporary file renamed into place, so a crash never leaves a half-written one):
+    keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
     plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
     adapter: the active one of the first layer."""
     from safetensors.torch import save_file
@@ -772,7 +765,8 @@ def load_quantized(
     loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in own}
     tied = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in loaded}
     missing += [k for k in current if k not in own and k not in consumed and k not in tied
-                and not re.search(r"\.lora_[AB]\.", k) and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
+                and not re.search(r"\.lora_[AB]\.", k)
+                and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
     if strict and (missing or unexpected):
         raise ValueError(
             f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; nothing was loaded"
@@ -813,9 +807,10 @@ def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requanti
         back = F.dequantize_4bit(packed, new_state).double()
         errors_num += (back - merged.double()).pow(2).sum().item()
         errors_den += merged.double().pow(2).sum().item()
-        new = Linear4bit(base.in_features, base.out_features, bias=base.bias is not None, compute_dtype=base.compute_dtype,
-                         compress_statistics=state.nested, quant_type=state.quant_type, blocksize=state.blocksize,
-                         quant_storage=base.quant_storage, device="meta")  # fmt: skip
+        new = Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                         compute_dtype=base.compute_dtype, compress_statistics=state.nested,
+                         quant_type=state.quant_type, blocksize=state.blocksize, quant_storage=base.quant_storage,
+                         device="meta")  # fmt: skip
         new.weight = nn.Parameter(packed, requires_grad=False)
         new.quant_state = new_state
         new.bias = base.bias

@@ -221,15 +221,16 @@ class Linear4bit(nn.Module):
         n = self.in_features * self.out_features
         if codes.numel() != (n + 1) // 2:
             raise ValueError(
-                f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs {(n + 1) // 2}"
+                f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs "
+                f"{(n + 1) // 2}"
             )
         return codes.to(device).clone(), state
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
-            f"compute_dtype={self.compute_dtype}"
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"compress_statistics={self.compress_statistics}, compute_dtype={self.compute_dtype}"
         )
 
 
@@ -403,4 +404,7 @@ class QLoRALinear(nn.Module):
         name = self.active_adapter
         if name is None:
             return "no active adapter"
-        return f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}, scaling={self.scaling[name]:.4g}"
+        return (
+            f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}, "
+            f"scaling={self.scaling[name]:.4g}"
+        )
