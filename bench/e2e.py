@@ -33,6 +33,7 @@ for each implementation (the same initial adapters: A drawn from the layer's nam
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import math
@@ -47,9 +48,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import qlora_ext  # noqa: E402
+
+import common  # noqa: E402
 
 MODELS = {
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -65,8 +66,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 IMPLS = ["qlora_ext", "bitsandbytes_peft", "bf16_peft"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
-OPTIMS = {"adamw": None, "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-          "paged_adamw_32bit": "PagedAdamW32bit"}
+OPTIMS = {
+    "adamw": None,
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)
 
 
@@ -118,7 +123,9 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
     weights = RandomWeights(shapes, device)
     if impl == "qlora_ext":
         config = qlora_ext.LoraConfig(target_modules=PROJECTIONS, adapter_dtype=adapter_dtype, **LORA)
-        qlora_ext.prepare_model(model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False)
+        qlora_ext.prepare_model(
+            model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
+        )
         model = model.to(device=device)
     else:
         import peft
@@ -130,8 +137,9 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
             for mname, module in list(model.named_modules()):
                 if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
                     replaced.append(mname)
-                    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                              compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                              device="meta")  # fmt: skip
                     layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
                                                      compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
                     parent, child = qlora_ext.model._parent(model, mname)
@@ -231,8 +239,15 @@ def profile_step(step, label: str) -> str:
     for kname, (t, _) in times.items():
         fam = next((f for f, pat in FAMILIES if re.search(pat, kname, re.I)), "other")
         families[fam] += t / 1e3
-    lines = [f"## {label}", "", f"step {wall:.1f} ms wall (under the profiler), GPU busy {busy:.1f} ms, "
-             f"{sum(n for _, n in times.values())} kernels", "", "| family | ms | share |", "| --- | --- | --- |"]
+    lines = [
+        f"## {label}",
+        "",
+        f"step {wall:.1f} ms wall (under the profiler), GPU busy {busy:.1f} ms, "
+        f"{sum(n for _, n in times.values())} kernels",
+        "",
+        "| family | ms | share |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {f} | {ms:.1f} | {ms / busy:.1%} |" for f, ms in sorted(families.items(), key=lambda kv: -kv[1])]
     lines += ["", "| kernel | ms | launches |", "| --- | --- | --- |"]
     for kname, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:30]:
@@ -264,6 +279,15 @@ def release(*_):
         torch.cuda.empty_cache()
 
 
+def train_step(model, optimizer, ids):
+    """One training step on the batch `ids` (its own labels); returns the loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -276,14 +300,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     results, profile_text = {}, ""
     for batch, seq in runs:
         ids = tokens(name, batch, seq, device, seed=seq)
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
+        step = functools.partial(train_step, model, optimizer, ids)
         with torch.no_grad():
             first = model(input_ids=ids, labels=ids).loss.item()
         for _ in range(3):
@@ -302,14 +319,18 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
         step_s = statistics.median(times)
         n = batch * seq
         paged = paged_gib(optimizer)
-        results[(batch, seq)] = dict(first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged)
+        results[(batch, seq)] = dict(
+            first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
+        )
         print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
               f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s, peak {peak or 0:.2f} GiB"
               f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
-            profile_text = profile_step(step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}")
+            profile_text = profile_step(
+                step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}"
+            )
             print(profile_text, flush=True)
-    del model, optimizer, trainable
+    del model, optimizer, trainable, step  # (step holds the model and optimizer too)
     release()
     return build_s, results, profile_text
 
@@ -323,12 +344,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
     torch.manual_seed(0)
     losses = []
     for i in range(steps):
-        ids = data[i % len(data)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, data[i % len(data)]).item())
     del model, optimizer
     release()
     print(f"{impl:18s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
@@ -388,7 +404,9 @@ def main() -> None:
                     print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
                           f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
-                build_s, results, prof = measure(impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run)
+                build_s, results, prof = measure(
+                    impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run
+                )
                 if prof:
                     profiles.append(prof)
                 for (batch, seq), r in results.items():
@@ -397,7 +415,8 @@ def main() -> None:
                                  "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
                                  "step_s": round(r["step_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
-                                 "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5), "build_s": round(build_s, 2)})  # fmt: skip
+                                 "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
+                                 "build_s": round(build_s, 2)})  # fmt: skip
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:
@@ -411,7 +430,12 @@ def main() -> None:
                     disagreements.append(f"{name} {run[0]}x{run[1]}: the first-step losses disagree: {losses}")
                     print("FAILED " + disagreements[-1], flush=True)
                     for row in rows:  # kept, and marked: their speed is not of one computation
-                        if (row["model"], row["batch"], row["seq"], row["adapter_dtype"], row["optim"]) == (name, *run, dname, optim):
+                        if (row["model"], row["batch"], row["seq"], row["adapter_dtype"], row["optim"]) == (
+                            name,
+                            *run,
+                            dname,
+                            optim,
+                        ):
                             row["losses_disagree"] = True
     if args.loss_steps > 0:
         name = models[0]
@@ -429,8 +453,9 @@ def main() -> None:
         peers = {r["impl"]: r for r in rows if r["op"] == "e2e" and r["impl"] != "qlora_ext" and
                  all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype", "optim"))}  # fmt: skip
         for impl, peer in peers.items():
-            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: qlora_ext / {impl} tokens/s "
-                  f"{row['tok_per_s'] / peer['tok_per_s']:.2f}x, peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
+            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
+                  f"qlora_ext / {impl} tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
+                  f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
 

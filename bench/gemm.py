@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 from qlora_ext import _C, functional as F  # noqa: E402
+
+import common  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 
@@ -53,6 +53,65 @@ def sweep_configs(m: int) -> list[str]:
     else:
         configs = ["wgmma_tma_128x256"]
     return configs + (["dequantize_cublas"] if m >= 16 else [])
+
+
+def implementations(op: str, x, ours: list, theirs: list, bf16: list, bnb=None, bnbf=None) -> dict:
+    """Each implementation of `op` on x: {name: (fn, copies)}, fn(i) multiplying by copy i % copies
+    of its weight (ours, bitsandbytes' (theirs) or the bf16 one: copies that together are more than
+    the L2 holds). bitsandbytes' where bnb and bnbf are given."""
+    q, b = len(ours), len(bf16)
+    if op == "gemm":
+        impls = {"qlora_ext": (lambda i: F.gemm_4bit(x, *ours[i % q]), q)}
+        if bnb is not None:
+            impls["bitsandbytes"] = (lambda i: bnb.matmul_4bit(x, theirs[i % q][0].t(), theirs[i % q][1]), q)
+        impls["torch_bf16"] = (lambda i: torch.matmul(x, bf16[i % b].t()), b)
+    else:
+        impls = {"qlora_ext": (lambda i: F.gemm_4bit_transposed(x, *ours[i % q]), q)}
+        if bnb is not None:
+            impls["bitsandbytes"] = (lambda i: torch.matmul(x, bnbf.dequantize_4bit(*theirs[i % q]).to(x.dtype)), q)
+        impls["torch_bf16"] = (lambda i: torch.matmul(x, bf16[i % b]), b)
+    return impls
+
+
+def check_and_time(impls: dict, ref: torch.Tensor, what: str) -> dict:
+    """{name: (ms a call, relative error)} of each (fn, copies) of `impls`, checked first against
+    the float64 product `ref` (a relative error of 1e-2 or more ends the run)."""
+    errs, graphs = {}, {}
+    for impl, (fn, copies) in impls.items():
+        err = rel_err(fn(0), ref)
+        if not err < 1e-2:
+            raise SystemExit(f"{impl} {what}: relative error {err:.2e} against float64")
+        errs[impl] = err
+        graphs[impl] = capture(fn, copies)
+    return {impl: (ms, errs[impl]) for impl, ms in time_graphs(graphs).items()}
+
+
+def time_sweep(m: int, x, ref: torch.Tensor, ours: list, bf16: list, rows: list, n: int, k: int) -> dict:
+    """Milliseconds a call of the dispatch's choice ("default", with the fused kernels forced at
+    every M), of each configuration of sweep_configs(m) and of torch_bf16 on x (M = m) and the weight
+    n x k; a configuration that is wrong goes to `rows` as an error, one that cannot run is skipped."""
+    q = len(ours)
+    paths = {"default": lambda i: F.gemm_4bit(x, *ours[i % q])}
+    for name in sweep_configs(m):
+        paths[name] = lambda i, name=name: F._gemm_4bit_with(x, *ours[i % q], name)
+    graphs = {}
+    for path, fn in paths.items():
+        previous = _C._set_gemm_fused_max_m(1 << 40 if path == "default" else -1)
+        try:
+            err = rel_err(fn(0), ref)
+            if not err < 1e-2:
+                # a wrong configuration is reported and left out; the run goes on
+                print(f"WRONG {path} {n}x{k} M={m}: relative error {err:.2e}", flush=True)
+                rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k,
+                             "M": m, "dtype": "bfloat16", "error": f"relative error {err:.2e}"})  # fmt: skip
+                continue
+            graphs[path] = capture(fn, q)  # the limit acts at capture
+        except NotImplementedError as e:  # the configuration cannot run on this weight or GPU
+            print(f"skipped {path} {n}x{k} M={m}: {str(e).splitlines()[0]}", flush=True)
+        finally:
+            _C._set_gemm_fused_max_m(previous)
+    graphs["torch_bf16"] = capture(*implementations("gemm", x, ours, [], bf16)["torch_bf16"])
+    return time_graphs(graphs)
 
 
 def capture(fn, copies: int):
@@ -138,8 +197,11 @@ def main() -> None:
     copy = common.copy_gbps("cuda")
     tflops = matmul_tflops()
     meta = common.meta("cuda")
-    meta.update(copy_gbps=round(copy, 1), matmul_tflops=round(tflops, 1),
-                timing="CUDA graph replays: median of 10, the lower of 2 rounds taken in turn")
+    meta.update(
+        copy_gbps=round(copy, 1),
+        matmul_tflops=round(tflops, 1),
+        timing="CUDA graph replays: median of 10, the lower of 2 rounds taken in turn",
+    )
     print(f"copy {copy:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
     rows = []
     g = torch.Generator(device="cuda")
@@ -164,26 +226,9 @@ def main() -> None:
                 inner, outer = (k, n) if op == "gemm" else (n, k)
                 x = (torch.randn(m, inner, device="cuda", generator=g)).to(torch.bfloat16)
                 ref = x.double() @ (wd.T if op == "gemm" else wd)
-                impls = {}
-                if op == "gemm":
-                    impls["qlora_ext"] = lambda i: F.gemm_4bit(x, *ours[i % copies4])
-                    if bnb is not None:
-                        impls["bitsandbytes"] = lambda i: bnb.matmul_4bit(x, theirs[i % copies4][0].t(), theirs[i % copies4][1])
-                    impls["torch_bf16"] = lambda i: torch.matmul(x, bf16[i % copies16].t())
-                else:
-                    impls["qlora_ext"] = lambda i: F.gemm_4bit_transposed(x, *ours[i % copies4])
-                    if bnb is not None:
-                        impls["bitsandbytes"] = lambda i: torch.matmul(x, bnbf.dequantize_4bit(*theirs[i % copies4]).to(x.dtype))
-                    impls["torch_bf16"] = lambda i: torch.matmul(x, bf16[i % copies16])
-                errs, graphs = {}, {}
-                for impl, fn in impls.items():
-                    err = rel_err(fn(0), ref)
-                    if not err < 1e-2:
-                        raise SystemExit(f"{impl} {op} {n}x{k} M={m}: relative error {err:.2e} against float64")
-                    errs[impl] = err
-                    graphs[impl] = capture(fn, copies16 if impl == "torch_bf16" else copies4)
-                times = {impl: (ms, errs[impl]) for impl, ms in time_graphs(graphs).items()}
-                del graphs
+                impls = implementations(op, x, ours, theirs, bf16, bnb, bnbf)
+                times = check_and_time(impls, ref, f"{op} {n}x{k} M={m}")
+                del impls  # (its functions hold the weights' copies)
                 flops = 2 * m * n * k
                 io = 2 * m * (inner + outer)
                 for impl, (ms, err) in times.items():
@@ -212,35 +257,13 @@ def main() -> None:
                 for m in sweep_ms:
                     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                     ref = x.double() @ wd.T
-                    paths = {"default": lambda i: F.gemm_4bit(x, *ours[i % copies4])}
-                    for name in sweep_configs(m):
-                        paths[name] = lambda i, name=name: F._gemm_4bit_with(x, *ours[i % copies4], name)
-                    graphs = {}
-                    for path, fn in paths.items():
-                        # "default": the dispatch's choice, with the fused kernels forced at every M
-                        previous = _C._set_gemm_fused_max_m(1 << 40 if path == "default" else -1)
-                        try:
-                            err = rel_err(fn(0), ref)
-                            if not err < 1e-2:
-                                # a wrong configuration is reported and left out; the run goes on
-                                print(f"WRONG {path} {n}x{k} M={m}: relative error {err:.2e}", flush=True)
-                                rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k,
-                                             "M": m, "dtype": "bfloat16", "error": f"relative error {err:.2e}"})
-                                continue
-                            graphs[path] = capture(fn, copies4)  # the limit acts at capture
-                        except NotImplementedError as e:  # the configuration cannot run on this weight or GPU
-                            print(f"skipped {path} {n}x{k} M={m}: {str(e).splitlines()[0]}", flush=True)
-                        finally:
-                            _C._set_gemm_fused_max_m(previous)
-                    graphs["torch_bf16"] = capture(lambda i: torch.matmul(x, bf16[i % copies16].t()), copies16)
-                    res = time_graphs(graphs)
-                    del graphs
+                    res = time_sweep(m, x, ref, ours, bf16, rows, n, k)
                     for path, ms in res.items():
                         impl = path if path == "torch_bf16" else f"qlora_ext_{path}"
                         rows.append({"op": "gemm_path", "impl": impl, "n": n, "k": k, "M": m,
                                      "dtype": "bfloat16", "ms": round(ms, 5)})  # fmt: skip
-                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} " + "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items()),
-                          flush=True)  # fmt: skip
+                    times = "  ".join(f"{p} {t * 1e3:7.1f}" for p, t in res.items())
+                    print(f"path   {n:5d}x{k:<5d} M={m:<5d} {times}", flush=True)
         del ours, theirs, bf16, w_deq, wd
         F.release_gemm_workspaces()
         torch.cuda.empty_cache()

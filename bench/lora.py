@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import sys
 from pathlib import Path
@@ -44,11 +45,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
-
 from qlora_ext import _C, functional as F  # noqa: E402
 from qlora_ext.nn import QLoRALinear  # noqa: E402
+
+import common  # noqa: E402
+from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 
 SHAPES = common.LLAMA_SHAPES
 # qlora_ext_fused last: its kernels are the newest, and a CUDA fault there ends the process.
@@ -203,6 +204,20 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | No
     return common.time_cuda(step, iters), peak, (before - start) / 2**20
 
 
+def product_ops(x, A, gd, base, seed, p) -> dict:
+    """The three fused adapter products on these inputs, as functions of a call index (not used)."""
+    return {
+        "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
+        "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
+        "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+    }
+
+
+def call_copy(copies: list, x, i: int):
+    """Copy i % len(copies) of a layer applied to x (the copies rotate through more than the L2)."""
+    return copies[i % len(copies)](x)
+
+
 def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
     """The fused adapter kernels against their composite forms, one op at a time (the switch turns on
     all three, but each op runs only its own kernel)."""
@@ -215,12 +230,7 @@ def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
         for r in ranks:
             A = (torch.randn(r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
             gd = torch.randn(m, r, device=dev, generator=gen).to(torch.bfloat16)
-            ops = {
-                "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
-                "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
-                "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
-            }
-            for name, fn in ops.items():
+            for name, fn in product_ops(x, A, gd, base, seed, p).items():
                 with lora_fused(False):
                     composite = fn(0)
                     ms_composite = common.time_on(dev, fn, iters)
@@ -230,12 +240,14 @@ def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
                 err = rel_err(fused, composite.double())
                 row = {"op": "lora_product", "kernel": name, "M": m, "k": k, "r": r, "dropout": p, "dtype": "bfloat16",
                        "ms_fused": round(ms_fused, 5), "ms_composite": round(ms_composite, 5),
-                       "speedup": round(ms_composite / ms_fused, 3), "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
+                       "speedup": round(ms_composite / ms_fused, 3),
+                       "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
                 if not err < MAX_REL_ERR:
                     row["error"] = f"fused against composite: relative error {err:.2e}"
                 rows.append(row)
                 print(f"product {name:20s} M={m} K={k:<5d} r={r:<3d} fused {ms_fused * 1e3:8.1f} us  composite "
-                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}", flush=True)  # fmt: skip
+                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}",
+                      flush=True)  # fmt: skip
     return rows
 
 
@@ -289,7 +301,9 @@ def main() -> None:
     gen.manual_seed(1234)
     for n, k in shapes:
         w32 = torch.randn(n, k, device=dev, generator=gen) * 0.02
-        packed, state = F.quantize_4bit(w32.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = F.quantize_4bit(
+            w32.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=True
+        )
         w = F.dequantize_4bit(packed, state)  # 4-bit representable: every implementation holds this weight
         del w32, packed, state
         bias = (torch.randn(n, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
@@ -315,7 +329,9 @@ def main() -> None:
                                 errs = check(layer, x, g, ref)
                                 problem = None
                                 if not max(errs) < MAX_REL_ERR:
-                                    problem = f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                                    problem = (
+                                        f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
+                                    )
                                 elif impl == "qlora_ext_fused":
                                     problem = check_fused(layer, x, g)
                                 if problem is None:
@@ -323,7 +339,8 @@ def main() -> None:
                         finally:
                             del layer
                         key = {"op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
-                               "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True, "blocksize": 64}  # fmt: skip
+                               "dropout": p, "dtype": "bfloat16", "quant_type": "nf4", "dq": True,
+                               "blocksize": 64}  # fmt: skip
                         if problem is not None:
                             failures.append(f"train {n}x{k} r={r} p={p} {impl}: {problem}")
                             print("FAILED " + failures[-1], flush=True)
@@ -363,11 +380,12 @@ def main() -> None:
                             failures.append(f"decode {n}x{k} r={r} {impl}: relative error {errs[impl]:.2e}")
                             print("FAILED " + failures[-1], flush=True)
                             rows.append({"op": "lora_layer", "mode": "decode", "impl": impl, "n": n, "k": k, "M": 1,
-                                         "r": r, "dropout": 0.0, "error": f"relative error {errs[impl]:.2e} against float64"})  # fmt: skip
+                                         "r": r, "dropout": 0.0,
+                                         "error": f"relative error {errs[impl]:.2e} against float64"})  # fmt: skip
                             save()
                             del layers[impl]
                             continue
-                        fn = lambda i, ls=layers[impl]: ls[i % len(ls)](x)  # noqa: E731
+                        fn = functools.partial(call_copy, layers[impl], x)
                         graphs[impl] = capture(fn, copies) if dev == "cuda" else fn
                 with torch.no_grad():
                     if dev == "cuda":
@@ -409,9 +427,16 @@ def _summary(rows) -> None:
         return
     print("\nqlora_ext: time of bf16 LoRA / ours (target train >= 0.952, decode >= 2.5), bitsandbytes / ours (>= 1.3)")
     for r in ours:
-        peaks = {x["impl"]: x.get("peak_mib") for x in rows if x["op"] == "lora_layer" and x["mode"] == r["mode"] and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])}
+        peaks = {
+            x["impl"]: x.get("peak_mib")
+            for x in rows
+            if x["op"] == "lora_layer"
+            and x["mode"] == r["mode"]
+            and (x["n"], x["k"], x["r"], x["dropout"]) == (r["n"], r["k"], r["r"], r["dropout"])
+        }
         print(f"{r['impl']:15s} {r['mode']:6s} {r['n']}x{r['k']} r={r['r']} p={r['dropout']}: "
-              f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, peak MiB {peaks}")  # fmt: skip
+              f"vs bf16 {r.get('speedup_vs_torch_bf16')}, vs bnb {r.get('speedup_vs_bitsandbytes_peft')}, "
+              f"peak MiB {peaks}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The SASS lines where a kernel's warps stalled most, from an ncu report's source page.
 
-    ncu -i REPORT.ncu-rep --page source --csv --print-source sass > sass.csv
-    python3 bench/ncu_source.py sass.csv [lines]
+ncu -i REPORT.ncu-rep --page source --csv --print-source sass > sass.csv
+python3 bench/ncu_source.py sass.csv [lines]
 """
 
 import csv

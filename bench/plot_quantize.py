@@ -34,8 +34,9 @@ def main(dst: str, srcs: list[str]) -> None:
                 for j, dq in enumerate((True, False)):
                     vals = []
                     for n, k in shapes:
-                        r = next((r for r in run["rows"] if r["impl"] == "qlora_ext" and r["op"] == op and r["dtype"] == "bfloat16"
-                                  and r["dq"] == dq and (r["n"], r["k"]) == (n, k)), None)  # fmt: skip
+                        r = next((r for r in run["rows"] if r["impl"] == "qlora_ext" and r["op"] == op
+                                  and r["dtype"] == "bfloat16" and r["dq"] == dq and (r["n"], r["k"]) == (n, k)),
+                                 None)  # fmt: skip
                         vals.append(r[field] if r else float("nan"))
                     xs = [s + (2 * i + j) * width - 0.4 + width / 2 for s in range(len(shapes))]
                     ax.bar(xs, vals, width, color=COLORS[i % len(COLORS)], hatch=None if dq else "//",

@@ -63,8 +63,8 @@ def main(e2e_path: str, lora_path: str, dst: str) -> None:
                 if vals:
                     xs.append(i)
                     ys.append(min(vals))
-            ax_layer.plot(xs, ys, marker=marker, color=color, linestyle="-" if mode == "train" else ":",
-                          label=f"{mode}: {'PEFT on bf16 nn.Linear' if peer == 'torch_bf16' else LABELS[peer]} / ours")  # fmt: skip
+            label = f"{mode}: {'PEFT on bf16 nn.Linear' if peer == 'torch_bf16' else LABELS[peer]} / ours"
+            ax_layer.plot(xs, ys, marker=marker, color=color, linestyle="-" if mode == "train" else ":", label=label)
     ax_layer.axhline(1.0, color="black", linewidth=0.8)
     ax_layer.set_xticks(range(len(shapes)), [f"{n}x{k}" for n, k in shapes], rotation=20)
     ax_layer.set_ylabel("time ratio, the lower of r = 16 and 64")

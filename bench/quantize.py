@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import qlora_ext  # noqa: E402
 from qlora_ext import functional as Q  # noqa: E402
+
+import common  # noqa: E402
 
 BYTES_PER_WEIGHT = 2.5
 
@@ -45,6 +45,15 @@ def check_same(bnbf, x, dq) -> None:
     ok = ok and same_bits(Q.dequantize_4bit(p, s), bnbf.dequantize_4bit(p_ref, s_ref))
     if not ok:
         raise SystemExit(f"qlora_ext and bitsandbytes disagree on {tuple(x.shape)} {x.dtype} dq={dq}: not timing")
+
+
+def time_impl(device: str, quant, dequant, xs: list, kw: dict, iters: int) -> dict:
+    """Milliseconds a call of quant(x, **kw) and of dequant(*quant(x, **kw)), cycling through the
+    copies xs (more than the L2 holds)."""
+    qs = [quant(x, **kw) for x in xs]
+    ms_q = common.time_on(device, lambda i: quant(xs[i % len(xs)], **kw), iters)
+    ms_d = common.time_on(device, lambda i: dequant(*qs[i % len(qs)]), iters)
+    return {"quantize": ms_q, "dequantize": ms_d}
 
 
 def main() -> None:
@@ -84,14 +93,9 @@ def main() -> None:
                         lambda x, **kw: bnbf.quantize_4bit(x, **kw),
                         lambda p, s: bnbf.dequantize_4bit(p, s),
                     )
-                timings = {}
-                for impl, (quant, dequant) in impls.items():
-                    kw = dict(blocksize=64, quant_type="nf4", compress_statistics=dq)
-                    qs = [quant(x, **kw) for x in xs]
-                    ms_q = common.time_on(device, lambda i: quant(xs[i % reps], **kw), args.iters)
-                    ms_d = common.time_on(device, lambda i: dequant(*qs[i % reps]), args.iters)
-                    timings[impl] = {"quantize": ms_q, "dequantize": ms_d}
-                    del qs
+                kw = dict(blocksize=64, quant_type="nf4", compress_statistics=dq)
+                timings = {impl: time_impl(device, quant, dequant, xs, kw, args.iters)
+                           for impl, (quant, dequant) in impls.items()}  # fmt: skip
                 for impl, t in timings.items():
                     for op, ms in t.items():
                         gbps = numel * BYTES_PER_WEIGHT / (ms * 1e-3) / 1e9
@@ -121,7 +125,8 @@ def main() -> None:
     for r in rows:
         if r["impl"] != "qlora_ext":
             continue
-        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in ("op", "n", "k", "dtype", "dq"))), None)  # fmt: skip
+        same = ("op", "n", "k", "dtype", "dq")
+        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in same)), None)
         print(f"{r['op']:<10} {r['n']:>5}x{r['k']:<6} {r['dtype']:>8} {int(r['dq']):>3} {r['ms']:>9.4f} "
               f"{(ref['ms'] if ref else float('nan')):>8.4f} {r.get('speedup_vs_bitsandbytes', float('nan')):>6.2f} "
               f"{r['gbps']:>6.0f} {r['frac_of_copy']:>7.2f}")  # fmt: skip

@@ -1,6 +1,6 @@
 """Markdown tables from a bench/quantize.py result (the quantize tables of README.md and docs/performance.md).
 
-    python bench/report.py bench/results/quantize-h200-2026-11-29.json
+python bench/report.py bench/results/quantize-h200-2026-11-29.json
 """
 
 import json
@@ -17,7 +17,8 @@ def main(path: str) -> None:
     print("| op | weight | dtype | DQ | qlora_ext ms | bitsandbytes ms | speed-up | GB/s | of copy | floor ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in ours:
-        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in ("op", "n", "k", "dtype", "dq"))), None)  # fmt: skip
+        same = ("op", "n", "k", "dtype", "dq")
+        ref = next((q for q in rows if q["impl"] == "bitsandbytes" and all(q[f] == r[f] for f in same)), None)
         print(f"| {r['op']} | {r['n']}x{r['k']} | {r['dtype']} | {'yes' if r['dq'] else 'no'} | {r['ms']:.4f} | "
               f"{ref['ms'] if ref else float('nan'):.4f} | {r.get('speedup_vs_bitsandbytes', float('nan')):.2f}x | "
               f"{r['gbps']:.0f} | {r['frac_of_copy']:.2f} | {r['floor_ms']:.4f} |")  # fmt: skip

@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 import torch  # noqa: E402
+
+import common  # noqa: E402
 
 root = ET.parse(sys.argv[1]).getroot()
 command = sys.argv[2] if len(sys.argv) > 2 else "?"
@@ -31,7 +32,8 @@ for case in root.iter("testcase"):
 m = common.meta("cuda" if torch.cuda.is_available() else "cpu")
 print("# GPU test run")
 print()
-print(f"- machine: {m.get('gpu')} ({m.get('sms')} SMs), torch {m['torch']}, CUDA {m['cuda']}, bitsandbytes {m['bitsandbytes']}")
+print(f"- machine: {m.get('gpu')} ({m.get('sms')} SMs), torch {m['torch']}, CUDA {m['cuda']}, "
+      f"bitsandbytes {m['bitsandbytes']}")  # fmt: skip
 print(f"- date: {m['date']}")
 print(f"- commit: {m['commit']}")
 print(f"- command: `{command}`")

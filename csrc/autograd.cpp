@@ -20,14 +20,13 @@ at::Tensor call_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const a
                           const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
                           int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                           c10::SymIntArrayRef shape, const OptTensor& bias) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("qlora::gemm_4bit", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                            const OptTensor&, const OptTensor&, int64_t, int64_t, c10::string_view,
-                            c10::SymIntArrayRef, const OptTensor&)>();
-  return op.call(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                 shape, bias);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::gemm_4bit", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
+                                               c10::string_view, c10::SymIntArrayRef, const OptTensor&)>();
+  return op.call(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
+                 bias);
 }
 
 at::Tensor call_gemm_4bit_transposed(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
@@ -37,9 +36,8 @@ at::Tensor call_gemm_4bit_transposed(const at::Tensor& grad, const at::Tensor& p
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("qlora::gemm_4bit_transposed", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                            const OptTensor&, const OptTensor&, int64_t, int64_t, c10::string_view,
-                            c10::SymIntArrayRef)>();
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                            const OptTensor&, int64_t, int64_t, c10::string_view, c10::SymIntArrayRef)>();
   return op.call(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
                  shape);
 }
@@ -84,12 +82,13 @@ class Gemm4bit : public torch::autograd::Function<Gemm4bit> {
                             const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
                             c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                      quant_type, shape);
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                      shape);
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["has_bias"] = has_bias;
     // The bias's edge: tensors that autograd saw before it (x, packed, absmax, the nested state).
-    ctx->saved_data["bias_edge"] = int64_t{3} + nested_absmax.has_value() + nested_code.has_value() + offset.has_value();
+    ctx->saved_data["bias_edge"] =
+        int64_t{3} + nested_absmax.has_value() + nested_code.has_value() + offset.has_value();
     return call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                           quant_type, shape, bias);
   }
@@ -117,8 +116,8 @@ class Gemm4bitTransposed : public torch::autograd::Function<Gemm4bitTransposed> 
                             const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
                             c10::string_view quant_type, c10::SymIntArrayRef shape) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                      quant_type, shape);
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                      shape);
     return call_gemm_4bit_transposed(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                      nested_blocksize, quant_type, shape);
   }
@@ -144,8 +143,8 @@ at::Tensor gemm_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, con
     return call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                           quant_type, shape, bias);
   }
-  return Gemm4bit::apply(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                         quant_type, shape, bias);
+  return Gemm4bit::apply(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                         shape, bias);
 }
 
 at::Tensor gemm_4bit_transposed_autograd(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,

@@ -15,17 +15,15 @@ QuantType parse_quant_type(std::string_view quant_type) {
 }
 
 void check_blocksize(int64_t blocksize) {
-  const bool ok = blocksize == 32 || blocksize == 64 || blocksize == 128 || blocksize == 256 ||
-                  blocksize == 512 || blocksize == 1024 || blocksize == 2048 || blocksize == 4096;
+  const bool ok = blocksize == 32 || blocksize == 64 || blocksize == 128 || blocksize == 256 || blocksize == 512 ||
+                  blocksize == 1024 || blocksize == 2048 || blocksize == 4096;
   TORCH_CHECK_VALUE(ok, "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ", blocksize);
 }
 
-
-
 // quantize_4bit(A, blocksize, quant_type): A is any float tensor (fp32, fp16, bf16), any shape.
 QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize, std::string_view quant_type) {
-  TORCH_CHECK_TYPE(is_float_input(A.scalar_type()),
-                   "quantize_4bit: A must be float32, float16 or bfloat16, got ", A.scalar_type());
+  TORCH_CHECK_TYPE(is_float_input(A.scalar_type()), "quantize_4bit: A must be float32, float16 or bfloat16, got ",
+                   A.scalar_type());
   check_blocksize(blocksize);
   return parse_quant_type(quant_type);
 }
@@ -41,14 +39,14 @@ void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize) {
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                        const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device(), "; move them to one device");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; move them to one device");
 }
 
 void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_name, int64_t nblocks,
-                               const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                               int64_t nested_blocksize) {
+                        const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                        int64_t nested_blocksize) {
   check_same_device(absmax, ref, op, "absmax", ref_name);
   const bool nested = nested_absmax.has_value() || nested_code.has_value() || offset.has_value();
   if (!nested) {
@@ -62,12 +60,12 @@ void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_n
   }
   TORCH_CHECK_VALUE(nested_absmax.has_value() && nested_code.has_value() && offset.has_value(), op,
                     ": double quantization needs nested_absmax, nested_code and offset together");
-  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op,
-                   ": absmax must be uint8 with double quantization, got ", absmax.scalar_type());
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op, ": absmax must be uint8 with double quantization, got ",
+                   absmax.scalar_type());
   TORCH_CHECK_VALUE(absmax.numel() == nblocks, op, ": absmax has ", absmax.numel(), " elements but the shape needs ",
                     nblocks, " blocks");
-  TORCH_CHECK_VALUE(nested_blocksize == kNestedBlocksize, op, ": nested_blocksize must be ", kNestedBlocksize,
-                    ", got ", nested_blocksize);
+  TORCH_CHECK_VALUE(nested_blocksize == kNestedBlocksize, op, ": nested_blocksize must be ", kNestedBlocksize, ", got ",
+                    nested_blocksize);
   const at::Tensor& na = *nested_absmax;
   const at::Tensor& nc = *nested_code;
   const at::Tensor& off = *offset;
@@ -78,8 +76,7 @@ void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_n
   TORCH_CHECK_VALUE(na.numel() == ceil_div(nblocks, nested_blocksize), op, ": nested_absmax has ", na.numel(),
                     " elements but ", nblocks, " blocks need ", ceil_div(nblocks, nested_blocksize));
   TORCH_CHECK_TYPE(nc.scalar_type() == at::kFloat, op, ": nested_code must be float32, got ", nc.scalar_type());
-  TORCH_CHECK_VALUE(nc.numel() == 256, op, ": nested_code must hold the 256 values of the 8-bit map, got ",
-                    nc.numel());
+  TORCH_CHECK_VALUE(nc.numel() == 256, op, ": nested_code must hold the 256 values of the 8-bit map, got ", nc.numel());
   TORCH_CHECK_TYPE(off.scalar_type() == at::kFloat, op, ": offset must be float32, got ", off.scalar_type());
   TORCH_CHECK_VALUE(off.numel() == 1, op, ": offset must hold one value, got ", off.numel());
 }
@@ -96,11 +93,11 @@ int64_t shape_numel(c10::SymIntArrayRef shape, const char* op) {
 
 // dequantize_4bit: the packed codes of `shape` and their scales.
 QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
-                                            const std::optional<at::Tensor>& nested_absmax,
-                                            const std::optional<at::Tensor>& nested_code,
-                                            const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                            int64_t nested_blocksize, std::string_view quant_type, int64_t n,
-                                            at::ScalarType dtype) {
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t nested_blocksize, std::string_view quant_type, int64_t n,
+                                     at::ScalarType dtype) {
   const char* op = "dequantize_4bit";
   const QuantType qt = parse_quant_type(quant_type);
   check_blocksize(blocksize);
@@ -116,10 +113,9 @@ QuantType check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor&
 
 GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                 const std::optional<at::Tensor>& nested_code,
-                                 const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                 int64_t nested_blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
-                                 const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                 int64_t blocksize, int64_t nested_blocksize, std::string_view quant_type,
+                                 c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias) {
   const QuantType qt = parse_quant_type(quant_type);
   check_blocksize(blocksize);
   TORCH_CHECK_VALUE(shape.size() == 2, op, ": the weight's shape must be [out_features, in_features], got ", shape);
@@ -127,8 +123,8 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, op, ": the weight's shape must not have negative sizes, got ", shape);
   // float64 on the CPU: for gradcheck of the layers built on these products.
-  TORCH_CHECK_TYPE(is_float_input(x.scalar_type()) || (x.scalar_type() == at::kDouble && x.device().is_cpu()), op,
-                   ": ", transposed ? "grad" : "x", " must be float32, float16 or bfloat16 (or float64 on the CPU), got ",
+  TORCH_CHECK_TYPE(is_float_input(x.scalar_type()) || (x.scalar_type() == at::kDouble && x.device().is_cpu()), op, ": ",
+                   transposed ? "grad" : "x", " must be float32, float16 or bfloat16 (or float64 on the CPU), got ",
                    x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", transposed ? "grad" : "x", " must have at least one dimension");
   const int64_t inner = transposed ? N : K;
@@ -138,8 +134,8 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type(),
                    " (view other storage dtypes as uint8 first)");
   const int64_t n = N * K;
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(), " bytes but a weight of shape [",
-                    N, ", ", K, "] needs ", (n + 1) / 2);
+  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(),
+                    " bytes but a weight of shape [", N, ", ", K, "] needs ", (n + 1) / 2);
   check_same_device(packed, x, op, "packed", transposed ? "grad" : "x");
   check_absmax_state(op, x, transposed ? "grad" : "x", ceil_div(n, blocksize), absmax, nested_absmax, nested_code,
                      offset, nested_blocksize);
@@ -169,8 +165,7 @@ void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tens
     check_same_device(base, x, op, "base", "x");
     TORCH_CHECK_TYPE(base.scalar_type() == x.scalar_type(), op, ": base must have x's dtype (", x.scalar_type(),
                      "), got ", base.scalar_type());
-    TORCH_CHECK_VALUE(base.sizes() == x.sizes(), op, ": base must have x's shape ", x.sizes(), ", got ",
-                      base.sizes());
+    TORCH_CHECK_VALUE(base.sizes() == x.sizes(), op, ": base must have x's shape ", x.sizes(), ", got ", base.sizes());
   }
 }
 

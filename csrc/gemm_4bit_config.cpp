@@ -112,7 +112,8 @@ const char* wgmma_unfit(const WgmmaConfig& c, const GemmQuery& q, const GpuInfo&
     return c.tensor_copy ? "the tensor-copy form is bf16 only" : "this wgmma form is fp16 only";
   // Whole stages of 64 k, 16-byte copies of x and the codes; the 8-bit scale codes are copied as
   // aligned 4-byte words, a whole number of them (the last word inside the array).
-  if (q.K % 64 != 0 || q.x_alignment < 16 || q.packed_alignment < 16) return "K, x or the codes do not allow 16-byte copies";
+  if (q.K % 64 != 0 || q.x_alignment < 16 || q.packed_alignment < 16)
+    return "K, x or the codes do not allow 16-byte copies";
   if (q.nested && (q.scales_alignment < 4 || (q.N * blocks_per_row(q)) % 4 != 0))
     return "the 8-bit scale codes are not whole aligned words";
   if (c.tensor_copy && (q.M >= (int64_t{1} << 31) || q.N >= (int64_t{1} << 31) || q.K >= (int64_t{1} << 31)))
@@ -140,12 +141,9 @@ const char* gemm_config_unfit(const GemmConfig& c, const GemmQuery& q, const Gpu
       if (blocks_per_row(q) > kStreamMaxBlocksPerRow) return "more than 1536 blocks a row";
       if (q.packed_alignment < 16) return "the packed codes are not 16-byte aligned (cp.async)";
       return nullptr;
-    case GemmKernel::kWarpSpecialized:
-      return ws_unfit(c.ws, q, gpu);
-    case GemmKernel::kWgmma:
-      return wgmma_unfit(c.wgmma, q, gpu);
-    default:
-      return nullptr;
+    case GemmKernel::kWarpSpecialized: return ws_unfit(c.ws, q, gpu);
+    case GemmKernel::kWgmma: return wgmma_unfit(c.wgmma, q, gpu);
+    default: return nullptr;
   }
 }
 
@@ -154,7 +152,8 @@ const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu) {
   const int64_t M = q.M, K = q.K, weight = q.N * q.K;
   // A benchmark's fused_max_m moves the reach and forces a fused kernel at any M up to it.
   const bool forced = q.fused_max_m >= 0;
-  if (fused_unfit(q) != nullptr || M > (forced ? q.fused_max_m : kDefaultFusedMaxM)) return gemm_config(kDequantizeCublas);
+  if (fused_unfit(q) != nullptr || M > (forced ? q.fused_max_m : kDefaultFusedMaxM))
+    return gemm_config(kDequantizeCublas);
   const bool bf16 = q.dtype == GemmDtype::kBFloat16;
 
   // Rows of 8192 k or 2^25 codes: where the warp-specialized kernel beats the stream kernel at
@@ -191,7 +190,9 @@ const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu) {
                                     : M <= 64  ? kWgmmaTma128x64
                                     : M <= 128 ? kWgmmaTma128x128
                                                : kWgmmaTma128x256)
-                                 : (M <= 64 ? kWgmma128x64 : M <= 128 ? kWgmma128x128 : kWgmma128x256);
+                                 : (M <= 64    ? kWgmma128x64
+                                    : M <= 128 ? kWgmma128x128
+                                               : kWgmma128x256);
     if (fits(id)) return gemm_config(id);
   }
   if (M > kMmaMaxM && !forced) return gemm_config(kDequantizeCublas);

@@ -9,6 +9,8 @@
 // (addmm with beta = 1: no separate pass over [M, N]); with dropout, dX's adapter term is added by
 // lora_dropout_add in one pass. A and B may be float32 while x is bfloat16 or float16: they are cast
 // for the products (r x K and N x r, small) and their gradients come back in their own dtypes.
+#include "qlora/lora.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -19,7 +21,6 @@
 #include <tuple>
 
 #include "qlora/format.h"
-#include "qlora/lora.h"
 #include "qlora/op_calls.h"
 
 namespace qlora {
@@ -36,10 +37,9 @@ at::Tensor call_lora_dropout(const at::Tensor& x, const at::Tensor& seed, double
 }
 
 at::Tensor call_lora_dropout_add(const at::Tensor& base, const at::Tensor& x, const at::Tensor& seed, double p) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("qlora::lora_dropout_add", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora::lora_dropout_add", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(base, x, seed, p);
 }
 
@@ -86,10 +86,10 @@ void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, cons
   const int64_t r = lora_A.size(0);
   TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == r, op, ": lora_B must have shape [",
                     N, ", ", r, "] (out_features, lora_A's rank), got ", lora_B.sizes());
-  TORCH_CHECK_VALUE(lora_A.device() == x.device(), op, ": lora_A is on ", lora_A.device(), " but x is on ",
-                    x.device(), "; move them to one device");
-  TORCH_CHECK_VALUE(lora_B.device() == x.device(), op, ": lora_B is on ", lora_B.device(), " but x is on ",
-                    x.device(), "; move them to one device");
+  TORCH_CHECK_VALUE(lora_A.device() == x.device(), op, ": lora_A is on ", lora_A.device(), " but x is on ", x.device(),
+                    "; move them to one device");
+  TORCH_CHECK_VALUE(lora_B.device() == x.device(), op, ": lora_B is on ", lora_B.device(), " but x is on ", x.device(),
+                    "; move them to one device");
   TORCH_CHECK_VALUE(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK_VALUE(dropout_p == 0.0 || defined(seed), op, ": dropout_p is ", dropout_p,
@@ -103,9 +103,7 @@ struct Adapters {
 };
 // Only where needed: an op below autograd may not return its input, which at::to and
 // at::contiguous do when there is nothing to change (opcheck's schema test flags it).
-at::Tensor with_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
+at::Tensor with_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 at::Tensor contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 Adapters adapters_in(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B) {
@@ -138,14 +136,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
 
 // The op's kernel below autograd, for every backend (CPU, CUDA, Meta).
 at::Tensor lora_linear_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                 const OptTensor& nested_absmax, const OptTensor& nested_code,
-                                 const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
-                                 c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-                                 double dropout_p, const OptTensor& seed) {
+                                 const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                                 int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                                 c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
   return std::get<0>(lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling,
-                                         dropout_p, seed));
+                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p,
+                                         seed));
 }
 
 class LoraLinear : public torch::autograd::Function<LoraLinear> {
@@ -160,12 +157,12 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
                             const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, down] = lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling,
-                                         dropout_p, seed);
+    auto [y, down] =
+        lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                            quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p, seed);
     // x itself (no copy), the [M, r] down-projection and the seed; A and B are the module's own.
-    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                      quant_type, shape, {x, down, lora_A, lora_B, dropout_p > 0.0 ? *seed : at::Tensor()});
+    save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                      shape, {x, down, lora_A, lora_B, dropout_p > 0.0 ? *seed : at::Tensor()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
     // Autograd's edges count the defined tensors among the arguments before each one.
@@ -205,9 +202,9 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
       const at::Tensor grad_down = scaled_mm(grad2, ad.B, scaling);  // [M, r]
       if (need_A) out[kA] = with_dtype(call_lora_grad_A(grad_down, x2, optional_seed, dropout_p), lora_A.scalar_type());
       if (need_x) {
-        at::Tensor dx = contiguous(call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code,
-                                                             w.offset, w.blocksize, w.nested_blocksize, w.quant_type,
-                                                             w.shape));
+        at::Tensor dx =
+            contiguous(call_gemm_4bit_transposed(grad, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset,
+                                                 w.blocksize, w.nested_blocksize, w.quant_type, w.shape));
         if (dropout_p > 0.0) {
           dx = call_lora_dropout_add_mm(dx.view({-1, K}), grad_down, ad.A, optional_seed, dropout_p);
         } else {
@@ -226,8 +223,8 @@ at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& packed, c
                                 int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                                 c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
                                 const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
-  const bool wants_grad = x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
-                          (defined(bias) && bias->requires_grad());
+  const bool wants_grad =
+      x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() || (defined(bias) && bias->requires_grad());
   if (!at::GradMode::is_enabled() || !wants_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return lora_linear_composite(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
@@ -328,8 +325,8 @@ at::Tensor lora_grad_A_composite(const at::Tensor& grad_down, const at::Tensor& 
   return at::mm(grad_down.t(), p > 0.0 ? call_lora_dropout(x, *seed, p) : x);
 }
 
-at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down,
-                                         const at::Tensor& lora_A, const OptTensor& seed, double p) {
+at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down, const at::Tensor& lora_A,
+                                         const OptTensor& seed, double p) {
   check_lora_product_args("lora_dropout_add_mm", base, "base", lora_A, grad_down, seed, p);
   if (p == 0.0) return at::addmm(base, grad_down, lora_A);
   return call_lora_dropout_add(base, at::mm(grad_down, lora_A), *seed, p);

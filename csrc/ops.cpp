@@ -87,15 +87,14 @@ static PyObject* config_dict(const qlora::GemmConfig& c) {
     case qlora::GemmKernel::kStream:
       return Py_BuildValue("{s:s,s:s,s:i}", "name", c.name, "kernel", "stream", "token_octets", c.stream.token_octets);
     case qlora::GemmKernel::kWarpSpecialized:
-      return Py_BuildValue("{s:s,s:s,s:i,s:i,s:i,s:i}", "name", c.name, "kernel", "ws", "row_groups",
-                           c.ws.row_groups, "token_octets", c.ws.token_octets, "math_warps", c.ws.math_warps,
-                           "max_stages", c.ws.max_stages);
+      return Py_BuildValue("{s:s,s:s,s:i,s:i,s:i,s:i}", "name", c.name, "kernel", "ws", "row_groups", c.ws.row_groups,
+                           "token_octets", c.ws.token_octets, "math_warps", c.ws.math_warps, "max_stages",
+                           c.ws.max_stages);
     case qlora::GemmKernel::kWgmma:
       return Py_BuildValue("{s:s,s:s,s:i,s:i,s:O,s:i}", "name", c.name, "kernel", "wgmma", "tokens", c.wgmma.tokens,
                            "stages", c.wgmma.stages, "tensor_copy", c.wgmma.tensor_copy ? Py_True : Py_False,
                            "ctas_per_sm", c.wgmma.ctas_per_sm);
-    default:
-      return Py_BuildValue("{s:s,s:s}", "name", c.name, "kernel", "dequantize_cublas");
+    default: return Py_BuildValue("{s:s,s:s}", "name", c.name, "kernel", "dequantize_cublas");
   }
 }
 
@@ -104,10 +103,11 @@ static PyObject* config_dict(const qlora::GemmConfig& c) {
 // GPU. The GPU's shared memory defaults to the H100 / H200's (sm_90), the A100's (sm_80) or 99 KB;
 // on sm_90 the build is taken to have sm_90 and sm_90a code unless the arguments say otherwise.
 static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"M", "N", "K", "dtype", "quant_type", "nested", "sm_major", "sm_minor", "sms",
-                                   "blocksize", "fused_max_m", "x_alignment", "packed_alignment",
-                                   "scales_alignment", "smem_optin", "smem_reserved", "sm90_code", "sm90a_code",
-                                   nullptr};
+  static const char* keywords[] = {// required ("LLLsspiii" below)
+                                   "M", "N", "K", "dtype", "quant_type", "nested", "sm_major", "sm_minor", "sms",
+                                   // optional ("LLiiiLLpp")
+                                   "blocksize", "fused_max_m", "x_alignment", "packed_alignment", "scales_alignment",
+                                   "smem_optin", "smem_reserved", "sm90_code", "sm90a_code", nullptr};
   long long M = 0, N = 0, K = 0, blocksize = 64, fused_max_m = -1, smem_optin = -1, smem_reserved = 1024;
   const char* dtype = nullptr;
   const char* quant_type = nullptr;
@@ -146,12 +146,17 @@ static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
                            scales_alignment,
                            fused_max_m};
   const bool sm90 = major == 9 && minor == 0;
-  const size_t optin = smem_optin >= 0 ? static_cast<size_t>(smem_optin)
-                       : major == 9    ? 232448  // 227 KB
-                       : major == 8 && (minor == 0 || minor == 7) ? 166912  // 163 KB
-                                                                   : 101376;  // 99 KB
-  const qlora::GpuInfo gpu{major, minor, sms, optin, static_cast<uint32_t>(smem_reserved),
-                           sm90_code >= 0 ? sm90_code != 0 : sm90, sm90a_code >= 0 ? sm90a_code != 0 : sm90};
+  const size_t optin = smem_optin >= 0                            ? static_cast<size_t>(smem_optin)
+                       : major == 9                               ? 232448   // 227 KB
+                       : major == 8 && (minor == 0 || minor == 7) ? 166912   // 163 KB
+                                                                  : 101376;  // 99 KB
+  const qlora::GpuInfo gpu{major,
+                           minor,
+                           sms,
+                           optin,
+                           static_cast<uint32_t>(smem_reserved),
+                           sm90_code >= 0 ? sm90_code != 0 : sm90,
+                           sm90a_code >= 0 ? sm90a_code != 0 : sm90};
   return config_dict(qlora::choose_gemm_config(q, gpu));
 }
 

@@ -15,7 +15,7 @@ import qlora_ext
 from qlora_ext import LoraConfig, QuantState, functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, HAS_CUDA, assert_bits_equal, assert_each_raises
+from helpers import DEVICES, HAS_CUDA, assert_bits_equal, assert_each_raises
 
 
 def bf16(*shape, device="cpu"):
@@ -38,11 +38,23 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: F.quantize_4bit(w.int()), TypeError, "A must be float32, float16 or bfloat16"),
         (lambda: F.quantize_4bit(w, blocksize=100), ValueError, "blocksize must be one of"),
         (lambda: F.quantize_4bit(w, quant_type="nf5"), ValueError, "quant_type must be 'nf4' or 'fp4'"),
-        (lambda: F.dequantize_4bit(packed[:-1], state), ValueError, "packed has 255 bytes but a shape of 512 elements needs 256"),
-        (lambda: F.dequantize_4bit(packed, other), ValueError, "packed has 256 bytes but a shape of 1024 elements needs 512"),
+        (
+            lambda: F.dequantize_4bit(packed[:-1], state),
+            ValueError,
+            "packed has 255 bytes but a shape of 512 elements needs 256",
+        ),
+        (
+            lambda: F.dequantize_4bit(packed, other),
+            ValueError,
+            "packed has 256 bytes but a shape of 1024 elements needs 512",
+        ),
         (lambda: F.dequantize_4bit(packed, "state"), TypeError, "quant_state must be a QuantState"),
         # a float tensor is read as a view of the packed bytes (quant_storage): 4 times too many of them
-        (lambda: F.dequantize_4bit(packed.float(), state), ValueError, "packed has 1024 bytes but a shape of 512 elements needs 256"),
+        (
+            lambda: F.dequantize_4bit(packed.float(), state),
+            ValueError,
+            "packed has 1024 bytes but a shape of 512 elements needs 256",
+        ),
         (lambda: F.dequantize_4bit(packed.float().reshape(16, 16).t(), state), TypeError, "packed must be uint8"),
         (lambda: QuantState.from_dict({"absmax": state.absmax}), ValueError, "quant_state"),
         # products
@@ -56,22 +68,38 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: F.lora_linear(x, packed, state, A, B[:7], 2.0), ValueError, r"lora_B must have shape \[8, 4\]"),
         (lambda: F.lora_linear(x, packed, state, A, B, 2.0, 1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: F.lora_dropout(x, 0.1, seed.int()), TypeError, "seed must be int64"),
-        (lambda: F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64, device=device)), ValueError, "seed must have one element"),
+        (
+            lambda: F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64, device=device)),
+            ValueError,
+            "seed must have one element",
+        ),
         # modules
         (lambda: Linear4bit.from_linear("linear"), TypeError, "linear must be a torch.nn.Linear"),
         (lambda: Linear4bit(64, 8)(x), RuntimeError, "has no weight yet"),
         (lambda: Linear4bit(0, 8), ValueError, "in_features and out_features must be positive"),
         (lambda: QLoRALinear(linear, r=4), TypeError, "base_layer must be a qlora_ext.nn.Linear4bit"),
         (lambda: layer.add_adapter("x", r=0, lora_alpha=8), ValueError, "r must be a positive integer"),
-        (lambda: layer.add_adapter("x", r=4, lora_alpha=8, lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)"),
+        (
+            lambda: layer.add_adapter("x", r=4, lora_alpha=8, lora_dropout=1.0),
+            ValueError,
+            r"lora_dropout must be in \[0, 1\)",
+        ),
         (lambda: layer.add_adapter("x", r=4, lora_alpha=8, init="xavier"), ValueError, "init must be"),
         (lambda: layer.add_adapter("default", r=4, lora_alpha=8), ValueError, "exists already"),
         (lambda: layer.set_adapter("nope"), ValueError, "no adapter 'nope'"),
         (lambda: layer.unmerge(), ValueError, "no adapter is merged"),
         (lambda: layer(bf16(3, 65, device=device)), ValueError, "in_features"),
         # whole models
-        (lambda: qlora_ext.prepare_model(nn.Sequential(linear), "config"), TypeError, "lora_config must be a qlora_ext.LoraConfig"),
-        (lambda: qlora_ext.set_adapter(nn.Sequential(linear), "a"), ValueError, "prepare it with qlora_ext.prepare_model"),
+        (
+            lambda: qlora_ext.prepare_model(nn.Sequential(linear), "config"),
+            TypeError,
+            "lora_config must be a qlora_ext.LoraConfig",
+        ),
+        (
+            lambda: qlora_ext.set_adapter(nn.Sequential(linear), "a"),
+            ValueError,
+            "prepare it with qlora_ext.prepare_model",
+        ),
         (lambda: LoraConfig(target_modules=3), TypeError, "target_modules must be"),
     ]
     assert_each_raises(cases)
@@ -90,8 +118,9 @@ def test_every_op_gives_the_same_bits_run_to_run(device):
         packed, state = F.quantize_4bit(w, 64, "nf4", True)
         y = F.lora_linear(x, packed, state, A, B, 2.0, 0.1, None, seed)
         gx, gA, gB = torch.autograd.grad(y.float().square().sum(), [x, A, B])
-        return [packed, state.absmax, state.state2.absmax, F.dequantize_4bit(packed, state), F.gemm_4bit(x, packed, state),
-                F.gemm_4bit_transposed(y.detach(), packed, state), F.lora_dropout(x.detach(), 0.3, seed), y, gx, gA, gB]  # fmt: skip
+        return [packed, state.absmax, state.state2.absmax, F.dequantize_4bit(packed, state),
+                F.gemm_4bit(x, packed, state), F.gemm_4bit_transposed(y.detach(), packed, state),
+                F.lora_dropout(x.detach(), 0.3, seed), y, gx, gA, gB]  # fmt: skip
 
     first = everything()
     for a, b in zip(first, everything()):
@@ -152,5 +181,6 @@ def test_cuda_ops_refuse_cpu_tensors_without_crashing():
     packed, state = F.quantize_4bit(bf16(8, 64, device="cuda"))
     assert_each_raises([
         (lambda: F.gemm_4bit(bf16(2, 64), packed, state), ValueError, "is on"),
-        (lambda: F.lora_linear(bf16(2, 64, device="cuda"), packed, state, bf16(4, 64), bf16(8, 4, device="cuda"), 2.0), ValueError, "lora_A is on cpu"),
+        (lambda: F.lora_linear(bf16(2, 64, device="cuda"), packed, state, bf16(4, 64), bf16(8, 4, device="cuda"), 2.0),
+         ValueError, "lora_A is on cpu"),
     ])  # fmt: skip

@@ -1,6 +1,6 @@
-"""qlora-ext finetune end to end on the CPU (and a run on the GPU where there is one): a tiny causal LM saved to disk, a few steps, a checkpoint,
-an interruption and a resume that ends where an uninterrupted run ends, the adapter loaded by PEFT,
-and data errors that name the line."""
+"""qlora-ext finetune end to end on the CPU (and a run on the GPU where there is one): a tiny causal LM
+saved to disk, a few steps, a checkpoint, an interruption and a resume that ends where an
+uninterrupted run ends, the adapter loaded by PEFT, and data errors that name the line."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import qlora_ext
 from qlora_ext import cli
 from qlora_ext.nn import QLoRALinear
 
-from conftest import assert_bits_equal, requires_cuda
+from helpers import assert_bits_equal, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-WORDS = "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+WORDS = (
+    "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,8 @@ def test_finetune_checkpoint_resume_and_peft(model_dir, data_file, tmp_path, mon
     # PEFT loads the adapter onto the base (as quantized) and computes what ours computes.
     peft = pytest.importorskip("peft")
     base = transformers.LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
-    ours = qlora_ext.prepare_model(copy.deepcopy(base), qlora_ext.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"),
-                                   compute_dtype=torch.float32, progress=False)  # fmt: skip
+    lora_config = qlora_ext.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear")
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), lora_config, compute_dtype=torch.float32, progress=False)
     qlora_ext.load_adapter(ours, tmp_path / "straight", "trained")
     plain = copy.deepcopy(base)
     for name, module in ours.named_modules():

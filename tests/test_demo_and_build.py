@@ -8,7 +8,7 @@ import torch
 
 import qlora_ext
 
-from conftest import DEVICES
+from helpers import DEVICES
 
 
 def test_cuda_kernels_built_where_nvcc_is():

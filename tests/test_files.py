@@ -12,8 +12,9 @@ import torch
 import qlora_ext
 from qlora_ext import LoraConfig
 
+from helpers import tiny_llama
+
 transformers = pytest.importorskip("transformers")
-from test_model import tiny_llama  # noqa: E402
 
 
 def snapshot(model):
@@ -84,7 +85,9 @@ def test_damaged_adapter_fails_and_changes_nothing(model, adapter_dir, damage, e
     elif damage == "dtype":
         rewrite_adapter(adapter_dir, lambda t: t.update({f"{LAST}.lora_A.weight": t[f"{LAST}.lora_A.weight"].int()}))
     elif damage == "shape":
-        rewrite_adapter(adapter_dir, lambda t: t.update({f"{LAST}.lora_A.weight": t[f"{LAST}.lora_A.weight"][:, :60].contiguous()}))
+        rewrite_adapter(
+            adapter_dir, lambda t: t.update({f"{LAST}.lora_A.weight": t[f"{LAST}.lora_A.weight"][:, :60].contiguous()})
+        )
     elif damage == "extra":
         rewrite_adapter(adapter_dir, lambda t: t.update({
             "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
@@ -99,7 +102,9 @@ def test_damaged_adapter_fails_and_changes_nothing(model, adapter_dir, damage, e
 
 def test_pickle_is_never_read(model, tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(LoraConfig(r=4, target_modules=["q_proj"]).to_peft()))
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        json.dumps(LoraConfig(r=4, target_modules=["q_proj"]).to_peft())
+    )
     torch.save({"x": torch.zeros(1)}, tmp_path / "a" / "adapter_model.bin")
     before = snapshot(model)
     with pytest.raises(FileNotFoundError, match="only safetensors is read"):

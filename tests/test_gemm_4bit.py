@@ -4,7 +4,6 @@ torch.compile and CUDA graphs, and on bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -13,20 +12,20 @@ import torch
 from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
-from conftest import DEVICES, assert_each_raises, needs_caching_allocator, random_weights, requires_cuda
+from helpers import (
+    DEVICES,
+    assert_close_to_reference,
+    assert_each_raises,
+    fused_max_m,
+    make_input,
+    make_weight,
+    needs_caching_allocator,
+    requires_cuda,
+)
 
 # Paths of the CUDA forward product: the default dispatch, the fused kernel forced at every M, and
 # dequantize + cuBLAS forced at every M. On the CPU there is one path.
 PATHS = {"default": -1, "fused": 1 << 40, "cublas": 0}
-
-
-@contextlib.contextmanager
-def fused_max_m(m: int):
-    previous = _C._set_gemm_fused_max_m(m)
-    try:
-        yield
-    finally:
-        _C._set_gemm_fused_max_m(previous)
 
 
 def device_paths():
@@ -34,60 +33,6 @@ def device_paths():
     for path in PATHS:
         out.append(pytest.param("cuda", path, id=f"cuda-{path}", marks=[requires_cuda, pytest.mark.cuda]))
     return out
-
-
-def make_weight(n, k, device, gen, dtype=torch.bfloat16, blocksize=64, quant_type="nf4", dq=True):
-    w = random_weights(n * k, torch.float32, "cpu", gen, blocksize).reshape(n, k)
-    # an RMS of 0.05, as in trained layers, so that float16 products stay in range
-    w = (w * (0.05 / w.pow(2).mean().sqrt().clamp_min(1e-30))).to(dtype).to(device)
-    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
-    return packed, state
-
-
-def make_input(shape, dtype, device, gen):
-    # Activations: unit Gaussians with a few large channels, as in transformer layers.
-    x = torch.randn(shape, generator=gen)
-    x[..., :: max(1, shape[-1] // 7)] *= 8
-    return x.to(dtype).to(device)
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
-
-
-def assert_close_to_reference(out, x, w, bias=None, what=""):
-    """out against x @ w^T + bias in float64, w the dequantized weight (float64 here).
-
-    The bound, element by element, with u the unit roundoff of the output dtype (2^-8 for bf16):
-    the output's own rounding (u * |ref|) plus the weight as the kernel sees it: the fused kernel
-    multiplies bf16(code) by the fp32 scale where the dequantized weight is bf16(code * scale), two
-    roundings of at most u each, so up to 2u * |x| @ |w|^T; fp32 accumulation adds
-    K * 2^-24 * |x| @ |w|^T. Where the output or a weight falls below the dtype's normal range the
-    relative terms fail (float16's subnormals are spaced 2^-24 apart, whatever their size): half that
-    spacing for the output and for each weight times |x| is added (found by tests/test_properties.py:
-    an fp16 product of 2.4e-6 off by 1.7e-8). A wrong index or scale is off by the order of
-    |x| @ |w|^T itself, far past the bound.
-    """
-    u = unit_roundoff(out.dtype)
-    xd, wd = x.double().cpu(), w.double().cpu()
-    ref = xd @ wd.T
-    if bias is not None:
-        ref = ref + bias.double().cpu()
-    mag = xd.abs() @ wd.abs().T
-    k = x.shape[-1]
-    sub = torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps / 2  # half the subnormal spacing
-    bound = u * ref.abs() + (2 * u + k * 2.0**-24) * mag + sub * (1 + xd.abs().sum(-1, keepdim=True)) + 1e-30
-    got = out.double().cpu()
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert not got.isnan().any(), f"{what}: NaN in the output"
-    err = (got - ref).abs()
-    bad = err > bound
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements past the bound; at {i}: got {got[tuple(i)].item()}, "
-            f"ref {ref[tuple(i)].item()}, bound {bound[tuple(i)].item()}"
-        )
 
 
 # M from decode to training; N and K odd, a multiple of the blocksize, or neither.
@@ -193,13 +138,13 @@ def test_unknown_config_is_an_error(gen):
 CAN_PROFILE = not os.environ.get("QLORA_SANITIZER")
 
 
-def cuda_kernels_launched(fn) -> list[str]:
-    """The names of the CUDA kernels fn launches (torch.profiler), so that a test can tell a fused
-    kernel from the fallback it would silently take."""
+def cuda_kernels_launched(fn, *args) -> list[str]:
+    """The names of the CUDA kernels fn(*args) launches (torch.profiler), so that a test can tell a
+    fused kernel from the fallback it would silently take."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        fn(*args)
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
@@ -215,14 +160,19 @@ def test_default_kernel_by_m(gen):
     packed, state = make_weight(n, k, "cuda", gen)
     w = F.dequantize_4bit(packed, state)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for m, kernel in ((1, "gemm_4bit_ws_kernel"), (8, "gemm_4bit_ws_kernel"), (9, "gemm_4bit_ws_kernel"),
-                      (16, "gemm_4bit_ws_kernel"), (17, "gemm_4bit_wgmma_tma_kernel"),
-                      (33, "gemm_4bit_wgmma_tma_kernel")):
+    for m, kernel in (
+        (1, "gemm_4bit_ws_kernel"),
+        (8, "gemm_4bit_ws_kernel"),
+        (9, "gemm_4bit_ws_kernel"),
+        (16, "gemm_4bit_ws_kernel"),
+        (17, "gemm_4bit_wgmma_tma_kernel"),
+        (33, "gemm_4bit_wgmma_tma_kernel"),
+    ):
         x = make_input((m, k), torch.bfloat16, "cuda", gen)
         out = F.gemm_4bit(x, packed, state)
         assert_close_to_reference(out, x, w, None, f"default M={m} {n}x{k}")
         if hopper and CAN_PROFILE:
-            names = cuda_kernels_launched(lambda: F.gemm_4bit(x, packed, state))
+            names = cuda_kernels_launched(F.gemm_4bit, x, packed, state)
             assert any(kernel + "<" in name for name in names), (m, names)
             if kernel == "gemm_4bit_ws_kernel":
                 assert any(name.split(">")[0].endswith(", 2") for name in names if kernel + "<" in name), (m, names)
@@ -261,7 +211,7 @@ def test_wgmma_kernel(gen, quant_type, dq, blocksize, config):
         out = F._gemm_4bit_with(x, packed, state, config, bias)
         again = F._gemm_4bit_with(x, packed, state, config, bias)
         if CAN_PROFILE and m == 64:
-            names = cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config, bias))
+            names = cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config, bias)
             tile = f", {c['tokens']}, {c['stages']}"
             assert any(kernel in name and tile in name.split(">")[0] for name in names), names
         what = f"{config} {dtype} {quant_type} dq={dq} bs={blocksize} M={m}"
@@ -378,7 +328,8 @@ def test_opcheck(gen, device):
         )
         g = make_input((m, 48), torch.bfloat16, device, gen).requires_grad_()
         torch.library.opcheck(
-            torch.ops.qlora.gemm_4bit_transposed.default, (g, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128])
+            torch.ops.qlora.gemm_4bit_transposed.default,
+            (g, packed, state.absmax, na, nc, off, 64, 256, "nf4", [48, 128]),
         )
 
 
@@ -397,7 +348,9 @@ def test_torch_compile_fullgraph(gen, device):
     def layer(x):
         return torch.relu(F.gemm_4bit(x, packed, state, bias)) * 2
 
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     for m in (1, 40):
         x = make_input((m, 256), torch.bfloat16, device, gen)
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
@@ -508,8 +461,11 @@ def test_ws_kernel_many_tiles_a_cta(gen, config):
         first = F._gemm_4bit_with(x, packed, state, config)
         assert_close_to_reference(first, x, w, None, f"{config} M={m} {n}x{k}")
         if CAN_PROFILE:
-            names = [s for s in cuda_kernels_launched(lambda: F._gemm_4bit_with(x, packed, state, config))
-                     if "gemm_4bit_ws_kernel<" in s]
+            names = [
+                s
+                for s in cuda_kernels_launched(F._gemm_4bit_with, x, packed, state, config)
+                if "gemm_4bit_ws_kernel<" in s
+            ]
             assert len(names) == 1 and names[0].split(">")[0].endswith(f", {row_groups}"), names
         for _ in range(5):
             torch.full((m * n * 4,), float("nan"), device="cuda")  # poison what the next output reuses
@@ -538,18 +494,34 @@ def test_bad_input_names_the_argument(gen):
     packed, state = make_weight(32, 128, "cpu", gen)
     x = make_input((4, 128), torch.bfloat16, "cpu", gen)
     cases = [
-        (lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state), ValueError, "in_features"),
+        (
+            lambda: F.gemm_4bit(make_input((4, 100), torch.bfloat16, "cpu", gen), packed, state),
+            ValueError,
+            "in_features",
+        ),
         (lambda: F.gemm_4bit(x.to(torch.int32), packed, state), TypeError, "x must be float32, float16 or bfloat16"),
         (lambda: F.gemm_4bit(x, packed, state, torch.zeros(32)), TypeError, "bias must have x's dtype"),
-        (lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)), ValueError, "bias must have shape"),
+        (
+            lambda: F.gemm_4bit(x, packed, state, torch.zeros(31, dtype=torch.bfloat16)),
+            ValueError,
+            "bias must have shape",
+        ),
         (lambda: F.gemm_4bit(x, packed[:-1], state), ValueError, "packed has"),
         (lambda: F.gemm_4bit(x, packed, "state"), TypeError, "quant_state must be a QuantState"),
         (lambda: F.gemm_4bit("x", packed, state), TypeError, "x must be a tensor"),
         (lambda: F.gemm_4bit_transposed(x, packed, state), ValueError, "out_features"),
-        (lambda: F.gemm_4bit_transposed(make_input((4, 32), torch.float64, "cpu", gen).to(torch.int64), packed, state), TypeError, "grad must be"),
+        (
+            lambda: F.gemm_4bit_transposed(
+                make_input((4, 32), torch.float64, "cpu", gen).to(torch.int64), packed, state
+            ),
+            TypeError,
+            "grad must be",
+        ),
     ]
     flat_packed, flat_state = F.quantize_4bit(make_input((4096,), torch.bfloat16, "cpu", gen))
-    cases.append((lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]"))
+    cases.append(
+        (lambda: F.gemm_4bit(x, flat_packed, flat_state), ValueError, r"shape must be \[out_features, in_features\]")
+    )
     assert_each_raises(cases)
 
 
@@ -579,7 +551,9 @@ def test_matmul_4bit_is_bitsandbytes_on_the_cpu(bnbf, gen):
     bias = make_input((96,), torch.bfloat16, "cpu", gen)
     for m in (1, 7):
         x = make_input((m, 256), torch.bfloat16, "cpu", gen)
-        assert torch.equal(F.matmul_4bit(x, packed.t(), state, bias=bias), bnb.matmul_4bit(x, packed.t(), bstate, bias=bias))
+        assert torch.equal(
+            F.matmul_4bit(x, packed.t(), state, bias=bias), bnb.matmul_4bit(x, packed.t(), bstate, bias=bias)
+        )
     out = torch.full((7, 96), float("nan"), dtype=torch.bfloat16)
     assert F.matmul_4bit(x, packed.t(), state, out=out) is out
     assert torch.equal(out, bnb.matmul_4bit(x, packed.t(), bstate))
@@ -594,7 +568,7 @@ def test_weight_past_2_to_the_31_elements(gen, path):
     cross blocks; element 2**31 in row 65534, 16k rows before the end), checked on row ranges at its
     start, across element 2**31 and at its end against the float64 product on the dequantized weight."""
     n, k = 81920, 32769
-    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
     del w
     wq = F.dequantize_4bit(packed, state)

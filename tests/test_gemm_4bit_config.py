@@ -143,9 +143,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("gpu,dtype,n,k,m,expected,kwargs", CASES,
-                         ids=[f"sm{g['sm_major']}{g['sm_minor']}-{d}-{n}x{k}-M{m}-{expected}" + ("-" + "-".join(f"{a}={b}" for a, b in kw.items()) if kw else "")
-                              for g, d, n, k, m, expected, kw in CASES])
+@pytest.mark.parametrize(
+    "gpu,dtype,n,k,m,expected,kwargs",
+    CASES,
+    ids=[
+        f"sm{g['sm_major']}{g['sm_minor']}-{d}-{n}x{k}-M{m}-{expected}"
+        + ("-" + "-".join(f"{a}={b}" for a, b in kw.items()) if kw else "")
+        for g, d, n, k, m, expected, kw in CASES
+    ],
+)
 def test_dispatch_table(gpu, dtype, n, k, m, expected, kwargs):
     args = dict(kwargs)
     nested = args.pop("nested", True)
@@ -164,10 +170,12 @@ def test_configs_are_named_and_whole():
     by_name = {c["name"]: c for c in configs}
     # a choice returns the table's entry, fields and all
     assert _C._gemm_4bit_config(1, 8192, 8192, "bfloat16", "nf4", True, **H200) == by_name["ws_32x8_deep"]
-    assert by_name["ws_32x8_deep"] == dict(name="ws_32x8_deep", kernel="ws", row_groups=2, token_octets=1,
-                                           math_warps=8, max_stages=8)
-    assert by_name["wgmma_tma_128x16"] == dict(name="wgmma_tma_128x16", kernel="wgmma", tokens=16, stages=10,
-                                               tensor_copy=True, ctas_per_sm=2)
+    assert by_name["ws_32x8_deep"] == dict(
+        name="ws_32x8_deep", kernel="ws", row_groups=2, token_octets=1, math_warps=8, max_stages=8
+    )
+    assert by_name["wgmma_tma_128x16"] == dict(
+        name="wgmma_tma_128x16", kernel="wgmma", tokens=16, stages=10, tensor_copy=True, ctas_per_sm=2
+    )
     assert by_name["mma_16x8"] == dict(name="mma_16x8", kernel="mma", row_groups=1, token_octets=1, unroll=2)
     assert by_name["stream_16x64"] == dict(name="stream_16x64", kernel="stream", token_octets=8)
 

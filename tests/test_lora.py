@@ -11,37 +11,28 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-import contextlib
-
-from qlora_ext import _C, functional as F
+from qlora_ext import functional as F
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, assert_each_raises, needs_caching_allocator, requires_cuda
-from test_gemm_4bit import make_input, make_weight
-
-
-@contextlib.contextmanager
-def lora_fused(on: bool):
-    previous = _C._set_lora_fused(on)
-    try:
-        yield
-    finally:
-        _C._set_lora_fused(previous)
+from helpers import (
+    DEVICES,
+    Layer,
+    assert_bits_equal,
+    assert_each_raises,
+    assert_within_twice_the_reference_error,
+    fp32_scale,
+    lora_fused,
+    make_input,
+    mask_of,
+    needs_caching_allocator,
+    ours_outputs,
+    reference_outputs,
+    requires_cuda,
+)
 
 
 def seed_tensor(value: int, device: str) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
-
-
-def fp32_scale(p: float) -> float:
-    """The kernels' scale: 1 / (1 - p) rounded to float32, as torch's dropout computes it."""
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)) if p < 1 else 0.0
-
-
-def mask_of(shape, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The kept elements (bool) of a tensor of `shape` under `seed`."""
-    ones = torch.ones(shape, dtype=torch.float32, device=seed.device)
-    return F.lora_dropout(ones, p, seed) != 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +198,19 @@ def test_products_composite(gen, device, p):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k,r", [(1, 64, 8), (63, 72, 8), (65, 200, 24), (70, 200, 24), (257, 1032, 64), (64, 136, 72), (130, 520, 128), (4100, 256, 16)])
+@pytest.mark.parametrize(
+    "m,k,r",
+    [
+        (1, 64, 8),
+        (63, 72, 8),
+        (65, 200, 24),
+        (70, 200, 24),
+        (257, 1032, 64),
+        (64, 136, 72),
+        (130, 520, 128),
+        (4100, 256, 16),
+    ],
+)
 def test_fused_products_against_float64(gen, dtype, m, k, r):
     """The fused kernels within 2x the composite form's error against float64, on tiles that M, K and r
     do not fill."""
@@ -271,11 +274,18 @@ def test_products_bad_input_names_the_argument():
         (lambda: torch.ops.qlora.lora_down(x, A.float(), s, 0.1), TypeError, "lora_A must have x's dtype"),
         (lambda: torch.ops.qlora.lora_down(x, A, None, 0.1), ValueError, "seed is None"),
         (lambda: torch.ops.qlora.lora_grad_A(gd[:3], x, s, 0.1), ValueError, r"grad_down must have shape \[4, r\]"),
-        (lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1), ValueError, r"grad_down must have shape \[4, 2\]"),
+        (
+            lambda: torch.ops.qlora.lora_dropout_add_mm(x, gd[:, :1], A, s, 0.1),
+            ValueError,
+            r"grad_down must have shape \[4, 2\]",
+        ),
         (lambda: torch.ops.qlora.lora_down(x[0], A, s, 0.1), ValueError, "x must be 2-D"),
         (lambda: torch.ops.qlora.lora_down(x, A, s.int(), 0.1), TypeError, "lora_down: seed must be int64"),
-        (lambda: torch.ops.qlora.lora_grad_A(gd, x, torch.zeros(2, dtype=torch.int64), 0.1), ValueError,
-         "lora_grad_A: seed must have one element"),
+        (
+            lambda: torch.ops.qlora.lora_grad_A(gd, x, torch.zeros(2, dtype=torch.int64), 0.1),
+            ValueError,
+            "lora_grad_A: seed must have one element",
+        ),
     ]
     if torch.cuda.is_available():
         # A CUDA seed beside CPU tensors, even with p = 0, must name the seed rather than reach a kernel.
@@ -290,71 +300,6 @@ def test_products_bad_input_names_the_argument():
 
 # ---------------------------------------------------------------------------------------------
 # The layer op
-
-
-class Layer:
-    """A 4-bit weight, its bias and adapters, with fresh random values (B not zero: a zero B would
-    hide every error of the adapter path)."""
-
-    def __init__(self, n, k, r, device, gen, dtype=torch.bfloat16, adapter_dtype=None, bias=True, **fmt):
-        self.packed, self.state = make_weight(n, k, device, gen, dtype=dtype, **fmt)
-        adapter_dtype = adapter_dtype or dtype
-        self.bias = make_input((n,), dtype, device, gen) * 0.1 if bias else None
-        self.A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(adapter_dtype).to(device)
-        self.B = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(adapter_dtype).to(device)
-        self.scaling = 16 / r
-        self.W = F.dequantize_4bit(self.packed, self.state)
-
-    def __call__(self, x, p=0.0, seed=None, A=None, B=None, bias=None):
-        return F.lora_linear(
-            x, self.packed, self.state, self.A if A is None else A, self.B if B is None else B, self.scaling, p,
-            self.bias if bias is None else bias, seed,
-        )
-
-    def reference(self, x, p, seed, dtype):
-        """The layer composed of plain PyTorch ops in `dtype` with the same mask, and its function."""
-        mask = mask_of(x.shape, seed, p) if p > 0 else None
-        scale = fp32_scale(p)
-        W = self.W.to(dtype)
-
-        def f(x, A, B, bias):
-            xd = x if mask is None else x * mask * scale
-            y = torch.nn.functional.linear(x, W, bias)
-            return y + self.scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A), B)
-
-        return f
-
-
-def reference_outputs(layer, x, g, p, seed, dtype):
-    """y, dx, dA, dB (and dbias) of the PyTorch composition with every input cast to `dtype`."""
-    f = layer.reference(x, p, seed, dtype)
-    inputs = [x.detach().to(dtype).requires_grad_(), layer.A.detach().to(dtype).requires_grad_(), layer.B.detach().to(dtype).requires_grad_()]
-    bias = layer.bias.detach().to(dtype).requires_grad_() if layer.bias is not None else None
-    y = f(*inputs, bias)
-    grads = torch.autograd.grad(y, inputs + ([bias] if bias is not None else []), g.to(dtype))
-    return [y.detach(), *grads]
-
-
-def ours_outputs(layer, x, g, p, seed):
-    x = x.detach().requires_grad_()
-    A = layer.A.detach().requires_grad_()
-    B = layer.B.detach().requires_grad_()
-    bias = layer.bias.detach().requires_grad_() if layer.bias is not None else None
-    y = layer(x, p, seed, A, B, bias)
-    grads = torch.autograd.grad(y, [x, A, B] + ([bias] if bias is not None else []), g)
-    return [y.detach(), *grads]
-
-
-def assert_within_twice_the_reference_error(ours, low, exact, names):
-    """flash-attention's rule: our error against float64 within 2x that of plain PyTorch in the same
-    precision (plus a floor of a few units in the last place for outputs PyTorch gets exactly)."""
-    for o, lo, ex, name in zip(ours, low, exact, names):
-        assert o.shape == ex.shape and o.dtype == lo.dtype, (name, o.shape, ex.shape, o.dtype, lo.dtype)
-        ex = ex.double().cpu()
-        err = (o.double().cpu() - ex).abs().max().item()
-        ref_err = (lo.double().cpu() - ex).abs().max().item()
-        floor = 4 * torch.finfo(o.dtype).eps * ex.abs().max().item()
-        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs PyTorch's {ref_err:.3g} (floor {floor:.3g})"
 
 
 # The CUDA layer with the adapter products composed (dropout kernel + cuBLAS) and fused.
@@ -423,11 +368,16 @@ def test_gradcheck_float64_cpu(gen, p, quant_type, dq):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saves_only_x_and_the_down_projection(gen, device, p):
     m, n, k, r = 64, 96, 256, 16
-    module = QLoRALinear.from_linear(torch.nn.Linear(k, n).to(torch.bfloat16), r=r, lora_dropout=p, compute_dtype=torch.bfloat16).to(device)
+    module = QLoRALinear.from_linear(
+        torch.nn.Linear(k, n).to(torch.bfloat16), r=r, lora_dropout=p, compute_dtype=torch.bfloat16
+    ).to(device)
     torch.nn.init.normal_(module.lora_B.default.weight)
     own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
     state = module.base_layer.quant_state
-    own |= {t.untyped_storage().data_ptr() for t in (state.absmax, state.state2.absmax, state.state2._code_for_kernel(), state.offset)}
+    own |= {
+        t.untyped_storage().data_ptr()
+        for t in (state.absmax, state.state2.absmax, state.state2._code_for_kernel(), state.offset)
+    }
     x = make_input((2, m // 2, k), torch.bfloat16, device, gen).requires_grad_()
     saved = []
 
@@ -438,7 +388,9 @@ def test_saves_only_x_and_the_down_projection(gen, device, p):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = module(x)
     foreign = [t for t in saved if t.untyped_storage().data_ptr() not in own]
-    sizes = sorted((tuple(t.shape), t.dtype) for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    sizes = sorted(
+        (tuple(t.shape), t.dtype) for t in foreign if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
     expected = sorted([((m, r), torch.bfloat16)] + ([((), torch.int64)] if p > 0 else []))
     assert sizes == expected, sizes
     assert any(t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in foreign)
@@ -459,9 +411,9 @@ def test_opcheck_and_meta(gen, device):
         B = layer.B.clone().requires_grad_()
         torch.library.opcheck(
             torch.ops.qlora.lora_linear.default,
-            (x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4", [48, 128],
-             layer.bias, A, B, layer.scaling, p, seed),
-        )
+            (x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4",
+             [48, 128], layer.bias, A, B, layer.scaling, p, seed),
+        )  # fmt: skip
 
 
 def test_meta_tensors(gen):
@@ -470,7 +422,7 @@ def test_meta_tensors(gen):
     out = F.lora_linear(
         torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta"), layer.packed.to("meta"), state,
         layer.A.to("meta"), layer.B.to("meta"), 2.0, 0.1, None, seed_tensor(1, "meta"),
-    )
+    )  # fmt: skip
     assert out.shape == (2, 5, 48) and out.device.type == "meta"
 
 
@@ -482,14 +434,17 @@ def test_bad_input_names_the_argument(gen):
         (lambda: layer(x, B=layer.B[:, :3]), ValueError, r"lora_B must have shape \[32, 4\]"),
         (lambda: layer(x, A=layer.A.int()), TypeError, "lora_A must be a float tensor"),
         (lambda: torch.ops.qlora.lora_linear(x, layer.packed, layer.state.absmax, None, None, None, 64, 256, "nf4",
-                                             [32, 64], None, layer.A, layer.B, 1.0, 0.1, None), ValueError, "seed is None"),
+                                             [32, 64], None, layer.A, layer.B, 1.0, 0.1, None),
+         ValueError, "seed is None"),
         (lambda: layer(x, p=1.5, seed=seed_tensor(1, "cpu")), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: layer(make_input((3, 63), torch.bfloat16, "cpu", gen)), ValueError, "in_features"),
-        (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError, "scaling must be finite"),
+        (lambda: F.lora_linear(x, layer.packed, layer.state, layer.A, layer.B, float("nan")), ValueError,
+         "scaling must be finite"),
         (lambda: layer(x, p=0.1, seed=seed_tensor(1, "cpu").int()), TypeError, "lora_linear: seed must be int64"),
         # A seed is checked where p = 0 leaves it unused too: it is an argument like any other.
-        (lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)), ValueError, "lora_linear: seed must have one element"),
-    ]
+        (lambda: layer(x, p=0.0, seed=torch.zeros(2, dtype=torch.int64)), ValueError,
+         "lora_linear: seed must have one element"),
+    ]  # fmt: skip
     assert_each_raises(cases)
 
 
@@ -521,7 +476,10 @@ def make_linear(n, k, dtype, gen, bias=True):
 def test_qlora_linear_from_linear(gen, device):
     linear = make_linear(96, 128, torch.bfloat16, gen)
     module = QLoRALinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.1, device=device)
-    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["lora_A.default.weight", "lora_B.default.weight"]
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == [
+        "lora_A.default.weight",
+        "lora_B.default.weight",
+    ]
     assert module.lora_A.default.weight.shape == (8, 128) and module.lora_B.default.weight.shape == (96, 8)
     assert module.lora_A.default.weight.dtype == torch.float32
     assert module.scaling["default"] == 2.0
@@ -533,7 +491,10 @@ def test_qlora_linear_from_linear(gen, device):
     module.train()
     assert_bits_equal(module(x), module.base_layer(x))
     # The base is the quantized linear: its output is gemm_4bit's.
-    assert_bits_equal(module.base_layer(x), F.gemm_4bit(x, module.base_layer.weight, module.base_layer.quant_state, module.base_layer.bias))
+    assert_bits_equal(
+        module.base_layer(x),
+        F.gemm_4bit(x, module.base_layer.weight, module.base_layer.quant_state, module.base_layer.bias),
+    )
     rs = QLoRALinear.from_linear(linear, r=16, lora_alpha=8, use_rslora=True, init="gaussian", device=device)
     assert rs.scaling["default"] == 8 / 4
     assert abs(rs.lora_A.default.weight.std().item() - 1 / 16) < 0.01
@@ -548,7 +509,13 @@ def test_qlora_linear_train_eval_and_dropout(gen, device):
     module.eval()
     y_eval = module(x)
     assert_bits_equal(y_eval, module(x))  # no dropout in eval mode
-    layer_args = (module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight, module.lora_B.default.weight, 2.0)
+    layer_args = (
+        module.base_layer.weight,
+        module.base_layer.quant_state,
+        module.lora_A.default.weight,
+        module.lora_B.default.weight,
+        2.0,
+    )
     assert_bits_equal(y_eval, F.lora_linear(x, *layer_args, 0.0, module.base_layer.bias))
     module.train()
     y1, y2 = module(x), module(x)
@@ -588,8 +555,14 @@ def test_autocast_and_input_without_grad(gen, device):
         y = module(x)
     assert y.dtype == torch.bfloat16
     expected = F.lora_linear(
-        x.bfloat16(), module.base_layer.weight, module.base_layer.quant_state, module.lora_A.default.weight,
-        module.lora_B.default.weight, 2.0, 0.0, module.base_layer.bias.bfloat16(),
+        x.bfloat16(),
+        module.base_layer.weight,
+        module.base_layer.quant_state,
+        module.lora_A.default.weight,
+        module.lora_B.default.weight,
+        2.0,
+        0.0,
+        module.base_layer.bias.bfloat16(),
     )
     assert_bits_equal(y, expected)
     # Without autocast and without a compute dtype: float32 throughout, output float32.
@@ -603,7 +576,9 @@ def test_autocast_and_input_without_grad(gen, device):
 def test_torch_compile_fullgraph(gen, device):
     module = QLoRALinear.from_linear(make_linear(64, 128, torch.bfloat16, gen), r=8, lora_dropout=0.1, device=device)
     torch.nn.init.normal_(module.lora_B.default.weight)
-    compiled = torch.compile(module, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        module, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     x = make_input((33, 128), torch.bfloat16, device, gen)
     g = make_input((33, 64), torch.bfloat16, device, gen)
     module.eval()
@@ -628,8 +603,15 @@ def test_linear4bit_state_dict_round_trip(gen, device):
     layer = Linear4bit.from_linear(linear, blocksize=32, compute_dtype=torch.bfloat16, device=device)
     sd = layer.state_dict()
     assert sorted(sd) == sorted(
-        ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-         "weight.quant_state.bitsandbytes__nf4"]
+        [
+            "weight",
+            "bias",
+            "weight.absmax",
+            "weight.quant_map",
+            "weight.nested_absmax",
+            "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4",
+        ]
     )
     assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (40 * 96 // 2, 1)
     shell = Linear4bit(96, 40, compute_dtype=torch.bfloat16, device=device)
@@ -650,7 +632,9 @@ def test_linear4bit_state_dict_round_trip(gen, device):
 def test_linear4bit_loads_bitsandbytes_state_dict(gen):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     linear = make_linear(40, 128, torch.bfloat16, gen)
-    theirs = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(
+        128, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
     theirs.load_state_dict(linear.state_dict())
     theirs = theirs.to("cuda" if torch.cuda.is_available() else "cpu")  # bitsandbytes quantizes on .to()
     assert theirs.weight.quant_state is not None

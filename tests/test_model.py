@@ -14,24 +14,9 @@ import qlora_ext
 from qlora_ext import LoraConfig
 from qlora_ext.nn import Linear4bit, QLoRALinear
 
-from conftest import DEVICES, assert_bits_equal, assert_each_raises
+from helpers import DEVICES, assert_bits_equal, assert_each_raises, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(seed: int, device: str = "cpu", meta: bool = False):
-    cfg = transformers.LlamaConfig(
-        # rows of a multiple of 64 k: bitsandbytes 0.50.2's C++ CPU dequantize disagrees with its own format
-        # (and with its flat torch path) on a 64 x 96 weight with blocksize 64; see the README
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    if meta:
-        with torch.device("meta"):
-            return transformers.LlamaForCausalLM(cfg).eval()
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    return model if device == "cpu" else model.to(device)
 
 
 def tokens(gen, device="cpu"):
@@ -52,7 +37,9 @@ def dequantized_copy(original, prepared):
     that PEFT sees when it runs on top of the same quantization."""
     plain = copy.deepcopy(original)
     for name, module in prepared.named_modules():
-        base = module.base_layer if isinstance(module, QLoRALinear) else module if isinstance(module, Linear4bit) else None
+        base = (
+            module.base_layer if isinstance(module, QLoRALinear) else module if isinstance(module, Linear4bit) else None
+        )
         if base is not None and not name.endswith(".base_layer"):
             with torch.no_grad():
                 plain.get_submodule(name).weight.copy_(base.dequantize().float())
@@ -93,14 +80,18 @@ def test_target_forms(gen):
         ("up_proj", "down_proj"): 4,
     }
     for target, count in cases.items():
-        model = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=target if isinstance(target, str) else list(target)),
-                                        progress=False)  # fmt: skip
+        config = LoraConfig(target_modules=target if isinstance(target, str) else list(target))
+        model = qlora_ext.prepare_model(copy.deepcopy(original), config, progress=False)
         assert sum(1 for _ in qlora_ext.model.qlora_layers(model)) == count, target
         assert type(model.lm_head) is torch.nn.Linear
-    others = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=["q_proj"]), quantize_others=True, progress=False)
+    others = qlora_ext.prepare_model(
+        copy.deepcopy(original), LoraConfig(target_modules=["q_proj"]), quantize_others=True, progress=False
+    )
     assert type(others.model.layers[0].mlp.up_proj) is Linear4bit and type(others.lm_head) is torch.nn.Linear
     assert not any(p.requires_grad for p in others.model.layers[0].mlp.up_proj.parameters())
-    saved = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), progress=False)
+    saved = qlora_ext.prepare_model(
+        copy.deepcopy(original), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), progress=False
+    )
     assert saved.lm_head.weight.requires_grad
 
 
@@ -138,7 +129,9 @@ def test_meta_model_streamed_from_safetensors(gen, tmp_path):
 
 
 def test_checkpointed_training_step_gets_gradients(gen):
-    model = qlora_ext.prepare_model(tiny_llama(4), LoraConfig(r=4, lora_dropout=0.1), compute_dtype=torch.float32, progress=False)
+    model = qlora_ext.prepare_model(
+        tiny_llama(4), LoraConfig(r=4, lora_dropout=0.1), compute_dtype=torch.float32, progress=False
+    )
     randomize_adapters(model, gen)  # with B = 0, A's gradient is zero
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
@@ -159,8 +152,8 @@ def test_checkpointed_training_step_gets_gradients(gen):
 def test_our_adapter_loads_into_peft(gen, tmp_path):
     peft = pytest.importorskip("peft")
     original = tiny_llama(5)
-    model = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = qlora_ext.prepare_model(copy.deepcopy(original), lora_config, compute_dtype=torch.float32, progress=False)
     randomize_adapters(model, gen)
     qlora_ext.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -176,8 +169,8 @@ def test_peft_adapter_loads_into_ours(gen, tmp_path, use_rslora):
     original = tiny_llama(6)
     ours = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(r=8, target_modules="all-linear"),
                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "gate_proj"], init_lora_weights=False,
-                             use_rslora=use_rslora)  # fmt: skip
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "gate_proj"],
+                             init_lora_weights=False, use_rslora=use_rslora)  # fmt: skip
     theirs = peft.get_peft_model(dequantized_copy(original, ours), config).eval()
     theirs.save_pretrained(str(tmp_path))
     loaded = qlora_ext.load_adapter(ours, tmp_path, "peft")
@@ -286,13 +279,16 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
     for name, module in list(theirs.named_modules()):
         if type(module) is torch.nn.Linear and name != "lm_head":
             layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)  # fmt: skip
+                                      compute_dtype=torch.float32, quant_type="nf4",
+                                      compress_statistics=True)  # fmt: skip
             layer.load_state_dict(module.state_dict())
             parent, child = qlora_ext.model._parent(theirs, name)
             setattr(parent, child, layer.to("cpu"))  # bitsandbytes quantizes on .to()
     sd = theirs.state_dict()
     assert "model.layers.0.mlp.up_proj.weight.absmax" in sd
-    ours = qlora_ext.prepare_model(tiny_llama(12), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True, progress=False)
+    ours = qlora_ext.prepare_model(
+        tiny_llama(12), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True, progress=False
+    )
     qlora_ext.load_quantized(ours, sd)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -304,11 +300,15 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
     saved = qlora_ext.model._base_state_dict(ours)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            stats = {k[len(name) + 8:]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
-            module.weight = bnb.nn.Params4bit.from_prequantized(saved[name + ".weight"], stats, device="cpu", module=module)
+            stats = {k[len(name) + 8 :]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
+            module.weight = bnb.nn.Params4bit.from_prequantized(
+                saved[name + ".weight"], stats, device="cpu", module=module
+            )
             mine = ours.get_submodule(name)
             mine = mine.base_layer if isinstance(mine, QLoRALinear) else mine
-            assert_bits_equal(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), mine.dequantize(), name)
+            assert_bits_equal(
+                bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), mine.dequantize(), name
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +325,8 @@ def test_bad_input_names_the_argument(tmp_path):
         (lambda: LoraConfig(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)"),
         (lambda: LoraConfig(target_modules="(unclosed"), ValueError, "not a valid regex"),
         (lambda: LoraConfig(target_modules=[]), ValueError, "target_modules must be non-empty"),
-        (lambda: qlora_ext.prepare_model(tiny_llama(14), LoraConfig(target_modules=["nothing"]), progress=False), ValueError, "matches no nn.Linear"),
+        (lambda: qlora_ext.prepare_model(tiny_llama(14), LoraConfig(target_modules=["nothing"]), progress=False),
+         ValueError, "matches no nn.Linear"),
         (lambda: qlora_ext.prepare_model(model, LoraConfig(), progress=False), ValueError, "prepared already"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "empty"), FileNotFoundError, "adapter_model.safetensors"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "pickled"), FileNotFoundError, "only safetensors is read"),
@@ -356,7 +357,9 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     original.save_pretrained(str(tmp_path / "fp32"))
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=q, device_map="cpu").eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "fp32"), quantization_config=q, device_map="cpu"
+    ).eval()
     theirs.save_pretrained(str(tmp_path / "theirs"))
     expected = dequantized(theirs)
     assert len(expected) == 14
@@ -369,7 +372,9 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
         assert_bits_equal(got[name], expected[name], name)
     ids = tokens(gen)
     with qlora_ext.disable_adapters(ours):
-        torch.testing.assert_close(logits(ours, ids), logits(dequantized_copy(original, ours), ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            logits(ours, ids), logits(dequantized_copy(original, ours), ids), rtol=1e-5, atol=1e-5
+        )
     # ours back: our file in place of theirs, their config (with its quantization_config) beside it
     (tmp_path / "back").mkdir()
     for name in ("config.json", "generation_config.json"):
@@ -429,7 +434,9 @@ def test_tied_embeddings_round_trip(gen, tmp_path):
 
 
 def test_adapters_refuse_to_switch_while_merged(gen):
-    model = qlora_ext.prepare_model(tiny_llama(26), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), progress=False)
+    model = qlora_ext.prepare_model(
+        tiny_llama(26), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), progress=False
+    )
     qlora_ext.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"]))
     # a new adapter trains only once it is active
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
@@ -438,7 +445,8 @@ def test_adapters_refuse_to_switch_while_merged(gen):
     merged = [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)]
     assert_each_raises([
         (lambda: qlora_ext.set_adapter(model, "other"), ValueError, "unmerge_adapter first"),
-        (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError, "unmerge_adapter first"),
+        (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError,
+         "unmerge_adapter first"),
         (lambda: qlora_ext.merge_adapter(model, "other"), ValueError, "unmerge_adapter first"),
         (lambda: qlora_ext.delete_adapter(model, "default"), ValueError, "is merged"),
     ])  # fmt: skip

@@ -17,9 +17,16 @@ from qlora_ext import functional as Q  # noqa: E402
 from qlora_ext.codebooks import code_tensor  # noqa: E402
 from qlora_ext.quant_state import BLOCKSIZES  # noqa: E402
 
-from conftest import DEVICES, assert_bits_equal  # noqa: E402
-from test_gemm_4bit import assert_close_to_reference  # noqa: E402
-from test_quantize_4bit import _reference_dequantize  # noqa: E402
+from helpers import (  # noqa: E402
+    DEVICES,
+    Layer,
+    assert_bits_equal,
+    assert_close_to_reference,
+    assert_within_twice_the_reference_error,
+    ours_outputs,
+    reference_dequantize,
+    reference_outputs,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = st.sampled_from([0, 1, 2, 3, 7, 13, 31, 64, 97, 127, 257, 509, 1021])
@@ -83,7 +90,7 @@ def test_dequantize_is_the_formats_definition(device, x, fmt):
     out = Q.dequantize_4bit(packed, state)
     assert out.shape == x.shape and out.dtype == x.dtype
     # FP4's code 0b1000 is +0.0 in the table and -0.0 from the CUDA kernels (README: signed zero)
-    assert_bits_equal(out, _reference_dequantize(packed, state), "dequantize", signed_zeros=device == "cpu")
+    assert_bits_equal(out, reference_dequantize(packed, state), "dequantize", signed_zeros=device == "cpu")
     # a strided or offset view quantizes as its contiguous copy
     p2, s2 = Q.quantize_4bit(x.contiguous(), blocksize, quant_type, dq)
     assert torch.equal(p2, packed)
@@ -114,7 +121,9 @@ def test_codes_are_nearest_and_requantizing_is_stable(device, x, fmt):
         err_best = (v[:, None] - code[None, :]).abs().min(1).values[live]
         assert bool((err_chosen <= err_best + 2.0**-21).all()), f"max excess {(err_chosen - err_best).max().item()}"
     if x.dtype == torch.float32 and bool((state.absmax >= torch.finfo(torch.float32).tiny).all()):
-        again_p, again_s = Q.quantize_4bit(Q.dequantize_4bit(packed, state), blocksize, quant_type, compress_statistics=False)
+        again_p, again_s = Q.quantize_4bit(
+            Q.dequantize_4bit(packed, state), blocksize, quant_type, compress_statistics=False
+        )
         assert_bits_equal(again_s.absmax, state.absmax, "absmax")
         first, second = _nibbles(packed, n), _nibbles(again_p, n)
         # FP4 has two zero codes (0b0000, 0b1000); a zero may come back as the other one
@@ -142,7 +151,9 @@ def test_products_against_float64(device, m, n, k, dtype, fmt, seed):
     wq = Q.dequantize_4bit(packed, state)
     assert_close_to_reference(Q.gemm_4bit(x, packed, state, bias), x, wq, bias, "gemm_4bit")
     grad = torch.randn(m, n, generator=g).to(dtype).to(device)
-    assert_close_to_reference(Q.gemm_4bit_transposed(grad, packed, state), grad, wq.T.contiguous(), None, "gemm_4bit_transposed")
+    assert_close_to_reference(
+        Q.gemm_4bit_transposed(grad, packed, state), grad, wq.T.contiguous(), None, "gemm_4bit_transposed"
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -159,8 +170,6 @@ def test_products_against_float64(device, m, n, k, dtype, fmt, seed):
 def test_lora_layer_against_float64(device, m, n, k, r, p, dtype, seed):
     """The layer's output and its three gradients, on the mask its seed draws, within twice the error
     of the same composition in plain PyTorch at the same precision (plus a few units in the last place)."""
-    from test_lora import Layer, assert_within_twice_the_reference_error, ours_outputs, reference_outputs
-
     g = torch.Generator().manual_seed(seed % 2**31)
     layer = Layer(n, k, r, device, g, dtype=dtype)
     x = (torch.randn(m, k, generator=g) * 0.5).to(dtype).to(device)

@@ -10,12 +10,21 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_bits_equal, needs_caching_allocator, poison, random_weights, requires_cuda
 
 import qlora_ext
-from qlora_ext import QuantState
-from qlora_ext import functional as Q
+from qlora_ext import QuantState, functional as Q
 from qlora_ext.codebooks import code_tensor
+
+from helpers import (
+    DEVICES,
+    HAS_CUDA,
+    assert_bits_equal,
+    needs_caching_allocator,
+    poison,
+    random_weights,
+    reference_dequantize,
+    requires_cuda,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -43,23 +52,6 @@ def _zero_sign_matters(device, quant_type) -> bool:
     return not (device == "cpu" and quant_type == "fp4")
 
 
-def _reference_dequantize(p: torch.Tensor, s: QuantState) -> torch.Tensor:
-    """Dequantization by the format's definition, in torch's float32 arithmetic (IEEE, no flush):
-    scale = code2[q] * nested_absmax + offset, each rounded; value = code[nibble] * scale, rounded to
-    the dtype to nearest even (FP4's code 0b1000 is +0.0 in the spec's table)."""
-    n = math.prod(s.shape)
-    packed = p.reshape(-1).view(torch.uint8).long()
-    nib = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
-    table = code_tensor(s.quant_type, p.device)
-    if s.nested:
-        scales = s.state2.code[s.absmax.long()] * s.state2.absmax.repeat_interleave(256)[: s.absmax.numel()]
-        scales = scales + s.offset
-    else:
-        scales = s.absmax
-    vals = table[nib] * scales.repeat_interleave(s.blocksize)[:n]
-    return vals.to(s.dtype).reshape(s.shape)
-
-
 def _tiniest(dtype) -> float:
     return {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}[dtype]
 
@@ -85,11 +77,12 @@ def _check_against_bnb(bnbf, x, blocksize, quant_type, dq, what):
         # CPU one float16 value of 0.066 came out one unit in the last place away); ours is the
         # definition, exactly, which its portable path also computes, and within one unit in the last
         # place (one subnormal step near zero) of any of them.
-        expected = _reference_dequantize(p, s)
+        expected = reference_dequantize(p, s)
         assert_bits_equal(d, expected, f"{what} dequantized")
         assert_bits_equal(d_from_bnb, expected, f"{what} dequantized from bnb's state")
-        torch.testing.assert_close(d.float(), d_ref.float(), rtol=torch.finfo(x.dtype).eps, atol=_tiniest(x.dtype),
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            d.float(), d_ref.float(), rtol=torch.finfo(x.dtype).eps, atol=_tiniest(x.dtype), equal_nan=True
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,7 +92,11 @@ def _check_against_bnb(bnbf, x, blocksize, quant_type, dq, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_bitsandbytes(bnbf, gen, device, dtype, blocksize, quant_type, dq):
     # Several blocks, a partial last block and an odd element count.
-    n = blocksize * int(torch.randint(3, 40, (1,), generator=gen)) + int(torch.randint(1, blocksize, (1,), generator=gen)) | 1
+    n = (
+        blocksize * int(torch.randint(3, 40, (1,), generator=gen))
+        + int(torch.randint(1, blocksize, (1,), generator=gen))
+        | 1
+    )
     x = random_weights(n, dtype, device, gen, blocksize)
     _check_against_bnb(bnbf, x, blocksize, quant_type, dq, f"n={n}")
 
@@ -444,10 +441,12 @@ def test_opcheck(gen, device):
     torch.library.opcheck(torch.ops.qlora.dequantize_absmax.default, (q, nested, code2, offset, 256))
     shape = [x.numel()]
     torch.library.opcheck(
-        torch.ops.qlora.dequantize_4bit.default, (packed, absmax, None, None, None, 64, 256, "fp4", shape, torch.float16)
+        torch.ops.qlora.dequantize_4bit.default,
+        (packed, absmax, None, None, None, 64, 256, "fp4", shape, torch.float16),
     )
     torch.library.opcheck(
-        torch.ops.qlora.dequantize_4bit.default, (packed, q, nested, code2, offset, 64, 256, "fp4", shape, torch.bfloat16)
+        torch.ops.qlora.dequantize_4bit.default,
+        (packed, q, nested, code2, offset, 64, 256, "fp4", shape, torch.bfloat16),
     )
 
 
@@ -472,7 +471,9 @@ def test_torch_compile_fullgraph(gen, device):
 
     code = qlora_ext.codebooks.dynamic_map_tensor(device)
     w = random_weights(64 * 64, torch.bfloat16, device, gen).reshape(64, 64)
-    compiled = torch.compile(roundtrip, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        roundtrip, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     assert_bits_equal(compiled(w), roundtrip(w), "compiled")
 
 
@@ -558,6 +559,6 @@ def test_every_cpu_simd_path_gives_the_same_bits(gen, tmp_path, isa):
             subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                            check=True, env={**os.environ, "QLORA_CPU_ISA": isa})  # fmt: skip
             p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=qt, compress_statistics=dq)
-            expected = _reference_dequantize(p, s)
+            expected = reference_dequantize(p, s)
             assert_bits_equal(torch.load(tmp_path / "out.pt"), expected, f"{isa} {dtype} {qt} dq={dq}")
             assert_bits_equal(Q.dequantize_4bit(p, s), expected, f"default path {dtype} {qt} dq={dq}")

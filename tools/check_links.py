@@ -2,7 +2,9 @@
 #anchor of a link into a Markdown file), and every repository path mentioned in the text or in code
 (csrc/..., bench/..., docs/..., python/..., tests/..., tools/..., cmake/..., .ci/...).
 
-    python3 tools/check_links.py [FILE.md ...]     (default: README.md, docs/**/*.md, bench/results/MANIFEST.md)
+    python3 tools/check_links.py [FILE.md ...]
+
+Without FILE arguments it checks README.md, CONTRIBUTING.md, docs/**/*.md and bench/results/MANIFEST.md.
 
 Run from the project root; exits 1 and lists what is missing. A path is looked up from the project
 root and from the Markdown file's folder. Paths with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
@@ -71,7 +73,11 @@ def check(md: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     files = [Path(a).resolve() for a in argv] or [
-        ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "bench/results/MANIFEST.md"]
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        *sorted((ROOT / "docs").rglob("*.md")),
+        ROOT / "bench/results/MANIFEST.md",
+    ]
     problems = [p for f in files for p in check(f)]
     for p in problems:
         print(p)

@@ -1,6 +1,7 @@
 """Writes csrc/include/qlora/codebooks.h and python/qlora_ext/codebooks.py from the format spec's
 tables, docs/spec/codebooks.json (docs/spec/nf4-format.md describes them).
 Run from the project root: python3 tools/gen_codebooks.py [SPEC_DIR]   (default: docs/spec)"""
+
 import json
 import struct
 import sys
@@ -24,11 +25,11 @@ def hexf(v: float) -> str:
 
 
 def table(name: str, macro: str, values) -> str:
-    rows = [", ".join(hexf(v) for v in values[i:i + 4]) for i in range(0, len(values), 4)]
+    rows = [", ".join(hexf(v) for v in values[i : i + 4]) for i in range(0, len(values), 4)]
     body = ", \\\n    ".join(rows)
     # The values also as a macro, so that CUDA __constant__ tables are initialized from the same list.
     return (f"#define {macro} \\\n    {body}\n"
-            f"inline constexpr float {name}[{len(values)}] = {{{macro}}};\n")
+            f"inline constexpr float {name}[{len(values)}] = {{{macro}}};\n")  # fmt: skip
 
 
 out = [
@@ -46,7 +47,11 @@ out = [
     table("kFP4Code", "QLORA_FP4_CODE", books["fp4"]),
     "// The same with the sign applied to the magnitude, as bitsandbytes' CUDA decoder computes it:",
     "// code 8 is -0.0 there (its CPU path gives +0.0).",
-    table("kFP4CodeSigned", "QLORA_FP4_CODE_SIGNED", [(-1.0 if i & 8 else 1.0) * abs(books["fp4"][i & 7]) for i in range(16)]),
+    table(
+        "kFP4CodeSigned",
+        "QLORA_FP4_CODE_SIGNED",
+        [(-1.0 if i & 8 else 1.0) * abs(books["fp4"][i & 7]) for i in range(16)],
+    ),
     "// The signed 8-bit dynamic map of the double quantization (sorted, one exact 0, ends at 1.0).",
     table("kDynamicMapSigned", "QLORA_DYNAMIC_MAP_SIGNED", books["dynamic_map_signed"]),
     "}  // namespace qlora",
@@ -58,7 +63,7 @@ print("wrote csrc/include/qlora/codebooks.h")
 
 def pylist(values) -> str:
     items = [repr(float.hex(f32(v))) for v in values]
-    rows = [", ".join(items[i:i + 4]) for i in range(0, len(items), 4)]
+    rows = [", ".join(items[i : i + 4]) for i in range(0, len(items), 4)]
     return "[\n    " + ",\n    ".join(rows) + ",\n]"
 
 

@@ -1,9 +1,11 @@
 """Record what bitsandbytes' CUDA path writes for adversarial inputs, so that the CUDA kernels can be
 matched to it bit for bit offline. Run on a GPU machine with bitsandbytes importable; writes one
 safetensors file of inputs and outputs to the folder given."""
+
 import sys
-import torch
+
 import bitsandbytes.functional as F
+import torch
 from safetensors.torch import save_file
 
 out = {}
@@ -25,9 +27,13 @@ def cases():
     x[200] = float("nan")
     x[300] = float("inf")
     x[400] = float("-inf")
-    x[512:1024] = torch.cat([nf4_mid, -nf4_mid, nf4_mid.nextafter(torch.tensor(2.0)), nf4_mid.nextafter(torch.tensor(-2.0))]).repeat(9)[:512]
+    x[512:1024] = torch.cat(
+        [nf4_mid, -nf4_mid, nf4_mid.nextafter(torch.tensor(2.0)), nf4_mid.nextafter(torch.tensor(-2.0))]
+    ).repeat(9)[:512]
     x[512:1024:32] = 1.0
-    x[1024:1536] = torch.cat([fp4_mid, -fp4_mid, fp4_mid.nextafter(torch.tensor(2.0)), fp4_mid.nextafter(torch.tensor(-2.0))]).repeat(9)[:512]
+    x[1024:1536] = torch.cat(
+        [fp4_mid, -fp4_mid, fp4_mid.nextafter(torch.tensor(2.0)), fp4_mid.nextafter(torch.tensor(-2.0))]
+    ).repeat(9)[:512]
     x[1024:1536:32] = 1.0
     x[1536:1600] = torch.randn(64, generator=g) * 1e-30
     x[1600:1664] = torch.randn(64, generator=g) * 1e-42  # denormals

@@ -40,11 +40,10 @@ at::Tensor gemm_4bit_transposed_cpu(const at::Tensor& grad, const at::Tensor& pa
                                     const std::optional<at::Tensor>& nested_absmax,
                                     const std::optional<at::Tensor>& nested_code,
                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                    int64_t nested_blocksize, c10::string_view quant_type,
-                                    c10::SymIntArrayRef shape) {
-  const GemmProblem p = check_gemm_4bit_args("gemm_4bit_transposed", true, grad, packed, absmax, nested_absmax,
-                                             nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
-                                             std::nullopt);
+                                    int64_t nested_blocksize, c10::string_view quant_type, c10::SymIntArrayRef shape) {
+  const GemmProblem p =
+      check_gemm_4bit_args("gemm_4bit_transposed", true, grad, packed, absmax, nested_absmax, nested_code, offset,
+                           blocksize, nested_blocksize, quant_type, shape, std::nullopt);
   const at::Tensor W = dequantized_weight(p, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                           nested_blocksize, quant_type, grad.scalar_type());
   return at::matmul(grad, W);

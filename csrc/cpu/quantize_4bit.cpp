@@ -81,7 +81,8 @@ inline __attribute__((always_inline)) void quantize_4bit_blocks(const T* A, int6
   for (int k = 0; k < 15; ++k) bounds[k] = cs.bounds[k];
   uint8_t code_of_rank[16];
   for (int k = 0; k < 16; ++k) code_of_rank[k] = cs.code_of_rank[k];
-  const bool identity = std::is_sorted(std::begin(code_of_rank), std::end(code_of_rank));  // NF4
+  // NF4: each code is its rank
+  const bool identity = std::is_sorted(std::begin(code_of_rank), std::end(code_of_rank));
   int zero_rank = 0;  // the rank of a padding 0.0
   for (int k = 0; k < 15; ++k) zero_rank += 0.0f > bounds[k];
   for (int64_t b = b0; b < b1; ++b) {
@@ -125,10 +126,10 @@ inline __attribute__((always_inline)) void quantize_4bit_blocks(const T* A, int6
   }
 }
 
-#define QLORA_DEFINE_QUANTIZE_4BIT(T, NAME)                                                                      \
-  QLORA_CLONES void NAME(const T* A, int64_t n, int64_t blocksize, const CodeSearch& cs, uint8_t* packed,       \
-                         float* absmax, int64_t b0, int64_t b1, float* buf, uint8_t* rank) {                    \
-    quantize_4bit_blocks<T>(A, n, blocksize, cs, packed, absmax, b0, b1, buf, rank);                           \
+#define QLORA_DEFINE_QUANTIZE_4BIT(T, NAME)                                                               \
+  QLORA_CLONES void NAME(const T* A, int64_t n, int64_t blocksize, const CodeSearch& cs, uint8_t* packed, \
+                         float* absmax, int64_t b0, int64_t b1, float* buf, uint8_t* rank) {              \
+    quantize_4bit_blocks<T>(A, n, blocksize, cs, packed, absmax, b0, b1, buf, rank);                      \
   }
 QLORA_DEFINE_QUANTIZE_4BIT(float, quantize_4bit_blocks_f32)
 QLORA_DEFINE_QUANTIZE_4BIT(c10::Half, quantize_4bit_blocks_f16)
@@ -163,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A_in, int
                                  buf.data(), rank.data());
         break;
       default:
-        quantize_4bit_blocks_bf16(A.const_data_ptr<c10::BFloat16>(), n, blocksize, cs, packed_ptr, absmax_ptr, b0,
-                                  b1, buf.data(), rank.data());
+        quantize_4bit_blocks_bf16(A.const_data_ptr<c10::BFloat16>(), n, blocksize, cs, packed_ptr, absmax_ptr, b0, b1,
+                                  buf.data(), rank.data());
     }
   });
   return {packed, absmax};
@@ -191,8 +192,8 @@ const std::array<uint8_t, kLutSize>& dynamic_map_lut() {
 }
 
 QLORA_CLONES void quantize_absmax_blocks(const float* absmax, float offset, int64_t n, int64_t blocksize,
-                                         const uint8_t* lut, uint8_t* q, float* nested_absmax, int64_t b0,
-                                         int64_t b1, float* buf) {
+                                         const uint8_t* lut, uint8_t* q, float* nested_absmax, int64_t b0, int64_t b1,
+                                         float* buf) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min(blocksize, n - start);
@@ -300,8 +301,8 @@ void dequantize_scalar(const uint8_t* packed, const float* lut, float scale, int
 // block's work.
 template <typename T>
 __attribute__((target("avx2,f16c"))) void dequantize_blocks_avx2(const uint8_t* packed, const float* lut,
-                                                                  const Scales& scales, int64_t n, int64_t blocksize,
-                                                                  int64_t b0, int64_t b1, T* out) {
+                                                                 const Scales& scales, int64_t n, int64_t blocksize,
+                                                                 int64_t b0, int64_t b1, T* out) {
   const __m256 lut_lo = _mm256_loadu_ps(lut);
   const __m256 lut_hi = _mm256_loadu_ps(lut + 8);
   const __m128i mask4 = _mm_set1_epi8(0x0f);
@@ -317,12 +318,14 @@ __attribute__((target("avx2,f16c"))) void dequantize_blocks_avx2(const uint8_t* 
     for (; i + 16 <= len; i += 16) {
       const int64_t e = start + i;
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
-      const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask4), _mm_and_si128(raw, mask4));
+      const __m128i nibbles =
+          _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask4), _mm_and_si128(raw, mask4));
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m256i idx = _mm256_cvtepu8_epi32(h == 0 ? nibbles : _mm_srli_si128(nibbles, 8));
-        const __m256 code = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        const __m256 code =
+            _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
         const __m256 v = _mm256_mul_ps(code, vscale);
         T* dst = out + e + 8 * h;
         if constexpr (std::is_same_v<T, float>) {
@@ -381,8 +384,10 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_blocks_avx512(const 
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (e >> 1)));
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
       const __m128i lo = _mm_and_si128(raw, mask4);
-      const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), vscale);
-      const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), vscale);
+      const __m512 v0 =
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), vscale);
+      const __m512 v1 =
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), vscale);
       T* dst = out + e;
       if constexpr (std::is_same_v<T, float>) {
         _mm512_storeu_ps(dst, v0);
@@ -407,7 +412,8 @@ Isa cpu_isa() {
   static const Isa isa = [] {
     Isa best = Isa::Scalar;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) best = Isa::Avx2;
-    if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = Isa::Avx512;
+    if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+      best = Isa::Avx512;
     const char* cap = std::getenv("QLORA_CPU_ISA");
     if (cap != nullptr && std::strcmp(cap, "scalar") == 0) return Isa::Scalar;
     if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) return Isa::Avx2;
@@ -418,8 +424,8 @@ Isa cpu_isa() {
 #endif
 
 template <typename T>
-void dequantize_4bit_blocks(const uint8_t* packed, const float* lut, const Scales& scales, int64_t n,
-                            int64_t blocksize, int64_t b0, int64_t b1, T* out) {
+void dequantize_4bit_blocks(const uint8_t* packed, const float* lut, const Scales& scales, int64_t n, int64_t blocksize,
+                            int64_t b0, int64_t b1, T* out) {
 #if QLORA_X86
   const Isa isa = cpu_isa();
   if (isa == Isa::Avx512) {
@@ -465,8 +471,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
       case at::kHalf:
         dequantize_4bit_blocks(packed_ptr, lut, scales, n, blocksize, b0, b1, out.data_ptr<c10::Half>());
         break;
-      default:
-        dequantize_4bit_blocks(packed_ptr, lut, scales, n, blocksize, b0, b1, out.data_ptr<c10::BFloat16>());
+      default: dequantize_4bit_blocks(packed_ptr, lut, scales, n, blocksize, b0, b1, out.data_ptr<c10::BFloat16>());
     }
   });
   return out;

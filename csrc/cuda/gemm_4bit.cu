@@ -83,8 +83,9 @@ DeviceLimits device_limits(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    it = cache.emplace(device, DeviceLimits{major, minor, static_cast<size_t>(optin), static_cast<uint32_t>(reserved),
-                                            sms})
+    it = cache
+             .emplace(device,
+                      DeviceLimits{major, minor, static_cast<size_t>(optin), static_cast<uint32_t>(reserved), sms})
              .first;
   }
   return it->second;
@@ -132,34 +133,31 @@ int alignment_of(const void* p) {
 
 GpuInfo gpu_info(int device) {
   const DeviceLimits lim = device_limits(device);
-  return {lim.major,   lim.minor, lim.sms, lim.smem_optin, lim.reserved, ws_kernels_have_sm90_code(device),
+  return {lim.major,
+          lim.minor,
+          lim.sms,
+          lim.smem_optin,
+          lim.reserved,
+          ws_kernels_have_sm90_code(device),
           wgmma_kernels_have_sm90a_code(lim.major)};
 }
 
 // Launches configuration c's kernel; false where a wgmma kernel declined.
 bool launch_fused(const GemmConfig& c, const FusedGemm& g) {
   switch (c.kernel) {
-    case GemmKernel::kMma:
-      launch_gemm_mma(c.mma, g);
-      return true;
-    case GemmKernel::kStream:
-      launch_gemm_stream(c.stream, g);
-      return true;
-    case GemmKernel::kWarpSpecialized:
-      launch_gemm_ws(c.ws, g);
-      return true;
-    case GemmKernel::kWgmma:
-      return launch_gemm_wgmma(c.wgmma, g);
-    default:
-      TORCH_CHECK(false, "gemm_4bit: ", c.name, " is not a fused kernel");
+    case GemmKernel::kMma: launch_gemm_mma(c.mma, g); return true;
+    case GemmKernel::kStream: launch_gemm_stream(c.stream, g); return true;
+    case GemmKernel::kWarpSpecialized: launch_gemm_ws(c.ws, g); return true;
+    case GemmKernel::kWgmma: return launch_gemm_wgmma(c.wgmma, g);
+    default: TORCH_CHECK(false, "gemm_4bit: ", c.name, " is not a fused kernel");
   }
   return false;
 }
 
 // gemm_4bit, with the configuration choose_gemm_config picks, or `named` (which must be able to
 // run: else NotImplementedError).
-at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tensor& packed_in,
-                             const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax,
                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                              int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                              c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
@@ -252,11 +250,10 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
                                      const std::optional<at::Tensor>& nested_absmax,
                                      const std::optional<at::Tensor>& nested_code,
                                      const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                     int64_t nested_blocksize, c10::string_view quant_type,
-                                     c10::SymIntArrayRef shape) {
-  const GemmProblem p = check_gemm_4bit_args("gemm_4bit_transposed", true, grad, packed_in, absmax, nested_absmax,
-                                             nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
-                                             std::nullopt);
+                                     int64_t nested_blocksize, c10::string_view quant_type, c10::SymIntArrayRef shape) {
+  const GemmProblem p =
+      check_gemm_4bit_args("gemm_4bit_transposed", true, grad, packed_in, absmax, nested_absmax, nested_code, offset,
+                           blocksize, nested_blocksize, quant_type, shape, std::nullopt);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty(with_last(grad.sizes(), p.K), grad.options());
   if (out.numel() == 0) return out;

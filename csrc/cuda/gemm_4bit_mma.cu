@@ -53,7 +53,6 @@ __device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid
   }
 }
 
-
 template <int MT, int NT>
 constexpr int reduce_floats() {
   return kWarps * MT * NT * 4 * 32;
@@ -76,10 +75,9 @@ struct Batch {
 // loads are issued before the current batch's math (and the first batch's before the table is
 // built), so that each warp always has one batch of loads in flight.
 template <typename T, bool NESTED, int MT, int NT, int U>
-__global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __restrict__ x, int64_t M,
-                                                                    const uint8_t* __restrict__ packed, int64_t N,
-                                                                    int64_t K, int bs_log2, Scales sc, int fp4,
-                                                                    const T* __restrict__ bias, T* __restrict__ out) {
+__global__ void __launch_bounds__(kWarps * 32)
+    gemm_4bit_mma_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
+                         int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out) {
   extern __shared__ uint4 smem[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   float* red = reinterpret_cast<float*>(lut + 256 * kLutCopies);
@@ -156,8 +154,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_mma_kernel(const T* __r
             for (int h = 0; h < 2; ++h) {
               const int64_t bi = qrow[mt][h] + (j >> sub_shift);
               if constexpr (NESTED) {
-                b.s[u][mt][h] = nested_scale(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8)),
-                                          offset);
+                b.s[u][mt][h] =
+                    nested_scale(ncode[__ldg(sc.qabsmax + bi)], __ldg(sc.nested_absmax + (bi >> 8)), offset);
               } else {
                 b.s[u][mt][h] = __ldg(sc.absmax + bi);
               }
@@ -302,9 +300,8 @@ __device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* sro
 // A 16-row tile's result: each warp's partial sums into `red`, then added in warp order (the same
 // bits run to run), plus the bias, rounded and stored. Ends with every thread past one barrier.
 template <typename T, int NT>
-__device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4], int tid, int64_t row0,
-                                            int64_t tok0, int64_t N, int64_t M, const T* __restrict__ bias,
-                                            T* __restrict__ out) {
+__device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4], int tid, int64_t row0, int64_t tok0,
+                                            int64_t N, int64_t M, const T* __restrict__ bias, T* __restrict__ out) {
   const int lane = tid & 31, warp = tid >> 5;
   float* mine = red + warp * (NT * 4 * 32);
 #pragma unroll
@@ -335,11 +332,10 @@ constexpr size_t stream_fixed_smem_bytes() {
 }
 
 template <typename T, bool NESTED, int NT>
-__global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* __restrict__ x, int64_t M,
-                                                                       const uint8_t* __restrict__ packed, int64_t N,
-                                                                       int64_t K, int bs_log2, Scales sc, int fp4,
-                                                                       const T* __restrict__ bias,
-                                                                       T* __restrict__ out) {
+__global__ void __launch_bounds__(kWarps * 32)
+    gemm_4bit_stream_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N,
+                            int64_t K, int bs_log2, Scales sc, int fp4, const T* __restrict__ bias,
+                            T* __restrict__ out) {
   extern __shared__ uint4 smem[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
@@ -428,7 +424,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_4bit_stream_kernel(const T* 
       const uint8_t* stage = ring + (st % kStreamStages) * kStageBytes;
       if (NT == 1 && (st + 1) * kStageSubs <= nsub) {
 #pragma unroll
-        for (int u = 0; u < kStageSubs / kWarps; ++u) sub_block(stage, st * kStageSubs + u * kWarps + warp, u * kWarps + warp);
+        for (int u = 0; u < kStageSubs / kWarps; ++u)
+          sub_block(stage, st * kStageSubs + u * kWarps + warp, u * kWarps + warp);
       } else {
 #pragma unroll
         for (int u = 0; u < kStageSubs / kWarps; ++u) {
@@ -453,8 +450,8 @@ void launch_tiles(Kernel kernel, size_t smem, int tile_rows, int tile_tokens, co
   const int64_t tiles = ((p.N + tile_rows - 1) / tile_rows) * ((g.M + tile_tokens - 1) / tile_tokens);
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, kWarps * 32, smem, g.x2.get_device()));
   kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, g.stream>>>(
-      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K,
-      g.bs_log2, g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
+      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
+      g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
       g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr, reinterpret_cast<T*>(g.out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -467,7 +464,8 @@ void launch_mma(const FusedGemm& g) {
 // The stream kernel's shared memory grows with K: the tile's scales, 16 rows of blocks + 1 floats.
 template <typename T, bool NESTED, int NT>
 void launch_stream(const FusedGemm& g) {
-  const size_t smem = stream_fixed_smem_bytes<NT>() + 16 * static_cast<size_t>((g.p.K >> g.bs_log2) + 1) * sizeof(float);
+  const size_t smem =
+      stream_fixed_smem_bytes<NT>() + 16 * static_cast<size_t>((g.p.K >> g.bs_log2) + 1) * sizeof(float);
   launch_tiles<T>(gemm_4bit_stream_kernel<T, NESTED, NT>, smem, 16, 8 * NT, g);
 }
 

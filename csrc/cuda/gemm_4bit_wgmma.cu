@@ -139,8 +139,8 @@ struct StageCopies {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int chunk = copier + i * COPIERS;
-      code_src[i] = packed + min(t.row0 + (chunk >> 1), N - 1) * (K >> 1) + t.first_stage * (kWgStageK / 2) +
-                    (chunk & 1) * 16;
+      code_src[i] =
+          packed + min(t.row0 + (chunk >> 1), N - 1) * (K >> 1) + t.first_stage * (kWgStageK / 2) + (chunk & 1) * 16;
       const int64_t row_block = min(t.row0 + (chunk & 127), N - 1) * nb;
       scale_block[i] = row_block;
       if constexpr (NESTED) scale_src[i] = chunk < 128 ? static_cast<const void*>(sc.qabsmax) : sc.nested_absmax;
@@ -165,7 +165,7 @@ struct StageCopies {
       const uint32_t dst = base + BN * 128 + kWgRows * 32 + (chunk & 127) * 8;
       if constexpr (NESTED) {
         // The 8-bit code's aligned 4-byte word (the byte is picked at use; the host checked that the
-      // array holds whole words), and the nested scale.
+        // array holds whole words), and the nested scale.
         if (chunk < 128) cp_async_4(dst, static_cast<const uint8_t*>(scale_src[i]) + (block & ~int64_t{3}));
         else cp_async_4(dst + 4, static_cast<const float*>(scale_src[i]) + (block >> 8));
       } else {
@@ -187,8 +187,8 @@ struct StageDecoder {
   uint32_t scale_byte_base[2];  // the low bits of the rows' first block index
   int first_stage, stage_shift;
 
-  __device__ __forceinline__ StageDecoder(const void* code_table, const float* nested_code_, float offset_,
-                                          int lane, int r0, int64_t N, int64_t K, int bs_log2, const WgTile& t)
+  __device__ __forceinline__ StageDecoder(const void* code_table, const float* nested_code_, float offset_, int lane,
+                                          int r0, int64_t N, int64_t K, int bs_log2, const WgTile& t)
       : table(reinterpret_cast<const char*>(code_table)),
         nested_code(nested_code_),
         offset(offset_),
@@ -288,8 +288,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
 template <typename T, int BN, typename Stage>
 __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4], uint32_t (&a1)[4][4],
                                            float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
-                                           const T* __restrict__ bias, T* __restrict__ out,
-                                           float* __restrict__ partial, Stage& stage) {
+                                           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+                                           Stage& stage) {
   int j = 0;
   for (; j + 1 < t.nst; j += 2) {
     stage(j, a0, a1);
@@ -354,10 +354,10 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
 // All 256 threads copy (stage j + STAGES - 2 while stage j is multiplied) and all decode and
 // multiply; a barrier a stage.
 template <typename T, bool NESTED, int BN, int STAGES>
-__global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) gemm_4bit_wgmma_kernel(
-    const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K, int bs_log2,
-    Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int64_t stages_per_split) {
+__global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1)
+    gemm_4bit_wgmma_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
+                           int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out,
+                           float* __restrict__ partial, int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __shared__ uint32_t code_table[16 * 32];  // entry v of lane l at v * 32 + l: bank l
   __shared__ float nested_code[NESTED ? 256 : 1];
@@ -435,8 +435,9 @@ constexpr int tma_threads() {
 }
 constexpr int kTmaMathRegisters = 224;
 constexpr int kTmaCopyRegisters = 48;
-static_assert(8 * kTmaMathRegisters + 4 * kTmaCopyRegisters <= 12 * 168, "the math warps would wait forever for registers");
-constexpr int kTmaScaleLead = 2;               // stages the copy warp's scale loads run ahead
+static_assert(8 * kTmaMathRegisters + 4 * kTmaCopyRegisters <= 12 * 168,
+              "the math warps would wait forever for registers");
+constexpr int kTmaScaleLead = 2;  // stages the copy warp's scale loads run ahead
 
 // Byte offsets from the start of dynamic shared memory (at shared address `lo`, after the block's
 // reserved bytes): the barriers and the nested code, the ring's first `low_slots` slots below the
@@ -447,8 +448,8 @@ struct TmaLayout {
 
 __host__ __device__ inline TmaLayout tma_layout(uint32_t lo, uint32_t stage_bytes, uint32_t stages) {
   TmaLayout L{};
-  L.bars = 0;      // 2 * stages mbarriers, stages <= 32
-  L.ncode = 512;   // 256 floats
+  L.bars = 0;     // 2 * stages mbarriers, stages <= 32
+  L.ncode = 512;  // 256 floats
   const uint32_t low_ring = (lo + 512 + 1024 + 1023) & ~1023u;
   L.low_ring = low_ring - lo;
   L.table = kTmaTableAddress - lo;
@@ -463,9 +464,10 @@ __host__ __device__ inline TmaLayout tma_layout(uint32_t lo, uint32_t stage_byte
 __device__ __forceinline__ void tensor_copy_2d(uint32_t dst, const CUtensorMap* map, int32_t inner, int32_t outer,
                                                uint64_t* bar) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n"
+      :
+      : "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
       : "memory");
 }
 #endif
@@ -515,10 +517,11 @@ struct TmaStageDecoder {
 // thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168). `lo`: the shared
 // address where dynamic shared memory starts (the block's reserved bytes), as the host laid it out.
 template <bool NESTED, int BN, int STAGES, int CTAS>
-__global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_kernel(
-    const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map, int64_t M, int64_t N,
-    int64_t K, int bs_log2, Scales sc, int fp4, const __nv_bfloat16* __restrict__ bias,
-    __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int64_t stages_per_split, uint32_t lo) {
+__global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
+    gemm_4bit_wgmma_tma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
+                               int64_t M, int64_t N, int64_t K, int bs_log2, Scales sc, int fp4,
+                               const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
+                               float* __restrict__ partial, int64_t stages_per_split, uint32_t lo) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // The copy warp publishes stage j's scales when it issues stage j + kTmaScaleLead, which may wait
   // for stage j + kTmaScaleLead - STAGES's slot, released while stage j + kTmaScaleLead - STAGES + 1
@@ -534,7 +537,8 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
   uint64_t* empty = full + STAGES;
   float* nested_code = reinterpret_cast<float*>(smem_raw + L.ncode);
   const auto slot_at = [&](uint32_t slot) {
-    return lo + (slot < L.low_slots ? L.low_ring + slot * kStageBytes : L.high_ring + (slot - L.low_slots) * kStageBytes);
+    return lo +
+           (slot < L.low_slots ? L.low_ring + slot * kStageBytes : L.high_ring + (slot - L.low_slots) * kStageBytes);
   };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -614,7 +618,8 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS) gemm_4bit_wgmma_tma_k
           const uint32_t base = slot_at(static_cast<uint32_t>(slot));
           mbar_arrive_expect_tx(&full[slot], kTensorBytes);
           tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
-          tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0), &full[slot]);
+          tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0),
+                         &full[slot]);
         }
         due = ahead1;
         ahead1 = ahead0;
@@ -760,9 +765,8 @@ bool launch(const FusedGemm& g) {
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
-    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(part.const_data_ptr<float>(),
-                                                                                static_cast<int>(used_splits), mn, p.N,
-                                                                                bias_ptr, out_ptr);
+    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
+        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, bias_ptr, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;

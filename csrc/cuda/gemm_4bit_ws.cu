@@ -45,9 +45,9 @@ namespace {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_u32(dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               :
+               : "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
 template <int MW>
@@ -75,7 +75,7 @@ __device__ __forceinline__ void mma_sub_block_wide(uint32_t w, float s0, float s
   a_fragments(w0, w1, a, [&](uint32_t v, int k) { return lds_u32(__byte_perm(v, lane_base, 0x7604 | (k << 4))); });
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const uint4 (&xv)[2] = xvs[nt];
+    const uint4(&xv)[2] = xvs[nt];
     // One chain of four mma: two chains of two (the stream kernel's) measured no faster here.
     float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -163,10 +163,10 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   float* red = reinterpret_cast<float*>(base + L.red);
   float* ncode = reinterpret_cast<float*>(base + L.ncode);
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
-  uint64_t* full = bars;                   // a stage's bytes arrived (the copy warp's expect_tx)
-  uint64_t* empty = bars + kWsMaxStages;      // every math thread is done with a stage
-  uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
-  uint64_t* sempty = sfull + 2;            // every math thread is done with a scale buffer
+  uint64_t* full = bars;                                          // a stage's bytes arrived (the copy warp's expect_tx)
+  uint64_t* empty = bars + kWsMaxStages;                          // every math thread is done with a stage
+  uint64_t* sfull = bars + 2 * kWsMaxStages;                      // a scale buffer is decoded (the 32 scale-warp lanes)
+  uint64_t* sempty = sfull + 2;                                   // every math thread is done with a scale buffer
   uint32_t* red_count = reinterpret_cast<uint32_t*>(sempty + 2);  // math warps done with a reduction buffer
   const int red_bufs = ws_red_bufs(K, stages, MT);
 
@@ -212,7 +212,8 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       for (int sm = 0; sm < nstage * MT; ++sm) {
         const int st = sm / MT, m = sm % MT;  // k range st of row group m
         const int rows = static_cast<int>(max(int64_t{0}, min(int64_t{16}, N - row0 - 16 * m)));
-        const uint32_t bytes = static_cast<uint32_t>(min(int64_t{kStageRowBytes}, row_bytes - int64_t{st} * kStageRowBytes));
+        const uint32_t bytes =
+            static_cast<uint32_t>(min(int64_t{kStageRowBytes}, row_bytes - int64_t{st} * kStageRowBytes));
         mbar_wait(empty + slot, phase ^ 1);
         if (lane == 0) mbar_arrive_expect_tx(full + slot, bytes * rows);
         __syncwarp();
@@ -289,7 +290,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     asm volatile("" : "+r"(srow));
     const uint32_t s1_off = 8 * (nb + 1) * 4;
     // x of sub-block `sub` of a stage whose x starts at xs.
-    auto load_x = [&](const T* const (&xs)[NT], int sub, uint4 (&xv)[NT][2]) {
+    auto load_x = [&](const T* const(&xs)[NT], int sub, uint4(&xv)[NT][2]) {
       const T* xsub[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xsub[nt] = xs[nt] + sub * kSubK;
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     };
     // Sub-block `sub` of the k range whose first sub-block is j0 (row group m's slot at stage[m]),
     // with its x in xv, for each row group.
-    auto sub_block = [&](const uint32_t (&stage)[MT], int j0, int sub, const uint4 (&xv)[NT][2]) {
+    auto sub_block = [&](const uint32_t (&stage)[MT], int j0, int sub, const uint4(&xv)[NT][2]) {
       const uint32_t b = srow + 4 * static_cast<uint32_t>((j0 + sub) >> sub_shift);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -439,8 +440,8 @@ void launch_ws(const FusedGemm& g, int max_stages) {
   const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((g.M + 8 * NT - 1) / (8 * NT));
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, ws_threads(MW), smem, device));
   kernel<<<static_cast<unsigned>(grid), ws_threads(MW), smem, g.stream>>>(
-      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K,
-      g.bs_log2, g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
+      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
+      g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
       g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr, reinterpret_cast<T*>(g.out.data_ptr()),
       lim.reserved, stages);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,12 +14,12 @@
 // over K (lora_down) or M (lora_grad_A) go to a float32 buffer, one slice a split, and one more
 // kernel adds them in a fixed order: the result is the same bits run to run.
 #include <ATen/ATen.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -104,8 +104,8 @@ at::Tensor dropout_cuda(const char* op, const at::Tensor& base_in, const at::Ten
     const scalar_t* base_ptr = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const int64_t size = static_cast<int64_t>(sizeof(scalar_t));
-    const bool vector = aligned_for_vec4(x_ptr, size) && aligned_for_vec4(base_ptr, size) &&
-                        aligned_for_vec4(out_ptr, size);
+    const bool vector =
+        aligned_for_vec4(x_ptr, size) && aligned_for_vec4(base_ptr, size) && aligned_for_vec4(out_ptr, size);
     const auto kernel = vector ? dropout_kernel<scalar_t, true> : dropout_kernel<scalar_t, false>;
     kernel<<<grid, kDropoutThreads, 0, stream>>>(x_ptr, base_ptr, out_ptr, n, seed.const_data_ptr<int64_t>(),
                                                  dropout_threshold(p), static_cast<Acc>(dropout_scale(p)));
@@ -193,7 +193,8 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int i = 0; i < 4; ++i) {
       const int q = tid + kFusedThreads * i, row = q >> 3, col = (q & 7) * 8;
       uint4 v = xr[i];
-      if (threshold != 0 && m0 + row < M && k0 + col < kend) v = dropout8<T>(v, seed, (m0 + row) * K + k0 + col, threshold, scale);
+      if (threshold != 0 && m0 + row < M && k0 + col < kend)
+        v = dropout8<T>(v, seed, (m0 + row) * K + k0 + col, threshold, scale);
       *reinterpret_cast<uint4*>(&xs[row][col]) = v;
       *reinterpret_cast<uint4*>(&as[row][col]) = ar[i];
     }
@@ -236,9 +237,9 @@ __global__ void __launch_bounds__(kFusedThreads)
 // of split z (blockIdx.z) the reduction; both operands are read down their columns from shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kFusedThreads)
-    lora_grad_A_kernel(const T* __restrict__ grad_down, const T* __restrict__ x, float* __restrict__ partial,
-                       int64_t M, int64_t K, int r, int64_t m_per_split, const int64_t* __restrict__ seed_ptr,
-                       uint64_t threshold, float scale) {
+    lora_grad_A_kernel(const T* __restrict__ grad_down, const T* __restrict__ x, float* __restrict__ partial, int64_t M,
+                       int64_t K, int r, int64_t m_per_split, const int64_t* __restrict__ seed_ptr, uint64_t threshold,
+                       float scale) {
   __shared__ __align__(16) T xs[kTile][kPitch];  // [m][k]
   __shared__ __align__(16) T gs[kTile][kPitch];  // [m][j]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
@@ -263,7 +264,8 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int i = 0; i < 4; ++i) {
       const int q = tid + kFusedThreads * i, row = q >> 3, col = (q & 7) * 8;
       uint4 v = xr[i];
-      if (threshold != 0 && m0 + row < mend && k0 + col < K) v = dropout8<T>(v, seed, (m0 + row) * K + k0 + col, threshold, scale);
+      if (threshold != 0 && m0 + row < mend && k0 + col < K)
+        v = dropout8<T>(v, seed, (m0 + row) * K + k0 + col, threshold, scale);
       *reinterpret_cast<uint4*>(&xs[row][col]) = v;
       *reinterpret_cast<uint4*>(&gs[row][col]) = gr[i];
     }
@@ -309,9 +311,8 @@ __global__ void __launch_bounds__(kFusedThreads)
 // out = T(sum over z of partial[z]) in a fixed order; with transpose, partial is [rows][cols] and
 // out [cols][rows].
 template <typename T>
-__global__ void __launch_bounds__(256)
-    sum_partials_kernel(const float* __restrict__ partial, T* __restrict__ out, int64_t rows, int64_t cols,
-                        int splits, bool transpose) {
+__global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restrict__ partial, T* __restrict__ out,
+                                                           int64_t rows, int64_t cols, int splits, bool transpose) {
   const int64_t n = rows * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     lora_dropout_add_mm_kernel(const T* __restrict__ base, const T* __restrict__ grad_down, const T* __restrict__ A,
                                T* __restrict__ out, int64_t M, int64_t K, int r, const int64_t* __restrict__ seed_ptr,
                                uint64_t threshold, float scale) {
-  __shared__ __align__(16) T gs[kTile][kRankPitch];     // [m][j]
+  __shared__ __align__(16) T gs[kTile][kRankPitch];      // [m][j]
   __shared__ __align__(16) T as[kMaxFusedRank][kPitch];  // [j][k]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -343,8 +344,8 @@ __global__ void __launch_bounds__(kFusedThreads)
   for (int q = tid; q < r16 * 8; q += kFusedThreads) {
     const int row = q >> 3, col = (q & 7) * 8;
     const bool in = row < r && k0 + col < K;
-    *reinterpret_cast<uint4*>(&as[row][col]) = in ? load16(A + static_cast<int64_t>(row) * K + k0 + col)
-                                                  : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(&as[row][col]) =
+        in ? load16(A + static_cast<int64_t>(row) * K + k0 + col) : make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
   const int wr = warp * 16;
@@ -379,8 +380,8 @@ __global__ void __launch_bounds__(kFusedThreads)
       const T d1 = from_float<T>(to_float(from_float<T>(acc[nt][2 * h + 1])) * keep1);
       const uint32_t b = load32(base + i);
       const T b0 = reinterpret_cast<const T*>(&b)[0], b1 = reinterpret_cast<const T*>(&b)[1];
-      *reinterpret_cast<uint32_t*>(out + i) =
-          pack_pair<T>(to_float(from_float<T>(to_float(b0) + to_float(d0))), to_float(from_float<T>(to_float(b1) + to_float(d1))));
+      *reinterpret_cast<uint32_t*>(out + i) = pack_pair<T>(to_float(from_float<T>(to_float(b0) + to_float(d0))),
+                                                           to_float(from_float<T>(to_float(b1) + to_float(d1))));
     }
   }
 }
@@ -411,14 +412,14 @@ int64_t splits_for(int64_t ctas, int64_t chunks, int sms) {
   return std::max<int64_t>(1, std::min<int64_t>(chunks, ceil_div(int64_t{4} * sms, std::max<int64_t>(ctas, 1))));
 }
 
-void sum_partials(const at::Tensor& partial, at::Tensor& out, int64_t rows, int64_t cols, int64_t splits, bool transpose,
-                  int sms, cudaStream_t stream) {
+void sum_partials(const at::Tensor& partial, at::Tensor& out, int64_t rows, int64_t cols, int64_t splits,
+                  bool transpose, int sms, cudaStream_t stream) {
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, 256), int64_t{sms} * 8));
   dispatch_half_types(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     sum_partials_kernel<T><<<std::max(grid, 1), 256, 0, stream>>>(partial.const_data_ptr<float>(),
-                                                               reinterpret_cast<T*>(out.data_ptr()), rows, cols,
-                                                               static_cast<int>(splits), transpose);
+                                                                  reinterpret_cast<T*>(out.data_ptr()), rows, cols,
+                                                                  static_cast<int>(splits), transpose);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -485,8 +486,8 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& grad_down_in, const at::Tensor& x_
   return out;
 }
 
-at::Tensor lora_dropout_add_mm_cuda(const at::Tensor& base_in, const at::Tensor& grad_down_in,
-                                    const at::Tensor& A_in, const std::optional<at::Tensor>& seed, double p) {
+at::Tensor lora_dropout_add_mm_cuda(const at::Tensor& base_in, const at::Tensor& grad_down_in, const at::Tensor& A_in,
+                                    const std::optional<at::Tensor>& seed, double p) {
   const int64_t r = check_lora_product_args("lora_dropout_add_mm", base_in, "base", A_in, grad_down_in, seed, p);
   const c10::cuda::CUDAGuard guard(base_in.device());
   const at::Tensor base = base_in.contiguous(), grad_down = grad_down_in.contiguous(), A = A_in.contiguous();
@@ -504,9 +505,8 @@ at::Tensor lora_dropout_add_mm_cuda(const at::Tensor& base_in, const at::Tensor&
     using T = decltype(tag);
     lora_dropout_add_mm_kernel<T><<<grid, kFusedThreads, 0, stream>>>(
         reinterpret_cast<const T*>(base.const_data_ptr()), reinterpret_cast<const T*>(grad_down.const_data_ptr()),
-        reinterpret_cast<const T*>(A.const_data_ptr()), reinterpret_cast<T*>(out.data_ptr()), M, K,
-        static_cast<int>(r), seed->const_data_ptr<int64_t>(), dropout_threshold(p),
-        static_cast<float>(dropout_scale(p)));
+        reinterpret_cast<const T*>(A.const_data_ptr()), reinterpret_cast<T*>(out.data_ptr()), M, K, static_cast<int>(r),
+        seed->const_data_ptr<int64_t>(), dropout_threshold(p), static_cast<float>(dropout_scale(p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -521,6 +521,5 @@ TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("lora_grad_A", &lora_grad_A_cuda);
   m.impl("lora_dropout_add_mm", &lora_dropout_add_mm_cuda);
 }
-
 
 }  // namespace qlora::cuda

@@ -24,10 +24,10 @@
 
 #include <array>
 #include <atomic>
-#include <map>
-#include <mutex>
 #include <cfloat>
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include "qlora/codebooks.h"
 #include "qlora/format.h"
@@ -93,8 +93,8 @@ __constant__ float kFP4Pivots[7] = {QLORA_FP4_T0, QLORA_FP4_T1, QLORA_FP4_T2, QL
 // code above it; one comparison with the exact pivot decides, so the codes are the search's.
 // Canonical NaN (0x7fffffff) lands on bin 63, whose entry gives code 0 (bitsandbytes' code for NaN).
 struct QuantBin {
-  float pivot;      // +inf where the bin holds no pivot
-  uint32_t codes;   // code below the pivot | code above it << 8
+  float pivot;     // +inf where the bin holds no pivot
+  uint32_t codes;  // code below the pivot | code above it << 8
 };
 struct QuantTables {
   QuantBin bins[64];
@@ -192,7 +192,8 @@ __device__ __forceinline__ void unpack_raw(const Raw<T, EPT>& r, float (&x)[EPT]
         x[i * kPerVec + k] = __uint_as_float(k % 2 == 0 ? word << 16 : word & 0xffff0000u);
       } else {
         const uint32_t word = w[k / 2];
-        x[i * kPerVec + k] = __half2float(__ushort_as_half(static_cast<unsigned short>(k % 2 == 0 ? word : word >> 16)));
+        x[i * kPerVec + k] =
+            __half2float(__ushort_as_half(static_cast<unsigned short>(k % 2 == 0 ? word : word >> 16)));
       }
     }
   }
@@ -203,9 +204,9 @@ __device__ __forceinline__ void unpack_raw(const Raw<T, EPT>& r, float (&x)[EPT]
 // fast path, which loads the next tile while it encodes this one; the last partial tile, and all of
 // a misaligned input, load element by element.
 template <typename T, QuantType QT, int EPT, int GROUP>
-__global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const T* __restrict__ A, int64_t n, bool vec,
-                                                                 uint8_t* __restrict__ packed,
-                                                                 float* __restrict__ absmax) {
+__global__ void __launch_bounds__(kThreads)
+    quantize_4bit_kernel(const T* __restrict__ A, int64_t n, bool vec, uint8_t* __restrict__ packed,
+                         float* __restrict__ absmax) {
   static_assert(EPT % 8 == 0 && GROUP >= 2 && GROUP <= kThreads && kThreads % GROUP == 0, "bad tiling");
   constexpr int64_t kBlocksize = int64_t{GROUP} * EPT;
   constexpr int kBlocksPerTile = kThreads / GROUP;
@@ -321,10 +322,9 @@ __device__ __forceinline__ uint8_t encode_dynamic(const float* code, float x) {
 __constant__ float kDynamicMap[256] = {QLORA_DYNAMIC_MAP_SIGNED};
 
 // One CTA a 256-block of absmax at a time, one element a thread.
-__global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(const float* __restrict__ absmax,
-                                                                   const float* __restrict__ offset, int64_t n,
-                                                                   uint8_t* __restrict__ q,
-                                                                   float* __restrict__ nested_absmax) {
+__global__ void __launch_bounds__(kThreads)
+    quantize_absmax_kernel(const float* __restrict__ absmax, const float* __restrict__ offset, int64_t n,
+                           uint8_t* __restrict__ q, float* __restrict__ nested_absmax) {
   static_assert(kThreads == kNestedBlocksize, "one thread an element");
   __shared__ float code[256];
   __shared__ float warp_max[2][kThreads / 32];
@@ -348,7 +348,6 @@ __global__ void __launch_bounds__(kThreads) quantize_absmax_kernel(const float* 
     if (i < n) q[i] = encode_dynamic(code, mul_ftz(v, rcp_approx_ftz(m)));
   }
 }
-
 
 __device__ __forceinline__ float decode_scale(const float* code, const uint8_t* __restrict__ qabsmax,
                                               const float* __restrict__ nested_absmax, float offset, int64_t b) {
@@ -405,10 +404,11 @@ __constant__ float kFP4Lut[16] = {QLORA_FP4_CODE_SIGNED};
 // decodes. NESTED decodes each block's scale from the double quantization in place. Elements past
 // the last full tile (and everything when the pointers are not aligned) go one per thread.
 template <typename T, QuantType QT, bool NESTED>
-__global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(
-    const uint8_t* __restrict__ packed, int64_t n, int blocksize_log2, bool vec, const float* __restrict__ absmax,
-    const uint8_t* __restrict__ qabsmax, const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-    const float* __restrict__ offset, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    dequantize_4bit_kernel(const uint8_t* __restrict__ packed, int64_t n, int blocksize_log2, bool vec,
+                           const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
+                           const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+                           const float* __restrict__ offset, T* __restrict__ out) {
   constexpr int VEC = 16 / sizeof(T);  // elements a 16-byte store: 8, or 4 for float32
   constexpr int K = 32 / VEC;          // 32 elements a lane and tile
   constexpr int64_t kTile = 32 * VEC * K;
@@ -599,9 +599,9 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax_in, const at::Tensor
   const at::Tensor nested_code = nested_code_in.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qabsmax.get_device()).stream();
   dequantize_absmax_kernel<<<grid_for(dequantize_absmax_kernel, n, kThreads, qabsmax.get_device()), kThreads, 0,
-                             stream>>>(
-      qabsmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(), nested_code.const_data_ptr<float>(),
-      offset.const_data_ptr<float>(), n, out.data_ptr<float>());
+                             stream>>>(qabsmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(),
+                                       nested_code.const_data_ptr<float>(), offset.const_data_ptr<float>(), n,
+                                       out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -642,10 +642,11 @@ void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.get_device()).stream();
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
-    if (qt == QuantType::NF4)
+    if (qt == QuantType::NF4) {
       launch_dequantize<T, QuantType::NF4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
-    else
+    } else {
       launch_dequantize<T, QuantType::FP4>(packed, n, blocksize, absmax, nap, ncp, offp, out, stream);
+    }
   };
   switch (out.scalar_type()) {
     case at::kFloat: launch(float{}); break;

@@ -6,9 +6,12 @@ Importing the package loads the compiled extension, which registers the ``torch.
 
 import torch  # noqa: F401  (the compiled library needs torch's symbols loaded first)
 
-from . import _C  # noqa: F401  (registers torch.ops.qlora)
-from . import _ops  # noqa: F401  (fake kernels for torch.compile and opcheck)
-from . import functional, nn
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.qlora)
+    _ops,  # noqa: F401  (fake kernels for torch.compile and opcheck)
+    functional,
+    nn,
+)
 from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, lora_linear, matmul_4bit, quantize_4bit
 from .model import (
     LoraConfig,

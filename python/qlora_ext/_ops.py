@@ -54,22 +54,37 @@ def _gemm_shape(x: torch.Tensor, shape: Sequence[int], transposed: bool):
 
 
 @torch.library.register_fake("qlora::gemm_4bit")
-def _gemm_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias):
+def _gemm_4bit_fake(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias
+):
     torch._check(len(shape) == 2, lambda: f"gemm_4bit: the weight's shape must be 2-D, got {list(shape)}")
-    torch._check(x.shape[-1] == shape[1], lambda: f"gemm_4bit: x has {x.shape[-1]} in its last dimension, the weight needs {shape[1]}")
+    torch._check(
+        x.shape[-1] == shape[1],
+        lambda: f"gemm_4bit: x has {x.shape[-1]} in its last dimension, the weight needs {shape[1]}",
+    )
     return x.new_empty(_gemm_shape(x, shape, False))
 
 
 @torch.library.register_fake("qlora::_gemm_4bit_with")
-def _gemm_4bit_with_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias, config):
-    return _gemm_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias)
+def _gemm_4bit_with_fake(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias, config
+):
+    return _gemm_4bit_fake(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias
+    )
 
 
 @torch.library.register_fake("qlora::gemm_4bit_transposed")
-def _gemm_4bit_transposed_fake(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
+def _gemm_4bit_transposed_fake(
+    grad, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+):
     torch._check(len(shape) == 2, lambda: f"gemm_4bit_transposed: the weight's shape must be 2-D, got {list(shape)}")
-    torch._check(grad.shape[-1] == shape[0], lambda: f"gemm_4bit_transposed: grad has {grad.shape[-1]} in its last dimension, the weight needs {shape[0]}")
+    torch._check(
+        grad.shape[-1] == shape[0],
+        lambda: f"gemm_4bit_transposed: grad has {grad.shape[-1]} in its last dimension, the weight needs {shape[0]}",
+    )
     return grad.new_empty(_gemm_shape(grad, shape, True))
+
 
 # Autograd of the two products is registered in C++ (csrc/autograd.cpp).
 
@@ -81,7 +96,9 @@ def _lora_dropout_fake(x, seed, p):
 
 @torch.library.register_fake("qlora::lora_dropout_add")
 def _lora_dropout_add_fake(base, x, seed, p):
-    torch._check(base.shape == x.shape, lambda: f"lora_dropout_add: base has shape {list(base.shape)}, x {list(x.shape)}")
+    torch._check(
+        base.shape == x.shape, lambda: f"lora_dropout_add: base has shape {list(base.shape)}, x {list(x.shape)}"
+    )
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -108,7 +108,9 @@ def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[lis
             labels = list(ids)
         else:
             prompt = tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
-            response = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            response = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + (
+                [eos] if eos is not None else []
+            )
             ids = prompt + response
             labels = [-100] * len(prompt) + response
         ids, labels = ids[:max_length], labels[:max_length]
@@ -146,7 +148,9 @@ def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_t
     try:
         from accelerate import init_empty_weights
     except ImportError:
-        raise SystemExit("qlora-ext finetune needs accelerate (pip install accelerate) to build the model empty") from None
+        raise SystemExit(
+            "qlora-ext finetune needs accelerate (pip install accelerate) to build the model empty"
+        ) from None
     # parameters on the meta device; buffers computed at construction (rotary frequencies) are real
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
@@ -174,7 +178,9 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
-    full = dict(state, step=step, optimizer=opt_json, scheduler=scheduler.state_dict(), python_rng=_jsonable(random.getstate()))
+    full = dict(
+        state, step=step, optimizer=opt_json, scheduler=scheduler.state_dict(), python_rng=_jsonable(random.getstate())
+    )
     (tmp / _STATE).write_text(json.dumps(full, indent=1) + "\n")
     if final.exists():  # a checkpoint of this step already (a resumed run): replace it whole
         shutil.rmtree(final)
@@ -200,7 +206,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 def _checkpoints(output: Path) -> list[Path]:
     found = []
     for p in output.glob(f"{_CHECKPOINT}*"):
-        suffix = p.name[len(_CHECKPOINT):]
+        suffix = p.name[len(_CHECKPOINT) :]
         if p.is_dir() and suffix.isdigit() and (p / _STATE).exists() and (p / ADAPTER_WEIGHTS_NAME).exists():
             found.append((int(suffix), p))
     return [p for _, p in sorted(found)]
@@ -217,7 +223,7 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
     opt_state = {}
     for index in opt["indices"]:
         prefix = f"optim.{index}."
-        opt_state[index] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        opt_state[index] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     # the parameters the optimizer holds are the new adapter's: point it at them, then load
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.param_groups[0]["params"] = trainable
@@ -242,7 +248,9 @@ def finetune(args: argparse.Namespace) -> Path:
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"--model {model_dir}: no config.json (a transformers model directory is needed)")
     examples = read_examples(Path(args.data))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu"))
+    device = torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu")
+    )
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
@@ -271,7 +279,9 @@ def finetune(args: argparse.Namespace) -> Path:
     warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
+    )
     output.mkdir(parents=True, exist_ok=True)
     step, micro = 0, 0
     existing = _checkpoints(output)
@@ -311,10 +321,10 @@ def finetune(args: argparse.Namespace) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress(step, sum(losses[-args.grad_accum:]) / len(losses[-args.grad_accum:]))
+            progress(step, sum(losses[-args.grad_accum :]) / len(losses[-args.grad_accum :]))
             if args.save_steps and step % args.save_steps == 0 and step < total:
-                _save_checkpoint(output, step, model, optimizer, scheduler, {"micro": micro, "total": total, "run": run},
-                                 args.keep)  # fmt: skip
+                loop_state = {"micro": micro, "total": total, "run": run}
+                _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
             if step >= total:
                 break
     qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))
@@ -342,7 +352,9 @@ def _bar(total: int, start: int, quiet: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qlora-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="qlora-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines")
     ft.add_argument("--model", required=True, help="a transformers causal LM directory (safetensors weights)")
@@ -365,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     ft.add_argument("--no-double-quant", action="store_true")
     ft.add_argument("--no-gradient-checkpointing", action="store_true")
-    ft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="compute dtype (bf16 on a GPU, fp32 on the CPU)")
+    ft.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="compute dtype (bf16 on a GPU, fp32 on the CPU)"
+    )
     ft.add_argument("--device", default=None)
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--quiet", action="store_true")

@@ -59,7 +59,9 @@ def _embed(model, texts: list[str], batch: int = 64) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch):
-        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tokenize(texts[i : i + batch]).items()}
+        features = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tokenize(texts[i : i + batch]).items()
+        }
         out.append(torch.nn.functional.normalize(model(features)["sentence_embedding"].float(), dim=-1))
     return torch.cat(out)
 
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     after = retrieval(model, data, held_out)
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="qlora-demo-"))
-    qlora_ext.save_adapter(model[0].auto_model, out_dir, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+    qlora_ext.save_adapter(
+        model[0].auto_model, out_dir, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2"
+    )
     adapter_file = out_dir / qlora_ext.model.ADAPTER_WEIGHTS_NAME
     adapter_params = sum(p.numel() for p in trainable)
     fresh = load()
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out retrieval ({after[2]} questions on {len(held_out)} unseen topics): top-1 accuracy / MRR")
     print(f"  fp32 model              {before[0]:.3f} / {before[1]:.3f}")
     print(f"  NF4 base, no adapter    {quantized[0]:.3f} / {quantized[1]:.3f}")
-    print(f"  NF4 base + LoRA, trained {after[0]:.3f} / {after[1]:.3f}   ({args.steps} steps of {args.batch}, {t_train:.1f} s)")
+    print(f"  NF4 base + LoRA, trained {after[0]:.3f} / {after[1]:.3f}   "
+          f"({args.steps} steps of {args.batch}, {t_train:.1f} s)")  # fmt: skip
     print(f"base weights of the {len(layers)} adapted layers: fp32 {fp32_bytes / kib:.0f} KiB, "
           f"NF4 + double quant {nf4_bytes / kib:.0f} KiB ({fp32_bytes / nf4_bytes:.1f}x smaller)")  # fmt: skip
     print(f"adapter: r = {args.r}, {adapter_params} parameters, {adapter_file.stat().st_size / kib:.0f} KiB in "

@@ -272,7 +272,15 @@ def lora_linear(
     if dropout_p > 0 and seed is None:
         seed = dropout_seed(x.device)
     return _lora_linear_op(
-        x, *_state_args(packed, quant_state), quant_state.shape, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed
+        x,
+        *_state_args(packed, quant_state),
+        quant_state.shape,
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+        float(dropout_p),
+        seed,
     )
 
 

@@ -101,7 +101,9 @@ class LoraConfig:
                 except re.error as e:
                     raise ValueError(f"target_modules is not a valid regex: {e}") from None
         else:
-            raise TypeError(f"target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}")
+            raise TypeError(
+                f"target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}"
+            )
         if self.init not in ("kaiming", "gaussian", True, False):
             raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {self.init!r}")
         if self.modules_to_save is not None:
@@ -116,7 +118,6 @@ class LoraConfig:
     def saves(self, name: str) -> bool:
         """Whether the module of full name ``name`` is one of ``modules_to_save``."""
         return _named(name, self.modules_to_save or [])
-
 
     def to_peft(self, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
         """The ``adapter_config.json`` that PEFT (0.21) writes for these settings."""
@@ -256,6 +257,7 @@ def _progress(items: list, enabled: bool, desc: str):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # a bar is a nicety: without tqdm, a line a tenth of the way
+
         def plain():
             step = max(1, len(items) // 10)
             for i, item in enumerate(items):
@@ -272,11 +274,15 @@ def _materialized_linear(name: str, module: nn.Linear, source: Optional[_WeightS
     """`module` with real weights on `device`: its own, or read from `source` when it is on meta."""
     if source is not None and (module.weight.is_meta or f"{name}.weight" in source):
         dtype = module.weight.dtype
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype)
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+        )
         weight = source.get(f"{name}.weight", module.weight).to(device=device, dtype=dtype)
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if module.bias is not None:
-            linear.bias = nn.Parameter(source.get(f"{name}.bias", module.bias).to(device=device, dtype=dtype), requires_grad=False)
+            linear.bias = nn.Parameter(
+                source.get(f"{name}.bias", module.bias).to(device=device, dtype=dtype), requires_grad=False
+            )
         return linear
     if module.weight.is_meta:
         raise ValueError(f"{name} is on the meta device and no weights were given for it")
@@ -318,7 +324,11 @@ def prepare_model(
     source = _WeightSource(weights, weights_prefix) if weights is not None else None
     head = _output_head(model)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    targets = [(n, m) for n, m in linears if lora_config.matches(n) and not (lora_config.target_modules == "all-linear" and m is head)]
+    targets = [
+        (n, m)
+        for n, m in linears
+        if lora_config.matches(n) and not (lora_config.target_modules == "all-linear" and m is head)
+    ]
     targets = [(n, m) for n, m in targets if not lora_config.saves(n)]
     if not targets:
         raise ValueError(f"target_modules {lora_config.target_modules!r} matches no nn.Linear of the model")
@@ -331,10 +341,10 @@ def prepare_model(
         base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
         new = (
             QLoRALinear(base, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout, lora_config.use_rslora,
-                        lora_config.init, lora_config.adapter_dtype, adapter_name)  # fmt: skip
+                        lora_config.init, lora_config.adapter_dtype, adapter_name)
             if adapt
             else base
-        )
+        )  # fmt: skip
         new.train(module.training)  # a new module starts in training mode: take the one it replaces
         parent, child = _parent(model, name)
         setattr(parent, child, new)
@@ -381,8 +391,8 @@ def _load_rest(model: nn.Module, source: _WeightSource, device=None) -> None:
                         )
                     tied_later.append(full)
                     continue
-                value = source.get(full, t).to(device=device if device is not None else (None if t.is_meta else t.device),
-                                               dtype=t.dtype)  # fmt: skip
+                target_device = device if device is not None else (None if t.is_meta else t.device)
+                value = source.get(full, t).to(device=target_device, dtype=t.dtype)
                 if kind == "_parameters":
                     getattr(module, kind)[pname] = nn.Parameter(value, requires_grad=t.requires_grad)
                 else:
@@ -500,7 +510,8 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's ``save_pretrained``
-    does (each to a temporary file renamed into place, so a crash never leaves a half-written one): keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+    does (each to a temporary file renamed into place, so a crash never leaves a half-written one):
+    keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
     plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
     adapter: the active one of the first layer."""
     from safetensors.torch import save_file
@@ -514,8 +525,12 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_A:
-            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().contiguous().cpu()
-            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().contiguous().cpu()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (
+                layer.lora_A[adapter_name].weight.detach().contiguous().cpu()
+            )
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = (
+                layer.lora_B[adapter_name].weight.detach().contiguous().cpu()
+            )
     for name, module in model.named_modules():
         if config.saves(name):
             for pname, p in module.named_parameters():
@@ -569,7 +584,7 @@ def load_adapter(
             raise ValueError(f"{weights_path}: key {key!r} does not start with {_PEFT_PREFIX!r}")
         if value.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{weights_path}: {key} is {value.dtype}, not a float tensor")
-        rest = key[len(_PEFT_PREFIX):]
+        rest = key[len(_PEFT_PREFIX) :]
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", rest)
         if m:
             layers.setdefault(m.group(1), {})[m.group(2)] = value
@@ -586,12 +601,20 @@ def load_adapter(
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
         if not isinstance(module, (Linear4bit, QLoRALinear)):
-            raise ValueError(f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter")
+            raise ValueError(
+                f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter"
+            )
         if isinstance(module, QLoRALinear) and adapter_name in module.lora_A:
             raise ValueError(f"{name} has an adapter {adapter_name!r} already")
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1
-        if A.dim() != 2 or B.dim() != 2 or r < 1 or A.shape[1] != module.in_features or tuple(B.shape) != (module.out_features, r):
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or r < 1
+            or A.shape[1] != module.in_features
+            or tuple(B.shape) != (module.out_features, r)
+        ):
             raise ValueError(
                 f"{weights_path}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; the layer needs "
                 f"[r, {module.in_features}] and [{module.out_features}, r]"
@@ -617,7 +640,9 @@ def load_adapter(
             parent, child = _parent(model, name)
             setattr(parent, child, module)
         else:
-            module.add_adapter(adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype)
+            module.add_adapter(
+                adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype
+            )
         with torch.no_grad():
             module.lora_A[adapter_name].weight.copy_(A)
             module.lora_B[adapter_name].weight.copy_(B)
@@ -704,7 +729,7 @@ def load_quantized(
     own = {}
     for key, value in weights.items():
         head = next((b for b in bases if key.startswith(b + ".") and not key.startswith(b + ".base_layer.")), None)
-        own[f"{head}.base_layer{key[len(head):]}" if head is not None else key] = value
+        own[f"{head}.base_layer{key[len(head) :]}" if head is not None else key] = value
     current = model.state_dict()
     linear4 = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
     checked, consumed, missing = {}, set(), []
@@ -732,15 +757,20 @@ def load_quantized(
             unexpected.append(key)
             continue
         if ref.dtype != value.dtype or ref.shape != value.shape:
-            raise ValueError(f"{key} is {value.dtype} {tuple(value.shape)}, the model has {ref.dtype} {tuple(ref.shape)}")
+            raise ValueError(
+                f"{key} is {value.dtype} {tuple(value.shape)}, the model has {ref.dtype} {tuple(ref.shape)}"
+            )
         others[key] = value
     # a key the checkpoint leaves out is not missing when its parameter is tied to one it has
     loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in own}
     tied = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in loaded}
     missing += [k for k in current if k not in own and k not in consumed and k not in tied
-                and not re.search(r"\.lora_[AB]\.", k) and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
+                and not re.search(r"\.lora_[AB]\.", k)
+                and not any(k.startswith(f"{n}.weight.") for n in linear4)]  # fmt: skip
     if strict and (missing or unexpected):
-        raise ValueError(f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; nothing was loaded")
+        raise ValueError(
+            f"load_quantized: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; nothing was loaded"
+        )
     for name, ((codes, state), storage) in checked.items():
         linear4[name].set_weight(codes, state, storage)
     model.load_state_dict(others, strict=False)
@@ -777,9 +807,10 @@ def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requanti
         back = F.dequantize_4bit(packed, new_state).double()
         errors_num += (back - merged.double()).pow(2).sum().item()
         errors_den += merged.double().pow(2).sum().item()
-        new = Linear4bit(base.in_features, base.out_features, bias=base.bias is not None, compute_dtype=base.compute_dtype,
-                         compress_statistics=state.nested, quant_type=state.quant_type, blocksize=state.blocksize,
-                         quant_storage=base.quant_storage, device="meta")  # fmt: skip
+        new = Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                         compute_dtype=base.compute_dtype, compress_statistics=state.nested,
+                         quant_type=state.quant_type, blocksize=state.blocksize, quant_storage=base.quant_storage,
+                         device="meta")  # fmt: skip
         new.weight = nn.Parameter(packed, requires_grad=False)
         new.quant_state = new_state
         new.bias = base.bias

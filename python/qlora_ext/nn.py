@@ -75,8 +75,12 @@ class Linear4bit(nn.Module):
         device: Union[str, torch.device, None] = None,
     ):
         super().__init__()
-        if not (isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0):
-            raise ValueError(f"in_features and out_features must be positive integers, got {in_features}, {out_features}")
+        if not (
+            isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0
+        ):
+            raise ValueError(
+                f"in_features and out_features must be positive integers, got {in_features}, {out_features}"
+            )
         if quant_storage not in _STORAGE_DTYPES:
             raise TypeError(f"quant_storage must be one of {_STORAGE_DTYPES}, got {quant_storage}")
         self.in_features = in_features
@@ -87,11 +91,15 @@ class Linear4bit(nn.Module):
         self.blocksize = blocksize
         self.quant_storage = quant_storage
         n = in_features * out_features
-        self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False
+        )
         # None until from_linear or load_state_dict gives the layer a weight.
         self.quant_state: Optional[QuantState] = None
         dtype = compute_dtype if compute_dtype is not None else torch.float32
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_linear(
@@ -165,7 +173,9 @@ class Linear4bit(nn.Module):
         for key, value in state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_key = prefix + "weight"
         own = {k: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
         if weight_key in state_dict:
@@ -210,14 +220,17 @@ class Linear4bit(nn.Module):
         codes = F._as_bytes(packed.detach().contiguous()).reshape(-1, 1)
         n = self.in_features * self.out_features
         if codes.numel() != (n + 1) // 2:
-            raise ValueError(f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs {(n + 1) // 2}")
+            raise ValueError(
+                f"the packed weight has {codes.numel()} bytes, a [{expected[0]}, {expected[1]}] weight needs "
+                f"{(n + 1) // 2}"
+            )
         return codes.to(device).clone(), state
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
-            f"compute_dtype={self.compute_dtype}"
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"compress_statistics={self.compress_statistics}, compute_dtype={self.compute_dtype}"
         )
 
 
@@ -368,7 +381,14 @@ class QLoRALinear(nn.Module):
         xc, bias = _in_compute_dtype(x, base)
         p = self.lora_dropout[name] if self.training else 0.0
         out = F.lora_linear(
-            xc, base.weight, base._state(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, bias
+            xc,
+            base.weight,
+            base._state(),
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            p,
+            bias,
         )
         return _output(out, x)
 
@@ -384,4 +404,7 @@ class QLoRALinear(nn.Module):
         name = self.active_adapter
         if name is None:
             return "no active adapter"
-        return f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}, scaling={self.scaling[name]:.4g}"
+        return (
+            f"r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}, "
+            f"scaling={self.scaling[name]:.4g}"
+        )

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     dequantized = {v: {} for v in variants}
     t_quant = 0.0
-    for name, module in linears:
+    for name, _ in linears:
         w = originals[name].float()
         row = {"name": name, "shape": tuple(w.shape), "n": w.numel()}
         for v, (qt, dq) in variants.items():
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("-" * len(head))
     print(f"{'total':<46} {'':>11} {4 * n / kib:>9.1f} {2 * n / kib:>9.1f} {tot['nf4'] / kib:>8.1f} "
-          f"{tot['nf4+dq'] / kib:>8.1f} {pooled('nf4'):>8.4f} {pooled('nf4+dq'):>7.4f} {pooled('fp4'):>8.4f}")  # fmt: skip
+          f"{tot['nf4+dq'] / kib:>8.1f} {pooled('nf4'):>8.4f} {pooled('nf4+dq'):>7.4f} "
+          f"{pooled('fp4'):>8.4f}")  # fmt: skip
     print()
     print(f"bits a weight: fp32 32, bf16 16, NF4 {8 * tot['nf4'] / n:.3f}, NF4+DQ {8 * tot['nf4+dq'] / n:.3f} "
           f"(saves {100 * (1 - tot['nf4+dq'] / (2 * n)):.1f}% of bf16, {100 * (1 - tot['nf4+dq'] / (4 * n)):.1f}% "

@@ -1,6 +1,7 @@
 """dump TAG: run the default gemm_4bit over a grid of cases with this PYTHONPATH's build, saving the
 outputs and the launched kernels (name, grid, block, shared memory, registers) under /tmp/dump_TAG.
 compare: the two dumps, bit for bit and launch for launch."""
+
 import glob
 import json
 import os
@@ -50,7 +51,7 @@ def dump(tag):
             x = torch.randn(m, k, generator=gx).to(dtype).cuda()
             bias = (torch.randn(n, generator=gx) * 0.1).to(dtype).cuda() if i % 2 else None
             inputs.append((i, x, bias, maxm))
-        for i, x, bias, maxm in inputs:  # warm-up: caches, workspaces
+        for _, x, bias, maxm in inputs:  # warm-up: caches, workspaces
             prev = _C._set_gemm_fused_max_m(maxm)
             F.gemm_4bit(x, packed, state, bias)
             _C._set_gemm_fused_max_m(prev)
@@ -67,8 +68,13 @@ def dump(tag):
         ev = [e for e in json.load(open(trace))["traceEvents"] if e.get("cat") == "kernel"]
         ev.sort(key=lambda e: e["ts"])
         launches[f"{n}x{k}_{dt}_{nested}"] = [
-            (e["name"], e["args"].get("grid"), e["args"].get("block"), e["args"].get("shared memory"),
-             e["args"].get("registers per thread"))
+            (
+                e["name"],
+                e["args"].get("grid"),
+                e["args"].get("block"),
+                e["args"].get("shared memory"),
+                e["args"].get("registers per thread"),
+            )
             for e in ev
         ]
         for i, o in outs.items():
@@ -105,9 +111,11 @@ def compare():
                 if p[1:] != q[1:]:
                     print("   ", p, "\n   ", q)
                     break
-    print(f"outputs: {same} bit-identical, {diff} different; launches (grid, block, shared memory, registers): "
-          f"{len(la) - ldiff} of {len(la)} weight groups identical, {sum(len(v) for v in lb.values())} launches; "
-          f"kernels: {kernels}")
+    print(
+        f"outputs: {same} bit-identical, {diff} different; launches (grid, block, shared memory, registers): "
+        f"{len(la) - ldiff} of {len(la)} weight groups identical, {sum(len(v) for v in lb.values())} launches; "
+        f"kernels: {kernels}"
+    )
 
 
 if __name__ == "__main__":

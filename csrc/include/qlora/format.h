@@ -19,9 +19,7 @@ inline constexpr int64_t kNestedBlocksize = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline bool is_float_input(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+inline bool is_float_input(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 // Host-side argument checks, defined once in csrc/format.cpp (compiled by the host compiler only, so
 // the CPU and CUDA translation units share one definition). Each raises a ValueError / TypeError
@@ -61,10 +59,9 @@ struct GemmProblem {
 };
 GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                 const std::optional<at::Tensor>& nested_code,
-                                 const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                 int64_t nested_blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
-                                 const std::optional<at::Tensor>& bias);
+                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                 int64_t blocksize, int64_t nested_blocksize, std::string_view quant_type,
+                                 c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias);
 
 // The largest M (rows of x) that the CUDA forward product sends to a fused kernel; -1 means the
 // default measured on the H200 (csrc/gemm_4bit_config.cpp), >= 0 a fused kernel at every M up to

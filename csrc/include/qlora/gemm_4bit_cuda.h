@@ -58,10 +58,10 @@ void with_types(const FusedGemm& g, F&& f) {
 // The families' launches; the dispatch has checked with gemm_config_unfit that the configuration
 // can run. A wgmma launch returns false without launching where the driver has no tensor-map
 // encoder or no CTA fits an SM.
-void launch_gemm_mma(const MmaConfig& c, const FusedGemm& g);         // csrc/cuda/gemm_4bit_mma.cu
-void launch_gemm_stream(const StreamConfig& c, const FusedGemm& g);   // csrc/cuda/gemm_4bit_mma.cu
-void launch_gemm_ws(const WsConfig& c, const FusedGemm& g);           // csrc/cuda/gemm_4bit_ws.cu
-bool launch_gemm_wgmma(const WgmmaConfig& c, const FusedGemm& g);     // csrc/cuda/gemm_4bit_wgmma.cu
+void launch_gemm_mma(const MmaConfig& c, const FusedGemm& g);        // csrc/cuda/gemm_4bit_mma.cu
+void launch_gemm_stream(const StreamConfig& c, const FusedGemm& g);  // csrc/cuda/gemm_4bit_mma.cu
+void launch_gemm_ws(const WsConfig& c, const FusedGemm& g);          // csrc/cuda/gemm_4bit_ws.cu
+bool launch_gemm_wgmma(const WgmmaConfig& c, const FusedGemm& g);    // csrc/cuda/gemm_4bit_wgmma.cu
 // Whether the build's warp-specialized kernels run sm_90 code on `device` (not the trap of a
 // build whose list lacks 9.0, which the driver would compile from the 8.0 PTX).
 bool ws_kernels_have_sm90_code(int device);

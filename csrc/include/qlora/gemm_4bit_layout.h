@@ -18,7 +18,7 @@ namespace qlora {
 constexpr int kSubK = 64;  // k of a sub-block: 32 packed bytes of a row, 4 mma steps
 
 // A ring slot: 16 rows x 1 KB of codes, each row read in one 1 KB run.
-constexpr int kStageRowBytes = 1024;              // 32 sub-blocks of a row
+constexpr int kStageRowBytes = 1024;  // 32 sub-blocks of a row
 constexpr int kStageSubs = kStageRowBytes / 32;
 constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
 constexpr int kStageBytes = 16 * kStagePitch;
@@ -55,8 +55,8 @@ QLORA_LAYOUT_FN int ws_red_bufs(int64_t K, int stages, int mt) {
 }
 QLORA_LAYOUT_FN uint32_t ws_red_bytes(int nt, int mw, int red_bufs, int mt) {
   const int chunk = nt == 1 ? mt : (mt * nt < 4 ? mt * nt : 4);  // fragments (row group, octet) a round
-  return static_cast<uint32_t>(nt == 1 ? red_bufs : 1) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) *
-         4 * 32 * 4;
+  return static_cast<uint32_t>(nt == 1 ? red_bufs : 1) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 *
+         32 * 4;
 }
 
 QLORA_LAYOUT_FN WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K, int nt, int mw, int stages, int mt) {

@@ -28,7 +28,7 @@ at::Tensor lora_down_composite(const at::Tensor& x, const at::Tensor& lora_A, co
                                double p);
 at::Tensor lora_grad_A_composite(const at::Tensor& grad_down, const at::Tensor& x,
                                  const std::optional<at::Tensor>& seed, double p);
-at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down,
-                                         const at::Tensor& lora_A, const std::optional<at::Tensor>& seed, double p);
+at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down, const at::Tensor& lora_A,
+                                         const std::optional<at::Tensor>& seed, double p);
 
 }  // namespace qlora

@@ -39,7 +39,6 @@ void save_weight_state(torch::autograd::AutogradContext* ctx, const at::Tensor& 
                        int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                        c10::SymIntArrayRef shape, const torch::autograd::variable_list& extra = {});
 // The weight's state back; the tensors saved after it go to *extra when given.
-WeightState load_weight_state(torch::autograd::AutogradContext* ctx,
-                              torch::autograd::variable_list* extra = nullptr);
+WeightState load_weight_state(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list* extra = nullptr);
 
 }  // namespace qlora

@@ -37,7 +37,9 @@ __device__ __forceinline__ uint2 lds_ring_u64(uint32_t address) {
 }
 __device__ __forceinline__ uint4 lds_ring_u128(uint32_t address) {
   uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(address));
   return v;
 }
 __device__ __forceinline__ void sts_u32(uint32_t address, uint32_t v) {
