@@ -79,6 +79,18 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
         )
 
 
+def assert_state_equal(ours: QuantState, theirs, what: str) -> None:
+    """Two quantization states (ours, or bitsandbytes' QuantState) hold the same scales and facts, bit for bit."""
+    assert_bits_equal(ours.absmax, theirs.absmax, f"{what} absmax")
+    assert ours.nested == theirs.nested
+    if ours.nested:
+        assert_bits_equal(ours.state2.absmax, theirs.state2.absmax, f"{what} nested_absmax")
+        assert_bits_equal(ours.offset.reshape(()), theirs.offset.reshape(()), f"{what} offset")
+        assert_bits_equal(ours.state2.code, theirs.state2.code, f"{what} nested_quant_map")
+    assert_bits_equal(ours.code, theirs.code, f"{what} quant_map")
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.blocksize == theirs.blocksize
+
+
 def assert_each_raises(cases) -> None:
     """Each (call, error type, message regex) raises that error with that message."""
     for fn, error, match in cases:
@@ -286,6 +298,12 @@ def assert_within_twice_the_reference_error(ours, low, exact, names):
 # Whole models
 
 
+WORDS = (
+    "the a model weight layer adapter quantized four bit train step loss token prompt response answer is of to".split()
+)
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
+
+
 def tiny_llama(seed: int, device: str = "cpu", meta: bool = False):
     import transformers  # the modules that call this skip without it
 
@@ -301,3 +319,21 @@ def tiny_llama(seed: int, device: str = "cpu", meta: bool = False):
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     return model if device == "cpu" else model.to(device)
+
+
+def tiny_lm_dir(path, seed: int, dtype: torch.dtype = torch.float32):
+    """tiny_llama(seed) in `dtype` and a word-level tokenizer over WORDS, written to `path` with
+    save_pretrained, as a model on the Hub is: what from_pretrained and the trainers read."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")  # fmt: skip
+    fast.save_pretrained(str(path))
+    model = tiny_llama(seed).to(dtype)
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 1, 2, 3
+    model.save_pretrained(str(path))
+    return path

@@ -629,6 +629,22 @@ def test_linear4bit_state_dict_round_trip(gen, device):
         Linear4bit(96, 40, device=device).load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
 
 
+def test_linear4bit_is_an_nn_linear_with_packed_codes(gen):
+    """An nn.Linear subclass (as bitsandbytes' Linear4bit), so that searches by type find it, whose empty
+    shell's state dict has the packed weight alone (transformers reads a meta-built model's keys), and
+    which nn.Linear's initialization leaves alone."""
+    layer = Linear4bit.from_linear(make_linear(40, 96, torch.bfloat16, gen))
+    assert isinstance(layer, torch.nn.Linear) and (layer.in_features, layer.out_features) == (96, 40)
+    codes = layer.weight.clone()
+    layer.reset_parameters()
+    assert_bits_equal(layer.weight, codes)
+    shell = Linear4bit(96, 40, quant_storage=torch.bfloat16, device="meta")
+    sd = shell.state_dict()
+    assert sorted(sd) == ["bias", "weight"] and sd["weight"].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="a torch.nn.Linear with a float weight, got Linear4bit"):
+        Linear4bit.from_linear(layer)
+
+
 def test_linear4bit_loads_bitsandbytes_state_dict(gen):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     linear = make_linear(40, 128, torch.bfloat16, gen)

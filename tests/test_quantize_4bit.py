@@ -19,6 +19,7 @@ from helpers import (
     DEVICES,
     HAS_CUDA,
     assert_bits_equal,
+    assert_state_equal,
     needs_caching_allocator,
     poison,
     random_weights,
@@ -33,17 +34,6 @@ QUANT_TYPES = ["nf4", "fp4"]
 
 def _bnb_quantize(bnbf, x, blocksize, quant_type, dq):
     return bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
-
-
-def _assert_state_equal(ours: QuantState, theirs, what: str) -> None:
-    assert_bits_equal(ours.absmax, theirs.absmax, f"{what} absmax")
-    assert ours.nested == theirs.nested
-    if ours.nested:
-        assert_bits_equal(ours.state2.absmax, theirs.state2.absmax, f"{what} nested_absmax")
-        assert_bits_equal(ours.offset.reshape(()), theirs.offset.reshape(()), f"{what} offset")
-        assert_bits_equal(ours.state2.code, theirs.state2.code, f"{what} nested_quant_map")
-    assert_bits_equal(ours.code, theirs.code, f"{what} quant_map")
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.blocksize == theirs.blocksize
 
 
 def _zero_sign_matters(device, quant_type) -> bool:
@@ -61,7 +51,7 @@ def _check_against_bnb(bnbf, x, blocksize, quant_type, dq, what):
     poison(x.device.type, x.numel())
     p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
     assert_bits_equal(p, p_ref, f"{what} packed")
-    _assert_state_equal(s, s_ref, what)
+    assert_state_equal(s, s_ref, what)
     d_ref = bnbf.dequantize_4bit(p_ref, s_ref).reshape(x.shape)  # bnb's CPU path returns 1-D shapes as (1, n)
     poison(x.device.type, x.numel() * x.element_size())
     d = Q.dequantize_4bit(p, s)

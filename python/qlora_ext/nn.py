@@ -42,9 +42,13 @@ def _output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(nn.Linear):
     """A frozen ``nn.Linear`` with its weight in 4 bits (NF4 or FP4, blockwise, optionally double
     quantized), computing ``x @ W.T + bias`` with the fused kernels of ``functional.gemm_4bit``.
+
+    It is an ``nn.Linear`` subclass, as bitsandbytes' ``Linear4bit`` is, so that code which looks for linear
+    layers by type finds it (PEFT's ``target_modules="all-linear"``, transformers' module lists); its
+    ``weight`` is the packed uint8 codes, not a float ``[out, in]`` matrix (``dequantize()`` gives that).
 
     Build one with ``Linear4bit.from_linear(linear, ...)``, or as an empty shell
     (``Linear4bit(in_features, out_features, ...)``) that ``load_state_dict`` fills from a state dict in
@@ -74,7 +78,8 @@ class Linear4bit(nn.Module):
         quant_storage: torch.dtype = torch.uint8,
         device: Union[str, torch.device, None] = None,
     ):
-        super().__init__()
+        # nn.Module's, not nn.Linear's: that would allocate a float [out, in] weight
+        nn.Module.__init__(self)
         if not (
             isinstance(in_features, int) and in_features > 0 and isinstance(out_features, int) and out_features > 0
         ):
@@ -114,8 +119,8 @@ class Linear4bit(nn.Module):
     ) -> "Linear4bit":
         """Quantizes ``linear``'s weight (on ``device``, or where the weight is); the bias is kept as it
         is, in its own dtype (forward casts it to the compute dtype). ``linear`` itself is not changed."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, Linear4bit):
+            raise TypeError(f"linear must be a torch.nn.Linear with a float weight, got {type(linear).__name__}")
         weight = linear.weight.detach()
         if weight.is_meta:
             raise ValueError("linear's weight is on the meta device: load its values first")
@@ -145,6 +150,10 @@ class Linear4bit(nn.Module):
         """The weight as a float tensor ``[out_features, in_features]`` of its original dtype."""
         return F.dequantize_4bit(self.weight, self._state())
 
+    def reset_parameters(self) -> None:
+        """Nothing to initialize: the weight comes from ``from_linear`` or a state dict (nn.Linear's
+        initialization would write random floats into the packed codes)."""
+
     def _state(self) -> QuantState:
         if self.quant_state is None:
             raise RuntimeError("this Linear4bit has no weight yet: build it with from_linear or load a state dict")
@@ -163,13 +172,17 @@ class Linear4bit(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        state = self._state()
+        state = self.quant_state
         weight = self.weight if keep_vars else self.weight.detach()
         if self.quant_storage != torch.uint8:
             weight = F._view_storage(weight, self.quant_storage)
         destination[prefix + "weight"] = weight
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if state is None:
+            # an empty shell (before from_linear or load_state_dict) has only the packed weight, as
+            # bitsandbytes' does: transformers reads the keys of a model built on the meta device
+            return
         for key, value in state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
