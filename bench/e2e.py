@@ -11,6 +11,8 @@ implementations hold the same weights (the same random values, quantized to the 
 differ in the layers:
   "qlora_ext":         qlora_ext.prepare_model (QLoRALinear: fused 4-bit products, one autograd op a layer);
   "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);
+  "bitsandbytes_patched": that same model after qlora_ext.patch_bitsandbytes() (the one line a user of
+                       bitsandbytes + PEFT adds; undone after its measurement);
   "bf16_peft":         the bf16 model with PEFT's LoRA: the ceiling a 4-bit base can at best reach
                        (left out where its 16-bit weights would take over half the GPU's memory).
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
@@ -63,7 +65,8 @@ MODELS = {
 # The batch x sequence shapes of issue 18 for each model (--runs replaces them for every model).
 RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMPLS = ["qlora_ext", "bitsandbytes_peft", "bf16_peft"]
+IMPLS = ["qlora_ext", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
+BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
 OPTIMS = {
@@ -131,7 +134,7 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
         import peft
 
         replaced = []
-        if impl == "bitsandbytes_peft":
+        if impl in BNB_IMPLS:
             import bitsandbytes as bnb
 
             for mname, module in list(model.named_modules()):
@@ -149,18 +152,21 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
         model = model.to(device=device)
         model.requires_grad_(False)
         model.enable_input_require_grads()
-        if impl == "bitsandbytes_peft":
+        if impl in BNB_IMPLS:
             # What from_pretrained(load_in_4bit) sets: PEFT then wraps each Linear4bit in its bitsandbytes
             # LoRA layer (peft/tuners/lora/bnb.py), the one QLoRA users train, not its generic one.
             model.is_loaded_in_4bit = True
         model = peft.get_peft_model(model, peft.LoraConfig(target_modules=PROJECTIONS, **LORA))
         kinds = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-        want = "peft.tuners.lora.bnb" if impl == "bitsandbytes_peft" else "peft.tuners.lora.layer"
+        want = "peft.tuners.lora.bnb" if impl in BNB_IMPLS else "peft.tuners.lora.layer"
         if kinds != {want}:
             raise SystemExit(f"PEFT made LoRA layers of {sorted(kinds)}, not of {want}")
         for p in model.parameters():
             if p.requires_grad and p.dtype != adapter_dtype:
                 p.data = p.data.to(adapter_dtype)
+        if impl == "bitsandbytes_patched":
+            # the same model, then the one line; measure() and loss_curve() undo it when done
+            qlora_ext.patch_bitsandbytes(peft=True)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -290,6 +296,13 @@ def train_step(model, optimizer, ids):
 
 def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
+    try:
+        return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run)
+    finally:
+        qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched's patch: later builds run unpatched
+
+
+def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     model = build(impl, name, device, adapter_dtype)
@@ -322,7 +335,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
         results[(batch, seq)] = dict(
             first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
         )
-        print(f"{impl:18s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
+        print(f"{impl:20s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
               f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s, peak {peak or 0:.2f} GiB"
               f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
@@ -337,17 +350,20 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
 
 def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> list[float]:
     """`steps` training steps (lr 2e-4) on 4 fixed batches, cycled, from the same initial adapters."""
-    model = build(impl, name, device, adapter_dtype)
-    reset_adapters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    data = [tokens(name, batch, seq, device, seed=1000 + i) for i in range(4)]
-    torch.manual_seed(0)
-    losses = []
-    for i in range(steps):
-        losses.append(train_step(model, optimizer, data[i % len(data)]).item())
+    try:
+        model = build(impl, name, device, adapter_dtype)
+        reset_adapters(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        data = [tokens(name, batch, seq, device, seed=1000 + i) for i in range(4)]
+        torch.manual_seed(0)
+        losses = []
+        for i in range(steps):
+            losses.append(train_step(model, optimizer, data[i % len(data)]).item())
+    finally:
+        qlora_ext.unpatch_bitsandbytes()
     del model, optimizer
     release()
-    print(f"{impl:18s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
+    print(f"{impl:20s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
     return losses
 
 
@@ -456,6 +472,15 @@ def main() -> None:
             print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
                   f"qlora_ext / {impl} tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
                   f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
+    run_keys = ("model", "batch", "seq", "adapter_dtype", "optim")
+    for row in rows:
+        if row["op"] != "e2e" or row["impl"] != "bitsandbytes_patched":
+            continue
+        for peer in rows:
+            if peer["op"] == "e2e" and peer["impl"] == "bitsandbytes_peft" and all(peer[k] == row[k] for k in run_keys):
+                print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
+                      f"bitsandbytes_patched / bitsandbytes_peft tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
+                      f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
 

@@ -16,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"qlora_ext": "tab:blue", "bitsandbytes_peft": "tab:orange", "bf16_peft": "tab:gray"}
-LABELS = {"qlora_ext": "qlora_ext", "bitsandbytes_peft": "bitsandbytes + PEFT", "bf16_peft": "bf16 + PEFT"}
+COLORS = {"qlora_ext": "tab:blue", "bitsandbytes_peft": "tab:orange", "bitsandbytes_patched": "tab:green",
+          "bf16_peft": "tab:gray"}  # fmt: skip
+LABELS = {"qlora_ext": "qlora_ext", "bitsandbytes_peft": "bitsandbytes + PEFT",
+          "bitsandbytes_patched": "bitsandbytes + PEFT, patch_bitsandbytes()", "bf16_peft": "bf16 + PEFT"}  # fmt: skip
 
 
 def main(e2e_path: str, lora_path: str, dst: str) -> None:

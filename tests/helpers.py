@@ -1,7 +1,7 @@
 """Helpers shared by the test modules (which import them from here, never from each other or from
 conftest.py, which keeps the fixtures and hooks): devices, a fresh random seed each run, inputs
 and weights, output poisoning, NaN-aware bit comparison, float64 references and their bounds, the
-extension's switches, the LoRA layer under test and a tiny Llama."""
+extension's switches, a counter of the ops that run, the LoRA layer under test and a tiny Llama."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import contextlib
 import math
 import os
 import random
+from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import qlora_ext
 from qlora_ext import _C, functional as F
@@ -122,6 +124,30 @@ def fused_max_m(m: int):
 def lora_fused(on: bool):
     """The fused adapter kernels on or off inside the block."""
     return extension_switch(_C._set_lora_fused, on)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which ops run
+
+
+class OpCounter(TorchFunctionMode):
+    """Inside ``with OpCounter() as ops:``, counts every call of a registered op made from Python
+    (``torch.ops.<namespace>.<name>...``, e.g. ``qlora::gemm_4bit``, ``bitsandbytes::gemm_4bit``), by
+    its name; ``ops.of("qlora")`` is the counts of one namespace. Only the forward's calls: ops that
+    C++ calls (an op's own sub-ops) do not pass through Python, and backward passes (the autograd
+    engine's, checkpointing's recomputation inside them included) run outside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.OpOverload):
+            self.counts[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+    def of(self, namespace: str) -> dict:
+        return {k: v for k, v in self.counts.items() if k.startswith(namespace + "::")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from . import (
     functional,
     nn,
 )
+from .bnb_patch import patch_bitsandbytes, unpatch_bitsandbytes
 from .functional import dequantize_4bit, gemm_4bit, gemm_4bit_transposed, lora_linear, matmul_4bit, quantize_4bit
 from .model import (
     LoraConfig,
@@ -59,12 +60,14 @@ __all__ = [
     "matmul_4bit",
     "merge_adapter",
     "nn",
+    "patch_bitsandbytes",
     "prepare_model",
     "quantize_4bit",
     "save_adapter",
     "save_quantized",
     "set_adapter",
     "unmerge_adapter",
+    "unpatch_bitsandbytes",
 ]
 
 

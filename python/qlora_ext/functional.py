@@ -2,6 +2,10 @@
 
 ``quantize_4bit`` / ``dequantize_4bit`` produce and read the same bytes as
 ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` (0.50.2) on the same device.
+
+Every function that takes a ``quant_state`` takes bitsandbytes' ``QuantState`` as well as ours (a
+weight quantized by bitsandbytes, ``Params4bit.quant_state``), read in place: its tensors are the
+format's, so nothing is converted or cached, and the check for our type comes first.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .quant_state import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState
+from .quant_state import _REPACKED, BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState, bitsandbytes_state_type
 
 __all__ = [
     "dequantize_4bit",
@@ -113,7 +117,7 @@ def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
 def _state_args(packed: torch.Tensor, quant_state: QuantState) -> tuple:
     """The op arguments that describe a 4-bit weight: packed bytes, scales, format facts."""
     if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+        return _bitsandbytes_state_args(packed, quant_state)
     packed = _as_bytes(packed)
     if quant_state.shape is None:
         raise ValueError("quant_state.shape is not set")
@@ -129,6 +133,38 @@ def _state_args(packed: torch.Tensor, quant_state: QuantState) -> tuple:
         nested = (None, None, None)
         nested_blocksize = NESTED_BLOCKSIZE
     return (packed, quant_state.absmax, *nested, quant_state.blocksize, nested_blocksize, quant_state.quant_type)
+
+
+def _bitsandbytes_state_args(packed: torch.Tensor, quant_state) -> tuple:
+    """``_state_args`` of a ``bitsandbytes.functional.QuantState``, read in place: its tensors are the
+    format's (the same absmax, nested absmax, 8-bit map and offset), so nothing is converted or
+    cached, and a state that bitsandbytes moves (``.to``) or replaces is read as it is now. The ops
+    check the tensors' sizes, dtypes and devices."""
+    bnb_type = bitsandbytes_state_type()
+    if bnb_type is None or not isinstance(quant_state, bnb_type):
+        raise TypeError(
+            f"quant_state must be a QuantState (qlora_ext's or bitsandbytes'), got {type(quant_state).__name__}"
+        )
+    d = quant_state.__dict__  # plain attributes; skips bitsandbytes' __getattr__ for absent ones
+    if d.get("packing_format_for_cpu"):
+        raise ValueError(_REPACKED)
+    if d.get("shape") is None:
+        raise ValueError("quant_state.shape is not set")
+    packed = _as_bytes(packed)
+    absmax = d["absmax"]
+    if packed.device != absmax.device:
+        raise ValueError(
+            f"packed is on {packed.device} but quant_state is on {absmax.device}; "
+            "move one of them (quant_state.to(device))"
+        )
+    if d.get("nested"):
+        s2 = d["state2"]
+        nested = (s2.absmax, s2.code, d["offset"])
+        nested_blocksize = s2.blocksize
+    else:
+        nested = (None, None, None)
+        nested_blocksize = NESTED_BLOCKSIZE
+    return (packed, absmax, *nested, d["blocksize"], nested_blocksize, d["quant_type"])
 
 
 def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
@@ -147,7 +183,12 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
 def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
     """The float32 block scales of ``quant_state``, decoded from the double quantization if nested."""
     if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+        bnb_type = bitsandbytes_state_type()
+        if bnb_type is None or not isinstance(quant_state, bnb_type):
+            raise TypeError(
+                f"quant_state must be a QuantState (qlora_ext's or bitsandbytes'), got {type(quant_state).__name__}"
+            )
+        quant_state = QuantState.from_bitsandbytes(quant_state)
     if not quant_state.nested:
         return quant_state.absmax
     s2: Optional[QuantState] = quant_state.state2

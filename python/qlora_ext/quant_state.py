@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Optional, Union
 
 import torch
@@ -34,6 +35,13 @@ _QS_KEYS = (
 )
 
 
+_REPACKED = (
+    "this bitsandbytes QuantState was repacked for bitsandbytes' CPU kernel (packing_format_for_cpu: "
+    "its Linear4bit does that in eval mode without gradients on a CPU with AVX512-BF16); qlora_ext reads "
+    "only the standard layout"
+)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -53,6 +61,13 @@ def _unpack_dict(t: torch.Tensor) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError("the quant_state.bitsandbytes__* entry must hold a JSON object")
     return d
+
+
+def bitsandbytes_state_type() -> Optional[type]:
+    """``bitsandbytes.functional.QuantState`` where bitsandbytes is imported, else None. It does not
+    import bitsandbytes: a state of its type can only exist once that module has been loaded."""
+    module = sys.modules.get("bitsandbytes.functional")
+    return getattr(module, "QuantState", None)
 
 
 def _check_tensor(name: str, t: Any, dtype: torch.dtype, numel: Optional[int] = None) -> torch.Tensor:
@@ -79,9 +94,19 @@ class QuantState:
         offset: with double quantization, the float32 mean subtracted from the scales (0-dim).
         state2: with double quantization, a QuantState holding ``nested_absmax`` (as its
             ``absmax``), the 8-bit map (``code``), the nested blocksize (256) and dtype float32.
+
+    It answers what code written for ``bitsandbytes.functional.QuantState`` asks of one: those
+    attributes, ``nested``, ``as_dict`` / ``from_dict``, ``to``, ``valid_qs_keys`` /
+    ``valid_qs_type_keys``, the packed entry's name as an attribute (``state.bitsandbytes__nf4``, as
+    FSDP's state-dict traversal asks), the older list layout (``state[0]`` ... ``state[5]``), and
+    equality with bitsandbytes' state; bitsandbytes' own functions take it. ``from_bitsandbytes`` /
+    ``to_bitsandbytes`` convert either way without copying a tensor.
     """
 
     valid_quant_types = QUANT_TYPES
+    # bitsandbytes' names for the entries of a serialized state (its QuantState has the same lists)
+    valid_qs_type_keys = [f"bitsandbytes__{q}" for q in QUANT_TYPES]
+    valid_qs_keys = list(_QS_KEYS)
 
     def __init__(
         self,
@@ -128,6 +153,21 @@ class QuantState:
     def nested(self) -> bool:
         """Whether the block scales are themselves quantized (double quantization)."""
         return self.state2 is not None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names the object does not have. bitsandbytes' QuantState answers its packed entry's
+        # name as an attribute: FSDP's state-dict traversal resolves "weight.quant_state.bitsandbytes__nf4"
+        # with getattr, one dotted part at a time.
+        quant_type = self.__dict__.get("quant_type")
+        if name.startswith("bitsandbytes__") and quant_type in QUANT_TYPES and name == f"bitsandbytes__{quant_type}":
+            return self.as_dict(packed=True)["quant_state." + name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, idx):
+        """bitsandbytes' older list layout, which its QuantState still answers:
+        ``[absmax, shape, dtype, blocksize, [offset, state2] or None, quant_type]``."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
 
     def __repr__(self) -> str:
         return (
@@ -277,6 +317,60 @@ class QuantState:
             state.to(device)
         return state.validate()
 
+    @classmethod
+    def from_bitsandbytes(cls, state: Any) -> "QuantState":
+        """A QuantState that shares the tensors of ``state``, a ``bitsandbytes.functional.QuantState``
+        (the same format: nothing is copied). Raises TypeError for another object, ValueError for a
+        state that bitsandbytes repacked for its CPU kernel (``packing_format_for_cpu``: another layout
+        of the codes and bfloat16 scales) or whose fields do not fit (see ``validate``).
+
+        qlora_ext's functions take bitsandbytes' QuantState as it is; this is for holding one as ours.
+        """
+        bnb_type = bitsandbytes_state_type()
+        if bnb_type is None or not isinstance(state, bnb_type):
+            raise TypeError(f"state must be a bitsandbytes.functional.QuantState, got {type(state).__name__}")
+        if state.__dict__.get("packing_format_for_cpu"):
+            raise ValueError(_REPACKED)
+        return cls._sharing(state).validate()
+
+    @classmethod
+    def _sharing(cls, state: Any) -> "QuantState":
+        """``from_bitsandbytes`` without its checks (also for the nested 8-bit state, which has no
+        shape or quant_type)."""
+        s2 = state.state2 if state.nested else None
+        return cls(
+            absmax=state.absmax,
+            shape=state.shape,
+            code=state.code,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            dtype=state.dtype,
+            offset=state.offset if s2 is not None else None,
+            state2=None if s2 is None else cls._sharing(s2),
+        )
+
+    def to_bitsandbytes(self) -> Any:
+        """This state as a ``bitsandbytes.functional.QuantState`` sharing its tensors (for
+        ``bitsandbytes.nn.Params4bit`` or bitsandbytes' functions). Needs bitsandbytes."""
+        try:
+            from bitsandbytes.functional import QuantState as BnbQuantState
+        except ImportError as e:
+            raise ImportError(f"QuantState.to_bitsandbytes needs bitsandbytes (pip install bitsandbytes): {e}") from e
+        state2 = None
+        if self.nested:
+            s2 = self.state2
+            state2 = BnbQuantState(absmax=s2.absmax, code=s2.code, blocksize=s2.blocksize, dtype=s2.dtype)
+        return BnbQuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.dtype,
+            offset=self.offset if self.nested else None,
+            state2=state2,
+        )
+
     def to(self, device: Union[str, torch.device]) -> "QuantState":
         """Moves every tensor of the state to ``device``, in place; returns the state."""
         self.absmax = self.absmax.to(device)
@@ -288,8 +382,12 @@ class QuantState:
         return self
 
     def __eq__(self, other: object) -> bool:
+        """Same format facts and the same tensor values; ``other`` may be bitsandbytes' QuantState."""
         if not isinstance(other, QuantState):
-            return NotImplemented
+            bnb_type = bitsandbytes_state_type()
+            if bnb_type is None or not isinstance(other, bnb_type) or other.__dict__.get("packing_format_for_cpu"):
+                return NotImplemented
+            other = QuantState._sharing(other)
 
         def same(a, b):
             if a is None or b is None:
@@ -310,4 +408,4 @@ class QuantState:
     __hash__ = None  # mutable container of tensors
 
 
-__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState"]
+__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "bitsandbytes_state_type"]
