@@ -10,6 +10,8 @@ quantized layer by layer (NF4, double quantization, blocksize 64); LoRA r = 64, 
 implementations hold the same weights (the same random values, quantized to the same bits) and
 differ in the layers:
   "qlora_ext":         qlora_ext.prepare_model (QLoRALinear: fused 4-bit products, one autograd op a layer);
+  "qlora_ext_peft":    qlora_ext's Linear4bit (as from_pretrained with QLoraExtConfig makes it) under PEFT's own
+                       get_peft_model, whose LoRA layers run the same fused op (qlora_ext.peft_lora);
   "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);
   "bitsandbytes_patched": that same model after qlora_ext.patch_bitsandbytes() (the one line a user of
                        bitsandbytes + PEFT adds; undone after its measurement);
@@ -65,7 +67,7 @@ MODELS = {
 # The batch x sequence shapes of issue 18 for each model (--runs replaces them for every model).
 RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMPLS = ["qlora_ext", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
+IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
@@ -147,6 +149,22 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
                                                      compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
                     parent, child = qlora_ext.model._parent(model, mname)
                     setattr(parent, child, layer.to(device))  # bitsandbytes quantizes on .to()
+        elif impl == "qlora_ext_peft":
+            # What from_pretrained(quantization_config=QLoraExtConfig()) builds: qlora_ext's Linear4bit,
+            # one projection quantized at a time; PEFT then wraps each in qlora_ext.peft_lora's layer.
+            from qlora_ext import hf
+
+            hf.register_peft()
+            for mname, module in list(model.named_modules()):
+                if type(module) is torch.nn.Linear and mname.split(".")[-1] in PROJECTIONS:
+                    replaced.append(mname)
+                    linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device=device,
+                                             dtype=torch.bfloat16)  # fmt: skip
+                    with torch.no_grad():
+                        linear.weight.copy_(weights[f"{mname}.weight"])
+                    layer = qlora_ext.nn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
+                    parent, child = qlora_ext.model._parent(model, mname)
+                    setattr(parent, child, layer)
         rest = RandomWeights({k: v for k, v in shapes.items() if k.rpartition(".")[0] not in replaced}, device)
         qlora_ext.model._load_rest(model, qlora_ext.model._WeightSource(rest))
         model = model.to(device=device)
@@ -158,7 +176,9 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
             model.is_loaded_in_4bit = True
         model = peft.get_peft_model(model, peft.LoraConfig(target_modules=PROJECTIONS, **LORA))
         kinds = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-        want = "peft.tuners.lora.bnb" if impl in BNB_IMPLS else "peft.tuners.lora.layer"
+        want = {"qlora_ext_peft": "qlora_ext.peft_lora"}.get(
+            impl, "peft.tuners.lora.bnb" if impl in BNB_IMPLS else "peft.tuners.lora.layer"
+        )
         if kinds != {want}:
             raise SystemExit(f"PEFT made LoRA layers of {sorted(kinds)}, not of {want}")
         for p in model.parameters():
