@@ -4,6 +4,7 @@ seeded per test, bitsandbytes when installed. Helpers that tests import are in h
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 
 import pytest
@@ -14,6 +15,9 @@ import qlora_ext
 from helpers import SEED
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# transformers 5 replaces layers with kernels downloaded from the Hub in from_pretrained on CUDA when
+# the `kernels` package is installed: the tests run offline and compare our layers' own numbers.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
 def pytest_report_header(config):
