@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -165,6 +166,92 @@ class LoraConfig:
             modules_to_save=d.get("modules_to_save"),
         )
 
+    @classmethod
+    def from_peft_config(cls, config: Any, model_type: Optional[str] = None) -> "LoraConfig":
+        """A ``peft.LoraConfig`` as this class: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``
+        (None: PEFT's default for ``model_type``), ``use_rslora``, ``modules_to_save`` (plus the heads that
+        PEFT's ``task_type`` adds: ``classifier`` / ``score``, ``qa_outputs``), ``init_lora_weights`` (True,
+        False, ``"gaussian"``), ``bias="none"`` and ``fan_in_fan_out`` (the layer's type decides the
+        layout). Any other field set to a value that is not PEFT's default is a ValueError naming it."""
+        peft = sys.modules.get("peft")
+        if peft is None or not isinstance(config, peft.LoraConfig):
+            raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+
+        def refuse(field: str, why: str):
+            raise ValueError(f"peft.LoraConfig({field}={getattr(config, field)!r}): {why}")
+
+        default = peft.LoraConfig()
+        for f in dataclasses.fields(config):
+            if f.name in _PEFT_CONVERTED or f.name in _PEFT_IGNORED:
+                continue
+            value, base = getattr(config, f.name), getattr(default, f.name)
+            if value != base and (value or base):
+                refuse(f.name, "qlora_ext's layers do not support it (only PEFT's default)")
+        if config.use_dora:
+            refuse(
+                "use_dora",
+                "DoRA is not supported by qlora_ext's QLoRALinear; load the model with qlora_ext.QLoraExtConfig and "
+                "use peft.get_peft_model, which runs DoRA on the 4-bit layers",
+            )
+        if config.bias != "none":
+            refuse("bias", "only 'none' is supported (the adapters have no bias; the base layer's bias stays frozen)")
+        if config.inference_mode:
+            refuse(
+                "inference_mode",
+                "prepare_model builds a model to train; to run a trained adapter, prepare with inference_mode=False "
+                "and load it with qlora_ext.load_adapter(model, dir) (is_trainable=False)",
+            )
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            refuse("init_lora_weights", "only True, False and 'gaussian' are supported on 4-bit layers")
+        task = getattr(config.task_type, "value", config.task_type)
+        if task not in _TASK_HEADS:
+            refuse("task_type", f"one of {sorted(t for t in _TASK_HEADS if t)} or None is supported")
+        target = config.target_modules
+        if target is None:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+            if model_type not in defaults:
+                refuse("target_modules", f"PEFT has no default target modules for model type {model_type!r}: name them")
+            target = list(defaults[model_type])
+        elif isinstance(target, str):
+            target = "all-linear" if target.lower() == "all-linear" else target
+        else:
+            target = list(target)
+        saved = list(config.modules_to_save) if config.modules_to_save is not None else None
+        if _TASK_HEADS[task]:
+            saved = (saved or []) + [h for h in _TASK_HEADS[task] if h not in (saved or [])]
+        return cls(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=target,
+            use_rslora=config.use_rslora,
+            init="kaiming" if config.init_lora_weights is True else config.init_lora_weights,
+            modules_to_save=saved,
+        )
+
+
+# peft.LoraConfig's fields: those from_peft_config converts or checks, and those that change nothing here
+_PEFT_CONVERTED = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save",
+                   "init_lora_weights", "fan_in_fan_out", "task_type", "use_dora", "inference_mode"}  # fmt: skip
+_PEFT_IGNORED = {"peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "runtime_config",
+                 "megatron_core", "qalora_group_size"}  # fmt: skip
+# PEFT's task types and the heads that its PeftModel for each adds to modules_to_save
+_TASK_HEADS = {None: [], "CAUSAL_LM": [], "SEQ_2_SEQ_LM": [], "FEATURE_EXTRACTION": [], "QUESTION_ANS": ["qa_outputs"],
+               "SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}  # fmt: skip
+
+
+def as_lora_config(config: Any, model: Optional[nn.Module] = None) -> LoraConfig:
+    """``config`` if it is a qlora_ext ``LoraConfig``; a ``peft.LoraConfig`` converted
+    (``LoraConfig.from_peft_config``, PEFT's default targets by the model's type)."""
+    if isinstance(config, LoraConfig):
+        return config
+    peft = sys.modules.get("peft")  # a peft.LoraConfig exists only where PEFT is imported
+    if peft is not None and isinstance(config, peft.LoraConfig):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return LoraConfig.from_peft_config(config, model_type)
+    raise TypeError(f"lora_config must be a qlora_ext.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")
+
 
 def _write_atomically(path: Path, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it into place: a crash mid-write
@@ -291,7 +378,7 @@ def _materialized_linear(name: str, module: nn.Linear, source: Optional[_WeightS
 
 def prepare_model(
     model: nn.Module,
-    lora_config: LoraConfig,
+    lora_config: Any,
     quant_type: str = "nf4",
     blocksize: int = 64,
     compress_statistics: bool = True,
@@ -305,6 +392,11 @@ def prepare_model(
 ) -> nn.Module:
     """Makes ``model`` a QLoRA model, in place, and returns it.
 
+    ``lora_config`` is a ``LoraConfig`` or a ``peft.LoraConfig`` (converted by
+    ``LoraConfig.from_peft_config``: a field these layers cannot honour is a ValueError naming it). A
+    PEFT model (``get_peft_model``'s, or one with PEFT's LoRA layers) is refused, and so is
+    ``adapter_names=`` in the prepared model's forward (PEFT's mixed batches: one adapter runs a batch).
+
     Each ``nn.Linear`` that ``lora_config`` targets becomes a ``QLoRALinear`` (its weight quantized,
     adapters added); with ``quantize_others`` the remaining linears (the output head excepted) become
     frozen ``Linear4bit``. Every parameter but the adapters' and those of ``modules_to_save`` is frozen.
@@ -317,10 +409,10 @@ def prepare_model(
     dropped in turn, so the 16-bit model is never whole in memory; the other parameters are loaded as
     they are. ``device`` is where quantized layers go (default: where each weight is).
     """
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a qlora_ext.LoraConfig, got {type(lora_config).__name__}")
+    lora_config = as_lora_config(lora_config, model)
     if any(True for _ in qlora_layers(model)):
         raise ValueError("the model is prepared already; add more adapters with add_adapter")
+    _refuse_peft_models(model)
     source = _WeightSource(weights, weights_prefix) if weights is not None else None
     head = _output_head(model)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -362,8 +454,46 @@ def prepare_model(
         if lora_config.saves(name):
             module.requires_grad_(True)
     _enable_input_grads(model)
+    _refuse_adapter_names_in_forward(model)
     model.qlora_config = {adapter_name: lora_config}
     return model
+
+
+def _refuse_peft_models(model: nn.Module) -> None:
+    """A PEFT model (a PeftModel, or PEFT's tuner layers in it) is refused: its lora_A / lora_B would be
+    quantized and adapters nested in adapters."""
+    peft = sys.modules.get("peft")  # PEFT's layers exist only where PEFT is imported
+    if peft is None:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = (f"{n} is PEFT's {type(m).__name__}" for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    layer = next(tuners, None)
+    if layer is None and not isinstance(model, peft.PeftModel):
+        return
+    raise ValueError(
+        f"the model is a PEFT model already ({layer or type(model).__name__}); prepare_model would quantize PEFT's "
+        "lora_A / lora_B and put adapters inside adapters. Either keep PEFT: load the model with "
+        "quantization_config=qlora_ext.QLoraExtConfig(...) before peft.get_peft_model (its LoRA layers then run "
+        "qlora_ext's fused op) and add adapters with peft_model.add_adapter; or pass prepare_model the model "
+        "without PEFT's layers (peft_model.unload(), or merge_and_unload() to keep the trained adapter)"
+    )
+
+
+def _refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError(
+            "adapter_names (PEFT's mixed-adapter batches) is not supported by a model prepared with "
+            "qlora_ext.prepare_model, which runs the active adapter (qlora_ext.set_adapter) on the whole batch: for "
+            "mixed batches load the model with qlora_ext.QLoraExtConfig and use peft.get_peft_model"
+        )
+
+
+def _refuse_adapter_names_in_forward(model: nn.Module) -> None:
+    """model(..., adapter_names=[...]) (and generate's) would reach transformers' **kwargs and be ignored: a
+    forward pre-hook refuses it (once a model)."""
+    if not any(hook is _refuse_adapter_names for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True)
 
 
 def _load_rest(model: nn.Module, source: _WeightSource, device=None) -> None:
@@ -435,11 +565,12 @@ def _refuse_if_merged(model: nn.Module, what: str) -> None:
         raise ValueError(f"{what}: {len(merged)} layers run a merged adapter ({merged[0]}, ...); unmerge_adapter first")
 
 
-def add_adapter(model: nn.Module, adapter_name: str, lora_config: LoraConfig) -> None:
-    """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` targets (they keep the
-    active adapter they had; the new one trains only once it is set active). Layers that are not
-    QLoRALinear yet are not changed."""
+def add_adapter(model: nn.Module, adapter_name: str, lora_config: Any) -> None:
+    """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` (a ``LoraConfig`` or a
+    ``peft.LoraConfig``) targets (they keep the active adapter they had; the new one trains only once it
+    is set active). Layers that are not QLoRALinear yet are not changed."""
     configs = _configs(model)
+    lora_config = as_lora_config(lora_config, model)
     _refuse_if_merged(model, "add_adapter")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} exists already")
@@ -654,6 +785,7 @@ def load_adapter(
             target.requires_grad_(is_trainable)
     configs[adapter_name] = config
     model.qlora_config = configs
+    _refuse_adapter_names_in_forward(model)
     if set_active:
         set_adapter(model, adapter_name)
         if not is_trainable:
