@@ -143,10 +143,11 @@ class LoraConfig:
     @classmethod
     def from_peft(cls, d: Mapping[str, Any]) -> "LoraConfig":
         """Reads a PEFT ``adapter_config.json``; refuses what these layers cannot do (DoRA, biases on the
-        adapters, fan_in_fan_out, per-module ranks)."""
+        adapters, per-module ranks). ``fan_in_fan_out`` (True for GPT-2's Conv1D) only tells how the base
+        weight is laid out, which the layer's type decides here: the adapters' shapes are the same."""
         if d.get("peft_type") != "LORA":
             raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {d.get('peft_type')!r}")
-        for key, allowed in (("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None))):
+        for key, allowed in (("use_dora", (False, None)), ("bias", ("none", None))):
             if d.get(key) not in allowed:
                 raise ValueError(f"adapter_config.json: {key}={d.get(key)!r} is not supported (only {allowed[0]!r})")
         for key in ("rank_pattern", "alpha_pattern"):
@@ -357,23 +358,90 @@ def _progress(items: list, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="layer")
 
 
-def _materialized_linear(name: str, module: nn.Linear, source: Optional[_WeightSource], device) -> nn.Linear:
-    """`module` with real weights on `device`: its own, or read from `source` when it is on meta."""
+def _float_linear(name: str, module: nn.Module, source: Optional[_WeightSource], device) -> nn.Linear:
+    """`module` (an nn.Linear, or transformers' Conv1D, whose weight is [in, out]) as an nn.Linear with real
+    weights on `device`: its own, or read from `source` when it is on meta or `source` has them."""
+    conv1d = not isinstance(module, nn.Linear)
     if source is not None and (module.weight.is_meta or f"{name}.weight" in source):
         dtype = module.weight.dtype
-        linear = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
-        )
         weight = source.get(f"{name}.weight", module.weight).to(device=device, dtype=dtype)
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(
-                source.get(f"{name}.bias", module.bias).to(device=device, dtype=dtype), requires_grad=False
-            )
-        return linear
-    if module.weight.is_meta:
+        bias = None if module.bias is None else source.get(f"{name}.bias", module.bias).to(device=device, dtype=dtype)
+    elif module.weight.is_meta:
         raise ValueError(f"{name} is on the meta device and no weights were given for it")
-    return module if device is None else module.to(device)
+    elif not conv1d:
+        return module if device is None else module.to(device)
+    else:
+        weight = module.weight.detach().to(device)
+        bias = None if module.bias is None else module.bias.detach().to(device)
+    if conv1d:
+        weight = weight.t()  # [out, in], as the 4-bit layer (and transformers + bitsandbytes) store it
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _conv1d_class() -> Optional[type]:
+    """transformers' Conv1D (GPT-2's linears), where transformers is imported: a model holds one only then."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _refuse_quantized_models(model: nn.Module) -> None:
+    """A model quantized by bitsandbytes (found by class, without importing bitsandbytes) is refused with
+    what to do instead; so is one whose linears hold other quantized weights."""
+    for name, module in model.named_modules():
+        bnb = [c.__name__ for c in type(module).__mro__ if c.__module__.split(".")[0] == "bitsandbytes"]
+        if not any("Linear" in c for c in bnb):
+            continue
+        if "Linear4bit" in bnb:
+            raise ValueError(
+                f"the model is quantized by bitsandbytes already ({name} is bitsandbytes' {type(module).__name__}); "
+                "prepare_model quantizes a 16-bit model. To run this model on qlora_ext's kernels as it is, call "
+                "qlora_ext.patch_bitsandbytes() (then peft.get_peft_model as usual); or load it with "
+                "quantization_config=qlora_ext.QLoraExtConfig(...) in place of BitsAndBytesConfig, or in 16 bits"
+            )
+        raise ValueError(
+            f"the model is quantized by bitsandbytes already ({name} is bitsandbytes' {type(module).__name__}), "
+            "which qlora_ext cannot run: load it in 16 bits for prepare_model, or with "
+            "quantization_config=qlora_ext.QLoraExtConfig(...)"
+        )
+
+
+def _linear_layers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str], dict[str, str]]:
+    """The layers prepare_model can quantize: nn.Linear and its subclasses (qlora_ext's Linear4bit, already
+    4-bit, among them) and transformers' Conv1D. Then, by name with the reason, those "all-linear" leaves
+    out: subclasses with their own forward (quantized when named in target_modules, as x @ W.T + b); and
+    those that cannot be replaced at all (nn.MultiheadAttention's out_proj, whose weight it reads without
+    calling it)."""
+    conv1d = _conv1d_class()
+    kinds = (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
+    linears, own_forward, fixed = [], {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        if name and isinstance(_parent(model, name)[0], nn.MultiheadAttention):
+            fixed[name] = "read by nn.MultiheadAttention, which never calls it"
+            continue
+        if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+            if not isinstance(module, Linear4bit):
+                own_forward[name] = f"{type(module).__name__}, an nn.Linear with its own forward"
+        linears.append((name, module))
+    return linears, own_forward, fixed
+
+
+def _check_float(name: str, module: nn.Module) -> None:
+    if not isinstance(module, Linear4bit) and module.weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} ({type(module).__name__}) holds a {module.weight.dtype} weight (quantized already?): "
+            "prepare_model quantizes float weights"
+        )
 
 
 def prepare_model(
@@ -397,9 +465,15 @@ def prepare_model(
     PEFT model (``get_peft_model``'s, or one with PEFT's LoRA layers) is refused, and so is
     ``adapter_names=`` in the prepared model's forward (PEFT's mixed batches: one adapter runs a batch).
 
-    Each ``nn.Linear`` that ``lora_config`` targets becomes a ``QLoRALinear`` (its weight quantized,
+    Each linear layer that ``lora_config`` targets becomes a ``QLoRALinear`` (its weight quantized,
     adapters added); with ``quantize_others`` the remaining linears (the output head excepted) become
-    frozen ``Linear4bit``. Every parameter but the adapters' and those of ``modules_to_save`` is frozen.
+    frozen ``Linear4bit``. Linear layers are ``nn.Linear`` and its subclasses, and transformers'
+    ``Conv1D`` (GPT-2's, whose ``[in, out]`` weight is quantized as ``[out, in]``). ``"all-linear"``
+    leaves out, with a warning, subclasses with their own forward (named in ``target_modules`` they are
+    quantized as ``x @ W.T + b``) and ``nn.MultiheadAttention``'s ``out_proj``. ``Linear4bit`` layers (a
+    model loaded with ``QLoraExtConfig``) keep their 4-bit weight and format; a model quantized by
+    bitsandbytes is refused (``qlora_ext.patch_bitsandbytes()`` runs it on qlora_ext's kernels as it is).
+    Every parameter but the adapters' and those of ``modules_to_save`` is frozen.
     Gradient checkpointing gets inputs that require grad (``enable_input_require_grads`` of
     transformers' models, else a hook on the first embedding), so that checkpointed blocks have a
     gradient to pass back.
@@ -412,25 +486,45 @@ def prepare_model(
     lora_config = as_lora_config(lora_config, model)
     if any(True for _ in qlora_layers(model)):
         raise ValueError("the model is prepared already; add more adapters with add_adapter")
+    _refuse_quantized_models(model)  # first: for bitsandbytes + PEFT, patch_bitsandbytes() is the answer
     _refuse_peft_models(model)
     source = _WeightSource(weights, weights_prefix) if weights is not None else None
     head = _output_head(model)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    targets = [
-        (n, m)
-        for n, m in linears
-        if lora_config.matches(n) and not (lora_config.target_modules == "all-linear" and m is head)
-    ]
-    targets = [(n, m) for n, m in targets if not lora_config.saves(n)]
-    if not targets:
-        raise ValueError(f"target_modules {lora_config.target_modules!r} matches no nn.Linear of the model")
+    linears, own_forward, fixed = _linear_layers(model)
+    all_linear = lora_config.target_modules == "all-linear"
+    named = [n for n in fixed if lora_config.matches(n) and not all_linear]
+    if named:
+        raise ValueError(f"target_modules names {named[0]} ({fixed[named[0]]}): it cannot be replaced by a 4-bit layer")
+    targets = [(n, m) for n, m in linears if lora_config.matches(n) and not lora_config.saves(n)
+               and not (all_linear and (m is head or n in own_forward))]  # fmt: skip
     target_names = {n for n, _ in targets}
     others = [(n, m) for n, m in linears if quantize_others and n not in target_names and m is not head
-              and not lora_config.saves(n)]  # fmt: skip
+              and n not in own_forward and not lora_config.saves(n)]  # fmt: skip
+    special = {**own_forward, **fixed}
+    skipped = [n for n in special if n not in target_names and (all_linear or quantize_others)]
+    left_out = "; ".join(f"{n} ({special[n]})" for n in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    if not targets:
+        raise ValueError(
+            f"target_modules {lora_config.target_modules!r} matches no linear layer of the model (nn.Linear and its "
+            "subclasses, transformers' Conv1D)" + (f"; left out: {left_out}" if skipped else "")
+        )
+    if skipped:
+        warnings.warn(
+            f"prepare_model leaves {len(skipped)} linear layers as they are: {left_out}. Name a subclass in "
+            "target_modules to quantize it as an nn.Linear (x @ W.T + b)",
+            stacklevel=2,
+        )
+    for name, module in targets + others:
+        _check_float(name, module)
     work = [(n, m, True) for n, m in targets] + [(n, m, False) for n, m in others]
     for name, module, adapt in _progress(work, progress, "quantizing"):
-        linear = _materialized_linear(name, module, source, device)
-        base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
+        if isinstance(module, Linear4bit):  # loaded in 4 bits already (QLoraExtConfig): kept as it is
+            if module.quant_state is None:
+                raise ValueError(f"{name} is a Linear4bit without a weight: load its 4-bit weight first")
+            linear = base = module if device is None else module.to(device)
+        else:
+            linear = _float_linear(name, module, source, device)
+            base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
         new = (
             QLoRALinear(base, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout, lora_config.use_rslora,
                         lora_config.init, lora_config.adapter_dtype, adapter_name)
