@@ -365,7 +365,7 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     assert len(expected) == 14
     ours = qlora_ext.prepare_model(tiny_llama(16), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True,
                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
-    qlora_ext.load_quantized(ours, tmp_path / "theirs" / "model.safetensors")
+    qlora_ext.load_quantized(ours, tmp_path / "theirs")  # the directory save_pretrained wrote
     got = dequantized(ours)
     assert sorted(got) == sorted(expected)
     for name in expected:
@@ -380,7 +380,7 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     for name in ("config.json", "generation_config.json"):
         if (tmp_path / "theirs" / name).exists():
             shutil.copy(tmp_path / "theirs" / name, tmp_path / "back" / name)
-    qlora_ext.save_quantized(ours, tmp_path / "back" / "model.safetensors")
+    qlora_ext.save_quantized(ours, tmp_path / "back")  # beside the config: back/model.safetensors
     back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "back"), device_map="cpu").eval()
     assert type(back.model.layers[0].self_attn.q_proj) is bnb.nn.Linear4bit
     for name, w in dequantized(back).items():
@@ -466,3 +466,79 @@ def test_weights_fill_a_model_that_is_not_on_meta(gen):
     with qlora_ext.disable_adapters(from_weights), qlora_ext.disable_adapters(direct):
         ids = tokens(gen)
         assert_bits_equal(logits(from_weights, ids), logits(direct, ids))
+
+
+def test_save_and_load_quantized_in_a_directory(gen, tmp_path, monkeypatch):
+    """save_quantized(model, dir) writes dir/model.safetensors, load_quantized(model, dir) reads it (or
+    transformers' shards); nothing but an earlier 4-bit checkpoint is ever replaced, and a failed write
+    keeps it whole."""
+    import safetensors.torch
+
+    model = qlora_ext.prepare_model(tiny_llama(30), LoraConfig(r=4), progress=False)
+    other = qlora_ext.prepare_model(tiny_llama(31), LoraConfig(r=4), progress=False)
+    ids = tokens(gen)
+    with qlora_ext.disable_adapters(model), qlora_ext.disable_adapters(other):
+        expected, other_logits = logits(model, ids), logits(other, ids)
+    out = tmp_path / "new" / "quantized"  # made, parents too
+    assert qlora_ext.save_quantized(model, out) == out / "model.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    fresh = qlora_ext.prepare_model(tiny_llama(32), LoraConfig(r=4), progress=False)
+    qlora_ext.load_quantized(fresh, out)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), expected)
+    # an earlier 4-bit checkpoint is replaced, through a temporary file: a crash keeps it whole
+    qlora_ext.save_quantized(other, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", crash)
+        with pytest.raises(OSError, match="disk full"):
+            qlora_ext.save_quantized(model, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    qlora_ext.load_quantized(fresh, out)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), other_logits)
+    # transformers' shards: the same checkpoint cut in two, with its index
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    keys = sorted(tensors)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({k: tensors[k] for k in keys[::2]}, str(sharded / names[0]))
+    save_file({k: tensors[k] for k in keys[1::2]}, str(sharded / names[1]))
+    weight_map = {k: names[i % 2] for i, k in enumerate(keys)}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    qlora_ext.save_quantized(model, out)
+    qlora_ext.load_quantized(fresh, out)  # `model`'s weights again, then `other`'s from the shards
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), expected)
+    qlora_ext.load_quantized(fresh, sharded)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), other_logits)
+    # never replaced: a 16-bit model's weights, a file that is not a directory, a directory of shards
+    sixteen = tmp_path / "sixteen"
+    tiny_llama(33).save_pretrained(str(sixteen))
+    (tmp_path / "notes").write_text("mine")
+    files = {p: p.read_bytes() for p in (*sixteen.iterdir(), tmp_path / "notes", *sharded.iterdir())}
+    assert_each_raises([
+        (lambda: qlora_ext.save_quantized(model, sixteen), ValueError,
+         r"sixteen/model.safetensors exists and is not a 4-bit checkpoint .*not overwritten"),
+        (lambda: qlora_ext.save_quantized(model, sixteen / "model.safetensors"), ValueError,
+         "is not a 4-bit checkpoint"),
+        (lambda: qlora_ext.save_quantized(model, tmp_path / "notes"), ValueError,
+         "exists and is neither a directory nor a .safetensors file: not overwritten"),
+        (lambda: qlora_ext.save_quantized(model, sharded), ValueError,
+         r"holds other weights \(model-00001-of-00002.safetensors, .*save to another directory"),
+        (lambda: qlora_ext.save_quantized(model, tmp_path / "model.bin"), ValueError, "only safetensors is written"),
+        (lambda: qlora_ext.load_quantized(fresh, tmp_path / "notes"), ValueError, "no pickle"),
+    ])  # fmt: skip
+    assert {p: p.read_bytes() for p in files} == files
+    assert not (tmp_path / "model.bin").exists()

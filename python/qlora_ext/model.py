@@ -904,11 +904,63 @@ def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+QUANTIZED_WEIGHTS_NAME = "model.safetensors"
+_QUANT_STATE_KEY = ".quant_state.bitsandbytes__"
+
+
+def _is_4bit_checkpoint(path: Path) -> bool:
+    """Whether `path` is a safetensors file with bitsandbytes' 4-bit entries (reads its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(_QUANT_STATE_KEY in k for k in f.keys())
+    except Exception:  # not safetensors, truncated, unreadable: something else
+        return False
+
+
+def _quantized_target(path: Union[str, os.PathLike]) -> Path:
+    """The file save_quantized writes for `path`: `path` itself when it ends in .safetensors (and is not a
+    directory), else `path`/model.safetensors, the directory made where missing. Refuses to replace anything
+    but a 4-bit checkpoint, and a directory that holds other safetensors weights (two checkpoints in one
+    directory: from_pretrained would read one of them)."""
+    path = Path(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise ValueError(f"{path}: only safetensors is written (a .safetensors file or a directory), no pickle")
+    if path.suffix == ".safetensors" and not path.is_dir():
+        file = path
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is neither a directory nor a .safetensors file: not overwritten")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        file = path / QUANTIZED_WEIGHTS_NAME
+        others = sorted(p.name for p in path.iterdir() if p.name != file.name and
+                        (p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")))  # fmt: skip
+        if others:
+            raise ValueError(
+                f"{path} holds other weights ({', '.join(others[:3])}): a directory with two checkpoints loads one of "
+                "them; save to another directory or remove them"
+            )
+    if file.is_dir():
+        raise ValueError(f"{file} is a directory: not overwritten")
+    if file.exists() and not _is_4bit_checkpoint(file):
+        raise ValueError(
+            f"{file} exists and is not a 4-bit checkpoint in bitsandbytes' keys (a 16-bit model's weights?): not "
+            "overwritten; remove it or save elsewhere"
+        )
+    return file
+
+
+def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Writes the model's weights (4-bit layers in bitsandbytes' keys, adapters left out) to one
-    safetensors file, as transformers + bitsandbytes save a 4-bit model."""
+    safetensors file, as transformers + bitsandbytes save a 4-bit model, and returns its path.
+
+    ``path``: a ``.safetensors`` file, or a directory (made where missing) that gets ``model.safetensors``
+    (transformers' name). It replaces only an earlier 4-bit checkpoint (any other file there is an error,
+    never overwritten) and is written to a temporary file renamed into place."""
     from safetensors.torch import save_file
 
+    file = _quantized_target(path)
     # safetensors refuses tensors that share storage (tied embeddings): keep the first name of each,
     # found on the tensors as they are (a copy to the CPU would hide the sharing); load_quantized
     # knows the others from the model's own ties
@@ -919,7 +971,42 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             continue
         seen.add(ident)
         tensors[k] = t.detach().contiguous().cpu()
-    _write_atomically(Path(path), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write_atomically(file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    return file
+
+
+def _read_quantized(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a 4-bit checkpoint: a .safetensors file, or a directory with model.safetensors or
+    transformers' shards (model.safetensors.index.json). Never pickle."""
+    if not path.is_dir():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"weights must be a .safetensors file or a directory of them (no pickle), got {path}")
+        return _read_safetensors(path)
+    if (path / QUANTIZED_WEIGHTS_NAME).exists():
+        return _read_safetensors(path / QUANTIZED_WEIGHTS_NAME)
+    index = path / f"{QUANTIZED_WEIGHTS_NAME}.index.json"
+    if not index.exists():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        raise FileNotFoundError(
+            f"no {path / QUANTIZED_WEIGHTS_NAME} nor {index.name}" + (f" (found {found}: no pickle)" if found else "")
+        )
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a valid index ({type(e).__name__}: {e})") from None
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise ValueError(f"{index}: {shard!r} is not a .safetensors file name in {path}")
+        for key, value in _read_safetensors(path / shard).items():
+            if key in out:
+                raise ValueError(f"{index}: {key} is in two shards")
+            out[key] = value
+    missing = [k for k in weight_map if k not in out]
+    if missing:
+        raise ValueError(f"{index}: its shards lack {missing[:3]}")
+    return out
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -941,16 +1028,14 @@ def load_quantized(
     bitsandbytes) into a model whose quantized layers are ``Linear4bit`` / ``QLoRALinear`` (built
     empty or prepared); adapters are left as they are.
 
-    Reads safetensors or a state dict, never pickle. Everything is checked before anything is
+    ``weights``: a state dict, a ``.safetensors`` file, or a directory holding ``model.safetensors`` or
+    transformers' shards (``model.safetensors.index.json``); never pickle. Everything is checked before anything is
     loaded: each 4-bit weight's entries (``QuantState.from_dict``, the layer's shape, the byte count),
     every other tensor's dtype and shape against the model's, and with ``strict`` missing and
     unexpected keys. A checkpoint that fails raises ValueError / TypeError naming the key and leaves
     the model as it was."""
     if not isinstance(weights, Mapping):
-        path = Path(weights)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"weights must be a .safetensors file (no pickle), got {path}")
-        weights = _read_safetensors(path)
+        weights = _read_quantized(Path(weights))
     bases = [name for name, _ in qlora_layers(model)]
     own = {}
     for key, value in weights.items():
