@@ -297,7 +297,7 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
             expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
             assert_bits_equal(mine.dequantize(), expected, name)
     # ours back into bitsandbytes: Params4bit.from_prequantized, as transformers loads a 4-bit checkpoint
-    saved = qlora_ext.model._base_state_dict(ours)
+    saved = qlora_ext.serialization._base_state_dict(ours)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             stats = {k[len(name) + 8 :]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
@@ -542,3 +542,28 @@ def test_save_and_load_quantized_in_a_directory(gen, tmp_path, monkeypatch):
     ])  # fmt: skip
     assert {p: p.read_bytes() for p in files} == files
     assert not (tmp_path / "model.bin").exists()
+
+
+def test_every_public_name_keeps_its_places():
+    """model.py's pieces live in lora_config.py, adapters.py, serialization.py and merging.py; each public
+    name is one object under qlora_ext.model, its module, and qlora_ext where it was exported before."""
+    from qlora_ext import adapters, lora_config, merging, serialization
+
+    homes = (lora_config, adapters, serialization, merging, qlora_ext.model)
+    names = set(qlora_ext.model.__all__)
+    assert names >= {"LoraConfig", "add_adapter", "delete_adapter", "disable_adapters", "load_adapter",
+                     "load_quantized", "merge_adapter", "prepare_model", "qlora_layers", "save_adapter",
+                     "save_quantized", "set_adapter", "unmerge_adapter", "ADAPTER_CONFIG_NAME",
+                     "ADAPTER_WEIGHTS_NAME"}  # fmt: skip
+    for name in names:
+        obj = getattr(qlora_ext.model, name)
+        defined = [m for m in homes if name in getattr(m, "__all__", ()) and m is not qlora_ext.model]
+        assert name == "prepare_model" or len(defined) == 1, name
+        assert all(getattr(m, name) is obj for m in defined), name
+        if name in qlora_ext.__all__:
+            assert getattr(qlora_ext, name) is obj, name
+    model_only = {"qlora_layers", "as_lora_config"} | {n for n in names if n.isupper()}
+    assert names - set(qlora_ext.__all__) == model_only  # qlora_ext.model's only, as before
+    from qlora_ext.model import ADAPTER_WEIGHTS_NAME  # as the CLI imports it
+
+    assert ADAPTER_WEIGHTS_NAME == "adapter_model.safetensors"

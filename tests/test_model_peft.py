@@ -162,13 +162,13 @@ def test_adapter_names_is_refused_not_ignored(gen, tmp_path):
          "adapter_names"),
     ])  # fmt: skip
     assert_bits_equal(logits(model, ids, adapter_names=None), before)
-    assert sum(h is qlora_ext.model._refuse_adapter_names for h in model._forward_pre_hooks.values()) == 1
+    assert sum(h is qlora_ext.adapters._refuse_adapter_names for h in model._forward_pre_hooks.values()) == 1
     # a model whose adapters come from load_adapter (no prepare_model) refuses it as well, once
     qlora_ext.save_adapter(model, tmp_path)
     bare = copy.deepcopy(model)
     bare._forward_pre_hooks.clear()
     qlora_ext.load_adapter(bare, tmp_path, "second")
     qlora_ext.load_adapter(bare, tmp_path, "third")
-    assert sum(h is qlora_ext.model._refuse_adapter_names for h in bare._forward_pre_hooks.values()) == 1
+    assert sum(h is qlora_ext.adapters._refuse_adapter_names for h in bare._forward_pre_hooks.values()) == 1
     with pytest.raises(ValueError, match="adapter_names"):
         bare(ids, adapter_names=["second", "third"])
