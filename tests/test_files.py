@@ -155,3 +155,45 @@ def test_damaged_checkpoint_fails_and_changes_nothing(tmp_path, damage, error, m
     with pytest.raises(error, match=match):
         qlora_ext.load_quantized(target, path)
     assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize(
+    "damage,error,match",
+    [
+        ("pickle only", FileNotFoundError, r"no .*model.safetensors nor model.safetensors.index.json .*no pickle"),
+        ("outside", ValueError, r"'../model.safetensors' is not a .safetensors file name in"),
+        ("not json", ValueError, "model.safetensors.index.json: not a valid index"),
+        ("lacks", ValueError, r"its shards lack \['model.extra.weight'\]"),
+        ("twice", ValueError, "is in two shards"),
+    ],
+)
+def test_damaged_checkpoint_directory_fails_and_changes_nothing(tmp_path, damage, error, match):
+    from safetensors.torch import load_file, save_file
+
+    source = qlora_ext.prepare_model(tiny_llama(24), LoraConfig(r=4, target_modules="all-linear"), progress=False)
+    qlora_ext.save_quantized(source, tmp_path / "model.safetensors")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    keys = sorted(tensors)
+    save_file({k: tensors[k] for k in keys[:10]}, str(directory / "a.safetensors"))
+    save_file({k: tensors[k] for k in keys[10:]}, str(directory / "b.safetensors"))
+    weight_map = {k: "a.safetensors" if i < 10 else "b.safetensors" for i, k in enumerate(keys)}
+    if damage == "pickle only":
+        for p in directory.iterdir():
+            p.unlink()
+        torch.save(tensors, directory / "pytorch_model.bin")
+    elif damage == "outside":
+        weight_map[keys[0]] = "../model.safetensors"
+    elif damage == "lacks":
+        weight_map["model.extra.weight"] = "a.safetensors"
+    elif damage == "twice":
+        save_file({k: tensors[k] for k in keys[:11]}, str(directory / "a.safetensors"))
+    if damage != "pickle only":
+        index = json.dumps({"weight_map": weight_map}) if damage != "not json" else "{not json"
+        (directory / "model.safetensors.index.json").write_text(index)
+    target = qlora_ext.prepare_model(tiny_llama(25), LoraConfig(r=4, target_modules="all-linear"), progress=False)
+    before = snapshot(target)
+    with pytest.raises(error, match=match):
+        qlora_ext.load_quantized(target, directory)
+    assert_unchanged(target, before)

@@ -297,7 +297,7 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
             expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
             assert_bits_equal(mine.dequantize(), expected, name)
     # ours back into bitsandbytes: Params4bit.from_prequantized, as transformers loads a 4-bit checkpoint
-    saved = qlora_ext.model._base_state_dict(ours)
+    saved = qlora_ext.serialization._base_state_dict(ours)
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             stats = {k[len(name) + 8 :]: v for k, v in saved.items() if k.startswith(name + ".weight.")}
@@ -326,7 +326,7 @@ def test_bad_input_names_the_argument(tmp_path):
         (lambda: LoraConfig(target_modules="(unclosed"), ValueError, "not a valid regex"),
         (lambda: LoraConfig(target_modules=[]), ValueError, "target_modules must be non-empty"),
         (lambda: qlora_ext.prepare_model(tiny_llama(14), LoraConfig(target_modules=["nothing"]), progress=False),
-         ValueError, "matches no nn.Linear"),
+         ValueError, "matches no linear layer"),
         (lambda: qlora_ext.prepare_model(model, LoraConfig(), progress=False), ValueError, "prepared already"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "empty"), FileNotFoundError, "adapter_model.safetensors"),
         (lambda: qlora_ext.load_adapter(model, tmp_path / "pickled"), FileNotFoundError, "only safetensors is read"),
@@ -365,7 +365,7 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     assert len(expected) == 14
     ours = qlora_ext.prepare_model(tiny_llama(16), LoraConfig(r=4, target_modules=["q_proj"]), quantize_others=True,
                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
-    qlora_ext.load_quantized(ours, tmp_path / "theirs" / "model.safetensors")
+    qlora_ext.load_quantized(ours, tmp_path / "theirs")  # the directory save_pretrained wrote
     got = dequantized(ours)
     assert sorted(got) == sorted(expected)
     for name in expected:
@@ -380,7 +380,7 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
     for name in ("config.json", "generation_config.json"):
         if (tmp_path / "theirs" / name).exists():
             shutil.copy(tmp_path / "theirs" / name, tmp_path / "back" / name)
-    qlora_ext.save_quantized(ours, tmp_path / "back" / "model.safetensors")
+    qlora_ext.save_quantized(ours, tmp_path / "back")  # beside the config: back/model.safetensors
     back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "back"), device_map="cpu").eval()
     assert type(back.model.layers[0].self_attn.q_proj) is bnb.nn.Linear4bit
     for name, w in dequantized(back).items():
@@ -466,3 +466,104 @@ def test_weights_fill_a_model_that_is_not_on_meta(gen):
     with qlora_ext.disable_adapters(from_weights), qlora_ext.disable_adapters(direct):
         ids = tokens(gen)
         assert_bits_equal(logits(from_weights, ids), logits(direct, ids))
+
+
+def test_save_and_load_quantized_in_a_directory(gen, tmp_path, monkeypatch):
+    """save_quantized(model, dir) writes dir/model.safetensors, load_quantized(model, dir) reads it (or
+    transformers' shards); nothing but an earlier 4-bit checkpoint is ever replaced, and a failed write
+    keeps it whole."""
+    import safetensors.torch
+
+    model = qlora_ext.prepare_model(tiny_llama(30), LoraConfig(r=4), progress=False)
+    other = qlora_ext.prepare_model(tiny_llama(31), LoraConfig(r=4), progress=False)
+    ids = tokens(gen)
+    with qlora_ext.disable_adapters(model), qlora_ext.disable_adapters(other):
+        expected, other_logits = logits(model, ids), logits(other, ids)
+    out = tmp_path / "new" / "quantized"  # made, parents too
+    assert qlora_ext.save_quantized(model, out) == out / "model.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    fresh = qlora_ext.prepare_model(tiny_llama(32), LoraConfig(r=4), progress=False)
+    qlora_ext.load_quantized(fresh, out)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), expected)
+    # an earlier 4-bit checkpoint is replaced, through a temporary file: a crash keeps it whole
+    qlora_ext.save_quantized(other, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", crash)
+        with pytest.raises(OSError, match="disk full"):
+            qlora_ext.save_quantized(model, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    qlora_ext.load_quantized(fresh, out)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), other_logits)
+    # transformers' shards: the same checkpoint cut in two, with its index
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    keys = sorted(tensors)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({k: tensors[k] for k in keys[::2]}, str(sharded / names[0]))
+    save_file({k: tensors[k] for k in keys[1::2]}, str(sharded / names[1]))
+    weight_map = {k: names[i % 2] for i, k in enumerate(keys)}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    qlora_ext.save_quantized(model, out)
+    qlora_ext.load_quantized(fresh, out)  # `model`'s weights again, then `other`'s from the shards
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), expected)
+    qlora_ext.load_quantized(fresh, sharded)
+    with qlora_ext.disable_adapters(fresh):
+        assert_bits_equal(logits(fresh, ids), other_logits)
+    # never replaced: a 16-bit model's weights, a file that is not a directory, a directory of shards
+    sixteen = tmp_path / "sixteen"
+    tiny_llama(33).save_pretrained(str(sixteen))
+    (tmp_path / "notes").write_text("mine")
+    files = {p: p.read_bytes() for p in (*sixteen.iterdir(), tmp_path / "notes", *sharded.iterdir())}
+    assert_each_raises([
+        (lambda: qlora_ext.save_quantized(model, sixteen), ValueError,
+         r"sixteen/model.safetensors exists and is not a 4-bit checkpoint .*not overwritten"),
+        (lambda: qlora_ext.save_quantized(model, sixteen / "model.safetensors"), ValueError,
+         "is not a 4-bit checkpoint"),
+        (lambda: qlora_ext.save_quantized(model, tmp_path / "notes"), ValueError,
+         "exists and is neither a directory nor a .safetensors file: not overwritten"),
+        (lambda: qlora_ext.save_quantized(model, sharded), ValueError,
+         r"holds other weights \(model-00001-of-00002.safetensors, .*save to another directory"),
+        (lambda: qlora_ext.save_quantized(model, tmp_path / "model.bin"), ValueError, "only safetensors is written"),
+        (lambda: qlora_ext.load_quantized(fresh, tmp_path / "notes"), ValueError, "no pickle"),
+    ])  # fmt: skip
+    assert {p: p.read_bytes() for p in files} == files
+    assert not (tmp_path / "model.bin").exists()
+
+
+def test_every_public_name_keeps_its_places():
+    """model.py's pieces live in lora_config.py, adapters.py, serialization.py and merging.py; each public
+    name is one object under qlora_ext.model, its module, and qlora_ext where it was exported before."""
+    from qlora_ext import adapters, lora_config, merging, serialization
+
+    homes = (lora_config, adapters, serialization, merging, qlora_ext.model)
+    names = set(qlora_ext.model.__all__)
+    assert names >= {"LoraConfig", "add_adapter", "delete_adapter", "disable_adapters", "load_adapter",
+                     "load_quantized", "merge_adapter", "prepare_model", "qlora_layers", "save_adapter",
+                     "save_quantized", "set_adapter", "unmerge_adapter", "ADAPTER_CONFIG_NAME",
+                     "ADAPTER_WEIGHTS_NAME"}  # fmt: skip
+    for name in names:
+        obj = getattr(qlora_ext.model, name)
+        defined = [m for m in homes if name in getattr(m, "__all__", ()) and m is not qlora_ext.model]
+        assert name == "prepare_model" or len(defined) == 1, name
+        assert all(getattr(m, name) is obj for m in defined), name
+        if name in qlora_ext.__all__:
+            assert getattr(qlora_ext, name) is obj, name
+    model_only = {"qlora_layers", "as_lora_config"} | {n for n in names if n.isupper()}
+    assert names - set(qlora_ext.__all__) == model_only  # qlora_ext.model's only, as before
+    from qlora_ext.model import ADAPTER_WEIGHTS_NAME  # as the CLI imports it
+
+    assert ADAPTER_WEIGHTS_NAME == "adapter_model.safetensors"
