@@ -3,20 +3,16 @@
     python3 bench/lora.py --out bench/results/lora-GPU-DATE.json
 
 For each weight shape (out x in, bf16, NF4 with double quantization, blocksize 64), each rank r and
-each dropout probability, op "lora_layer" rows for four implementations of
+each dropout probability, op "lora_layer" rows for three implementations of
 y = x W^T + b + s * B(A(dropout(x))):
   "qlora_ext":         qlora_ext.nn.QLoRALinear (the fused op functional.lora_linear);
   "torch_bf16":        PEFT's own LoRA layer (get_peft_model) on a frozen bf16 nn.Linear: nn.Dropout,
                        and A, B as nn.Linear, result = base(x) + lora_B(lora_A(dropout(x))) * scaling;
   "bitsandbytes_peft": PEFT's bitsandbytes LoRA layer on bitsandbytes' Linear4bit (its matmul_4bit),
-                       as get_peft_model makes it for a model loaded in 4 bits;
-  "qlora_ext_fused":   qlora_ext with the fused dropout kernels of the adapter products
-                       (_C._set_lora_fused(True); train rows with dropout only).
+                       as get_peft_model makes it for a model loaded in 4 bits.
 All hold the same weight (the bf16 one is the dequantized 4-bit weight) and bf16 adapters, so they
 compute one function; each is checked against float64 first (dropout 0, output and the gradients of
-x, A and B), and qlora_ext_fused, whose kernels run only with dropout on, also against qlora_ext's
-composite products on one training step with the same mask. A row that fails has "error" and no
-time; the run goes on and exits non-zero at the end.
+x, A and B). A row that fails has "error" and no time; the run goes on and exits non-zero at the end.
 mode "train": M tokens (default 4096), forward + backward (x requires grad, as a layer inside a
 model; A and B get gradients, the base weight none), timed with CUDA events, the median of many steps.
 peak_mib: the peak allocated memory of a step above what was allocated before it (layer, x and dY
@@ -25,9 +21,10 @@ the first steps left allocated (qlora_ext's dequantization workspace of the larg
 device and stream, shared by every layer of a model).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
 layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
-mode "products": each fused adapter kernel (lora_down, lora_grad_A, lora_dropout_add_mm) against the
-composite form it replaces (the dropout kernel, then cuBLAS), M tokens, dropout 0.05, on every in_features
-K of the shapes: op "lora_product" rows, the fused result checked against the composite first.
+mode "products": each adapter product op (lora_down, lora_grad_A, lora_dropout_add_mm: fused kernels
+where csrc/cuda/lora.cu's dispatch runs them) against its composite form written with torch (the
+dropout op, then cuBLAS), M tokens, dropout 0.05, on every in_features K of the shapes: op
+"lora_product" rows (ms_op, ms_composite), the op's result checked against the composite first.
 floor_ms: train, FLOPs / the bf16 matmul rate measured in this run (4MNK for the two products with
 the base weight + 6Mr(N+K) for the adapters); decode, the weight's bytes / the copy bandwidth.
 """
@@ -35,7 +32,6 @@ the base weight + 6Mr(N+K) for the adapters); decode, the weight's bytes / the c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -45,15 +41,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qlora_ext import _C, functional as F  # noqa: E402
+from qlora_ext import functional as F  # noqa: E402
 from qlora_ext.nn import QLoRALinear  # noqa: E402
 
 import common  # noqa: E402
 from gemm import capture, matmul_tflops, time_graphs  # noqa: E402
 
 SHAPES = common.LLAMA_SHAPES
-# qlora_ext_fused last: its kernels are the newest, and a CUDA fault there ends the process.
-IMPLS = ["qlora_ext", "torch_bf16", "bitsandbytes_peft", "qlora_ext_fused"]
+IMPLS = ["qlora_ext", "torch_bf16", "bitsandbytes_peft"]
 
 
 def peft_layer(base: nn.Module, r: int, p: float, A: torch.Tensor, B: torch.Tensor, loaded_in_4bit: bool) -> nn.Module:
@@ -139,29 +134,6 @@ def train_outputs(layer, x, g) -> list[torch.Tensor]:
     return [y, *torch.autograd.grad(y, [xi, A, B], g)]
 
 
-@contextlib.contextmanager
-def lora_fused(on: bool):
-    """qlora_ext's fused adapter kernels on or off inside the block, as they were after it."""
-    previous = _C._set_lora_fused(on)
-    try:
-        yield
-    finally:
-        _C._set_lora_fused(previous)
-
-
-def check_fused(layer, x, g) -> str | None:
-    """The fused adapter kernels run only with dropout on, which check() (eval mode) leaves off: the
-    same training step with them on against them off, on the same mask. None when they agree."""
-    with lora_fused(False):
-        composite = train_outputs(layer, x, g)
-    with lora_fused(True):
-        fused = train_outputs(layer, x, g)
-    errs = [rel_err(f, c.double()) for f, c in zip(fused, composite)]
-    if max(errs) < MAX_REL_ERR and all(torch.isfinite(f).all() for f in fused):
-        return None
-    return f"fused against composite, same mask: relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]}"
-
-
 # bf16 inputs and outputs: each of y, dx, dA, dB has relative error ~2^-9 from rounding alone; 2e-2
 # leaves room for the bf16 accumulation of PEFT's products and still fails any indexing or mask error.
 MAX_REL_ERR = 2e-2
@@ -205,11 +177,18 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | No
 
 
 def product_ops(x, A, gd, base, seed, p) -> dict:
-    """The three fused adapter products on these inputs, as functions of a call index (not used)."""
+    """The three adapter product ops on these inputs and their composite forms written with torch, as
+    functions of a call index (not used)."""
     return {
-        "lora_down": lambda i: torch.ops.qlora.lora_down(x, A, seed, p),
-        "lora_grad_A": lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
-        "lora_dropout_add_mm": lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+        "lora_down": (lambda i: torch.ops.qlora.lora_down(x, A, seed, p), lambda i: F.lora_dropout(x, p, seed) @ A.T),
+        "lora_grad_A": (
+            lambda i: torch.ops.qlora.lora_grad_A(gd, x, seed, p),
+            lambda i: gd.T @ F.lora_dropout(x, p, seed),
+        ),
+        "lora_dropout_add_mm": (
+            lambda i: torch.ops.qlora.lora_dropout_add_mm(base, gd, A, seed, p),
+            lambda i: base + F.lora_dropout(gd @ A, p, seed),
+        ),
     }
 
 
@@ -219,8 +198,7 @@ def call_copy(copies: list, x, i: int):
 
 
 def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
-    """The fused adapter kernels against their composite forms, one op at a time (the switch turns on
-    all three, but each op runs only its own kernel)."""
+    """The adapter product ops against their composite forms, one op at a time."""
     rows = []
     p = 0.05
     seed = F.dropout_seed(torch.device(dev))
@@ -230,23 +208,21 @@ def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
         for r in ranks:
             A = (torch.randn(r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
             gd = torch.randn(m, r, device=dev, generator=gen).to(torch.bfloat16)
-            for name, fn in product_ops(x, A, gd, base, seed, p).items():
-                with lora_fused(False):
-                    composite = fn(0)
-                    ms_composite = common.time_on(dev, fn, iters)
-                with lora_fused(True):
-                    fused = fn(0)
-                    ms_fused = common.time_on(dev, fn, iters)
-                err = rel_err(fused, composite.double())
+            for name, (op, composite_fn) in product_ops(x, A, gd, base, seed, p).items():
+                composite = composite_fn(0)
+                ms_composite = common.time_on(dev, composite_fn, iters)
+                ours = op(0)
+                ms_op = common.time_on(dev, op, iters)
+                err = rel_err(ours, composite.double())
                 row = {"op": "lora_product", "kernel": name, "M": m, "k": k, "r": r, "dropout": p, "dtype": "bfloat16",
-                       "ms_fused": round(ms_fused, 5), "ms_composite": round(ms_composite, 5),
-                       "speedup": round(ms_composite / ms_fused, 3),
+                       "ms_op": round(ms_op, 5), "ms_composite": round(ms_composite, 5),
+                       "speedup": round(ms_composite / ms_op, 3),
                        "rel_err_vs_composite": float(f"{err:.3g}")}  # fmt: skip
                 if not err < MAX_REL_ERR:
-                    row["error"] = f"fused against composite: relative error {err:.2e}"
+                    row["error"] = f"op against composite: relative error {err:.2e}"
                 rows.append(row)
-                print(f"product {name:20s} M={m} K={k:<5d} r={r:<3d} fused {ms_fused * 1e3:8.1f} us  composite "
-                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_fused:5.2f}x  err {err:.1e}",
+                print(f"product {name:20s} M={m} K={k:<5d} r={r:<3d} op {ms_op * 1e3:8.1f} us  composite "
+                      f"{ms_composite * 1e3:8.1f} us  {ms_composite / ms_op:5.2f}x  err {err:.1e}",
                       flush=True)  # fmt: skip
     return rows
 
@@ -321,21 +297,16 @@ def main() -> None:
                     times, config_rows = {}, {}
                     flops = 4 * m * n * k + 6 * m * r * (n + k)
                     floor = flops / (tflops * 1e12) * 1e3
-                    # The fused kernels only differ from qlora_ext with dropout on.
-                    for impl in [i for i in impls if p > 0 or i != "qlora_ext_fused"]:
+                    for impl in impls:
                         layer = build(impl, n, k, r, p, w, bias, A, B, bnb)
                         try:
-                            with lora_fused(impl == "qlora_ext_fused"):
-                                errs = check(layer, x, g, ref)
-                                problem = None
-                                if not max(errs) < MAX_REL_ERR:
-                                    problem = (
-                                        f"relative errors (y, dx, dA, dB) {['%.2e' % e for e in errs]} against float64"
-                                    )
-                                elif impl == "qlora_ext_fused":
-                                    problem = check_fused(layer, x, g)
-                                if problem is None:
-                                    ms, peak, persistent = time_train(layer, x, g, args.iters)
+                            errs = check(layer, x, g, ref)
+                            problem = None
+                            if not max(errs) < MAX_REL_ERR:
+                                listed = ["%.2e" % e for e in errs]
+                                problem = f"relative errors (y, dx, dA, dB) {listed} against float64"
+                            if problem is None:
+                                ms, peak, persistent = time_train(layer, x, g, args.iters)
                         finally:
                             del layer
                         key = {"op": "lora_layer", "mode": "train", "impl": impl, "n": n, "k": k, "M": m, "r": r,
@@ -370,7 +341,7 @@ def main() -> None:
                 x = torch.randn(1, k, device=dev, generator=gen).to(torch.bfloat16)
                 yref = x.double() @ w.double().T + bias.double() + scaling * (x.double() @ A.double().T) @ B.double().T
                 graphs, errs, layers = {}, {}, {}
-                for impl in [i for i in impls if i != "qlora_ext_fused"]:  # no dropout in eval mode
+                for impl in impls:
                     per_copy = 2 * n * k if impl == "torch_bf16" else w4_bytes
                     copies = common.rotations(per_copy) if dev == "cuda" else 2
                     layers[impl] = [build(impl, n, k, r, 0.0, w, bias, A, B, bnb).eval() for _ in range(copies)]

@@ -279,8 +279,6 @@ at::Tensor lora_dropout_add_autograd(const at::Tensor& base, const at::Tensor& x
 
 }  // namespace
 
-std::atomic<bool> g_lora_fused{false};
-
 int64_t check_lora_product_args(const char* op, const at::Tensor& x, const char* x_name, const at::Tensor& A,
                                 const at::Tensor& grad_down, const OptTensor& seed, double p) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": ", x_name, " must be a float tensor, got ",

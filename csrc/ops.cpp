@@ -7,7 +7,6 @@
 
 #include "qlora/format.h"
 #include "qlora/gemm_4bit_config.h"
-#include "qlora/lora.h"
 
 TORCH_LIBRARY(qlora, m) {
   // Blockwise 4-bit quantization, bitsandbytes' format: packed uint8 ((n + 1) // 2, 1), two codes a
@@ -48,7 +47,7 @@ TORCH_LIBRARY(qlora, m) {
   m.def("lora_dropout(Tensor x, Tensor seed, float p) -> Tensor");
   // base + lora_dropout(x, seed, p), to the bit: the adapter's share of the backward's dX.
   m.def("lora_dropout_add(Tensor base, Tensor x, Tensor seed, float p) -> Tensor");
-  // The adapter products of the layer (qlora/lora.h), fused with the dropout on CUDA: drop(x) @ A^T,
+  // The adapter products of the layer (qlora/lora.h), the first two fused with the dropout on CUDA: drop(x) @ A^T,
   // grad_down^T @ drop(x) and base + drop(grad_down @ A); x / base [M, K], lora_A [r, K],
   // grad_down [M, r], one dtype; seed may be None when p is 0. Not differentiable themselves: they
   // are the pieces of lora_linear's forward and backward.
@@ -181,16 +180,7 @@ static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
-static PyObject* set_lora_fused(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  return PyBool_FromLong(qlora::g_lora_fused.exchange(on != 0));
-}
-
 static PyMethodDef qlora_methods[] = {
-    {"_set_lora_fused", set_lora_fused, METH_O,
-     "Whether the CUDA adapter products (lora_down, lora_grad_A, lora_dropout_add_mm) use the fused dropout "
-     "kernels (off by default) or the dropout kernel + cuBLAS; returns the previous setting."},
     {"_gemm_4bit_config", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gemm_4bit_config)),
      METH_VARARGS | METH_KEYWORDS,
      "_gemm_4bit_config(M, N, K, dtype, quant_type, nested, sm_major, sm_minor, sms, *, blocksize=64, "

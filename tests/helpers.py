@@ -121,11 +121,6 @@ def fused_max_m(m: int):
     return extension_switch(_C._set_gemm_fused_max_m, m)
 
 
-def lora_fused(on: bool):
-    """The fused adapter kernels on or off inside the block."""
-    return extension_switch(_C._set_lora_fused, on)
-
-
 # ---------------------------------------------------------------------------------------------
 # Which ops run
 

@@ -5,14 +5,16 @@
 // vector load per input; the seed is read on the device, so that a CUDA graph replays with the seed
 // tensor's new value rather than the one of its capture.
 //
-// lora_down, lora_grad_A, lora_dropout_add_mm (qlora/lora.h): with dropout, the composite form makes
-// a dropped copy of x (a pass that writes M x K and one that reads it back) or of the product. The
-// fused kernels apply the mask where x is loaded into shared memory, or where the product leaves the
-// accumulators, and multiply on the tensor cores (mma.sync m16n8k16, fp32 accumulation): each reads
-// x (or base) once and writes nothing of its size but the result. Tiles: 64 rows x 64 k a CTA of 4
-// warps, each warp 16 rows; the rank (r <= 128, a multiple of 8) is the narrow side. Partial sums
-// over K (lora_down) or M (lora_grad_A) go to a float32 buffer, one slice a split, and one more
-// kernel adds them in a fixed order: the result is the same bits run to run.
+// lora_down, lora_grad_A (qlora/lora.h): with dropout, the composite form makes a dropped copy of x
+// (a pass that writes M x K and one that reads it back). The fused kernels apply the mask where x is
+// loaded into shared memory and multiply on the tensor cores (mma.sync m16n8k16, fp32 accumulation):
+// each reads x once and writes nothing of its size but the result. Tiles: 64 rows x 64 k a CTA of 4
+// warps, each warp 16 rows; the rank (a multiple of 8) is the narrow side. Partial sums over K
+// (lora_down) or M (lora_grad_A) go to a float32 buffer, one slice a split, and one more kernel adds
+// them in a fixed order: the result is the same bits run to run. Where each runs is fused_applies'.
+//
+// lora_dropout_add_mm has no fused kernel: cuBLAS makes the product and the dropout kernel adds it to
+// base in the product's own buffer (two [M, K] buffers live, not three).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -48,10 +50,11 @@ __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, 
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // out[i] = x[i] * keep(i) * scale (+ base[i], rounded after the product as base + dropout(x) is).
+// out may be x (each element is read before it is written, by the same thread): no __restrict__ there.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kDropoutThreads)
-    dropout_kernel(const T* __restrict__ x, const T* __restrict__ base, T* __restrict__ out, int64_t n,
-                   const int64_t* __restrict__ seed_ptr, uint64_t threshold, at::opmath_type<T> scale) {
+    dropout_kernel(const T* x, const T* __restrict__ base, T* out, int64_t n, const int64_t* __restrict__ seed_ptr,
+                   uint64_t threshold, at::opmath_type<T> scale) {
   using Acc = at::opmath_type<T>;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t groups = (n + 3) / 4;
@@ -84,15 +87,11 @@ bool aligned_for_vec4(const void* p, int64_t element_size) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * element_size) == 0;
 }
 
-at::Tensor dropout_cuda(const char* op, const at::Tensor& base_in, const at::Tensor& x_in, const at::Tensor& seed,
-                        double p) {
-  check_lora_dropout_args(op, x_in, seed, p, base_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor base = base_in.defined() ? base_in.contiguous() : base_in;
-  at::Tensor out = at::empty(x.sizes(), x.options());
+// out = drop(x) (+ base), all contiguous, of one shape and dtype, on the guarded device; out may be x.
+void dropout_into(const at::Tensor& base, const at::Tensor& x, const at::Tensor& out, const at::Tensor& seed,
+                  double p) {
   const int64_t n = x.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   const int64_t groups = ceil_div(n, 4);
   const int sms = device_limits(x.get_device()).sms;
   // Eight CTAs of 256 threads an SM fill it; the grid-stride loop covers the rest.
@@ -111,6 +110,16 @@ at::Tensor dropout_cuda(const char* op, const at::Tensor& base_in, const at::Ten
                                                  dropout_threshold(p), static_cast<Acc>(dropout_scale(p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor dropout_cuda(const char* op, const at::Tensor& base_in, const at::Tensor& x_in, const at::Tensor& seed,
+                        double p) {
+  check_lora_dropout_args(op, x_in, seed, p, base_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor base = base_in.defined() ? base_in.contiguous() : base_in;
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  dropout_into(base, x, out, seed, p);
   return out;
 }
 
@@ -131,8 +140,10 @@ constexpr int kTile = 64;           // rows of a tile, and k (or m) of a chunk
 // Shared rows of 72 elements (144 bytes): 16-byte aligned for the vector stores, and a 32-bit
 // fragment load of lane 4g + c lands in bank 4g + c (row pitch 36 words), so none conflict.
 constexpr int kPitch = kTile + 8;
-constexpr int kMaxFusedRank = 128;  // lora_dropout_add_mm keeps all of r in shared memory
-constexpr int kRankPitch = kMaxFusedRank + 8;
+constexpr int kMaxFusedRank = 128;  // the ranks the GPU tests cover
+// lora_grad_A's fused kernel beat dropout + cuBLAS at r = 16 (1.05-1.21x on the six Llama shapes, M =
+// 4096) and lost at r = 64 (0.73-0.89x): bench/results/lora-h100-2026-12-05-83a2cc8.json, mode products.
+constexpr int kMaxFusedGradARank = 16;
 
 __device__ __forceinline__ uint4 load16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
@@ -322,75 +333,13 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
   }
 }
 
-// out[m][k] = base[m][k] + drop(T(sum_j grad_down[m][j] * A[j][k])): a 64 x 64 tile a CTA (m tile
-// blockIdx.x, k tile blockIdx.y), all of r at once.
-template <typename T>
-__global__ void __launch_bounds__(kFusedThreads)
-    lora_dropout_add_mm_kernel(const T* __restrict__ base, const T* __restrict__ grad_down, const T* __restrict__ A,
-                               T* __restrict__ out, int64_t M, int64_t K, int r, const int64_t* __restrict__ seed_ptr,
-                               uint64_t threshold, float scale) {
-  __shared__ __align__(16) T gs[kTile][kRankPitch];      // [m][j]
-  __shared__ __align__(16) T as[kMaxFusedRank][kPitch];  // [j][k]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int r16 = (r + 15) / 16 * 16;  // the mma's reduction steps; rows r .. r16 are zeros
-  const int chunks_per_row = r16 / 8;
-  for (int q = tid; q < kTile * chunks_per_row; q += kFusedThreads) {
-    const int row = q / chunks_per_row, col = (q % chunks_per_row) * 8;
-    const bool in = m0 + row < M && col < r;
-    *reinterpret_cast<uint4*>(&gs[row][col]) = in ? load16(grad_down + (m0 + row) * r + col) : make_uint4(0, 0, 0, 0);
-  }
-  for (int q = tid; q < r16 * 8; q += kFusedThreads) {
-    const int row = q >> 3, col = (q & 7) * 8;
-    const bool in = row < r && k0 + col < K;
-    *reinterpret_cast<uint4*>(&as[row][col]) =
-        in ? load16(A + static_cast<int64_t>(row) * K + k0 + col) : make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
-  const int wr = warp * 16;
-  float acc[8][4] = {};
-  for (int js = 0; js < r16 / 16; ++js) {
-    const int jj = js * 16 + 2 * c;
-    const uint32_t a[4] = {load32(&gs[wr + g][jj]), load32(&gs[wr + g + 8][jj]), load32(&gs[wr + g][jj + 8]),
-                           load32(&gs[wr + g + 8][jj + 8])};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      mma_16816<T>(acc[nt], a, column_pair(&as[jj][nt * 8 + g], &as[jj + 1][nt * 8 + g]),
-                   column_pair(&as[jj + 8][nt * 8 + g], &as[jj + 9][nt * 8 + g]));
-    }
-  }
-  const uint64_t seed = threshold != 0 ? static_cast<uint64_t>(*seed_ptr) : 0;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t m = m0 + wr + g + 8 * h;
-      const int64_t k = k0 + nt * 8 + 2 * c;  // even, and K is a multiple of 8: k < K covers k + 1
-      if (m >= M || k >= K) continue;
-      const int64_t i = m * K + k;
-      float keep0 = 1.0f, keep1 = 1.0f;
-      if (threshold != 0) {
-        const Philox4 d = philox4x32_10(seed, static_cast<uint64_t>(i / 4));
-        const int e = static_cast<int>(i & 3);  // 0 or 2
-        keep0 = d.v[e] >= threshold ? scale : 0.0f;
-        keep1 = d.v[e + 1] >= threshold ? scale : 0.0f;
-      }
-      const T d0 = from_float<T>(to_float(from_float<T>(acc[nt][2 * h])) * keep0);
-      const T d1 = from_float<T>(to_float(from_float<T>(acc[nt][2 * h + 1])) * keep1);
-      const uint32_t b = load32(base + i);
-      const T b0 = reinterpret_cast<const T*>(&b)[0], b1 = reinterpret_cast<const T*>(&b)[1];
-      *reinterpret_cast<uint32_t*>(out + i) = pack_pair<T>(to_float(from_float<T>(to_float(b0) + to_float(d0))),
-                                                           to_float(from_float<T>(to_float(b1) + to_float(d1))));
-    }
-  }
-}
-
-// Whether the fused kernels take these tensors (all contiguous already): CUDA's 16-bit floats on an
-// sm_80+ GPU, K and r multiples of 8 (16-byte rows, Philox groups that a chunk does not straddle),
-// r up to kMaxFusedRank, 16-byte aligned data.
+// Whether the fused kernels take these tensors (all contiguous already): dropout on (without it the
+// composite form is one cuBLAS product, nothing to fuse), CUDA's 16-bit floats on an sm_80+ GPU, K
+// and r multiples of 8 (16-byte rows, Philox groups that a chunk does not straddle), r up to
+// kMaxFusedRank, 16-byte aligned data. lora_down's fused kernel beat dropout + cuBLAS on every shape
+// measured (1.05-1.27x, r = 16 and 64: bench/results/lora-h100-2026-12-05-83a2cc8.json).
 bool fused_applies(std::initializer_list<const at::Tensor*> tensors, int64_t K, int64_t r, double p) {
-  if (!g_lora_fused.load(std::memory_order_relaxed) || p <= 0.0) return false;
+  if (p <= 0.0) return false;
   const at::Tensor& first = **tensors.begin();
   if (first.scalar_type() != at::kBFloat16 && first.scalar_type() != at::kHalf) return false;
   if (K % 8 != 0 || r % 8 != 0 || r < 8 || r > kMaxFusedRank) return false;
@@ -460,7 +409,7 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& grad_down_in, const at::Tensor& x_
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad_down = grad_down_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  if (M == 0 || K == 0 || !fused_applies({&x, &grad_down}, K, r, p)) {
+  if (M == 0 || K == 0 || r > kMaxFusedGradARank || !fused_applies({&x, &grad_down}, K, r, p)) {
     return lora_grad_A_composite(grad_down_in, x_in, seed, p);
   }
   check_lora_dropout_args("lora_grad_A", x, *seed, p, at::Tensor());
@@ -488,27 +437,15 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& grad_down_in, const at::Tensor& x_
 
 at::Tensor lora_dropout_add_mm_cuda(const at::Tensor& base_in, const at::Tensor& grad_down_in, const at::Tensor& A_in,
                                     const std::optional<at::Tensor>& seed, double p) {
-  const int64_t r = check_lora_product_args("lora_dropout_add_mm", base_in, "base", A_in, grad_down_in, seed, p);
+  check_lora_product_args("lora_dropout_add_mm", base_in, "base", A_in, grad_down_in, seed, p);
+  if (p == 0.0 || base_in.numel() == 0) return lora_dropout_add_mm_composite(base_in, grad_down_in, A_in, seed, p);
+  check_lora_dropout_args("lora_dropout_add_mm", base_in, *seed, p, at::Tensor());
   const c10::cuda::CUDAGuard guard(base_in.device());
-  const at::Tensor base = base_in.contiguous(), grad_down = grad_down_in.contiguous(), A = A_in.contiguous();
-  const int64_t M = base.size(0), K = base.size(1);
-  const int64_t m_tiles = ceil_div(M, kTile), k_tiles = ceil_div(K, kTile);
-  // k tiles ride on gridDim.y (at most 65535): a wider base takes the composite path instead of failing.
-  if (M == 0 || K == 0 || m_tiles > INT32_MAX || k_tiles > 65535 || !fused_applies({&base, &grad_down, &A}, K, r, p)) {
-    return lora_dropout_add_mm_composite(base_in, grad_down_in, A_in, seed, p);
-  }
-  check_lora_dropout_args("lora_dropout_add_mm", base, *seed, p, at::Tensor());
-  at::Tensor out = at::empty({M, K}, base.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(base.get_device()).stream();
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(k_tiles));
-  dispatch_half_types(base.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    lora_dropout_add_mm_kernel<T><<<grid, kFusedThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(base.const_data_ptr()), reinterpret_cast<const T*>(grad_down.const_data_ptr()),
-        reinterpret_cast<const T*>(A.const_data_ptr()), reinterpret_cast<T*>(out.data_ptr()), M, K, static_cast<int>(r),
-        seed->const_data_ptr<int64_t>(), dropout_threshold(p), static_cast<float>(dropout_scale(p)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const at::Tensor base = base_in.contiguous();
+  // The composite form's arithmetic (cuBLAS, then the dropout kernel), with the sum written over the
+  // product: the same bits, one [M, K] buffer fewer at the peak of a layer's backward.
+  at::Tensor out = at::mm(grad_down_in, A_in).contiguous();
+  dropout_into(base, out, out, *seed, p);
   return out;
 }
 

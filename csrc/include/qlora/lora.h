@@ -1,5 +1,5 @@
-// The adapter products of the QLoRA layer (csrc/lora.cpp), which the CUDA file can replace by fused
-// kernels (csrc/cuda/lora.cu):
+// The adapter products of the QLoRA layer (csrc/lora.cpp); csrc/cuda/lora.cu has fused kernels for the
+// first two, where they measured faster than the composite form:
 //   lora_down(x, A, seed, p)                    = drop(x) @ A^T            [M, r]
 //   lora_grad_A(grad_down, x, seed, p)          = grad_down^T @ drop(x)    [r, K]
 //   lora_dropout_add_mm(base, grad_down, A, ..) = base + drop'(grad_down @ A)   [M, K]
@@ -11,14 +11,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <atomic>
 #include <optional>
 
 namespace qlora {
-
-// Whether the CUDA adapter products use the fused kernels (_C._set_lora_fused). Off until the fused
-// kernels have passed the GPU tests and measured faster on the H200.
-extern std::atomic<bool> g_lora_fused;
 
 // Checks the arguments of the three ops (op names the op in messages); returns r.
 int64_t check_lora_product_args(const char* op, const at::Tensor& x, const char* x_name, const at::Tensor& A,
