@@ -182,6 +182,56 @@ def test_resume_refuses_a_checkpoint_of_another_run(model_dir, data_file, tmp_pa
         cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "out"),
                   "--r", "8", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
                   "--lr", "1e-2", "--quiet"])  # fmt: skip
-    with pytest.raises(SystemExit, match="--no-resume will not overwrite them"):
-        run(model_dir, data_file, tmp_path / "out", "--no-resume")
-    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+def test_no_resume_starts_over_and_moves_the_earlier_run_aside(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    interrupted_after_first_checkpoint(model_dir, data_file, out, monkeypatch)
+    first = adapter_tensors(out / "checkpoint-2")
+    (out / "notes.txt").write_text("the user's own file")
+    assert run(model_dir, data_file, out, "--no-resume") == 0
+    assert f"moved to {out / 'previous-1'}" in capsys.readouterr().err
+    # nothing deleted: the earlier checkpoint is whole in previous-1, the user's file untouched
+    moved = adapter_tensors(out / "previous-1" / "checkpoint-2")
+    for k in first:
+        assert_bits_equal(moved[k], first[k], k)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # it started over: the same adapter as a run in an empty directory
+    assert run(model_dir, data_file, tmp_path / "fresh") == 0
+    fresh, again = adapter_tensors(tmp_path / "fresh"), adapter_tensors(out)
+    for k in fresh:
+        assert_bits_equal(again[k], fresh[k], k)
+    # a second --no-resume takes the next number; on an empty directory it moves nothing
+    assert run(model_dir, data_file, out, "--no-resume", "--max-steps", "1") == 0
+    assert (out / "previous-2" / "adapter_model.safetensors").exists()
+    assert run(model_dir, data_file, tmp_path / "empty", "--no-resume", "--max-steps", "1") == 0
+    assert not list((tmp_path / "empty").glob("previous-*"))
+
+
+def test_help_shows_every_default_and_what_each_option_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    parser = cli.build_parser()
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
+    for action in finetune._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest  # says what it does
+        if not action.required:
+            assert f"(default: {action.default})" in text, action.dest
+    assert "(default: 64)" in text and "(default: 0.0002)" in text
+    assert "moved, not deleted" in text
+
+
+@pytest.mark.parametrize("content", [None, "", "\n \n"])
+def test_missing_or_empty_data_is_a_one_line_error(model_dir, tmp_path, capsys, content):
+    data = tmp_path / "train.jsonl"
+    if content is not None:
+        data.write_text(content)
+    assert run(model_dir, data, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{data}: " + ("no such file" if content is None else "no examples") in err
+    assert not (tmp_path / "out").exists()  # nothing written before the data is read

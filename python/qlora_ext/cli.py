@@ -39,7 +39,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import LoraConfig
-from qlora_ext.model import ADAPTER_WEIGHTS_NAME
+from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 _CHECKPOINT = "checkpoint-"
 _STATE = "trainer_state.json"
@@ -68,6 +68,8 @@ def _file_digest(path: Path) -> str:
 def read_examples(path: Path) -> list[dict]:
     """The JSON lines of `path`: each {"text"} or {"prompt", "response"}, strings, not empty."""
     examples = []
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -93,7 +95,7 @@ def read_examples(path: Path) -> list[dict]:
                 raise DataError(f"{where}: {fields[-1]!r} is empty")
             examples.append({k: item[k] for k in fields})
     if not examples:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return examples
 
 
@@ -203,6 +205,27 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"])}
 
 
+# What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
+_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, "log.jsonl", "loss.png")
+_PREVIOUS = "previous-"
+
+
+def _move_earlier_run(output: Path) -> Optional[Path]:
+    """Moves the checkpoints and files of an earlier run in `output` into `output/previous-N/` (N one
+    more than the last such directory) and returns it; None where there was nothing to move."""
+    found = [p for p in output.glob(f"{_CHECKPOINT}*") if p.is_dir()] + [
+        output / name for name in _RUN_FILES if (output / name).exists()
+    ]
+    if not found:
+        return None
+    taken = [int(p.name[len(_PREVIOUS) :]) for p in output.glob(f"{_PREVIOUS}*") if p.name[len(_PREVIOUS) :].isdigit()]
+    dest = output / f"{_PREVIOUS}{max(taken, default=0) + 1}"
+    dest.mkdir()
+    for p in found:
+        os.replace(p, dest / p.name)
+    return dest
+
+
 def _checkpoints(output: Path) -> list[Path]:
     found = []
     for p in output.glob(f"{_CHECKPOINT}*"):
@@ -288,9 +311,11 @@ def finetune(args: argparse.Namespace) -> Path:
     # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same adapter
     run = {k: getattr(args, k) for k in _RUN_KEYS}
     run["data"] = _file_digest(Path(args.data))
-    if existing and args.no_resume:
-        raise SystemExit(f"{output} holds checkpoints of an earlier run ({existing[-1].name}); --no-resume will not "
-                         "overwrite them: pass another --output or remove them")  # fmt: skip
+    if args.no_resume:
+        moved = _move_earlier_run(output)
+        if moved is not None:
+            print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+            existing = []
     if existing:
         saved = json.loads((existing[-1] / _STATE).read_text()).get("run", {})
         changed = sorted(k for k in run if saved.get(k) != run[k])
@@ -351,38 +376,50 @@ def _bar(total: int, start: int, quiet: bool):
     return update
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's docstring as written, and every option's default after its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="qlora-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="qlora-ext", description=__doc__, formatter_class=_HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines")
-    ft.add_argument("--model", required=True, help="a transformers causal LM directory (safetensors weights)")
-    ft.add_argument("--data", required=True, help="JSON lines: {'text'} or {'prompt', 'response'}")
-    ft.add_argument("--output", required=True, help="the adapter and the checkpoints go here")
-    ft.add_argument("--r", type=int, default=64)
-    ft.add_argument("--lora-alpha", type=float, default=16)
-    ft.add_argument("--lora-dropout", type=float, default=0.05)
-    ft.add_argument("--lr", type=float, default=2e-4)
-    ft.add_argument("--warmup-ratio", type=float, default=0.03)
-    ft.add_argument("--max-grad-norm", type=float, default=0.3)
-    ft.add_argument("--batch-size", type=int, default=1)
-    ft.add_argument("--grad-accum", type=int, default=16)
-    ft.add_argument("--epochs", type=float, default=1.0)
+    ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines",
+                        description=__doc__, formatter_class=_HelpFormatter)  # fmt: skip
+    ft.add_argument("--model", required=True, help="a transformers causal LM directory (config.json, safetensors "
+                    "weights, tokenizer)")  # fmt: skip
+    ft.add_argument("--data", required=True, help="the training data: a JSON lines file (formats above)")
+    ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
+    ft.add_argument("--r", type=int, default=64, help="LoRA rank")
+    ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    ft.add_argument("--warmup-ratio", type=float, default=0.03,
+                    help="linear warm-up over this fraction of the steps, then a constant rate")  # fmt: skip
+    ft.add_argument("--max-grad-norm", type=float, default=0.3, help="gradients are clipped to this norm")
+    ft.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    ft.add_argument("--grad-accum", type=int, default=16, help="forward passes per optimizer step")
+    ft.add_argument("--epochs", type=float, default=1.0, help="passes over --data (when --max-steps is 0)")
     ft.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
     ft.add_argument("--max-length", type=int, default=512, help="tokens an example is cut to")
-    ft.add_argument("--save-steps", type=int, default=100, help="a checkpoint every this many steps (0: none)")
-    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
-    ft.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
-    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    ft.add_argument("--no-double-quant", action="store_true")
-    ft.add_argument("--no-gradient-checkpointing", action="store_true")
-    ft.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="compute dtype (bf16 on a GPU, fp32 on the CPU)"
-    )
-    ft.add_argument("--device", default=None)
-    ft.add_argument("--seed", type=int, default=42)
-    ft.add_argument("--quiet", action="store_true")
+    ft.add_argument("--save-steps", type=int, default=100,
+                    help="a checkpoint every this many steps (0: only the last step's)")  # fmt: skip
+    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; 0: all)")
+    ft.add_argument("--no-resume", action="store_true",
+                    help="start over even if --output holds an earlier run: its files are moved, not deleted, into "
+                    "OUTPUT/previous-N/ (without it, a run resumes from the newest checkpoint)")  # fmt: skip
+    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit format of the weights")
+    ft.add_argument("--no-double-quant", action="store_true",
+                    help="keep the absmax statistics in fp32 (double quantization packs them in 8 bits)")  # fmt: skip
+    ft.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep every activation (faster, more memory)")  # fmt: skip
+    ft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="compute dtype (None: bf16 on a GPU, fp32 on the CPU)")  # fmt: skip
+    ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU where there is one)")
+    ft.add_argument("--seed", type=int, default=42, help="seeds the data order, the dropout and the adapters' init")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return ap
 
 
