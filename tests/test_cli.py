@@ -148,7 +148,12 @@ def test_finetune_on_cuda_trains_and_resumes(model_dir, data_file, tmp_path, mon
     [
         ('{"text": "a b"', "not valid JSON"),
         ('["text"]', "a line must be a JSON object"),
-        ('{"prompt": "a"}', "needs 'text', or 'prompt' and 'response'"),
+        ('{"prompt": "a"}', "needs 'text', 'prompt' and 'response', 'prompt' and 'completion', or 'messages'"),
+        ('{"prompt": "a", "response": "b", "completion": "c"}', "needs 'text', 'prompt' and 'response'"),
+        ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
+        ('{"messages": []}', "'messages' must be a list"),
+        ('{"messages": [{"role": "user"}]}', "messages[0] must be an object with 'role' and 'content'"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "'messages' has no assistant turn"),
         ('{"text": 3}', "'text' must be a string"),
         ('{"prompt": "a", "response": "  "}', "'response' is empty"),
     ],
@@ -235,3 +240,70 @@ def test_missing_or_empty_data_is_a_one_line_error(model_dir, tmp_path, capsys, 
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{data}: " + ("no such file" if content is None else "no examples") in err
     assert not (tmp_path / "out").exists()  # nothing written before the data is read
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "a model"},
+    {"role": "user", "content": "the prompt is"},
+    {"role": "assistant", "content": "the answer"},
+    {"role": "user", "content": "a token"},
+    {"role": "assistant", "content": "four bit"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with a chat template in its tokenizer."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-chat-lm") / "m"
+    shutil.copytree(model_dir, path)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_chat_messages_take_loss_on_the_assistant_turns_only(chat_model_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(str(chat_model_dir))
+    [(ids, labels)] = cli.tokenize([{"messages": CONVERSATION, "where": "x:1"}], tok, 512)
+    words = tok.convert_ids_to_tokens(ids)
+    # rendered by the template: roles (unknown words) and turns, each closed by </s>
+    assert words[:3] == ["<unk>", "<unk>", "a"] and words.count("</s>") == 5
+    learned = [tok.convert_ids_to_tokens(t) if t != -100 else None for t in labels]
+    # the assistant's words and the </s> that closes each of its turns; not its "assistant :" header
+    assert [w for w in learned if w] == ["the", "answer", "</s>", "four", "bit", "</s>"]
+    assert all(t in (-100, i) for t, i in zip(labels, ids))
+    first = words.index("answer")
+    assert learned[first - 1 : first + 2] == ["the", "answer", "</s>"] and learned[first - 3] is None
+
+
+def test_data_formats_train(model_dir, chat_model_dir, tmp_path, capsys):
+    pairs = [("the model is", "quantized"), ("a layer of", "four bit"), ("the loss", "is a token")]
+    response = tmp_path / "response.jsonl"
+    response.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    completion = tmp_path / "completion.jsonl"
+    completion.write_text("".join(json.dumps({"prompt": p, "completion": r, "id": 7}) + "\n" for p, r in pairs))
+    # TRL's {"prompt", "completion"} is {"prompt", "response"} by another name
+    assert run(model_dir, response, tmp_path / "response", "--max-steps", "1") == 0
+    assert run(model_dir, completion, tmp_path / "completion", "--max-steps", "1") == 0
+    a, b = adapter_tensors(tmp_path / "response"), adapter_tensors(tmp_path / "completion")
+    for k in a:
+        assert_bits_equal(b[k], a[k], k)
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": CONVERSATION[i:]}) + "\n" for i in (0, 1, 3)))
+    assert run(chat_model_dir, chat, tmp_path / "chat", "--max-steps", "2", "--save-steps", "1") == 0
+    start, end = adapter_tensors(tmp_path / "chat" / "checkpoint-1"), adapter_tensors(tmp_path / "chat")
+    assert any(not torch.equal(start[k], end[k]) for k in end)
+    assert all(torch.isfinite(v).all() for v in end.values())
+
+    # without a chat template: an error that names the line and what to do
+    capsys.readouterr()
+    assert run(model_dir, chat, tmp_path / "no-template") == 2
+    err = capsys.readouterr().err
+    assert f"{chat}:1: a 'messages' line needs a chat template" in err and "chat_template" in err, err

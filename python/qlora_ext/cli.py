@@ -11,8 +11,14 @@ qlora.py: r = 64, alpha = 16, dropout 0.05, AdamW with lr 2e-4, a constant rate 
 warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointing, and batch 1 with
 16 steps of gradient accumulation.
 
-Data: JSON lines, each ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "response": ...}``
-(loss on the response's tokens only). A malformed line is an error that names it.
+Data: JSON lines, each one of
+    {"text": ...}                        loss on every token
+    {"prompt": ..., "response": ...}     loss on the response's tokens only
+    {"prompt": ..., "completion": ...}   the same (TRL's names)
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+                                         rendered by the tokenizer's chat template; loss on the
+                                         assistant turns only
+A malformed line is an error that names its file and line.
 
 Checkpoints: every ``--save-steps`` optimizer steps, ``OUTPUT/checkpoint-STEP/`` gets the adapter (PEFT's
 format), the optimizer and scheduler state and the random generators' states, all in safetensors and
@@ -66,45 +72,80 @@ def _file_digest(path: Path) -> str:
 
 
 def read_examples(path: Path) -> list[dict]:
-    """The JSON lines of `path`: each {"text"} or {"prompt", "response"}, strings, not empty."""
+    """The JSON lines of `path`, each one of ``{"text"}``, ``{"prompt", "response"}``, ``{"prompt",
+    "completion"}`` (TRL's name; read as a response) or ``{"messages": [{"role", "content"}, ...]}``;
+    each example keeps ``where`` (file:line) for the errors found later."""
     examples = []
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8") from None
+            if not line:
+                break
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
-            keys = set(item)
-            if keys == {"text"} or (keys >= {"text"} and not keys & {"prompt", "response"}):
-                fields = ("text",)
-            elif keys >= {"prompt", "response"} and "text" not in keys:
-                fields = ("prompt", "response")
-            else:
-                raise DataError(f"{where}: needs 'text', or 'prompt' and 'response'; it has {sorted(keys)}")
-            for k in fields:
-                if not isinstance(item[k], str):
-                    raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
-            if not any(item[k].strip() for k in fields[-1:]):
-                raise DataError(f"{where}: {fields[-1]!r} is empty")
-            examples.append({k: item[k] for k in fields})
+            examples.append(_example(json_line=line, where=f"{path}:{number}"))
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return examples
 
 
+_FORMATS = "'text', 'prompt' and 'response', 'prompt' and 'completion', or 'messages'"
+
+
+def _example(json_line: str, where: str) -> dict:
+    try:
+        item = json.loads(json_line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
+    keys = set(item)
+    named = keys & {"text", "prompt", "response", "completion", "messages"}
+    if named == {"text"}:
+        fields = ("text",)
+    elif named == {"prompt", "response"} or named == {"prompt", "completion"}:
+        fields = ("prompt", "response" if "response" in named else "completion")
+    elif named == {"messages"}:
+        return {"messages": _messages(item["messages"], where), "where": where}
+    else:
+        raise DataError(f"{where}: needs {_FORMATS}; it has {sorted(keys)}")
+    for k in fields:
+        if not isinstance(item[k], str):
+            raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
+    if not item[fields[-1]].strip():
+        raise DataError(f"{where}: {fields[-1]!r} is empty")
+    if len(fields) == 1:
+        return {"text": item["text"], "where": where}
+    return {"prompt": item["prompt"], "response": item[fields[1]], "where": where}
+
+
+def _messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects, not empty")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content' strings")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: 'messages' has no assistant turn with content: nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt)."""
+    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt; in a
+    conversation, every turn but the assistant's)."""
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
-        if "text" in ex:
+        if "messages" in ex:
+            ids, labels = _tokenize_chat(ex, tokenizer)
+        elif "text" in ex:
             ids = tokenizer(ex["text"], add_special_tokens=True)["input_ids"]
             ids = ids + ([eos] if eos is not None else [])
             labels = list(ids)
@@ -120,6 +161,39 @@ def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[lis
             continue  # a prompt that fills max_length leaves no token to learn from (its loss would be NaN)
         out.append((ids, labels))
     return out
+
+
+def _tokenize_chat(ex: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """A conversation rendered by the tokenizer's chat template, labels on the assistant turns only.
+
+    An assistant turn is the text that rendering messages[: i + 1] adds to rendering messages[:i]
+    with the generation prompt (the template's "assistant:" header stays unlearned, its end-of-turn
+    marker is learned); a token is labelled when it starts inside such a span (the fast tokenizer's
+    character offsets). The template must render a conversation's beginnings as prefixes of it."""
+    where, messages = ex["where"], ex["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: a 'messages' line needs a chat template, and the tokenizer of --model has none "
+                        "(set \"chat_template\" in its tokenizer_config.json, or give 'text' lines)")  # fmt: skip
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{where}: 'messages' lines need a fast tokenizer (tokenizer.json) for the turns' offsets")
+
+    def render(upto, generation_prompt=False):
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = render(len(messages))
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(i, True)) if i else 0, len(render(i + 1))
+        if i and not text.startswith(render(i, True)) or not text.startswith(render(i + 1)):
+            raise DataError(f"{where}: the chat template does not render the conversation's first turns as a prefix "
+                            "of the whole, so the assistant's tokens cannot be told apart")  # fmt: skip
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
 
 
 def batches(data, batch_size: int, pad_id: int, epoch_seed: int):
@@ -390,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description=__doc__, formatter_class=_HelpFormatter)  # fmt: skip
     ft.add_argument("--model", required=True, help="a transformers causal LM directory (config.json, safetensors "
                     "weights, tokenizer)")  # fmt: skip
-    ft.add_argument("--data", required=True, help="the training data: a JSON lines file (formats above)")
+    ft.add_argument("--data", required=True, help="the training data: a JSON lines file (the formats above)")
     ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
     ft.add_argument("--r", type=int, default=64, help="LoRA rank")
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
