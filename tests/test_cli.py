@@ -307,3 +307,43 @@ def test_data_formats_train(model_dir, chat_model_dir, tmp_path, capsys):
     assert run(model_dir, chat, tmp_path / "no-template") == 2
     err = capsys.readouterr().err
     assert f"{chat}:1: a 'messages' line needs a chat template" in err and "chat_template" in err, err
+
+
+def test_a_finished_run_continues_with_more_steps_on_its_own_schedule(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    # warm-up over half of 4 steps: 2 steps
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"]  # the last step is checkpointed
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"length": 4, "warmup": 2}
+    four = adapter_tensors(out)
+    for k, v in adapter_tensors(out / "checkpoint-4").items():
+        assert_bits_equal(v, four[k], k)
+
+    # the same --max-steps again: nothing to do, nothing changed
+    capsys.readouterr()
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"]
+    for k, v in adapter_tensors(out).items():
+        assert_bits_equal(v, four[k], k)
+
+    # 8 steps: it continues from step 4 with the 2-step warm-up it started with (not 4 = half of 8),
+    # so it ends where a straight 8-step run with a 2-step warm-up ends
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0", "--max-steps", "8") == 0
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"length": 4, "warmup": 2} and state["step"] == 8
+    straight = tmp_path / "straight"
+    assert run(model_dir, data_file, straight, "--warmup-ratio", "0.25", "--save-steps", "0", "--max-steps", "8") == 0
+    extended, expected = adapter_tensors(out), adapter_tensors(straight)
+    assert any(not torch.equal(extended[k], four[k]) for k in four)
+    for k in expected:
+        assert_bits_equal(extended[k], expected[k], k)
+    other = tmp_path / "other-warmup"
+    assert run(model_dir, data_file, other, "--warmup-ratio", "0.5", "--save-steps", "0", "--max-steps", "8") == 0
+    assert any(not torch.equal(extended[k], v) for k, v in adapter_tensors(other).items())
+
+    # fewer steps than it has trained: refused, with what to do
+    with pytest.raises(SystemExit, match="has trained 8 steps, past the 6 asked for"):
+        run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--max-steps", "6")

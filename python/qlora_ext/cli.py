@@ -20,12 +20,16 @@ Data: JSON lines, each one of
                                          assistant turns only
 A malformed line is an error that names its file and line.
 
-Checkpoints: every ``--save-steps`` optimizer steps, ``OUTPUT/checkpoint-STEP/`` gets the adapter (PEFT's
-format), the optimizer and scheduler state and the random generators' states, all in safetensors and
-JSON (nothing is pickled). A checkpoint is written into a temporary directory and renamed into place,
-so a crash mid-save leaves the previous one whole. A later run with the same ``--output`` resumes from
-the newest checkpoint and gives the same adapter as a run without the interruption. At the end the
-adapter is written to ``OUTPUT/`` itself.
+Checkpoints: every ``--save-steps`` optimizer steps and at the last step, ``OUTPUT/checkpoint-STEP/``
+gets the adapter (PEFT's format), the optimizer and scheduler state and the random generators'
+states, all in safetensors and JSON (nothing is pickled). A checkpoint is written into a temporary
+directory and renamed into place, so a crash mid-save leaves the previous one whole. A later run with
+the same ``--output`` resumes from the newest checkpoint and gives the same adapter as a run without
+the interruption (``--no-resume`` starts over instead, moving the earlier run's files into
+``OUTPUT/previous-N/``). At the end the adapter is written to ``OUTPUT/`` itself. A finished run
+started again with a larger ``--max-steps`` continues from its last step, on the learning-rate
+schedule it started with (its length and warm-up are recorded in the checkpoint; the warm-up is not
+stretched); with the same ``--max-steps`` there is nothing to do.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class DataError(ValueError):
 
 
 # The arguments a checkpoint is resumed with must be the ones it was written with.
-_RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed", "epochs",
-             "max_steps", "lr", "warmup_ratio", "quant_type", "no_double_quant")  # fmt: skip
+_RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed",
+             "lr", "warmup_ratio", "quant_type", "no_double_quant")  # fmt: skip
+# what a checkpoint written before a key was recorded was run with
+_RUN_KEY_DEFAULTS: dict = {}
 
 
 def _file_digest(path: Path) -> str:
@@ -338,6 +344,10 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _warmup_steps(warmup_ratio: float, length: int) -> int:
+    return max(1, round(warmup_ratio * length)) if warmup_ratio > 0 else 0
+
+
 def finetune(args: argparse.Namespace) -> Path:
     import transformers
 
@@ -363,6 +373,41 @@ def finetune(args: argparse.Namespace) -> Path:
               f"fills --max-length {args.max_length} and leaves no response token", file=sys.stderr)  # fmt: skip
     if not data:
         raise DataError(f"{args.data}: no example has a token to learn from within --max-length {args.max_length}")
+    batches_per_epoch = math.ceil(len(data) / args.batch_size)
+    total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
+
+    output.mkdir(parents=True, exist_ok=True)
+    if args.no_resume:
+        moved = _move_earlier_run(output)
+        if moved is not None:
+            print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+    existing = _checkpoints(output)
+    # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same
+    # adapter. Not --max-steps / --epochs: a finished run is continued with more steps.
+    run = {k: getattr(args, k) for k in _RUN_KEYS}
+    run["data"] = _file_digest(Path(args.data))
+    saved = json.loads((existing[-1] / _STATE).read_text()) if existing else None
+    if saved is not None:
+        changed = sorted(k for k in run if saved.get("run", {}).get(k, _RUN_KEY_DEFAULTS.get(k)) != run[k])
+        if changed:
+            raise SystemExit(f"{existing[-1]} was written by a run with other {', '.join(changed)}; resuming it would "
+                             "train on other batches or another adapter: pass another --output")  # fmt: skip
+        done = saved["step"]
+        if done > total:
+            raise SystemExit(f"{existing[-1]}: that run has trained {done} steps, past the {total} asked for: pass "
+                             f"--max-steps above {done} to continue it, or --no-resume to start over")  # fmt: skip
+        if done == total and (output / ADAPTER_WEIGHTS_NAME).exists():
+            print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in {output}); pass "
+                  f"a larger --max-steps to continue it, or --no-resume to start over", file=sys.stderr)  # fmt: skip
+            return output
+        # The learning-rate schedule is the one the run started with, even where it is continued
+        # with more steps: its length and warm-up are recorded in each checkpoint.
+        schedule = saved.get("schedule") or {"length": saved["total"]}
+    else:
+        schedule = {"length": total}
+    schedule.setdefault("warmup", _warmup_steps(args.warmup_ratio, schedule["length"]))
+    warmup = schedule["warmup"]
+
     lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
     if not args.no_gradient_checkpointing:
@@ -371,35 +416,18 @@ def finetune(args: argparse.Namespace) -> Path:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches_per_epoch = math.ceil(len(data) / args.batch_size)
-    total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
-    warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
     )
-    output.mkdir(parents=True, exist_ok=True)
     step, micro = 0, 0
-    existing = _checkpoints(output)
-    # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same adapter
-    run = {k: getattr(args, k) for k in _RUN_KEYS}
-    run["data"] = _file_digest(Path(args.data))
-    if args.no_resume:
-        moved = _move_earlier_run(output)
-        if moved is not None:
-            print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
-            existing = []
     if existing:
-        saved = json.loads((existing[-1] / _STATE).read_text()).get("run", {})
-        changed = sorted(k for k in run if saved.get(k) != run[k])
-        if changed:
-            raise SystemExit(f"{existing[-1]} was written by a run with other {', '.join(changed)}; resuming it would "
-                             "train on other batches or another adapter: pass another --output")  # fmt: skip
         state = _resume(existing[-1], model, optimizer, scheduler)
         step, micro = state["step"], state["micro"]
         trainable = [p for p in model.parameters() if p.requires_grad]
-        print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
+        if not args.quiet:
+            print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
     model.train()
     progress = _bar(total, step, args.quiet)
     t0, losses = time.perf_counter(), []
@@ -421,8 +449,9 @@ def finetune(args: argparse.Namespace) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress(step, sum(losses[-args.grad_accum :]) / len(losses[-args.grad_accum :]))
-            if args.save_steps and step % args.save_steps == 0 and step < total:
-                loop_state = {"micro": micro, "total": total, "run": run}
+            # the last step is always checkpointed: a finished run can be continued with more steps
+            if step == total or (args.save_steps and step % args.save_steps == 0):
+                loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule}
                 _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
             if step >= total:
                 break
