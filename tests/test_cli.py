@@ -347,3 +347,81 @@ def test_a_finished_run_continues_with_more_steps_on_its_own_schedule(model_dir,
     # fewer steps than it has trained: refused, with what to do
     with pytest.raises(SystemExit, match="has trained 8 steps, past the 6 asked for"):
         run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--max-steps", "6")
+
+
+def read_log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_run_leaves_its_log_eval_loss_and_plot(model_dir, data_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"text": "the model is a quantized layer"}) + "\n"
+                         + json.dumps({"prompt": "the loss of", "response": "four bit"}) + "\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert run(model_dir, data_file, out, "--eval-data", str(eval_file), "--eval-steps", "2") == 0
+    log = read_log(out)
+    train = [e for e in log if "loss" in e]
+    evals = [e for e in log if "eval_loss" in e]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
+    assert [e["step"] for e in log] == [1, 2, 2, 3, 4, 4]  # each evaluation after its step
+    for e in train:
+        assert set(e) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s"}  # no GPU: no peak memory
+        assert 0 < e["loss"] < 10 and e["grad_norm"] > 0 and e["tokens_per_s"] > 0
+    # a 1-step warm-up (3% of 4 steps, at least 1): half the rate at the first step, then lr
+    assert [e["learning_rate"] for e in train] == [5e-3, 1e-2, 1e-2, 1e-2]
+
+    # the eval loss is the mean cross-entropy of the eval tokens under the final adapter, computed here
+    # example by example
+    from qlora_ext.cli import load_model
+
+    lora = qlora_ext.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear")
+    model = load_model(model_dir, lora, torch.float32, torch.device("cpu"), "nf4", True)
+    qlora_ext.delete_adapter(model, "default")
+    qlora_ext.load_adapter(model, out, "default")
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in cli.tokenize(cli.read_examples(eval_file), tok, 512):
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    assert evals[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+
+    # the checkpoint's trainer_state.json has the loss and the history up to its step
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["loss"] == train[1]["loss"] and state["log_history"] == log[:3]
+
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # evaluating does not change the training (no dropout drawn, no generator advanced)
+    assert run(model_dir, data_file, tmp_path / "plain") == 0
+    plain, evaluated = adapter_tensors(tmp_path / "plain"), adapter_tensors(out)
+    for k in plain:
+        assert_bits_equal(evaluated[k], plain[k], k)
+
+
+def test_a_resumed_run_logs_each_step_once_with_the_uninterrupted_losses(model_dir, data_file, tmp_path, monkeypatch):
+    assert run(model_dir, data_file, tmp_path / "straight") == 0
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch)
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then lost
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    assert run(model_dir, data_file, tmp_path / "resumed") == 0
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in straight]
+    assert [e["grad_norm"] for e in resumed] == [e["grad_norm"] for e in straight]
+
+
+def test_without_matplotlib_the_plot_is_a_one_line_note(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert run(model_dir, data_file, tmp_path / "out", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert "loss.png not drawn: matplotlib is not installed (pip install matplotlib)" in err, err
+    assert not (tmp_path / "out" / "loss.png").exists() and len(read_log(tmp_path / "out")) == 1

@@ -26,7 +26,9 @@ states, all in safetensors and JSON (nothing is pickled). A checkpoint is writte
 directory and renamed into place, so a crash mid-save leaves the previous one whole. A later run with
 the same ``--output`` resumes from the newest checkpoint and gives the same adapter as a run without
 the interruption (``--no-resume`` starts over instead, moving the earlier run's files into
-``OUTPUT/previous-N/``). At the end the adapter is written to ``OUTPUT/`` itself. A finished run
+``OUTPUT/previous-N/``). At the end the adapter is written to ``OUTPUT/`` itself, beside
+``log.jsonl`` (a line a step: loss, learning rate, gradient norm before clipping, tokens/s, peak GPU
+memory; a line an evaluation with ``--eval-data``) and ``loss.png`` (where matplotlib is installed). A finished run
 started again with a larger ``--max-steps`` continues from its last step, on the learning-rate
 schedule it started with (its length and warm-up are recorded in the checkpoint; the warm-up is not
 stretched); with the same ``--max-steps`` there is nothing to do.
@@ -54,6 +56,8 @@ from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 _CHECKPOINT = "checkpoint-"
 _STATE = "trainer_state.json"
 _TENSORS = "trainer_state.safetensors"
+_LOG = "log.jsonl"
+_PLOT = "loss.png"
 
 
 class DataError(ValueError):
@@ -207,16 +211,19 @@ def batches(data, batch_size: int, pad_id: int, epoch_seed: int):
     order = list(range(len(data)))
     random.Random(epoch_seed).shuffle(order)
     for i in range(0, len(order), batch_size):
-        chunk = [data[j] for j in order[i : i + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (x, y) in enumerate(chunk):
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, : len(y)] = torch.tensor(y)
-            mask[row, : len(x)] = 1
-        yield ids, labels, mask
+        yield _pad([data[j] for j in order[i : i + batch_size]], pad_id)
+
+
+def _pad(chunk, pad_id: int):
+    width = max(len(ids) for ids, _ in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, (x, y) in enumerate(chunk):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return ids, labels, mask
 
 
 def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_type: str, double_quant: bool):
@@ -286,7 +293,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
-_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, "log.jsonl", "loss.png")
+_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, _LOG, _PLOT)
 _PREVIOUS = "previous-"
 
 
@@ -373,6 +380,11 @@ def finetune(args: argparse.Namespace) -> Path:
               f"fills --max-length {args.max_length} and leaves no response token", file=sys.stderr)  # fmt: skip
     if not data:
         raise DataError(f"{args.data}: no example has a token to learn from within --max-length {args.max_length}")
+    eval_data = None
+    if args.eval_data:
+        eval_data = tokenize(read_examples(Path(args.eval_data)), tokenizer, args.max_length)
+        if not eval_data:
+            raise DataError(f"{args.eval_data}: no example has a token to score within --max-length {args.max_length}")
     batches_per_epoch = math.ceil(len(data) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
 
@@ -421,16 +433,21 @@ def finetune(args: argparse.Namespace) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
     )
-    step, micro = 0, 0
+    step, micro, history = 0, 0, []
     if existing:
         state = _resume(existing[-1], model, optimizer, scheduler)
-        step, micro = state["step"], state["micro"]
+        step, micro, history = state["step"], state["micro"], state.get("log_history", [])
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not args.quiet:
             print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
+    # OUTPUT/log.jsonl: one line a step, and one an evaluation; what a resumed run logged after its
+    # checkpoint is dropped (it is logged again), the checkpoint's history kept
+    log = _Log(output / _LOG, history)
     model.train()
     progress = _bar(total, step, args.quiet)
-    t0, losses = time.perf_counter(), []
+    t0, losses, tokens, t_step = time.perf_counter(), [], 0, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < total:
         epoch, skip = divmod(micro, batches_per_epoch)
         for ids, labels, mask in batches(data, args.batch_size, pad_id, args.seed + epoch):
@@ -440,43 +457,147 @@ def finetune(args: argparse.Namespace) -> Path:
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
             (out.loss / args.grad_accum).backward()
             losses.append(out.loss.item())
+            tokens += int(mask.sum())
             micro += 1
             if micro % args.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step is taken with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress(step, sum(losses[-args.grad_accum :]) / len(losses[-args.grad_accum :]))
+            now = time.perf_counter()
+            entry = {"step": step, "loss": sum(losses[-args.grad_accum :]) / args.grad_accum, "learning_rate": lr,
+                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (now - t_step)}  # fmt: skip
+            if device.type == "cuda":
+                entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log.append(entry)
+            progress(step, entry["loss"], entry["tokens_per_s"])
+            tokens = 0
+            if eval_data is not None and (step == total or (args.eval_steps and step % args.eval_steps == 0)):
+                loss = eval_loss(model, eval_data, args.batch_size, pad_id, device)
+                log.append({"step": step, "eval_loss": loss})
+                if not args.quiet:
+                    progress.write(f"step {step}: eval loss {loss:.4f}")
             # the last step is always checkpointed: a finished run can be continued with more steps
             if step == total or (args.save_steps and step % args.save_steps == 0):
-                loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule}
+                loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule,
+                              "loss": entry["loss"], "log_history": log.history}  # fmt: skip
                 _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
+            t_step = time.perf_counter()  # tokens/s counts the training alone, not the eval or the save
             if step >= total:
                 break
+    log.close()
     qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))
+    plot_losses(log.history, output / _PLOT)
     if not args.quiet:
         print(f"\ntrained {step} steps in {time.perf_counter() - t0:.1f} s; adapter in {output}", flush=True)
     return output
 
 
-def _bar(total: int, start: int, quiet: bool):
-    if quiet:
-        return lambda step, loss: None
+class _Log:
+    """OUTPUT/log.jsonl: rewritten from `history` (a resumed checkpoint's), then one line appended and
+    flushed for each entry."""
+
+    def __init__(self, path: Path, history: list[dict]):
+        self.history = list(history)
+        self._file = open(path, "w", encoding="utf-8")
+        for entry in self.history:
+            self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def append(self, entry: dict) -> None:
+        self.history.append(entry)
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@torch.no_grad()
+def eval_loss(model, data, batch_size: int, pad_id: int, device) -> float:
+    """The mean cross-entropy over every labelled token of `data` (not a mean of batch means), in
+    eval mode (no dropout), the batches in file order."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        chunk = data[i : i + batch_size]
+        ids, labels, mask = _pad(chunk, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((targets != -100).sum())
+    model.train()
+    return total / count
+
+
+def plot_losses(history: list[dict], path: Path) -> Optional[Path]:
+    """Train and eval loss against step, drawn into `path`; None (and a one-line note) without matplotlib."""
     try:
-        from tqdm.auto import tqdm
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
-        return lambda step, loss: print(f"step {step}/{total} loss {loss:.4f}", flush=True)
-    bar = tqdm(total=total, initial=start, unit="step")
+        print(f"qlora-ext finetune: {path.name} not drawn: matplotlib is not installed (pip install matplotlib); "
+              f"the losses are in {path.with_name(_LOG)}", file=sys.stderr)  # fmt: skip
+        return None
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
-    def update(step, loss):
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if step >= total:
-            bar.close()
 
-    return update
+class _Progress:
+    """A tqdm bar (a line a step without tqdm) that shows the loss and tokens/s; nothing when quiet."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.total, self.quiet, self.bar = total, quiet, None
+        if not quiet:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step")
+            except ImportError:
+                pass
+
+    def __call__(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            print(f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:.0f} tokens/s", flush=True)
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
+        if step >= self.total:
+            self.bar.close()
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif not self.quiet:
+            print(line, flush=True)
+
+
+_bar = _Progress
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -513,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-resume", action="store_true",
                     help="start over even if --output holds an earlier run: its files are moved, not deleted, into "
                     "OUTPUT/previous-N/ (without it, a run resumes from the newest checkpoint)")  # fmt: skip
+    ft.add_argument("--eval-data", default=None,
+                    help="JSON lines (as --data) whose loss is measured every --eval-steps and at the end")  # fmt: skip
+    ft.add_argument("--eval-steps", type=int, default=0,
+                    help="the eval loss every this many steps (0: at the last step only)")  # fmt: skip
     ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit format of the weights")
     ft.add_argument("--no-double-quant", action="store_true",
                     help="keep the absmax statistics in fp32 (double quantization packs them in 8 bits)")  # fmt: skip
