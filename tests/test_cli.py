@@ -425,3 +425,50 @@ def test_without_matplotlib_the_plot_is_a_one_line_note(model_dir, data_file, tm
     err = capsys.readouterr().err
     assert "loss.png not drawn: matplotlib is not installed (pip install matplotlib)" in err, err
     assert not (tmp_path / "out" / "loss.png").exists() and len(read_log(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_resume_is_bit_exact_with_each_optimizer(model_dir, data_file, tmp_path, monkeypatch, optim):
+    """r = 64: most adapter matrices have 4096 elements or more, where bitsandbytes' 8-bit optimizers
+    keep their state in 8 bits (smaller ones stay in 32). On the CPU the paged optimizers page
+    nothing (bitsandbytes warns); their state is saved and resumed all the same."""
+    if optim != "adamw":
+        pytest.importorskip("bitsandbytes")
+    args = ("--optim", optim, "--r", "64")
+    assert run(model_dir, data_file, tmp_path / "straight", *args) == 0
+    save = cli._save_checkpoint
+
+    def save_then_crash(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(model_dir, data_file, tmp_path / "resumed", *args)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.safetensors"))
+    if optim.endswith("8bit"):  # 8-bit state was kept (and saved)
+        assert any(v.dtype == torch.uint8 for k, v in saved.items() if k.startswith("optim.")), sorted(saved)
+    assert run(model_dir, data_file, tmp_path / "resumed", *args) == 0
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "resumed")
+    start = adapter_tensors(tmp_path / "straight" / "checkpoint-2")
+    assert any(not torch.equal(straight[k], start[k]) for k in straight)
+    for k in straight:
+        assert_bits_equal(resumed[k], straight[k], k)
+    # another optimizer's checkpoint is not resumed
+    other = "adamw_8bit" if optim == "adamw" else "adamw"
+    if other == "adamw" or pytest.importorskip("bitsandbytes"):
+        with pytest.raises(SystemExit, match="other optim"):
+            run(model_dir, data_file, tmp_path / "resumed", "--optim", other, "--r", "64", "--max-steps", "6")
+
+
+def test_bitsandbytes_optimizers_without_bitsandbytes(model_dir, data_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(
+        SystemExit, match="bitsandbytes is not installed: pip install bitsandbytes, or pass --optim adamw"
+    ):
+        run(model_dir, data_file, tmp_path / "out", "--optim", "paged_adamw_32bit")

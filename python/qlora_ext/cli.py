@@ -66,9 +66,9 @@ class DataError(ValueError):
 
 # The arguments a checkpoint is resumed with must be the ones it was written with.
 _RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed",
-             "lr", "warmup_ratio", "quant_type", "no_double_quant")  # fmt: skip
+             "lr", "warmup_ratio", "quant_type", "no_double_quant", "optim")  # fmt: skip
 # what a checkpoint written before a key was recorded was run with
-_RUN_KEY_DEFAULTS: dict = {}
+_RUN_KEY_DEFAULTS = {"optim": "adamw"}
 
 
 def _file_digest(path: Path) -> str:
@@ -284,12 +284,90 @@ def _jsonable(x):
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state_dict as safetensors (its tensors, keyed ``optim.INDEX.NAME``, a nested
+    dict's keys joined by "/": bitsandbytes keeps its quantization state in one) and JSON (the
+    parameter groups and the state's plain numbers, such as bitsandbytes' integer ``step``, kept as
+    numbers: a 0-d tensor in their place changes what its update computes with)."""
     sd = optimizer.state_dict()
-    tensors = {}
+    tensors, values, seen = {}, {}, set()
+
+    def walk(index, path, d):
+        for name, value in d.items():
+            sub = f"{path}/{name}" if path else str(name)
+            key = f"optim.{index}.{sub}"
+            if isinstance(value, dict):
+                walk(index, sub, value)
+            elif isinstance(value, torch.Tensor):
+                # bitsandbytes gives every parameter's state the same quantization map (qmap1, qmap2):
+                # safetensors refuses shared memory, so each is written as its own copy (256 numbers)
+                ptr = value.untyped_storage().data_ptr() if value.numel() else None
+                tensors[key] = value.clone() if ptr in seen else value
+                seen.add(ptr)
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                values[key] = value
+            else:
+                raise TypeError(f"optimizer state {key} is a {type(value).__name__}: not saved without pickle")
+
     for index, st in sd["state"].items():
-        for name, value in st.items():
-            tensors[f"optim.{index}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"])}
+        walk(index, "", st)
+    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"]), "values": values}
+
+
+def _optimizer_state(opt: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The optimizer's state_dict back from what _optimizer_tensors wrote."""
+    state = {}
+    items = {k: v for k, v in tensors.items() if k.startswith("optim.")} | opt.get("values", {})
+    for index in opt["indices"]:
+        prefix = f"optim.{index}."
+        st = state[index] = {}
+        for key, value in items.items():
+            if key.startswith(prefix):
+                *parents, name = key[len(prefix) :].split("/")
+                d = st
+                for parent in parents:
+                    d = d.setdefault(parent, {})
+                d[name] = value
+    return state
+
+
+_OPTIMIZERS = {
+    # --optim: (bitsandbytes.optim's class, or None for torch.optim.AdamW)
+    "adamw": None,
+    "paged_adamw_32bit": "PagedAdamW32bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "adamw_8bit": "AdamW8bit",
+}
+
+
+def make_optimizer(name: str, params, lr: float):
+    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay, as qlora.py) in torch's implementation or
+    bitsandbytes' paged and 8-bit ones."""
+    cls = _OPTIMIZERS[name]
+    if cls is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SystemExit(f"--optim {name} is bitsandbytes' optimizer, and bitsandbytes is not installed: pip "
+                         "install bitsandbytes, or pass --optim adamw") from None  # fmt: skip
+    return getattr(bitsandbytes.optim, cls)(params, lr=lr, weight_decay=0.0)
+
+
+def _page_state(optimizer) -> None:
+    """bitsandbytes' load_state_dict leaves a paged optimizer's state in ordinary GPU memory: copy the
+    state that its step would have paged (1e5 elements and more, on CUDA) into paged buffers again."""
+    if not getattr(optimizer, "is_paged", False):
+        return
+    import bitsandbytes.functional as F
+
+    for p, st in optimizer.state.items():
+        for key in ("state1", "state2"):
+            v = st.get(key)
+            if isinstance(v, torch.Tensor) and v.is_cuda and p.numel() >= 1e5 and not getattr(v, "is_paged", False):
+                buf = F.get_paged(*v.shape, dtype=v.dtype, device=v.device)
+                buf.copy_(v)
+                optimizer.page_mng.paged_tensors.append(buf)
+                st[key] = buf
 
 
 # What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
@@ -330,14 +408,11 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
     qlora_ext.load_adapter(model, checkpoint, "default", is_trainable=True)
     tensors = load_file(str(checkpoint / _TENSORS))
     opt = state["optimizer"]
-    opt_state = {}
-    for index in opt["indices"]:
-        prefix = f"optim.{index}."
-        opt_state[index] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     # the parameters the optimizer holds are the new adapter's: point it at them, then load
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.param_groups[0]["params"] = trainable
-    optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
+    optimizer.load_state_dict({"state": _optimizer_state(opt, tensors), "param_groups": opt["param_groups"]})
+    _page_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     device = next(model.parameters()).device
@@ -429,7 +504,7 @@ def finetune(args: argparse.Namespace) -> Path:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(args.optim, trainable, args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
     )
@@ -620,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    ft.add_argument("--optim", default="adamw", choices=list(_OPTIMIZERS),
+                    help="AdamW: torch's, or bitsandbytes' (installed apart) with its state paged to CPU memory when "
+                    "the GPU's runs out (paged_*; qlora.py's default, which fits 65B on one 48 GB GPU) or in 8 bits "
+                    "(*_8bit)")  # fmt: skip
     ft.add_argument("--warmup-ratio", type=float, default=0.03,
                     help="linear warm-up over this fraction of the steps, then a constant rate")  # fmt: skip
     ft.add_argument("--max-grad-norm", type=float, default=0.3, help="gradients are clipped to this norm")
