@@ -472,3 +472,39 @@ def test_bitsandbytes_optimizers_without_bitsandbytes(model_dir, data_file, tmp_
         SystemExit, match="bitsandbytes is not installed: pip install bitsandbytes, or pass --optim adamw"
     ):
         run(model_dir, data_file, tmp_path / "out", "--optim", "paged_adamw_32bit")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_a_paged_optimizer_state_is_paged_again_on_resume(tmp_path):
+    """bitsandbytes' load_state_dict puts a paged optimizer's state in ordinary GPU memory; the CLI's
+    resume copies it into paged buffers again, and the next step is the uninterrupted one's."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(512, 256, device="cuda", generator=g) for _ in range(3)]  # 131072 elements: paged
+    p = torch.nn.Parameter(torch.randn(512, 256, device="cuda", generator=g))
+    opt = bnb.optim.PagedAdamW32bit([p], lr=1e-3, weight_decay=0.0)
+    for grad in grads[:2]:
+        p.grad = grad.clone()
+        opt.step()
+    assert getattr(opt.state[p]["state1"], "is_paged", False)
+    tensors, meta = cli._optimizer_tensors(opt)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "s.safetensors"))
+    meta = json.loads(json.dumps(meta))
+
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = bnb.optim.PagedAdamW32bit([q], lr=1e-3, weight_decay=0.0)
+    state = cli._optimizer_state(meta, load_file(str(tmp_path / "s.safetensors")))
+    resumed.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    cli._page_state(resumed)
+    for key in ("state1", "state2"):
+        assert getattr(resumed.state[q][key], "is_paged", False), key
+    assert resumed.state[q]["step"] == 2 and isinstance(resumed.state[q]["step"], int)
+    p.grad, q.grad = grads[2].clone(), grads[2].clone()
+    opt.step()
+    resumed.step()
+    torch.cuda.synchronize()
+    assert_bits_equal(q.detach(), p.detach(), "parameter after the resumed step")
