@@ -9,7 +9,8 @@ quantized layer by layer (NF4 with double quantization), so the 16-bit model is 
 memory. LoRA goes on every linear layer of the blocks. The defaults are those of the original
 qlora.py: r = 64, alpha = 16, dropout 0.05, AdamW with lr 2e-4, a constant rate after a linear
 warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointing, and batch 1 with
-16 steps of gradient accumulation.
+16 steps of gradient accumulation; but the optimizer is torch's AdamW unless asked (qlora.py's is
+bitsandbytes' paged one: --optim paged_adamw_32bit).
 
 Data: JSON lines, each one of
     {"text": ...}                        loss on every token
