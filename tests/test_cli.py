@@ -154,6 +154,14 @@ def test_finetune_on_cuda_trains_and_resumes(model_dir, data_file, tmp_path, mon
         ('{"messages": []}', "'messages' must be a list"),
         ('{"messages": [{"role": "user"}]}', "messages[0] must be an object with 'role' and 'content'"),
         ('{"messages": [{"role": "user", "content": "a"}]}', "'messages' has no assistant turn"),
+        (
+            '{"prompt": [{"role": "user", "content": "a"}], "completion": "b"}',
+            "'prompt' is a list of messages, so 'completion' must be one too",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]}',
+            "'completion' has no assistant turn",
+        ),
         ('{"text": 3}', "'text' must be a string"),
         ('{"prompt": "a", "response": "  "}', "'response' is empty"),
     ],
@@ -280,6 +288,12 @@ def test_chat_messages_take_loss_on_the_assistant_turns_only(chat_model_dir):
     assert all(t in (-100, i) for t, i in zip(labels, ids))
     first = words.index("answer")
     assert learned[first - 1 : first + 2] == ["the", "answer", "</s>"] and learned[first - 3] is None
+
+    # TRL's conversational prompt-completion: the same text, only the completion's assistant turn learned
+    [line] = [cli._example(json.dumps({"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}), "x:1")]
+    [(ids2, labels2)] = cli.tokenize([line], tok, 512)
+    assert ids2 == ids
+    assert [tok.convert_ids_to_tokens(t) for t in labels2 if t != -100] == ["four", "bit", "</s>"]
 
 
 def test_data_formats_train(model_dir, chat_model_dir, tmp_path, capsys):

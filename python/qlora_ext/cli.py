@@ -19,6 +19,9 @@ Data: JSON lines, each one of
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
                                          rendered by the tokenizer's chat template; loss on the
                                          assistant turns only
+    {"prompt": [messages], "completion": [messages]}
+                                         TRL's conversational form: loss on the completion's
+                                         assistant turns only
 A malformed line is an error that names its file and line.
 
 Checkpoints: every ``--save-steps`` optimizer steps and at the last step, ``OUTPUT/checkpoint-STEP/``
@@ -121,6 +124,13 @@ def _example(json_line: str, where: str) -> dict:
     named = keys & {"text", "prompt", "response", "completion", "messages"}
     if named == {"text"}:
         fields = ("text",)
+    elif named == {"prompt", "completion"} and isinstance(item["prompt"], list):
+        # TRL's conversational prompt-completion: the completion's assistant turns are learned
+        if not isinstance(item["completion"], list):
+            raise DataError(f"{where}: 'prompt' is a list of messages, so 'completion' must be one too")
+        prompt = _messages(item["prompt"], where, "prompt", need_assistant=False)
+        completion = _messages(item["completion"], where, "completion")
+        return {"messages": prompt + completion, "learn_from": len(prompt), "where": where}
     elif named == {"prompt", "response"} or named == {"prompt", "completion"}:
         fields = ("prompt", "response" if "response" in named else "completion")
     elif named == {"messages"}:
@@ -137,14 +147,14 @@ def _example(json_line: str, where: str) -> dict:
     return {"prompt": item["prompt"], "response": item[fields[1]], "where": where}
 
 
-def _messages(messages, where: str) -> list[dict]:
+def _messages(messages, where: str, key: str = "messages", need_assistant: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects, not empty")
+        raise DataError(f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, not empty")
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content' strings")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError(f"{where}: 'messages' has no assistant turn with content: nothing to learn from")
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content' strings")
+    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: {key!r} has no assistant turn with content: nothing to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -194,7 +204,7 @@ def _tokenize_chat(ex: dict, tokenizer) -> tuple[list[int], list[int]]:
     text = render(len(messages))
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < ex.get("learn_from", 0):
             continue
         start, end = len(render(i, True)) if i else 0, len(render(i + 1))
         if i and not text.startswith(render(i, True)) or not text.startswith(render(i + 1)):
