@@ -135,6 +135,8 @@ def test_finetune_on_cuda_trains_and_resumes(model_dir, data_file, tmp_path, mon
     start = adapter_tensors(tmp_path / "straight" / "checkpoint-2")
     assert any(not torch.equal(straight[k], start[k]) for k in straight)
     assert all(torch.isfinite(v).all() for v in straight.values())
+    log = read_log(tmp_path / "straight")  # on the GPU each step's line has the peak memory
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(0 < e["peak_memory_gib"] < 1 for e in log)
     interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch, device="cuda")
     assert run(model_dir, data_file, tmp_path / "resumed", device="cuda") == 0
     resumed = adapter_tensors(tmp_path / "resumed")
