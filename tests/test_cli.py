@@ -344,6 +344,14 @@ def test_a_finished_run_continues_with_more_steps_on_its_own_schedule(model_dir,
     for k, v in adapter_tensors(out).items():
         assert_bits_equal(v, four[k], k)
 
+    # stopped between its last checkpoint and writing the adapter: the adapter is written, no step taken
+    (out / "adapter_model.safetensors").unlink()
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"] and len(read_log(out)) == 4
+    for k, v in adapter_tensors(out).items():
+        assert_bits_equal(v, four[k], k)
+
     # 8 steps: it continues from step 4 with the 2-step warm-up it started with (not 4 = half of 8),
     # so it ends where a straight 8-step run with a 2-step warm-up ends
     assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0", "--max-steps", "8") == 0

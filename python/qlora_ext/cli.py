@@ -437,6 +437,14 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether both exist with the same bytes: OUTPUT's adapter is the last checkpoint's (a run stopped
+    between its last checkpoint and writing OUTPUT's adapter leaves an older adapter there, or none)."""
+    import filecmp
+
+    return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
+
+
 def _warmup_steps(warmup_ratio: float, length: int) -> int:
     return max(1, round(warmup_ratio * length)) if warmup_ratio > 0 else 0
 
@@ -494,7 +502,7 @@ def finetune(args: argparse.Namespace) -> Path:
         if done > total:
             raise SystemExit(f"{existing[-1]}: that run has trained {done} steps, past the {total} asked for: pass "
                              f"--max-steps above {done} to continue it, or --no-resume to start over")  # fmt: skip
-        if done == total and (output / ADAPTER_WEIGHTS_NAME).exists():
+        if done == total and _same_file(output / ADAPTER_WEIGHTS_NAME, existing[-1] / ADAPTER_WEIGHTS_NAME):
             print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in {output}); pass "
                   f"a larger --max-steps to continue it, or --no-resume to start over", file=sys.stderr)  # fmt: skip
             return output
