@@ -135,6 +135,8 @@ def test_finetune_on_cuda_trains_and_resumes(model_dir, data_file, tmp_path, mon
     start = adapter_tensors(tmp_path / "straight" / "checkpoint-2")
     assert any(not torch.equal(straight[k], start[k]) for k in straight)
     assert all(torch.isfinite(v).all() for v in straight.values())
+    log = read_log(tmp_path / "straight")  # on the GPU each step's line has the peak memory
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(0 < e["peak_memory_gib"] < 1 for e in log)
     interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch, device="cuda")
     assert run(model_dir, data_file, tmp_path / "resumed", device="cuda") == 0
     resumed = adapter_tensors(tmp_path / "resumed")
@@ -148,7 +150,20 @@ def test_finetune_on_cuda_trains_and_resumes(model_dir, data_file, tmp_path, mon
     [
         ('{"text": "a b"', "not valid JSON"),
         ('["text"]', "a line must be a JSON object"),
-        ('{"prompt": "a"}', "needs 'text', or 'prompt' and 'response'"),
+        ('{"prompt": "a"}', "needs 'text', 'prompt' and 'response', 'prompt' and 'completion', or 'messages'"),
+        ('{"prompt": "a", "response": "b", "completion": "c"}', "needs 'text', 'prompt' and 'response'"),
+        ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
+        ('{"messages": []}', "'messages' must be a list"),
+        ('{"messages": [{"role": "user"}]}', "messages[0] must be an object with 'role' and 'content'"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "'messages' has no assistant turn"),
+        (
+            '{"prompt": [{"role": "user", "content": "a"}], "completion": "b"}',
+            "'prompt' is a list of messages, so 'completion' must be one too",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]}',
+            "'completion' has no assistant turn",
+        ),
         ('{"text": 3}', "'text' must be a string"),
         ('{"prompt": "a", "response": "  "}', "'response' is empty"),
     ],
@@ -182,6 +197,338 @@ def test_resume_refuses_a_checkpoint_of_another_run(model_dir, data_file, tmp_pa
         cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "out"),
                   "--r", "8", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
                   "--lr", "1e-2", "--quiet"])  # fmt: skip
-    with pytest.raises(SystemExit, match="--no-resume will not overwrite them"):
-        run(model_dir, data_file, tmp_path / "out", "--no-resume")
-    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+def test_no_resume_starts_over_and_moves_the_earlier_run_aside(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    interrupted_after_first_checkpoint(model_dir, data_file, out, monkeypatch)
+    first = adapter_tensors(out / "checkpoint-2")
+    (out / "notes.txt").write_text("the user's own file")
+    assert run(model_dir, data_file, out, "--no-resume") == 0
+    assert f"moved to {out / 'previous-1'}" in capsys.readouterr().err
+    # nothing deleted: the earlier checkpoint is whole in previous-1, the user's file untouched
+    moved = adapter_tensors(out / "previous-1" / "checkpoint-2")
+    for k in first:
+        assert_bits_equal(moved[k], first[k], k)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # it started over: the same adapter as a run in an empty directory
+    assert run(model_dir, data_file, tmp_path / "fresh") == 0
+    fresh, again = adapter_tensors(tmp_path / "fresh"), adapter_tensors(out)
+    for k in fresh:
+        assert_bits_equal(again[k], fresh[k], k)
+    # a second --no-resume takes the next number; on an empty directory it moves nothing
+    assert run(model_dir, data_file, out, "--no-resume", "--max-steps", "1") == 0
+    assert (out / "previous-2" / "adapter_model.safetensors").exists()
+    assert run(model_dir, data_file, tmp_path / "empty", "--no-resume", "--max-steps", "1") == 0
+    assert not list((tmp_path / "empty").glob("previous-*"))
+
+
+def test_help_shows_every_default_and_what_each_option_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    parser = cli.build_parser()
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
+    for action in finetune._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest  # says what it does
+        if not action.required:
+            assert f"(default: {action.default})" in text, action.dest
+    assert "(default: 64)" in text and "(default: 0.0002)" in text
+    assert "moved, not deleted" in text
+
+
+@pytest.mark.parametrize("content", [None, "", "\n \n"])
+def test_missing_or_empty_data_is_a_one_line_error(model_dir, tmp_path, capsys, content):
+    data = tmp_path / "train.jsonl"
+    if content is not None:
+        data.write_text(content)
+    assert run(model_dir, data, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{data}: " + ("no such file" if content is None else "no examples") in err
+    assert not (tmp_path / "out").exists()  # nothing written before the data is read
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "a model"},
+    {"role": "user", "content": "the prompt is"},
+    {"role": "assistant", "content": "the answer"},
+    {"role": "user", "content": "a token"},
+    {"role": "assistant", "content": "four bit"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with a chat template in its tokenizer."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-chat-lm") / "m"
+    shutil.copytree(model_dir, path)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_chat_messages_take_loss_on_the_assistant_turns_only(chat_model_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(str(chat_model_dir))
+    [(ids, labels)] = cli.tokenize([{"messages": CONVERSATION, "where": "x:1"}], tok, 512)
+    words = tok.convert_ids_to_tokens(ids)
+    # rendered by the template: roles (unknown words) and turns, each closed by </s>
+    assert words[:3] == ["<unk>", "<unk>", "a"] and words.count("</s>") == 5
+    learned = [tok.convert_ids_to_tokens(t) if t != -100 else None for t in labels]
+    # the assistant's words and the </s> that closes each of its turns; not its "assistant :" header
+    assert [w for w in learned if w] == ["the", "answer", "</s>", "four", "bit", "</s>"]
+    assert all(t in (-100, i) for t, i in zip(labels, ids))
+    first = words.index("answer")
+    assert learned[first - 1 : first + 2] == ["the", "answer", "</s>"] and learned[first - 3] is None
+
+    # TRL's conversational prompt-completion: the same text, only the completion's assistant turn learned
+    [line] = [cli._example(json.dumps({"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}), "x:1")]
+    [(ids2, labels2)] = cli.tokenize([line], tok, 512)
+    assert ids2 == ids
+    assert [tok.convert_ids_to_tokens(t) for t in labels2 if t != -100] == ["four", "bit", "</s>"]
+
+
+def test_data_formats_train(model_dir, chat_model_dir, tmp_path, capsys):
+    pairs = [("the model is", "quantized"), ("a layer of", "four bit"), ("the loss", "is a token")]
+    response = tmp_path / "response.jsonl"
+    response.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    completion = tmp_path / "completion.jsonl"
+    completion.write_text("".join(json.dumps({"prompt": p, "completion": r, "id": 7}) + "\n" for p, r in pairs))
+    # TRL's {"prompt", "completion"} is {"prompt", "response"} by another name
+    assert run(model_dir, response, tmp_path / "response", "--max-steps", "1") == 0
+    assert run(model_dir, completion, tmp_path / "completion", "--max-steps", "1") == 0
+    a, b = adapter_tensors(tmp_path / "response"), adapter_tensors(tmp_path / "completion")
+    for k in a:
+        assert_bits_equal(b[k], a[k], k)
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": CONVERSATION[i:]}) + "\n" for i in (0, 1, 3)))
+    assert run(chat_model_dir, chat, tmp_path / "chat", "--max-steps", "2", "--save-steps", "1") == 0
+    start, end = adapter_tensors(tmp_path / "chat" / "checkpoint-1"), adapter_tensors(tmp_path / "chat")
+    assert any(not torch.equal(start[k], end[k]) for k in end)
+    assert all(torch.isfinite(v).all() for v in end.values())
+
+    # without a chat template: an error that names the line and what to do
+    capsys.readouterr()
+    assert run(model_dir, chat, tmp_path / "no-template") == 2
+    err = capsys.readouterr().err
+    assert f"{chat}:1: a 'messages' line needs a chat template" in err and "chat_template" in err, err
+
+
+def test_a_finished_run_continues_with_more_steps_on_its_own_schedule(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    # warm-up over half of 4 steps: 2 steps
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"]  # the last step is checkpointed
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"length": 4, "warmup": 2}
+    four = adapter_tensors(out)
+    for k, v in adapter_tensors(out / "checkpoint-4").items():
+        assert_bits_equal(v, four[k], k)
+
+    # the same --max-steps again: nothing to do, nothing changed
+    capsys.readouterr()
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"]
+    for k, v in adapter_tensors(out).items():
+        assert_bits_equal(v, four[k], k)
+
+    # stopped between its last checkpoint and writing the adapter: the adapter is written, no step taken
+    (out / "adapter_model.safetensors").unlink()
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0") == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4"] and len(read_log(out)) == 4
+    for k, v in adapter_tensors(out).items():
+        assert_bits_equal(v, four[k], k)
+
+    # 8 steps: it continues from step 4 with the 2-step warm-up it started with (not 4 = half of 8),
+    # so it ends where a straight 8-step run with a 2-step warm-up ends
+    assert run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--save-steps", "0", "--max-steps", "8") == 0
+    assert [p.name for p in cli._checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"length": 4, "warmup": 2} and state["step"] == 8
+    straight = tmp_path / "straight"
+    assert run(model_dir, data_file, straight, "--warmup-ratio", "0.25", "--save-steps", "0", "--max-steps", "8") == 0
+    extended, expected = adapter_tensors(out), adapter_tensors(straight)
+    assert any(not torch.equal(extended[k], four[k]) for k in four)
+    for k in expected:
+        assert_bits_equal(extended[k], expected[k], k)
+    other = tmp_path / "other-warmup"
+    assert run(model_dir, data_file, other, "--warmup-ratio", "0.5", "--save-steps", "0", "--max-steps", "8") == 0
+    assert any(not torch.equal(extended[k], v) for k, v in adapter_tensors(other).items())
+
+    # fewer steps than it has trained: refused, with what to do
+    with pytest.raises(SystemExit, match="has trained 8 steps, past the 6 asked for"):
+        run(model_dir, data_file, out, "--warmup-ratio", "0.5", "--max-steps", "6")
+
+
+def read_log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_run_leaves_its_log_eval_loss_and_plot(model_dir, data_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"text": "the model is a quantized layer"}) + "\n"
+                         + json.dumps({"prompt": "the loss of", "response": "four bit"}) + "\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert run(model_dir, data_file, out, "--eval-data", str(eval_file), "--eval-steps", "2") == 0
+    log = read_log(out)
+    train = [e for e in log if "loss" in e]
+    evals = [e for e in log if "eval_loss" in e]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
+    assert [e["step"] for e in log] == [1, 2, 2, 3, 4, 4]  # each evaluation after its step
+    for e in train:
+        assert set(e) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s"}  # no GPU: no peak memory
+        assert 0 < e["loss"] < 10 and e["grad_norm"] > 0 and e["tokens_per_s"] > 0
+    # a 1-step warm-up (3% of 4 steps, at least 1): half the rate at the first step, then lr
+    assert [e["learning_rate"] for e in train] == [5e-3, 1e-2, 1e-2, 1e-2]
+
+    # the eval loss is the mean cross-entropy of the eval tokens under the final adapter, computed here
+    # example by example
+    from qlora_ext.cli import load_model
+
+    lora = qlora_ext.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear")
+    model = load_model(model_dir, lora, torch.float32, torch.device("cpu"), "nf4", True)
+    qlora_ext.delete_adapter(model, "default")
+    qlora_ext.load_adapter(model, out, "default")
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in cli.tokenize(cli.read_examples(eval_file), tok, 512):
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    assert evals[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+
+    # the checkpoint's trainer_state.json has the loss and the history up to its step
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["loss"] == train[1]["loss"] and state["log_history"] == log[:3]
+
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # evaluating does not change the training (no dropout drawn, no generator advanced)
+    assert run(model_dir, data_file, tmp_path / "plain") == 0
+    plain, evaluated = adapter_tensors(tmp_path / "plain"), adapter_tensors(out)
+    for k in plain:
+        assert_bits_equal(evaluated[k], plain[k], k)
+
+
+def test_a_resumed_run_logs_each_step_once_with_the_uninterrupted_losses(model_dir, data_file, tmp_path, monkeypatch):
+    assert run(model_dir, data_file, tmp_path / "straight") == 0
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch)
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then lost
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    assert run(model_dir, data_file, tmp_path / "resumed") == 0
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in straight]
+    assert [e["grad_norm"] for e in resumed] == [e["grad_norm"] for e in straight]
+
+
+def test_without_matplotlib_the_plot_is_a_one_line_note(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert run(model_dir, data_file, tmp_path / "out", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert "loss.png not drawn: matplotlib is not installed (pip install matplotlib)" in err, err
+    assert not (tmp_path / "out" / "loss.png").exists() and len(read_log(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_resume_is_bit_exact_with_each_optimizer(model_dir, data_file, tmp_path, monkeypatch, optim):
+    """r = 64: most adapter matrices have 4096 elements or more, where bitsandbytes' 8-bit optimizers
+    keep their state in 8 bits (smaller ones stay in 32). On the CPU the paged optimizers page
+    nothing (bitsandbytes warns); their state is saved and resumed all the same."""
+    if optim != "adamw":
+        pytest.importorskip("bitsandbytes")
+    args = ("--optim", optim, "--r", "64")
+    assert run(model_dir, data_file, tmp_path / "straight", *args) == 0
+    save = cli._save_checkpoint
+
+    def save_then_crash(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(model_dir, data_file, tmp_path / "resumed", *args)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.safetensors"))
+    if optim.endswith("8bit"):  # 8-bit state was kept (and saved)
+        assert any(v.dtype == torch.uint8 for k, v in saved.items() if k.startswith("optim.")), sorted(saved)
+    assert run(model_dir, data_file, tmp_path / "resumed", *args) == 0
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "resumed")
+    start = adapter_tensors(tmp_path / "straight" / "checkpoint-2")
+    assert any(not torch.equal(straight[k], start[k]) for k in straight)
+    for k in straight:
+        assert_bits_equal(resumed[k], straight[k], k)
+    # another optimizer's checkpoint is not resumed
+    other = "adamw_8bit" if optim == "adamw" else "adamw"
+    if other == "adamw" or pytest.importorskip("bitsandbytes"):
+        with pytest.raises(SystemExit, match="other optim"):
+            run(model_dir, data_file, tmp_path / "resumed", "--optim", other, "--r", "64", "--max-steps", "6")
+
+
+def test_bitsandbytes_optimizers_without_bitsandbytes(model_dir, data_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(
+        SystemExit, match="bitsandbytes is not installed: pip install bitsandbytes, or pass --optim adamw"
+    ):
+        run(model_dir, data_file, tmp_path / "out", "--optim", "paged_adamw_32bit")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_a_paged_optimizer_state_is_paged_again_on_resume(tmp_path):
+    """bitsandbytes' load_state_dict puts a paged optimizer's state in ordinary GPU memory; the CLI's
+    resume copies it into paged buffers again, and the next step is the uninterrupted one's."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(512, 256, device="cuda", generator=g) for _ in range(3)]  # 131072 elements: paged
+    p = torch.nn.Parameter(torch.randn(512, 256, device="cuda", generator=g))
+    opt = bnb.optim.PagedAdamW32bit([p], lr=1e-3, weight_decay=0.0)
+    for grad in grads[:2]:
+        p.grad = grad.clone()
+        opt.step()
+    assert getattr(opt.state[p]["state1"], "is_paged", False)
+    tensors, meta = cli._optimizer_tensors(opt)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "s.safetensors"))
+    meta = json.loads(json.dumps(meta))
+
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = bnb.optim.PagedAdamW32bit([q], lr=1e-3, weight_decay=0.0)
+    state = cli._optimizer_state(meta, load_file(str(tmp_path / "s.safetensors")))
+    resumed.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    cli._page_state(resumed)
+    for key in ("state1", "state2"):
+        assert getattr(resumed.state[q][key], "is_paged", False), key
+    assert resumed.state[q]["step"] == 2 and isinstance(resumed.state[q]["step"], int)
+    p.grad, q.grad = grads[2].clone(), grads[2].clone()
+    opt.step()
+    resumed.step()
+    torch.cuda.synchronize()
+    assert_bits_equal(q.detach(), p.detach(), "parameter after the resumed step")

@@ -9,17 +9,33 @@ quantized layer by layer (NF4 with double quantization), so the 16-bit model is 
 memory. LoRA goes on every linear layer of the blocks. The defaults are those of the original
 qlora.py: r = 64, alpha = 16, dropout 0.05, AdamW with lr 2e-4, a constant rate after a linear
 warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointing, and batch 1 with
-16 steps of gradient accumulation.
+16 steps of gradient accumulation; but the optimizer is torch's AdamW unless asked (qlora.py's is
+bitsandbytes' paged one: --optim paged_adamw_32bit).
 
-Data: JSON lines, each ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "response": ...}``
-(loss on the response's tokens only). A malformed line is an error that names it.
+Data: JSON lines, each one of
+    {"text": ...}                        loss on every token
+    {"prompt": ..., "response": ...}     loss on the response's tokens only
+    {"prompt": ..., "completion": ...}   the same (TRL's names)
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+                                         rendered by the tokenizer's chat template; loss on the
+                                         assistant turns only
+    {"prompt": [messages], "completion": [messages]}
+                                         TRL's conversational form: loss on the completion's
+                                         assistant turns only
+A malformed line is an error that names its file and line.
 
-Checkpoints: every ``--save-steps`` optimizer steps, ``OUTPUT/checkpoint-STEP/`` gets the adapter (PEFT's
-format), the optimizer and scheduler state and the random generators' states, all in safetensors and
-JSON (nothing is pickled). A checkpoint is written into a temporary directory and renamed into place,
-so a crash mid-save leaves the previous one whole. A later run with the same ``--output`` resumes from
-the newest checkpoint and gives the same adapter as a run without the interruption. At the end the
-adapter is written to ``OUTPUT/`` itself.
+Checkpoints: every ``--save-steps`` optimizer steps and at the last step, ``OUTPUT/checkpoint-STEP/``
+gets the adapter (PEFT's format), the optimizer and scheduler state and the random generators'
+states, all in safetensors and JSON (nothing is pickled). A checkpoint is written into a temporary
+directory and renamed into place, so a crash mid-save leaves the previous one whole. A later run with
+the same ``--output`` resumes from the newest checkpoint and gives the same adapter as a run without
+the interruption (``--no-resume`` starts over instead, moving the earlier run's files into
+``OUTPUT/previous-N/``). At the end the adapter is written to ``OUTPUT/`` itself, beside
+``log.jsonl`` (a line a step: loss, learning rate, gradient norm before clipping, tokens/s, peak GPU
+memory; a line an evaluation with ``--eval-data``) and ``loss.png`` (where matplotlib is installed). A finished run
+started again with a larger ``--max-steps`` continues from its last step, on the learning-rate
+schedule it started with (its length and warm-up are recorded in the checkpoint; the warm-up is not
+stretched); with the same ``--max-steps`` there is nothing to do.
 """
 
 from __future__ import annotations
@@ -39,11 +55,13 @@ import torch
 
 import qlora_ext
 from qlora_ext import LoraConfig
-from qlora_ext.model import ADAPTER_WEIGHTS_NAME
+from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 _CHECKPOINT = "checkpoint-"
 _STATE = "trainer_state.json"
 _TENSORS = "trainer_state.safetensors"
+_LOG = "log.jsonl"
+_PLOT = "loss.png"
 
 
 class DataError(ValueError):
@@ -51,8 +69,10 @@ class DataError(ValueError):
 
 
 # The arguments a checkpoint is resumed with must be the ones it was written with.
-_RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed", "epochs",
-             "max_steps", "lr", "warmup_ratio", "quant_type", "no_double_quant")  # fmt: skip
+_RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed",
+             "lr", "warmup_ratio", "quant_type", "no_double_quant", "optim")  # fmt: skip
+# what a checkpoint written before a key was recorded was run with
+_RUN_KEY_DEFAULTS = {"optim": "adamw"}
 
 
 def _file_digest(path: Path) -> str:
@@ -66,43 +86,87 @@ def _file_digest(path: Path) -> str:
 
 
 def read_examples(path: Path) -> list[dict]:
-    """The JSON lines of `path`: each {"text"} or {"prompt", "response"}, strings, not empty."""
+    """The JSON lines of `path`, each one of ``{"text"}``, ``{"prompt", "response"}``, ``{"prompt",
+    "completion"}`` (TRL's name; read as a response) or ``{"messages": [{"role", "content"}, ...]}``;
+    each example keeps ``where`` (file:line) for the errors found later."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
+    with open(path, encoding="utf-8", errors="strict") as f:
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8") from None
+            if not line:
+                break
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
-            keys = set(item)
-            if keys == {"text"} or (keys >= {"text"} and not keys & {"prompt", "response"}):
-                fields = ("text",)
-            elif keys >= {"prompt", "response"} and "text" not in keys:
-                fields = ("prompt", "response")
-            else:
-                raise DataError(f"{where}: needs 'text', or 'prompt' and 'response'; it has {sorted(keys)}")
-            for k in fields:
-                if not isinstance(item[k], str):
-                    raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
-            if not any(item[k].strip() for k in fields[-1:]):
-                raise DataError(f"{where}: {fields[-1]!r} is empty")
-            examples.append({k: item[k] for k in fields})
+            examples.append(_example(json_line=line, where=f"{path}:{number}"))
     if not examples:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return examples
 
 
+_FORMATS = "'text', 'prompt' and 'response', 'prompt' and 'completion', or 'messages'"
+
+
+def _example(json_line: str, where: str) -> dict:
+    try:
+        item = json.loads(json_line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
+    keys = set(item)
+    named = keys & {"text", "prompt", "response", "completion", "messages"}
+    if named == {"text"}:
+        fields = ("text",)
+    elif named == {"prompt", "completion"} and isinstance(item["prompt"], list):
+        # TRL's conversational prompt-completion: the completion's assistant turns are learned
+        if not isinstance(item["completion"], list):
+            raise DataError(f"{where}: 'prompt' is a list of messages, so 'completion' must be one too")
+        prompt = _messages(item["prompt"], where, "prompt", need_assistant=False)
+        completion = _messages(item["completion"], where, "completion")
+        return {"messages": prompt + completion, "learn_from": len(prompt), "where": where}
+    elif named == {"prompt", "response"} or named == {"prompt", "completion"}:
+        fields = ("prompt", "response" if "response" in named else "completion")
+    elif named == {"messages"}:
+        return {"messages": _messages(item["messages"], where), "where": where}
+    else:
+        raise DataError(f"{where}: needs {_FORMATS}; it has {sorted(keys)}")
+    for k in fields:
+        if not isinstance(item[k], str):
+            raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
+    if not item[fields[-1]].strip():
+        raise DataError(f"{where}: {fields[-1]!r} is empty")
+    if len(fields) == 1:
+        return {"text": item["text"], "where": where}
+    return {"prompt": item["prompt"], "response": item[fields[1]], "where": where}
+
+
+def _messages(messages, where: str, key: str = "messages", need_assistant: bool = True) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, not empty")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content' strings")
+    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: {key!r} has no assistant turn with content: nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt)."""
+    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt; in a
+    conversation, every turn but the assistant's)."""
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
-        if "text" in ex:
+        if "messages" in ex:
+            ids, labels = _tokenize_chat(ex, tokenizer)
+        elif "text" in ex:
             ids = tokenizer(ex["text"], add_special_tokens=True)["input_ids"]
             ids = ids + ([eos] if eos is not None else [])
             labels = list(ids)
@@ -120,21 +184,57 @@ def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[lis
     return out
 
 
+def _tokenize_chat(ex: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """A conversation rendered by the tokenizer's chat template, labels on the assistant turns only.
+
+    An assistant turn is the text that rendering messages[: i + 1] adds to rendering messages[:i]
+    with the generation prompt (the template's "assistant:" header stays unlearned, its end-of-turn
+    marker is learned); a token is labelled when it starts inside such a span (the fast tokenizer's
+    character offsets). The template must render a conversation's beginnings as prefixes of it."""
+    where, messages = ex["where"], ex["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: a 'messages' line needs a chat template, and the tokenizer of --model has none "
+                        "(set \"chat_template\" in its tokenizer_config.json, or give 'text' lines)")  # fmt: skip
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{where}: 'messages' lines need a fast tokenizer (tokenizer.json) for the turns' offsets")
+
+    def render(upto, generation_prompt=False):
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = render(len(messages))
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < ex.get("learn_from", 0):
+            continue
+        start, end = len(render(i, True)) if i else 0, len(render(i + 1))
+        if i and not text.startswith(render(i, True)) or not text.startswith(render(i + 1)):
+            raise DataError(f"{where}: the chat template does not render the conversation's first turns as a prefix "
+                            "of the whole, so the assistant's tokens cannot be told apart")  # fmt: skip
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
 def batches(data, batch_size: int, pad_id: int, epoch_seed: int):
     """The epoch's batches in an order fixed by `epoch_seed`, padded on the right."""
     order = list(range(len(data)))
     random.Random(epoch_seed).shuffle(order)
     for i in range(0, len(order), batch_size):
-        chunk = [data[j] for j in order[i : i + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (x, y) in enumerate(chunk):
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, : len(y)] = torch.tensor(y)
-            mask[row, : len(x)] = 1
-        yield ids, labels, mask
+        yield _pad([data[j] for j in order[i : i + batch_size]], pad_id)
+
+
+def _pad(chunk, pad_id: int):
+    width = max(len(ids) for ids, _ in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, (x, y) in enumerate(chunk):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return ids, labels, mask
 
 
 def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_type: str, double_quant: bool):
@@ -195,12 +295,111 @@ def _jsonable(x):
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state_dict as safetensors (its tensors, keyed ``optim.INDEX.NAME``, a nested
+    dict's keys joined by "/": bitsandbytes keeps its quantization state in one) and JSON (the
+    parameter groups and the state's plain numbers, such as bitsandbytes' integer ``step``, kept as
+    numbers: a 0-d tensor in their place changes what its update computes with)."""
     sd = optimizer.state_dict()
-    tensors = {}
+    tensors, values, seen = {}, {}, set()
+
+    def walk(index, path, d):
+        for name, value in d.items():
+            sub = f"{path}/{name}" if path else str(name)
+            key = f"optim.{index}.{sub}"
+            if isinstance(value, dict):
+                walk(index, sub, value)
+            elif isinstance(value, torch.Tensor):
+                # bitsandbytes gives every parameter's state the same quantization map (qmap1, qmap2):
+                # safetensors refuses shared memory, so each is written as its own copy (256 numbers)
+                ptr = value.untyped_storage().data_ptr() if value.numel() else None
+                tensors[key] = value.clone() if ptr in seen else value
+                seen.add(ptr)
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                values[key] = value
+            else:
+                raise TypeError(f"optimizer state {key} is a {type(value).__name__}: not saved without pickle")
+
     for index, st in sd["state"].items():
-        for name, value in st.items():
-            tensors[f"optim.{index}.{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"])}
+        walk(index, "", st)
+    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"]), "values": values}
+
+
+def _optimizer_state(opt: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The optimizer's state_dict back from what _optimizer_tensors wrote."""
+    state = {}
+    items = {k: v for k, v in tensors.items() if k.startswith("optim.")} | opt.get("values", {})
+    for index in opt["indices"]:
+        prefix = f"optim.{index}."
+        st = state[index] = {}
+        for key, value in items.items():
+            if key.startswith(prefix):
+                *parents, name = key[len(prefix) :].split("/")
+                d = st
+                for parent in parents:
+                    d = d.setdefault(parent, {})
+                d[name] = value
+    return state
+
+
+_OPTIMIZERS = {
+    # --optim: (bitsandbytes.optim's class, or None for torch.optim.AdamW)
+    "adamw": None,
+    "paged_adamw_32bit": "PagedAdamW32bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "adamw_8bit": "AdamW8bit",
+}
+
+
+def make_optimizer(name: str, params, lr: float):
+    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay, as qlora.py) in torch's implementation or
+    bitsandbytes' paged and 8-bit ones."""
+    cls = _OPTIMIZERS[name]
+    if cls is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SystemExit(f"--optim {name} is bitsandbytes' optimizer, and bitsandbytes is not installed: pip "
+                         "install bitsandbytes, or pass --optim adamw") from None  # fmt: skip
+    return getattr(bitsandbytes.optim, cls)(params, lr=lr, weight_decay=0.0)
+
+
+def _page_state(optimizer) -> None:
+    """bitsandbytes' load_state_dict leaves a paged optimizer's state in ordinary GPU memory: copy the
+    state that its step would have paged (1e5 elements and more, on CUDA) into paged buffers again."""
+    if not getattr(optimizer, "is_paged", False):
+        return
+    import bitsandbytes.functional as F
+
+    for p, st in optimizer.state.items():
+        for key in ("state1", "state2"):
+            v = st.get(key)
+            if isinstance(v, torch.Tensor) and v.is_cuda and p.numel() >= 1e5 and not getattr(v, "is_paged", False):
+                buf = F.get_paged(*v.shape, dtype=v.dtype, device=v.device)
+                buf.copy_(v)
+                optimizer.page_mng.paged_tensors.append(buf)
+                st[key] = buf
+
+
+# What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
+_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, _LOG, _PLOT)
+_PREVIOUS = "previous-"
+
+
+def _move_earlier_run(output: Path) -> Optional[Path]:
+    """Moves the checkpoints and files of an earlier run in `output` into `output/previous-N/` (N one
+    more than the last such directory) and returns it; None where there was nothing to move."""
+    found = [p for p in output.glob(f"{_CHECKPOINT}*") if p.is_dir()] + [
+        output / name for name in _RUN_FILES if (output / name).exists()
+    ]
+    if not found:
+        return None
+    taken = [int(p.name[len(_PREVIOUS) :]) for p in output.glob(f"{_PREVIOUS}*") if p.name[len(_PREVIOUS) :].isdigit()]
+    dest = output / f"{_PREVIOUS}{max(taken, default=0) + 1}"
+    dest.mkdir()
+    for p in found:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def _checkpoints(output: Path) -> list[Path]:
@@ -220,14 +419,11 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
     qlora_ext.load_adapter(model, checkpoint, "default", is_trainable=True)
     tensors = load_file(str(checkpoint / _TENSORS))
     opt = state["optimizer"]
-    opt_state = {}
-    for index in opt["indices"]:
-        prefix = f"optim.{index}."
-        opt_state[index] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     # the parameters the optimizer holds are the new adapter's: point it at them, then load
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.param_groups[0]["params"] = trainable
-    optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
+    optimizer.load_state_dict({"state": _optimizer_state(opt, tensors), "param_groups": opt["param_groups"]})
+    _page_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     device = next(model.parameters()).device
@@ -239,6 +435,18 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether both exist with the same bytes: OUTPUT's adapter is the last checkpoint's (a run stopped
+    between its last checkpoint and writing OUTPUT's adapter leaves an older adapter there, or none)."""
+    import filecmp
+
+    return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
+
+
+def _warmup_steps(warmup_ratio: float, length: int) -> int:
+    return max(1, round(warmup_ratio * length)) if warmup_ratio > 0 else 0
 
 
 def finetune(args: argparse.Namespace) -> Path:
@@ -266,6 +474,46 @@ def finetune(args: argparse.Namespace) -> Path:
               f"fills --max-length {args.max_length} and leaves no response token", file=sys.stderr)  # fmt: skip
     if not data:
         raise DataError(f"{args.data}: no example has a token to learn from within --max-length {args.max_length}")
+    eval_data = None
+    if args.eval_data:
+        eval_data = tokenize(read_examples(Path(args.eval_data)), tokenizer, args.max_length)
+        if not eval_data:
+            raise DataError(f"{args.eval_data}: no example has a token to score within --max-length {args.max_length}")
+    batches_per_epoch = math.ceil(len(data) / args.batch_size)
+    total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
+
+    output.mkdir(parents=True, exist_ok=True)
+    if args.no_resume:
+        moved = _move_earlier_run(output)
+        if moved is not None:
+            print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+    existing = _checkpoints(output)
+    # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same
+    # adapter. Not --max-steps / --epochs: a finished run is continued with more steps.
+    run = {k: getattr(args, k) for k in _RUN_KEYS}
+    run["data"] = _file_digest(Path(args.data))
+    saved = json.loads((existing[-1] / _STATE).read_text()) if existing else None
+    if saved is not None:
+        changed = sorted(k for k in run if saved.get("run", {}).get(k, _RUN_KEY_DEFAULTS.get(k)) != run[k])
+        if changed:
+            raise SystemExit(f"{existing[-1]} was written by a run with other {', '.join(changed)}; resuming it would "
+                             "train on other batches or another adapter: pass another --output")  # fmt: skip
+        done = saved["step"]
+        if done > total:
+            raise SystemExit(f"{existing[-1]}: that run has trained {done} steps, past the {total} asked for: pass "
+                             f"--max-steps above {done} to continue it, or --no-resume to start over")  # fmt: skip
+        if done == total and _same_file(output / ADAPTER_WEIGHTS_NAME, existing[-1] / ADAPTER_WEIGHTS_NAME):
+            print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in {output}); pass "
+                  f"a larger --max-steps to continue it, or --no-resume to start over", file=sys.stderr)  # fmt: skip
+            return output
+        # The learning-rate schedule is the one the run started with, even where it is continued
+        # with more steps: its length and warm-up are recorded in each checkpoint.
+        schedule = saved.get("schedule") or {"length": saved["total"]}
+    else:
+        schedule = {"length": total}
+    schedule.setdefault("warmup", _warmup_steps(args.warmup_ratio, schedule["length"]))
+    warmup = schedule["warmup"]
+
     lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
     if not args.no_gradient_checkpointing:
@@ -274,36 +522,26 @@ def finetune(args: argparse.Namespace) -> Path:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches_per_epoch = math.ceil(len(data) / args.batch_size)
-    total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
-    warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(args.optim, trainable, args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
     )
-    output.mkdir(parents=True, exist_ok=True)
-    step, micro = 0, 0
-    existing = _checkpoints(output)
-    # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same adapter
-    run = {k: getattr(args, k) for k in _RUN_KEYS}
-    run["data"] = _file_digest(Path(args.data))
-    if existing and args.no_resume:
-        raise SystemExit(f"{output} holds checkpoints of an earlier run ({existing[-1].name}); --no-resume will not "
-                         "overwrite them: pass another --output or remove them")  # fmt: skip
+    step, micro, history = 0, 0, []
     if existing:
-        saved = json.loads((existing[-1] / _STATE).read_text()).get("run", {})
-        changed = sorted(k for k in run if saved.get(k) != run[k])
-        if changed:
-            raise SystemExit(f"{existing[-1]} was written by a run with other {', '.join(changed)}; resuming it would "
-                             "train on other batches or another adapter: pass another --output")  # fmt: skip
         state = _resume(existing[-1], model, optimizer, scheduler)
-        step, micro = state["step"], state["micro"]
+        step, micro, history = state["step"], state["micro"], state.get("log_history", [])
         trainable = [p for p in model.parameters() if p.requires_grad]
-        print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
+        if not args.quiet:
+            print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
+    # OUTPUT/log.jsonl: one line a step, and one an evaluation; what a resumed run logged after its
+    # checkpoint is dropped (it is logged again), the checkpoint's history kept
+    log = _Log(output / _LOG, history)
     model.train()
     progress = _bar(total, step, args.quiet)
-    t0, losses = time.perf_counter(), []
+    t0, losses, tokens, t_step = time.perf_counter(), [], 0, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < total:
         epoch, skip = divmod(micro, batches_per_epoch)
         for ids, labels, mask in batches(data, args.batch_size, pad_id, args.seed + epoch):
@@ -313,76 +551,201 @@ def finetune(args: argparse.Namespace) -> Path:
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
             (out.loss / args.grad_accum).backward()
             losses.append(out.loss.item())
+            tokens += int(mask.sum())
             micro += 1
             if micro % args.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step is taken with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress(step, sum(losses[-args.grad_accum :]) / len(losses[-args.grad_accum :]))
-            if args.save_steps and step % args.save_steps == 0 and step < total:
-                loop_state = {"micro": micro, "total": total, "run": run}
+            now = time.perf_counter()
+            entry = {"step": step, "loss": sum(losses[-args.grad_accum :]) / args.grad_accum, "learning_rate": lr,
+                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (now - t_step)}  # fmt: skip
+            if device.type == "cuda":
+                entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log.append(entry)
+            progress(step, entry["loss"], entry["tokens_per_s"])
+            tokens = 0
+            if eval_data is not None and (step == total or (args.eval_steps and step % args.eval_steps == 0)):
+                loss = eval_loss(model, eval_data, args.batch_size, pad_id, device)
+                log.append({"step": step, "eval_loss": loss})
+                if not args.quiet:
+                    progress.write(f"step {step}: eval loss {loss:.4f}")
+            # the last step is always checkpointed: a finished run can be continued with more steps
+            if step == total or (args.save_steps and step % args.save_steps == 0):
+                loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule,
+                              "loss": entry["loss"], "log_history": log.history}  # fmt: skip
                 _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
+            t_step = time.perf_counter()  # tokens/s counts the training alone, not the eval or the save
             if step >= total:
                 break
+    log.close()
     qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))
+    plot_losses(log.history, output / _PLOT)
     if not args.quiet:
         print(f"\ntrained {step} steps in {time.perf_counter() - t0:.1f} s; adapter in {output}", flush=True)
     return output
 
 
-def _bar(total: int, start: int, quiet: bool):
-    if quiet:
-        return lambda step, loss: None
+class _Log:
+    """OUTPUT/log.jsonl: rewritten from `history` (a resumed checkpoint's), then one line appended and
+    flushed for each entry."""
+
+    def __init__(self, path: Path, history: list[dict]):
+        self.history = list(history)
+        self._file = open(path, "w", encoding="utf-8")
+        for entry in self.history:
+            self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def append(self, entry: dict) -> None:
+        self.history.append(entry)
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@torch.no_grad()
+def eval_loss(model, data, batch_size: int, pad_id: int, device) -> float:
+    """The mean cross-entropy over every labelled token of `data` (not a mean of batch means), in
+    eval mode (no dropout), the batches in file order."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        chunk = data[i : i + batch_size]
+        ids, labels, mask = _pad(chunk, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((targets != -100).sum())
+    model.train()
+    return total / count
+
+
+def plot_losses(history: list[dict], path: Path) -> Optional[Path]:
+    """Train and eval loss against step, drawn into `path`; None (and a one-line note) without matplotlib."""
     try:
-        from tqdm.auto import tqdm
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
-        return lambda step, loss: print(f"step {step}/{total} loss {loss:.4f}", flush=True)
-    bar = tqdm(total=total, initial=start, unit="step")
+        print(f"qlora-ext finetune: {path.name} not drawn: matplotlib is not installed (pip install matplotlib); "
+              f"the losses are in {path.with_name(_LOG)}", file=sys.stderr)  # fmt: skip
+        return None
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
-    def update(step, loss):
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if step >= total:
-            bar.close()
 
-    return update
+class _Progress:
+    """A tqdm bar (a line a step without tqdm) that shows the loss and tokens/s; nothing when quiet."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.total, self.quiet, self.bar = total, quiet, None
+        if not quiet:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step")
+            except ImportError:
+                pass
+
+    def __call__(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            print(f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:.0f} tokens/s", flush=True)
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
+        if step >= self.total:
+            self.bar.close()
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif not self.quiet:
+            print(line, flush=True)
+
+
+_bar = _Progress
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's docstring as written, and every option's default after its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="qlora-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="qlora-ext", description=__doc__, formatter_class=_HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines")
-    ft.add_argument("--model", required=True, help="a transformers causal LM directory (safetensors weights)")
-    ft.add_argument("--data", required=True, help="JSON lines: {'text'} or {'prompt', 'response'}")
-    ft.add_argument("--output", required=True, help="the adapter and the checkpoints go here")
-    ft.add_argument("--r", type=int, default=64)
-    ft.add_argument("--lora-alpha", type=float, default=16)
-    ft.add_argument("--lora-dropout", type=float, default=0.05)
-    ft.add_argument("--lr", type=float, default=2e-4)
-    ft.add_argument("--warmup-ratio", type=float, default=0.03)
-    ft.add_argument("--max-grad-norm", type=float, default=0.3)
-    ft.add_argument("--batch-size", type=int, default=1)
-    ft.add_argument("--grad-accum", type=int, default=16)
-    ft.add_argument("--epochs", type=float, default=1.0)
+    ft = sub.add_parser("finetune", help="QLoRA fine-tuning of a causal LM directory on JSON lines",
+                        description=__doc__, formatter_class=_HelpFormatter)  # fmt: skip
+    ft.add_argument("--model", required=True, help="a transformers causal LM directory (config.json, safetensors "
+                    "weights, tokenizer)")  # fmt: skip
+    ft.add_argument("--data", required=True, help="the training data: a JSON lines file (the formats above)")
+    ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
+    ft.add_argument("--r", type=int, default=64, help="LoRA rank")
+    ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    ft.add_argument("--optim", default="adamw", choices=list(_OPTIMIZERS),
+                    help="AdamW: torch's, or bitsandbytes' (installed apart) with its state paged to CPU memory when "
+                    "the GPU's runs out (paged_*; qlora.py's default, which fits 65B on one 48 GB GPU) or in 8 bits "
+                    "(*_8bit)")  # fmt: skip
+    ft.add_argument("--warmup-ratio", type=float, default=0.03,
+                    help="linear warm-up over this fraction of the steps, then a constant rate")  # fmt: skip
+    ft.add_argument("--max-grad-norm", type=float, default=0.3, help="gradients are clipped to this norm")
+    ft.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    ft.add_argument("--grad-accum", type=int, default=16, help="forward passes per optimizer step")
+    ft.add_argument("--epochs", type=float, default=1.0, help="passes over --data (when --max-steps is 0)")
     ft.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
     ft.add_argument("--max-length", type=int, default=512, help="tokens an example is cut to")
-    ft.add_argument("--save-steps", type=int, default=100, help="a checkpoint every this many steps (0: none)")
-    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
-    ft.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
-    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    ft.add_argument("--no-double-quant", action="store_true")
-    ft.add_argument("--no-gradient-checkpointing", action="store_true")
-    ft.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="compute dtype (bf16 on a GPU, fp32 on the CPU)"
-    )
-    ft.add_argument("--device", default=None)
-    ft.add_argument("--seed", type=int, default=42)
-    ft.add_argument("--quiet", action="store_true")
+    ft.add_argument("--save-steps", type=int, default=100,
+                    help="a checkpoint every this many steps (0: only the last step's)")  # fmt: skip
+    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; 0: all)")
+    ft.add_argument("--no-resume", action="store_true",
+                    help="start over even if --output holds an earlier run: its files are moved, not deleted, into "
+                    "OUTPUT/previous-N/ (without it, a run resumes from the newest checkpoint)")  # fmt: skip
+    ft.add_argument("--eval-data", default=None,
+                    help="JSON lines (as --data) whose loss is measured every --eval-steps and at the end")  # fmt: skip
+    ft.add_argument("--eval-steps", type=int, default=0,
+                    help="the eval loss every this many steps (0: at the last step only)")  # fmt: skip
+    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit format of the weights")
+    ft.add_argument("--no-double-quant", action="store_true",
+                    help="keep the absmax statistics in fp32 (double quantization packs them in 8 bits)")  # fmt: skip
+    ft.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep every activation (faster, more memory)")  # fmt: skip
+    ft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="compute dtype (None: bf16 on a GPU, fp32 on the CPU)")  # fmt: skip
+    ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU where there is one)")
+    ft.add_argument("--seed", type=int, default=42, help="seeds the data order, the dropout and the adapters' init")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return ap
 
 
