@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import cli
+from qlora_ext import cli, finetune_data, finetune_optim
 from qlora_ext.nn import QLoRALinear
 
 from helpers import assert_bits_equal, requires_cuda
@@ -280,7 +280,7 @@ def chat_model_dir(model_dir, tmp_path_factory):
 
 def test_chat_messages_take_loss_on_the_assistant_turns_only(chat_model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(str(chat_model_dir))
-    [(ids, labels)] = cli.tokenize([{"messages": CONVERSATION, "where": "x:1"}], tok, 512)
+    [(ids, labels)] = finetune_data.tokenize([{"messages": CONVERSATION, "where": "x:1"}], tok, 512)
     words = tok.convert_ids_to_tokens(ids)
     # rendered by the template: roles (unknown words) and turns, each closed by </s>
     assert words[:3] == ["<unk>", "<unk>", "a"] and words.count("</s>") == 5
@@ -292,8 +292,8 @@ def test_chat_messages_take_loss_on_the_assistant_turns_only(chat_model_dir):
     assert learned[first - 1 : first + 2] == ["the", "answer", "</s>"] and learned[first - 3] is None
 
     # TRL's conversational prompt-completion: the same text, only the completion's assistant turn learned
-    [line] = [cli._example(json.dumps({"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}), "x:1")]
-    [(ids2, labels2)] = cli.tokenize([line], tok, 512)
+    [line] = [finetune_data._example(json.dumps({"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}), "x:1")]
+    [(ids2, labels2)] = finetune_data.tokenize([line], tok, 512)
     assert ids2 == ids
     assert [tok.convert_ids_to_tokens(t) for t in labels2 if t != -100] == ["four", "bit", "</s>"]
 
@@ -407,7 +407,7 @@ def test_the_run_leaves_its_log_eval_loss_and_plot(model_dir, data_file, tmp_pat
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, labels in cli.tokenize(cli.read_examples(eval_file), tok, 512):
+        for ids, labels in finetune_data.tokenize(finetune_data.read_examples(eval_file), tok, 512):
             logits = model(torch.tensor([ids])).logits[0, :-1]
             targets = torch.tensor(labels[1:])
             total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
@@ -515,15 +515,15 @@ def test_a_paged_optimizer_state_is_paged_again_on_resume(tmp_path):
         p.grad = grad.clone()
         opt.step()
     assert getattr(opt.state[p]["state1"], "is_paged", False)
-    tensors, meta = cli._optimizer_tensors(opt)
+    tensors, meta = finetune_optim.optimizer_tensors(opt)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "s.safetensors"))
     meta = json.loads(json.dumps(meta))
 
     q = torch.nn.Parameter(p.detach().clone())
     resumed = bnb.optim.PagedAdamW32bit([q], lr=1e-3, weight_decay=0.0)
-    state = cli._optimizer_state(meta, load_file(str(tmp_path / "s.safetensors")))
+    state = finetune_optim.optimizer_state(meta, load_file(str(tmp_path / "s.safetensors")))
     resumed.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    cli._page_state(resumed)
+    finetune_optim.page_state(resumed)
     for key in ("state1", "state2"):
         assert getattr(resumed.state[q][key], "is_paged", False), key
     assert resumed.state[q]["step"] == 2 and isinstance(resumed.state[q]["step"], int)

@@ -12,17 +12,8 @@ warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointi
 16 steps of gradient accumulation; but the optimizer is torch's AdamW unless asked (qlora.py's is
 bitsandbytes' paged one: --optim paged_adamw_32bit).
 
-Data: JSON lines, each one of
-    {"text": ...}                        loss on every token
-    {"prompt": ..., "response": ...}     loss on the response's tokens only
-    {"prompt": ..., "completion": ...}   the same (TRL's names)
-    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
-                                         rendered by the tokenizer's chat template; loss on the
-                                         assistant turns only
-    {"prompt": [messages], "completion": [messages]}
-                                         TRL's conversational form: loss on the completion's
-                                         assistant turns only
-A malformed line is an error that names its file and line.
+Data: JSON lines of text, prompt and response (or TRL's completion), or chat messages; the formats and
+their loss masks are qlora_ext.finetune_data's. A malformed line is an error that names its file and line.
 
 Checkpoints: every ``--save-steps`` optimizer steps and at the last step, ``OUTPUT/checkpoint-STEP/``
 gets the adapter (PEFT's format), the optimizer and scheduler state and the random generators'
@@ -55,6 +46,8 @@ import torch
 
 import qlora_ext
 from qlora_ext import LoraConfig
+from qlora_ext.finetune_data import DataError, batches, pad_batch, read_examples, tokenize
+from qlora_ext.finetune_optim import OPTIMIZERS, make_optimizer, optimizer_state, optimizer_tensors, page_state
 from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 _CHECKPOINT = "checkpoint-"
@@ -62,10 +55,6 @@ _STATE = "trainer_state.json"
 _TENSORS = "trainer_state.safetensors"
 _LOG = "log.jsonl"
 _PLOT = "loss.png"
-
-
-class DataError(ValueError):
-    pass
 
 
 # The arguments a checkpoint is resumed with must be the ones it was written with.
@@ -83,158 +72,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def read_examples(path: Path) -> list[dict]:
-    """The JSON lines of `path`, each one of ``{"text"}``, ``{"prompt", "response"}``, ``{"prompt",
-    "completion"}`` (TRL's name; read as a response) or ``{"messages": [{"role", "content"}, ...]}``;
-    each example keeps ``where`` (file:line) for the errors found later."""
-    examples = []
-    if not path.is_file():
-        raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
-    with open(path, encoding="utf-8", errors="strict") as f:
-        number = 0
-        while True:
-            number += 1
-            try:
-                line = f.readline()
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{number}: not UTF-8") from None
-            if not line:
-                break
-            if not line.strip():
-                continue
-            examples.append(_example(json_line=line, where=f"{path}:{number}"))
-    if not examples:
-        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
-    return examples
-
-
-_FORMATS = "'text', 'prompt' and 'response', 'prompt' and 'completion', or 'messages'"
-
-
-def _example(json_line: str, where: str) -> dict:
-    try:
-        item = json.loads(json_line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: a line must be a JSON object, got {type(item).__name__}")
-    keys = set(item)
-    named = keys & {"text", "prompt", "response", "completion", "messages"}
-    if named == {"text"}:
-        fields = ("text",)
-    elif named == {"prompt", "completion"} and isinstance(item["prompt"], list):
-        # TRL's conversational prompt-completion: the completion's assistant turns are learned
-        if not isinstance(item["completion"], list):
-            raise DataError(f"{where}: 'prompt' is a list of messages, so 'completion' must be one too")
-        prompt = _messages(item["prompt"], where, "prompt", need_assistant=False)
-        completion = _messages(item["completion"], where, "completion")
-        return {"messages": prompt + completion, "learn_from": len(prompt), "where": where}
-    elif named == {"prompt", "response"} or named == {"prompt", "completion"}:
-        fields = ("prompt", "response" if "response" in named else "completion")
-    elif named == {"messages"}:
-        return {"messages": _messages(item["messages"], where), "where": where}
-    else:
-        raise DataError(f"{where}: needs {_FORMATS}; it has {sorted(keys)}")
-    for k in fields:
-        if not isinstance(item[k], str):
-            raise DataError(f"{where}: {k!r} must be a string, got {type(item[k]).__name__}")
-    if not item[fields[-1]].strip():
-        raise DataError(f"{where}: {fields[-1]!r} is empty")
-    if len(fields) == 1:
-        return {"text": item["text"], "where": where}
-    return {"prompt": item["prompt"], "response": item[fields[1]], "where": where}
-
-
-def _messages(messages, where: str, key: str = "messages", need_assistant: bool = True) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, not empty")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content' strings")
-    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError(f"{where}: {key!r} has no assistant turn with content: nothing to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example; labels -100 where no loss is taken (the prompt; in a
-    conversation, every turn but the assistant's)."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for ex in examples:
-        if "messages" in ex:
-            ids, labels = _tokenize_chat(ex, tokenizer)
-        elif "text" in ex:
-            ids = tokenizer(ex["text"], add_special_tokens=True)["input_ids"]
-            ids = ids + ([eos] if eos is not None else [])
-            labels = list(ids)
-        else:
-            prompt = tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
-            response = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + (
-                [eos] if eos is not None else []
-            )
-            ids = prompt + response
-            labels = [-100] * len(prompt) + response
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(t == -100 for t in labels):
-            continue  # a prompt that fills max_length leaves no token to learn from (its loss would be NaN)
-        out.append((ids, labels))
-    return out
-
-
-def _tokenize_chat(ex: dict, tokenizer) -> tuple[list[int], list[int]]:
-    """A conversation rendered by the tokenizer's chat template, labels on the assistant turns only.
-
-    An assistant turn is the text that rendering messages[: i + 1] adds to rendering messages[:i]
-    with the generation prompt (the template's "assistant:" header stays unlearned, its end-of-turn
-    marker is learned); a token is labelled when it starts inside such a span (the fast tokenizer's
-    character offsets). The template must render a conversation's beginnings as prefixes of it."""
-    where, messages = ex["where"], ex["messages"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: a 'messages' line needs a chat template, and the tokenizer of --model has none "
-                        "(set \"chat_template\" in its tokenizer_config.json, or give 'text' lines)")  # fmt: skip
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{where}: 'messages' lines need a fast tokenizer (tokenizer.json) for the turns' offsets")
-
-    def render(upto, generation_prompt=False):
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
-
-    text = render(len(messages))
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < ex.get("learn_from", 0):
-            continue
-        start, end = len(render(i, True)) if i else 0, len(render(i + 1))
-        if i and not text.startswith(render(i, True)) or not text.startswith(render(i + 1)):
-            raise DataError(f"{where}: the chat template does not render the conversation's first turns as a prefix "
-                            "of the whole, so the assistant's tokens cannot be told apart")  # fmt: skip
-        spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
-
-
-def batches(data, batch_size: int, pad_id: int, epoch_seed: int):
-    """The epoch's batches in an order fixed by `epoch_seed`, padded on the right."""
-    order = list(range(len(data)))
-    random.Random(epoch_seed).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        yield _pad([data[j] for j in order[i : i + batch_size]], pad_id)
-
-
-def _pad(chunk, pad_id: int):
-    width = max(len(ids) for ids, _ in chunk)
-    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for row, (x, y) in enumerate(chunk):
-        ids[row, : len(x)] = torch.tensor(x)
-        labels[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return ids, labels, mask
 
 
 def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_type: str, double_quant: bool):
@@ -263,6 +100,10 @@ def load_model(model_dir: Path, lora: LoraConfig, compute_dtype, device, quant_t
 # Checkpoints: safetensors and JSON only
 
 
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     from safetensors.torch import save_file
 
@@ -272,7 +113,7 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     qlora_ext.save_adapter(model, tmp)
-    tensors, opt_json = _optimizer_tensors(optimizer)
+    tensors, opt_json = optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -288,97 +129,6 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
     for old in _checkpoints(output)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state_dict as safetensors (its tensors, keyed ``optim.INDEX.NAME``, a nested
-    dict's keys joined by "/": bitsandbytes keeps its quantization state in one) and JSON (the
-    parameter groups and the state's plain numbers, such as bitsandbytes' integer ``step``, kept as
-    numbers: a 0-d tensor in their place changes what its update computes with)."""
-    sd = optimizer.state_dict()
-    tensors, values, seen = {}, {}, set()
-
-    def walk(index, path, d):
-        for name, value in d.items():
-            sub = f"{path}/{name}" if path else str(name)
-            key = f"optim.{index}.{sub}"
-            if isinstance(value, dict):
-                walk(index, sub, value)
-            elif isinstance(value, torch.Tensor):
-                # bitsandbytes gives every parameter's state the same quantization map (qmap1, qmap2):
-                # safetensors refuses shared memory, so each is written as its own copy (256 numbers)
-                ptr = value.untyped_storage().data_ptr() if value.numel() else None
-                tensors[key] = value.clone() if ptr in seen else value
-                seen.add(ptr)
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                values[key] = value
-            else:
-                raise TypeError(f"optimizer state {key} is a {type(value).__name__}: not saved without pickle")
-
-    for index, st in sd["state"].items():
-        walk(index, "", st)
-    return tensors, {"param_groups": sd["param_groups"], "indices": sorted(sd["state"]), "values": values}
-
-
-def _optimizer_state(opt: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """The optimizer's state_dict back from what _optimizer_tensors wrote."""
-    state = {}
-    items = {k: v for k, v in tensors.items() if k.startswith("optim.")} | opt.get("values", {})
-    for index in opt["indices"]:
-        prefix = f"optim.{index}."
-        st = state[index] = {}
-        for key, value in items.items():
-            if key.startswith(prefix):
-                *parents, name = key[len(prefix) :].split("/")
-                d = st
-                for parent in parents:
-                    d = d.setdefault(parent, {})
-                d[name] = value
-    return state
-
-
-_OPTIMIZERS = {
-    # --optim: (bitsandbytes.optim's class, or None for torch.optim.AdamW)
-    "adamw": None,
-    "paged_adamw_32bit": "PagedAdamW32bit",
-    "paged_adamw_8bit": "PagedAdamW8bit",
-    "adamw_8bit": "AdamW8bit",
-}
-
-
-def make_optimizer(name: str, params, lr: float):
-    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay, as qlora.py) in torch's implementation or
-    bitsandbytes' paged and 8-bit ones."""
-    cls = _OPTIMIZERS[name]
-    if cls is None:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise SystemExit(f"--optim {name} is bitsandbytes' optimizer, and bitsandbytes is not installed: pip "
-                         "install bitsandbytes, or pass --optim adamw") from None  # fmt: skip
-    return getattr(bitsandbytes.optim, cls)(params, lr=lr, weight_decay=0.0)
-
-
-def _page_state(optimizer) -> None:
-    """bitsandbytes' load_state_dict leaves a paged optimizer's state in ordinary GPU memory: copy the
-    state that its step would have paged (1e5 elements and more, on CUDA) into paged buffers again."""
-    if not getattr(optimizer, "is_paged", False):
-        return
-    import bitsandbytes.functional as F
-
-    for p, st in optimizer.state.items():
-        for key in ("state1", "state2"):
-            v = st.get(key)
-            if isinstance(v, torch.Tensor) and v.is_cuda and p.numel() >= 1e5 and not getattr(v, "is_paged", False):
-                buf = F.get_paged(*v.shape, dtype=v.dtype, device=v.device)
-                buf.copy_(v)
-                optimizer.page_mng.paged_tensors.append(buf)
-                st[key] = buf
 
 
 # What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
@@ -422,8 +172,8 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
     # the parameters the optimizer holds are the new adapter's: point it at them, then load
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.param_groups[0]["params"] = trainable
-    optimizer.load_state_dict({"state": _optimizer_state(opt, tensors), "param_groups": opt["param_groups"]})
-    _page_state(optimizer)
+    optimizer.load_state_dict({"state": optimizer_state(opt, tensors), "param_groups": opt["param_groups"]})
+    page_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     device = next(model.parameters()).device
@@ -618,7 +368,7 @@ def eval_loss(model, data, batch_size: int, pad_id: int, device) -> float:
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         chunk = data[i : i + batch_size]
-        ids, labels, mask = _pad(chunk, pad_id)
+        ids, labels, mask = pad_batch(chunk, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
@@ -714,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    ft.add_argument("--optim", default="adamw", choices=list(_OPTIMIZERS),
+    ft.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS),
                     help="AdamW: torch's, or bitsandbytes' (installed apart) with its state paged to CPU memory when "
                     "the GPU's runs out (paged_*; qlora.py's default, which fits 65B on one 48 GB GPU) or in 8 bits "
                     "(*_8bit)")  # fmt: skip
