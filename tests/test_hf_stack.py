@@ -582,24 +582,3 @@ def test_sft_trainer_on_cuda(lm_dir, gen, tmp_path, fused_calls):
     ids = tokens(gen, "cuda")
     loaded = peft.PeftModel.from_pretrained(load(lm_dir, "cuda"), str(tmp_path / "whole" / "checkpoint-4")).eval()
     assert_bits_equal(logits(loaded, ids), logits(trainer.model.eval(), ids))
-
-
-def test_replace_linears_takes_linear_subclasses_as_bitsandbytes_does():
-    """Subclasses of nn.Linear become Linear4bit (bitsandbytes' integration converts them too); an
-    nn.MultiheadAttention's out_proj, whose weight that module reads without calling it, does not."""
-    from qlora_ext.hf import replace_linears
-
-    class Scaled(torch.nn.Linear):  # a subclass, as some models define their projections
-        pass
-
-    model = torch.nn.Module()
-    model.plain = torch.nn.Linear(64, 32)
-    model.sub = Scaled(64, 48, bias=False)
-    model.attn = torch.nn.MultiheadAttention(64, 4)
-    model.norm = torch.nn.LayerNorm(64)
-    replaced = replace_linears(model, QLoraExtConfig())
-    assert sorted(replaced) == ["plain", "sub"]
-    assert isinstance(model.plain, Linear4bit) and isinstance(model.sub, Linear4bit)
-    assert (model.sub.in_features, model.sub.out_features, model.sub.bias) == (64, 48, None)
-    assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert replace_linears(model, QLoraExtConfig()) == []  # a Linear4bit is not replaced again

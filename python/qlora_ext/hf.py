@@ -123,11 +123,9 @@ class QLoraExtConfig(QuantizationConfigMixin):
 def replace_linears(
     model: nn.Module, config: QLoraExtConfig, modules_to_not_convert: Optional[list[str]] = None
 ) -> list[str]:
-    """Puts an empty ``Linear4bit`` (parameters on the meta device) in place of each ``nn.Linear``, its
-    subclasses included (as bitsandbytes' integration does), and transformers' ``Conv1D`` that
-    ``modules_to_not_convert`` does not name; returns their names. ``nn.MultiheadAttention``'s
-    ``out_proj`` stays: that module reads its weight without calling it. The weights come later, from
-    ``from_pretrained``'s loader."""
+    """Puts an empty ``Linear4bit`` (parameters on the meta device) in place of each ``nn.Linear`` (and
+    transformers' ``Conv1D``) that ``modules_to_not_convert`` does not name; returns their names. The
+    weights come later, from ``from_pretrained``'s loader."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover (every transformers 5 has it)
@@ -136,10 +134,7 @@ def replace_linears(
     for name, module in list(model.named_modules()):
         if not name or not should_convert_module(name, modules_to_not_convert):
             continue
-        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, Linear4bit):
-            continue
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention):
+        if type(module) is not nn.Linear and not isinstance(module, Conv1D):
             continue
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
