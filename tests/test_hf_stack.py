@@ -582,3 +582,20 @@ def test_sft_trainer_on_cuda(lm_dir, gen, tmp_path, fused_calls):
     ids = tokens(gen, "cuda")
     loaded = peft.PeftModel.from_pretrained(load(lm_dir, "cuda"), str(tmp_path / "whole" / "checkpoint-4")).eval()
     assert_bits_equal(logits(loaded, ids), logits(trainer.model.eval(), ids))
+
+
+def test_replace_linears_takes_the_layers_bitsandbytes_takes():
+    """Exactly nn.Linear (and Conv1D), as transformers' bitsandbytes integration: a subclass of nn.Linear
+    stays 16-bit under both, so a model loads to the same layers and saves the same keys either way."""
+    from qlora_ext.hf import replace_linears
+
+    class Scaled(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Module()
+    model.plain = torch.nn.Linear(64, 32)
+    model.sub = Scaled(64, 48, bias=False)
+    model.norm = torch.nn.LayerNorm(64)
+    assert replace_linears(model, QLoraExtConfig()) == ["plain"]
+    assert isinstance(model.plain, Linear4bit) and type(model.sub) is Scaled
+    assert replace_linears(model, QLoraExtConfig()) == []  # a Linear4bit is not replaced again

@@ -134,6 +134,8 @@ def replace_linears(
     for name, module in list(model.named_modules()):
         if not name or not should_convert_module(name, modules_to_not_convert):
             continue
+        # exactly nn.Linear, as transformers' bitsandbytes integration takes it (subclasses stay 16-bit):
+        # the same layers quantized as with BitsAndBytesConfig, so the same checkpoint keys both ways
         if type(module) is not nn.Linear and not isinstance(module, Conv1D):
             continue
         if isinstance(module, Conv1D):
