@@ -68,7 +68,7 @@ def run(model_dir, data_file, output, *extra, device="cpu"):
                      "--lr", "1e-2", "--quiet", "--device", device, *extra])  # fmt: skip
 
 
-def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch, device="cpu"):
+def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch, *extra, device="cpu"):
     """run() stopped (KeyboardInterrupt) right after it wrote its first checkpoint."""
     save = cli._save_checkpoint
 
@@ -79,7 +79,7 @@ def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(cli, "_save_checkpoint", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
-            run(model_dir, data_file, output, device=device)
+            run(model_dir, data_file, output, *extra, device=device)
 
 
 def adapter_tensors(directory):
@@ -460,16 +460,7 @@ def test_resume_is_bit_exact_with_each_optimizer(model_dir, data_file, tmp_path,
         pytest.importorskip("bitsandbytes")
     args = ("--optim", optim, "--r", "64")
     assert run(model_dir, data_file, tmp_path / "straight", *args) == 0
-    save = cli._save_checkpoint
-
-    def save_then_crash(*a, **k):
-        save(*a, **k)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(cli, "_save_checkpoint", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            run(model_dir, data_file, tmp_path / "resumed", *args)
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch, *args)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "trainer_state.safetensors"))
