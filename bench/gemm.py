@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qlora_ext import _C, functional as F  # noqa: E402
+from qlora_ext import functional as F  # noqa: E402
 
 import common  # noqa: E402
 
@@ -91,12 +91,11 @@ def time_sweep(m: int, x, ref: torch.Tensor, ours: list, bf16: list, rows: list,
     every M), of each configuration of sweep_configs(m) and of torch_bf16 on x (M = m) and the weight
     n x k; a configuration that is wrong goes to `rows` as an error, one that cannot run is skipped."""
     q = len(ours)
-    paths = {"default": lambda i: F.gemm_4bit(x, *ours[i % q])}
+    paths = {"default": lambda i: F._gemm_4bit_with(x, *ours[i % q], "fused")}
     for name in sweep_configs(m):
         paths[name] = lambda i, name=name: F._gemm_4bit_with(x, *ours[i % q], name)
     graphs = {}
     for path, fn in paths.items():
-        previous = _C._set_gemm_fused_max_m(1 << 40 if path == "default" else -1)
         try:
             err = rel_err(fn(0), ref)
             if not err < 1e-2:
@@ -105,11 +104,9 @@ def time_sweep(m: int, x, ref: torch.Tensor, ours: list, bf16: list, rows: list,
                 rows.append({"op": "gemm_path", "impl": f"qlora_ext_{path}", "n": n, "k": k,
                              "M": m, "dtype": "bfloat16", "error": f"relative error {err:.2e}"})  # fmt: skip
                 continue
-            graphs[path] = capture(fn, q)  # the limit acts at capture
+            graphs[path] = capture(fn, q)
         except NotImplementedError as e:  # the configuration cannot run on this weight or GPU
             print(f"skipped {path} {n}x{k} M={m}: {str(e).splitlines()[0]}", flush=True)
-        finally:
-            _C._set_gemm_fused_max_m(previous)
     graphs["torch_bf16"] = capture(*implementations("gemm", x, ours, [], bf16)["torch_bf16"])
     return time_graphs(graphs)
 

@@ -3,8 +3,6 @@
 
 #include <c10/core/SymInt.h>
 
-#include <atomic>
-
 namespace qlora {
 
 QuantType parse_quant_type(std::string_view quant_type) {
@@ -169,7 +167,6 @@ void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tens
   }
 }
 
-std::atomic<int64_t> g_gemm_fused_max_m{-1};
 void (*g_release_gemm_workspaces)() = nullptr;
 
 }  // namespace qlora

@@ -32,8 +32,9 @@ TORCH_LIBRARY(qlora, m) {
       "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias) -> Tensor");
   // Private, for tests and benchmarks: gemm_4bit with the named kernel configuration (the names of
-  // csrc/gemm_4bit_config.cpp; _C._gemm_4bit_configs() lists them) in place of the dispatch's
-  // choice, CUDA only; NotImplementedError where that configuration cannot run.
+  // csrc/gemm_4bit_config.cpp; _C._gemm_4bit_configs() lists them), or "fused" (the fused kernel
+  // the dispatch picks at this M, at any M), in place of the dispatch's choice, CUDA only;
+  // NotImplementedError where that configuration cannot run.
   m.def(
       "_gemm_4bit_with(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
@@ -65,18 +66,6 @@ TORCH_LIBRARY(qlora, m) {
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.
-// _set_gemm_fused_max_m(m) -> previous: for benchmarks that time the fused kernel and the
-// dequantize + cuBLAS path at one M (-1 restores the default).
-static PyObject* set_gemm_fused_max_m(PyObject*, PyObject* arg) {
-  const long long m = PyLong_AsLongLong(arg);
-  if (m == -1 && PyErr_Occurred()) return nullptr;
-  if (m < -1) {
-    PyErr_SetString(PyExc_ValueError, "_set_gemm_fused_max_m: m must be -1 (the default) or >= 0");
-    return nullptr;
-  }
-  return PyLong_FromLongLong(qlora::g_gemm_fused_max_m.exchange(m));
-}
-
 // A configuration as a dict: its name, kernel family and the family's fields.
 static PyObject* config_dict(const qlora::GemmConfig& c) {
   switch (c.kernel) {
@@ -191,7 +180,6 @@ static PyMethodDef qlora_methods[] = {
      "Every kernel configuration torch.ops.qlora._gemm_4bit_with takes, as _gemm_4bit_config's dicts."},
     {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
      "Frees the CUDA products' dequantization workspaces."},
-    {"_set_gemm_fused_max_m", set_gemm_fused_max_m, METH_O, "Largest M of the fused CUDA product (-1: default)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef qlora_module = {PyModuleDef_HEAD_INIT, "_C", "qlora_ext's compiled ops (torch.ops.qlora)", -1,

@@ -5,7 +5,6 @@ extension's switches, a counter of the ops that run, the LoRA layer under test a
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -16,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import qlora_ext
-from qlora_ext import _C, functional as F
+from qlora_ext import functional as F
 from qlora_ext.codebooks import code_tensor
 from qlora_ext.quant_state import QuantState
 
@@ -101,24 +100,19 @@ def assert_each_raises(cases) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The extension's process-wide switches
+# The CUDA product's paths
+
+# The forward product's paths on CUDA: the dispatch's choice, the fused kernel it picks at this M
+# forced at every M, and dequantize + cuBLAS at every M. On the CPU there is one path.
+GEMM_PATHS = ("default", "fused", "cublas")
 
 
-@contextlib.contextmanager
-def extension_switch(setter, value):
-    """One of the extension's process-wide switches (a _C._set_* function, which returns the value it
-    replaced) at `value` inside the block, and as it was after it."""
-    previous = setter(value)
-    try:
-        yield
-    finally:
-        setter(previous)
-
-
-def fused_max_m(m: int):
-    """The CUDA product takes its fused kernels up to M = m inside the block (-1: the dispatch's own
-    limit; 0: never)."""
-    return extension_switch(_C._set_gemm_fused_max_m, m)
+def gemm_on_path(path: str, x, packed, state, bias=None):
+    """F.gemm_4bit(x, packed, state, bias) on one of GEMM_PATHS ("fused" and "cublas" through the
+    private op, which is not differentiable)."""
+    if path == "default":
+        return F.gemm_4bit(x, packed, state, bias)
+    return F._gemm_4bit_with(x, packed, state, {"fused": "fused", "cublas": "dequantize_cublas"}[path], bias)
 
 
 # ---------------------------------------------------------------------------------------------

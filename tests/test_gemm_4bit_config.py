@@ -103,7 +103,8 @@ CASES = [
     (A100, "bfloat16", 8192, 28672, 64, "mma_32x32", {}),
     (A100, "bfloat16", 8192, 28672, 65, "dequantize_cublas", {}),
     (A100, "float16", 8192, 8192, 40, "stream_16x64", {}),
-    # A benchmark's fused_max_m: >= 0 forces a fused kernel at every M up to it, 0 sends all to cuBLAS.
+    # The query's fused_max_m (_gemm_4bit_with("fused") sets it): >= 0 forces a fused kernel at every M up
+    # to it, 0 sends all to cuBLAS.
     (H200, "bfloat16", 4096, 4096, 1024, "stream_16x64", dict(fused_max_m=1 << 40)),
     (H200, "bfloat16", 8192, 28672, 1024, "mma_32x32", dict(fused_max_m=1 << 40)),
     (H200, "bfloat16", 8192, 8192, 1024, "stream_16x64", dict(fused_max_m=1 << 40)),

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -154,14 +155,14 @@ bool launch_fused(const GemmConfig& c, const FusedGemm& g) {
   return false;
 }
 
-// gemm_4bit, with the configuration choose_gemm_config picks, or `named` (which must be able to
-// run: else NotImplementedError).
+// gemm_4bit, with the configuration choose_gemm_config picks (with fused_max_m: GemmQuery's), or
+// `named` (which must be able to run: else NotImplementedError).
 at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& nested_absmax,
                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                              int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
-                             c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
-                             const GemmConfig* named) {
+                             c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias, const GemmConfig* named,
+                             int64_t fused_max_m) {
   const GemmProblem p = check_gemm_4bit_args(op, false, x, packed_in, absmax, nested_absmax, nested_code, offset,
                                              blocksize, nested_blocksize, quant_type, shape, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -188,7 +189,7 @@ at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tens
                     alignment_of(x2.const_data_ptr()),
                     alignment_of(s.packed.const_data_ptr()),
                     alignment_of(s.absmax.const_data_ptr()),
-                    g_gemm_fused_max_m.load(std::memory_order_relaxed)};
+                    fused_max_m};
   GpuInfo gpu = gpu_info(x.get_device());
   const GemmConfig* c = named;
   if (named != nullptr) {
@@ -231,7 +232,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                           c10::string_view quant_type, c10::SymIntArrayRef shape,
                           const std::optional<at::Tensor>& bias) {
   return gemm_4bit_forward("gemm_4bit", x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                           nested_blocksize, quant_type, shape, bias, nullptr);
+                           nested_blocksize, quant_type, shape, bias, nullptr, -1);
 }
 
 at::Tensor gemm_4bit_with_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -240,10 +241,16 @@ at::Tensor gemm_4bit_with_cuda(const at::Tensor& x, const at::Tensor& packed, co
                                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                                c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
                                c10::string_view config) {
-  const GemmConfig* named = find_gemm_config(std::string_view(config.data(), config.size()));
-  TORCH_CHECK_VALUE(named != nullptr, "_gemm_4bit_with: no configuration named '", std::string(config), "'");
+  const std::string_view name(config.data(), config.size());
+  // "fused": the table's choice with the fused kernels' reach unbounded, what the dispatch would run
+  // at this M if it took a fused kernel there.
+  const bool any_fused = name == kAnyFusedConfig;
+  const GemmConfig* named = any_fused ? nullptr : find_gemm_config(name);
+  TORCH_CHECK_VALUE(any_fused || named != nullptr, "_gemm_4bit_with: no configuration named '", std::string(name),
+                    "' (the names of _C._gemm_4bit_configs(), or '", kAnyFusedConfig, "')");
   return gemm_4bit_forward("_gemm_4bit_with", x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                           nested_blocksize, quant_type, shape, bias, named);
+                           nested_blocksize, quant_type, shape, bias, named,
+                           any_fused ? std::numeric_limits<int64_t>::max() : -1);
 }
 
 at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& packed_in, const at::Tensor& absmax,

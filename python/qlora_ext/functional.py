@@ -228,9 +228,10 @@ def _gemm_4bit_with(
     x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, config: str, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``gemm_4bit`` on CUDA with the named kernel configuration (one of ``_C._gemm_4bit_configs()``;
-    ``_C._gemm_4bit_config`` tells which one the dispatch picks) in place of the dispatch's choice,
-    for tests and benchmarks. Raises NotImplementedError where that configuration cannot run (the
-    GPU, the build, the dtype or the weight's layout). Not differentiable."""
+    ``_C._gemm_4bit_config`` tells which one the dispatch picks; ``"fused"``: the fused kernel the
+    dispatch picks at this M, at any M) in place of the dispatch's choice, for tests and benchmarks.
+    Raises NotImplementedError where that configuration cannot run (the GPU, the build, the dtype or
+    the weight's layout). Not differentiable."""
     return torch.ops.qlora._gemm_4bit_with(x, *_state_args(packed, quant_state), quant_state.shape, bias, config)
 
 

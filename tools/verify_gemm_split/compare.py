@@ -28,6 +28,20 @@ for n, k in [(4096, 4096), (8192, 8192), (8192, 28672), (200, 1024)]:
         CASES.append((n, k, m, "bf16", True, 1 << 40))
 
 
+def gemm(_C, F, x, packed, state, bias, maxm):
+    """The default gemm_4bit (maxm -1), or the fused kernel forced at every M: through the global
+    switch of the build before the split, through _gemm_4bit_with("fused") after it."""
+    if maxm == -1:
+        return F.gemm_4bit(x, packed, state, bias)
+    if not hasattr(_C, "_set_gemm_fused_max_m"):
+        return F._gemm_4bit_with(x, packed, state, "fused", bias)
+    prev = _C._set_gemm_fused_max_m(maxm)
+    try:
+        return F.gemm_4bit(x, packed, state, bias)
+    finally:
+        _C._set_gemm_fused_max_m(prev)
+
+
 def dump(tag):
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,16 +66,12 @@ def dump(tag):
             bias = (torch.randn(n, generator=gx) * 0.1).to(dtype).cuda() if i % 2 else None
             inputs.append((i, x, bias, maxm))
         for _, x, bias, maxm in inputs:  # warm-up: caches, workspaces
-            prev = _C._set_gemm_fused_max_m(maxm)
-            F.gemm_4bit(x, packed, state, bias)
-            _C._set_gemm_fused_max_m(prev)
+            gemm(_C, F, x, packed, state, bias, maxm)
         torch.cuda.synchronize()
         outs = {}
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i, x, bias, maxm in inputs:
-                prev = _C._set_gemm_fused_max_m(maxm)
-                outs[i] = F.gemm_4bit(x, packed, state, bias)
-                _C._set_gemm_fused_max_m(prev)
+                outs[i] = gemm(_C, F, x, packed, state, bias, maxm)
             torch.cuda.synchronize()
         trace = f"/tmp/trace_{tag}.json"
         prof.export_chrome_trace(trace)

@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -63,10 +62,6 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
                                  int64_t blocksize, int64_t nested_blocksize, std::string_view quant_type,
                                  c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias);
 
-// The largest M (rows of x) that the CUDA forward product sends to a fused kernel; -1 means the
-// default measured on the H200 (csrc/gemm_4bit_config.cpp), >= 0 a fused kernel at every M up to
-// it. Tests and benchmarks move it through qlora_ext._C._set_gemm_fused_max_m to run both paths.
-extern std::atomic<int64_t> g_gemm_fused_max_m;
 // Frees the CUDA products' dequantization workspaces; set by the CUDA kernels when built.
 extern void (*g_release_gemm_workspaces)();
 

@@ -90,7 +90,7 @@ struct GemmQuery {
   bool nested;
   int64_t blocksize;
   int x_alignment, packed_alignment, scales_alignment;
-  int64_t fused_max_m;  // g_gemm_fused_max_m: -1, the measured default, or a benchmark's limit
+  int64_t fused_max_m;  // -1: the measured reach; >= 0: a fused kernel at every M up to it (tests, benchmarks)
 };
 
 // What the choice needs to know of the GPU and of the build.
@@ -114,5 +114,7 @@ const char* gemm_config_unfit(const GemmConfig& c, const GemmQuery& q, const Gpu
 const GemmConfig& gemm_config(GemmConfigId id);
 // The configuration of that name, or nullptr.
 const GemmConfig* find_gemm_config(std::string_view name);
+// The name _gemm_4bit_with takes for "the fused kernel the table picks at this M, at any M".
+inline constexpr std::string_view kAnyFusedConfig = "fused";
 
 }  // namespace qlora
