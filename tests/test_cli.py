@@ -60,12 +60,12 @@ def data_file(tmp_path_factory):
     return path
 
 
-def run(model_dir, data_file, output, *extra, device="cpu"):
+def run(model_dir, data_file, output, *extra, device="cpu", quiet=True):
     # The CPU unless asked: the CLI would pick the GPU where there is one, and bit-exact resume is
     # tested (and promised) on the CPU.
     return cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
                      "--r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
-                     "--lr", "1e-2", "--quiet", "--device", device, *extra])  # fmt: skip
+                     "--lr", "1e-2", "--device", device, *(["--quiet"] if quiet else []), *extra])  # fmt: skip
 
 
 def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch, *extra, device="cpu"):
@@ -449,6 +449,117 @@ def test_without_matplotlib_the_plot_is_a_one_line_note(model_dir, data_file, tm
     err = capsys.readouterr().err
     assert "loss.png not drawn: matplotlib is not installed (pip install matplotlib)" in err, err
     assert not (tmp_path / "out" / "loss.png").exists() and len(read_log(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False], ids=["tqdm", "no-tqdm"])
+def test_the_progress_bar_shows_each_steps_loss_and_tokens_per_s(
+    model_dir, data_file, tmp_path, monkeypatch, capsys, with_tqdm
+):
+    import sys
+
+    if with_tqdm:
+        pytest.importorskip("tqdm")
+    else:  # a line a step on stdout instead of the bar
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert run(model_dir, data_file, tmp_path / "out", quiet=False) == 0
+    shown = capsys.readouterr()
+    shown = shown.err if with_tqdm else shown.out  # tqdm draws on stderr
+    for e in read_log(tmp_path / "out"):
+        if with_tqdm:
+            expected = f"loss={e['loss']:.4f}, tokens_per_s={e['tokens_per_s']:.0f}"
+        else:
+            expected = f"step {e['step']}/4 loss {e['loss']:.4f} {e['tokens_per_s']:.0f} tokens/s"
+        assert expected in shown, (expected, shown)
+
+
+# the scalars --report-to tensorboard writes for log.jsonl's keys (on the CPU: no peak memory)
+TENSORBOARD_TAGS = {"train/loss": "loss", "train/learning_rate": "learning_rate", "train/grad_norm": "grad_norm",
+                    "train/tokens_per_s": "tokens_per_s", "eval/loss": "eval_loss"}  # fmt: skip
+
+
+def tensorboard_scalars(output):
+    """OUTPUT/runs/ as TensorBoard reads it: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "runs"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def as_float32(x):
+    return torch.tensor(x, dtype=torch.float32).item()  # TensorBoard keeps scalars in float32
+
+
+def test_report_to_tensorboard_writes_the_scalars_of_the_log(model_dir, data_file, tmp_path):
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the tensorboard package")
+    out = tmp_path / "out"
+    assert run(model_dir, data_file, out, "--report-to", "tensorboard", "--eval-data", str(data_file),
+               "--eval-steps", "2") == 0  # fmt: skip
+    assert len(list((out / "runs").glob("events.out.tfevents.*"))) == 1
+    scalars, log = tensorboard_scalars(out), read_log(out)
+    assert sorted(scalars) == sorted(TENSORBOARD_TAGS)
+    for tag, key in TENSORBOARD_TAGS.items():
+        assert scalars[tag] == [(e["step"], as_float32(e[key])) for e in log if key in e], tag
+    assert [step for step, _ in scalars["eval/loss"]] == [2, 4]
+
+
+def test_report_to_tensorboard_across_a_resume_and_a_restart(model_dir, data_file, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the tensorboard package")
+    from torch.utils.tensorboard import SummaryWriter
+
+    tensorboard = ("--report-to", "tensorboard")
+    assert run(model_dir, data_file, tmp_path / "straight", *tensorboard) == 0
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "resumed", monkeypatch, *tensorboard)
+    with SummaryWriter(str(tmp_path / "resumed" / "runs")) as w:  # a step logged after the checkpoint, then lost
+        w.add_scalar("train/loss", 123.0, 3)
+    assert run(model_dir, data_file, tmp_path / "resumed", *tensorboard) == 0
+    straight, resumed = tensorboard_scalars(tmp_path / "straight"), tensorboard_scalars(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(straight) and [s for s, _ in resumed["train/tokens_per_s"]] == [1, 2, 3, 4]
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm"):  # tokens/s is timed: not compared
+        assert resumed[tag] == straight[tag], tag
+    assert resumed["train/loss"] == [(e["step"], as_float32(e["loss"])) for e in read_log(tmp_path / "resumed")]
+
+    # --no-resume moves the events aside with the rest of the earlier run
+    assert run(model_dir, data_file, tmp_path / "resumed", "--no-resume", "--max-steps", "1", *tensorboard) == 0
+    assert tensorboard_scalars(tmp_path / "resumed" / "previous-1") == resumed
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "resumed")["train/loss"]] == [1]
+
+
+def test_report_to_tensorboard_flushes_at_each_checkpoint_and_closes_at_the_end(model_dir, data_file, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    calls = []
+
+    class Writer:  # what the run asks of torch's SummaryWriter (train/loss alone, for brevity)
+        def __init__(self, log_dir, purge_step):
+            calls.append(("open", purge_step))
+
+        def add_scalar(self, tag, value, global_step):
+            if tag == "train/loss":
+                calls.append(("loss", global_step))
+
+        def flush(self):
+            calls.append(("flush",))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setattr(cli, "_summary_writer_class", lambda: Writer)
+    assert run(model_dir, data_file, tmp_path / "out", "--report-to", "tensorboard") == 0  # checkpoints at 2 and 4
+    assert calls == [("open", 1), ("loss", 1), ("loss", 2), ("flush",), ("loss", 3), ("loss", 4), ("flush",),
+                     ("close",)]  # fmt: skip
+
+
+def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(model_dir, data_file, tmp_path, monkeypatch,
+                                                                        capsys):  # fmt: skip
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+    assert run(model_dir, data_file, tmp_path / "out", "--report-to", "tensorboard") == 2
+    err = capsys.readouterr().err
+    assert err == ("qlora-ext finetune: --report-to tensorboard needs the tensorboard package, which is not "
+                   "installed: pip install tensorboard\n"), err  # fmt: skip
+    assert not (tmp_path / "out").exists()  # refused before the data is read or the model loads
 
 
 @pytest.mark.parametrize("optim", ["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])

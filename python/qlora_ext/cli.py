@@ -23,10 +23,11 @@ the same ``--output`` resumes from the newest checkpoint and gives the same adap
 the interruption (``--no-resume`` starts over instead, moving the earlier run's files into
 ``OUTPUT/previous-N/``). At the end the adapter is written to ``OUTPUT/`` itself, beside
 ``log.jsonl`` (a line a step: loss, learning rate, gradient norm before clipping, tokens/s, peak GPU
-memory; a line an evaluation with ``--eval-data``) and ``loss.png`` (where matplotlib is installed). A finished run
-started again with a larger ``--max-steps`` continues from its last step, on the learning-rate
-schedule it started with (its length and warm-up are recorded in the checkpoint; the warm-up is not
-stretched); with the same ``--max-steps`` there is nothing to do.
+memory; a line an evaluation with ``--eval-data``) and ``loss.png`` (where matplotlib is installed);
+``--report-to tensorboard`` writes the same numbers as TensorBoard scalars into ``OUTPUT/runs/``. A
+finished run started again with a larger ``--max-steps`` continues from its last step, on the
+learning-rate schedule it started with (its length and warm-up are recorded in the checkpoint; the
+warm-up is not stretched); with the same ``--max-steps`` there is nothing to do.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ _STATE = "trainer_state.json"
 _TENSORS = "trainer_state.safetensors"
 _LOG = "log.jsonl"
 _PLOT = "loss.png"
+_RUNS = "runs"  # TensorBoard's event files (--report-to tensorboard)
 
 
 # The arguments a checkpoint is resumed with must be the ones it was written with.
@@ -132,7 +134,7 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
 
 
 # What a run writes in OUTPUT/ itself (besides its checkpoints): --no-resume moves these aside.
-_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, _LOG, _PLOT)
+_RUN_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, _LOG, _PLOT, _RUNS)
 _PREVIOUS = "previous-"
 
 
@@ -202,6 +204,7 @@ def _warmup_steps(warmup_ratio: float, length: int) -> int:
 def finetune(args: argparse.Namespace) -> Path:
     import transformers
 
+    _check_args(args)
     model_dir, output = Path(args.model), Path(args.output)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"--model {model_dir}: no config.json (a transformers model directory is needed)")
@@ -286,7 +289,8 @@ def finetune(args: argparse.Namespace) -> Path:
             print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
     # OUTPUT/log.jsonl: one line a step, and one an evaluation; what a resumed run logged after its
     # checkpoint is dropped (it is logged again), the checkpoint's history kept
-    log = _Log(output / _LOG, history)
+    report = _TensorBoard(output / _RUNS, step) if args.report_to == "tensorboard" else None
+    log = _Log(output / _LOG, history, report)
     model.train()
     progress = _bar(total, step, args.quiet)
     t0, losses, tokens, t_step = time.perf_counter(), [], 0, time.perf_counter()
@@ -328,6 +332,7 @@ def finetune(args: argparse.Namespace) -> Path:
             if step == total or (args.save_steps and step % args.save_steps == 0):
                 loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule,
                               "loss": entry["loss"], "log_history": log.history}  # fmt: skip
+                log.flush()  # once the checkpoint exists, its steps' events are on disk: a resume keeps them
                 _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
             t_step = time.perf_counter()  # tokens/s counts the training alone, not the eval or the save
             if step >= total:
@@ -340,12 +345,65 @@ def finetune(args: argparse.Namespace) -> Path:
     return output
 
 
+class UsageError(ValueError):
+    """Arguments this installation cannot run: main prints it on one line and returns 2, as argparse
+    does for its own errors."""
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check, checked before the data is read and the model loads."""
+    if args.report_to == "tensorboard":
+        _summary_writer_class()
+
+
+def _summary_writer_class() -> type:
+    """torch's SummaryWriter; a UsageError where the tensorboard package it writes through is missing."""
+    try:
+        # by name: torch.utils.tensorboard looks for it on its first import only
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError(
+            "--report-to tensorboard needs the tensorboard package, which is not installed: pip install tensorboard"
+        ) from None
+    return SummaryWriter
+
+
+def _scalar_tag(name: str) -> str:
+    """The TensorBoard tag of a log.jsonl key: eval_loss is eval/loss, a step's keys are train/KEY."""
+    return f"eval/{name[len('eval_') :]}" if name.startswith("eval_") else f"train/{name}"
+
+
+class _TensorBoard:
+    """OUTPUT/runs/: each log.jsonl entry's numbers as TensorBoard scalars at the entry's step.
+
+    Every run opens a new event file there whose purge_step, the first step the run logs, hides what
+    earlier files logged from that step on: a resumed run drops what the interrupted one logged after
+    its checkpoint (as log.jsonl is rewritten from the checkpoint's history) and logs those steps again."""
+
+    def __init__(self, directory: Path, resumed_step: int):
+        self._writer = _summary_writer_class()(log_dir=str(directory), purge_step=resumed_step + 1)
+
+    def append(self, entry: dict) -> None:
+        for name, value in entry.items():
+            if name != "step":
+                self._writer.add_scalar(_scalar_tag(name), value, global_step=entry["step"])
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class _Log:
     """OUTPUT/log.jsonl: rewritten from `history` (a resumed checkpoint's), then one line appended and
-    flushed for each entry."""
+    flushed for each entry. Each appended entry also goes to `report`, whose events reach the disk at
+    flush() (each checkpoint) rather than a line at a time."""
 
-    def __init__(self, path: Path, history: list[dict]):
+    def __init__(self, path: Path, history: list[dict], report: Optional[_TensorBoard] = None):
         self.history = list(history)
+        self._report = report
         self._file = open(path, "w", encoding="utf-8")
         for entry in self.history:
             self._file.write(json.dumps(entry) + "\n")
@@ -355,9 +413,17 @@ class _Log:
         self.history.append(entry)
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
+        if self._report is not None:
+            self._report.append(entry)
+
+    def flush(self) -> None:
+        if self._report is not None:
+            self._report.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._report is not None:
+            self._report.close()
 
 
 @torch.no_grad()
@@ -496,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU where there is one)")
     ft.add_argument("--seed", type=int, default=42, help="seeds the data order, the dropout and the adapters' init")
     ft.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    ft.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                    help="tensorboard: log.jsonl's numbers also go to OUTPUT/runs/ as TensorBoard scalars (train/loss, "
+                    "train/learning_rate, ..., eval/loss), flushed at each checkpoint; needs the tensorboard package "
+                    "(pip install tensorboard)")  # fmt: skip
     return ap
 
 
@@ -504,7 +574,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "finetune":
         try:
             finetune(args)
-        except DataError as e:
+        except (DataError, UsageError) as e:
             print(f"qlora-ext finetune: {e}", file=sys.stderr)
             return 2
     return 0
