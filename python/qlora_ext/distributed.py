@@ -9,14 +9,24 @@ so that ``fully_shard`` shards them with the packed codes instead of every rank 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
-from .nn import Linear4bit
+from .nn import Linear4bit, _is_dtensor
+from .serialization import _adapter_tensors, _write_adapter
 
-__all__ = ["decoder_layers", "fully_shard_model", "prepare_fsdp"]
+__all__ = [
+    "adapter_state_dict",
+    "decoder_layers",
+    "full_state_dict",
+    "fully_shard_model",
+    "prepare_fsdp",
+    "save_adapter",
+]
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -72,3 +82,43 @@ def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = 
         fully_shard(layer, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
     return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU: a DTensor is gathered (a collective: every rank calls it)."""
+    t = t.detach()
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.cpu()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every sharded entry gathered whole, on the CPU: for a prepared model,
+    bitsandbytes' keys for the 4-bit layers (``weight``, ``weight.absmax``, ...) and PEFT's for the
+    adapters. Every rank must call it (it gathers in the state dict's order); every rank gets it."""
+    return {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the adapters, and ``modules_to_save``) gathered whole, on the CPU, by
+    name: what PEFT's ``save_pretrained(dir, state_dict=...)`` needs from a sharded PEFT model, without
+    gathering the 4-bit base. Every rank must call it."""
+    return {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    adapter_name: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """``qlora_ext.save_adapter`` for a model prepared by ``prepare_model`` and sharded (or replicated)
+    over a process group: every rank must call it; the adapter is gathered and rank 0 writes PEFT's
+    files, which load in one process (``qlora_ext.load_adapter``, PEFT's ``from_pretrained``)."""
+    config, tensors = _adapter_tensors(model, adapter_name)
+    tensors = {k: _full(v) for k, v in tensors.items()}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        _write_adapter(directory, config, tensors, base_model_name_or_path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the files are whole before any rank goes on to read them

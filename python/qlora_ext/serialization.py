@@ -80,8 +80,12 @@ def save_adapter(
     keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
     plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
     adapter: the active one of the first layer."""
-    from safetensors.torch import save_file
+    config, tensors = _adapter_tensors(model, adapter_name)
+    _write_adapter(directory, config, tensors, base_model_name_or_path)
 
+
+def _adapter_tensors(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """save_adapter's config and tensors (PEFT's keys), as the parameters are: DTensors where sharded."""
     configs = _configs(model)
     if adapter_name is None:
         adapter_name = next((layer.active_adapter for _, layer in qlora_layers(model) if layer.active_adapter), None)
@@ -103,6 +107,17 @@ def save_adapter(
                 tensors[f"{_PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
     if not tensors:
         raise ValueError(f"adapter {adapter_name!r} has no layers")
+    return config, tensors
+
+
+def _write_adapter(
+    directory: Union[str, os.PathLike],
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: Optional[str],
+) -> None:
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
