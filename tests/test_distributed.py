@@ -32,6 +32,7 @@ from qlora_ext.distributed import (  # noqa: E402  (after the skips: the module'
     fully_shard_model,
     prepare_fsdp,
     save_adapter,
+    save_quantized,
 )
 from qlora_ext.hf import QLoraExtConfig  # noqa: E402  (needs transformers)
 
@@ -198,6 +199,7 @@ def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str) -> dict:
         result["logits"] = model.eval()(input_ids=eval_batch(seed)).logits.clone()
     if path == "prepare_model":
         save_adapter(model, out)
+        result["quantized"] = str(save_quantized(model, f"{out}-4bit"))
     else:
         state = adapter_state_dict(model)
         if rank == 0:
@@ -263,6 +265,14 @@ def test_fully_shard_matches_one_process_and_saves(path, lm_dir, tmp_path):
     # the gathered state dict: the base untouched, in bitsandbytes' keys, bit for bit one process's
     for rank, result in enumerate(results):
         assert_same(result["base"], ref["base"], f"rank {rank} gathered base")
+
+    if path == "prepare_model":  # the 4-bit checkpoint written by rank 0: one process's, and it loads
+        assert results[1]["quantized"] == "None"
+        from safetensors.torch import load_file
+
+        written = load_file(results[0]["quantized"])
+        assert_same(written, {k.replace(".base_layer.", "."): v for k, v in ref["base"].items()}, "4-bit checkpoint")
+        qlora_ext.load_quantized(build(path, seed, lm_dir), results[0]["quantized"])
 
     # the saved adapter, in one process, gives the sharded model's logits
     with one_thread():

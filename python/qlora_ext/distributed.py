@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from .nn import Linear4bit, _is_dtensor
-from .serialization import _adapter_tensors, _write_adapter
+from .serialization import _adapter_tensors, _base_state_dict, _write_adapter, _write_quantized
 
 __all__ = [
     "adapter_state_dict",
@@ -26,6 +27,7 @@ __all__ = [
     "fully_shard_model",
     "prepare_fsdp",
     "save_adapter",
+    "save_quantized",
 ]
 
 
@@ -117,8 +119,27 @@ def save_adapter(
     files, which load in one process (``qlora_ext.load_adapter``, PEFT's ``from_pretrained``)."""
     config, tensors = _adapter_tensors(model, adapter_name)
     tensors = {k: _full(v) for k, v in tensors.items()}
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
+    if _rank() == 0:
         _write_adapter(directory, config, tensors, base_model_name_or_path)
+    _barrier()
+
+
+def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Path]:
+    """``qlora_ext.save_quantized`` for a model sharded over a process group: the 4-bit base in
+    bitsandbytes' keys (adapters left out), gathered whole (on every rank: the whole base must fit
+    each rank's CPU memory) and written by rank 0, which gets the file's path (the others None).
+    Every rank must call it. ``qlora_ext.load_quantized`` loads it in any number of processes,
+    before ``fully_shard``."""
+    state = {k: _full(v) for k, v in _base_state_dict(model).items()}
+    file = _write_quantized(path, state) if _rank() == 0 else None
+    _barrier()
+    return file
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # the files are whole before any rank goes on to read them

@@ -310,6 +310,10 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     ``path``: a ``.safetensors`` file, or a directory (made where missing) that gets ``model.safetensors``
     (transformers' name). It replaces only an earlier 4-bit checkpoint (any other file there is an error,
     never overwritten) and is written to a temporary file renamed into place."""
+    return _write_quantized(path, _base_state_dict(model))
+
+
+def _write_quantized(path: Union[str, os.PathLike], state_dict: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     file = _quantized_target(path)
@@ -317,7 +321,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     # found on the tensors as they are (a copy to the CPU would hide the sharing); load_quantized
     # knows the others from the model's own ties
     tensors, seen = {}, set()
-    for k, t in _base_state_dict(model).items():
+    for k, t in state_dict.items():
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
             continue
