@@ -184,8 +184,10 @@ def shard_sizes(model) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str) -> dict:
+def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str, checkpointing: bool) -> dict:
     model = build(path, seed, lm_dir)
+    if checkpointing:  # the backward recomputes each layer's forward: the gathered scales again
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fully_shard_model(model)
     result = {"sizes": shard_sizes(model)}
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
@@ -243,11 +245,15 @@ def test_ddp_matches_one_process(path, lm_dir, tmp_path):
     assert_matches_one_process(results, reference(path, seed, lm_dir))
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_fully_shard_matches_one_process_and_saves(path, lm_dir, tmp_path):
+@pytest.mark.parametrize(
+    "path, checkpointing",
+    [(PATHS[0], False), (PATHS[1], False), (PATHS[0], True)],
+    ids=[PATHS[0], PATHS[1], PATHS[0] + "+checkpointing"],
+)
+def test_fully_shard_matches_one_process_and_saves(path, checkpointing, lm_dir, tmp_path):
     seed = SEED % 2**31
     out = tmp_path / "adapter"
-    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out))
+    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing)
     ref = reference(path, seed, lm_dir)
     assert_matches_one_process(results, ref)
 
