@@ -313,6 +313,13 @@ def test_registered_scales_keep_state_dict_and_outputs(gen):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "weight_" in n)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    # another model's 4-bit weights load into the registered parameters (and the outputs follow)
+    other = qlora_ext.prepare_model(tiny_llama(SEED % 2**31 + 1), qlora_ext.LoraConfig(r=4, init=False),
+                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    model.load_state_dict(other.state_dict(), strict=True)
+    assert_same(model.state_dict(), other.state_dict(), "state dict of the other model")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
     model.load_state_dict(before, strict=True)
     model.half().float()
     layer = model.model.layers[0].self_attn.q_proj.base_layer

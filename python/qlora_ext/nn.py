@@ -222,11 +222,7 @@ class Linear4bit(nn.Linear):
     def _scales_to_parameters(self, state: Optional[QuantState]) -> None:
         if state is None:
             raise ValueError("state must be a QuantState: a layer whose scales are parameters keeps a weight")
-        for name in (_ABSMAX, _NESTED_ABSMAX):
-            if _is_dtensor(self._parameters.get(name, torch.empty(0))):
-                raise RuntimeError(
-                    "this Linear4bit is sharded by fully_shard: give it its weight (load_state_dict, merge) before"
-                )
+        self._refuse_if_sharded()
         # the state keeps the format, the tables and empty scales (their dtype and device); the scales
         # themselves are only in the parameters, so that sharding them frees them
         template = copy.copy(state)
@@ -239,6 +235,14 @@ class Linear4bit(nn.Linear):
         elif _NESTED_ABSMAX in self._parameters:
             del self._parameters[_NESTED_ABSMAX]
         self.__dict__["_quant_state"] = template
+
+    def _refuse_if_sharded(self) -> None:
+        """A new weight replaces the parameters that fully_shard manages: refused, before any change."""
+        if any(_is_dtensor(p) for p in self._parameters.values() if p is not None):
+            raise RuntimeError(
+                "this Linear4bit is sharded by fully_shard: give it its weight (load_state_dict, load_quantized, "
+                "a merge) before fully_shard"
+            )
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a float tensor ``[out_features, in_features]`` of its original dtype."""
@@ -306,7 +310,6 @@ class Linear4bit(nn.Linear):
                 error_msgs.append(f"{weight_key}: {e}")
         rest = {k: v for k, v in state_dict.items() if k != weight_key and k not in own}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        # registered scales come under bitsandbytes' keys (weight.absmax, ...), never their own names
         if weight_key in state_dict and weight_key in missing_keys:
             missing_keys.remove(weight_key)
         # registered scales are read and written under bitsandbytes' keys (weight.absmax, ...) only
@@ -320,6 +323,7 @@ class Linear4bit(nn.Linear):
 
     def set_weight(self, codes: torch.Tensor, state: QuantState, quant_storage: torch.dtype = torch.uint8) -> None:
         """Takes the codes and state that ``check_weight`` returned."""
+        self._refuse_if_sharded()
         self.weight = nn.Parameter(codes, requires_grad=False)
         self.quant_state = state
         self.quant_storage = quant_storage
