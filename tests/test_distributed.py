@@ -196,6 +196,11 @@ def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str, checkpoi
         result["outside"] = "no error"
     except RuntimeError as e:
         result["outside"] = str(e)
+    try:
+        layer.set_weight(layer.weight, layer.quant_state)  # a new weight would replace FSDP2's parameters
+        result["new weight"] = "no error"
+    except RuntimeError as e:
+        result["new weight"] = str(e)
     result.update(train(model, model, rank, seed))
     with torch.no_grad():
         result["logits"] = model.eval()(input_ids=eval_batch(seed)).logits.clone()
@@ -267,6 +272,7 @@ def test_fully_shard_matches_one_process_and_saves(path, checkpointing, lm_dir, 
         rows = sizes[0][name][1]
         assert [s[name] for s in sizes] == [(-(-rows // 2), rows), (rows - -(-rows // 2), rows)], name
     assert "sharded by fully_shard" in results[0]["outside"]
+    assert "before fully_shard" in results[0]["new weight"]
 
     # the gathered state dict: the base untouched, in bitsandbytes' keys, bit for bit one process's
     for rank, result in enumerate(results):
