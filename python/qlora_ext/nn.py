@@ -10,6 +10,7 @@ layer on top of it.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional, Union
 
@@ -22,6 +23,36 @@ from .quant_state import QuantState
 __all__ = ["Linear4bit", "QLoRALinear"]
 
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+# register_scales(): the parameters that hold the block scales and the nested ones
+_ABSMAX, _NESTED_ABSMAX = "weight_absmax", "weight_nested_absmax"
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor's bytes as uint8 rows, one element a row: FSDP2 shards dim 0 in whole rows, so
+    every rank holds whole scales, and mixed precision (which casts only floating parameters) leaves
+    them alone."""
+    return t.detach().contiguous().view(torch.uint8).reshape(t.numel(), t.element_size())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _from_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 1-D tensor of ``dtype`` whose bytes ``_as_rows`` gave; a sharded (DTensor) parameter gives a
+    DTensor sharded the same way (a shard of whole rows is a shard of whole elements)."""
+    if _is_dtensor(rows):
+        from torch.distributed.tensor import DTensor
+
+        local = _from_rows(rows.to_local(), dtype)
+        return DTensor.from_local(
+            local, rows.device_mesh, rows.placements, run_check=False, shape=torch.Size([rows.shape[0]]), stride=(1,)
+        )
+    return rows.view(dtype).reshape(-1)
 
 
 def _compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -100,7 +131,7 @@ class Linear4bit(nn.Linear):
             torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False
         )
         # None until from_linear or load_state_dict gives the layer a weight.
-        self.quant_state: Optional[QuantState] = None
+        self.quant_state = None
         dtype = compute_dtype if compute_dtype is not None else torch.float32
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -146,6 +177,73 @@ class Linear4bit(nn.Linear):
             layer.bias = nn.Parameter(linear.bias.detach().to(device=weight.device).clone(), requires_grad=False)
         return layer
 
+    @property
+    def quant_state(self) -> Optional[QuantState]:
+        """The format and the block scales. After ``register_scales`` the scales are read from their
+        parameters at each access (FSDP2 swaps those between the shard and the gathered tensor):
+        DTensors while the layer is sharded, plain tensors inside its forward."""
+        state = self.__dict__.get("_quant_state")
+        if state is None or _ABSMAX not in self._parameters:
+            return state
+        state = copy.copy(state)
+        state.absmax = _from_rows(self._parameters[_ABSMAX], state.absmax.dtype)
+        if state.nested:
+            state.state2 = copy.copy(state.state2)
+            state.state2.absmax = _from_rows(self._parameters[_NESTED_ABSMAX], state.state2.absmax.dtype)
+        return state
+
+    @quant_state.setter
+    def quant_state(self, state: Optional[QuantState]) -> None:
+        if _ABSMAX in self._parameters:
+            self._scales_to_parameters(state)
+        else:
+            self.__dict__["_quant_state"] = state
+
+    @property
+    def scales_registered(self) -> bool:
+        """Whether ``register_scales`` made the block scales parameters of this layer."""
+        return _ABSMAX in self._parameters
+
+    def register_scales(self) -> None:
+        """Makes the block scales (``absmax``; with double quantization its 8-bit codes and the nested
+        float32 scales too) frozen parameters of this layer, ``weight_absmax`` and
+        ``weight_nested_absmax``, so that FSDP2's ``fully_shard`` shards and gathers them as it does the
+        packed codes (``weight``). Each holds its tensor's bytes as uint8 rows ``[n, element size]``:
+        shards keep whole scales and mixed precision does not cast them. The small per-layer tables
+        (the 16-value code, the 256-value nested map, the offset) stay replicated in ``quant_state``.
+
+        The state dict keeps bitsandbytes' keys, and the products are computed as before; call it
+        before ``fully_shard`` (``qlora_ext.distributed.prepare_fsdp`` does it for a whole model).
+        """
+        if self.scales_registered:
+            return
+        self._scales_to_parameters(self._state())
+
+    def _scales_to_parameters(self, state: Optional[QuantState]) -> None:
+        if state is None:
+            raise ValueError("state must be a QuantState: a layer whose scales are parameters keeps a weight")
+        self._refuse_if_sharded()
+        # the state keeps the format, the tables and empty scales (their dtype and device); the scales
+        # themselves are only in the parameters, so that sharding them frees them
+        template = copy.copy(state)
+        template.absmax = state.absmax.new_empty(0)
+        self.weight_absmax = nn.Parameter(_as_rows(state.absmax), requires_grad=False)
+        if state.nested:
+            template.state2 = copy.copy(state.state2)
+            template.state2.absmax = state.state2.absmax.new_empty(0)
+            self.weight_nested_absmax = nn.Parameter(_as_rows(state.state2.absmax), requires_grad=False)
+        elif _NESTED_ABSMAX in self._parameters:
+            del self._parameters[_NESTED_ABSMAX]
+        self.__dict__["_quant_state"] = template
+
+    def _refuse_if_sharded(self) -> None:
+        """A new weight replaces the parameters that fully_shard manages: refused, before any change."""
+        if any(_is_dtensor(p) for p in self._parameters.values() if p is not None):
+            raise RuntimeError(
+                "this Linear4bit is sharded by fully_shard: give it its weight (load_state_dict, load_quantized, "
+                "a merge) before fully_shard"
+            )
+
     def dequantize(self) -> torch.Tensor:
         """The weight as a float tensor ``[out_features, in_features]`` of its original dtype."""
         return F.dequantize_4bit(self.weight, self._state())
@@ -155,9 +253,22 @@ class Linear4bit(nn.Linear):
         initialization would write random floats into the packed codes)."""
 
     def _state(self) -> QuantState:
-        if self.quant_state is None:
+        """The state for the products; raises where they cannot run (no weight, or sharded)."""
+        state = self.quant_state
+        if state is None:
             raise RuntimeError("this Linear4bit has no weight yet: build it with from_linear or load a state dict")
-        return self.quant_state
+        if self.scales_registered:
+            if _is_dtensor(self.weight) or _is_dtensor(state.absmax):
+                raise RuntimeError(
+                    "this Linear4bit is sharded by fully_shard: its weight and scales are gathered in the forward "
+                    "of the module that fully_shard wraps; call that module's unshard() to use them outside it"
+                )
+            template = self.__dict__["_quant_state"]
+            if template.absmax.device != state.absmax.device:
+                # FSDP2 moves parameters to its device without nn.Module._apply; the tables follow them
+                template.to(state.absmax.device)
+                state = self.quant_state
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc, bias = _in_compute_dtype(x, self)
@@ -167,8 +278,9 @@ class Linear4bit(nn.Linear):
         # Parameters go through fn (the uint8 codes are left alone by dtype casts); the state follows
         # the codes to their device.
         super()._apply(fn, recurse)
-        if self.quant_state is not None and self.quant_state.absmax.device != self.weight.device:
-            self.quant_state.to(self.weight.device)
+        state = self.__dict__.get("_quant_state")  # with registered scales: the tables (and empty scales)
+        if state is not None and state.absmax.device != self.weight.device:
+            state.to(self.weight.device)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -200,6 +312,10 @@ class Linear4bit(nn.Linear):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if weight_key in state_dict and weight_key in missing_keys:
             missing_keys.remove(weight_key)
+        # registered scales are read and written under bitsandbytes' keys (weight.absmax, ...) only
+        for key in (prefix + _ABSMAX, prefix + _NESTED_ABSMAX):
+            if key in missing_keys:
+                missing_keys.remove(key)
 
     def _load_weight(self, packed: torch.Tensor, entries: dict[str, Any]) -> None:
         codes, state = self.check_weight(packed, entries)
@@ -207,6 +323,7 @@ class Linear4bit(nn.Linear):
 
     def set_weight(self, codes: torch.Tensor, state: QuantState, quant_storage: torch.dtype = torch.uint8) -> None:
         """Takes the codes and state that ``check_weight`` returned."""
+        self._refuse_if_sharded()
         self.weight = nn.Parameter(codes, requires_grad=False)
         self.quant_state = state
         self.quant_storage = quant_storage

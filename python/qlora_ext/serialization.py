@@ -80,8 +80,12 @@ def save_adapter(
     keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
     plus the parameters of ``modules_to_save`` under ``base_model.model.<module>.<name>``. Default
     adapter: the active one of the first layer."""
-    from safetensors.torch import save_file
+    config, tensors = _adapter_tensors(model, adapter_name)
+    _write_adapter(directory, config, tensors, base_model_name_or_path)
 
+
+def _adapter_tensors(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """save_adapter's config and tensors (PEFT's keys), as the parameters are: DTensors where sharded."""
     configs = _configs(model)
     if adapter_name is None:
         adapter_name = next((layer.active_adapter for _, layer in qlora_layers(model) if layer.active_adapter), None)
@@ -103,6 +107,17 @@ def save_adapter(
                 tensors[f"{_PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
     if not tensors:
         raise ValueError(f"adapter {adapter_name!r} has no layers")
+    return config, tensors
+
+
+def _write_adapter(
+    directory: Union[str, os.PathLike],
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: Optional[str],
+) -> None:
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -295,6 +310,10 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     ``path``: a ``.safetensors`` file, or a directory (made where missing) that gets ``model.safetensors``
     (transformers' name). It replaces only an earlier 4-bit checkpoint (any other file there is an error,
     never overwritten) and is written to a temporary file renamed into place."""
+    return _write_quantized(path, _base_state_dict(model))
+
+
+def _write_quantized(path: Union[str, os.PathLike], state_dict: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     file = _quantized_target(path)
@@ -302,7 +321,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     # found on the tensors as they are (a copy to the CPU would hide the sharing); load_quantized
     # knows the others from the model's own ties
     tensors, seen = {}, set()
-    for k, t in _base_state_dict(model).items():
+    for k, t in state_dict.items():
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
             continue

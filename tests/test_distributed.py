@@ -1,0 +1,344 @@
+"""Several processes on the CPU: 2 gloo processes train a tiny Llama prepared by qlora_ext (either path:
+``prepare_model``, or ``from_pretrained`` with QLoraExtConfig + PEFT's ``get_peft_model``) under DDP and
+under FSDP2 (``fully_shard`` per decoder layer, the 4-bit base's codes and block scales sharded), and
+one process computes the same steps: the losses, the adapter gradients and the trained adapters are
+the same bits, each rank holds its half of the codes and scales, and the adapter saved from the
+sharded model reloads in one process to the same logits.
+
+Why bit for bit: each rank's loss is one process's loss on that rank's batch, and both DDP and FSDP2
+average two gradients as g0 / 2 + g1 / 2 (a halving is exact, a sum of two is the same either way), as
+the one-process reference does. Every process runs on one thread, so the CPU products reduce in the
+same order everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import qlora_ext
+from qlora_ext.nn import Linear4bit
+
+from helpers import SEED, tiny_llama, tiny_lm_dir
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from qlora_ext.distributed import (  # noqa: E402  (after the skips: the module's tests need transformers)
+    adapter_state_dict,
+    full_state_dict,
+    fully_shard_model,
+    prepare_fsdp,
+    save_adapter,
+    save_quantized,
+)
+from qlora_ext.hf import QLoraExtConfig  # noqa: E402  (needs transformers)
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
+]
+
+WORLD = 2
+STEPS = 2
+PATHS = ["prepare_model", "from_pretrained+peft"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, the data and the steps, the same in the workers and in the one-process reference
+
+
+def build(path: str, seed: int, lm_dir: str) -> torch.nn.Module:
+    """The tiny Llama with adapters in float32, both A and B random (a zero B hides the adapter path's
+    errors), the same bits in every process for the same seed."""
+    if path == "prepare_model":
+        config = qlora_ext.LoraConfig(r=4, init=False)
+        return qlora_ext.prepare_model(tiny_llama(seed), config, compute_dtype=torch.float32, progress=False).train()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        lm_dir, quantization_config=QLoraExtConfig(compute_dtype=torch.float32), device_map="cpu"
+    )
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return peft.get_peft_model(model, config).train()
+
+
+def batch(seed: int, rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1000 * step + rank)
+    return torch.randint(0, 96, (2, 12), generator=g)
+
+
+def eval_batch(seed: int) -> torch.Tensor:
+    return batch(seed, rank=WORLD, step=STEPS)
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # the single-tensor AdamW: the same elementwise steps on full tensors and on DTensor shards
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=False)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(path: str, seed: int, lm_dir: str) -> dict:
+    """One process: at each step, each rank's batch in turn, their gradients averaged as g0/2 + g1/2."""
+    with one_thread():
+        model = build(path, seed, lm_dir)
+        base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+        opt = optimizer(model)
+        losses, grads = [], []
+        for step in range(STEPS):
+            per_rank = []
+            for rank in range(WORLD):
+                ids = batch(seed, rank, step)
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                per_rank.append((loss.detach(), adapter_grads(model)))
+                opt.zero_grad()
+            losses.append([loss for loss, _ in per_rank])
+            averaged = {n: per_rank[0][1][n] / 2 + per_rank[1][1][n] / 2 for n in per_rank[0][1]}
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.grad = averaged[n].clone()
+            grads.append(averaged)
+            opt.step()
+            opt.zero_grad()
+        return {"losses": losses, "grads": grads, "adapters": adapters(model), "base": base}
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes
+
+
+def _run(rank: int, worker, tmp: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        torch.save(worker(rank, *args), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, tmp_path, *args) -> list[dict]:
+    """worker(rank, *args) in WORLD fresh processes of one gloo group; what each returns."""
+    torch.multiprocessing.start_processes(
+        _run, args=(worker, str(tmp_path), args), nprocs=WORLD, start_method="spawn", join=True
+    )
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def train(model, wrapped, rank: int, seed: int) -> dict:
+    opt = optimizer(model)
+    losses, grads = [], []
+    for step in range(STEPS):
+        ids = batch(seed, rank, step)
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach().clone())
+        grads.append(adapter_grads(model))
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        assert not frozen, f"frozen parameters got gradients: {frozen[:3]}"
+        opt.step()
+        opt.zero_grad()
+    return {"losses": losses, "grads": grads, "adapters": adapters(model)}
+
+
+def ddp_worker(rank: int, path: str, seed: int, lm_dir: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = build(path, seed, lm_dir)
+    return train(model, DistributedDataParallel(model), rank, seed)
+
+
+def shard_sizes(model) -> dict[str, tuple[int, int]]:
+    """Rows held here and rows in all, of each sharded 4-bit tensor (codes, scales, nested scales)."""
+    sizes = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, Linear4bit):
+            assert layer.__dict__["_quant_state"].absmax.numel() == 0, "the state keeps the whole scales"
+            for pname, p in layer.named_parameters(recurse=False):
+                if pname != "bias":
+                    sizes[f"{name}.{pname}"] = (p.to_local().shape[0], p.shape[0])
+    return sizes
+
+
+def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str, checkpointing: bool) -> dict:
+    model = build(path, seed, lm_dir)
+    if checkpointing:  # the backward recomputes each layer's forward: the gathered scales again
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fully_shard_model(model)
+    result = {"sizes": shard_sizes(model)}
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    try:
+        layer.dequantize()  # outside the forward: the shards only
+        result["outside"] = "no error"
+    except RuntimeError as e:
+        result["outside"] = str(e)
+    try:
+        layer.set_weight(layer.weight, layer.quant_state)  # a new weight would replace FSDP2's parameters
+        result["new weight"] = "no error"
+    except RuntimeError as e:
+        result["new weight"] = str(e)
+    result.update(train(model, model, rank, seed))
+    with torch.no_grad():
+        result["logits"] = model.eval()(input_ids=eval_batch(seed)).logits.clone()
+    if path == "prepare_model":
+        save_adapter(model, out)
+        result["quantized"] = str(save_quantized(model, f"{out}-4bit"))
+    else:
+        state = adapter_state_dict(model)
+        if rank == 0:
+            model.save_pretrained(out, state_dict=state)
+        dist.barrier()
+    result["base"] = {k: v for k, v in full_state_dict(model).items() if "lora_" not in k}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> str:
+    return str(tiny_lm_dir(tmp_path_factory.mktemp("tiny-lm"), SEED % 2**31))
+
+
+def assert_same(actual: dict, expected: dict, what: str) -> None:
+    assert sorted(actual) == sorted(expected), what
+    for name in expected:
+        torch.testing.assert_close(
+            actual[name], expected[name], rtol=0, atol=0, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
+
+
+def assert_matches_one_process(results: list[dict], ref: dict) -> None:
+    for step in range(STEPS):
+        assert any(g.abs().sum() > 0 for g in ref["grads"][step].values())
+        for rank, result in enumerate(results):
+            torch.testing.assert_close(result["losses"][step], ref["losses"][step][rank], rtol=0, atol=0)
+            assert_same(result["grads"][step], ref["grads"][step], f"rank {rank} step {step} gradient")
+    for rank, result in enumerate(results):
+        assert_same(result["adapters"], ref["adapters"], f"rank {rank} trained adapter")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ddp_matches_one_process(path, lm_dir, tmp_path):
+    seed = SEED % 2**31
+    results = spawn(ddp_worker, tmp_path, path, seed, lm_dir)
+    assert_matches_one_process(results, reference(path, seed, lm_dir))
+
+
+@pytest.mark.parametrize(
+    "path, checkpointing",
+    [(PATHS[0], False), (PATHS[1], False), (PATHS[0], True)],
+    ids=[PATHS[0], PATHS[1], PATHS[0] + "+checkpointing"],
+)
+def test_fully_shard_matches_one_process_and_saves(path, checkpointing, lm_dir, tmp_path):
+    seed = SEED % 2**31
+    out = tmp_path / "adapter"
+    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing)
+    ref = reference(path, seed, lm_dir)
+    assert_matches_one_process(results, ref)
+
+    # each rank holds its half (torch.chunk's) of the codes, the scales and the nested scales
+    sizes = [r["sizes"] for r in results]
+    names = sorted(sizes[0])
+    assert sum(n.endswith(".weight") for n in names) == 14
+    assert sum(n.endswith(".weight_absmax") for n in names) == 14
+    assert sum(n.endswith(".weight_nested_absmax") for n in names) == 14
+    for name in names:
+        rows = sizes[0][name][1]
+        assert [s[name] for s in sizes] == [(-(-rows // 2), rows), (rows - -(-rows // 2), rows)], name
+    assert "sharded by fully_shard" in results[0]["outside"]
+    assert "before fully_shard" in results[0]["new weight"]
+
+    # the gathered state dict: the base untouched, in bitsandbytes' keys, bit for bit one process's
+    for rank, result in enumerate(results):
+        assert_same(result["base"], ref["base"], f"rank {rank} gathered base")
+
+    if path == "prepare_model":  # the 4-bit checkpoint written by rank 0: one process's, and it loads
+        assert results[1]["quantized"] == "None"
+        from safetensors.torch import load_file
+
+        written = load_file(results[0]["quantized"])
+        assert_same(written, {k.replace(".base_layer.", "."): v for k, v in ref["base"].items()}, "4-bit checkpoint")
+        qlora_ext.load_quantized(build(path, seed, lm_dir), results[0]["quantized"])
+
+    # the saved adapter, in one process, gives the sharded model's logits
+    with one_thread():
+        if path == "prepare_model":
+            model = build(path, seed, lm_dir)
+            qlora_ext.load_adapter(model, out, adapter_name="trained")
+        else:
+            base = transformers.AutoModelForCausalLM.from_pretrained(
+                lm_dir, quantization_config=QLoraExtConfig(compute_dtype=torch.float32), device_map="cpu"
+            )
+            model = peft.PeftModel.from_pretrained(base, str(out))
+        with torch.no_grad():
+            logits = model.eval()(input_ids=eval_batch(seed)).logits
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(
+            result["logits"], logits, rtol=0, atol=0, msg=lambda m, rank=rank: f"rank {rank}: {m}"
+        )
+
+
+def test_registered_scales_keep_state_dict_and_outputs(gen):
+    """prepare_fsdp in one process: bitsandbytes' keys and bits in the state dict, which loads back
+    strictly; the same outputs; dtype casts leave the scales as they are."""
+    model = qlora_ext.prepare_model(tiny_llama(SEED % 2**31), qlora_ext.LoraConfig(r=4, init=False),
+                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    ids = torch.randint(0, 96, (2, 9), generator=gen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert prepare_fsdp(model) == 14
+    assert prepare_fsdp(model) == 0
+    assert_same(model.state_dict(), before, "state dict after prepare_fsdp")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "weight_" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    # another model's 4-bit weights load into the registered parameters (and the outputs follow)
+    other = qlora_ext.prepare_model(tiny_llama(SEED % 2**31 + 1), qlora_ext.LoraConfig(r=4, init=False),
+                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    model.load_state_dict(other.state_dict(), strict=True)
+    assert_same(model.state_dict(), other.state_dict(), "state dict of the other model")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
+    model.load_state_dict(before, strict=True)
+    model.half().float()
+    layer = model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight_absmax.dtype == torch.uint8 and layer.quant_state.absmax.dtype == torch.uint8
+    assert layer.quant_state.state2.absmax.dtype == torch.float32
+    assert_same({k: v for k, v in model.state_dict().items() if ".base_layer.weight" in k},
+                {k: v for k, v in before.items() if ".base_layer.weight" in k}, "after .half().float()")  # fmt: skip
+
+
+def test_prepare_fsdp_refusals():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        prepare_fsdp("model")
+    with pytest.raises(ValueError, match="no qlora_ext Linear4bit"):
+        prepare_fsdp(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        fully_shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
