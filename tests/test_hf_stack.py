@@ -599,3 +599,74 @@ def test_replace_linears_takes_the_layers_bitsandbytes_takes():
     assert replace_linears(model, QLoraExtConfig()) == ["plain"]
     assert isinstance(model.plain, Linear4bit) and type(model.sub) is Scaled
     assert replace_linears(model, QLoraExtConfig()) == []  # a Linear4bit is not replaced again
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer and SFTTrainer on a model made by qlora_ext.prepare_model (no PeftModel: QLoRALinear layers)
+
+
+def prepared(lm_dir, base="16-bit", dropout=0.1):
+    """The tiny Llama prepared by prepare_model: loaded in 16 bits (quantized by prepare_model), or loaded
+    with QLoraExtConfig (4-bit already, kept). The adapters' initial A comes from a fixed seed."""
+    model = load_plain(lm_dir) if base == "16-bit" else load(lm_dir)
+    torch.manual_seed(1)
+    config = qlora_ext.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout)
+    return qlora_ext.prepare_model(model, config, compute_dtype=torch.float32, progress=False)
+
+
+def trainer_args(out, **kw):
+    return transformers.TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, logging_steps=1,
+                                          per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, seed=SEED % 2**31, **kw)  # fmt: skip
+
+
+def losses_of(trainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+def check_prepared_checkpoint(whole, checkpoint, gen):
+    """`from_pretrained(checkpoint)` alone gives the prepared model (QLoRALinear layers, the same adapters and
+    4-bit bits) and the trained model's logits, bit for bit."""
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "qlora_ext" and config["prepared"]["active_adapter"] == "default"
+    assert len(config["prepared"]["adapters"]["default"]["layers"]) == N_LINEARS
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    layer = back.model.layers[1].mlp.down_proj
+    assert isinstance(layer, qlora_ext.QLoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert back.qlora_config == whole.model.qlora_config
+    assert sorted(n for n, p in back.named_parameters() if p.requires_grad) == sorted(lora_params(back))
+    theirs = whole.model.state_dict()
+    ours = back.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert_bits_equal(ours[key], theirs[key], key)
+    ids = tokens(gen)
+    assert_bits_equal(logits(back, ids), logits(whole.model.eval(), ids))
+    return back
+
+
+@pytest.mark.parametrize("base", ["16-bit", "QLoraExtConfig"])
+def test_trainer_on_a_prepared_model_checkpoint_and_resume(lm_dir, gen, tmp_path, fused_calls, base):
+    """Trainer on prepare_model's model: its checkpoints reload with from_pretrained alone to the trained
+    model (not 16-bit linears with random weights), and a resume ends where the uninterrupted run ends, the
+    same losses; a resume onto the model reloaded from the checkpoint too."""
+    data = lm_dataset(gen)
+
+    def make_trainer(out, model=None):
+        model = prepared(lm_dir, base) if model is None else model
+        return transformers.Trainer(model=model, args=trainer_args(out, save_only_model=False), train_dataset=data)
+
+    whole, resumed = train_twice(make_trainer, tmp_path)
+    assert 0.1 in fused_calls
+    assert whole.state.global_step == resumed.state.global_step == 4
+    assert losses_of(resumed) == losses_of(whole) and len(losses_of(whole)) == 4
+    trained = adapters_of(whole.model)
+    for name, value in adapters_of(resumed.model).items():
+        assert_bits_equal(value, trained[name], name)
+    check_prepared_checkpoint(whole, tmp_path / "whole" / "checkpoint-4", gen)
+    # the model that from_pretrained gives back from checkpoint-2 trains on from there to the same end
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "checkpoint-2"))
+    again = make_trainer(tmp_path / "again", again)
+    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    for name, value in adapters_of(again.model).items():
+        assert_bits_equal(value, trained[name], name)
