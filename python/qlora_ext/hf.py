@@ -484,7 +484,7 @@ def _build_prepared(model: nn.Module, config: QLoraExtConfig, checkpoint_files) 
 
 def _finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
     """After loading: the adapters' configs on the model, and what is trainable as prepare_model leaves it
-    (the active adapter and its modules_to_save)."""
+    (the active adapter, and the modules_to_save of every adapter)."""
     from .adapters import _refuse_adapter_names_in_forward, set_adapter
     from .model import _enable_input_grads
 
@@ -501,13 +501,13 @@ def _finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
     active = prepared.get("active_adapter")
     if active is not None:
         set_adapter(model, active)
-        for name, module in model.named_modules():
-            if configs[active].saves(name):
-                module.requires_grad_(True)
     else:
         for _, m in model.named_modules():
             if isinstance(m, QLoRALinear):
                 m.active_adapter = None
+    for name, module in model.named_modules():  # one copy a model, shared by its adapters
+        if any(config.saves(name) for config in configs.values()):
+            module.requires_grad_(True)
     _refuse_adapter_names_in_forward(model)
     _enable_input_grads(model)
 
