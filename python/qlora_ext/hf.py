@@ -360,6 +360,11 @@ class QLoraExtHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: each Linear4bit becomes an nn.Linear with its dequantized weight."""
+        if any(isinstance(m, QLoRALinear) for m in model.modules()):
+            raise ValueError(
+                "qlora_ext: dequantize() of a prepared model would take the 4-bit bases from under its QLoRALinear "
+                "layers: qlora_ext.merge_adapter(model) runs them on 16-bit weights with the adapter folded in"
+            )
         if isinstance(dtype, str):  # model.config.dtype, which save_pretrained turns into a name
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
