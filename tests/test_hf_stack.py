@@ -228,6 +228,15 @@ def test_save_pretrained_and_back(lm_dir, gen, tmp_path, device, storage):
     for key in theirs:
         assert_bits_equal(ours[key], theirs[key], key)
     assert_bits_equal(logits(back, ids), before)
+    # the model loaded from 4 bits saves again to the same files (save_pretrained reverts the load's conversions)
+    back.save_pretrained(str(tmp_path / "again"))
+    from safetensors.torch import load_file
+
+    first, again = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("q", "again"))
+    assert sorted(first) == sorted(again)
+    for key in first:
+        assert_bits_equal(again[key], first[key], key)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == config
 
 
 def test_config_and_refusals(lm_dir, tmp_path):
@@ -599,3 +608,148 @@ def test_replace_linears_takes_the_layers_bitsandbytes_takes():
     assert replace_linears(model, QLoraExtConfig()) == ["plain"]
     assert isinstance(model.plain, Linear4bit) and type(model.sub) is Scaled
     assert replace_linears(model, QLoraExtConfig()) == []  # a Linear4bit is not replaced again
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer and SFTTrainer on a model made by qlora_ext.prepare_model (no PeftModel: QLoRALinear layers)
+
+
+def prepared(lm_dir, base="16-bit", dropout=0.1):
+    """The tiny Llama prepared by prepare_model: loaded in 16 bits (quantized by prepare_model), or loaded
+    with QLoraExtConfig (4-bit already, kept). The adapters' initial A comes from a fixed seed."""
+    model = load_plain(lm_dir) if base == "16-bit" else load(lm_dir)
+    torch.manual_seed(1)
+    config = qlora_ext.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout)
+    return qlora_ext.prepare_model(model, config, compute_dtype=torch.float32, progress=False)
+
+
+def trainer_args(out, **kw):
+    return transformers.TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, logging_steps=1,
+                                          per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, seed=SEED % 2**31, **kw)  # fmt: skip
+
+
+def losses_of(trainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+def check_prepared_checkpoint(whole, checkpoint, gen):
+    """`from_pretrained(checkpoint)` alone gives the prepared model (QLoRALinear layers, the same adapters and
+    4-bit bits) and the trained model's logits, bit for bit."""
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "qlora_ext" and config["prepared"]["active_adapter"] == "default"
+    assert len(config["prepared"]["adapters"]["default"]["layers"]) == N_LINEARS
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    layer = back.model.layers[1].mlp.down_proj
+    assert isinstance(layer, qlora_ext.QLoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert back.qlora_config == whole.model.qlora_config
+    assert sorted(n for n, p in back.named_parameters() if p.requires_grad) == sorted(lora_params(back))
+    theirs = whole.model.state_dict()
+    ours = back.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert_bits_equal(ours[key], theirs[key], key)
+    ids = tokens(gen)
+    assert_bits_equal(logits(back, ids), logits(whole.model.eval(), ids))
+    return back
+
+
+@pytest.mark.parametrize("base", ["16-bit", "QLoraExtConfig"])
+def test_trainer_on_a_prepared_model_checkpoint_and_resume(lm_dir, gen, tmp_path, fused_calls, base):
+    """Trainer on prepare_model's model: its checkpoints reload with from_pretrained alone to the trained
+    model (not 16-bit linears with random weights), and a resume ends where the uninterrupted run ends, the
+    same losses; a resume onto the model reloaded from the checkpoint too."""
+    data = lm_dataset(gen)
+
+    def make_trainer(out, model=None):
+        model = prepared(lm_dir, base) if model is None else model
+        return transformers.Trainer(model=model, args=trainer_args(out, save_only_model=False), train_dataset=data)
+
+    whole, resumed = train_twice(make_trainer, tmp_path)
+    assert 0.1 in fused_calls
+    assert whole.state.global_step == resumed.state.global_step == 4
+    assert losses_of(resumed) == losses_of(whole) and len(losses_of(whole)) == 4
+    trained = adapters_of(whole.model)
+    for name, value in adapters_of(resumed.model).items():
+        assert_bits_equal(value, trained[name], name)
+    check_prepared_checkpoint(whole, tmp_path / "whole" / "checkpoint-4", gen)
+    # the model that from_pretrained gives back from checkpoint-2 trains on from there to the same end
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "whole" / "checkpoint-2"))
+    again = make_trainer(tmp_path / "again", again)
+    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    for name, value in adapters_of(again.model).items():
+        assert_bits_equal(value, trained[name], name)
+
+
+def test_prepared_save_pretrained_several_adapters_and_refusals(lm_dir, gen, tmp_path):
+    """save_pretrained of a prepared model writes its layout as it is when saved (an adapter added after
+    prepare_model, another one active, modules_to_save, plain 4-bit layers from quantize_others), and
+    from_pretrained builds it again to the same logits for each adapter. A checkpoint that lacks a tensor
+    of its prepared layers, a prepared config given for a 16-bit checkpoint and a merged adapter are
+    refused, naming what is wrong."""
+    model = qlora_ext.prepare_model(
+        load_plain(lm_dir),
+        qlora_ext.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        compute_dtype=torch.float32, quantize_others=True, progress=False,
+    )  # fmt: skip
+    # on the prepared v_proj layers only (up_proj is a plain Linear4bit: add_adapter leaves it as it is)
+    other = qlora_ext.LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj", "up_proj"], use_rslora=True,
+                                 adapter_dtype=torch.bfloat16)  # fmt: skip
+    qlora_ext.add_adapter(model, "other", other)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or name == "lm_head.weight":
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
+    qlora_ext.set_adapter(model, "other")
+    ids = tokens(gen)
+    model.eval()
+    expected = {"other": logits(model, ids)}
+    model.save_pretrained(str(tmp_path / "p"))
+    prepared = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["prepared"]
+    assert prepared["active_adapter"] == "other" and len(prepared["linear4bit"]) == N_LINEARS - 4
+    assert prepared["adapters"]["other"]["layers"] == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")).eval()
+    assert isinstance(back.model.layers[0].self_attn.q_proj, qlora_ext.QLoRALinear)
+    assert isinstance(back.model.layers[0].mlp.up_proj, Linear4bit)
+    assert back.model.layers[0].self_attn.v_proj.lora_A["other"].weight.dtype == torch.bfloat16
+    assert sorted(n for n, p in back.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in model.named_parameters() if p.requires_grad
+    )  # the active adapter's layers and lm_head, as prepare_model + set_adapter leave them
+    assert_bits_equal(logits(back, ids), expected["other"])
+    for m in (model, back):
+        qlora_ext.set_adapter(m, "default")
+    assert_bits_equal(logits(back, ids), logits(model, ids))
+    # refusals
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "p" / "model.safetensors"))
+    lora = "model.layers.1.self_attn.q_proj.lora_B.default.weight"
+    save_file({k: v for k, v in weights.items() if k != lora}, str(tmp_path / "p" / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "p")).quantization_config
+    qlora_ext.merge_adapter(model, "default")
+    assert_each_raises([
+        (lambda: transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")), ValueError,
+         rf"the checkpoint lacks 1 tensors of its prepared layers \({lora}\)"),
+        (lambda: transformers.AutoModelForCausalLM.from_pretrained(str(lm_dir), quantization_config=config),
+         ValueError, "describes a saved prepare_model checkpoint"),
+        (lambda: model.save_pretrained(str(tmp_path / "merged")), ValueError, "run a merged adapter"),
+        (lambda: back.dequantize(), ValueError, "would take the 4-bit bases from under its QLoRALinear layers"),
+    ])  # fmt: skip
+
+
+def test_sft_trainer_on_a_prepared_model(lm_dir, gen, tmp_path, fused_calls):
+    """TRL's SFTTrainer given prepare_model's model (no peft_config): it trains the adapters, and its
+    checkpoint reloads with from_pretrained alone to the trained model's logits."""
+    trl = pytest.importorskip("trl")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(lm_dir))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, save_steps=2, logging_steps=1,
+                         per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True, max_length=32,
+                         bf16=False, seed=SEED % 2**31)  # fmt: skip
+    model = prepared(lm_dir, dropout=0.05)
+    before = adapters_of(model)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=text_dataset(gen), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.model is model and 0.05 in fused_calls
+    assert any(not torch.equal(p, before[n]) for n, p in adapters_of(model).items())
+    check_prepared_checkpoint(trainer, tmp_path / "checkpoint-2", gen)
