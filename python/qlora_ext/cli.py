@@ -52,10 +52,9 @@ from typing import Optional
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig
-from qlora_ext import finetune_dist
-from qlora_ext.finetune_dist import DistError, Ranks, launched_by_torchrun, micro_seed
+from qlora_ext import LoraConfig, finetune_dist
 from qlora_ext.finetune_data import DataError, batches, pad_batch, read_examples, tokenize
+from qlora_ext.finetune_dist import DistError, Ranks, launched_by_torchrun, micro_seed
 from qlora_ext.finetune_optim import OPTIMIZERS, make_optimizer, optimizer_state, optimizer_tensors, page_state
 from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from qlora_ext.serialization import _write_adapter
@@ -300,8 +299,9 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
                              f"--max-steps above {done} to continue it, or --no-resume to start over")  # fmt: skip
         if done == total and _same_file(output / ADAPTER_WEIGHTS_NAME, existing[-1] / ADAPTER_WEIGHTS_NAME):
             if ranks.main:
-                print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in {output}); "
-                      "pass a larger --max-steps to continue it, or --no-resume to start over", file=sys.stderr)  # fmt: skip
+                print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in "
+                      f"{output}); pass a larger --max-steps to continue it, or --no-resume to start over",
+                      file=sys.stderr)  # fmt: skip
             return output
         # The learning-rate schedule is the one the run started with, even where it is continued
         # with more steps: its length and warm-up are recorded in each checkpoint.
@@ -600,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights, tokenizer)")  # fmt: skip
     ft.add_argument("--data", required=True, help="the training data: a JSON lines file (the formats above)")
     ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
-    ft.add_argument("--r", type=int, default=64, help="LoRA rank")
+    ft.add_argument("--r", "--lora-r", dest="r", type=int, default=64,
+                    help="LoRA rank (under torchrun spell it --lora-r: torchrun takes --r for an abbreviation of "
+                    "its own options)")  # fmt: skip
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
@@ -639,8 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (None: bf16 on a GPU, fp32 on the CPU)")  # fmt: skip
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU where there is one)")
     ft.add_argument("--fsdp", action="store_true",
-                    help="under torchrun, shard the model with FSDP2 (fully_shard per decoder layer; the 4-bit base's "
-                    "codes and scales too) instead of replicating it with DDP; needs torchrun and --optim adamw")  # fmt: skip
+                    help="under torchrun, shard the model with FSDP2 (fully_shard per decoder layer; the 4-bit "
+                    "base's codes and scales too) instead of replicating it with DDP; needs torchrun and --optim "
+                    "adamw")  # fmt: skip
     ft.add_argument("--seed", type=int, default=42, help="seeds the data order, the dropout and the adapters' init")
     ft.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     ft.add_argument("--report-to", default="none", choices=["none", "tensorboard"],

@@ -50,8 +50,9 @@ def check_args(fsdp: bool, optim: str, grad_accum: int, device: Optional[str]) -
     """What the launch allows, checked before anything is read or loaded: a DistError that names the
     argument."""
     if fsdp and not launched_by_torchrun():
-        raise DistError("--fsdp shards the model over the processes of torchrun, and this process was not started "
-                        "by it (WORLD_SIZE is unset): torchrun --nproc-per-node N -m qlora_ext finetune ... --fsdp")  # fmt: skip
+        raise DistError("--fsdp shards the model over the processes of torchrun, and this process was not "
+                        "started by it (WORLD_SIZE is unset): torchrun --nproc-per-node N -m qlora_ext finetune ... "
+                        "--fsdp")  # fmt: skip
     if fsdp and optim != "adamw":
         raise DistError(f"--optim {optim} is bitsandbytes' optimizer, which does not step FSDP2's sharded "
                         "parameters (DTensors): pass --optim adamw with --fsdp, or leave --fsdp out (DDP)")  # fmt: skip
@@ -127,14 +128,18 @@ class Ranks:
             # the same checkpoint), so broadcasting rank 0's parameters, the 4-bit base included,
             # would copy equal bytes
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, init_sync=False)
+            return nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, init_sync=False, forward_sync_buffers=False
+            )
         if self.mode == "fsdp":
             from qlora_ext.distributed import decoder_layers, fully_shard_model
 
             try:
                 layers = decoder_layers(model)
             except ValueError as e:
-                raise DistError(f"--fsdp shards the model per decoder layer, and --model has none to shard: {e}") from None
+                raise DistError(
+                    f"--fsdp shards the model per decoder layer, and --model has none to shard: {e}"
+                ) from None
             if not layers:
                 raise DistError("--fsdp shards the model per decoder layer, and --model has none to shard")
             fully_shard_model(model, layers)
