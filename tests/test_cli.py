@@ -684,13 +684,27 @@ def torchrun(model_dir, data_file, output, *extra, script=None, nproc=2, **env_v
 
 
 @pytest.fixture(scope="module")
-def one_process_run(model_dir, data_file, tmp_path_factory):
-    """run()'s 4 steps in this process on one thread (as each torchrun rank runs): the reference."""
+def eval_args(data_file, tmp_path_factory):
+    """An eval loss at steps 2 and 4 over 5 examples: 3 batches of 2, so that under torchrun one rank
+    has 2 and the other 1 (and, under FSDP2, runs a forward whose result it drops)."""
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join(data_file.read_text().splitlines(keepends=True)[:5]))
+    return ("--eval-data", str(path), "--eval-steps", "2")
+
+
+def one_thread_run(model_dir, data_file, output, *extra):
+    """run() on one thread, as each torchrun rank runs: the CPU products reduce in the ranks' order."""
     from helpers import one_thread
 
-    out = tmp_path_factory.mktemp("one-process") / "out"
     with one_thread():
-        assert run(model_dir, data_file, out) == 0
+        assert run(model_dir, data_file, output, *extra) == 0
+
+
+@pytest.fixture(scope="module")
+def one_process_run(model_dir, data_file, eval_args, tmp_path_factory):
+    """run()'s 4 steps, with eval_args, in this process on one thread: the reference."""
+    out = tmp_path_factory.mktemp("one-process") / "out"
+    one_thread_run(model_dir, data_file, out, *eval_args)
     return out
 
 
@@ -715,30 +729,42 @@ def assert_same_run(actual, expected):
     assert state["optimizer"] == ref["optimizer"] and state["micro"] == ref["micro"] == 8
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_matches_one_process_and_resumes(model_dir, data_file, one_process_run, tmp_path, mode):
-    """2 gloo ranks, each step's 2 micro-batches one a rank: the one-process run's losses, gradient
-    norms, learning rates, adapters and optimizer state, bit for bit (DDP and FSDP2 average two
-    gradients as g0 / 2 + g1 / 2, as one process accumulates loss / 2 twice; one thread everywhere);
-    rank 0 alone writes; an interrupted run resumes to the same adapter."""
+def needs_gloo():
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    extra = ("--fsdp",) if mode == "fsdp" else ()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_matches_one_process(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
+    """2 gloo ranks, each step's 2 micro-batches one a rank: the one-process run's losses, gradient
+    norms, learning rates, eval losses, adapters and optimizer state, bit for bit (DDP and FSDP2
+    average two gradients as g0 / 2 + g1 / 2, as one process accumulates loss / 2 twice; one thread
+    everywhere); rank 0 alone writes."""
     import importlib.util
 
+    needs_gloo()
     # TensorBoard names its event file after the writing process: two writers would leave two
     tensorboard = ("--report-to", "tensorboard") if importlib.util.find_spec("tensorboard") else ()
-    straight = tmp_path / "straight"
-    done = torchrun(model_dir, data_file, straight, *extra, *tensorboard)
+    out = tmp_path / "out"
+    done = torchrun(model_dir, data_file, out, *(("--fsdp",) if mode == "fsdp" else ()), *eval_args, *tensorboard)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(straight, one_process_run)
-    assert sorted(p.name for p in straight.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+    assert_same_run(out, one_process_run)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
         "checkpoint-2", "checkpoint-4", "log.jsonl", "loss.png"] + (["runs"] if tensorboard else []))  # fmt: skip
     if tensorboard:
-        assert len(list((straight / "runs").iterdir())) == 1
+        assert len(list((out / "runs").iterdir())) == 1
 
-    # interrupted right after the checkpoint of step 2, then launched again: it resumes
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_resumes_after_a_crash(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
+    """Stopped right after its checkpoint of step 2, then launched again, a run under torchrun ends
+    as the uninterrupted one-process run, bit for bit; so does one process resuming its checkpoint."""
+    import shutil
+
+    needs_gloo()
+    extra = (("--fsdp",) if mode == "fsdp" else ()) + eval_args
     script = tmp_path / "crash_after_first_checkpoint.py"
     script.write_text(CRASH_AFTER_FIRST_CHECKPOINT)
     resumed, writers = tmp_path / "resumed", tmp_path / "writers"
@@ -747,9 +773,13 @@ def test_torchrun_matches_one_process_and_resumes(model_dir, data_file, one_proc
     assert crashed.returncode != 0 and "KeyboardInterrupt" in crashed.stderr, crashed.stderr[-3000:]
     assert (resumed / "checkpoint-2").is_dir() and not (resumed / "adapter_model.safetensors").exists()
     assert [p.name for p in writers.iterdir()] == ["rank-0"]  # rank 0 alone writes log.jsonl
+    shutil.copytree(resumed, tmp_path / "resumed-in-one-process")
     done = torchrun(model_dir, data_file, resumed, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(resumed, one_process_run)
+    # the checkpoint is one device's: one process resumes it to the same run
+    one_thread_run(model_dir, data_file, tmp_path / "resumed-in-one-process", *eval_args)
+    assert_same_run(tmp_path / "resumed-in-one-process", one_process_run)
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(model_dir, data_file, tmp_path, monkeypatch, capsys):
