@@ -127,10 +127,15 @@ class Ranks:
             # init_sync=False: every rank built the same model from the same files and seed (or loaded
             # the same checkpoint), so broadcasting rank 0's parameters, the 4-bit base included,
             # would copy equal bytes
+            # nor the buffers (rotary frequencies) at each forward: they are constants. torch 2.14 names
+            # that forward_sync_buffers and deprecates broadcast_buffers, which older versions take
+            import inspect
+
+            ddp = nn.parallel.DistributedDataParallel
+            params = inspect.signature(ddp.__init__).parameters
+            buffers = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, init_sync=False, forward_sync_buffers=False
-            )
+            return ddp(model, device_ids=ids, init_sync=False, **{buffers: False})
         if self.mode == "fsdp":
             from qlora_ext.distributed import decoder_layers, fully_shard_model
 
