@@ -5,6 +5,7 @@ extension's switches, a counter of the ops that run, the LoRA layer under test a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -352,3 +353,15 @@ def tiny_lm_dir(path, seed: int, dtype: torch.dtype = torch.float32):
     model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 1, 2, 3
     model.save_pretrained(str(path))
     return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread within the block: the CPU products then reduce in the order of a
+    process that torchrun (OMP_NUM_THREADS=1) or the spawn helper of test_distributed.py runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

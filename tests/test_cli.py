@@ -60,12 +60,16 @@ def data_file(tmp_path_factory):
     return path
 
 
-def run(model_dir, data_file, output, *extra, device="cpu", quiet=True):
+def finetune_args(model_dir, data_file, output, *extra, device="cpu", quiet=True) -> list[str]:
     # The CPU unless asked: the CLI would pick the GPU where there is one, and bit-exact resume is
-    # tested (and promised) on the CPU.
-    return cli.main(["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
-                     "--r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
-                     "--lr", "1e-2", "--device", device, *(["--quiet"] if quiet else []), *extra])  # fmt: skip
+    # tested (and promised) on the CPU. --lora-r, not --r: torchrun reads --r as its own option.
+    return ["finetune", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
+            "--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+            "--lr", "1e-2", "--device", device, *(["--quiet"] if quiet else []), *extra]  # fmt: skip
+
+
+def run(model_dir, data_file, output, *extra, device="cpu", quiet=True):
+    return cli.main(finetune_args(model_dir, data_file, output, *extra, device=device, quiet=quiet))
 
 
 def interrupted_after_first_checkpoint(model_dir, data_file, output, monkeypatch, *extra, device="cpu"):
@@ -634,3 +638,179 @@ def test_a_paged_optimizer_state_is_paged_again_on_resume(tmp_path):
     resumed.step()
     torch.cuda.synchronize()
     assert_bits_equal(q.detach(), p.detach(), "parameter after the resumed step")
+
+
+# ---------------------------------------------------------------------------------------------
+# under torchrun: 2 gloo processes on the CPU
+
+# torchrun runs this script on each rank in place of `-m qlora_ext`: each rank that opens a log.jsonl
+# to write says so in WRITERS/rank-N, and the run stops (as a crash would) right after its first
+# checkpoint, once every rank has come out of the save
+CRASH_AFTER_FIRST_CHECKPOINT = """
+import os, sys
+from pathlib import Path
+from qlora_ext import cli
+
+class Log(cli._Log):
+    def __init__(self, path, *args, **kwargs):
+        if path is not None:
+            (Path(os.environ["WRITERS"]) / f"rank-{os.environ['RANK']}").write_text(str(path))
+        super().__init__(path, *args, **kwargs)
+
+def save_then_crash(*args, save=cli._save_checkpoint, **kwargs):
+    save(*args, **kwargs)
+    raise KeyboardInterrupt
+
+cli._Log, cli._save_checkpoint = Log, save_then_crash
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def torchrun(model_dir, data_file, output, *extra, script=None, nproc=2, **env_vars):
+    """`torchrun --standalone --nproc-per-node 2 -m qlora_ext finetune ...` (run()'s arguments), gloo on
+    the CPU, in a subprocess with `env_vars`; the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)  # torchrun's default for several processes, said aloud
+    package_root = str(Path(qlora_ext.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    target = [str(script)] if script is not None else ["-m", "qlora_ext"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target,
+               *finetune_args(model_dir, data_file, output, *extra)]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def eval_args(data_file, tmp_path_factory):
+    """An eval loss at steps 2 and 4 over 5 examples: 3 batches of 2, so that under torchrun one rank
+    has 2 and the other 1 (and, under FSDP2, runs a forward whose result it drops)."""
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join(data_file.read_text().splitlines(keepends=True)[:5]))
+    return ("--eval-data", str(path), "--eval-steps", "2")
+
+
+def one_thread_run(model_dir, data_file, output, *extra):
+    """run() on one thread, as each torchrun rank runs: the CPU products reduce in the ranks' order."""
+    from helpers import one_thread
+
+    with one_thread():
+        assert run(model_dir, data_file, output, *extra) == 0
+
+
+@pytest.fixture(scope="module")
+def one_process_run(model_dir, data_file, eval_args, tmp_path_factory):
+    """run()'s 4 steps, with eval_args, in this process on one thread: the reference."""
+    out = tmp_path_factory.mktemp("one-process") / "out"
+    one_thread_run(model_dir, data_file, out, *eval_args)
+    return out
+
+
+def assert_same_run(actual, expected):
+    """The same log (bit for bit, tokens/s aside), adapters and optimizer state at each checkpoint."""
+    from safetensors.torch import load_file
+
+    drop = lambda log: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in log]  # noqa: E731
+    assert drop(read_log(actual)) == drop(read_log(expected))
+    for where in ("", "checkpoint-2", "checkpoint-4"):
+        a, e = adapter_tensors(actual / where), adapter_tensors(expected / where)
+        assert sorted(a) == sorted(e), where
+        for k in e:
+            assert_bits_equal(a[k], e[k], f"{where} {k}")
+    a = load_file(str(actual / "checkpoint-4" / "trainer_state.safetensors"))
+    e = load_file(str(expected / "checkpoint-4" / "trainer_state.safetensors"))
+    assert sorted(a) == sorted(e) and any(k.startswith("optim.") for k in e)
+    for k in e:
+        if k.startswith("optim."):
+            assert_bits_equal(a[k], e[k], f"optimizer state {k}")
+    state, ref = (json.loads((d / "checkpoint-4" / "trainer_state.json").read_text()) for d in (actual, expected))
+    assert state["optimizer"] == ref["optimizer"] and state["micro"] == ref["micro"] == 8
+
+
+def needs_gloo():
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_matches_one_process(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
+    """2 gloo ranks, each step's 2 micro-batches one a rank: the one-process run's losses, gradient
+    norms, learning rates, eval losses, adapters and optimizer state, bit for bit (DDP and FSDP2
+    average two gradients as g0 / 2 + g1 / 2, as one process accumulates loss / 2 twice; one thread
+    everywhere); rank 0 alone writes."""
+    import importlib.util
+
+    needs_gloo()
+    # TensorBoard names its event file after the writing process: two writers would leave two
+    tensorboard = ("--report-to", "tensorboard") if importlib.util.find_spec("tensorboard") else ()
+    out = tmp_path / "out"
+    done = torchrun(model_dir, data_file, out, *(("--fsdp",) if mode == "fsdp" else ()), *eval_args, *tensorboard)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(out, one_process_run)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+        "checkpoint-2", "checkpoint-4", "log.jsonl", "loss.png"] + (["runs"] if tensorboard else []))  # fmt: skip
+    if tensorboard:
+        assert len(list((out / "runs").iterdir())) == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_resumes_after_a_crash(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
+    """Stopped right after its checkpoint of step 2, then launched again, a run under torchrun ends
+    as the uninterrupted one-process run, bit for bit; so does one process resuming its checkpoint."""
+    import shutil
+
+    needs_gloo()
+    extra = (("--fsdp",) if mode == "fsdp" else ()) + eval_args
+    script = tmp_path / "crash_after_first_checkpoint.py"
+    script.write_text(CRASH_AFTER_FIRST_CHECKPOINT)
+    resumed, writers = tmp_path / "resumed", tmp_path / "writers"
+    writers.mkdir()
+    crashed = torchrun(model_dir, data_file, resumed, *extra, script=script, WRITERS=str(writers))
+    assert crashed.returncode != 0 and "KeyboardInterrupt" in crashed.stderr, crashed.stderr[-3000:]
+    assert (resumed / "checkpoint-2").is_dir() and not (resumed / "adapter_model.safetensors").exists()
+    assert [p.name for p in writers.iterdir()] == ["rank-0"]  # rank 0 alone writes log.jsonl
+    shutil.copytree(resumed, tmp_path / "resumed-in-one-process")
+    done = torchrun(model_dir, data_file, resumed, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(resumed, one_process_run)
+    # the checkpoint is one device's: one process resumes it to the same run
+    one_thread_run(model_dir, data_file, tmp_path / "resumed-in-one-process", *eval_args)
+    assert_same_run(tmp_path / "resumed-in-one-process", one_process_run)
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert run(model_dir, data_file, tmp_path / "out", "--fsdp") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora-ext finetune: --fsdp shards the model over the processes of torchrun") and (
+        "WORLD_SIZE is unset" in err and err.count("\n") == 1
+    ), err
+    assert not (tmp_path / "out").exists()  # refused before anything is read or written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--grad-accum", "3"), "--grad-accum 3 is the forward passes of a step on all 2 ranks together"),
+        (("--fsdp", "--optim", "paged_adamw_32bit"), "--optim paged_adamw_32bit is bitsandbytes' optimizer"),
+        (("--device", "cuda:1"), "--device cuda:1: under torchrun each rank takes the GPU of its LOCAL_RANK"),
+    ],
+)
+def test_what_torchrun_cannot_run_is_refused_before_it_starts(model_dir, data_file, tmp_path, monkeypatch, capsys,
+                                                               args, message):  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before the process group is made
+    assert run(model_dir, data_file, tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_fsdp_on_a_model_without_decoder_layers_is_refused():
+    from qlora_ext.finetune_dist import DistError, Ranks
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(DistError, match="--fsdp shards the model per decoder layer, and --model has none to shard"):
+        Ranks(mode="fsdp").wrap(model)

@@ -12,7 +12,6 @@ same order everywhere."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
@@ -22,7 +21,7 @@ import torch.distributed as dist
 import qlora_ext
 from qlora_ext.nn import Linear4bit
 
-from helpers import SEED, tiny_llama, tiny_lm_dir
+from helpers import SEED, one_thread, tiny_llama, tiny_lm_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -89,16 +88,6 @@ def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
-
-
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

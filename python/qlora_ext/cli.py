@@ -28,6 +28,12 @@ memory; a line an evaluation with ``--eval-data``) and ``loss.png`` (where matpl
 finished run started again with a larger ``--max-steps`` continues from its last step, on the
 learning-rate schedule it started with (its length and warm-up are recorded in the checkpoint; the
 warm-up is not stretched); with the same ``--max-steps`` there is nothing to do.
+
+Several processes: ``torchrun --nproc-per-node N -m qlora_ext finetune ...`` replicates the model with
+DDP, ``... --fsdp`` shards it with FSDP2 (per decoder layer, the 4-bit base included). A step's batch
+stays --batch-size x --grad-accum examples, split over the ranks, so the run trains on the batches of
+one device; rank 0 writes the checkpoints (the same files), log.jsonl and loss.png. See
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ from typing import Optional
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig
+from qlora_ext import LoraConfig, finetune_dist
 from qlora_ext.finetune_data import DataError, batches, pad_batch, read_examples, tokenize
+from qlora_ext.finetune_dist import DistError, Ranks, launched_by_torchrun, micro_seed
 from qlora_ext.finetune_optim import OPTIMIZERS, make_optimizer, optimizer_state, optimizer_tensors, page_state
 from qlora_ext.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from qlora_ext.serialization import _write_adapter
 
 _CHECKPOINT = "checkpoint-"
 _STATE = "trainer_state.json"
@@ -106,18 +114,28 @@ def _jsonable(x):
     return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def _save_checkpoint(
+    output: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, ranks: Optional[Ranks] = None
+) -> Path:
+    """Writes OUTPUT/checkpoint-STEP/. Under torchrun every rank calls it: the adapter and the
+    optimizer state are gathered, rank 0 writes, and no rank goes on before the checkpoint is whole."""
     from safetensors.torch import save_file
 
+    ranks = ranks or Ranks.single(next(model.parameters()).device)
     final = output / f"{_CHECKPOINT}{step}"
+    config, adapter = ranks.adapter(model)
+    opt_sd = ranks.optimizer_state_dict(model, optimizer)
+    if not ranks.main:
+        ranks.barrier()
+        return final
     tmp = output / f".{_CHECKPOINT}{step}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    qlora_ext.save_adapter(model, tmp)
-    tensors, opt_json = optimizer_tensors(optimizer)
+    _write_adapter(tmp, config, adapter, None)
+    tensors, opt_json = optimizer_tensors(optimizer, opt_sd)
     tensors["rng.torch"] = torch.get_rng_state()
-    device = next(model.parameters()).device
+    device = ranks.device
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
@@ -130,6 +148,7 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, state
     os.replace(tmp, final)
     for old in _checkpoints(output)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
     return final
 
 
@@ -163,22 +182,28 @@ def _checkpoints(output: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
+def _resume_adapter(checkpoint: Path, model) -> None:
+    """The checkpoint's adapter in place of the new one: before DDP or FSDP2 wrap the model (they
+    hold its parameters) and before the optimizer is made (it holds them too)."""
+    qlora_ext.delete_adapter(model, "default")
+    qlora_ext.load_adapter(model, checkpoint, "default", is_trainable=True)
+
+
+def _resume(checkpoint: Path, model, optimizer, scheduler, ranks: Ranks) -> dict:
+    """The optimizer's, the scheduler's and the generators' states of `checkpoint` (every rank reads
+    it: the output directory must be one that every rank sees)."""
     from safetensors.torch import load_file
 
     state = json.loads((checkpoint / _STATE).read_text())
-    qlora_ext.delete_adapter(model, "default")
-    qlora_ext.load_adapter(model, checkpoint, "default", is_trainable=True)
     tensors = load_file(str(checkpoint / _TENSORS))
     opt = state["optimizer"]
-    # the parameters the optimizer holds are the new adapter's: point it at them, then load
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer.param_groups[0]["params"] = trainable
-    optimizer.load_state_dict({"state": optimizer_state(opt, tensors), "param_groups": opt["param_groups"]})
+    ranks.load_optimizer_state_dict(
+        model, optimizer, {"state": optimizer_state(opt, tensors), "param_groups": opt["param_groups"]}
+    )
     page_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    device = next(model.parameters()).device
+    device = ranks.device
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     py = state["python_rng"]
@@ -202,16 +227,30 @@ def _warmup_steps(warmup_ratio: float, length: int) -> int:
 
 
 def finetune(args: argparse.Namespace) -> Path:
+    """The run that args describe, in this process or (under torchrun) as one rank of it."""
+    _check_args(args)
+    if launched_by_torchrun():
+        ranks = Ranks.init(args.fsdp, args.device)
+    else:
+        ranks = Ranks.single(
+            torch.device(
+                args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu")
+            )
+        )
+    try:
+        return _finetune(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
     import transformers
 
-    _check_args(args)
     model_dir, output = Path(args.model), Path(args.output)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"--model {model_dir}: no config.json (a transformers model directory is needed)")
     examples = read_examples(Path(args.data))
-    device = torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu")
-    )
+    device = ranks.device
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
@@ -222,7 +261,7 @@ def finetune(args: argparse.Namespace) -> Path:
     if pad_id is None:
         raise SystemExit(f"--model {model_dir}: the tokenizer has neither a pad nor an eos token")
     data = tokenize(examples, tokenizer, args.max_length)
-    if len(data) < len(examples):
+    if len(data) < len(examples) and ranks.main:
         print(f"qlora-ext finetune: {len(examples) - len(data)} of {len(examples)} examples left out: their prompt "
               f"fills --max-length {args.max_length} and leaves no response token", file=sys.stderr)  # fmt: skip
     if not data:
@@ -235,14 +274,17 @@ def finetune(args: argparse.Namespace) -> Path:
     batches_per_epoch = math.ceil(len(data) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
 
-    output.mkdir(parents=True, exist_ok=True)
-    if args.no_resume:
-        moved = _move_earlier_run(output)
-        if moved is not None:
-            print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+    if ranks.main:
+        output.mkdir(parents=True, exist_ok=True)
+        if args.no_resume:
+            moved = _move_earlier_run(output)
+            if moved is not None:
+                print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+    ranks.barrier()  # the other ranks look for checkpoints once rank 0 has moved the earlier run's aside
     existing = _checkpoints(output)
     # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same
-    # adapter. Not --max-steps / --epochs: a finished run is continued with more steps.
+    # adapter. Not --max-steps / --epochs: a finished run is continued with more steps. Nor the
+    # number of ranks or --fsdp: a step's batch and its checkpoint are the same on any number.
     run = {k: getattr(args, k) for k in _RUN_KEYS}
     run["data"] = _file_digest(Path(args.data))
     saved = json.loads((existing[-1] / _STATE).read_text()) if existing else None
@@ -256,8 +298,10 @@ def finetune(args: argparse.Namespace) -> Path:
             raise SystemExit(f"{existing[-1]}: that run has trained {done} steps, past the {total} asked for: pass "
                              f"--max-steps above {done} to continue it, or --no-resume to start over")  # fmt: skip
         if done == total and _same_file(output / ADAPTER_WEIGHTS_NAME, existing[-1] / ADAPTER_WEIGHTS_NAME):
-            print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in {output}); pass "
-                  f"a larger --max-steps to continue it, or --no-resume to start over", file=sys.stderr)  # fmt: skip
+            if ranks.main:
+                print(f"nothing to do: {output} holds a run of {total} steps, finished (its adapter is in "
+                      f"{output}); pass a larger --max-steps to continue it, or --no-resume to start over",
+                      file=sys.stderr)  # fmt: skip
             return output
         # The learning-rate schedule is the one the run started with, even where it is continued
         # with more steps: its length and warm-up are recorded in each checkpoint.
@@ -269,12 +313,15 @@ def finetune(args: argparse.Namespace) -> Path:
 
     lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
+    if existing:
+        _resume_adapter(existing[-1], model)
     if not args.no_gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped = ranks.wrap(model)  # what runs the forward: DDP around model, or model (sharded in place)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(args.optim, trainable, args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -282,17 +329,18 @@ def finetune(args: argparse.Namespace) -> Path:
     )
     step, micro, history = 0, 0, []
     if existing:
-        state = _resume(existing[-1], model, optimizer, scheduler)
+        state = _resume(existing[-1], model, optimizer, scheduler, ranks)
         step, micro, history = state["step"], state["micro"], state.get("log_history", [])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not args.quiet:
+        if not args.quiet and ranks.main:
             print(f"resuming from {existing[-1]} (step {step} of {total})", flush=True)
     # OUTPUT/log.jsonl: one line a step, and one an evaluation; what a resumed run logged after its
-    # checkpoint is dropped (it is logged again), the checkpoint's history kept
-    report = _TensorBoard(output / _RUNS, step) if args.report_to == "tensorboard" else None
-    log = _Log(output / _LOG, history, report)
+    # checkpoint is dropped (it is logged again), the checkpoint's history kept. Rank 0 writes it.
+    report = _TensorBoard(output / _RUNS, step) if args.report_to == "tensorboard" and ranks.main else None
+    log = _Log(output / _LOG if ranks.main else None, history, report)
     model.train()
-    progress = _bar(total, step, args.quiet)
+    progress = _bar(total, step, args.quiet or not ranks.main)
+    # each rank runs grad_accum / world of a step's forward passes (finetune_dist's docstring)
+    local_accum = args.grad_accum // ranks.world
     t0, losses, tokens, t_step = time.perf_counter(), [], 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -302,46 +350,55 @@ def finetune(args: argparse.Namespace) -> Path:
             if skip:  # the batches a resumed run consumed already
                 skip -= 1
                 continue
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            (out.loss / args.grad_accum).backward()
-            losses.append(out.loss.item())
-            tokens += int(mask.sum())
+            if ranks.owns(micro):
+                # seeded by its index: the same dropout on whichever rank runs it, resumed or not
+                torch.manual_seed(micro_seed(args.seed, micro))
+                with ranks.accumulating(wrapped, sync=micro % args.grad_accum >= args.grad_accum - ranks.world):
+                    out = wrapped(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+                    (out.loss / local_accum).backward()
+                losses.append(out.loss.item())
+                tokens += int(mask.sum())
             micro += 1
             if micro % args.grad_accum:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = ranks.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
             lr = optimizer.param_groups[0]["lr"]  # the rate this step is taken with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_losses, tokens = ranks.step_losses(losses), ranks.sum_int(tokens)
+            losses = []
             now = time.perf_counter()
-            entry = {"step": step, "loss": sum(losses[-args.grad_accum :]) / args.grad_accum, "learning_rate": lr,
-                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (now - t_step)}  # fmt: skip
-            if device.type == "cuda":
-                entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            entry = {"step": step, "loss": sum(step_losses) / args.grad_accum, "learning_rate": lr,
+                     "grad_norm": grad_norm, "tokens_per_s": tokens / (now - t_step)}  # fmt: skip
+            if device.type == "cuda":  # the highest of the ranks' peaks
+                entry["peak_memory_gib"] = ranks.max_float(torch.cuda.max_memory_allocated(device) / 2**30)
             log.append(entry)
             progress(step, entry["loss"], entry["tokens_per_s"])
             tokens = 0
             if eval_data is not None and (step == total or (args.eval_steps and step % args.eval_steps == 0)):
-                loss = eval_loss(model, eval_data, args.batch_size, pad_id, device)
+                loss = eval_loss(model, eval_data, args.batch_size, pad_id, device, ranks)
                 log.append({"step": step, "eval_loss": loss})
-                if not args.quiet:
+                if not args.quiet and ranks.main:
                     progress.write(f"step {step}: eval loss {loss:.4f}")
             # the last step is always checkpointed: a finished run can be continued with more steps
             if step == total or (args.save_steps and step % args.save_steps == 0):
                 loop_state = {"micro": micro, "total": total, "run": run, "schedule": schedule,
                               "loss": entry["loss"], "log_history": log.history}  # fmt: skip
                 log.flush()  # once the checkpoint exists, its steps' events are on disk: a resume keeps them
-                _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep)
+                _save_checkpoint(output, step, model, optimizer, scheduler, loop_state, args.keep, ranks)
             t_step = time.perf_counter()  # tokens/s counts the training alone, not the eval or the save
             if step >= total:
                 break
     log.close()
-    qlora_ext.save_adapter(model, output, base_model_name_or_path=str(model_dir))
-    plot_losses(log.history, output / _PLOT)
-    if not args.quiet:
-        print(f"\ntrained {step} steps in {time.perf_counter() - t0:.1f} s; adapter in {output}", flush=True)
+    config, adapter = ranks.adapter(model)
+    if ranks.main:
+        _write_adapter(output, config, adapter, str(model_dir))
+        plot_losses(log.history, output / _PLOT)
+        if not args.quiet:
+            print(f"\ntrained {step} steps in {time.perf_counter() - t0:.1f} s; adapter in {output}", flush=True)
+    ranks.barrier()  # the adapter is whole before any rank returns
     return output
 
 
@@ -354,6 +411,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """What argparse cannot check, checked before the data is read and the model loads."""
     if args.report_to == "tensorboard":
         _summary_writer_class()
+    finetune_dist.check_args(args.fsdp, args.optim, args.grad_accum, args.device)
 
 
 def _summary_writer_class() -> type:
@@ -399,20 +457,24 @@ class _TensorBoard:
 class _Log:
     """OUTPUT/log.jsonl: rewritten from `history` (a resumed checkpoint's), then one line appended and
     flushed for each entry. Each appended entry also goes to `report`, whose events reach the disk at
-    flush() (each checkpoint) rather than a line at a time."""
+    flush() (each checkpoint) rather than a line at a time. With no `path` (the ranks other than 0
+    under torchrun) it keeps the history and writes nothing."""
 
-    def __init__(self, path: Path, history: list[dict], report: Optional[_TensorBoard] = None):
+    def __init__(self, path: Optional[Path], history: list[dict], report: Optional[_TensorBoard] = None):
         self.history = list(history)
         self._report = report
-        self._file = open(path, "w", encoding="utf-8")
+        self._file = open(path, "w", encoding="utf-8") if path is not None else None
         for entry in self.history:
+            self._write(entry)
+
+    def _write(self, entry: dict) -> None:
+        if self._file is not None:
             self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+            self._file.flush()
 
     def append(self, entry: dict) -> None:
         self.history.append(entry)
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+        self._write(entry)
         if self._report is not None:
             self._report.append(entry)
 
@@ -421,29 +483,41 @@ class _Log:
             self._report.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._report is not None:
             self._report.close()
 
 
 @torch.no_grad()
-def eval_loss(model, data, batch_size: int, pad_id: int, device) -> float:
+def eval_loss(model, data, batch_size: int, pad_id: int, device, ranks: Optional[Ranks] = None) -> float:
     """The mean cross-entropy over every labelled token of `data` (not a mean of batch means), in
-    eval mode (no dropout), the batches in file order."""
+    eval mode (no dropout), the batches in file order. Under torchrun batch b runs on rank
+    b % world, and the batches' sums are added in file order: one device's number, bit for bit."""
+    ranks = ranks or Ranks.single(device)
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        chunk = data[i : i + batch_size]
-        ids, labels, mask = pad_batch(chunk, pad_id)
+    starts = range(0, len(data), batch_size)
+    sums, counts = [0.0] * len(starts), [0] * len(starts)
+    # under FSDP2 every forward gathers each layer from all ranks: a rank out of batches runs its
+    # first one again (its result dropped) until every rank has run as many
+    end = math.ceil(len(starts) / ranks.world) * ranks.world if ranks.mode == "fsdp" else len(starts)
+    for b in range(ranks.rank, end, ranks.world):
+        mine = b < len(starts)
+        i = starts[b if mine else ranks.rank % len(starts)]
+        ids, labels, mask = pad_batch(data[i : i + batch_size], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
         )
-        total += loss.item()
-        count += int((targets != -100).sum())
+        if mine:
+            sums[b], counts[b] = loss.item(), int((targets != -100).sum())
+    sums, counts = ranks.sum_exact(sums), ranks.sum_exact([float(c) for c in counts])
+    total = 0.0
+    for value in sums:  # one device's additions, in its order
+        total += value
     model.train()
-    return total / count
+    return total / int(sum(counts))
 
 
 def plot_losses(history: list[dict], path: Path) -> Optional[Path]:
@@ -526,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights, tokenizer)")  # fmt: skip
     ft.add_argument("--data", required=True, help="the training data: a JSON lines file (the formats above)")
     ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
-    ft.add_argument("--r", type=int, default=64, help="LoRA rank")
+    ft.add_argument("--r", "--lora-r", dest="r", type=int, default=64,
+                    help="LoRA rank (under torchrun spell it --lora-r: torchrun takes --r for an abbreviation of "
+                    "its own options)")  # fmt: skip
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
@@ -537,8 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--warmup-ratio", type=float, default=0.03,
                     help="linear warm-up over this fraction of the steps, then a constant rate")  # fmt: skip
     ft.add_argument("--max-grad-norm", type=float, default=0.3, help="gradients are clipped to this norm")
-    ft.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
-    ft.add_argument("--grad-accum", type=int, default=16, help="forward passes per optimizer step")
+    ft.add_argument("--batch-size", type=int, default=1,
+                    help="examples per forward pass (under torchrun: per forward pass of each rank)")  # fmt: skip
+    ft.add_argument("--grad-accum", type=int, default=16,
+                    help="forward passes per optimizer step, on all ranks together: a step's global batch is "
+                    "--batch-size x --grad-accum examples on any number of ranks (each of N ranks runs --grad-accum "
+                    "/ N passes: a multiple of N), and tokens/s counts every rank's tokens")  # fmt: skip
     ft.add_argument("--epochs", type=float, default=1.0, help="passes over --data (when --max-steps is 0)")
     ft.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
     ft.add_argument("--max-length", type=int, default=512, help="tokens an example is cut to")
@@ -560,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                     help="compute dtype (None: bf16 on a GPU, fp32 on the CPU)")  # fmt: skip
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU where there is one)")
+    ft.add_argument("--fsdp", action="store_true",
+                    help="under torchrun, shard the model with FSDP2 (fully_shard per decoder layer; the 4-bit "
+                    "base's codes and scales too) instead of replicating it with DDP; needs torchrun and --optim "
+                    "adamw")  # fmt: skip
     ft.add_argument("--seed", type=int, default=42, help="seeds the data order, the dropout and the adapters' init")
     ft.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     ft.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
@@ -574,7 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "finetune":
         try:
             finetune(args)
-        except (DataError, UsageError) as e:
+        except (DataError, UsageError, DistError) as e:
             print(f"qlora-ext finetune: {e}", file=sys.stderr)
             return 2
     return 0

@@ -3,15 +3,18 @@ their state as safetensors + JSON, so that a checkpoint holds no pickle and resu
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state_dict as safetensors (its tensors, keyed ``optim.INDEX.NAME``, a nested
+def optimizer_tensors(optimizer, state_dict: Optional[dict] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state_dict (or `state_dict`, one in its form: under FSDP2 the one gathered
+    whole) as safetensors (its tensors, keyed ``optim.INDEX.NAME``, a nested
     dict's keys joined by "/": bitsandbytes keeps its quantization state in one) and JSON (the
     parameter groups and the state's plain numbers, such as bitsandbytes' integer ``step``, kept as
     numbers: a 0-d tensor in their place changes what its update computes with)."""
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors, values, seen = {}, {}, set()
 
     def walk(index, path, d):
