@@ -750,8 +750,9 @@ def test_torchrun_matches_one_process(model_dir, data_file, eval_args, one_proce
     done = torchrun(model_dir, data_file, out, *(("--fsdp",) if mode == "fsdp" else ()), *eval_args, *tensorboard)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(out, one_process_run)
+    plot = ["loss.png"] if importlib.util.find_spec("matplotlib") else []  # CI's machine has no matplotlib
     assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
-        "checkpoint-2", "checkpoint-4", "log.jsonl", "loss.png"] + (["runs"] if tensorboard else []))  # fmt: skip
+        "checkpoint-2", "checkpoint-4", "log.jsonl"] + plot + (["runs"] if tensorboard else []))  # fmt: skip
     if tensorboard:
         assert len(list((out / "runs").iterdir())) == 1
 
