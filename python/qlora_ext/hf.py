@@ -10,7 +10,7 @@ for PEFT, so that the usual QLoRA code runs on qlora_ext's kernels with one chan
   model is never whole in memory); ``save_pretrained`` writes bitsandbytes' keys and the config, which
   ``from_pretrained`` reads back to the same bits.
 - A model made by ``qlora_ext.prepare_model`` (``QLoRALinear`` layers, no PEFT model) gets a ``QLoraExtConfig``
-  and quantizer too (``record_prepared``), whose ``prepared`` entry lists its 4-bit layers and adapters:
+  and quantizer too (``hf_prepared.record_prepared``), whose ``prepared`` entry lists its 4-bit layers and adapters:
   ``save_pretrained`` (and so transformers' ``Trainer`` checkpoints) writes the whole prepared model (the
   4-bit bases under ``<layer>.base_layer.weight...``, the adapters under ``<layer>.lora_A.<name>.weight``),
   and ``from_pretrained`` of that directory builds the same layers and loads them, or raises naming what
@@ -26,7 +26,6 @@ This module needs transformers; ``qlora_ext`` imports it only where transformers
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from typing import Any, Optional, Union
 
@@ -44,15 +43,13 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import functional as F
-from .lora_config import LoraConfig
 from .nn import _STORAGE_DTYPES, Linear4bit, QLoRALinear
 from .quant_state import BLOCKSIZES, QUANT_TYPES
 
-__all__ = ["METHOD", "QLoraExtConfig", "QLoraExtHfQuantizer", "record_prepared", "register_peft", "replace_linears"]
+__all__ = ["METHOD", "QLoraExtConfig", "QLoraExtHfQuantizer", "register_peft", "replace_linears"]
 
 METHOD = "qlora_ext"
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _dtype(value: Union[str, torch.dtype, None], name: str, allowed) -> Optional[torch.dtype]:
@@ -303,7 +300,9 @@ class QLoraExtHfQuantizer(HfQuantizer):
                     "but the checkpoint being loaded is not quantized: load a 16-bit checkpoint with "
                     "QLoraExtConfig(quant_type=..., ...) or prepare it with qlora_ext.prepare_model"
                 )
-            _build_prepared(model, self.quantization_config, checkpoint_files)
+            from .hf_prepared import build_prepared
+
+            build_prepared(model, self.quantization_config, checkpoint_files)
             return model
         # the user's list adds to transformers' own (output head, tied weights, _keep_in_fp32_modules); with
         # BitsAndBytesConfig, llm_int8_skip_modules replaces it, which would quantize the head
@@ -323,7 +322,9 @@ class QLoraExtHfQuantizer(HfQuantizer):
             )
         prepared = getattr(self.quantization_config, "prepared", None)
         if prepared is not None:
-            _finish_prepared(model, prepared)
+            from .hf_prepared import finish_prepared
+
+            finish_prepared(model, prepared)
         # Not `is_loaded_in_4bit`: transformers reads it as "bitsandbytes is loaded" (num_parameters imports it)
         register_peft()
         return model
@@ -333,6 +334,8 @@ class QLoraExtHfQuantizer(HfQuantizer):
         to date with the model's QLoRALinear layers and adapters as they are now (the state dict itself is
         the model's own)."""
         if any(isinstance(m, QLoRALinear) for m in model.modules()):
+            from .hf_prepared import prepared_layout
+
             self.quantization_config.prepared = prepared_layout(model)
         elif getattr(self.quantization_config, "prepared", None) is not None:
             del self.quantization_config.prepared  # no adapters left (merged and unloaded): a plain 4-bit model
@@ -379,142 +382,6 @@ class QLoraExtHfQuantizer(HfQuantizer):
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
             model.set_submodule(name, linear.train(module.training))
         return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Models made by prepare_model: their layout in the config, and from_pretrained building it again
-
-
-def _lora_config_dict(config: LoraConfig) -> dict[str, Any]:
-    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    d["adapter_dtype"] = _dtype_name(config.adapter_dtype)
-    return d
-
-
-def _lora_config_from_dict(d: dict[str, Any]) -> LoraConfig:
-    d = dict(d)
-    d["adapter_dtype"] = _dtype(d.get("adapter_dtype", "float32"), "adapter_dtype", _ADAPTER_DTYPES)
-    return LoraConfig(**d)
-
-
-def prepared_layout(model: nn.Module) -> dict[str, Any]:
-    """The ``prepared`` entry of the config for a model with QLoRALinear layers: the names of its plain
-    Linear4bit layers, each adapter's settings and layers, and the active adapter."""
-    configs = getattr(model, "qlora_config", None) or {}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
-    merged = [n for n, m in layers.items() if m.merged_adapter is not None]
-    if merged:
-        raise ValueError(
-            f"qlora_ext: {len(merged)} layers run a merged adapter ({merged[0]}, ...), which a checkpoint does not "
-            "keep: unmerge_adapter before saving"
-        )
-    bases = {f"{n}.base_layer" for n in layers}
-    adapters = {}
-    for adapter, config in configs.items():
-        adapters[adapter] = {"config": _lora_config_dict(config), "layers": [n for n, m in layers.items()
-                                                                              if adapter in m.lora_A]}  # fmt: skip
-    bare = [n for n, m in layers.items() if not any(a in m.lora_A for a in configs)]
-    if bare:
-        raise ValueError(f"qlora_ext: {bare[0]} has no adapter that the model's qlora_config knows: it cannot be saved")
-    actives = {m.active_adapter for m in layers.values() if m.active_adapter is not None}
-    return {
-        "linear4bit": [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and n not in bases],
-        "adapters": adapters,
-        "active_adapter": next(iter(actives)) if len(actives) == 1 else None,
-    }
-
-
-def record_prepared(
-    model: nn.Module, quant_type: str, blocksize: int, compress_statistics: bool, compute_dtype: Optional[torch.dtype]
-) -> None:
-    """Called by ``prepare_model`` on a transformers model: gives it a ``QLoraExtConfig`` (the one it was
-    loaded with, else one in prepare_model's format) with the ``prepared`` layout, in
-    ``model.config.quantization_config``, and the quantizer that ``save_pretrained`` asks for it."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        config = QLoraExtConfig(quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
-                                compute_dtype=compute_dtype)  # fmt: skip
-        quantizer = QLoraExtHfQuantizer(config, pre_quantized=True)
-        model.hf_quantizer = quantizer
-    elif not isinstance(quantizer, QLoraExtHfQuantizer):
-        raise ValueError(f"the model is quantized by {type(quantizer).__name__}, which prepare_model cannot keep")
-    quantizer.quantization_config.prepared = prepared_layout(model)
-    model.config.quantization_config = quantizer.quantization_config
-
-
-def _build_prepared(model: nn.Module, config: QLoraExtConfig, checkpoint_files) -> None:
-    """Puts the prepared layers that ``config.prepared`` lists in place (empty, on the meta device), and
-    checks that the checkpoint's files have every tensor of them before anything is loaded: a layer they
-    lack would otherwise be left to transformers' random initialization, reported only as missing."""
-    prepared = config.prepared
-    adapters = {name: _lora_config_from_dict(d["config"]) for name, d in prepared["adapters"].items()}
-    owners: dict[str, list[str]] = {}
-    for adapter, d in prepared["adapters"].items():
-        for name in d["layers"]:
-            owners.setdefault(name, []).append(adapter)
-    for name in list(prepared["linear4bit"]) + list(owners):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"qlora_ext: the checkpoint's config lists {name!r}, which this model does not have"
-            ) from None
-        new = _empty_linear4bit(module, config)
-        if name in owners:
-            first, *rest = owners[name]
-            c = adapters[first]
-            new = QLoRALinear(new, c.r, c.lora_alpha, c.lora_dropout, c.use_rslora, False, c.adapter_dtype, first)
-            for adapter in rest:
-                c = adapters[adapter]
-                new.add_adapter(adapter, c.r, c.lora_alpha, c.lora_dropout, c.use_rslora, False, c.adapter_dtype)
-            new.train(module.training)
-        model.set_submodule(name, new)
-    prefixes = tuple(f"{name}." for name in owners)
-    needed = [k for k in model.state_dict() if k.startswith(prefixes)]
-    keys = set()
-    for f in checkpoint_files or []:
-        if not str(f).endswith(".safetensors"):
-            raise ValueError(f"qlora_ext: a prepared checkpoint is read from safetensors files only, got {f}")
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="pt") as handle:
-            keys |= set(handle.keys())
-    missing = [k for k in needed if k not in keys]
-    if missing:
-        raise ValueError(
-            f"qlora_ext: the checkpoint lacks {len(missing)} tensors of its prepared layers ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): it is incomplete, or not the checkpoint its config.json describes"
-        )
-
-
-def _finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
-    """After loading: the adapters' configs on the model, and what is trainable as prepare_model leaves it
-    (the active adapter, and the modules_to_save of every adapter)."""
-    from .adapters import _refuse_adapter_names_in_forward, set_adapter
-    from .model import _enable_input_grads
-
-    configs = {name: _lora_config_from_dict(d["config"]) for name, d in prepared["adapters"].items()}
-    for name, m in model.named_modules():
-        if isinstance(m, QLoRALinear):
-            for adapter in m.lora_A:
-                for p in (*m.lora_A[adapter].parameters(), *m.lora_B[adapter].parameters()):
-                    if p.dtype != configs[adapter].adapter_dtype:
-                        raise ValueError(f"qlora_ext: {name}'s adapter {adapter!r} loaded as {p.dtype}, its config "
-                                         f"says {configs[adapter].adapter_dtype}")  # fmt: skip
-    model.qlora_config = configs
-    model.requires_grad_(False)
-    active = prepared.get("active_adapter")
-    if active is not None:
-        set_adapter(model, active)
-    else:
-        for _, m in model.named_modules():
-            if isinstance(m, QLoRALinear):
-                m.active_adapter = None
-    for name, module in model.named_modules():  # one copy a model, shared by its adapters
-        if any(config.saves(name) for config in configs.values()):
-            module.requires_grad_(True)
-    _refuse_adapter_names_in_forward(model)
-    _enable_input_grads(model)
 
 
 def _register_with_transformers() -> None:

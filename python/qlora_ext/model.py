@@ -344,16 +344,16 @@ def prepare_model(
 
 def _record_for_transformers(model: nn.Module, *fmt) -> None:
     """A transformers model gets a QLoraExtConfig in ``config.quantization_config`` that lists its prepared
-    layers (``qlora_ext.hf.record_prepared``): ``save_pretrained`` and transformers' Trainer then write
+    layers (``qlora_ext.hf_prepared.record_prepared``): ``save_pretrained`` and transformers' Trainer then write
     checkpoints that ``from_pretrained`` builds again, not 16-bit linears with random weights."""
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return
     try:
-        from . import hf
+        from . import hf_prepared
     except ImportError:  # a transformers without the quantizer registry (qlora_ext warned at import)
         return
-    hf.record_prepared(model, *fmt)
+    hf_prepared.record_prepared(model, *fmt)
 
 
 def _refuse_peft_models(model: nn.Module) -> None:
