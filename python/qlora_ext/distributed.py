@@ -25,6 +25,7 @@ __all__ = [
     "decoder_layers",
     "full_state_dict",
     "fully_shard_model",
+    "gathered_adapter",
     "prepare_fsdp",
     "save_adapter",
     "save_quantized",
@@ -108,6 +109,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def gathered_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``save_adapter``'s config and tensors (PEFT's keys), each gathered whole on the CPU, on every
+    rank. Every rank must call it."""
+    config, tensors = _adapter_tensors(model, adapter_name)
+    return config, {k: _full(v) for k, v in tensors.items()}
+
+
 def save_adapter(
     model: nn.Module,
     directory: Union[str, os.PathLike],
@@ -117,8 +125,7 @@ def save_adapter(
     """``qlora_ext.save_adapter`` for a model prepared by ``prepare_model`` and sharded (or replicated)
     over a process group: every rank must call it; the adapter is gathered and rank 0 writes PEFT's
     files, which load in one process (``qlora_ext.load_adapter``, PEFT's ``from_pretrained``)."""
-    config, tensors = _adapter_tensors(model, adapter_name)
-    tensors = {k: _full(v) for k, v in tensors.items()}
+    config, tensors = gathered_adapter(model, adapter_name)
     if _rank() == 0:
         _write_adapter(directory, config, tensors, base_model_name_or_path)
     _barrier()

@@ -209,11 +209,9 @@ class Ranks:
 
     def adapter(self, model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
         """save_adapter's config and tensors, gathered whole (on every rank)."""
-        from qlora_ext.distributed import _full
-        from qlora_ext.serialization import _adapter_tensors
+        from qlora_ext.distributed import gathered_adapter
 
-        config, tensors = _adapter_tensors(model, None)
-        return config, {k: _full(v) for k, v in tensors.items()}
+        return gathered_adapter(model)
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """``optimizer.state_dict()`` as one device has it (the state keyed by the parameter's index,
