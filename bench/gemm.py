@@ -33,7 +33,7 @@ from qlora_ext import functional as F  # noqa: E402
 
 import common  # noqa: E402
 
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 2048, 4096]
 
 
 def sweep_configs(m: int) -> list[str]:

@@ -21,6 +21,9 @@ the first steps left allocated (qlora_ext's dequantization workspace of the larg
 device and stream, shared by every layer of a model).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
 layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
+mode "mixed": 16 rows (a decode batch of 16 sequences) on 16 different adapters, lora_linear_indexed
+(PEFT's adapter_names in one call), against the same rows on one adapter (qlora_ext's layer op), in
+CUDA graphs as decode: "time_vs_one_adapter" (target <= 1.2).
 mode "products": each adapter product op (lora_down, lora_grad_A, lora_dropout_add_mm: fused kernels
 where csrc/cuda/lora.cu's dispatch runs them) against its composite form written with torch (the
 dropout op, then cuBLAS), M tokens, dropout 0.05, on every in_features K of the shapes: op
@@ -197,6 +200,64 @@ def call_copy(copies: list, x, i: int):
     return copies[i % len(copies)](x)
 
 
+MIXED_ROWS = 16  # a decode batch: 16 sequences, one token each
+
+
+def time_mixed(dev, n, k, r, w, bias, copy_gbps, gen) -> tuple[list[dict], list[str]]:
+    """16 rows on 16 different adapters (lora_linear_indexed, PEFT's adapter_names) against the same 16
+    rows on one adapter (lora_linear), both in CUDA graphs over rotated copies of the 4-bit weight."""
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    adapters = MIXED_ROWS
+    A = (torch.randn(adapters, r, k, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+    B = (torch.randn(adapters, n, r, device=dev, generator=gen) / math.sqrt(r)).to(torch.bfloat16)
+    scaling = [2.0] * adapters
+    x = torch.randn(MIXED_ROWS, k, device=dev, generator=gen).to(torch.bfloat16)
+    index = {"qlora_ext": torch.zeros(MIXED_ROWS, dtype=torch.int64, device=dev),
+             "qlora_ext_16_adapters": torch.arange(MIXED_ROWS, device=dev)}  # fmt: skip
+    w4_bytes = packed.numel() + state.absmax.numel() + n * k // 64 // 256 * 4
+    copies = common.rotations(w4_bytes) if dev == "cuda" else 2
+    weights = [(packed.clone(), state) for _ in range(copies)]
+
+    def layer(impl, i):
+        p, s = weights[i % copies]
+        if impl == "qlora_ext":  # the one-adapter layer op: adapter 0's A and B
+            return F.lora_linear(x, p, s, A[0], B[0], scaling[0], 0.0, bias)
+        return F.lora_linear_indexed(x, p, s, A, B, scaling, index[impl], bias)
+
+    rows, failures, graphs, errs = [], [], {}, {}
+    xd = x.double()
+    base = xd @ w.double().T + bias.double()
+    for impl, idx in index.items():
+        Ai, Bi = A.double()[idx], B.double()[idx]  # each row's adapter
+        ref = base + 2.0 * torch.einsum("mr,mnr->mn", torch.einsum("mk,mrk->mr", xd, Ai), Bi)
+        with torch.no_grad():
+            errs[impl] = rel_err(layer(impl, 0), ref)
+        key = {"op": "lora_layer", "mode": "mixed", "impl": impl, "n": n, "k": k, "M": MIXED_ROWS, "r": r,
+               "adapters": len(set(idx.tolist())), "dropout": 0.0, "dtype": "bfloat16", "quant_type": "nf4",
+               "dq": True, "blocksize": 64}  # fmt: skip
+        if not errs[impl] < MAX_REL_ERR:
+            failures.append(f"mixed {n}x{k} r={r} {impl}: relative error {errs[impl]:.2e}")
+            rows.append({**key, "error": f"relative error {errs[impl]:.2e} against float64"})
+            continue
+        fn = functools.partial(layer, impl)
+        with torch.no_grad():
+            graphs[impl] = capture(fn, copies) if dev == "cuda" else fn
+        rows.append(key)
+    with torch.no_grad():
+        timed = time_graphs(graphs) if dev == "cuda" else {i: common.time_cpu(f, 5) for i, f in graphs.items()}
+    floor = (w4_bytes + 2 * r * (n + k)) / (copy_gbps * 1e9) * 1e3
+    for row in rows:
+        if row["impl"] in timed:
+            ms = timed[row["impl"]]
+            row.update(ms=round(ms, 5), rel_err_vs_float64=float(f"{errs[row['impl']]:.3g}"), floor_ms=round(floor, 5),
+                       of_floor=round(floor / ms, 3))  # fmt: skip
+            if row["impl"] != "qlora_ext" and "qlora_ext" in timed:
+                row["time_vs_one_adapter"] = round(ms / timed["qlora_ext"], 3)
+    line = "  ".join(f"{i} {t * 1e3:8.1f} us" for i, t in timed.items())
+    print(f"mixed  {n:5d}x{k:<5d} M={MIXED_ROWS} r={r:<3d}  {line}", flush=True)
+    return rows, failures
+
+
 def time_products(dev, ks, ranks, m, iters, gen) -> list[dict]:
     """The adapter product ops against their composite forms, one op at a time."""
     rows = []
@@ -234,7 +295,7 @@ def main() -> None:
     ap.add_argument("--dropouts", default="0.05,0")
     ap.add_argument("--m", type=int, default=4096, help="tokens of the training step")
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--modes", default="train,decode,products")
+    ap.add_argument("--modes", default="train,decode,mixed,products")
     ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (no GPU numbers)")
     ap.add_argument("--out", default=None)
@@ -380,6 +441,11 @@ def main() -> None:
                     rows.append(row)
                 line = "  ".join(f"{i} {t * 1e3:8.1f} us" for i, t in timed.items())
                 print(f"decode {n:5d}x{k:<5d} M=1 r={r:<3d}  {line}", flush=True)
+                save()
+            if "mixed" in modes and "qlora_ext" in impls:
+                mixed_rows, mixed_failures = time_mixed(dev, n, k, r, w, bias, copy, gen)
+                rows += mixed_rows
+                failures += mixed_failures
                 save()
     if "products" in modes:
         ks = sorted({k for _, k in shapes})

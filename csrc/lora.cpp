@@ -19,6 +19,8 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "qlora/format.h"
 #include "qlora/op_calls.h"
@@ -69,10 +71,11 @@ at::Tensor call_lora_dropout_add_mm(const at::Tensor& base, const at::Tensor& gr
   return op.call(base, grad_down, lora_A, seed, p);
 }
 
+}  // namespace
+
 // What lora_linear checks beyond gemm_4bit's own checks of x, the weight and the bias.
-void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
+void check_lora_linear_args(const char* op, const at::Tensor& x, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
-  const char* op = "lora_linear";
   TORCH_CHECK_VALUE(shape.size() == 2, op, ": the weight's shape must be [out_features, in_features], got ", shape);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
   const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
@@ -97,6 +100,8 @@ void check_lora_linear_args(const at::Tensor& x, c10::SymIntArrayRef shape, cons
   if (defined(seed)) check_seed(op, *seed, x, "x");
 }
 
+namespace {
+
 // The products' dtype: x's; the adapters are cast to it (a no-op when they have it already).
 struct Adapters {
   at::Tensor A, B;
@@ -117,21 +122,20 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::addmm(at::empty({}, a.options()), a, b, /*beta=*/0, /*alpha=*/alpha);
 }
 
-// y and the down-projection drop(x) A^T ([M, r]) that the backward keeps.
-std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
+std::tuple<at::Tensor, at::Tensor> call_lora_linear_forward(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
     const OptTensor& nested_code, const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
     c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
-  check_lora_linear_args(x, shape, lora_A, lora_B, scaling, dropout_p, seed);
-  at::Tensor y = contiguous(call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                           nested_blocksize, quant_type, shape, bias));
-  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
-  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
-  const Adapters ad = adapters_in(x, lora_A, lora_B);
-  at::Tensor down = call_lora_down(contiguous(x.reshape({-1, K})), ad.A, seed, dropout_p);
-  y.view({-1, N}).addmm_(down, ad.B.t(), /*beta=*/1, /*alpha=*/scaling);
-  return {y, down};
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlora::lora_linear_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+              const OptTensor&, int64_t, int64_t, c10::string_view, c10::SymIntArrayRef, const OptTensor&,
+              const at::Tensor&, const at::Tensor&, double, double, const OptTensor&)>();
+  return op.call(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
+                 bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
 
 // The op's kernel below autograd, for every backend (CPU, CUDA, Meta).
@@ -140,9 +144,9 @@ at::Tensor lora_linear_composite(const at::Tensor& x, const at::Tensor& packed, 
                                  int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                                  c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
                                  const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
-  return std::get<0>(lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                         nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p,
-                                         seed));
+  return std::get<0>(call_lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                              nested_blocksize, quant_type, shape, bias, lora_A, lora_B, scaling,
+                                              dropout_p, seed));
 }
 
 class LoraLinear : public torch::autograd::Function<LoraLinear> {
@@ -158,8 +162,8 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
                             const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, down] =
-        lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                            quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p, seed);
+        call_lora_linear_forward(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                 quant_type, shape, bias, lora_A, lora_B, scaling, dropout_p, seed);
     // x itself (no copy), the [M, r] down-projection and the seed; A and B are the module's own.
     save_weight_state(ctx, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
                       shape, {x, down, lora_A, lora_B, dropout_p > 0.0 ? *seed : at::Tensor()});
@@ -330,15 +334,129 @@ at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tenso
   return call_lora_dropout_add(base, at::mm(grad_down, lora_A), *seed, p);
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_composite(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+    const OptTensor& nested_code, const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+    c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, double dropout_p, const OptTensor& seed) {
+  check_lora_linear_args("lora_linear", x, shape, lora_A, lora_B, scaling, dropout_p, seed);
+  at::Tensor y = contiguous(call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                           nested_blocksize, quant_type, shape, bias));
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  const Adapters ad = adapters_in(x, lora_A, lora_B);
+  at::Tensor down = call_lora_down(contiguous(x.reshape({-1, K})), ad.A, seed, dropout_p);
+  y.view({-1, N}).addmm_(down, ad.B.t(), /*beta=*/1, /*alpha=*/scaling);
+  return {y, down};
+}
+
+int64_t check_lora_linear_indexed_args(const at::Tensor& x, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
+                                       const at::Tensor& lora_B, c10::ArrayRef<double> scaling,
+                                       const at::Tensor& adapter_index) {
+  const char* op = "lora_linear_indexed";
+  TORCH_CHECK_VALUE(shape.size() == 2, op, ": the weight's shape must be [out_features, in_features], got ", shape);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  TORCH_CHECK_TYPE(at::isFloatingType(lora_A.scalar_type()) && at::isFloatingType(lora_B.scalar_type()), op,
+                   ": lora_A and lora_B must be float tensors, got ", lora_A.scalar_type(), " and ",
+                   lora_B.scalar_type());
+  TORCH_CHECK_VALUE(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == K, op,
+                    ": lora_A must have shape [adapters, r, ", K, "] (the adapters' A stacked, in_features ", K,
+                    "), got ", lora_A.sizes());
+  const int64_t adapters = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == adapters && lora_B.size(1) == N && lora_B.size(2) == r, op,
+                    ": lora_B must have shape [", adapters, ", ", N, ", ", r,
+                    "] (adapters, out_features, lora_A's rank), got ", lora_B.sizes());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(scaling.size()) == adapters, op, ": scaling must have one value an adapter (",
+                    adapters, "), got ", scaling.size());
+  for (double s : scaling) TORCH_CHECK_VALUE(std::isfinite(s), op, ": scaling must be finite, got ", s);
+  TORCH_CHECK_TYPE(adapter_index.scalar_type() == at::kLong, op, ": adapter_index must be int64, got ",
+                   adapter_index.scalar_type());
+  int64_t M = 1;  // x's rows: its leading dimensions
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  TORCH_CHECK_VALUE(adapter_index.numel() == M, op, ": adapter_index must have one entry a row of x (", M, "), got ",
+                    adapter_index.numel());
+  for (const auto& [t, name] : {std::pair{&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&adapter_index, "adapter_index"}}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device(),
+                      "; move them to one device");
+  }
+  return adapters;
+}
+
+at::Tensor lora_linear_indexed_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                         const OptTensor& nested_absmax, const OptTensor& nested_code,
+                                         const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+                                         c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
+                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                         c10::ArrayRef<double> scaling, const at::Tensor& adapter_index) {
+  const int64_t adapters = check_lora_linear_indexed_args(x, shape, lora_A, lora_B, scaling, adapter_index);
+  at::Tensor y = contiguous(call_gemm_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                           nested_blocksize, quant_type, shape, bias));
+  const int64_t N = shape[0].guard_int(__FILE__, __LINE__);
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  const int64_t M = adapter_index.numel();
+  if (y.numel() == 0 || K == 0) return y;
+  const at::Tensor index = adapter_index.reshape({M});
+  // Checked on the device, without a synchronization (a CPU tensor raises here).
+  at::_assert_async(at::logical_and(index >= -1, index < adapters).all(),
+                    "lora_linear_indexed: adapter_index has an entry outside [-1, adapters)");
+  // Adapter by adapter, each over every row with the rows of other adapters zeroed by selection (not
+  // by a product with 0: an inf there would be a NaN): no synchronization to gather a sub-batch, and
+  // the scalings go in as the products' alpha, so a CUDA graph captures it all.
+  const Adapters ad = adapters_in(x, lora_A, lora_B);
+  const at::Tensor x2 = contiguous(x.reshape({M, K}));
+  at::Tensor y2 = y.view({M, N});
+  const at::Tensor zero = at::zeros({}, x2.options());
+  for (int64_t a = 0; a < adapters; ++a) {
+    const at::Tensor down = at::where((index == a).unsqueeze(1), at::mm(x2, ad.A[a].t()), zero);
+    y2.addmm_(down, ad.B[a].t(), /*beta=*/1, /*alpha=*/scaling[a]);
+  }
+  return y;
+}
+
+namespace {
+
+at::Tensor lora_linear_indexed_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                        const OptTensor& nested_absmax, const OptTensor& nested_code,
+                                        const OptTensor& offset, int64_t blocksize, int64_t nested_blocksize,
+                                        c10::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
+                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                        c10::ArrayRef<double> scaling, const at::Tensor& adapter_index) {
+  const bool wants_grad =
+      x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() || (defined(bias) && bias->requires_grad());
+  TORCH_CHECK(!at::GradMode::is_enabled() || !wants_grad,
+              "lora_linear_indexed: a batch of several adapters is inference only (as PEFT's adapter_names), and "
+              "here a tensor requires grad; call it under torch.no_grad() or torch.inference_mode(), or train one "
+              "adapter at a time with lora_linear");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlora::lora_linear_indexed", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                            const OptTensor&, int64_t, int64_t, c10::string_view, c10::SymIntArrayRef, const OptTensor&,
+                            const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape,
+                 bias, lora_A, lora_B, scaling, adapter_index);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear_composite);
+  m.impl("lora_linear_forward", &lora_linear_forward_composite);
   m.impl("lora_down", &lora_down_composite);
   m.impl("lora_grad_A", &lora_grad_A_composite);
   m.impl("lora_dropout_add_mm", &lora_dropout_add_mm_composite);
 }
 
+// A CPU kernel, not a composite one: its products' sizes are data's (the adapters' count times the
+// rank), which fake tensors do not give; the fake kernel is python/qlora_ext/_ops.py's.
+TORCH_LIBRARY_IMPL(qlora, CPU, m) { m.impl("lora_linear_indexed", &lora_linear_indexed_composite); }
+
 TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);
+  m.impl("lora_linear_indexed", &lora_linear_indexed_autograd);
   m.impl("lora_dropout", &lora_dropout_autograd);
   m.impl("lora_dropout_add", &lora_dropout_add_autograd);
 }

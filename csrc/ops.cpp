@@ -63,6 +63,23 @@ TORCH_LIBRARY(qlora, m) {
       "lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
       "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed) -> Tensor");
+  // lora_linear's forward below autograd: its output and the down-projection lora_down(x, lora_A,
+  // seed, dropout_p) ([M, r], x's dtype) that its backward keeps. On CUDA at decode sizes (up to 16
+  // rows, no dropout) one kernel makes the down-projection while the product's kernel streams the
+  // weight, and the product adds the adapter term in its epilogue.
+  m.def(
+      "lora_linear_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  // Several adapters of one base in one batch (PEFT's adapter_names): x @ W^T + bias, and each row m
+  // of x (its leading dimensions flattened) adds scaling[a] * (x[m] @ lora_A[a]^T) @ lora_B[a]^T for its
+  // adapter a = adapter_index[m] (-1: none, the base alone). lora_A [adapters, r, K], lora_B
+  // [adapters, N, r] (adapters of smaller rank zero-padded), one scaling an adapter, adapter_index
+  // int64 with an entry a row. Inference only: no dropout, no backward.
+  m.def(
+      "lora_linear_indexed(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B, float[] scaling, Tensor adapter_index) -> Tensor");
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.

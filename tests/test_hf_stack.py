@@ -121,6 +121,20 @@ def fused_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def indexed_calls(monkeypatch):
+    """The calls of torch.ops.qlora.lora_linear_indexed (the adapter index of each)."""
+    calls = []
+    op = F._lora_linear_indexed_op
+
+    def spy(*args):
+        calls.append(args[-1])
+        return op(*args)
+
+    monkeypatch.setattr(F, "_lora_linear_indexed_op", spy)
+    return calls
+
+
 def fused_nodes(out: torch.Tensor) -> int:
     """How many autograd nodes of qlora_ext's lora_linear op are in out's graph."""
     seen, stack, count = set(), [out.grad_fn], 0
@@ -354,10 +368,11 @@ def test_get_peft_model_runs_the_fused_op(lm_dir, gen, device, fused_calls):
     assert fused_calls == [0.25, 0.25, 0.0, 0.0]
 
 
-def test_peft_composition_where_the_fused_op_does_not_apply(lm_dir, gen, fused_calls):
-    """Where a layer has several active adapters, in a mixed-adapter batch, with adapters disabled and with
-    DoRA, the layers run PEFT's composition (no fused call); layers with one active plain adapter stay
-    fused. All agree with PEFT's own layers on the same weights (float32, torch's default tolerances)."""
+def test_peft_composition_where_the_fused_op_does_not_apply(lm_dir, gen, fused_calls, indexed_calls):
+    """Where a layer has several active adapters, with adapters disabled and with DoRA, the layers run
+    PEFT's composition (no fused call); layers with one active plain adapter stay fused, and a
+    mixed-adapter batch of plain adapters is one lora_linear_indexed call a layer. All agree with PEFT's
+    own layers on the same weights (float32, torch's default tolerances)."""
     plain = load_plain(lm_dir)
     a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     b = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"], use_rslora=True)
@@ -387,6 +402,10 @@ def test_peft_composition_where_the_fused_op_does_not_apply(lm_dir, gen, fused_c
     ours.base_model.set_adapter(["one", "two"]), theirs.base_model.set_adapter(["one", "two"])
     same("one and two", 6)  # v has both: composed; q and down (one), o (two): fused
     same("mixed batch", 0, adapter_names=["one", "two", "__base__"])
+    assert len(indexed_calls) == 8  # q, v, o, down of both layers
+    # each layer's slots: its adapters of the batch in name order, -1 for "__base__" and the others
+    slots = {tuple(i.view(3, -1)[:, 0].tolist()) for i in indexed_calls}
+    assert slots == {(0, 1, -1), (0, -1, -1), (-1, 0, -1)}, slots
     ours.set_adapter("dora"), theirs.set_adapter("dora")
     same("DoRA", 0)
     with ours.disable_adapter(), theirs.disable_adapter():
@@ -401,6 +420,53 @@ def test_peft_composition_where_the_fused_op_does_not_apply(lm_dir, gen, fused_c
     assert any("lora_magnitude_vector" in n for n in grads) and any(".lora_A.dora." in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, theirs.get_parameter(name).grad, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_adapter_batch(lm_dir, gen, device, indexed_calls):
+    """adapter_names: one lora_linear_indexed call a layer, PEFT's result (its composition on the same
+    layers, within twice PEFT's error against float64 on CUDA's bf16), adapters of two ranks, the new
+    values of an adapter changed through .data (as PEFT's hotswap changes them) and of one added later;
+    PEFT's composition where gradients are wanted."""
+    base = load(lm_dir, device)
+    ours = peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), gen)
+    ours.add_adapter("two", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["v_proj", "o_proj"]))
+    randomize_adapters(ours, gen)
+    ours.eval()
+    ids = tokens(gen, device, batch=4)
+    names = ["two", "__base__", "default", "two"]
+
+    def peft_composition():
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qlora_ext.peft_lora.LoraLinear4bit, "_fused_mixed_batch", lambda *a: None)
+            return ours(ids, adapter_names=names).logits.float()
+
+    def check(what):
+        indexed_calls.clear()
+        got = logits(ours, ids, adapter_names=names)
+        assert len(indexed_calls) == 6, (what, len(indexed_calls))  # q, v, o of both layers
+        torch.testing.assert_close(got, peft_composition(), msg=what, **tolerance)
+
+    tolerance = {} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+    check("two ranks")
+    with torch.no_grad():
+        layer = ours.base_model.model.model.layers[0].self_attn.v_proj
+        layer.lora_B["two"].weight.data.mul_(-3)
+    check("an adapter changed through .data")
+    ours.add_adapter("three", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["v_proj"]))
+    randomize_adapters(ours, gen)
+    names = ["three", "two", "default", "three"]
+    check("an adapter added")
+    # gradients wanted (PEFT refuses adapter_names on a model in training mode, not on a layer): PEFT's
+    # composition
+    indexed_calls.clear()
+    x = torch.randn(4, 5, layer.in_features, generator=gen).to(device, compute_dtype(device))
+    layer.lora_A["two"].weight.requires_grad_(True)
+    out = layer(x, adapter_names=names)
+    assert not indexed_calls and out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, adapter_names=names), out.detach(), **tolerance)
+    assert len(indexed_calls) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

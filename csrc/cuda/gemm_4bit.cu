@@ -94,28 +94,11 @@ DeviceLimits device_limits(int device) {
 
 namespace {
 
-struct DequantState {
-  at::Tensor packed, absmax;
-  std::optional<at::Tensor> nested_absmax, nested_code;
-};
-
-DequantState contiguous_state(const at::Tensor& packed, const at::Tensor& absmax,
-                              const std::optional<at::Tensor>& nested_absmax,
-                              const std::optional<at::Tensor>& nested_code) {
-  DequantState s{packed.contiguous(), absmax.contiguous(), std::nullopt, std::nullopt};
-  if (nested_absmax.has_value()) {
-    s.nested_absmax = nested_absmax->contiguous();
-    s.nested_code = nested_code->contiguous();
-  }
-  return s;
-}
-
-at::Tensor dequantized_weight(const GemmProblem& p, const DequantState& s, const std::optional<at::Tensor>& offset,
-                              int64_t blocksize, at::ScalarType dtype, const at::Device& device, cudaStream_t stream) {
-  at::Tensor W = workspace(p.N * p.K, dtype, device, stream);
-  dequantize_4bit_into(s.packed, s.absmax, s.nested_absmax, s.nested_code, offset, blocksize, p.quant_type, p.N * p.K,
-                       W);
-  return W.view({p.N, p.K});
+at::Tensor dequantized_weight(const PreparedGemm& g) {
+  at::Tensor W = workspace(g.p.N * g.p.K, g.x2.scalar_type(), g.x2.device(), g.stream);
+  dequantize_4bit_into(g.packed, g.absmax, g.nested_absmax, g.nested_code, g.offset, g.blocksize, g.p.quant_type,
+                       g.p.N * g.p.K, W);
+  return W.view({g.p.N, g.p.K});
 }
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -155,75 +138,108 @@ bool launch_fused(const GemmConfig& c, const FusedGemm& g) {
   return false;
 }
 
+}  // namespace
+
+PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                               c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
+                               const GemmConfig* named, int64_t fused_max_m) {
+  PreparedGemm g;
+  g.op = op;
+  g.p = check_gemm_4bit_args(op, false, x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                             nested_blocksize, quant_type, shape, bias);
+  g.out = at::empty(with_last(x.sizes(), g.p.N), x.options());
+  g.M = g.p.K == 0 ? 0 : x.numel() / g.p.K;
+  g.done = g.out.numel() == 0 || g.p.K == 0;
+  if (g.out.numel() > 0 && g.p.K == 0) {  // an empty sum: zeros, plus the bias
+    if (bias.has_value()) g.out.copy_(bias->expand_as(g.out));
+    else g.out.zero_();
+  }
+  if (g.done) return g;
+  g.stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  g.packed = packed.contiguous();
+  g.absmax = absmax.contiguous();
+  if (nested_absmax.has_value()) {
+    g.nested_absmax = nested_absmax->contiguous();
+    g.nested_code = nested_code->contiguous();
+  }
+  g.offset = offset;
+  g.blocksize = blocksize;
+  if (bias.has_value()) g.bias = bias->contiguous();
+  g.x2 = x.reshape({g.M, g.p.K}).contiguous();
+  g.out2 = g.out.view({g.M, g.p.N});
+  const GemmDtype dtype = x.scalar_type() == at::kHalf       ? GemmDtype::kFloat16
+                          : x.scalar_type() == at::kBFloat16 ? GemmDtype::kBFloat16
+                                                             : GemmDtype::kFloat32;
+  g.query = GemmQuery{g.M,
+                      g.p.N,
+                      g.p.K,
+                      dtype,
+                      g.nested_absmax.has_value(),
+                      blocksize,
+                      alignment_of(g.x2.const_data_ptr()),
+                      alignment_of(g.packed.const_data_ptr()),
+                      alignment_of(g.absmax.const_data_ptr()),
+                      fused_max_m};
+  g.gpu = gpu_info(x.get_device());
+  g.named = named != nullptr;
+  if (named != nullptr) {
+    const char* why = gemm_config_unfit(*named, g.query, g.gpu);
+    TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, op, ": ", named->name, " cannot run here: ", why);
+    g.config = named;
+  } else {
+    g.config = &choose_gemm_config(g.query, g.gpu);
+  }
+  return g;
+}
+
+bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous) {
+  if (g.done) return true;  // (K = 0: the adapter term is 0 too)
+  if (g.config->kernel != GemmKernel::kDequantizeCublas) {
+    Scales sc{};
+    if (g.nested_absmax.has_value()) {
+      sc = {nullptr, g.absmax.const_data_ptr<uint8_t>(), g.nested_absmax->const_data_ptr<float>(),
+            g.nested_code->const_data_ptr<float>(), g.offset->const_data_ptr<float>()};
+    } else {
+      sc = {g.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
+    }
+    const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(g.blocksize));
+    const FusedGemm f{g.x2,   g.M,      g.packed, g.p,           bs_log2, sc, g.bias.defined() ? &g.bias : nullptr,
+                      g.out2, g.stream, lora,     after_previous};
+    if (launch_fused(*g.config, f)) return true;
+    TORCH_CHECK_NOT_IMPLEMENTED(!g.named, g.op, ": ", g.config->name,
+                                " cannot run here: the wgmma kernel declined (no tensor-map encoder or no CTA fits)");
+    // The wgmma kernel declined: what the table picks without it.
+    g.gpu.sm90a_code = false;
+    g.config = &choose_gemm_config(g.query, g.gpu);
+    if (g.config->kernel != GemmKernel::kDequantizeCublas) {
+      TORCH_CHECK(launch_fused(*g.config, f), g.op, ": ", g.config->name, " did not launch");
+      return true;
+    }
+  }
+  const at::Tensor W = dequantized_weight(g);
+  if (g.bias.defined()) at::addmm_out(g.out2, g.bias, g.x2, W.t());
+  else at::mm_out(g.out2, g.x2, W.t());
+  return lora == nullptr;
+}
+
+namespace {
+
 // gemm_4bit, with the configuration choose_gemm_config picks (with fused_max_m: GemmQuery's), or
 // `named` (which must be able to run: else NotImplementedError).
-at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& absmax,
+at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& nested_absmax,
                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                              int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                              c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias, const GemmConfig* named,
                              int64_t fused_max_m) {
-  const GemmProblem p = check_gemm_4bit_args(op, false, x, packed_in, absmax, nested_absmax, nested_code, offset,
-                                             blocksize, nested_blocksize, quant_type, shape, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(with_last(x.sizes(), p.N), x.options());
-  const int64_t M = p.K == 0 ? 0 : x.numel() / p.K;
-  if (out.numel() == 0) return out;
-  if (p.K == 0) {  // an empty sum: zeros, plus the bias
-    if (bias.has_value()) return out.copy_(bias->expand_as(out));
-    return out.zero_();
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  const DequantState s = contiguous_state(packed_in, absmax, nested_absmax, nested_code);
-  const at::Tensor x2 = x.reshape({M, p.K}).contiguous();
-  at::Tensor out2 = out.view({M, p.N});
-  const GemmDtype dtype = x.scalar_type() == at::kHalf       ? GemmDtype::kFloat16
-                          : x.scalar_type() == at::kBFloat16 ? GemmDtype::kBFloat16
-                                                             : GemmDtype::kFloat32;
-  const GemmQuery q{M,
-                    p.N,
-                    p.K,
-                    dtype,
-                    s.nested_absmax.has_value(),
-                    blocksize,
-                    alignment_of(x2.const_data_ptr()),
-                    alignment_of(s.packed.const_data_ptr()),
-                    alignment_of(s.absmax.const_data_ptr()),
-                    fused_max_m};
-  GpuInfo gpu = gpu_info(x.get_device());
-  const GemmConfig* c = named;
-  if (named != nullptr) {
-    const char* why = gemm_config_unfit(*named, q, gpu);
-    TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, op, ": ", named->name, " cannot run here: ", why);
-  } else {
-    c = &choose_gemm_config(q, gpu);
-  }
-  if (c->kernel != GemmKernel::kDequantizeCublas) {
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    Scales sc{};
-    if (s.nested_absmax.has_value()) {
-      sc = {nullptr, s.absmax.const_data_ptr<uint8_t>(), s.nested_absmax->const_data_ptr<float>(),
-            s.nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>()};
-    } else {
-      sc = {s.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
-    }
-    const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
-    const FusedGemm g{x2, M, s.packed, p, bs_log2, sc, bias.has_value() ? &b : nullptr, out2, stream};
-    if (launch_fused(*c, g)) return out;
-    TORCH_CHECK_NOT_IMPLEMENTED(named == nullptr, op, ": ", named->name,
-                                " cannot run here: the wgmma kernel declined (no tensor-map encoder or no CTA fits)");
-    // The wgmma kernel declined: what the table picks without it.
-    gpu.sm90a_code = false;
-    c = &choose_gemm_config(q, gpu);
-    if (c->kernel != GemmKernel::kDequantizeCublas) {
-      TORCH_CHECK(launch_fused(*c, g), op, ": ", c->name, " did not launch");
-      return out;
-    }
-  }
-  const at::Tensor W = dequantized_weight(p, s, offset, blocksize, x.scalar_type(), x.device(), stream);
-  if (bias.has_value()) at::addmm_out(out2, *bias, x2, W.t());
-  else at::mm_out(out2, x2, W.t());
-  return out;
+  PreparedGemm g = prepare_gemm_4bit(op, x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                     nested_blocksize, quant_type, shape, bias, named, fused_max_m);
+  run_gemm_4bit(g, nullptr, false);
+  return g.out;
 }
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -267,8 +283,12 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
   if (p.N == 0) return out.zero_();
   const int64_t M = grad.numel() / p.N;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
-  const DequantState s = contiguous_state(packed_in, absmax, nested_absmax, nested_code);
-  const at::Tensor W = dequantized_weight(p, s, offset, blocksize, grad.scalar_type(), grad.device(), stream);
+  at::Tensor W = workspace(p.N * p.K, grad.scalar_type(), grad.device(), stream);
+  dequantize_4bit_into(packed_in.contiguous(), absmax.contiguous(),
+                       nested_absmax.has_value() ? std::optional(nested_absmax->contiguous()) : std::nullopt,
+                       nested_code.has_value() ? std::optional(nested_code->contiguous()) : std::nullopt, offset,
+                       blocksize, p.quant_type, p.N * p.K, W);
+  W = W.view({p.N, p.K});
   at::Tensor out2 = out.view({M, p.K});
   at::mm_out(out2, grad.reshape({M, p.N}), W);
   return out;

@@ -27,6 +27,7 @@
 #include <algorithm>
 
 #include "qlora/cp_async.cuh"
+#include "qlora/epilogue.cuh"
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/gemm_4bit_device.cuh"
 #include "qlora/gemm_4bit_layout.h"
@@ -77,7 +78,7 @@ struct Batch {
 template <typename T, bool NESTED, int MT, int NT, int U>
 __global__ void __launch_bounds__(kWarps * 32)
     gemm_4bit_mma_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                         int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out) {
+                         int bs_log2, Scales sc, int fp4, const Epilogue<T> epi, T* __restrict__ out) {
   extern __shared__ uint4 smem[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   float* red = reinterpret_cast<float*>(lut + 256 * kLutCopies);
@@ -242,10 +243,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int mt = r / (NT * 4), nt = (r >> 2) % NT;
       const int64_t row = row0 + 16 * mt + (ln >> 2) + 8 * (q >> 1);
       const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
-      if (row < N && tok < M) {
-        if (bias != nullptr) v += to_float(bias[row]);
-        out[tok * N + row] = from_float<T>(v);
-      }
+      if (row < N && tok < M) out[tok * N + row] = finish_output(v, epi, tok, row, N);
     }
     __syncthreads();
   }
@@ -298,10 +296,10 @@ __device__ __forceinline__ void mma_sub_block(const uint8_t* w, const float* sro
 }
 
 // A 16-row tile's result: each warp's partial sums into `red`, then added in warp order (the same
-// bits run to run), plus the bias, rounded and stored. Ends with every thread past one barrier.
+// bits run to run), finished (finish_output) and stored. Ends with every thread past one barrier.
 template <typename T, int NT>
 __device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4], int tid, int64_t row0, int64_t tok0,
-                                            int64_t N, int64_t M, const T* __restrict__ bias, T* __restrict__ out) {
+                                            int64_t N, int64_t M, const Epilogue<T>& epi, T* __restrict__ out) {
   const int lane = tid & 31, warp = tid >> 5;
   float* mine = red + warp * (NT * 4 * 32);
 #pragma unroll
@@ -316,10 +314,7 @@ __device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4
     const int r = idx >> 5, ln = idx & 31, q = r & 3, nt = r >> 2;
     const int64_t row = row0 + (ln >> 2) + 8 * (q >> 1);
     const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
-    if (row < N && tok < M) {
-      if (bias != nullptr) v += to_float(bias[row]);
-      out[tok * N + row] = from_float<T>(v);
-    }
+    if (row < N && tok < M) out[tok * N + row] = finish_output(v, epi, tok, row, N);
   }
 }
 
@@ -334,8 +329,7 @@ constexpr size_t stream_fixed_smem_bytes() {
 template <typename T, bool NESTED, int NT>
 __global__ void __launch_bounds__(kWarps * 32)
     gemm_4bit_stream_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N,
-                            int64_t K, int bs_log2, Scales sc, int fp4, const T* __restrict__ bias,
-                            T* __restrict__ out) {
+                            int64_t K, int bs_log2, Scales sc, int fp4, const Epilogue<T> epi, T* __restrict__ out) {
   extern __shared__ uint4 smem[];
   uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(lut + 256 * kLutCopies);
@@ -437,7 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the ring, which now holds the partial sums
 
-    reduce_tile<T, NT>(red, acc, tid, row0, tok0, N, M, bias, out);
+    reduce_tile<T, NT>(red, acc, tid, row0, tok0, N, M, epi, out);
     __syncthreads();  // red, scales and the ring are free for the next tile
   }
 }
@@ -449,11 +443,10 @@ void launch_tiles(Kernel kernel, size_t smem, int tile_rows, int tile_tokens, co
   const GemmProblem& p = g.p;
   const int64_t tiles = ((p.N + tile_rows - 1) / tile_rows) * ((g.M + tile_tokens - 1) / tile_tokens);
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, kWarps * 32, smem, g.x2.get_device()));
-  kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, g.stream>>>(
-      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
-      g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
-      g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr, reinterpret_cast<T*>(g.out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, static_cast<unsigned>(grid), kWarps * 32, smem, g.stream, g.after_previous,
+                reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K,
+                g.bs_log2, g.sc, p.quant_type == QuantType::FP4 ? 1 : 0, epilogue_of<T>(g),
+                reinterpret_cast<T*>(g.out.data_ptr()));
 }
 
 template <typename T, bool NESTED, int MT, int NT, int U>

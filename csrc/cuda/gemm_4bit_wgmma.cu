@@ -32,6 +32,7 @@
 #include <algorithm>
 
 #include "qlora/cp_async.cuh"
+#include "qlora/epilogue.cuh"
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/gemm_4bit_device.cuh"
 #include "qlora/gemm_4bit_layout.h"
@@ -261,12 +262,14 @@ __device__ __forceinline__ void wgmma_stage(float (&acc)[BN / 2], const uint32_t
   wgmma_commit();
 }
 
-// acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1); into the output (with the bias)
-// or, when K is split, the split's float32 partial sums.
+// acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1); into the output (finish_output)
+// or, when K is split, the split's float32 partial sums (finished by add_splits_kernel).
 template <typename T, int BN>
 __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int c, int64_t M,
-                                           int64_t N, const T* __restrict__ bias, T* __restrict__ out,
+                                           int64_t N, const Epilogue<T>& epi, T* __restrict__ out,
                                            float* __restrict__ partial) {
+  // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
+  if (partial != nullptr && epi.lora_down != nullptr) wait_for_previous_grid();
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
     const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
@@ -275,9 +278,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
       if (partial != nullptr) {
         partial[(t.split * M + tok) * N + row] = acc[i];
       } else {
-        float v = acc[i];
-        if (bias != nullptr) v = __fadd_rn(v, to_float(bias[row]));
-        out[tok * N + row] = from_float<T>(v);
+        out[tok * N + row] = finish_output(acc[i], epi, tok, row, N);
       }
     }
   }
@@ -288,7 +289,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
 template <typename T, int BN, typename Stage>
 __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4], uint32_t (&a1)[4][4],
                                            float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
-                                           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+                                           const Epilogue<T>& epi, T* __restrict__ out, float* __restrict__ partial,
                                            Stage& stage) {
   int j = 0;
   for (; j + 1 < t.nst; j += 2) {
@@ -299,7 +300,7 @@ __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4]
   wgmma_wait<0>();
   keep_until_here(a0, M < 0, out);
   keep_until_here(a1, M < 0, out);
-  store_tile<T, BN>(acc, t, r0, c, M, N, bias, out, partial);
+  store_tile<T, BN>(acc, t, r0, c, M, N, epi, out, partial);
 }
 
 // The code table (16 floats, or with PAIR 256 bf16 code pairs: the tensor-copy kernel's), 32
@@ -326,7 +327,7 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <typename T, int BN, int STAGES, typename Decode>
 __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode, uint64_t* full, uint64_t* empty,
-                                              const WgTile& t, int64_t M, int64_t N, const T* __restrict__ bias,
+                                              const WgTile& t, int64_t M, int64_t N, const Epilogue<T>& epi,
                                               T* __restrict__ out, float* __restrict__ partial) {
   const int lane = math_tid & 31;
   const int r0 = 16 * (math_tid >> 5) + (lane >> 2);
@@ -347,7 +348,7 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
       phase ^= 1;
     }
   };
-  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, epi, out, partial, stage);
 }
 #endif
 
@@ -356,7 +357,7 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
 template <typename T, bool NESTED, int BN, int STAGES>
 __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1)
     gemm_4bit_wgmma_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                           int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out,
+                           int bs_log2, Scales sc, int fp4, const Epilogue<T> epi, T* __restrict__ out,
                            float* __restrict__ partial, int64_t stages_per_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __shared__ uint32_t code_table[16 * 32];  // entry v of lane l at v * 32 + l: bank l
@@ -402,7 +403,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1)
     wgmma_wait<1>();
     keep_until_here(previous, M < 0, out);  // the previous stage's group read these: complete now
   };
-  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, bias, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, epi, out, partial, stage);
 #else
   __trap();  // the host launches this kernel only where sm_90a code exists
 #endif
@@ -520,7 +521,7 @@ template <bool NESTED, int BN, int STAGES, int CTAS>
 __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
     gemm_4bit_wgmma_tma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                                int64_t M, int64_t N, int64_t K, int bs_log2, Scales sc, int fp4,
-                               const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
+                               const Epilogue<__nv_bfloat16> epi, __nv_bfloat16* __restrict__ out,
                                float* __restrict__ partial, int64_t stages_per_split, uint32_t lo) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // The copy warp publishes stage j's scales when it issues stage j + kTmaScaleLead, which may wait
@@ -639,21 +640,20 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
     decoder.stage(at, a);
     return at;
   };
-  mbarrier_math<T, BN, STAGES>(tid, decode, full, empty, t, M, N, bias, out, partial);
+  mbarrier_math<T, BN, STAGES>(tid, decode, full, empty, t, M, N, epi, out, partial);
 #else
   __trap();
 #endif
 }
 
-// out = the sum of the splits' partial sums, in split order, plus the bias.
+// out = the sum of the splits' partial sums, in split order, finished (finish_output).
 template <typename T>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
-                                  const T* __restrict__ bias, T* __restrict__ out) {
+                                  const Epilogue<T> epi, T* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
     float v = partial[i];
     for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
-    if (bias != nullptr) v = __fadd_rn(v, to_float(bias[i % N]));
-    out[i] = from_float<T>(v);
+    out[i] = finish_output(v, epi, i / N, i % N, N);
   }
 }
 
@@ -749,24 +749,24 @@ bool launch(const FusedGemm& g) {
   const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
   at::Tensor part;
   if (used_splits > 1) part = workspace(used_splits * M * p.N, at::kFloat, x2.device(), g.stream);
-  const T* bias_ptr = g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr;
+  const Epilogue<T> epi = epilogue_of<T>(g);
   T* out_ptr = reinterpret_cast<T*>(g.out.data_ptr());
   float* part_ptr = used_splits > 1 ? part.data_ptr<float>() : nullptr;
   const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
+  const dim3 grid(static_cast<unsigned>(tiles * used_splits));
   if constexpr (TMA) {
-    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, g.stream>>>(
-        x_map, code_map, M, p.N, p.K, g.bs_log2, g.sc, fp4, bias_ptr, out_ptr, part_ptr, per_split, lo);
+    launch_kernel(kernel, grid, threads, smem, g.stream, g.after_previous, x_map, code_map, M, p.N, p.K, g.bs_log2,
+                  g.sc, fp4, epi, out_ptr, part_ptr, per_split, lo);
   } else {
-    kernel<<<static_cast<unsigned>(tiles * used_splits), threads, smem, g.stream>>>(
-        reinterpret_cast<const T*>(x2.const_data_ptr()), M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
-        g.sc, fp4, bias_ptr, out_ptr, part_ptr, per_split);
+    launch_kernel(kernel, grid, threads, smem, g.stream, g.after_previous,
+                  reinterpret_cast<const T*>(x2.const_data_ptr()), M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K,
+                  g.bs_log2, g.sc, fp4, epi, out_ptr, part_ptr, per_split);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
     add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
-        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, bias_ptr, out_ptr);
+        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;

@@ -32,6 +32,7 @@
 #include <map>
 #include <mutex>
 
+#include "qlora/epilogue.cuh"
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/gemm_4bit_device.cuh"
 #include "qlora/gemm_4bit_layout.h"
@@ -148,7 +149,7 @@ __device__ __forceinline__ void ws_decode_scales(float* dst, int64_t first, int6
 template <typename T, bool NESTED, int NT, int MW, int MT>
 __global__ void __launch_bounds__(ws_threads(MW), 1)
     gemm_4bit_ws_kernel(const T* __restrict__ x, int64_t M, const uint8_t* __restrict__ packed, int64_t N, int64_t K,
-                        int bs_log2, Scales sc, int fp4, const T* __restrict__ bias, T* __restrict__ out, uint32_t lo,
+                        int bs_log2, Scales sc, int fp4, const Epilogue<T> epi, T* __restrict__ out, uint32_t lo,
                         int stages) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem[];
@@ -382,8 +383,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
             float v = 0.f;
 #pragma unroll
             for (int wi = 0; wi < MW; ++wi) v += rb[((wi * MT + m) * 4 + q) * 32 + lane];
-            if (bias != nullptr) v += to_float(bias[row]);
-            out[tok * N + row] = from_float<T>(v);
+            out[tok * N + row] = finish_output(v, epi, tok, row, N);
           }
         }
         // Reset for tile local + red_bufs: its first count comes after that warp's wait on a stage
@@ -412,8 +412,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
             float v = 0.f;
 #pragma unroll
             for (int wi = 0; wi < MW; ++wi) v += red[wi * (kChunk * 4 * 32) + idx];
-            if (bias != nullptr) v += to_float(bias[row]);
-            out[tok * N + row] = from_float<T>(v);
+            out[tok * N + row] = finish_output(v, epi, tok, row, N);
           }
         }
         math_barrier<MW>();
@@ -439,12 +438,10 @@ void launch_ws(const FusedGemm& g, int max_stages) {
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW, MT>;
   const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((g.M + 8 * NT - 1) / (8 * NT));
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, ws_threads(MW), smem, device));
-  kernel<<<static_cast<unsigned>(grid), ws_threads(MW), smem, g.stream>>>(
-      reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K, g.bs_log2,
-      g.sc, p.quant_type == QuantType::FP4 ? 1 : 0,
-      g.bias ? reinterpret_cast<const T*>(g.bias->const_data_ptr()) : nullptr, reinterpret_cast<T*>(g.out.data_ptr()),
-      lim.reserved, stages);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, static_cast<unsigned>(grid), ws_threads(MW), smem, g.stream, g.after_previous,
+                reinterpret_cast<const T*>(g.x2.const_data_ptr()), g.M, g.packed.const_data_ptr<uint8_t>(), p.N, p.K,
+                g.bs_log2, g.sc, p.quant_type == QuantType::FP4 ? 1 : 0, epilogue_of<T>(g),
+                reinterpret_cast<T*>(g.out.data_ptr()), lim.reserved, stages);
 }
 
 }  // namespace

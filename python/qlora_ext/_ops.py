@@ -104,3 +104,23 @@ def _lora_dropout_add_fake(base, x, seed, p):
 
 # qlora::lora_linear is built from the ops above (a CompositeExplicitAutograd kernel, csrc/lora.cpp):
 # its fake kernel is that composition run on fake tensors.
+
+
+@torch.library.register_fake("qlora::lora_linear_indexed")
+def _lora_linear_indexed_fake(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias,
+    lora_A, lora_B, scaling, adapter_index,
+):  # fmt: skip
+    op = "lora_linear_indexed"
+    torch._check(len(shape) == 2, lambda: f"{op}: the weight's shape must be 2-D, got {list(shape)}")
+    n, k = shape
+    torch._check(x.shape[-1] == k, lambda: f"{op}: x has {x.shape[-1]} in its last dimension, the weight needs {k}")
+    torch._check(lora_A.dim() == 3 and lora_A.shape[2] == k, lambda: f"{op}: lora_A must have shape [adapters, r, {k}]")
+    torch._check(
+        lora_B.dim() == 3 and tuple(lora_B.shape) == (lora_A.shape[0], n, lora_A.shape[1]),
+        lambda: f"{op}: lora_B must have shape [adapters, {n}, r]",
+    )
+    torch._check(len(scaling) == lora_A.shape[0], lambda: f"{op}: scaling must have one value an adapter")
+    torch._check(adapter_index.dtype == torch.int64, lambda: f"{op}: adapter_index must be int64")
+    torch._check(adapter_index.numel() == x.numel() // k if k else True, lambda: f"{op}: one adapter_index a row")
+    return x.new_empty(_gemm_shape(x, shape, False))

@@ -16,6 +16,7 @@ This module needs PEFT.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Optional
 
@@ -139,7 +140,78 @@ class LoraLinear4bit(nn.Module, LoraLayer):
             return None
         return name
 
+    def _plain(self, name: str) -> bool:
+        """Whether adapter ``name`` is plain LoRA, as the fused ops compute it (no variant, no bias, no
+        dropout module of another kind)."""
+        if name in self.lora_variant or self.lora_bias.get(name, False):
+            return False
+        A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+            return False
+        return type(dropout) in (nn.Identity, nn.Dropout)
+
+    def _fused_mixed_batch(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """A mixed-adapter batch (``adapter_names``) in one call of ``lora_linear_indexed``, or None where
+        PEFT's loop over the adapters must run: anything to differentiate, dropout in training mode,
+        a merged or disabled layer, an adapter of the batch that is not plain LoRA."""
+        names = kwargs.get("adapter_names")
+        if args or names is None or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+            return None
+        if self.disable_adapters or self.merged or len(names) != len(x):
+            return None  # (PEFT's own checks raise for a length mismatch and merged adapters)
+        used = sorted({n for n in names if n in self.lora_A})
+        if not used or not all(self._plain(n) for n in used):
+            return None
+        if any(self.lora_dropout[n].training and getattr(self.lora_dropout[n], "p", 0) > 0 for n in used):
+            return None
+        base = self.get_base_layer()
+        xc, bias = _in_compute_dtype(x, base)
+        tensors = [xc, *(self.lora_A[n].weight for n in used), *(self.lora_B[n].weight for n in used)]
+        tensors += [bias] if bias is not None else []
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        A, B, scaling, slot = self._stacked(used, xc.dtype)
+        index = self._row_index(names, slot, xc)
+        out = F.lora_linear_indexed(xc, base.weight, base._state(), A, B, scaling, index, bias)
+        return _output(out, x)
+
+    def _stacked(self, used: list[str], dtype: torch.dtype):
+        """The adapters' A and B stacked in the compute dtype (``[adapters, r, in]``, ``[adapters, out, r]``,
+        r the largest rank rounded up to 8, smaller ones zero-padded), their scalings and each name's
+        slot. Made each call: a kept copy could miss a change of an adapter's values made through
+        ``.data`` (as PEFT's hotswap makes it), which no version counter sees."""
+        As = [self.lora_A[n].weight for n in used]
+        Bs = [self.lora_B[n].weight for n in used]
+        r = -(-max(a.shape[0] for a in As) // 8) * 8
+        if all(a.shape[0] == r for a in As):
+            A, B = torch.stack(As).to(dtype), torch.stack(Bs).to(dtype)
+        else:
+            A = As[0].new_zeros((len(As), r, As[0].shape[1]), dtype=dtype)
+            B = Bs[0].new_zeros((len(Bs), Bs[0].shape[0], r), dtype=dtype)
+            for i, (a, b) in enumerate(zip(As, Bs)):
+                A[i, : a.shape[0]] = a
+                B[i, :, : b.shape[1]] = b
+        return A, B, [float(self.scaling[n]) for n in used], {n: i for i, n in enumerate(used)}
+
+    def _row_index(self, names, slot: dict, x: torch.Tensor) -> torch.Tensor:
+        """Each row's adapter slot (-1: ``__base__`` or an adapter this layer lacks), an entry a row of x
+        (each sample's name repeated over its tokens); kept for the next call with the same names and
+        shape (each step of ``generate``)."""
+        key = (tuple(names), tuple(slot.items()), tuple(x.shape[:-1]), x.device)
+        cached = getattr(self, "_qlora_row_index", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        per_sample = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64)
+        index = per_sample.repeat_interleave(math.prod(x.shape[1:-1])).to(x.device)
+        self._qlora_row_index = (key, index)
+        return index
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if "adapter_names" in kwargs:
+            self._check_forward_args(x, *args, **kwargs)
+            out = self._fused_mixed_batch(x, args, kwargs)
+            if out is not None:
+                return out
         name = self._fused_adapter(args, kwargs)
         if name is None:
             return _lora_layer.Linear.forward(self, x, *args, **kwargs)

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace qlora {
 
@@ -25,5 +26,31 @@ at::Tensor lora_grad_A_composite(const at::Tensor& grad_down, const at::Tensor& 
                                  const std::optional<at::Tensor>& seed, double p);
 at::Tensor lora_dropout_add_mm_composite(const at::Tensor& base, const at::Tensor& grad_down, const at::Tensor& lora_A,
                                          const std::optional<at::Tensor>& seed, double p);
+
+// The QLoRA layer's forward (the op lora_linear_forward) and the op lora_linear_indexed (csrc/ops.cpp):
+// their argument checks and their composite forms (gemm_4bit, then the adapters' products through
+// ATen), every backend's kernel and the CUDA kernels' fallback (csrc/cuda/lora_decode.cu).
+using c10::SymIntArrayRef;
+void check_lora_linear_args(const char* op, const at::Tensor& x, SymIntArrayRef shape, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scaling, double dropout_p,
+                            const std::optional<at::Tensor>& seed);
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_composite(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+    SymIntArrayRef shape, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed);
+// Returns the number of adapters.
+int64_t check_lora_linear_indexed_args(const at::Tensor& x, SymIntArrayRef shape, const at::Tensor& lora_A,
+                                       const at::Tensor& lora_B, c10::ArrayRef<double> scaling,
+                                       const at::Tensor& adapter_index);
+at::Tensor lora_linear_indexed_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                         const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                         int64_t nested_blocksize, c10::string_view quant_type, SymIntArrayRef shape,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                         const at::Tensor& lora_B, c10::ArrayRef<double> scaling,
+                                         const at::Tensor& adapter_index);
 
 }  // namespace qlora
