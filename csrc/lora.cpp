@@ -444,15 +444,18 @@ at::Tensor lora_linear_indexed_autograd(const at::Tensor& x, const at::Tensor& p
 
 TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear_composite);
-  m.impl("lora_linear_forward", &lora_linear_forward_composite);
   m.impl("lora_down", &lora_down_composite);
   m.impl("lora_grad_A", &lora_grad_A_composite);
   m.impl("lora_dropout_add_mm", &lora_dropout_add_mm_composite);
 }
 
-// A CPU kernel, not a composite one: its products' sizes are data's (the adapters' count times the
-// rank), which fake tensors do not give; the fake kernel is python/qlora_ext/_ops.py's.
-TORCH_LIBRARY_IMPL(qlora, CPU, m) { m.impl("lora_linear_indexed", &lora_linear_indexed_composite); }
+// CPU kernels, not composite ones (CUDA has its own, csrc/cuda/lora_decode.cu): the fake kernels are
+// python/qlora_ext/_ops.py's, which torch 2.11's dynamic-shape tracing needs (it fails inside a
+// composite kernel of an op that returns two tensors).
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+  m.impl("lora_linear_forward", &lora_linear_forward_composite);
+  m.impl("lora_linear_indexed", &lora_linear_indexed_composite);
+}
 
 TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);

@@ -29,8 +29,10 @@ def test_fidelity_split_keeps_held_out_text_out_of_training():
     train, held_out, train_data = fidelity.split(data)
     assert held_out == sorted(data)[::4]  # the demo's held-out topics, evaluated as the demo does
     assert set(train) == set(train_data) and not set(train) & set(held_out)
-    # pydoc's "compound" holds "for", "try", "with", ...: such topics go, with their passages
-    assert {"for", "try", "with", "class", "naming"} <= set(data) - set(train) - set(held_out)
+    # pydoc's "compound" holds "for", "try", "with", ...: such topics are not trained on (dropped with their
+    # passages, or held out: which ones, Python's version decides)
+    compound = {"for", "try", "with", "class", "naming"} & set(data)
+    assert len(compound) >= 4 and not compound & set(train)
     seen = {t for n in train for t in (train_data[n][0], *train_data[n][1])}
     seen_sentences = set().union(*(fidelity._sentences(t) for t in seen))
     held = [q for n in held_out for q in data[n][1][:30]]  # retrieval()'s questions

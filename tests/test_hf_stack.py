@@ -314,8 +314,11 @@ def test_config_and_refusals(lm_dir, tmp_path):
 
 def reference_outputs(plain, config, ours, ids, g, dtype, device):
     """Logits and adapter gradients of PEFT's own LoRA layers on `plain` (the same dequantized weights) with
-    ours' adapter values, everything in `dtype`: PEFT's composition in that precision."""
-    ref = peft_model(copy.deepcopy(plain).to(device=device, dtype=dtype), copy.deepcopy(config))
+    ours' adapter values, everything in `dtype`: PEFT's composition in that precision (its adapters too:
+    not cast to float32 as get_peft_model casts them by default, which would compute the adapter terms
+    more precisely than the precision compared)."""
+    base = copy.deepcopy(plain).to(device=device, dtype=dtype)
+    ref = peft.get_peft_model(base, copy.deepcopy(config), autocast_adapter_dtype=False)
     copy_adapters(ours, ref)
     ref.train()
     out = ref(ids).logits
@@ -774,7 +777,8 @@ def test_prepared_save_pretrained_several_adapters_and_refusals(lm_dir, gen, tmp
     prepared = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["prepared"]
     assert prepared["active_adapter"] == "other" and len(prepared["linear4bit"]) == N_LINEARS - 4
     assert prepared["adapters"]["other"]["layers"] == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")).eval()
+    # (on a GPU machine from_pretrained would place it on CUDA, as bitsandbytes' quantizer does)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"), device_map="cpu").eval()
     assert isinstance(back.model.layers[0].self_attn.q_proj, qlora_ext.QLoRALinear)
     assert isinstance(back.model.layers[0].mlp.up_proj, Linear4bit)
     assert back.model.layers[0].self_attn.v_proj.lora_A["other"].weight.dtype == torch.bfloat16

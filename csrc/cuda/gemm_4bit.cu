@@ -145,11 +145,12 @@ PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Te
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                                c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
-                               const GemmConfig* named, int64_t fused_max_m) {
+                               const GemmConfig* named, int64_t fused_max_m, c10::cuda::OptionalCUDAGuard& guard) {
   PreparedGemm g;
   g.op = op;
   g.p = check_gemm_4bit_args(op, false, x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                              nested_blocksize, quant_type, shape, bias);
+  guard.set_device(x.device());  // (after the checks: x may be a CPU tensor beside CUDA ones)
   g.out = at::empty(with_last(x.sizes(), g.p.N), x.options());
   g.M = g.p.K == 0 ? 0 : x.numel() / g.p.K;
   g.done = g.out.numel() == 0 || g.p.K == 0;
@@ -235,9 +236,9 @@ at::Tensor gemm_4bit_forward(const char* op, const at::Tensor& x, const at::Tens
                              int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                              c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias, const GemmConfig* named,
                              int64_t fused_max_m) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
   PreparedGemm g = prepare_gemm_4bit(op, x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                     nested_blocksize, quant_type, shape, bias, named, fused_max_m);
+                                     nested_blocksize, quant_type, shape, bias, named, fused_max_m, guard);
   run_gemm_4bit(g, nullptr, false);
   return g.out;
 }

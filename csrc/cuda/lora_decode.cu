@@ -3,8 +3,8 @@
 // the Punica / S-LoRA "BGMV" idea, here on a 4-bit base).
 //
 // Up to kDecodeMaxRows rows, two kernels and no pass over the output beside the product's own:
-//   1. the shrink kernel: down[m] = s_a * x[m] A_a^T for the row's adapter a, one warp an output, a CTA
-//      a group of 8 of the rank (x's row and A's rows read once, in 16-byte vectors);
+//   1. the shrink kernel: down[m] = s_a * x[m] A_a^T for the row's adapter a, a CTA an output (x's row
+//      and A's rows read in 16-byte vectors);
 //   2. the product's fused kernel (the dispatch's choice, csrc/cuda/gemm_4bit.cu), whose epilogue adds
 //      down[m] . B_a[n] to each output before rounding it (qlora/epilogue.cuh).
 // The product is launched with programmatic stream serialization (sm_90) and the shrink kernel lets
@@ -38,8 +38,10 @@ namespace {
 // weight's bytes: the adapter's extra reads (A once, r values of B an output) are a few percent of
 // it. Above, the composite form's adapter products run on cuBLAS's tensor cores.
 constexpr int64_t kDecodeMaxRows = 16;
-// The shrink kernel's CTA: a warp an output of the rank, 8 outputs.
-constexpr int kShrinkWarps = 8;
+// The shrink kernel's CTA: one output down[m, j], K split over its threads. (A warp an output left
+// too few loads in flight: on K = 28672 the kernel outlasted the product it overlaps, 67 against 48 us
+// at M = 1, r = 16 on the H200, lora-decode-h200-2026-12-06-bf679d3.json.)
+constexpr int kShrinkThreads = 256;
 // lora_linear_indexed's scalings travel in the shrink kernel's parameters.
 constexpr int kMaxFusedAdapters = 64;
 
@@ -48,34 +50,42 @@ struct AdapterScalings {
 };
 
 // down[m, j] = scale * sum_k x[m, k] A[a, j, k] (float32, rounded once), a = index[m] (or 0),
-// scale = scalings.v[a] where scaled (else 1); a row of adapter -1 gets zeros. Grid (r / 8, M).
+// scale = scalings.v[a] where scaled (else 1); a row of adapter -1 gets zeros. Grid (r, M).
 template <typename T>
-__global__ void __launch_bounds__(kShrinkWarps * 32)
+__global__ void __launch_bounds__(kShrinkThreads)
     lora_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const int64_t* __restrict__ index,
                        int64_t adapters, const AdapterScalings scalings, bool scaled, int64_t K, int r,
                        T* __restrict__ down) {
   start_next_grid();  // the product streams its weight meanwhile
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __shared__ float warp_sums[kShrinkThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t m = blockIdx.y;
-  const int j = blockIdx.x * kShrinkWarps + warp;
-  if (j >= r) return;
+  const int j = blockIdx.x;
   int64_t a = 0;
   if (index != nullptr) {
     a = index[m];
     CUDA_KERNEL_ASSERT(a >= -1 && a < adapters && "adapter_index out of range");
     if (a < 0 || a >= adapters) {  // (the second only where device asserts are compiled out)
-      if (lane == 0) down[m * r + j] = from_float<T>(0.f);
-      return;
+      if (tid == 0) down[m * r + j] = from_float<T>(0.f);
+      return;  // (the whole CTA: one row)
     }
   }
   const uint4* xr = reinterpret_cast<const uint4*>(x + m * K);
   const uint4* ar = reinterpret_cast<const uint4*>(A + (a * r + j) * K);
   float acc = 0.f;
 #pragma unroll 4
-  for (int64_t i = lane; i < K / 8; i += 32) acc = dot8<T>(__ldg(xr + i), __ldg(ar + i), acc);
+  for (int64_t i = tid; i < K / 8; i += kShrinkThreads) acc = dot8<T>(__ldg(xr + i), __ldg(ar + i), acc);
+  // Added in a fixed order (the same bits run to run): within each warp, then the warps in turn.
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);  // a fixed order: the same bits
-  if (lane == 0) down[m * r + j] = from_float<T>(scaled ? scalings.v[a] * acc : acc);
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (tid == 0) {
+    float sum = warp_sums[0];
+#pragma unroll
+    for (int w = 1; w < kShrinkThreads / 32; ++w) sum += warp_sums[w];
+    down[m * r + j] = from_float<T>(scaled ? scalings.v[a] * sum : sum);
+  }
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
@@ -95,15 +105,15 @@ at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dty
 void launch_shrink(const PreparedGemm& g, const at::Tensor& A, const at::Tensor& index, const AdapterScalings& s,
                    bool scaled, at::Tensor& down) {
   const int64_t r = down.size(1);
-  const dim3 grid(static_cast<unsigned>(r / kShrinkWarps), static_cast<unsigned>(g.M));
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(g.M));
   const int64_t adapters = A.dim() == 3 ? A.size(0) : 1;
   const int64_t* index_ptr = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
   if (g.x2.scalar_type() == at::kHalf) {
-    lora_shrink_kernel<__half><<<grid, kShrinkWarps * 32, 0, g.stream>>>(
+    lora_shrink_kernel<__half><<<grid, kShrinkThreads, 0, g.stream>>>(
         reinterpret_cast<const __half*>(g.x2.const_data_ptr()), reinterpret_cast<const __half*>(A.const_data_ptr()),
         index_ptr, adapters, s, scaled, g.p.K, static_cast<int>(r), reinterpret_cast<__half*>(down.data_ptr()));
   } else {
-    lora_shrink_kernel<__nv_bfloat16><<<grid, kShrinkWarps * 32, 0, g.stream>>>(
+    lora_shrink_kernel<__nv_bfloat16><<<grid, kShrinkThreads, 0, g.stream>>>(
         reinterpret_cast<const __nv_bfloat16*>(g.x2.const_data_ptr()),
         reinterpret_cast<const __nv_bfloat16*>(A.const_data_ptr()), index_ptr, adapters, s, scaled, g.p.K,
         static_cast<int>(r), reinterpret_cast<__nv_bfloat16*>(down.data_ptr()));
@@ -148,11 +158,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cuda(
   check_lora_linear_args("lora_linear", x, shape, lora_A, lora_B, scaling, dropout_p, seed);
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
   if (dropout_p > 0.0 || !decode_applies(x, K, lora_A.size(0))) return composite();
-  const c10::cuda::CUDAGuard guard(x.device());
   // Everything the two kernels read is made before the first of them is launched (FusedGemm's
   // after_previous).
+  c10::cuda::OptionalCUDAGuard guard;
   PreparedGemm g = prepare_gemm_4bit("lora_linear", x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                     nested_blocksize, quant_type, shape, bias, nullptr, -1);
+                                     nested_blocksize, quant_type, shape, bias, nullptr, -1, guard);
   if (!g.fused()) return composite();
   const at::Tensor A = in_dtype(lora_A, x.scalar_type()), B = in_dtype(lora_B, x.scalar_type());
   if (!aligned16(g.x2) || !aligned16(A) || !aligned16(B)) return composite();
@@ -179,9 +189,9 @@ at::Tensor lora_linear_indexed_cuda(const at::Tensor& x, const at::Tensor& packe
   const int64_t adapters = check_lora_linear_indexed_args(x, shape, lora_A, lora_B, scaling, adapter_index);
   const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
   if (adapters > kMaxFusedAdapters || !decode_applies(x, K, lora_A.size(1))) return composite();
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
   PreparedGemm g = prepare_gemm_4bit("lora_linear_indexed", x, packed, absmax, nested_absmax, nested_code, offset,
-                                     blocksize, nested_blocksize, quant_type, shape, bias, nullptr, -1);
+                                     blocksize, nested_blocksize, quant_type, shape, bias, nullptr, -1, guard);
   if (!g.fused()) return composite();
   const at::Tensor A = in_dtype(lora_A, x.scalar_type()), B = in_dtype(lora_B, x.scalar_type());
   const at::Tensor index = adapter_index.reshape({g.M}).contiguous();

@@ -1,6 +1,7 @@
 """Fake (meta) kernels of the ``torch.ops.qlora`` ops: output shapes and dtypes without data, for
 ``torch.compile``, ``torch.library.opcheck`` and meta tensors. The schemas are in csrc/ops.cpp."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -102,8 +103,26 @@ def _lora_dropout_add_fake(base, x, seed, p):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-# qlora::lora_linear is built from the ops above (a CompositeExplicitAutograd kernel, csrc/lora.cpp):
-# its fake kernel is that composition run on fake tensors.
+# qlora::lora_linear is built from the ops above and lora_linear_forward (a CompositeExplicitAutograd
+# kernel, csrc/lora.cpp): its fake kernel is that composition run on fake tensors.
+
+
+@torch.library.register_fake("qlora::lora_linear_forward")
+def _lora_linear_forward_fake(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias,
+    lora_A, lora_B, scaling, dropout_p, seed,
+):  # fmt: skip
+    op = "lora_linear"
+    torch._check(len(shape) == 2, lambda: f"{op}: the weight's shape must be 2-D, got {list(shape)}")
+    n, k = shape
+    torch._check(x.shape[-1] == k, lambda: f"{op}: x has {x.shape[-1]} in its last dimension, the weight needs {k}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"{op}: lora_A must have shape [r, {k}]")
+    torch._check(
+        lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == lora_A.shape[0],
+        lambda: f"{op}: lora_B must have shape [{n}, r]",
+    )
+    y = x.new_empty(_gemm_shape(x, shape, False))
+    return y, x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
 
 
 @torch.library.register_fake("qlora::lora_linear_indexed")
@@ -122,5 +141,5 @@ def _lora_linear_indexed_fake(
     )
     torch._check(len(scaling) == lora_A.shape[0], lambda: f"{op}: scaling must have one value an adapter")
     torch._check(adapter_index.dtype == torch.int64, lambda: f"{op}: adapter_index must be int64")
-    torch._check(adapter_index.numel() == x.numel() // k if k else True, lambda: f"{op}: one adapter_index a row")
+    torch._check(adapter_index.numel() == math.prod(x.shape[:-1]), lambda: f"{op}: one adapter_index a row of x")
     return x.new_empty(_gemm_shape(x, shape, False))

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -149,15 +150,16 @@ struct PreparedGemm {
   bool fused() const { return config != nullptr && config->kernel != GemmKernel::kDequantizeCublas; }
 };
 
-// Checks gemm_4bit's arguments and prepares the product, launching nothing but what makes the
-// operands contiguous (a caller may launch a kernel between this and run_gemm_4bit, for the
-// product to overlap). named, fused_max_m: as _gemm_4bit_with (null, -1: the dispatch's choice).
+// Checks gemm_4bit's arguments, then sets `guard` to x's device and prepares the product, launching
+// nothing but what makes the operands contiguous (a caller may launch a kernel between this and
+// run_gemm_4bit, for the product to overlap). named, fused_max_m: as _gemm_4bit_with (null, -1: the
+// dispatch's choice).
 PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
                                c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias,
-                               const GemmConfig* named, int64_t fused_max_m);
+                               const GemmConfig* named, int64_t fused_max_m, c10::cuda::OptionalCUDAGuard& guard);
 
 // Launches the prepared product into g.out, with `lora`'s term in a fused kernel's epilogue and,
 // where after_previous, overlapping the kernel launched just before (FusedGemm). Returns whether
