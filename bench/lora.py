@@ -20,7 +20,8 @@ already there), the activations kept for backward included, in steady state; per
 the first steps left allocated (qlora_ext's dequantization workspace of the large-M products, one a
 device and stream, shared by every layer of a model).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
-layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2.
+layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2; also
+"qlora_ext_composed", the layer as three launches (gemm_4bit, x A^T, addmm): the decode kernels' baseline.
 mode "mixed": 16 rows (a decode batch of 16 sequences) on 16 different adapters, lora_linear_indexed
 (PEFT's adapter_names in one call), against the same rows on one adapter (qlora_ext's layer op), in
 CUDA graphs as decode: "time_vs_one_adapter" (target <= 1.2).
@@ -107,6 +108,21 @@ def build(impl: str, n: int, k: int, r: int, p: float, w: torch.Tensor, bias: to
         base = base.to(device)  # bitsandbytes quantizes on .to()
     base.requires_grad_(False)
     return peft_layer(base, r, p, A, B, loaded_in_4bit=impl == "bitsandbytes_peft")
+
+
+class ComposedDecode(nn.Module):
+    """qlora_ext's layer as it ran before the decode kernels (csrc/cuda/lora_decode.cu): gemm_4bit, x A^T
+    on cuBLAS, the up-projection accumulated into the output (addmm), three launches; the decode path's
+    baseline in the same run (impl "qlora_ext_composed", decode only)."""
+
+    def __init__(self, layer: QLoRALinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, A, B = self.layer.base_layer, *adapters(self.layer)
+        y = F.gemm_4bit(x, base.weight, base._state(), base.bias)
+        return y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A.t(), B.t(), alpha=2.0).view(y.shape)
 
 
 def adapters(layer):
@@ -402,10 +418,12 @@ def main() -> None:
                 x = torch.randn(1, k, device=dev, generator=gen).to(torch.bfloat16)
                 yref = x.double() @ w.double().T + bias.double() + scaling * (x.double() @ A.double().T) @ B.double().T
                 graphs, errs, layers = {}, {}, {}
-                for impl in impls:
+                for impl in impls + (["qlora_ext_composed"] if "qlora_ext" in impls else []):
                     per_copy = 2 * n * k if impl == "torch_bf16" else w4_bytes
                     copies = common.rotations(per_copy) if dev == "cuda" else 2
                     layers[impl] = [build(impl, n, k, r, 0.0, w, bias, A, B, bnb).eval() for _ in range(copies)]
+                    if impl == "qlora_ext_composed":
+                        layers[impl] = [ComposedDecode(layer) for layer in layers[impl]]
                     with torch.no_grad():
                         errs[impl] = rel_err(layers[impl][0](x), yref)
                         if not errs[impl] < MAX_REL_ERR:
@@ -435,7 +453,7 @@ def main() -> None:
                         "floor_ms": round(floor, 5), "of_floor": round(floor / ms, 3),
                     }  # fmt: skip
                     if impl == "qlora_ext":
-                        for other in ("torch_bf16", "bitsandbytes_peft"):
+                        for other in ("torch_bf16", "bitsandbytes_peft", "qlora_ext_composed"):
                             if other in timed:
                                 row[f"speedup_vs_{other}"] = round(timed[other] / ms, 3)
                     rows.append(row)

@@ -41,7 +41,7 @@ def test_fidelity_split_keeps_held_out_text_out_of_training():
     # the demo's own split trains on a good part of them: the filter is needed
     demo_train = [n for n in sorted(data) if n not in held_out]
     demo_seen = {q for n in demo_train for q in data[n][1]}
-    assert sum(q in demo_seen for q in held) > 40
+    assert sum(q in demo_seen for q in held) > 20  # (35 of Python 3.12's pydoc topics, more of 3.11's)
     assert sum(len(q) for _, q in train_data.values()) > 1400  # most of the training questions remain
 
 
