@@ -21,7 +21,7 @@ import torch.distributed as dist
 import qlora_ext
 from qlora_ext.nn import Linear4bit
 
-from helpers import SEED, one_thread, tiny_llama, tiny_lm_dir
+from helpers import FSDP_SHARDS_INTEGERS, SEED, one_thread, requires_fsdp_integers, tiny_llama, tiny_lm_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -239,6 +239,23 @@ def test_ddp_matches_one_process(path, lm_dir, tmp_path):
     assert_matches_one_process(results, reference(path, seed, lm_dir))
 
 
+def old_torch_fsdp_worker(rank: int, path: str, seed: int, lm_dir: str) -> dict:
+    model = build(path, seed, lm_dir)
+    try:
+        fully_shard_model(model)
+        return {"error": "no error"}
+    except RuntimeError as e:
+        return {"error": str(e)}
+
+
+@pytest.mark.skipif(FSDP_SHARDS_INTEGERS, reason="this torch's fully_shard shards uint8 parameters")
+def test_fully_shard_on_a_torch_that_cannot_names_the_cause(lm_dir, tmp_path):
+    results = spawn(old_torch_fsdp_worker, tmp_path, PATHS[0], SEED % 2**31, lm_dir)
+    for r in results:
+        assert "cannot shard integer parameters" in r["error"] and "pytorch/pytorch#177844" in r["error"], r
+
+
+@requires_fsdp_integers
 @pytest.mark.parametrize(
     "path, checkpointing",
     [(PATHS[0], False), (PATHS[1], False), (PATHS[0], True)],

@@ -81,9 +81,18 @@ def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = 
     if not layers:
         raise ValueError("layers must name at least one module to shard")
     prepare_fsdp(model)
-    for layer in layers:
-        fully_shard(layer, **fsdp_kwargs)
-    fully_shard(model, **fsdp_kwargs)
+    try:
+        for layer in layers:
+            fully_shard(layer, **fsdp_kwargs)
+        fully_shard(model, **fsdp_kwargs)
+    except RuntimeError as e:
+        if "only Tensors of floating point dtype can require gradients" not in str(e):
+            raise
+        raise RuntimeError(
+            f"torch {torch.__version__}'s fully_shard cannot shard integer parameters (it makes every sharded "
+            "parameter require grad: pytorch/pytorch#177844, fixed after torch 2.11), and the 4-bit layers' codes "
+            "and scales are uint8; use a newer torch for FSDP2, or DDP"
+        ) from e
     return model
 
 
