@@ -106,33 +106,29 @@ def copy_adapters(src, dst):
             p.copy_(mine[name].to(p.dtype))
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The calls of torch.ops.qlora.lora_linear (its dropout probability each), as functional.lora_linear
-    makes them."""
+def spied(monkeypatch, name: str, record) -> list:
+    """What record(args) gives for each call of functional's op `name` (F._<op>_op) as functional makes it."""
     calls = []
-    op = F._lora_linear_op
+    op = getattr(F, name)
 
     def spy(*args):
-        calls.append(args[-2])
+        calls.append(record(args))
         return op(*args)
 
-    monkeypatch.setattr(F, "_lora_linear_op", spy)
+    monkeypatch.setattr(F, name, spy)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The calls of torch.ops.qlora.lora_linear (its dropout probability each)."""
+    return spied(monkeypatch, "_lora_linear_op", lambda args: args[-2])
 
 
 @pytest.fixture
 def indexed_calls(monkeypatch):
     """The calls of torch.ops.qlora.lora_linear_indexed (the adapter index of each)."""
-    calls = []
-    op = F._lora_linear_indexed_op
-
-    def spy(*args):
-        calls.append(args[-1])
-        return op(*args)
-
-    monkeypatch.setattr(F, "_lora_linear_indexed_op", spy)
-    return calls
+    return spied(monkeypatch, "_lora_linear_indexed_op", lambda args: args[-1])
 
 
 def fused_nodes(out: torch.Tensor) -> int:

@@ -24,13 +24,10 @@
 // scheduler's 16K registers (168 a thread with 11 or 12 warps, 96 with 18 to 20).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 
 #include "qlora/epilogue.cuh"
 #include "qlora/gemm_4bit_cuda.h"
@@ -464,17 +461,7 @@ void launch_gemm_ws(const WsConfig& c, const FusedGemm& g) {
 // The kernels' body exists only in sm_90 code: a build whose list lacks 9.0 has the 8.0 PTX's,
 // a trap, for the driver to compile. (Every instantiation has the same targets: one tells.)
 bool ws_kernels_have_sm90_code(int device) {
-  static std::mutex mutex;
-  static std::map<int, bool> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, gemm_4bit_ws_kernel<__nv_bfloat16, true, 1, 8, 2>));
-    it = cache.emplace(device, attr.ptxVersion >= 90).first;
-  }
-  return it->second;
+  return runs_sm90_code(reinterpret_cast<const void*>(gemm_4bit_ws_kernel<__nv_bfloat16, true, 1, 8, 2>), device);
 }
 
 }  // namespace qlora::cuda

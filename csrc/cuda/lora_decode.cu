@@ -20,8 +20,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -30,6 +28,7 @@
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/half_convert.cuh"
 #include "qlora/lora.h"
+#include "qlora/occupancy.h"
 
 namespace qlora::cuda {
 namespace {
@@ -121,28 +120,17 @@ void launch_shrink(const PreparedGemm& g, const at::Tensor& A, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the build runs sm_90 code on `device`: the instructions of programmatic dependent launch
-// exist only there. (A build without 9.x runs an older target's PTX on an H100, where the product
-// would read down without waiting for it.) Every kernel of the build has the same targets, and the
-// warp-specialized and wgmma kernels are only picked where their sm_90 / sm_90a code exists.
-bool runs_sm90_code(int device) {
-  static std::mutex mutex;
-  static std::map<int, bool> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, lora_shrink_kernel<__nv_bfloat16>));
-    it = cache.emplace(device, attr.ptxVersion >= 90).first;
-  }
-  return it->second;
+// Programmatic dependent launch's instructions exist only in sm_90 code: without it (a build whose
+// targets lack 9.x, on an H100) the product would read down without waiting for it. Every kernel of
+// the build has the same targets, and the warp-specialized and wgmma kernels are only picked where
+// their sm_90 / sm_90a code exists: the shrink kernel tells.
+bool overlap_allowed(const PreparedGemm& g) {
+  return g.gpu.major >= 9 &&
+         runs_sm90_code(reinterpret_cast<const void*>(lora_shrink_kernel<__nv_bfloat16>), g.x2.get_device());
 }
 
 // The product of `g` with `term` in its epilogue, overlapping the shrink kernel just launched.
-bool run_with_term(PreparedGemm& g, const LoraTerm& term) {
-  return run_gemm_4bit(g, &term, g.gpu.major >= 9 && runs_sm90_code(g.x2.get_device()));
-}
+bool run_with_term(PreparedGemm& g, const LoraTerm& term) { return run_gemm_4bit(g, &term, overlap_allowed(g)); }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cuda(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,

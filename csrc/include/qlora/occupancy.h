@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace qlora::cuda {
 
@@ -21,6 +22,27 @@ struct DeviceLimits {
   int sms;
 };
 DeviceLimits device_limits(int device);
+
+// Whether `kernel` runs sm_90 code on `device`: its PTX version (a build whose targets lack 9.x runs an
+// older target's PTX there, compiled by the driver). Cached by kernel and device.
+inline bool runs_sm90_code(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int current = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&current));
+    C10_CUDA_CHECK(cudaSetDevice(device));
+    cudaFuncAttributes attr{};
+    const cudaError_t status = cudaFuncGetAttributes(&attr, kernel);
+    C10_CUDA_CHECK(cudaSetDevice(current));
+    C10_CUDA_CHECK(status);
+    it = cache.emplace(key, attr.ptxVersion >= 90).first;
+  }
+  return it->second;
+}
 
 // CTAs of `kernel` that one SM of `device` holds at once with `threads` threads and `smem` bytes of
 // dynamic shared memory; 0 where its shared memory does not fit a block. The kernel's dynamic
