@@ -49,6 +49,14 @@ def _dequantize_4bit_fake(
     return packed.new_empty(shape, dtype=dtype)
 
 
+def _weight_dims(op: str, x: torch.Tensor, shape: Sequence[int]):
+    """(out_features, in_features) of the weight's `shape`, checked against x's last dimension."""
+    torch._check(len(shape) == 2, lambda: f"{op}: the weight's shape must be 2-D, got {list(shape)}")
+    n, k = shape
+    torch._check(x.shape[-1] == k, lambda: f"{op}: x has {x.shape[-1]} in its last dimension, the weight needs {k}")
+    return n, k
+
+
 def _gemm_shape(x: torch.Tensor, shape: Sequence[int], transposed: bool):
     n, k = shape
     return (*x.shape[:-1], k if transposed else n)
@@ -58,11 +66,7 @@ def _gemm_shape(x: torch.Tensor, shape: Sequence[int], transposed: bool):
 def _gemm_4bit_fake(
     x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, bias
 ):
-    torch._check(len(shape) == 2, lambda: f"gemm_4bit: the weight's shape must be 2-D, got {list(shape)}")
-    torch._check(
-        x.shape[-1] == shape[1],
-        lambda: f"gemm_4bit: x has {x.shape[-1]} in its last dimension, the weight needs {shape[1]}",
-    )
+    _weight_dims("gemm_4bit", x, shape)
     return x.new_empty(_gemm_shape(x, shape, False))
 
 
@@ -113,9 +117,7 @@ def _lora_linear_forward_fake(
     lora_A, lora_B, scaling, dropout_p, seed,
 ):  # fmt: skip
     op = "lora_linear"
-    torch._check(len(shape) == 2, lambda: f"{op}: the weight's shape must be 2-D, got {list(shape)}")
-    n, k = shape
-    torch._check(x.shape[-1] == k, lambda: f"{op}: x has {x.shape[-1]} in its last dimension, the weight needs {k}")
+    n, k = _weight_dims(op, x, shape)
     torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"{op}: lora_A must have shape [r, {k}]")
     torch._check(
         lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == lora_A.shape[0],
@@ -131,9 +133,7 @@ def _lora_linear_indexed_fake(
     lora_A, lora_B, scaling, adapter_index,
 ):  # fmt: skip
     op = "lora_linear_indexed"
-    torch._check(len(shape) == 2, lambda: f"{op}: the weight's shape must be 2-D, got {list(shape)}")
-    n, k = shape
-    torch._check(x.shape[-1] == k, lambda: f"{op}: x has {x.shape[-1]} in its last dimension, the weight needs {k}")
+    n, k = _weight_dims(op, x, shape)
     torch._check(lora_A.dim() == 3 and lora_A.shape[2] == k, lambda: f"{op}: lora_A must have shape [adapters, r, {k}]")
     torch._check(
         lora_B.dim() == 3 and tuple(lora_B.shape) == (lora_A.shape[0], n, lora_A.shape[1]),
