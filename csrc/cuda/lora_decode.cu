@@ -33,9 +33,10 @@
 namespace qlora::cuda {
 namespace {
 
-// Up to 16 rows the fused kernels read the weight once for all rows and the product's time is the
-// weight's bytes: the adapter's extra reads (A once, r values of B an output) are a few percent of
-// it. Above, the composite form's adapter products run on cuBLAS's tensor cores.
+// Up to 16 rows the fused kernels read the weight once for all rows, and the adapter's products are
+// a matrix-vector product each (A, then r values of B an output); above, they are matrix products,
+// cuBLAS's. (Where within these rows the epilogue's loads cost more than the composite form's two
+// launches, r = 64 on large N on b2b4217's H100 run, is docs/perf/lora-decode.md's open question.)
 constexpr int64_t kDecodeMaxRows = 16;
 // The shrink kernel's CTA: one output down[m, j], K split over its threads. (A warp an output left
 // too few loads in flight: on K = 28672 the kernel outlasted the product it overlaps, 67 against 48 us
