@@ -270,18 +270,20 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
                                            float* __restrict__ partial) {
   // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
   if (partial != nullptr && epi.lora_down != nullptr) wait_for_previous_grid();
+  with_lora_term(epi, [&](auto lora) {
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) {
-    const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
-    const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
-    if (row < N && tok < M) {
-      if (partial != nullptr) {
-        partial[(t.split * M + tok) * N + row] = acc[i];
-      } else {
-        out[tok * N + row] = finish_output(acc[i], epi, tok, row, N);
+    for (int i = 0; i < BN / 2; ++i) {
+      const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
+      const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
+      if (row < N && tok < M) {
+        if (partial != nullptr) {
+          partial[(t.split * M + tok) * N + row] = acc[i];
+        } else {
+          out[tok * N + row] = finish_output<decltype(lora)::value>(acc[i], epi, tok, row, N);
+        }
       }
     }
-  }
+  });
 }
 
 // Runs stage(j, a, previous) for the split's stages, the two A-fragment sets alternating (the

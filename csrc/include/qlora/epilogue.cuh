@@ -76,15 +76,29 @@ __device__ __forceinline__ float lora_up(const Epilogue<T>& e, int64_t tok, int6
 }
 
 // Output (tok, row) of the product, v its float32 sum: plus the bias, plus the adapter term, rounded.
-// (__fadd_rn: never contracted, the same bits whichever kernel or split path computed v.)
-template <typename T>
+// (__fadd_rn: never contracted, the same bits whichever kernel or split path computed v.) LORA false:
+// the caller has found that e has no adapter term (with_lora_term), and no code of it is emitted.
+template <bool LORA = true, typename T>
 __device__ __forceinline__ T finish_output(float v, const Epilogue<T>& e, int64_t tok, int64_t row, int64_t N) {
   if (e.bias != nullptr) v = __fadd_rn(v, to_float(e.bias[row]));
-  if (e.lora_down != nullptr) {
+  if (LORA && e.lora_down != nullptr) {
     wait_for_previous_grid();  // down is the previous kernel's
     v = __fadd_rn(v, __fmul_rn(e.scaling, lora_up(e, tok, row, N)));
   }
   return from_float<T>(v);
+}
+
+// Runs store(lora) once, lora a std::bool_constant: whether e has an adapter term. For a tile's
+// stores unrolled over many outputs: with the adapter's code inlined between every two stores (jumped
+// over where there is no adapter), the 256-token wgmma kernel grew from 6.7k to 36.6k instructions and
+// the products ran up to 2x slower at M = 64-256 (docs/perf/lora-decode.md).
+template <typename T, typename Store>
+__device__ __forceinline__ void with_lora_term(const Epilogue<T>& e, Store&& store) {
+  if (e.lora_down != nullptr) {
+    store(std::true_type{});
+  } else {
+    store(std::false_type{});
+  }
 }
 
 }  // namespace qlora::cuda
