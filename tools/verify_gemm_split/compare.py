@@ -1,6 +1,8 @@
 """dump TAG: run the default gemm_4bit over a grid of cases with this PYTHONPATH's build, saving the
 outputs and the launched kernels (name, grid, block, shared memory, registers) under /tmp/dump_TAG.
-compare: the two dumps, bit for bit and launch for launch."""
+compare: the two dumps, bit for bit and launch for launch. times TAG: each kernel's median time (us,
+torch.profiler) in the default gemm_4bit of a few bf16 cases, under /tmp/times_TAG.json; compare_times:
+the two builds' times side by side (which kernel of a product got slower)."""
 
 import glob
 import json
@@ -128,5 +130,52 @@ def compare():
     )
 
 
+TIMED = [(11008, 4096, 64), (11008, 4096, 128), (4096, 11008, 256), (8192, 8192, 256), (4096, 4096, 128)]
+
+
+def times(tag, reps=50):
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_ext import functional as F
+
+    result = {}
+    for n, k, m in TIMED:
+        g = torch.Generator().manual_seed(n + k)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).cuda()
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+        for _ in range(10):
+            F.gemm_4bit(x, packed, state)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                F.gemm_4bit(x, packed, state)
+            torch.cuda.synchronize()
+        trace = f"/tmp/trace_times_{tag}.json"
+        prof.export_chrome_trace(trace)
+        by_kernel = {}
+        for e in json.load(open(trace))["traceEvents"]:
+            if e.get("cat") == "kernel":
+                short = e["name"].split("(")[0].replace("void ", "").replace("qlora::cuda::(anonymous namespace)::", "")
+                by_kernel.setdefault(short, []).append(e["dur"])
+        result[f"{n}x{k} M={m}"] = {name: sorted(d)[len(d) // 2] for name, d in by_kernel.items()}
+    json.dump(result, open(f"/tmp/times_{tag}.json", "w"), indent=1)
+    print(tag, "timed", len(result), "cases", flush=True)
+
+
+def compare_times():
+    a, b = (json.load(open(f"/tmp/times_{t}.json")) for t in ("orig", "new"))
+    for case in a:
+        for name in sorted(set(a[case]) | set(b[case])):
+            ta, tb = a[case].get(name), b[case].get(name)
+            ratio = f"{tb / ta:.3f}" if ta and tb else "-"
+            print(f"{case:22s} {name[:70]:70s} orig {ta} us, new {tb} us, new/orig {ratio}")
+
+
 if __name__ == "__main__":
-    dump(sys.argv[2]) if sys.argv[1] == "dump" else compare()
+    {
+        "dump": lambda: dump(sys.argv[2]),
+        "compare": compare,
+        "times": lambda: times(sys.argv[2]),
+        "compare_times": compare_times,
+    }[sys.argv[1]]()

@@ -8,7 +8,8 @@
 #   there: bash tools/verify_gemm_split/run1.sh
 # GEMM_BENCH=1 then times both builds' products (bench/gemm.py --ops gemm, bitsandbytes left out) one
 # after the other on the same GPU: gemm-orig.json and gemm-new.json under OUT (the split is to be within
-# 3% of the original on every row).
+# 3% of the original on every row). KERNEL_TIMES=1 then times each kernel of a few products in both
+# builds (torch.profiler): kernel-times.txt under OUT.
 set -u
 export TORCH_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
@@ -44,5 +45,11 @@ print(f"{len(worst)} rows; new / orig time: min {worst[0][0]:.3f}, max {worst[-1
 for ratio, k in worst[-5:]:
     print(f"  {ratio:.3f} {k}")
 PY
+fi
+if [ -n "${KERNEL_TIMES:-}" ]; then  # which kernel of a product changed its time
+  for tag in orig new; do
+    PYTHONPATH=$root/build/site-$tag timeout 120 python3 tools/verify_gemm_split/compare.py times $tag 2>&1 | tail -1
+  done
+  python3 tools/verify_gemm_split/compare.py compare_times | tee "$OUT/kernel-times.txt"
 fi
 echo "total: $(( $(date +%s) - t0 )) s"
