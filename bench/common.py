@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -22,6 +23,19 @@ LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672
 # Inputs are rotated over at least this many bytes so that no timed call is served from the
 # H200's 60 MiB L2.
 ROTATE_BYTES = 512 * 2**20
+
+
+def parse_args(ap: argparse.ArgumentParser, quick: dict[str, object], argv: Sequence[str] | None = None):
+    """ap's arguments plus --quick: the benchmark's quick form, `quick`'s values in place of the
+    defaults (an argument given on the command line still wins). The quick form is what a GPU
+    session runs first, beside the whole test suite: every path of the benchmark, checked and timed
+    on fewer shapes and iterations, to show that nothing broke or slowed before anything is tuned."""
+    given = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in quick.items())
+    ap.add_argument("--quick", action="store_true", help=f"the quick form: {given}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quick" in argv:
+        ap.set_defaults(**quick)
+    return ap.parse_args(argv)
 
 
 def rotations(bytes_per_input: int, at_least: int = 2) -> int:

@@ -411,7 +411,7 @@ def main() -> None:
     ap.add_argument("--profile-run", default="1x2048", help="the BATCHxSEQ run profiled")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --models tiny")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3})
     device = torch.device(args.device)
     impls = args.impls.split(",")
     for impl in impls:

@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time both paths at medium M (op gemm_path)")
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (no gemm / gemm_t rows)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = common.parse_args(ap, {"ms": "1,16,64,256,1024"})
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms_list = [int(m) for m in args.ms.split(",")]
     ops = args.ops.split(",")

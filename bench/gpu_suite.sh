@@ -8,8 +8,11 @@
 # Writes build.log, pytest.log, junit.xml, gpu-tests.md and the benchmark JSON (quantize.json,
 # gemm.json, lora.json, e2e.json) under OUTDIR. BENCH="quantize gemm lora e2e"
 # picks the benchmarks (BENCH= none; the default leaves out e2e), GEMM_ARGS / LORA_ARGS / E2E_ARGS are
-# bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none); SKIP_TESTS=1 skips
-# the tests; PROFILE=1 adds an ncu profile. TEST_TIMEOUT / TEST_CASE_TIMEOUT / BENCH_TIMEOUT bound the
+# bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none). QUICK=1 runs every
+# benchmark, e2e too, in its quick form (--quick: what a session's first calls run, beside the whole
+# suite). SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile. TEST_WORKERS: the suite's
+# processes (default 8 on a machine of 16 cores or more, else 4), each given an equal share of the
+# cores for its CPU threads. TEST_TIMEOUT / TEST_CASE_TIMEOUT / BENCH_TIMEOUT bound the
 # suite, one test and one benchmark (s), CALL_BUDGET the whole. The build targets TORCH_CUDA_ARCH_LIST
 # where it is set, else the visible GPU (9.0 becomes 9.0a, as CMakeLists.txt does).
 # Results are committed renamed under bench/results/ (see bench/results/MANIFEST.md).
@@ -59,13 +62,18 @@ echo "build: $(( $(date +%s) - t0 )) s"
 [ $# -gt 0 ] || set -- tests
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_CASE_TIMEOUT:-180}" --timeout-method thread)
-cmd="python3 -m pytest -q -rfE -n 4 --junitxml=$out/junit.xml $*"
+cores=$(nproc)
+workers=${TEST_WORKERS:-$([ "$cores" -ge 16 ] && echo 8 || echo 4)}
+cmd="python3 -m pytest -q -rfE -n $workers --junitxml=$out/junit.xml $*"
 t1=$(date +%s)
 rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
 limit=$(bounded "${TEST_TIMEOUT:-420}")
 [ $(( $(left) - 20 )) -ge 30 ] || { echo "tests: only $(left) s left of the call after the build; run again (the build is kept)"; exit 1; }
-timeout -s INT -k 15 "$limit" python3 -m pytest -q -rfE -n 4 "${per_test[@]}" \
+# Each process's torch would start a thread a core: 8 processes on 16 cores would then run 128
+# threads that wait on one another.
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))} \
+timeout -s INT -k 15 "$limit" python3 -m pytest -q -rfE -n "$workers" "${per_test[@]}" \
   --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40
@@ -102,14 +110,18 @@ bench_run() {
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "$1: cut short after $limit s (exit $rc)"
   return $rc
 }
-for b in ${BENCH-quantize gemm lora}; do
+quick=()
+[ -n "${QUICK:-}" ] && quick=(--quick) && GEMM_ARGS=${GEMM_ARGS-}
+default_bench="quantize gemm lora"
+[ -n "${QUICK:-}" ] && default_bench="quantize gemm lora e2e"
+for b in ${BENCH-$default_bench}; do
   case $b in
-    quantize) bench_run bench/quantize.py --out "$out/quantize.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
-    gemm) bench_run bench/gemm.py ${GEMM_ARGS---sweep} --out "$out/gemm.json" > "$out/bench-gemm.log" 2>&1
+    quantize) bench_run bench/quantize.py "${quick[@]}" --out "$out/quantize.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
+    gemm) bench_run bench/gemm.py "${quick[@]}" ${GEMM_ARGS---sweep} --out "$out/gemm.json" > "$out/bench-gemm.log" 2>&1
           grep -v "^wrote" "$out/bench-gemm.log" | tail -100 ;;
-    lora) bench_run bench/lora.py ${LORA_ARGS-} --out "$out/lora.json" > "$out/bench-lora.log" 2>&1
+    lora) bench_run bench/lora.py "${quick[@]}" ${LORA_ARGS-} --out "$out/lora.json" > "$out/bench-lora.log" 2>&1
           grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
-    e2e) bench_run bench/e2e.py ${E2E_ARGS-} --out "$out/e2e.json" > "$out/bench-e2e.log" 2>&1
+    e2e) bench_run bench/e2e.py "${quick[@]}" ${E2E_ARGS-} --out "$out/e2e.json" > "$out/bench-e2e.log" 2>&1
          grep -v "^wrote" "$out/bench-e2e.log" | tail -30 ;;
   esac
 done

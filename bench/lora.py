@@ -315,7 +315,16 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (no GPU numbers)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = common.parse_args(
+        ap,
+        {
+            "shapes": "4096x4096,28672x8192",
+            "ranks": "16",
+            "dropouts": "0.05",
+            "iters": 10,
+            "modes": "train,decode,mixed",
+        },
+    )
     dev = args.device
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]

@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float16")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None, help="results JSON (bench/results/...)")
-    args = ap.parse_args()
+    args = common.parse_args(ap, {"shapes": "4096x4096,28672x8192", "iters": 10})
     device = args.device
     if device == "cuda" and not qlora_ext.cuda_kernels_available():
         raise SystemExit("this build of qlora_ext has no CUDA kernels")
