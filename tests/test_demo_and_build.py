@@ -1,7 +1,12 @@
 """The build has the kernels it should, and the main job runs."""
 
+import argparse
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +53,29 @@ def test_fine_tuning_demo_runs(capsys, tmp_path, device):
     assert result["diff"] == 0
     # NF4 keeps the fp32 model's retrieval within a few questions in a hundred
     assert abs(result["quantized"][1] - result["before"][1]) < 0.05, result
+
+
+def test_every_benchmark_has_a_quick_form():
+    """The quick form a GPU session runs first (bench/gpu_suite.sh QUICK=1): each benchmark takes
+    --quick, whose values replace the defaults and give way to an argument given."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    spec = importlib.util.spec_from_file_location("bench_common", bench / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+
+    def parser():
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--iters", type=int, default=30)
+        ap.add_argument("--shapes", default="all")
+        return ap
+
+    quick = {"iters": 5, "shapes": "4096x4096"}
+    assert vars(common.parse_args(parser(), quick, [])) == {"iters": 30, "shapes": "all", "quick": False}
+    assert vars(common.parse_args(parser(), quick, ["--quick"])) == {"iters": 5, "shapes": "4096x4096", "quick": True}
+    assert common.parse_args(parser(), quick, ["--quick", "--iters", "30"]).iters == 30
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for name in ("quantize", "gemm", "lora", "e2e"):
+        done = subprocess.run([sys.executable, str(bench / f"{name}.py"), "--help"], capture_output=True, text=True,
+                              env=env, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "--quick" in done.stdout and "the quick form: --" in " ".join(done.stdout.split()), name
