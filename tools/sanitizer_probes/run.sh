@@ -1,12 +1,12 @@
 #!/bin/bash
 # On the GPU machine (a few seconds): racecheck on the fence-and-atomic reduction of gemm_4bit_ws.cu
-# alone and on a barrier control (atomic_reduction.cu); initcheck on a cuBLAS product copied to the
+# alone, on a barrier control and on an mbarrier alternative (atomic_reduction.cu); initcheck on a cuBLAS product copied to the
 # host and on a control (initcheck_cublas.py). Delete this folder once its answers are recorded in
 # bench/results/tests/ and acted on.
 set -u
 cd "$(dirname "$0")"
 nvcc -arch=sm_90a -lineinfo -o /tmp/racecheck_probe atomic_reduction.cu || exit 1
-for k in barrier atomic; do
+for k in barrier atomic mbarrier; do
   /tmp/racecheck_probe "$k"
   compute-sanitizer --tool racecheck --print-limit 5 /tmp/racecheck_probe "$k" 2>&1 | grep -E "Race|hazard|RACECHECK SUMMARY|ERROR SUMMARY|wrong" | head -8
 done
