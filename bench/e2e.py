@@ -22,7 +22,8 @@ would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtype
 every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
 every implementation: torch's AdamW, or bitsandbytes' AdamW8bit, PagedAdamW8bit, PagedAdamW32bit
 (paged states live in CUDA managed memory, which torch's peak does not count: their bytes are
-reported beside it as paged_gib).
+reported beside it as paged_gib), or torchao's AdamW8bit (torchao_adamw_8bit; it compiles its step
+during the warm-up steps).
 
 Correctness first: the loss of the same tokens at the first step (B = 0, so the quantized base) must
 agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
@@ -40,6 +41,7 @@ import argparse
 import functools
 import gc
 import hashlib
+import importlib
 import math
 import re
 import statistics
@@ -70,12 +72,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# --optims: torch's AdamW, or the bitsandbytes class of that name (lr 1e-4 for all).
+# --optims: torch's AdamW, or (module, class) of bitsandbytes' optimizers and torchao's 8-bit AdamW
+# (lr 1e-4 for all): the two 8-bit AdamWs that the CLI's --optim adamw_8bit could be built on.
 OPTIMS = {
     "adamw": None,
-    "adamw_8bit": "AdamW8bit",
-    "paged_adamw_8bit": "PagedAdamW8bit",
-    "paged_adamw_32bit": "PagedAdamW32bit",
+    "adamw_8bit": ("bitsandbytes.optim", "AdamW8bit"),
+    "paged_adamw_8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
+    "paged_adamw_32bit": ("bitsandbytes.optim", "PagedAdamW32bit"),
+    "torchao_adamw_8bit": ("torchao.optim", "AdamW8bit"),
 }
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)
 
@@ -284,9 +288,8 @@ def profile_step(step, label: str) -> str:
 def make_optimizer(name: str, params: list, lr: float = 1e-4):
     if OPTIMS[name] is None:
         return torch.optim.AdamW(params, lr=lr)
-    import bitsandbytes as bnb
-
-    return getattr(bnb.optim, OPTIMS[name])(params, lr=lr)
+    module, cls = OPTIMS[name]
+    return getattr(importlib.import_module(module), cls)(params, lr=lr)
 
 
 def paged_gib(optimizer) -> float:
