@@ -30,10 +30,13 @@ def parse_args(ap: argparse.ArgumentParser, quick: dict[str, object], argv: Sequ
     defaults (an argument given on the command line still wins). The quick form is what a GPU
     session runs first, beside the whole test suite: every path of the benchmark, checked and timed
     on fewer shapes and iterations, to show that nothing broke or slowed before anything is tuned."""
+    unknown = set(quick) - {action.dest for action in ap._actions}
+    if unknown:  # set_defaults would take a misspelt name silently, as a new attribute
+        raise ValueError(f"quick form: {sorted(unknown)} are not arguments of this benchmark")
     given = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in quick.items())
     ap.add_argument("--quick", action="store_true", help=f"the quick form: {given}")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--quick" in argv:
+    if ap.parse_known_args(argv)[0].quick:  # as argparse reads it: "--qu" is --quick too
         ap.set_defaults(**quick)
     return ap.parse_args(argv)
 

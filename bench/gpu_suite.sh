@@ -55,7 +55,7 @@ if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.lo
 fi
 grep -m1 "qlora_ext: building" "$out/build.log"
 echo "build: $(( $(date +%s) - t0 )) s"
-# Up to 4 processes share the GPU; a worker that crashes is reported and replaced, not fatal.
+# TEST_WORKERS processes share the GPU; a worker that crashes is reported and replaced, not fatal.
 # A device call ends at 600 s: a hung test must not take the whole call and its junit.xml with it.
 # TEST_TIMEOUT bounds the suite (SIGINT, so pytest still writes its summary and junit.xml) and,
 # where pytest-timeout is installed, TEST_CASE_TIMEOUT each test.
@@ -64,6 +64,7 @@ per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_CASE_TIMEOUT:-180}" --timeout-method thread)
 cores=$(nproc)
 workers=${TEST_WORKERS:-$([ "$cores" -ge 16 ] && echo 8 || echo 4)}
+[[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "TEST_WORKERS must be a positive number of processes, got '$workers'"; exit 2; }
 cmd="python3 -m pytest -q -rfE -n $workers --junitxml=$out/junit.xml $*"
 t1=$(date +%s)
 rc=0

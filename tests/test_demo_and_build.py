@@ -73,6 +73,9 @@ def test_every_benchmark_has_a_quick_form():
     assert vars(common.parse_args(parser(), quick, [])) == {"iters": 30, "shapes": "all", "quick": False}
     assert vars(common.parse_args(parser(), quick, ["--quick"])) == {"iters": 5, "shapes": "4096x4096", "quick": True}
     assert common.parse_args(parser(), quick, ["--quick", "--iters", "30"]).iters == 30
+    assert common.parse_args(parser(), quick, ["--qu"]).iters == 5  # argparse's prefix of --quick
+    with pytest.raises(ValueError, match="iter"):
+        common.parse_args(parser(), {"iter": 5}, ["--quick"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for name in ("quantize", "gemm", "lora", "e2e"):
         done = subprocess.run([sys.executable, str(bench / f"{name}.py"), "--help"], capture_output=True, text=True,

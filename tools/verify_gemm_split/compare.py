@@ -156,7 +156,8 @@ def times(tag, reps=50):
         by_kernel = {}
         for e in json.load(open(trace))["traceEvents"]:
             if e.get("cat") == "kernel":
-                short = e["name"].split("(")[0].replace("void ", "").replace("qlora::cuda::(anonymous namespace)::", "")
+                name = e["name"].replace("qlora::cuda::(anonymous namespace)::", "").replace("void ", "")
+                short = name.split("(")[0]  # the kernel and its template arguments
                 by_kernel.setdefault(short, []).append(e["dur"])
         result[f"{n}x{k} M={m}"] = {name: sorted(d)[len(d) // 2] for name, d in by_kernel.items()}
     json.dump(result, open(f"/tmp/times_{tag}.json", "w"), indent=1)

@@ -47,6 +47,7 @@ for ratio, k in worst[-5:]:
 PY
 fi
 if [ -n "${KERNEL_TIMES:-}" ]; then  # which kernel of a product changed its time
+  rm -f /tmp/times_orig.json /tmp/times_new.json  # a warm machine's last run must not stand in for a failed one
   for tag in orig new; do
     PYTHONPATH=$root/build/site-$tag timeout 120 python3 tools/verify_gemm_split/compare.py times $tag 2>&1 | tail -1
   done
