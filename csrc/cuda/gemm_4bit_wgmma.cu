@@ -268,21 +268,24 @@ template <typename T, int BN>
 __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int c, int64_t M,
                                            int64_t N, const Epilogue<T>& epi, T* __restrict__ out,
                                            float* __restrict__ partial) {
-  // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
-  if (partial != nullptr && epi.lora_down != nullptr) wait_for_previous_grid();
-  with_lora_term(epi, [&](auto lora) {
+  const auto each_output = [&](auto&& store) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
       const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
       const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
-      if (row < N && tok < M) {
-        if (partial != nullptr) {
-          partial[(t.split * M + tok) * N + row] = acc[i];
-        } else {
-          out[tok * N + row] = finish_output<decltype(lora)::value>(acc[i], epi, tok, row, N);
-        }
-      }
+      if (row < N && tok < M) store(i, tok, row);
     }
+  };
+  if (partial != nullptr) {
+    // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
+    if (epi.lora_down != nullptr) wait_for_previous_grid();
+    each_output([&](int i, int64_t tok, int64_t row) { partial[(t.split * M + tok) * N + row] = acc[i]; });
+    return;
+  }
+  with_lora_term(epi, [&](auto lora) {
+    each_output([&](int i, int64_t tok, int64_t row) {
+      out[tok * N + row] = finish_output<decltype(lora)::value>(acc[i], epi, tok, row, N);
+    });
   });
 }
 
@@ -652,11 +655,19 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
 template <typename T>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
                                   const Epilogue<T> epi, T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
-    float v = partial[i];
-    for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
-    out[i] = finish_output(v, epi, i / N, i % N, N);
-  }
+  // The output's token and row cost two 64-bit divisions an element: made only where the epilogue
+  // reads them (without them the kernel runs at the speed of its loads; with them, up to 1.9x slower).
+  with_lora_term(epi, [&](auto lora) {
+    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
+      float v = partial[i];
+      for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
+      if constexpr (decltype(lora)::value) {
+        out[i] = finish_output<true>(v, epi, i / N, i % N, N);
+      } else {
+        out[i] = finish_output<false>(v, epi, 0, epi.bias != nullptr ? i % N : 0, N);
+      }
+    }
+  });
 }
 
 // The number of K splits: the fewest that keep the CTA slots of the GPU busy (a split count whose
