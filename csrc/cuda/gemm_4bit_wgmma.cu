@@ -651,23 +651,22 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
 #endif
 }
 
-// out = the sum of the splits' partial sums, in split order, finished (finish_output).
-template <typename T>
+// out = the sum of the splits' partial sums, in split order, finished (finish_output). LORA: whether
+// the epilogue has an adapter term, a kernel of its own: its code takes 42 registers against 32
+// without, and at 42 only 6 of the 8 blocks an SM is given fit at once: a second wave. The output's
+// token and row, two 64-bit divisions an element, are made only where read.
+template <typename T, bool LORA>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
                                   const Epilogue<T> epi, T* __restrict__ out) {
-  // The output's token and row cost two 64-bit divisions an element: made only where the epilogue
-  // reads them (without them the kernel runs at the speed of its loads; with them, up to 1.9x slower).
-  with_lora_term(epi, [&](auto lora) {
-    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
-      float v = partial[i];
-      for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
-      if constexpr (decltype(lora)::value) {
-        out[i] = finish_output<true>(v, epi, i / N, i % N, N);
-      } else {
-        out[i] = finish_output<false>(v, epi, 0, epi.bias != nullptr ? i % N : 0, N);
-      }
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
+    float v = partial[i];
+    for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
+    if constexpr (LORA) {
+      out[i] = finish_output<true>(v, epi, i / N, i % N, N);
+    } else {
+      out[i] = finish_output<false>(v, epi, 0, epi.bias != nullptr ? i % N : 0, N);
     }
-  });
+  }
 }
 
 // The number of K splits: the fewest that keep the CTA slots of the GPU busy (a split count whose
@@ -778,7 +777,8 @@ bool launch(const FusedGemm& g) {
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
-    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
+    const auto add_splits = epi.lora_down != nullptr ? add_splits_kernel<T, true> : add_splits_kernel<T, false>;
+    add_splits<<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
         part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
