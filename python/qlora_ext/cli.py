@@ -361,7 +361,7 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
             micro += 1
             if micro % args.grad_accum:
                 continue
-            grad_norm = ranks.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
+            grad_norm = ranks.clip_grad_norm(trainable, args.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step is taken with
             optimizer.step()
             scheduler.step()

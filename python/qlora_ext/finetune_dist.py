@@ -199,10 +199,20 @@ class Ranks:
             torch.distributed.all_reduce(t, op)
         return t.cpu()
 
-    @staticmethod
-    def grad_norm(norm: torch.Tensor) -> float:
-        """clip_grad_norm_'s total norm as a number: under FSDP2 a replicated DTensor (not collective)."""
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """clip_grad_norm_'s clipping and total norm, the same bits as one process's. Under FSDP2 the norm
+        is taken of the whole gradients, gathered (the adapters': small): torch's own sums the squares of
+        each rank's shard first, an order of additions that one process does not share, and its norm, so
+        the clipping factor and every clipped gradient, could differ from one process's in the last bit.
+        Each rank then scales its own shard by that factor."""
+        if self.mode != "fsdp":
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([g.full_tensor() for g in grads], 2.0)
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grads_with_norm_ computes it
+        for g in grads:
+            g.to_local().mul_(factor)
+        return float(total)
 
     # -----------------------------------------------------------------------------------------
     # checkpoints
