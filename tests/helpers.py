@@ -158,6 +158,22 @@ def make_weight(n, k, device, gen, dtype=torch.bfloat16, blocksize=64, quant_typ
     return packed, state
 
 
+# Under compute-sanitizer (bench/sanitize.sh sets QLORA_SANITIZER) CUPTI cannot subscribe, so the
+# profiler-based checks of which kernel ran are left to the plain GPU run.
+CAN_PROFILE = not os.environ.get("QLORA_SANITIZER")
+
+
+def cuda_kernels_launched(fn, *args) -> list[str]:
+    """The names of the CUDA kernels fn(*args) launches (torch.profiler), so that a test can tell a
+    fused kernel from the fallback it would silently take."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def make_input(shape, dtype, device, gen):
     # Activations: unit Gaussians with a few large channels, as in transformer layers.
     x = torch.randn(shape, generator=gen)

@@ -4,8 +4,6 @@ torch.compile and CUDA graphs, and on bad input."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,10 +11,12 @@ from qlora_ext import _C, functional as F
 from qlora_ext.quant_state import QuantState
 
 from helpers import (
+    CAN_PROFILE,
     DEVICES,
     GEMM_PATHS,
     assert_close_to_reference,
     assert_each_raises,
+    cuda_kernels_launched,
     gemm_on_path,
     make_input,
     make_weight,
@@ -126,22 +126,6 @@ def test_unknown_config_is_an_error(gen):
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="no configuration named 'variant 9'"):
             F._gemm_4bit_with(x.cuda(), packed.cuda(), state.to("cuda"), "variant 9")
-
-
-# Under compute-sanitizer (bench/sanitize.sh sets QLORA_SANITIZER) CUPTI cannot subscribe, so the
-# profiler-based checks of which kernel ran are left to the plain GPU run.
-CAN_PROFILE = not os.environ.get("QLORA_SANITIZER")
-
-
-def cuda_kernels_launched(fn, *args) -> list[str]:
-    """The names of the CUDA kernels fn(*args) launches (torch.profiler), so that a test can tell a
-    fused kernel from the fallback it would silently take."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(*args)
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 @requires_cuda

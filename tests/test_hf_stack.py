@@ -324,15 +324,21 @@ def reference_outputs(plain, config, ours, ids, g, dtype, device):
 
 def assert_within_twice_peft_error(ours, low, exact, what):
     """Ours against float64 within twice PEFT's error in the working precision, plus a floor of four units
-    in the last place of that precision, both over the whole tensor (the norm of the difference against
-    the norm of the exact value). The op's own tests bound the largest element's error; here the tensors
-    come out of a whole model's forward and backward, where one element's error in bf16 is the extreme of
-    many roundings upstream, as likely ours as PEFT's: layer 0's lora_A gradient, the end of the whole
-    backward, measured 2.3x and 2.6x PEFT's largest on two GPUs while other data passed."""
-    err = (ours.double() - exact.double()).norm().item()
-    ref_err = (low.double() - exact.double()).norm().item()
-    floor = 4 * torch.finfo(low.dtype).eps * exact.double().norm().item()
-    assert err <= 2 * ref_err + floor, f"{what}: error {err:.3g} vs PEFT's {ref_err:.3g} (floor {floor:.3g})"
+    in the last place of that precision: for the largest element's error in float32 (the CPU). In bf16
+    (CUDA) the tensors come out of a whole model's forward and backward, where one element's error is
+    the extreme of many roundings upstream, as likely ours as PEFT's (layer 0's lora_A gradient, the end
+    of the whole backward, measured 2.3x and 2.6x PEFT's largest on two GPUs while other data passed):
+    there the bound is on the error of the whole tensor (the norm of the difference, the floor scaled by
+    the norm of the exact value), and the largest element's error within four times PEFT's."""
+    diff, ref_diff = (ours.double() - exact.double()).abs(), (low.double() - exact.double()).abs()
+    eps, largest = torch.finfo(low.dtype).eps, exact.double().abs().max().item()
+    err, ref_err = diff.max().item(), ref_diff.max().item()
+    factor = 2 if low.dtype == torch.float32 else 4
+    assert err <= factor * ref_err + 4 * eps * largest, f"{what}: largest error {err:.3g} vs PEFT's {ref_err:.3g}"
+    if low.dtype != torch.float32:
+        err, ref_err = diff.norm().item(), ref_diff.norm().item()
+        floor = 4 * eps * exact.double().norm().item()
+        assert err <= 2 * ref_err + floor, f"{what}: error norm {err:.3g} vs PEFT's {ref_err:.3g} (floor {floor:.3g})"
 
 
 def assert_close_in_precision(got, want, msg=None):
@@ -439,7 +445,7 @@ def test_peft_composition_where_the_fused_op_does_not_apply(lm_dir, gen, fused_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_adapter_batch(lm_dir, gen, device, indexed_calls):
     """adapter_names: one lora_linear_indexed call a layer, PEFT's result (its composition on the same
-    layers, within twice PEFT's error against float64 on CUDA's bf16), adapters of two ranks, the new
+    layers, within the two roundings' difference: assert_close_in_precision), adapters of two ranks, the new
     values of an adapter changed through .data (as PEFT's hotswap changes them) and of one added later;
     PEFT's composition where gradients are wanted."""
     base = load(lm_dir, device)

@@ -13,14 +13,17 @@ import torch
 from qlora_ext import functional as F
 
 from helpers import (
+    CAN_PROFILE,
     DEVICES,
     Layer,
     assert_bits_equal,
     assert_each_raises,
     assert_within_twice_the_reference_error,
+    cuda_kernels_launched,
     make_input,
     ours_outputs,
     reference_outputs,
+    requires_cuda,
 )
 
 # (n, k, r): small weights (the stream kernel on sm_90), N not a multiple of 16, K = 8192 (the
@@ -50,6 +53,26 @@ def test_decode_layer_forward_and_gradients(gen, device, dtype, m, n, k, r):
     )  # fmt: skip
     assert_bits_equal(y, layer(x))
     torch.testing.assert_close(down, torch.ops.qlora.lora_down(x, layer.A, None, 0.0), rtol=2**-7, atol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_decode_with_k_split(gen):
+    """12 rows on 8192x28672, bf16: a weight too long-rowed for the warp-specialized kernel's 32-row
+    tiles and too few 128-row tiles to fill the GPU, so the decode product is the wgmma kernel with K
+    split, and the adapter term is added by add_splits_kernel's adapter variant (on sm_90a)."""
+    n, k, m = 8192, 28672, 12
+    layer = Layer(n, k, 16, "cuda", gen)
+    x = make_input((m, k), torch.bfloat16, "cuda", gen) * 0.5
+    g = make_input((m, n), torch.bfloat16, "cuda", gen)
+    ours = ours_outputs(layer, x, g, 0.0, None)
+    low = reference_outputs(layer, x, g, 0.0, None, torch.bfloat16)
+    exact = reference_outputs(layer, x, g, 0.0, None, torch.float64)
+    assert_within_twice_the_reference_error(ours, low, exact, ["y", "dx", "dA", "dB", "dbias"])
+    if CAN_PROFILE and torch.cuda.get_device_capability() == (9, 0):
+        names = cuda_kernels_launched(layer, x)
+        assert any("gemm_4bit_wgmma_tma_kernel" in n for n in names), names
+        assert any("add_splits_kernel" in n and "true>" in n for n in names), names
 
 
 class Adapters:
