@@ -653,7 +653,7 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
 
 // out = the sum of the splits' partial sums, in split order, finished (finish_output). LORA: whether
 // the epilogue has an adapter term, a kernel of its own: its code takes 42 registers against 32
-// without, and at 42 only 6 of the 8 blocks an SM is given fit at once: a second wave. The output's
+// without, and at 42 only 5 of the 8 blocks an SM is given fit at once: a second wave. The output's
 // token and row, two 64-bit divisions an element, are made only where read.
 template <typename T, bool LORA>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
