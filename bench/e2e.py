@@ -29,7 +29,9 @@ Correctness first: the loss of the same tokens at the first step (B = 0, so the 
 agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
 (forward, backward, optimizer step) after 3 warm-up steps, tokens/s, and the peak allocated memory of
 the process (weights included). Rows: op "e2e", impl, model, batch, seq, adapter_dtype, tok_per_s,
-peak_gib, step_s. --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
+peak_gib, step_s, host_s (the median time until the step's Python returned, before the wait for the
+GPU: near step_s, the host's launches bound the step, unless the step itself waits for the GPU, as
+a .item() does). --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
 for each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
 --profile FILE writes, per implementation, the GPU time of one step kernel by kernel
 (torch.profiler) and the step's wall time against the GPU's busy time.
@@ -344,22 +346,23 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run)
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, host = [], []
         for _ in range(steps):
             sync()
             t = time.perf_counter()
             step()
+            host.append(time.perf_counter() - t)
             sync()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        step_s = statistics.median(times)
+        step_s, host_s = statistics.median(times), statistics.median(host)
         n = batch * seq
         paged = paged_gib(optimizer)
         results[(batch, seq)] = dict(
-            first_loss=first, step_s=step_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
+            first_loss=first, step_s=step_s, host_s=host_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
         )
         print(f"{impl:20s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
-              f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s, peak {peak or 0:.2f} GiB"
+              f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s (host {host_s:.3f}), peak {peak or 0:.2f} GiB"
               f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
             profile_text = profile_step(
@@ -452,7 +455,7 @@ def main() -> None:
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
                                  "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
-                                 "step_s": round(r["step_s"], 5),
+                                 "step_s": round(r["step_s"], 5), "host_s": round(r["host_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip
