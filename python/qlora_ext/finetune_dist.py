@@ -200,11 +200,11 @@ class Ranks:
         return t.cpu()
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        """clip_grad_norm_'s clipping and total norm, the same bits as one process's. Under FSDP2 the norm
-        is taken of the whole gradients, gathered (the adapters': small): torch's own sums the squares of
-        each rank's shard first, an order of additions that one process does not share, and its norm, so
-        the clipping factor and every clipped gradient, could differ from one process's in the last bit.
-        Each rank then scales its own shard by that factor."""
+        """clip_grad_norm_'s clipping, returning the total norm, with the same bits as one process. Under
+        FSDP2 torch's clip_grad_norm_ adds up each rank's shard first, an order of additions one process
+        does not share: its norm, and with it the clipping factor and every clipped gradient, could differ
+        from one process's in the last bit. So the norm is taken here of the whole gradients, gathered
+        (the adapters': small), and each rank scales its own shard by the factor."""
         if self.mode != "fsdp":
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         grads = [p.grad for p in params if p.grad is not None]
