@@ -112,9 +112,10 @@ bench_run() {
   return $rc
 }
 quick=()
-[ -n "${QUICK:-}" ] && quick=(--quick) && GEMM_ARGS=${GEMM_ARGS-}
 default_bench="quantize gemm lora"
-[ -n "${QUICK:-}" ] && default_bench="quantize gemm lora e2e"
+if [ -n "${QUICK:-}" ]; then  # gemm's quick form replaces the default --sweep; e2e joins
+  quick=(--quick) GEMM_ARGS=${GEMM_ARGS-} default_bench="$default_bench e2e"
+fi
 for b in ${BENCH-$default_bench}; do
   case $b in
     quantize) bench_run bench/quantize.py "${quick[@]}" --out "$out/quantize.json" 2>&1 | tee "$out/bench-quantize.log" | tail -30 ;;
