@@ -268,21 +268,24 @@ template <typename T, int BN>
 __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int c, int64_t M,
                                            int64_t N, const Epilogue<T>& epi, T* __restrict__ out,
                                            float* __restrict__ partial) {
-  // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
-  if (partial != nullptr && epi.lora_down != nullptr) wait_for_previous_grid();
-  with_lora_term(epi, [&](auto lora) {
+  const auto each_output = [&](auto&& store) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
       const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
       const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
-      if (row < N && tok < M) {
-        if (partial != nullptr) {
-          partial[(t.split * M + tok) * N + row] = acc[i];
-        } else {
-          out[tok * N + row] = finish_output<decltype(lora)::value>(acc[i], epi, tok, row, N);
-        }
-      }
+      if (row < N && tok < M) store(i, tok, row);
     }
+  };
+  if (partial != nullptr) {
+    // Launched to overlap the adapter's down-projection: no write before that kernel has ended.
+    if (epi.lora_down != nullptr) wait_for_previous_grid();
+    each_output([&](int i, int64_t tok, int64_t row) { partial[(t.split * M + tok) * N + row] = acc[i]; });
+    return;
+  }
+  with_lora_term(epi, [&](auto lora) {
+    each_output([&](int i, int64_t tok, int64_t row) {
+      out[tok * N + row] = finish_output<decltype(lora)::value>(acc[i], epi, tok, row, N);
+    });
   });
 }
 
@@ -648,14 +651,21 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
 #endif
 }
 
-// out = the sum of the splits' partial sums, in split order, finished (finish_output).
-template <typename T>
+// out = the sum of the splits' partial sums, in split order, finished (finish_output). LORA: whether
+// the epilogue has an adapter term, a kernel of its own: its code takes 42 registers against 32
+// without, and at 42 only 5 of the 8 blocks an SM is given fit at once: a second wave. The output's
+// token and row, two 64-bit divisions an element, are made only where read.
+template <typename T, bool LORA>
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int64_t N,
                                   const Epilogue<T> epi, T* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
     float v = partial[i];
     for (int s = 1; s < splits; ++s) v = __fadd_rn(v, partial[s * MN + i]);
-    out[i] = finish_output(v, epi, i / N, i % N, N);
+    if constexpr (LORA) {
+      out[i] = finish_output<true>(v, epi, i / N, i % N, N);
+    } else {
+      out[i] = finish_output<false>(v, epi, 0, epi.bias != nullptr ? i % N : 0, N);
+    }
   }
 }
 
@@ -767,7 +777,8 @@ bool launch(const FusedGemm& g) {
   if (used_splits > 1) {
     const int64_t mn = M * p.N;
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
-    add_splits_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
+    const auto add_splits = epi.lora_down != nullptr ? add_splits_kernel<T, true> : add_splits_kernel<T, false>;
+    add_splits<<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
         part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
