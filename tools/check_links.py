@@ -7,7 +7,8 @@
 Without FILE arguments it checks README.md, CONTRIBUTING.md, docs/**/*.md and bench/results/MANIFEST.md.
 
 Run from the project root; exits 1 and lists what is missing. A path is looked up from the project
-root and from the Markdown file's folder. Paths with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
+root and from the Markdown file's folder. A path after a colon (`git show REV:tools/x.sh`: a file in git
+history) is not looked up. Paths with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
 {...}) are skipped.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./{}<>*-]*)")
+PATH = re.compile(r"(?<![\w/.:-])((?:\.\./)*(?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./{}<>*-]*)")
 PLACEHOLDERS = ("DATE", "GPU", "COMMIT", "OUT", "BENCH", "FILE", "<", ">", "*", "{", "}", "...")
 
 
