@@ -11,8 +11,7 @@
 // it start at once: the product streams the weight while the shrink kernel runs, and waits for it
 // only in its epilogue. The composite forms of csrc/lora.cpp take everything else: more rows (the
 // adapter products are then matrix products, cuBLAS's), dropout, the cuBLAS product, ranks or rows
-// that are not whole 16-byte vectors, and one adapter on a weight whose term costs the epilogue more
-// than two launches (epilogue_term_pays).
+// that are not whole 16-byte vectors.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
@@ -36,7 +35,8 @@ namespace {
 
 // Up to 16 rows the fused kernels read the weight once for all rows, and the adapter's products are
 // a matrix-vector product each (A, then r values of B an output); above, they are matrix products,
-// cuBLAS's.
+// cuBLAS's. (Where within these rows the epilogue's loads cost more than the composite form's two
+// launches, r = 64 on large N on b2b4217's H100 run, is docs/perf/lora-decode.md's open question.)
 constexpr int64_t kDecodeMaxRows = 16;
 // The shrink kernel's CTA: one output down[m, j], K split over its threads. (A warp an output left
 // too few loads in flight: on K = 28672 the kernel outlasted the product it overlaps, 67 against 48 us
@@ -99,18 +99,6 @@ bool decode_applies(const at::Tensor& x, int64_t K, int64_t r) {
          K % 8 == 0 && r % 8 == 0;
 }
 
-// Whether one adapter's term pays its way in the product's epilogue, against the composed form (the
-// product, then x A^T and addmm: two more launches). The warp-specialized kernel adds a tile's terms
-// in its last warp, r values of B an output: at M = 1 on the H100 that cost about 20 us per million
-// N * r, the composed form's two launches 10-17 us. The fused form ran at 0.92x the composed form's
-// speed on 11008x4096 r = 64 (N * r = 704,512), 0.95x and 0.81x on 28672x8192 r = 16 and 64, but
-// 1.00x on 8192x28672 and 1.11x on 8192x8192 at r = 64 (N * r = 2^19) and 1.10x on 11008x4096 r = 16
-// (bench/results/lora-h100-2026-12-06-9b97e26.json). Measured at M = 1 only; more rows add to the
-// epilogue's work, not to the composed form's launches.
-constexpr int64_t kMaxEpilogueTermWork = int64_t{1} << 19;  // N * r = 8192 * 64
-constexpr int64_t kMaxEpilogueTermRows = 16384;             // N: between 11008 (fused won) and 28672 (lost)
-bool epilogue_term_pays(int64_t N, int64_t r) { return N <= kMaxEpilogueTermRows && N * r <= kMaxEpilogueTermWork; }
-
 at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 // Launches the shrink kernel of `g`'s rows into down [M, r].
@@ -157,9 +145,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cuda(
                                          seed);
   };
   check_lora_linear_args("lora_linear", x, shape, lora_A, lora_B, scaling, dropout_p, seed);
-  const int64_t N = shape[0].guard_int(__FILE__, __LINE__), K = shape[1].guard_int(__FILE__, __LINE__);
-  const int64_t r = lora_A.size(0);
-  if (dropout_p > 0.0 || !decode_applies(x, K, r) || !epilogue_term_pays(N, r)) return composite();
+  const int64_t K = shape[1].guard_int(__FILE__, __LINE__);
+  if (dropout_p > 0.0 || !decode_applies(x, K, lora_A.size(0))) return composite();
   // Everything the two kernels read is made before the first of them is launched (FusedGemm's
   // after_previous).
   c10::cuda::OptionalCUDAGuard guard;
