@@ -20,7 +20,9 @@ differ in the layers:
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
 would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
 every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
-every implementation: torch's AdamW, or bitsandbytes' AdamW8bit, PagedAdamW8bit, PagedAdamW32bit
+every implementation: torch's AdamW (adamw: its default, the foreach form on CUDA, which makes one
+temporary the size of the adapters in each step; adamw_fused: fused=True, without it, transformers'
+Trainer's default optimizer), or bitsandbytes' AdamW8bit, PagedAdamW8bit, PagedAdamW32bit
 (paged states live in CUDA managed memory, which torch's peak does not count: their bytes are
 reported beside it as paged_gib), or torchao's AdamW8bit (torchao_adamw_8bit; it compiles its step
 during the warm-up steps).
@@ -74,10 +76,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# --optims: torch's AdamW, or (module, class) of bitsandbytes' optimizers and torchao's 8-bit AdamW
-# (lr 1e-4 for all): the two 8-bit AdamWs that the CLI's --optim adamw_8bit could be built on.
+# --optims: torch's AdamW (None; "fused": fused=True), or (module, class) of bitsandbytes' optimizers and
+# torchao's 8-bit AdamW (lr 1e-4 for all): the two 8-bit AdamWs that the CLI's --optim adamw_8bit could
+# be built on.
 OPTIMS = {
     "adamw": None,
+    "adamw_fused": "fused",
     "adamw_8bit": ("bitsandbytes.optim", "AdamW8bit"),
     "paged_adamw_8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
     "paged_adamw_32bit": ("bitsandbytes.optim", "PagedAdamW32bit"),
@@ -290,6 +294,8 @@ def profile_step(step, label: str) -> str:
 def make_optimizer(name: str, params: list, lr: float = 1e-4):
     if OPTIMS[name] is None:
         return torch.optim.AdamW(params, lr=lr)
+    if OPTIMS[name] == "fused":
+        return torch.optim.AdamW(params, lr=lr, fused=True)
     module, cls = OPTIMS[name]
     return getattr(importlib.import_module(module), cls)(params, lr=lr)
 
