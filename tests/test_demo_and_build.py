@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -82,3 +83,22 @@ def test_every_benchmark_has_a_quick_form():
                               env=env, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert "--quick" in done.stdout and "the quick form: --" in " ".join(done.stdout.split()), name
+
+
+def test_ab_compare_matches_rows_by_case(tmp_path, capsys):
+    """bench/ab_compare.py pairs rows that name the same case (never what was measured), divides head's
+    time by base's, and lists the rows that only one run has."""
+    spec = importlib.util.spec_from_file_location("ab_compare", Path(__file__).parents[1] / "bench" / "ab_compare.py")
+    ab_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab_compare)
+    row = dict(op="lora", mode="decode", impl="qlora_ext", n=4096, k=4096, M=1, r=16, dtype="bfloat16")
+    base = [dict(row, ms=0.020, speedup_vs_torch_bf16=1.5), dict(row, r=64, ms=0.030), dict(row, n=11008, ms=0.1)]
+    head = [dict(row, ms=0.015, speedup_vs_torch_bf16=2.0), dict(row, r=64, ms=0.033), dict(row, impl="bf16", ms=1)]
+    for name, rows in (("base", base), ("head", head)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert ab_compare.main([str(tmp_path / "base.json"), str(tmp_path / "head.json")]) == 0
+    out = capsys.readouterr().out
+    assert " 0.750  0.02 -> 0.015  lora " in out and " 1.100  0.03 -> 0.033  lora " in out
+    assert "lora decode qlora_ext: 0.750-1.100 over 2 rows" in out
+    assert "2 rows in one file only" in out
+    assert ab_compare.main([str(tmp_path / "base.json"), str(tmp_path / "head.json"), "--impl", "none"]) == 1
