@@ -2,8 +2,8 @@
 # One idea against the tree before it, in one device call: both trees' extensions built side by side,
 # the same benchmark command run with each in turn on the same GPU, the rows compared.
 #   here:  bash bench/ab.sh prepare REV
-#            REV's tree (bench/results and docs left out) into .ab/base; carry .ab with .device-site
-#            and .device-wheels
+#            what builds REV's extension (bench, docs, tests and tools left out: ~1 MB) into .ab/base;
+#            carry .ab with .device-site and .device-wheels
 #   there: bash bench/ab.sh run OUT CMD...
 #            e.g. bash bench/ab.sh run $OUT python3 bench/lora.py --modes decode --out {OUT}/lora.json
 # CMD runs from this tree both times (the same benchmark script), first with REV's build (PYTHONPATH
@@ -19,7 +19,7 @@ case "$what" in
     rev=${1:?$usage}
     git rev-parse --verify -q "$rev^{commit}" > /dev/null || { echo "ab.sh: $rev names no commit" >&2; exit 2; }
     rm -rf .ab && mkdir -p .ab/base
-    git archive "$rev" | tar -x -C .ab/base --exclude=bench/results --exclude=docs
+    git archive "$rev" | tar -x -C .ab/base --exclude=bench --exclude=docs --exclude=tests --exclude=tools
     git rev-parse --short "$rev" > .ab/base/.ab-rev
     grep -qx "/.ab/" .git/info/exclude 2> /dev/null || echo "/.ab/" >> .git/info/exclude
     echo "ab.sh: .ab/base holds $(cat .ab/base/.ab-rev) ($(du -sh .ab | cut -f1)); carry .ab"
