@@ -9,7 +9,9 @@
 # CMD runs from this tree both times (the same benchmark script), first with REV's build (PYTHONPATH
 # build/ab-base), then with this tree's (build/ab-head); {OUT} in CMD becomes OUT/base, then OUT/head.
 # Then, for each JSON file the two runs wrote, bench/ab_compare.py prints head's time over base's, row
-# by row. The builds target TORCH_CUDA_ARCH_LIST where it is set, else the visible GPU (9.0 -> 9.0a).
+# by row; the peers' rows (cuBLAS's, bitsandbytes') show the pair's noise. The builds target
+# TORCH_CUDA_ARCH_LIST where it is set, else the visible GPU (9.0 -> 9.0a). Exits 1 if a build or a
+# run failed.
 set -uo pipefail
 usage="usage: bash bench/ab.sh prepare REV | bash bench/ab.sh run OUT CMD..."
 what=${1:?$usage}
@@ -25,42 +27,53 @@ case "$what" in
     echo "ab.sh: .ab/base holds $(cat .ab/base/.ab-rev) ($(du -sh .ab | cut -f1)); carry .ab"
     ;;
   run)
-    out=${1:?$usage}
+    [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }
+    mkdir -p "$1" && out=$(cd "$1" && pwd)  # absolute: the base build runs from .ab/base
     shift
-    [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
     [ -f .ab/base/.ab-rev ] || { echo "ab.sh: no .ab/base: run 'bash bench/ab.sh prepare REV' here and carry .ab" >&2; exit 2; }
-    mkdir -p "$out/base" "$out/head"
+    base_rev=$(cat .ab/base/.ab-rev)
     root=$PWD
-    if [ -d .device-wheels ] && [ ! -f .device-py/.stamp ]; then  # as bench/gpu_suite.sh unpacks them
-      mkdir -p .device-py
-      python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('.device-py') for w in sorted(glob.glob('.device-wheels/*.whl'))]" &&
-        ls .device-wheels | sha256sum | cut -c1-16 > .device-py/.stamp
-    fi
+    source "$(dirname "$0")/device_env.sh"  # .device-py, PYTHONPATH, the system g++
     if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
       TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
       [ "$TORCH_CUDA_ARCH_LIST" = "9.0" ] && TORCH_CUDA_ARCH_LIST=9.0a
       export TORCH_CUDA_ARCH_LIST
     fi
-    # The system g++ (see bench/gpu_suite.sh: the image's /opt/gcc links a private libstdc++).
-    [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+    # Fresh targets: pip install --target keeps a package folder that is already there (a warm
+    # machine's last run) and only warns.
+    rm -rf build/ab-base build/ab-head
+    mkdir -p "$out/base" "$out/head"
     t0=$(date +%s)
-    (cd .ab/base && python3 -m pip install -q --no-build-isolation --no-deps --target "$root/build/ab-base" . \
-      > "$out/build-base.log" 2>&1; echo "base ($(cat .ab-rev)) build: exit $?") &
-    (python3 -m pip install -q --no-build-isolation --no-deps --target "$root/build/ab-head" . \
-      > "$out/build-head.log" 2>&1; echo "head build: exit $?") &
-    wait
-    echo "builds: $(( $(date +%s) - t0 )) s"
+    (cd .ab/base && exec python3 -m pip install -q --no-build-isolation --no-deps --target "$root/build/ab-base" .) \
+      > "$out/build-base.log" 2>&1 &
+    base_pid=$!
+    python3 -m pip install -q --no-build-isolation --no-deps --target "$root/build/ab-head" . > "$out/build-head.log" 2>&1 &
+    head_pid=$!
+    wait $base_pid; base_rc=$?
+    wait $head_pid; head_rc=$?
+    echo "builds: base ($base_rev) exit $base_rc, head exit $head_rc, $(( $(date +%s) - t0 )) s"
+    if [ $base_rc -ne 0 ] || [ $head_rc -ne 0 ]; then
+      tail -n 30 "$out/build-base.log" "$out/build-head.log"
+      exit 1
+    fi
+    rc=0
+    head_commit=${QLORA_COMMIT:-}
     for side in base head; do
-      cmd=("${@//\{OUT\}/$out/$side}")
-      PYTHONPATH=$root/build/ab-$side:$root/.device-site:$root/.device-py${PYTHONPATH:+:$PYTHONPATH} "${cmd[@]}" \
-        > "$out/$side.log" 2>&1
-      echo "$side: exit $? ($(tail -1 "$out/$side.log" | cut -c1-120))"
+      cmd=("${@//\{OUT\}/"$out/$side"}")
+      if [ $side = base ]; then export QLORA_COMMIT=$base_rev; else export QLORA_COMMIT=$head_commit; fi
+      [ -n "$QLORA_COMMIT" ] || unset QLORA_COMMIT
+      PYTHONPATH=$root/build/ab-$side:$PYTHONPATH "${cmd[@]}" > "$out/$side.log" 2>&1
+      side_rc=$?
+      echo "$side: exit $side_rc ($(tail -1 "$out/$side.log" | cut -c1-120))"
+      [ $side_rc -eq 0 ] || rc=1
     done
-    for f in "$out"/head/*.json; do
-      [ -f "$f" ] && [ -f "$out/base/$(basename "$f")" ] || continue
-      echo "== $(basename "$f"): head / base"
-      python3 bench/ab_compare.py "$out/base/$(basename "$f")" "$f"
-    done
+    while IFS= read -r -d '' f; do
+      rel=${f#"$out/head/"}
+      [ -f "$out/base/$rel" ] || continue
+      echo "== $rel: head / base"
+      python3 bench/ab_compare.py "$out/base/$rel" "$f" || rc=1
+    done < <(find "$out/head" -name '*.json' -print0 | sort -z)
+    exit $rc
     ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac

@@ -4,8 +4,9 @@ the tree before it, built side by side and run one after the other on the same G
     python3 bench/ab_compare.py BASE.json HEAD.json [--impl qlora_ext]
 
 Rows are matched on what names a case (op, mode, impl, shape, M, r, dtype, ...), never on what was
-measured; a row in one file only is listed apart. The time is `ms` (quantize, gemm, lora) or `step_s`
-(e2e). Prints each matched row's ratio (below 1: head is faster), then the range for each op and mode.
+measured; a row in one file only is listed apart. The time is `ms` (quantize, gemm, lora), `ms_op`
+(lora's adapter products) or `step_s` (e2e). Prints each matched row's ratio (below 1: head is
+faster), then the range for each op, mode and impl.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections import defaultdict
 from typing import Any
 
 # The fields that name a case in the benchmarks' rows (bench/*.py); anything else is a measurement.
-CASE_FIELDS = ("op", "mode", "impl", "model", "n", "k", "M", "batch", "seq", "r", "dropout", "dtype", "quant_type",
-               "dq", "blocksize", "adapter_dtype", "optim")  # fmt: skip
-TIME_FIELDS = ("ms", "step_s")
+CASE_FIELDS = ("op", "mode", "impl", "kernel", "model", "n", "k", "M", "batch", "seq", "r", "adapters", "dropout",
+               "dtype", "quant_type", "dq", "blocksize", "adapter_dtype", "optim")  # fmt: skip
+TIME_FIELDS = ("ms", "ms_op", "step_s")
 
 
 def case(row: dict[str, Any]) -> tuple:
@@ -49,8 +50,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("head")
     ap.add_argument("--impl", help="only rows of this impl (default: all)")
     args = ap.parse_args(argv)
-    base, head = rows_by_case(args.base), rows_by_case(args.head)
-    keep = [c for c in head if c in base and (args.impl is None or dict(c).get("impl") == args.impl)]
+    wanted = lambda c: args.impl is None or dict(c).get("impl") == args.impl  # noqa: E731
+    base = {c: r for c, r in rows_by_case(args.base).items() if wanted(c)}
+    head = {c: r for c, r in rows_by_case(args.head).items() if wanted(c)}
+    keep = [c for c in head if c in base]
     if not keep:
         print("no row of the two files names the same case", file=sys.stderr)
         return 1

@@ -29,26 +29,7 @@ bounded() {  # bounded LIMIT: the smaller of LIMIT and the time left, less 20 s 
   [ "$1" -lt "$l" ] && l=$1
   echo "$l"
 }
-# .device-wheels (bash bench/device-deps.sh, carried zipped): transformers, PEFT, accelerate,
-# safetensors, hypothesis, which the image lacks; unpacked once into .device-py.
-if [ -d .device-wheels ]; then
-  wheels=$(ls .device-wheels | sha256sum | cut -c1-16)
-  if [ "$(cat .device-py/.stamp 2>/dev/null)" != "$wheels" ]; then
-    rm -rf .device-py && mkdir -p .device-py
-    python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('.device-py') for w in sorted(glob.glob('.device-wheels/*.whl'))]" &&
-      echo "$wheels" > .device-py/.stamp
-  fi
-fi
-[ -d .device-wheels ] || echo "note: no .device-wheels (bash bench/device-deps.sh): tests needing transformers / PEFT / hypothesis skip, e2e fails"
-export PYTHONPATH=$PWD/.device-site:$PWD/.device-py${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-# The image's default compiler (/opt/gcc) links libstdc++ statically into shared objects, and that
-# private copy crashes as soon as the extension formats a number (an error message): build with
-# the system g++, whose libstdc++ is the process's.
-if [ -x /usr/bin/g++ ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-  grep -qs "/opt/gcc" build/*/CMakeCache.txt && rm -rf build
-fi
+source "$(dirname "$0")/device_env.sh"  # .device-py, PYTHONPATH, the system g++
 t0=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.log" 2>&1; then
   tail -60 "$out/build.log"; exit 1
