@@ -7,8 +7,9 @@
 Without FILE arguments it checks README.md, CONTRIBUTING.md, docs/**/*.md and bench/results/MANIFEST.md.
 
 Run from the project root; exits 1 and lists what is missing. A path is looked up from the project
-root and from the Markdown file's folder. A path after a colon (`git show REV:tools/x.sh`: a file in git
-history) is not looked up. Paths with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
+root and from the Markdown file's folder. A path that is gone passes where the same file says where
+history keeps it (`git show REV:path`, REV a commit's hex name), and so do the folders above it. Paths
+with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
 {...}) are skipped.
 """
 
@@ -20,7 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-PATH = re.compile(r"(?<![\w/.:-])((?:\.\./)*(?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./{}<>*-]*)")
+PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./{}<>*-]*)")
+# A file in git history: `git show 9b97e26:tools/x.sh`.
+HISTORY = re.compile(r"\b[0-9a-f]{7,40}:((?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./-]*)")
 PLACEHOLDERS = ("DATE", "GPU", "COMMIT", "OUT", "BENCH", "FILE", "<", ">", "*", "{", "}", "...")
 
 
@@ -63,9 +66,12 @@ def check(md: Path) -> list[str]:
             problems.append(f"{md.relative_to(ROOT)}: link {target}: no such file")
         elif anchor and where.suffix == ".md" and anchor not in anchors(where):
             problems.append(f"{md.relative_to(ROOT)}: link {target}: no heading #{anchor}")
+    historic = {h.rstrip(".,;:)") for h in HISTORY.findall(text)}
     for raw in PATH.findall(text):
         token = raw.rstrip(".,;:)")
         if any(p in token for p in PLACEHOLDERS):
+            continue
+        if any(h == token.rstrip("/") or h.startswith(token.rstrip("/") + "/") for h in historic):
             continue
         if not exists(token, md):
             problems.append(f"{md.relative_to(ROOT)}: path {token}: does not exist")
