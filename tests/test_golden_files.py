@@ -1,0 +1,86 @@
+"""Files saved by an earlier version keep loading: tests/data/golden/ holds an adapter (save_adapter), a
+4-bit checkpoint (save_quantized) and a prepared model (save_pretrained) as qlora_ext 0.1.0 wrote them
+(tools/make_golden.py), with the logits each gave. Loaded by today's code, each must give the same
+tensors and logits; saved again, the same files' tensors. (Logits within float32 rounding of a
+different torch build; the tensors to the bit.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qlora_ext
+
+from helpers import assert_bits_equal
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402  (transformers brings safetensors)
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+EXPECTED = load_file(str(GOLDEN / "expected.safetensors"))
+# float32 logits of a two-layer model: the same code on another torch build may round its matrix
+# products differently, never by more than this
+LOGITS = dict(rtol=1e-5, atol=1e-5)
+
+
+def load_base():
+    return transformers.AutoModelForCausalLM.from_pretrained(str(GOLDEN / "base"), device_map="cpu").eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(EXPECTED["ids"]).logits.float()
+
+
+def prepared_base():
+    """The base prepared as make_golden.py prepared it."""
+    lora = qlora_ext.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    return qlora_ext.prepare_model(load_base(), lora, compute_dtype=torch.float32, quantize_others=True,
+                                   progress=False)  # fmt: skip
+
+
+def test_adapter_loads_to_the_same_logits_and_saves_the_same_tensors(tmp_path):
+    model = prepared_base()
+    qlora_ext.load_adapter(model, GOLDEN / "adapter", adapter_name="golden")
+    qlora_ext.set_adapter(model, "golden")
+    torch.testing.assert_close(logits(model), EXPECTED["adapter"], **LOGITS)
+    qlora_ext.save_adapter(model, tmp_path / "again", adapter_name="golden")
+    old = load_file(str(GOLDEN / "adapter" / "adapter_model.safetensors"))
+    new = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert sorted(new) == sorted(old)
+    for key, tensor in old.items():
+        assert_bits_equal(new[key], tensor, what=key)
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    for field in ("r", "lora_alpha", "target_modules", "modules_to_save", "use_rslora", "peft_type"):
+        assert config[field] == json.loads((GOLDEN / "adapter" / "adapter_config.json").read_text())[field], field
+
+
+def test_quantized_checkpoint_loads_the_same_bits_and_saves_them_again(tmp_path):
+    model = prepared_base()
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    qlora_ext.load_quantized(model, GOLDEN / "quantized")
+    old = load_file(str(GOLDEN / "quantized" / "model.safetensors"))
+    written = qlora_ext.save_quantized(model, tmp_path / "again")
+    new = load_file(str(written))
+    assert sorted(new) == sorted(old)
+    for key, tensor in old.items():
+        assert_bits_equal(new[key], tensor, what=key)
+    for key, tensor in before.items():  # the adapters are left as they were
+        assert_bits_equal(model.state_dict()[key], tensor, what=key)
+    # today's quantizer gives the same bits from the same 16-bit weights (lm_head, trained in place as
+    # modules_to_save, had moved before the golden file was written)
+    fresh = qlora_ext.save_quantized(prepared_base(), tmp_path / "fresh")
+    for key, tensor in load_file(str(fresh)).items():
+        if not key.startswith("lm_head."):
+            assert_bits_equal(tensor, old[key], what=key)
+
+
+def test_prepared_model_loads_with_from_pretrained_to_the_same_logits():
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(GOLDEN / "prepared"), device_map="cpu").eval()
+    assert isinstance(model.model.layers[0].self_attn.v_proj, qlora_ext.QLoRALinear)
+    torch.testing.assert_close(logits(model), EXPECTED["prepared_other"], **LOGITS)
+    qlora_ext.set_adapter(model, "default")
+    torch.testing.assert_close(logits(model), EXPECTED["prepared_default"], **LOGITS)

@@ -1,0 +1,97 @@
+"""Writes tests/data/golden/: files as this version of qlora_ext saves them, which every later version
+must keep loading to the same tensors and logits (tests/test_golden_files.py). Run once for a new kind of
+file, never to refresh the existing ones: a file that no longer loads is a broken promise to the users
+who saved it, not a file to regenerate.
+
+    python3 tools/make_golden.py [--out tests/data/golden]
+
+On the CPU, float32 compute, a tiny Llama (tests/helpers.py's tiny_llama, hidden 64, two layers):
+- base/: the 16-bit model as transformers saves it (config.json, model.safetensors);
+- adapter/: save_adapter of a prepared model (r = 4 on q_proj and v_proj, lm_head in modules_to_save,
+  adapters moved off their initial values so that B is not zero);
+- quantized/model.safetensors: save_quantized of that model with quantize_others (4-bit layers in
+  bitsandbytes' keys, adapters left out);
+- prepared/: save_pretrained of that model after add_adapter("other", ...) with "other" active;
+- expected.safetensors: the input ids and the logits each of the above gives: "adapter" (base/ prepared,
+  adapter/ loaded), "prepared_other" and "prepared_default" (prepared/ through from_pretrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import transformers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import qlora_ext  # noqa: E402
+
+from helpers import tiny_llama  # noqa: E402
+
+SEED = 20261206
+ADAPTER = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+OTHER = dict(r=2, lora_alpha=2, target_modules=["v_proj"], use_rslora=True)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float().contiguous()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "golden"))
+    out = Path(ap.parse_args(argv).out)
+    if out.exists():
+        raise SystemExit(f"{out} exists: golden files are written once, never refreshed (see the docstring)")
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(SEED)
+    tiny_llama(SEED % 2**31).save_pretrained(str(out / "base"), safe_serialization=True)
+
+    def load_base():
+        return transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"), device_map="cpu").eval()
+
+    model = qlora_ext.prepare_model(load_base(), qlora_ext.LoraConfig(**ADAPTER), compute_dtype=torch.float32,
+                                    quantize_others=True, progress=False)  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or name == "lm_head.weight":
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.eval()
+    ids = torch.randint(0, 96, (2, 11), generator=gen)
+    expected = {"ids": ids, "adapter": logits(model, ids)}
+    qlora_ext.save_adapter(model, out / "adapter")
+    qlora_ext.save_quantized(model, out / "quantized")
+    qlora_ext.add_adapter(model, "other", qlora_ext.LoraConfig(**OTHER))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name and ".other." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    qlora_ext.set_adapter(model, "other")
+    expected["prepared_other"] = logits(model, ids)
+    model.save_pretrained(str(out / "prepared"))
+    qlora_ext.set_adapter(model, "default")
+    expected["prepared_default"] = logits(model, ids)
+    save_file(expected, str(out / "expected.safetensors"), metadata={"format": "pt"})
+    (out / "README.md").write_text(
+        "Files as qlora_ext " + qlora_ext.__version__ + " saved them (`python3 tools/make_golden.py`), which "
+        "tests/test_golden_files.py loads: never regenerate them.\n"
+    )
+    for junk in out.rglob("generation_config.json"):
+        junk.unlink()  # transformers' default, not ours
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    print(json.dumps(sizes, indent=1), f"\ntotal {sum(sizes.values())} bytes")
+    shutil.rmtree(out / "__pycache__", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
