@@ -7,6 +7,7 @@ different torch build; the tensors to the bit.)"""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,29 @@ def test_prepared_model_loads_with_from_pretrained_to_the_same_logits():
     torch.testing.assert_close(logits(model), EXPECTED["prepared_other"], **LOGITS)
     qlora_ext.set_adapter(model, "default")
     torch.testing.assert_close(logits(model), EXPECTED["prepared_default"], **LOGITS)
+
+
+def test_cli_checkpoint_resumes_to_the_run_it_was_part_of(tmp_path, monkeypatch):
+    """The CLI's checkpoint-2 of a 4-step run (make_golden.py's CLI_ARGS), resumed by today's CLI,
+    ends where today's uninterrupted run of the same command ends, to the bit; and near where the run
+    that wrote it ended. (Another torch build may round a gradient element near zero the other way,
+    and Adam's first steps then move that weight by about 2 lr = 2e-2: the median difference of a
+    tensor must stay far below lr, as a resume without the optimizer's state would not.)"""
+    from safetensors.torch import load_file
+
+    from qlora_ext import cli
+
+    args = ["finetune", "--model", "tests/data/golden/base", "--data", "tests/data/golden/cli/train.jsonl",
+            "--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+            "--lr", "1e-2", "--device", "cpu", "--quiet"]  # fmt: skip
+    monkeypatch.chdir(GOLDEN.parents[2])  # the run recorded --model as given, from the repository's root
+    shutil.copytree(GOLDEN / "cli" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert cli.main([*args, "--output", str(tmp_path / "resumed")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "fresh")]) == 0
+    resumed = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    fresh = load_file(str(tmp_path / "fresh" / "adapter_model.safetensors"))
+    then = load_file(str(GOLDEN / "cli" / "final" / "adapter_model.safetensors"))
+    assert sorted(resumed) == sorted(fresh) == sorted(then)
+    for key in then:
+        assert_bits_equal(resumed[key], fresh[key], what=key)
+        assert (resumed[key] - then[key]).abs().median() < 1e-4, key
