@@ -36,7 +36,8 @@ GPU: near step_s, the host's launches bound the step, unless the step itself wai
 a .item() does). --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
 for each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
 --profile FILE writes, per implementation, the GPU time of one step kernel by kernel
-(torch.profiler) and the step's wall time against the GPU's busy time.
+(torch.profiler), the step's wall time against the GPU's busy time, and where the step's Python
+waits for the GPU (torch.cuda.set_sync_debug_mode: each such place keeps host_s near step_s).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import re
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -259,6 +260,27 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def sync_sites(step) -> Counter:
+    """The places (file:line of the Python caller, and torch's message) where one step synchronizes
+    with the GPU: where its host has to wait, and host_s stops telling launch time from GPU time."""
+    import warnings
+
+    sites: Counter = Counter()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"`{Path(w.filename).name}:{w.lineno}` {str(w.message).splitlines()[0][:80]}"] += 1
+    torch.cuda.synchronize()
+    return sites
+
+
 def profile_step(step, label: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -288,6 +310,11 @@ def profile_step(step, label: str) -> str:
     lines += ["", "| kernel | ms | launches |", "| --- | --- | --- |"]
     for kname, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:30]:
         lines.append(f"| `{kname[:110]}` | {t / 1e3:.2f} | {n} |")
+    lines += ["", "Where the step's Python waits for the GPU (torch.cuda.set_sync_debug_mode, one step):", ""]
+    try:  # (new, not yet run on a GPU: a failure here must not cost the run its measurements)
+        lines += [f"- {site}: {count}x" for site, count in sync_sites(step).most_common(10)] or ["- nowhere"]
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"- not measured: {type(e).__name__}: {e}")
     return "\n".join(lines) + "\n"
 
 
