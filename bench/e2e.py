@@ -311,7 +311,7 @@ def profile_step(step, label: str) -> str:
     for kname, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:30]:
         lines.append(f"| `{kname[:110]}` | {t / 1e3:.2f} | {n} |")
     lines += ["", "Where the step's Python waits for the GPU (torch.cuda.set_sync_debug_mode, one step):", ""]
-    try:  # (new, not yet run on a GPU: a failure here must not cost the run its measurements)
+    try:  # a failure here must not cost the run its measurements
         lines += [f"- {site}: {count}x" for site, count in sync_sites(step).most_common(10)] or ["- nowhere"]
     except Exception as e:  # noqa: BLE001
         lines.append(f"- not measured: {type(e).__name__}: {e}")
