@@ -48,9 +48,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("base")
     ap.add_argument("head")
-    ap.add_argument("--impl", help="only rows of this impl (default: all)")
+    ap.add_argument("--impl", help="only rows of this impl, and those without one (default: all)")
     args = ap.parse_args(argv)
-    wanted = lambda c: args.impl is None or dict(c).get("impl") == args.impl  # noqa: E731
+    # rows without an impl (lora's adapter products) are kept whatever --impl says
+    wanted = lambda c: args.impl is None or dict(c).get("impl", args.impl) == args.impl  # noqa: E731
     base = {c: r for c, r in rows_by_case(args.base).items() if wanted(c)}
     head = {c: r for c, r in rows_by_case(args.head).items() if wanted(c)}
     keep = [c for c in head if c in base]
@@ -61,12 +62,12 @@ def main(argv: list[str]) -> int:
     for c in keep:
         ratio = time_of(head[c]) / time_of(base[c])
         named = dict(c)
-        ranges[(named.get("op"), named.get("mode"), named.get("impl"))].append(ratio)
+        ranges[(named.get("op"), named.get("mode") or named.get("kernel"), named.get("impl"))].append(ratio)
         what = " ".join(f"{k}={v}" for k, v in c if k not in ("op", "dtype", "quant_type", "blocksize"))
         print(f"{ratio:6.3f}  {time_of(base[c]):.5g} -> {time_of(head[c]):.5g}  {named.get('op')} {what}")
     print("\nhead / base time (below 1: head is faster):")
     for (op, mode, impl), ratios in sorted(ranges.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        print(f"  {op} {mode or ''} {impl}: {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} rows")
+        print(f"  {op} {mode or ''} {impl or ''}: {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} rows")
     only = sorted(set(base) ^ set(head), key=str)
     if only:
         print(f"\n{len(only)} rows in one file only, e.g. {dict(only[0])}")

@@ -262,18 +262,21 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
 
 def sync_sites(step) -> Counter:
     """The places (file:line of the Python caller, and torch's message) where one step synchronizes
-    with the GPU: where its host has to wait, and host_s stops telling launch time from GPU time."""
+    with the GPU, as torch reports them: where its host has to wait, and host_s stops telling launch
+    time from GPU time. (A backward's syncs show as autograd's one line; an explicit synchronize, the
+    allocator's and other libraries' own CUDA calls are not reported.)"""
     import warnings
 
     sites: Counter = Counter()
     torch.cuda.synchronize()
+    mode = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(mode)
     for w in caught:
         if "synchroniz" in str(w.message):
             sites[f"`{Path(w.filename).name}:{w.lineno}` {str(w.message).splitlines()[0][:80]}"] += 1
@@ -312,7 +315,8 @@ def profile_step(step, label: str) -> str:
         lines.append(f"| `{kname[:110]}` | {t / 1e3:.2f} | {n} |")
     lines += ["", "Where the step's Python waits for the GPU (torch.cuda.set_sync_debug_mode, one step):", ""]
     try:  # a failure here must not cost the run its measurements
-        lines += [f"- {site}: {count}x" for site, count in sync_sites(step).most_common(10)] or ["- nowhere"]
+        sites = [f"- {site}: {count}x" for site, count in sync_sites(step).most_common(10)]
+        lines += sites or ["- none that torch reports"]
     except Exception as e:  # noqa: BLE001
         lines.append(f"- not measured: {type(e).__name__}: {e}")
     return "\n".join(lines) + "\n"

@@ -94,11 +94,16 @@ def test_ab_compare_matches_rows_by_case(tmp_path, capsys):
     row = dict(op="lora", mode="decode", impl="qlora_ext", n=4096, k=4096, M=1, r=16, dtype="bfloat16")
     base = [dict(row, ms=0.020, speedup_vs_torch_bf16=1.5), dict(row, r=64, ms=0.030), dict(row, n=11008, ms=0.1)]
     head = [dict(row, ms=0.015, speedup_vs_torch_bf16=2.0), dict(row, r=64, ms=0.033), dict(row, impl="bf16", ms=1)]
+    product = dict(op="lora_product", kernel="lora_down", M=4096, k=4096, r=16, dtype="bfloat16")
+    base.append(dict(product, ms_op=0.2, ms_composite=0.3))
+    head.append(dict(product, ms_op=0.1, ms_composite=0.3))
     for name, rows in (("base", base), ("head", head)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert ab_compare.main([str(tmp_path / "base.json"), str(tmp_path / "head.json")]) == 0
     out = capsys.readouterr().out
     assert " 0.750  0.02 -> 0.015  lora " in out and " 1.100  0.03 -> 0.033  lora " in out
     assert "lora decode qlora_ext: 0.750-1.100 over 2 rows" in out
+    assert "lora_product lora_down : 0.500-0.500 over 1 rows" in out
     assert "2 rows in one file only" in out
-    assert ab_compare.main([str(tmp_path / "base.json"), str(tmp_path / "head.json"), "--impl", "none"]) == 1
+    assert ab_compare.main([str(tmp_path / "base.json"), str(tmp_path / "head.json"), "--impl", "qlora_ext"]) == 0
+    assert "bf16" not in capsys.readouterr().out.split("head / base")[1]

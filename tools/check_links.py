@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./{}<>*-]*)")
 # A file in git history: `git show 9b97e26:tools/x.sh`.
-HISTORY = re.compile(r"\b[0-9a-f]{7,40}:((?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./-]*)")
+HISTORY = re.compile(r"\b([0-9a-f]{7,40}):((?:csrc|bench|docs|python|tests|tools|cmake|\.ci)/[\w./-]*)")
 PLACEHOLDERS = ("DATE", "GPU", "COMMIT", "OUT", "BENCH", "FILE", "<", ">", "*", "{", "}", "...")
 
 
@@ -54,6 +54,19 @@ def exists(rel: str, md: Path) -> bool:
     return (md.parent / rel).exists() or (ROOT / rel).exists()
 
 
+def in_history(rev: str, path: str) -> bool | None:
+    """Whether commit `rev` holds `path` (None where git or the commit is not at hand: a shallow or
+    exported tree)."""
+    import subprocess
+
+    try:
+        if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True).returncode:
+            return None
+        return subprocess.run(["git", "cat-file", "-e", f"{rev}:{path}"], cwd=ROOT, capture_output=True).returncode == 0
+    except OSError:
+        return None
+
+
 def check(md: Path) -> list[str]:
     problems = []
     text = md.read_text()
@@ -66,7 +79,14 @@ def check(md: Path) -> list[str]:
             problems.append(f"{md.relative_to(ROOT)}: link {target}: no such file")
         elif anchor and where.suffix == ".md" and anchor not in anchors(where):
             problems.append(f"{md.relative_to(ROOT)}: link {target}: no heading #{anchor}")
-    historic = {h.rstrip(".,;:)") for h in HISTORY.findall(text)}
+    historic = set()
+    for rev, path in HISTORY.findall(text):
+        path = path.rstrip(".,;:)")
+        if any(p in path for p in PLACEHOLDERS):
+            continue
+        if in_history(rev, path) is False:
+            problems.append(f"{md.relative_to(ROOT)}: {rev}:{path}: no such file in git history")
+        historic.add(path)
     for raw in PATH.findall(text):
         token = raw.rstrip(".,;:)")
         if any(p in token for p in PLACEHOLDERS):

@@ -1,12 +1,13 @@
 """Writes tests/data/golden/: files as this version of qlora_ext saves them, which every later version
-must keep loading to the same tensors and logits (tests/test_golden_files.py). Run once for a new kind of
-file, never to refresh the existing ones: a file that no longer loads is a broken promise to the users
-who saved it, not a file to regenerate.
+must keep loading to the same tensors and logits (tests/test_golden_files.py). It ran once and refuses
+to run where the folder exists: a file that no longer loads is a broken promise to the users who saved
+it, not a file to regenerate. A new kind of saved file gets a writer of its own, run once into its own
+folder.
 
     python3 tools/make_golden.py
 
 On the CPU, float32 compute, a tiny Llama (tests/helpers.py's tiny_llama, hidden 64, two layers):
-- base/: the 16-bit model and a word-level tokenizer as transformers saves them;
+- base/: the float32 model and a word-level tokenizer as transformers saves them;
 - adapter/: save_adapter of a prepared model (r = 4 on q_proj and v_proj, lm_head in modules_to_save,
   adapters moved off their initial values so that B is not zero);
 - quantized/model.safetensors: save_quantized of that model with quantize_others (4-bit layers in
