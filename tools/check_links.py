@@ -8,9 +8,9 @@ Without FILE arguments it checks README.md, CONTRIBUTING.md, docs/**/*.md and be
 
 Run from the project root; exits 1 and lists what is missing. A path is looked up from the project
 root and from the Markdown file's folder. A path that is gone passes where the same file says where
-history keeps it (`git show REV:path`, REV a commit's hex name), and so do the folders above it. Paths
-with placeholders (DATE, GPU, COMMIT, OUT, <...>, *,
-{...}) are skipped.
+history keeps it (`git show REV:path`, REV a commit's hex name; checked against git where the commit
+is at hand), and so do the folders above it. Paths with placeholders (DATE, GPU, COMMIT, OUT, <...>,
+*, {...}) are skipped.
 """
 
 from __future__ import annotations
