@@ -50,8 +50,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("head")
     ap.add_argument("--impl", help="only rows of this impl, and those without one (default: all)")
     args = ap.parse_args(argv)
-    # rows without an impl (lora's adapter products) are kept whatever --impl says
-    wanted = lambda c: args.impl is None or dict(c).get("impl", args.impl) == args.impl  # noqa: E731
+
+    def wanted(c: tuple) -> bool:  # rows without an impl (lora's adapter products) are kept whatever --impl says
+        return args.impl is None or dict(c).get("impl", args.impl) == args.impl
+
     base = {c: r for c, r in rows_by_case(args.base).items() if wanted(c)}
     head = {c: r for c, r in rows_by_case(args.head).items() if wanted(c)}
     keep = [c for c in head if c in base]
