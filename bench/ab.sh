@@ -9,9 +9,9 @@
 # CMD runs from this tree both times (the same benchmark script), first with REV's build (PYTHONPATH
 # build/ab-base), then with this tree's (build/ab-head); {OUT} in CMD becomes OUT/base, then OUT/head.
 # Then, for each JSON file the two runs wrote, bench/ab_compare.py prints head's time over base's, row
-# by row; the peers' rows (cuBLAS's, bitsandbytes') show the pair's noise. The builds target
-# TORCH_CUDA_ARCH_LIST where it is set, else the visible GPU (9.0 -> 9.0a). Exits 1 if a build or a
-# run failed.
+# by row; the peers' rows (cuBLAS's, bitsandbytes') show the pair's noise. The builds target what
+# CMakeLists.txt picks (TORCH_CUDA_ARCH_LIST, else the visible GPU). Exits 1 if a build or a run
+# failed.
 set -uo pipefail
 usage="usage: bash bench/ab.sh prepare REV | bash bench/ab.sh run OUT CMD..."
 what=${1:?$usage}
@@ -34,11 +34,6 @@ case "$what" in
     base_rev=$(cat .ab/base/.ab-rev)
     root=$PWD
     source "$(dirname "$0")/device_env.sh"  # .device-py, PYTHONPATH, the system g++
-    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-      TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-      [ "$TORCH_CUDA_ARCH_LIST" = "9.0" ] && TORCH_CUDA_ARCH_LIST=9.0a
-      export TORCH_CUDA_ARCH_LIST
-    fi
     # Fresh targets: pip install --target keeps a package folder that is already there (a warm
     # machine's last run) and only warns.
     rm -rf build/ab-base build/ab-head

@@ -38,8 +38,9 @@ def logits(model):
 
 
 def prepared_base():
-    """The base prepared as make_golden.py prepared it."""
-    lora = qlora_ext.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    """The base prepared as make_golden.py prepared it (the adapter's saved config says how)."""
+    saved = json.loads((GOLDEN / "adapter" / "adapter_config.json").read_text())
+    lora = qlora_ext.LoraConfig(**{k: saved[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")})
     return qlora_ext.prepare_model(load_base(), lora, compute_dtype=torch.float32, quantize_others=True,
                                    progress=False)  # fmt: skip
 
@@ -94,7 +95,7 @@ def test_prepared_model_loads_with_from_pretrained_to_the_same_logits():
 
 
 def test_cli_checkpoint_resumes_to_the_run_it_was_part_of(tmp_path, monkeypatch):
-    """The CLI's checkpoint-2 of a 4-step run (make_golden.py's CLI_ARGS), resumed by today's CLI: the
+    """The CLI's checkpoint-2 of a 4-step run (cli/args.json), resumed by today's CLI: the
     run resumes (its log keeps the golden run's first two steps, wall-clock speeds included, which a
     run that started over could not repeat) and ends near where the run that wrote it ended. Where this
     machine's own run of the same command writes the golden checkpoint-2 to the bit (the same CPU
@@ -106,9 +107,7 @@ def test_cli_checkpoint_resumes_to_the_run_it_was_part_of(tmp_path, monkeypatch)
 
     from qlora_ext import cli
 
-    args = ["finetune", "--model", "tests/data/golden/base", "--data", "tests/data/golden/cli/train.jsonl",
-            "--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
-            "--lr", "1e-2", "--device", "cpu", "--quiet"]  # fmt: skip
+    args = json.loads((GOLDEN / "cli" / "args.json").read_text())
     monkeypatch.chdir(GOLDEN.parents[2])  # the run recorded --model as given, from the repository's root
     shutil.copytree(GOLDEN / "cli" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     assert cli.main([*args, "--output", str(tmp_path / "resumed")]) == 0

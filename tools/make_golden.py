@@ -16,7 +16,8 @@ On the CPU, float32 compute, a tiny Llama (tests/helpers.py's tiny_llama, hidden
 - expected.safetensors: the input ids and the logits each of the above gives: "adapter" (base/ prepared,
   adapter/ loaded), "prepared_other" and "prepared_default" (prepared/ through from_pretrained);
 - cli/: the fine-tuning CLI's run on base/ and cli/train.jsonl (CLI_ARGS, paths relative to the
-  repository's root, as the run records them): its checkpoint-2/ and its final adapter (final/).
+  repository's root, as the run records them; cli/args.json): its checkpoint-2/ and its final adapter
+  (final/).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def write_cli_run(cli_dir: Path, gen: torch.Generator) -> None:
     from qlora_ext import cli
 
     cli_dir.mkdir()
+    (cli_dir / "args.json").write_text(json.dumps(CLI_ARGS) + "\n")  # what a test reruns
     lines = []
     for i in range(12):
         words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (5 + i % 8,), generator=gen)]
