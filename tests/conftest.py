@@ -49,6 +49,18 @@ def fp32_cublas_reductions():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
+@pytest.fixture(params=["qlora", "peft"])
+def layer_kind(request, monkeypatch) -> str:
+    """Runs a test once with each class of LoRA layer that prepare_model, load_adapter and from_pretrained
+    can build (QLORA_EXT_LAYERS: QLoRALinear, or PEFT's LoraLinear4bit), while both exist
+    (docs/plan-prepare-model-on-peft.md). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("layer_kind")``."""
+    if request.param == "peft":
+        pytest.importorskip("peft")
+    monkeypatch.setenv("QLORA_EXT_LAYERS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A CPU generator seeded from the run's seed and the test's id: distinct data per test."""

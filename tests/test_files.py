@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig
+from qlora_ext import LoraConfig, _lora_layers as lora_layers
 
 from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
+# every test with each class of LoRA layer (conftest.layer_kind)
+pytestmark = pytest.mark.usefixtures("layer_kind")
 
 
 def snapshot(model):
@@ -22,7 +24,7 @@ def snapshot(model):
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         {n: type(m).__name__ for n, m in model.named_modules()},
         sorted(getattr(model, "qlora_config", {})),
-        {n: layer.active_adapter for n, layer in qlora_ext.model.qlora_layers(model)},
+        {n: lora_layers.active_of(layer) for n, layer in qlora_ext.model.qlora_layers(model)},
     )
 
 

@@ -14,11 +14,14 @@ import pytest
 import torch
 
 import qlora_ext
+from qlora_ext import _lora_layers as lora_layers
 from qlora_ext.nn import Linear4bit
 
 from helpers import assert_bits_equal
 
 transformers = pytest.importorskip("transformers")
+# every test with each class of LoRA layer (conftest.layer_kind)
+pytestmark = pytest.mark.usefixtures("layer_kind")
 from safetensors.torch import load_file  # noqa: E402  (transformers brings safetensors)
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -88,7 +91,7 @@ def test_quantized_checkpoint_loads_the_same_bits_and_saves_them_again(tmp_path)
 
 def test_prepared_model_loads_with_from_pretrained_to_the_same_logits():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(GOLDEN / "prepared"), device_map="cpu").eval()
-    assert isinstance(model.model.layers[0].self_attn.v_proj, qlora_ext.QLoRALinear)
+    assert lora_layers.is_lora_layer(model.model.layers[0].self_attn.v_proj)
     torch.testing.assert_close(logits(model), EXPECTED["prepared_other"], **LOGITS)
     qlora_ext.set_adapter(model, "default")
     torch.testing.assert_close(logits(model), EXPECTED["prepared_default"], **LOGITS)

@@ -820,7 +820,7 @@ def test_prepared_save_pretrained_several_adapters_and_refusals(lm_dir, gen, tmp
         (lambda: transformers.AutoModelForCausalLM.from_pretrained(str(lm_dir), quantization_config=config),
          ValueError, "describes a saved prepare_model checkpoint"),
         (lambda: model.save_pretrained(str(tmp_path / "merged")), ValueError, "run a merged adapter"),
-        (lambda: back.dequantize(), ValueError, "would take the 4-bit bases from under its QLoRALinear layers"),
+        (lambda: back.dequantize(), ValueError, "would take the 4-bit bases from under its LoRA layers"),
     ])  # fmt: skip
 
 

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig
-from qlora_ext.nn import Linear4bit, QLoRALinear
+from qlora_ext import LoraConfig, _lora_layers as lora_layers
+from qlora_ext.nn import Linear4bit
 
 from helpers import DEVICES, assert_bits_equal, assert_each_raises, tiny_llama
 
 transformers = pytest.importorskip("transformers")
+# every test with each class of LoRA layer (conftest.layer_kind)
+pytestmark = pytest.mark.usefixtures("layer_kind")
 
 
 def tokens(gen, device="cpu"):
@@ -38,7 +40,11 @@ def dequantized_copy(original, prepared):
     plain = copy.deepcopy(original)
     for name, module in prepared.named_modules():
         base = (
-            module.base_layer if isinstance(module, QLoRALinear) else module if isinstance(module, Linear4bit) else None
+            lora_layers.base_of(module)
+            if lora_layers.is_lora_layer(module)
+            else module
+            if isinstance(module, Linear4bit)
+            else None
         )
         if base is not None and not name.endswith(".base_layer"):
             with torch.no_grad():
@@ -60,9 +66,9 @@ def test_prepare_targets_freezes_and_matches_the_quantized_model(gen, device):
     original = tiny_llama(1, device)
     model = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
                                     compute_dtype=torch.float32, progress=False)  # fmt: skip
-    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QLoRALinear))}
-    assert kinds["model.layers.0.self_attn.q_proj"] == "QLoRALinear"
-    assert kinds["model.layers.1.self_attn.v_proj"] == "QLoRALinear"
+    kinds = {n: "LoRA" if lora_layers.is_lora_layer(m) else type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "LoRA"
+    assert kinds["model.layers.1.self_attn.v_proj"] == "LoRA"
     assert kinds["model.layers.0.self_attn.k_proj"] == "Linear" and kinds["lm_head"] == "Linear"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -178,7 +184,7 @@ def test_peft_adapter_loads_into_ours(gen, tmp_path, use_rslora):
     ids = tokens(gen)
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-4, atol=1e-4)
     # Layers the adapter does not touch run their base alone while it is active.
-    assert ours.model.layers[0].mlp.up_proj.active_adapter is None
+    assert lora_layers.active_of(ours.model.layers[0].mlp.up_proj) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,7 +199,7 @@ def test_several_adapters(gen, device):
     qlora_ext.set_adapter(model, "other")
     second = logits(model, ids)
     assert not torch.equal(first, second)
-    assert model.model.layers[0].self_attn.q_proj.active_adapter is None  # "other" has no q_proj
+    assert lora_layers.active_of(model.model.layers[0].self_attn.q_proj) is None  # "other" has no q_proj
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".other." in n for n in trainable)
     with qlora_ext.disable_adapters(model):
@@ -293,7 +299,7 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
     for name, module in theirs.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             mine = ours.get_submodule(name)
-            mine = mine.base_layer if isinstance(mine, QLoRALinear) else mine
+            mine = lora_layers.base_of(mine) if lora_layers.is_lora_layer(mine) else mine
             expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
             assert_bits_equal(mine.dequantize(), expected, name)
     # ours back into bitsandbytes: Params4bit.from_prequantized, as transformers loads a 4-bit checkpoint
@@ -305,7 +311,7 @@ def test_bitsandbytes_checkpoint_both_ways(gen):
                 saved[name + ".weight"], stats, device="cpu", module=module
             )
             mine = ours.get_submodule(name)
-            mine = mine.base_layer if isinstance(mine, QLoRALinear) else mine
+            mine = lora_layers.base_of(mine) if lora_layers.is_lora_layer(mine) else mine
             assert_bits_equal(
                 bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), mine.dequantize(), name
             )
@@ -349,8 +355,8 @@ def test_transformers_bitsandbytes_checkpoint_both_ways(gen, tmp_path):
                 out[name] = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
             elif isinstance(m, Linear4bit) and not name.endswith(".base_layer"):
                 out[name] = m.dequantize()
-            elif isinstance(m, QLoRALinear):
-                out[name] = m.base_layer.dequantize()
+            elif lora_layers.is_lora_layer(m):
+                out[name] = lora_layers.base_of(m).dequantize()
         return out
 
     original = tiny_llama(15)
@@ -442,7 +448,7 @@ def test_adapters_refuse_to_switch_while_merged(gen):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
     qlora_ext.merge_adapter(model)
-    merged = [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)]
+    merged = [lora_layers.merged_of(layer) for _, layer in qlora_ext.model.qlora_layers(model)]
     assert_each_raises([
         (lambda: qlora_ext.set_adapter(model, "other"), ValueError, "unmerge_adapter first"),
         (lambda: qlora_ext.add_adapter(model, "third", LoraConfig(r=2, target_modules=["q_proj"])), ValueError,
@@ -450,7 +456,7 @@ def test_adapters_refuse_to_switch_while_merged(gen):
         (lambda: qlora_ext.merge_adapter(model, "other"), ValueError, "unmerge_adapter first"),
         (lambda: qlora_ext.delete_adapter(model, "default"), ValueError, "is merged"),
     ])  # fmt: skip
-    assert [layer.merged_adapter for _, layer in qlora_ext.model.qlora_layers(model)] == merged
+    assert [lora_layers.merged_of(layer) for _, layer in qlora_ext.model.qlora_layers(model)] == merged
     qlora_ext.unmerge_adapter(model)
     qlora_ext.set_adapter(model, "other")
 

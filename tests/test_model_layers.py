@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 import qlora_ext
-from qlora_ext import LoraConfig, functional as F
-from qlora_ext.nn import Linear4bit, QLoRALinear
+from qlora_ext import LoraConfig, _lora_layers as lora_layers, functional as F
+from qlora_ext.nn import Linear4bit
 
 from helpers import assert_bits_equal, assert_close_to_reference, assert_each_raises, make_input, tiny_llama
 
 transformers = pytest.importorskip("transformers")
+# every test with each class of LoRA layer (conftest.layer_kind)
+pytestmark = pytest.mark.usefixtures("layer_kind")
 from transformers.pytorch_utils import Conv1D  # noqa: E402  (needs transformers)
 
 # GPT-2's four Conv1D a block: c_attn, attn.c_proj, c_fc, mlp.c_proj
@@ -171,7 +173,7 @@ def test_linear_subclasses(gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     net = Net().eval()
     model = qlora_ext.prepare_model(copy.deepcopy(net), LoraConfig(r=4), compute_dtype=torch.float32, progress=False)
-    assert isinstance(model.first, QLoRALinear) and isinstance(model.second, QLoRALinear)
+    assert lora_layers.is_lora_layer(model.first) and lora_layers.is_lora_layer(model.second)
     x = make_input((3, 64), torch.float32, "cpu", gen)
     w1 = F.dequantize_4bit(*F.quantize_4bit(net.first.weight.detach(), 64, "nf4", True))
     with torch.no_grad():
@@ -181,10 +183,10 @@ def test_linear_subclasses(gen):
     net = Net(first=OwnForward).eval()
     with pytest.warns(UserWarning, match=r"leaves 1 linear layers as they are: first \(OwnForward, an nn.Linear"):
         model = qlora_ext.prepare_model(copy.deepcopy(net), LoraConfig(r=4), progress=False)
-    assert type(model.first) is OwnForward and isinstance(model.second, QLoRALinear)
+    assert type(model.first) is OwnForward and lora_layers.is_lora_layer(model.second)
     # named, it is quantized as an nn.Linear
     model = qlora_ext.prepare_model(copy.deepcopy(net), LoraConfig(r=4, target_modules=["first"]), progress=False)
-    assert isinstance(model.first, QLoRALinear) and type(model.second) is nn.Linear
+    assert lora_layers.is_lora_layer(model.first) and type(model.second) is nn.Linear
     # alone under "all-linear": nothing to target, and the error says what was left out and why
     only = nn.Sequential(OwnForward(64, 64))
     int8 = nn.Sequential(nn.Linear(64, 64, device="meta"))
@@ -213,7 +215,7 @@ def test_multihead_attention_out_proj_is_left_alone(gen):
     with pytest.warns(UserWarning, match=r"attn.out_proj \(read by nn.MultiheadAttention"):
         model = qlora_ext.prepare_model(copy.deepcopy(block), LoraConfig(r=4), compute_dtype=torch.float32,
                                         progress=False)  # fmt: skip
-    assert type(model.attn.out_proj) is type(block.attn.out_proj) and isinstance(model.mlp, QLoRALinear)
+    assert type(model.attn.out_proj) is type(block.attn.out_proj) and lora_layers.is_lora_layer(model.mlp)
     x = make_input((2, 5, 64), torch.float32, "cpu", gen)
     with torch.no_grad():
         torch.testing.assert_close(model.attn(x, x, x)[0], block.attn(x, x, x)[0], rtol=0, atol=0)
@@ -248,7 +250,9 @@ def test_bitsandbytes_layers_are_named_by_class_without_importing_it(monkeypatch
         model.model.layers[1].mlp.up_proj = cls(64, 128)
         with pytest.raises(ValueError, match=rf"up_proj is bitsandbytes' {cls.__name__}\).*patch_bitsandbytes\(\)"):
             qlora_ext.prepare_model(model, LoraConfig(r=4), progress=False)
-        assert not any(isinstance(m, (Linear4bit, QLoRALinear)) for m in model.modules())  # nothing was changed
+        assert not any(
+            isinstance(m, Linear4bit) or lora_layers.is_lora_layer(m) for m in model.modules()
+        )  # nothing was changed
     model = tiny_llama(53)
     model.model.layers[0].self_attn.q_proj = int8(64, 64)
     with pytest.raises(ValueError, match=r"bitsandbytes' Linear8bitLt\), which qlora_ext cannot run"):

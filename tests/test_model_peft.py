@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import LoraConfig
-from qlora_ext.nn import Linear4bit, QLoRALinear
+from qlora_ext import LoraConfig, _lora_layers as lora_layers
+from qlora_ext.nn import Linear4bit
 
 from helpers import assert_bits_equal, assert_each_raises, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+# every test with each class of LoRA layer (conftest.layer_kind)
+pytestmark = pytest.mark.usefixtures("layer_kind")
 
 
 def tokens(gen, batch=2, length=11):
@@ -69,7 +71,9 @@ def test_a_peft_config_gives_the_model_ours_gives_and_peft_computes(gen, use_rsl
     from_ours = prepare(original, ours_config, seed)
     assert from_peft.qlora_config["default"] == ours_config
     layer = from_peft.model.layers[1].mlp.down_proj
-    assert isinstance(layer, QLoRALinear) and layer.scaling["default"] == 12 / (2 if use_rslora else 4)
+    assert lora_layers.is_lora_layer(layer) and lora_layers.scaling_of(layer, "default") == 12 / (
+        2 if use_rslora else 4
+    )
     assert sorted(n for n, p in from_peft.named_parameters() if p.requires_grad) == sorted(
         n for n, p in from_ours.named_parameters() if p.requires_grad
     )

@@ -1,6 +1,7 @@
 """Several adapters on a prepared model: ``add_adapter``, ``set_adapter``, ``delete_adapter``,
-``disable_adapters``; ``qlora_layers`` walks the model's ``QLoRALinear`` layers. A prepared model's forward
-refuses ``adapter_names=`` (PEFT's mixed batches), which it would otherwise ignore."""
+``disable_adapters``; ``qlora_layers`` walks the model's LoRA layers (through ``_lora_layers``, the one
+interface to them). A prepared model's forward refuses ``adapter_names=`` (PEFT's mixed batches), which it
+would otherwise ignore."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from . import _lora_layers as lora_layers
 from .lora_config import LoraConfig, as_lora_config
-from .nn import QLoRALinear
 
 __all__ = ["add_adapter", "delete_adapter", "disable_adapters", "qlora_layers", "set_adapter"]
 
@@ -21,11 +22,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def qlora_layers(model: nn.Module) -> Iterator[tuple[str, QLoRALinear]]:
-    """The model's QLoRALinear layers with their names."""
-    for name, module in model.named_modules():
-        if isinstance(module, QLoRALinear):
-            yield name, module
+def qlora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's LoRA layers on 4-bit bases (``QLoRALinear``, or PEFT's on ``Linear4bit``) with their names."""
+    return lora_layers.lora_layers(model)
 
 
 def _configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -36,7 +35,7 @@ def _configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def _refuse_if_merged(model: nn.Module, what: str) -> None:
-    merged = [n for n, layer in qlora_layers(model) if layer.merged_adapter is not None]
+    merged = [n for n, layer in qlora_layers(model) if lora_layers.merged_of(layer) is not None]
     if merged:
         raise ValueError(f"{what}: {len(merged)} layers run a merged adapter ({merged[0]}, ...); unmerge_adapter first")
 
@@ -69,8 +68,7 @@ def add_adapter(model: nn.Module, adapter_name: str, lora_config: Any) -> None:
     added = 0
     for name, layer in qlora_layers(model):
         if lora_config.matches(name):
-            layer.add_adapter(adapter_name, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout,
-                              lora_config.use_rslora, lora_config.init, lora_config.adapter_dtype)  # fmt: skip
+            lora_layers.add(layer, adapter_name, lora_config)
             added += 1
     if not added:
         raise ValueError(f"target_modules {lora_config.target_modules!r} matches no prepared layer")
@@ -84,11 +82,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(_configs(model))}")
     _refuse_if_merged(model, "set_adapter")
     for _, layer in qlora_layers(model):
-        has = adapter_name in layer.lora_A
-        layer.active_adapter = adapter_name if has else None
-        for name in layer.lora_A:
-            for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
-                p.requires_grad_(name == adapter_name)
+        lora_layers.set_active(layer, adapter_name if adapter_name in lora_layers.adapters_of(layer) else None)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -96,27 +90,16 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(configs)}")
-    if any(layer.merged_adapter == adapter_name for _, layer in qlora_layers(model)):
+    if any(lora_layers.merged_of(layer) == adapter_name for _, layer in qlora_layers(model)):
         raise ValueError(f"adapter {adapter_name!r} is merged: unmerge it first")
     for _, layer in qlora_layers(model):
-        if adapter_name in layer.lora_A:
-            del layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-            for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout):
-                d.pop(adapter_name, None)
-            if layer.active_adapter == adapter_name:
-                layer.active_adapter = None
+        if adapter_name in lora_layers.adapters_of(layer):
+            lora_layers.delete(layer, adapter_name)
     del configs[adapter_name]
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model runs its 4-bit bases alone."""
-    layers = [layer for _, layer in qlora_layers(model)]
-    before = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer.disable_adapters = True
-    try:
+    with lora_layers.disabled(layer for _, layer in qlora_layers(model)):
         yield model
-    finally:
-        for layer, b in zip(layers, before):
-            layer.disable_adapters = b

@@ -9,7 +9,7 @@ for PEFT, so that the usual QLoRA code runs on qlora_ext's kernels with one chan
   ``nn.Linear`` as its weight is read from the checkpoint, into a ``qlora_ext.nn.Linear4bit`` (the 16-bit
   model is never whole in memory); ``save_pretrained`` writes bitsandbytes' keys and the config, which
   ``from_pretrained`` reads back to the same bits.
-- A model made by ``qlora_ext.prepare_model`` (``QLoRALinear`` layers, no PEFT model) gets a ``QLoraExtConfig``
+- A model made by ``qlora_ext.prepare_model`` (LoRA layers, no PEFT model) gets a ``QLoraExtConfig``
   and quantizer too (``hf_prepared.record_prepared``), whose ``prepared`` entry lists its 4-bit layers and adapters:
   ``save_pretrained`` (and so transformers' ``Trainer`` checkpoints) writes the whole prepared model (the
   4-bit bases under ``<layer>.base_layer.weight...``, the adapters under ``<layer>.lora_A.<name>.weight``),
@@ -43,6 +43,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import functional as F
+from ._lora_layers import lora_layers
 from .nn import _STORAGE_DTYPES, Linear4bit, QLoRALinear
 from .quant_state import BLOCKSIZES, QUANT_TYPES
 
@@ -240,6 +241,12 @@ class _Deserialize(ConversionOps):
         return _Keep()
 
 
+def _is_prepared(model: nn.Module) -> bool:
+    """A model made by ``prepare_model`` (``qlora_config`` set, or qlora_ext's own layers), not one that PEFT wraps."""
+    layers = [m for _, m in lora_layers(model)]
+    return bool(layers) and (hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for m in layers))
+
+
 class QLoraExtHfQuantizer(HfQuantizer):
     """transformers' quantizer for ``QLoraExtConfig``, following its bitsandbytes 4-bit quantizer's hooks:
     ``preprocess_model`` puts empty Linear4bit layers in place of the linears; the loader then calls
@@ -331,9 +338,9 @@ class QLoraExtHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """Called by ``save_pretrained`` before it writes ``config.json``: the ``prepared`` entry is brought up
-        to date with the model's QLoRALinear layers and adapters as they are now (the state dict itself is
+        to date with the model's LoRA layers and adapters as they are now (the state dict itself is
         the model's own)."""
-        if any(isinstance(m, QLoRALinear) for m in model.modules()):
+        if _is_prepared(model):
             from .hf_prepared import prepared_layout
 
             self.quantization_config.prepared = prepared_layout(model)
@@ -363,9 +370,9 @@ class QLoraExtHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: each Linear4bit becomes an nn.Linear with its dequantized weight."""
-        if any(isinstance(m, QLoRALinear) for m in model.modules()):
+        if _is_prepared(model):
             raise ValueError(
-                "qlora_ext: dequantize() of a prepared model would take the 4-bit bases from under its QLoRALinear "
+                "qlora_ext: dequantize() of a prepared model would take the 4-bit bases from under its LoRA "
                 "layers: qlora_ext.merge_adapter(model) runs them on 16-bit weights with the adapter folded in"
             )
         if isinstance(dtype, str):  # model.config.dtype, which save_pretrained turns into a name

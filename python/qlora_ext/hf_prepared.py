@@ -11,9 +11,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import _lora_layers as lora_layers
 from .hf import QLoraExtConfig, QLoraExtHfQuantizer, _dtype, _dtype_name, _empty_linear4bit
 from .lora_config import LoraConfig
-from .nn import Linear4bit, QLoRALinear
+from .nn import Linear4bit
 
 __all__ = ["build_prepared", "finish_prepared", "prepared_layout", "record_prepared"]
 
@@ -33,11 +34,11 @@ def _lora_config_from_dict(d: dict[str, Any]) -> LoraConfig:
 
 
 def prepared_layout(model: nn.Module) -> dict[str, Any]:
-    """The ``prepared`` entry of the config for a model with QLoRALinear layers: the names of its plain
+    """The ``prepared`` entry of the config for a model with LoRA layers: the names of its plain
     Linear4bit layers, each adapter's settings and layers, and the active adapter."""
     configs = getattr(model, "qlora_config", None) or {}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
-    merged = [n for n, m in layers.items() if m.merged_adapter is not None]
+    layers = dict(lora_layers.lora_layers(model))
+    merged = [n for n, m in layers.items() if lora_layers.merged_of(m) is not None]
     if merged:
         raise ValueError(
             f"qlora_ext: {len(merged)} layers run a merged adapter ({merged[0]}, ...), which a checkpoint does not "
@@ -46,12 +47,14 @@ def prepared_layout(model: nn.Module) -> dict[str, Any]:
     bases = {f"{n}.base_layer" for n in layers}
     adapters = {}
     for adapter, config in configs.items():
-        adapters[adapter] = {"config": _lora_config_dict(config), "layers": [n for n, m in layers.items()
-                                                                              if adapter in m.lora_A]}  # fmt: skip
-    bare = [n for n, m in layers.items() if not any(a in m.lora_A for a in configs)]
+        adapters[adapter] = {
+            "config": _lora_config_dict(config),
+            "layers": [n for n, m in layers.items() if adapter in lora_layers.adapters_of(m)],
+        }
+    bare = [n for n, m in layers.items() if not set(configs) & set(lora_layers.adapters_of(m))]
     if bare:
         raise ValueError(f"qlora_ext: {bare[0]} has no adapter that the model's qlora_config knows: it cannot be saved")
-    actives = {m.active_adapter for m in layers.values() if m.active_adapter is not None}
+    actives = {lora_layers.active_of(m) for m in layers.values()} - {None}
     return {
         "linear4bit": [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and n not in bases],
         "adapters": adapters,
@@ -97,11 +100,9 @@ def build_prepared(model: nn.Module, config: QLoraExtConfig, checkpoint_files) -
         new = _empty_linear4bit(module, config)
         if name in owners:
             first, *rest = owners[name]
-            c = adapters[first]
-            new = QLoRALinear(new, c.r, c.lora_alpha, c.lora_dropout, c.use_rslora, False, c.adapter_dtype, first)
+            new = lora_layers.new_layer(new, first, adapters[first], init=False)
             for adapter in rest:
-                c = adapters[adapter]
-                new.add_adapter(adapter, c.r, c.lora_alpha, c.lora_dropout, c.use_rslora, False, c.adapter_dtype)
+                lora_layers.add(new, adapter, adapters[adapter], init=False)
             new.train(module.training)
         model.set_submodule(name, new)
     prefixes = tuple(f"{name}." for name in owners)
@@ -129,22 +130,20 @@ def finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
     from .model import _enable_input_grads
 
     configs = {name: _lora_config_from_dict(d["config"]) for name, d in prepared["adapters"].items()}
-    for name, m in model.named_modules():
-        if isinstance(m, QLoRALinear):
-            for adapter in m.lora_A:
-                for p in (*m.lora_A[adapter].parameters(), *m.lora_B[adapter].parameters()):
-                    if p.dtype != configs[adapter].adapter_dtype:
-                        raise ValueError(f"qlora_ext: {name}'s adapter {adapter!r} loaded as {p.dtype}, its config "
-                                         f"says {configs[adapter].adapter_dtype}")  # fmt: skip
+    for name, m in lora_layers.lora_layers(model):
+        for adapter in lora_layers.adapters_of(m):
+            for p in lora_layers.weights_of(m, adapter):
+                if p.dtype != configs[adapter].adapter_dtype:
+                    raise ValueError(f"qlora_ext: {name}'s adapter {adapter!r} loaded as {p.dtype}, its config "
+                                     f"says {configs[adapter].adapter_dtype}")  # fmt: skip
     model.qlora_config = configs
     model.requires_grad_(False)
     active = prepared.get("active_adapter")
     if active is not None:
         set_adapter(model, active)
     else:
-        for _, m in model.named_modules():
-            if isinstance(m, QLoRALinear):
-                m.active_adapter = None
+        for _, m in lora_layers.lora_layers(model):
+            lora_layers.set_active(m, None)
     for name, module in model.named_modules():  # one copy a model, shared by its adapters
         if any(config.saves(name) for config in configs.values()):
             module.requires_grad_(True)

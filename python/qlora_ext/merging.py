@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import nn
 
-from . import functional as F
+from . import _lora_layers as lora_layers, functional as F
 from .adapters import _parent, _refuse_if_merged, qlora_layers
 from .nn import Linear4bit
 
@@ -29,14 +29,14 @@ def merge_adapter(model: nn.Module, adapter_name: Optional[str] = None, requanti
     if not requantize:
         _refuse_if_merged(model, "merge_adapter")
     for name, layer in list(qlora_layers(model)):
-        adapter = adapter_name or layer.active_adapter
-        if adapter is None or adapter not in layer.lora_A:
+        adapter = adapter_name or lora_layers.active_of(layer)
+        if adapter is None or adapter not in lora_layers.adapters_of(layer):
             continue
-        merged = layer.merged_weight_for(adapter)
         if not requantize:
-            layer.merge(adapter, merged)
+            lora_layers.merge16(layer, adapter)
             continue
-        base = layer.base_layer
+        merged = lora_layers.merged_weight_of(layer, adapter)
+        base = lora_layers.base_of(layer)
         state = base.quant_state
         packed, new_state = F.quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
         back = F.dequantize_4bit(packed, new_state).double()
@@ -66,8 +66,8 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     as before the merge."""
     count = 0
     for _, layer in qlora_layers(model):
-        if layer.merged_adapter is not None:
-            layer.unmerge()
+        if lora_layers.merged_of(layer) is not None:
+            lora_layers.unmerge16(layer)
             count += 1
     if count == 0:
         raise ValueError("no layer is merged in 16 bits (a merge with requantize=True cannot be undone)")

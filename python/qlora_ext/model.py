@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import _lora_layers as lora_layers
 from .adapters import (
     _parent,
     _refuse_adapter_names_in_forward,
@@ -36,7 +37,7 @@ from .adapters import (
 )
 from .lora_config import LoraConfig, as_lora_config
 from .merging import merge_adapter, unmerge_adapter
-from .nn import Linear4bit, QLoRALinear
+from .nn import Linear4bit
 from .serialization import (
     _FLOAT_DTYPES,
     ADAPTER_CONFIG_NAME,
@@ -272,9 +273,9 @@ def prepare_model(
     they are. ``device`` is where quantized layers go (default: where each weight is).
     """
     lora_config = as_lora_config(lora_config, model)
-    if any(True for _ in qlora_layers(model)):
-        raise ValueError("the model is prepared already; add more adapters with add_adapter")
     _refuse_quantized_models(model)  # first: for bitsandbytes + PEFT, patch_bitsandbytes() is the answer
+    if any(True for _ in qlora_layers(model)) and hasattr(model, "qlora_config"):
+        raise ValueError("the model is prepared already; add more adapters with add_adapter")
     _refuse_peft_models(model)
     source = _WeightSource(weights, weights_prefix) if weights is not None else None
     head = _output_head(model)
@@ -313,12 +314,7 @@ def prepare_model(
         else:
             linear = _float_linear(name, module, source, device)
             base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
-        new = (
-            QLoRALinear(base, lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout, lora_config.use_rslora,
-                        lora_config.init, lora_config.adapter_dtype, adapter_name)
-            if adapt
-            else base
-        )  # fmt: skip
+        new = lora_layers.new_layer(base, adapter_name, lora_config) if adapt else base
         new.train(module.training)  # a new module starts in training mode: take the one it replaces
         parent, child = _parent(model, name)
         setattr(parent, child, new)
@@ -328,10 +324,7 @@ def prepare_model(
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in qlora_layers(model):
-        for p in layer.lora_A.parameters():
-            p.requires_grad_(True)
-        for p in layer.lora_B.parameters():
-            p.requires_grad_(True)
+        lora_layers.set_active(layer, adapter_name)
     for name, module in model.named_modules():
         if lora_config.saves(name):
             module.requires_grad_(True)
@@ -384,7 +377,7 @@ def _load_rest(model: nn.Module, source: _WeightSource, device=None) -> None:
     tied again by the model's own ``tie_weights``."""
     tied_later = []
     for module_name, module in model.named_modules():
-        if isinstance(module, (Linear4bit, QLoRALinear)):
+        if isinstance(module, Linear4bit) or lora_layers.is_lora_layer(module):
             continue
         for kind in ("_parameters", "_buffers"):
             for pname, t in list(getattr(module, kind).items()):

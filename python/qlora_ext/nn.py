@@ -364,6 +364,30 @@ class Linear4bit(nn.Linear):
         )
 
 
+def new_adapter(base: Linear4bit, r: int, init: Union[str, bool], dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
+    """An adapter's ``lora_A`` (``nn.Linear(in, r)``) and ``lora_B`` (``nn.Linear(r, out)``) on the base's device,
+    initialized as PEFT does (``init``: "kaiming" / True, "gaussian", False). The random draws, made on that
+    device in this order, are the same for every class of LoRA layer, so that one seed gives one adapter."""
+    device = base.weight.device
+    lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+    lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        if init in ("kaiming", True):
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1.0 / r)
+            nn.init.zeros_(lora_B.weight)
+    return lora_A, lora_B
+
+
+def merged_weight(base: Linear4bit, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``deq(W) + scaling B A`` in the base weight's original dtype, computed in float32: the weight of a
+    16-bit merge."""
+    W = base.dequantize().float() + scaling * (B.detach().float() @ A.detach().float())
+    return W.to(base._state().dtype)
+
+
 class QLoRALinear(nn.Module):
     """A frozen 4-bit linear layer with LoRA adapters: ``y = x W^T + b + s * B(A(dropout(x)))``.
 
@@ -454,16 +478,7 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} exists already")
-        device = self.base_layer.weight.device
-        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
-        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
-        with torch.no_grad():
-            if init in ("kaiming", True):
-                nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-                nn.init.zeros_(lora_B.weight)
-            elif init == "gaussian":
-                nn.init.normal_(lora_A.weight, std=1.0 / r)
-                nn.init.zeros_(lora_B.weight)
+        lora_A, lora_B = new_adapter(self.base_layer, r, init, adapter_dtype)
         self.lora_A[adapter_name] = lora_A.train(self.training)
         self.lora_B[adapter_name] = lora_B.train(self.training)
         # only the active adapter trains (the first one added is active)
@@ -479,11 +494,8 @@ class QLoRALinear(nn.Module):
         """``deq(W) + s B A`` in the base weight's original dtype, computed in float32."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"no adapter {adapter_name!r} in this layer; it has {sorted(self.lora_A)}")
-        base = self.base_layer
-        A = self.lora_A[adapter_name].weight.detach().float()
-        B = self.lora_B[adapter_name].weight.detach().float()
-        W = base.dequantize().float() + self.scaling[adapter_name] * (B @ A)
-        return W.to(base._state().dtype)
+        return merged_weight(self.base_layer, self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
+                             self.scaling[adapter_name])  # fmt: skip
 
     def merge(self, adapter_name: str, weight: Optional[torch.Tensor] = None) -> None:
         """Runs on the 16-bit weight with ``adapter_name`` folded in (``merged_weight_for``) until

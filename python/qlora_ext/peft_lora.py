@@ -87,7 +87,11 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     Merging follows PEFT's bitsandbytes layer: the weight is dequantized, the adapter added, and the
     result quantized again in the base's format (so unmerging is not exact either), with PEFT's warning.
+    ``merge16`` / ``unmerge16`` are qlora_ext's merge (``qlora_ext.merge_adapter``): the layer runs on a
+    16-bit weight with the adapter folded in, its codes and adapters untouched, until an exact unmerge.
     """
+
+    merged_adapter: Optional[str] = None  # the adapter of a 16-bit merge (merge16), or None
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
+        self.register_buffer("merged_weight", None, persistent=False)  # merge16's weight
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
@@ -207,6 +212,12 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return index
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged_adapter is not None and not self.disable_adapters:
+            if args or any(v is not None for v in kwargs.values()):
+                raise ValueError(f"adapter {self.merged_adapter!r} is merged into this layer (merge16): a forward "
+                                 f"takes x alone, got {sorted(kwargs) or len(args)} more; unmerge first")  # fmt: skip
+            xc, bias = _in_compute_dtype(x, self.get_base_layer())
+            return _output(nn.functional.linear(xc, self.merged_weight.to(xc.dtype), bias), x)
         if "adapter_names" in kwargs:
             self._check_forward_args(x, *args, **kwargs)
             out = self._fused_mixed_batch(x, args, kwargs)
@@ -227,6 +238,35 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return _output(out, x)
 
     # -----------------------------------------------------------------------------------------
+    # qlora_ext's 16-bit merge
+
+    def _refuse_if_merged16(self, what: str) -> None:
+        if self.merged_adapter is not None:
+            raise ValueError(
+                f"{what}: adapter {self.merged_adapter!r} is merged into this layer (merge16); unmerge first"
+            )
+
+    def merge16(self, adapter_name: str, weight: torch.Tensor) -> None:
+        """Runs on ``weight`` (``deq(W) + s B A`` of ``adapter_name``, in the base's dtype) until
+        ``unmerge16``; the 4-bit codes and the adapters stay as they are."""
+        self._refuse_if_merged16("merge16")
+        if self.merged:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into the 4-bit codes (PEFT's merge)")
+        self.merged_weight = weight
+        self.merged_adapter = adapter_name
+
+    def unmerge16(self) -> None:
+        """Back to the 4-bit base + adapter, exactly as before ``merge16``."""
+        if self.merged_adapter is None:
+            raise ValueError("no adapter is merged")
+        self.merged_weight = None
+        self.merged_adapter = None
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self._refuse_if_merged16("set_adapter")
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    # -----------------------------------------------------------------------------------------
     # merging (as PEFT's bitsandbytes Linear4bit layer: dequantize, add, quantize again)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -240,6 +280,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         base.set_weight(packed, new_state, base.quant_storage)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self._refuse_if_merged16("merge")
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for name in adapter_names:
             if name not in self.lora_A:

@@ -6,6 +6,7 @@ is touched, and written through a temporary file renamed into place."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,9 +17,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import _lora_layers as lora_layers
 from .adapters import _configs, _parent, _refuse_adapter_names_in_forward, _refuse_if_merged, qlora_layers, set_adapter
 from .lora_config import LoraConfig
-from .nn import Linear4bit, QLoRALinear
+from .nn import Linear4bit
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -88,19 +90,16 @@ def _adapter_tensors(model: nn.Module, adapter_name: Optional[str]) -> tuple[Lor
     """save_adapter's config and tensors (PEFT's keys), as the parameters are: DTensors where sharded."""
     configs = _configs(model)
     if adapter_name is None:
-        adapter_name = next((layer.active_adapter for _, layer in qlora_layers(model) if layer.active_adapter), None)
+        adapter_name = next(filter(None, (lora_layers.active_of(layer) for _, layer in qlora_layers(model))), None)
     if adapter_name not in configs:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(configs)}")
     config = configs[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in qlora_layers(model):
-        if adapter_name in layer.lora_A:
-            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (
-                layer.lora_A[adapter_name].weight.detach().contiguous().cpu()
-            )
-            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = (
-                layer.lora_B[adapter_name].weight.detach().contiguous().cpu()
-            )
+        if adapter_name in lora_layers.adapters_of(layer):
+            A, B = lora_layers.weights_of(layer, adapter_name)
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().contiguous().cpu()
     for name, module in model.named_modules():
         if config.saves(name):
             for pname, p in module.named_parameters():
@@ -135,7 +134,7 @@ def load_adapter(
     """Loads an adapter saved by PEFT (or by ``save_adapter``) under ``adapter_name``.
 
     The model must be prepared (``prepare_model``) or hold ``Linear4bit`` layers where the adapter has
-    weights (those become QLoRALinear). Reads safetensors only. Everything is checked before the
+    weights (those become LoRA layers). Reads safetensors only. Everything is checked before the
     model is touched: the config, every key (it must name a layer or parameter of the model), every
     tensor's float dtype and shape; a file that fails (truncated, corrupt, wrong shapes, missing or
     extra keys) raises an error naming it and leaves the model as it was. Tensors keep their dtype.
@@ -181,11 +180,11 @@ def load_adapter(
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
-        if not isinstance(module, (Linear4bit, QLoRALinear)):
+        if not (isinstance(module, Linear4bit) or lora_layers.is_lora_layer(module)):
             raise ValueError(
                 f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter"
             )
-        if isinstance(module, QLoRALinear) and adapter_name in module.lora_A:
+        if lora_layers.is_lora_layer(module) and adapter_name in lora_layers.adapters_of(module):
             raise ValueError(f"{name} has an adapter {adapter_name!r} already")
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1
@@ -214,21 +213,22 @@ def load_adapter(
         targets.append((target, value))
     # Apply.
     for name, module, A, B in plan:
+        file_config = dataclasses.replace(config, r=A.shape[0])
         if isinstance(module, Linear4bit):
-            module = QLoRALinear(module, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False,
-                                 A.dtype, adapter_name).train(module.training)  # fmt: skip
-            module.active_adapter = None
+            module = lora_layers.new_layer(module, adapter_name, file_config, init=False, dtype=A.dtype).train(
+                module.training
+            )
+            lora_layers.set_active(module, None)
             parent, child = _parent(model, name)
             setattr(parent, child, module)
         else:
-            module.add_adapter(
-                adapter_name, A.shape[0], config.lora_alpha, config.lora_dropout, config.use_rslora, False, A.dtype
-            )
+            lora_layers.add(module, adapter_name, file_config, init=False, dtype=A.dtype)
+        A_param, B_param = lora_layers.weights_of(module, adapter_name)
         with torch.no_grad():
-            module.lora_A[adapter_name].weight.copy_(A)
-            module.lora_B[adapter_name].weight.copy_(B)
-        for p in (*module.lora_A[adapter_name].parameters(), *module.lora_B[adapter_name].parameters()):
-            p.requires_grad_(is_trainable)
+            A_param.copy_(A)
+            B_param.copy_(B)
+        A_param.requires_grad_(is_trainable)
+        B_param.requires_grad_(is_trainable)
     with torch.no_grad():
         for target, value in targets:  # modules_to_save: one copy a model, shared by its adapters
             target.copy_(value)
@@ -240,8 +240,7 @@ def load_adapter(
         set_adapter(model, adapter_name)
         if not is_trainable:
             for _, layer in qlora_layers(model):
-                for p in layer.parameters():
-                    p.requires_grad_(False)
+                layer.requires_grad_(False)
     return config
 
 
@@ -369,7 +368,7 @@ def load_quantized(
     model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]], strict: bool = True
 ) -> nn.Module:
     """Loads a 4-bit checkpoint in bitsandbytes' keys (saved by ``save_quantized``, or by transformers +
-    bitsandbytes) into a model whose quantized layers are ``Linear4bit`` / ``QLoRALinear`` (built
+    bitsandbytes) into a model whose quantized layers are ``Linear4bit`` / LoRA layers (built
     empty or prepared); adapters are left as they are.
 
     ``weights``: a state dict, a ``.safetensors`` file, or a directory holding ``model.safetensors`` or

@@ -1,0 +1,243 @@
+"""The one interface to a prepared model's LoRA layers, whichever class holds them: qlora_ext's own
+``QLoRALinear``, or PEFT's LoRA layer on a ``Linear4bit`` (``peft_lora.LoraLinear4bit``). The functions
+that walk a prepared model (adapters, merging, saving and loading, transformers' files) reach a layer's
+adapters only through here, so that both classes keep one behaviour: one active adapter or none, only the
+active adapter's parameters trainable, a 16-bit merge that unmerges exactly, and deleting the active
+adapter leaves the base alone (PEFT would activate another).
+
+PEFT is imported only where a model holds PEFT's layers (``sys.modules``), so a prepared model of
+``QLoRALinear`` layers needs neither PEFT nor transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .lora_config import LoraConfig
+from .nn import Linear4bit, QLoRALinear, merged_weight, new_adapter
+
+__all__ = [
+    "active_of",
+    "add",
+    "adapters_of",
+    "base_of",
+    "delete",
+    "disabled",
+    "is_lora_layer",
+    "layer_kind",
+    "lora_layers",
+    "merge16",
+    "merged_of",
+    "merged_weight_of",
+    "new_layer",
+    "scaling_of",
+    "set_active",
+    "unmerge16",
+    "weights_of",
+]
+
+
+def _peft_class() -> Optional[type]:
+    """``LoraLinear4bit`` where PEFT is imported (a model can hold one only then), else None."""
+    if "peft" not in sys.modules:
+        return None
+    try:
+        from .peft_lora import LoraLinear4bit
+    except ImportError:  # a PEFT that qlora_ext's layer does not support: no model holds one
+        return None
+    return LoraLinear4bit
+
+
+def _is_peft(layer: nn.Module) -> bool:
+    return not isinstance(layer, QLoRALinear)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a LoRA layer on a 4-bit base that this interface knows."""
+    if isinstance(module, QLoRALinear):
+        return True
+    peft_class = _peft_class()
+    return peft_class is not None and isinstance(module, peft_class)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's LoRA layers on 4-bit bases, with their names."""
+    for name, module in model.named_modules():
+        if is_lora_layer(module):
+            yield name, module
+
+
+def base_of(layer: nn.Module) -> Linear4bit:
+    return layer.base_layer if not _is_peft(layer) else layer.get_base_layer()
+
+
+def adapters_of(layer: nn.Module) -> list[str]:
+    """The layer's adapters, in the order they were added."""
+    return list(layer.lora_A)
+
+
+def weights_of(layer: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """Adapter ``name``'s ``A`` ([r, in]) and ``B`` ([out, r])."""
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def _parameters(layer: nn.Module, name: str) -> list[nn.Parameter]:
+    return [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]
+
+
+def scaling_of(layer: nn.Module, name: str) -> float:
+    return float(layer.scaling[name])
+
+
+def active_of(layer: nn.Module) -> Optional[str]:
+    """The active adapter, or None (the base alone)."""
+    if not _is_peft(layer):
+        return layer.active_adapter
+    active = [a for a in dict.fromkeys(layer.active_adapters) if a in layer.lora_A]
+    if len(active) > 1:
+        raise ValueError(f"{len(active)} adapters are active in one layer ({active}); qlora_ext runs one at a time")
+    return active[0] if active else None
+
+
+def set_active(layer: nn.Module, name: Optional[str]) -> None:
+    """Makes ``name`` the layer's active adapter (None: the base alone); only its parameters require grad."""
+    if name is not None and name not in layer.lora_A:
+        raise ValueError(f"no adapter {name!r} in this layer; it has {adapters_of(layer)}")
+    if _is_peft(layer):
+        layer.set_adapter([] if name is None else name)
+    else:
+        layer.set_adapter(name)
+    for adapter in adapters_of(layer):
+        for p in _parameters(layer, adapter):
+            p.requires_grad_(adapter == name)
+
+
+def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None) -> None:
+    """Adds adapter ``name`` with ``config``'s settings (``init`` and ``dtype`` in place of the config's:
+    loading passes ``False`` and the file's dtype); the active adapter stays as it was. Both classes draw
+    the same initial adapter from the same seed (``nn.new_adapter``, on the base's device)."""
+    init = config.init if init is None else init
+    dtype = config.adapter_dtype if dtype is None else dtype
+    if not _is_peft(layer):
+        layer.add_adapter(name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype)
+        return
+    if name in layer.lora_A:
+        raise ValueError(f"adapter {name!r} exists already")
+    from peft.utils.integrations import init_empty_weights
+
+    active = active_of(layer)
+    with init_empty_weights():  # PEFT's own adapter tensors, on meta: no memory, no random draws
+        layer.update_layer(name, config.r, config.lora_alpha, config=_peft_config(config))
+    lora_A, lora_B = new_adapter(base_of(layer), config.r, init, dtype)
+    layer.lora_A[name] = lora_A.train(layer.training)
+    layer.lora_B[name] = lora_B.train(layer.training)
+    set_active(layer, active)
+
+
+def layer_kind() -> str:
+    """Which class ``new_layer`` builds: ``"qlora"`` (``QLoRALinear``, the default) or ``"peft"`` (PEFT's
+    ``LoraLinear4bit``), from the environment variable ``QLORA_EXT_LAYERS``. Private and passing: it lets the
+    tests and one benchmark run compare the two before prepare_model moves to PEFT's layers
+    (docs/plan-prepare-model-on-peft.md, steps 3 to 7)."""
+    kind = os.environ.get("QLORA_EXT_LAYERS", "qlora")
+    if kind not in ("qlora", "peft"):
+        raise ValueError(f"QLORA_EXT_LAYERS must be 'qlora' or 'peft', got {kind!r}")
+    return kind
+
+
+def new_layer(base: Linear4bit, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None):
+    """A LoRA layer on ``base`` (of ``layer_kind()``'s class) with one adapter, ``name``, active and
+    trainable; ``init`` and ``dtype`` as in ``add``. Either class draws the same adapter from one seed."""
+    init = config.init if init is None else init
+    dtype = config.adapter_dtype if dtype is None else dtype
+    if layer_kind() == "qlora":
+        return QLoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype, name)
+    from peft.utils.integrations import init_empty_weights
+
+    from .peft_lora import LoraLinear4bit
+
+    with init_empty_weights():  # PEFT's own adapter tensors, on meta: no memory, no random draws
+        layer = LoraLinear4bit(base, name, config=_peft_config(config), r=config.r, lora_alpha=config.lora_alpha)
+    lora_A, lora_B = new_adapter(base, config.r, init, dtype)
+    layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
+    set_active(layer, name)
+    return layer
+
+
+def _peft_config(config: LoraConfig):
+    """The ``peft.LoraConfig`` that PEFT's ``update_layer`` reads ``config``'s settings from (the initial
+    adapter is drawn by ``add``, not by PEFT)."""
+    import peft
+
+    return peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                           use_rslora=config.use_rslora, init_lora_weights=False)  # fmt: skip
+
+
+def delete(layer: nn.Module, name: str) -> None:
+    """Removes adapter ``name``; a layer whose active adapter it was runs its base alone."""
+    was_active = active_of(layer) == name
+    if _is_peft(layer):
+        layer.delete_adapter(name)
+        if was_active:
+            set_active(layer, None)
+        return
+    del layer.lora_A[name], layer.lora_B[name]
+    for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout):
+        d.pop(name, None)
+    if was_active:
+        layer.active_adapter = None
+
+
+def merged_of(layer: nn.Module) -> Optional[str]:
+    """The adapter merged in 16 bits into the layer's weight, or None."""
+    if _is_peft(layer):
+        if layer.merged:
+            raise ValueError(
+                f"PEFT's merge put adapters {layer.merged_adapters} into this layer's 4-bit codes, which qlora_ext "
+                "cannot undo or save as a prepared model: unmerge them with PEFT first"
+            )
+        return getattr(layer, "merged_adapter", None)
+    return layer.merged_adapter
+
+
+def merged_weight_of(layer: nn.Module, name: str) -> torch.Tensor:
+    """``deq(W) + s B A`` of adapter ``name``, in the base weight's original dtype."""
+    return merged_weight(base_of(layer), *weights_of(layer, name), scaling_of(layer, name))
+
+
+def merge16(layer: nn.Module, name: str) -> None:
+    """Runs the layer on its 16-bit weight with adapter ``name`` folded in until ``unmerge16``."""
+    weight = merged_weight_of(layer, name)
+    layer.merge(name, weight) if not _is_peft(layer) else layer.merge16(name, weight)
+
+
+def unmerge16(layer: nn.Module) -> None:
+    """Back to the 4-bit base + adapter, exactly as before ``merge16``."""
+    layer.unmerge() if not _is_peft(layer) else layer.unmerge16()
+
+
+@contextlib.contextmanager
+def disabled(layers: Iterable[nn.Module]):
+    """Within the block ``layers`` run their 4-bit bases alone; what requires grad is left as it is."""
+    layers = list(layers)
+    before = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        if _is_peft(layer):
+            layer._disable_adapters = True  # not enable_adapters(False), which clears requires_grad
+        else:
+            layer.disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, b in zip(layers, before):
+            if _is_peft(layer):
+                layer._disable_adapters = b
+            else:
+                layer.disable_adapters = b
