@@ -35,6 +35,10 @@ peak_gib, step_s, host_s (the median time until the step's Python returned, befo
 GPU: near step_s, the host's launches bound the step, unless the step itself waits for the GPU, as
 a .item() does). --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
 for each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
+--decode N adds op "decode" rows: greedy generation of N new tokens at batch 1 after a 32-token prompt
+(model.generate with the KV cache, adapter active and not merged, eval mode), the median of 3 after a
+warm-up: tok_per_s = N / time. Decode runs one token at a time through every layer, so the host's
+Python per layer, not the GPU, can bound it: the row for comparing layer classes' overheads.
 --profile FILE writes, per implementation, the GPU time of one step kernel by kernel
 (torch.profiler), the step's wall time against the GPU's busy time, and where the step's Python
 waits for the GPU (torch.cuda.set_sync_debug_mode: each such place keeps host_s near step_s).
@@ -356,15 +360,38 @@ def train_step(model, optimizer, ids):
     return loss
 
 
-def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
-    """Times each (batch, seq) of `runs` on one model build; returns {run: result} and a profile text."""
+def decode_speed(model, name: str, new_tokens: int, device) -> dict:
+    """Greedy generation of `new_tokens` tokens after a 32-token prompt, batch 1: the median of 3 runs."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompt = tokens(name, 1, 32, device, seed=32)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(4):  # the first warms up
+            sync()
+            t = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True)  # fmt: skip
+            sync()
+            if i:
+                times.append(time.perf_counter() - t)
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - prompt.shape[1]} tokens, not {new_tokens}")
+    model.train()
+    t = statistics.median(times)
+    return dict(tok_per_s=new_tokens / t, ms_per_token=t / new_tokens * 1e3)
+
+
+def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode=0):
+    """Times each (batch, seq) of `runs` on one model build; returns {run: result} (and "decode": the
+    decode speed, with `decode` > 0) and a profile text."""
     try:
-        return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run)
+        return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode)
     finally:
         qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched's patch: later builds run unpatched
 
 
-def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run):
+def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     model = build(impl, name, device, adapter_dtype)
@@ -406,6 +433,10 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run)
                 step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}"
             )
             print(profile_text, flush=True)
+    if decode > 0:
+        results["decode"] = decode_speed(model, name, decode, device)
+        print(f"{impl:20s} {name:9s} decode {decode} tokens: {results['decode']['tok_per_s']:8.1f} tok/s "
+              f"({results['decode']['ms_per_token']:.2f} ms a token)", flush=True)  # fmt: skip
     del model, optimizer, trainable, step  # (step holds the model and optimizer too)
     release()
     return build_s, results, profile_text
@@ -450,11 +481,12 @@ def main() -> None:
     ap.add_argument("--adapter-dtypes", default="float32", help="float32 and/or bfloat16, for every implementation")
     ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(OPTIMS) + ", for every implementation")
     ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
+    ap.add_argument("--decode", type=int, default=0, help="N > 0: greedy decode speed of N new tokens, batch 1")
     ap.add_argument("--profile", default=None, help="FILE: one step of each implementation, kernel by kernel")
     ap.add_argument("--profile-run", default="1x2048", help="the BATCHxSEQ run profiled")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --models tiny")
     ap.add_argument("--out", default=None)
-    args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3})
+    args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3, "decode": 32})
     device = torch.device(args.device)
     impls = args.impls.split(",")
     for impl in impls:
@@ -484,10 +516,15 @@ def main() -> None:
                           f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
                 build_s, results, prof = measure(
-                    impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run
+                    impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run, args.decode
                 )
                 if prof:
                     profiles.append(prof)
+                decode = results.pop("decode", None)
+                if decode is not None:
+                    rows.append({"op": "decode", "impl": impl, "model": name, "adapter_dtype": dname, "batch": 1,
+                                 "prompt": 32, "new_tokens": args.decode, "tok_per_s": round(decode["tok_per_s"], 2),
+                                 "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
                 for (batch, seq), r in results.items():
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,

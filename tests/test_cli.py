@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import cli, finetune_data, finetune_optim
-from qlora_ext.nn import QLoRALinear
+from qlora_ext import _lora_layers as lora_layers, cli, finetune_data, finetune_optim
 
 from helpers import assert_bits_equal, requires_cuda, requires_fsdp_integers
 
@@ -116,9 +115,9 @@ def test_finetune_checkpoint_resume_and_peft(model_dir, data_file, tmp_path, mon
     qlora_ext.load_adapter(ours, tmp_path / "straight", "trained")
     plain = copy.deepcopy(base)
     for name, module in ours.named_modules():
-        if isinstance(module, QLoRALinear):
+        if lora_layers.is_lora_layer(module):
             with torch.no_grad():
-                plain.get_submodule(name).weight.copy_(module.base_layer.dequantize().float())
+                plain.get_submodule(name).weight.copy_(lora_layers.base_of(module).dequantize().float())
     theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path / "straight")).eval()
     ids = torch.randint(4, 20, (2, 9))
     with torch.no_grad():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import functional as F
+from qlora_ext import _lora_layers as lora_layers, functional as F
 from qlora_ext.nn import Linear4bit
 
 from helpers import (
@@ -696,7 +696,7 @@ def test_replace_linears_takes_the_layers_bitsandbytes_takes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer and SFTTrainer on a model made by qlora_ext.prepare_model (no PeftModel: QLoRALinear layers)
+# Trainer and SFTTrainer on a model made by qlora_ext.prepare_model (no PeftModel: qlora_ext's LoRA layers)
 
 
 def prepared(lm_dir, base="16-bit", dropout=0.1):
@@ -719,14 +719,14 @@ def losses_of(trainer) -> dict[int, float]:
 
 
 def check_prepared_checkpoint(whole, checkpoint, gen):
-    """`from_pretrained(checkpoint)` alone gives the prepared model (QLoRALinear layers, the same adapters and
+    """`from_pretrained(checkpoint)` alone gives the prepared model (its LoRA layers, the same adapters and
     4-bit bits) and the trained model's logits, bit for bit."""
     config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "qlora_ext" and config["prepared"]["active_adapter"] == "default"
     assert len(config["prepared"]["adapters"]["default"]["layers"]) == N_LINEARS
     back = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
     layer = back.model.layers[1].mlp.down_proj
-    assert isinstance(layer, qlora_ext.QLoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert lora_layers.is_lora_layer(layer) and isinstance(lora_layers.base_of(layer), Linear4bit)
     assert back.qlora_config == whole.model.qlora_config
     assert sorted(n for n, p in back.named_parameters() if p.requires_grad) == sorted(lora_params(back))
     theirs = whole.model.state_dict()
@@ -795,7 +795,7 @@ def test_prepared_save_pretrained_several_adapters_and_refusals(lm_dir, gen, tmp
     assert prepared["adapters"]["other"]["layers"] == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
     # (on a GPU machine from_pretrained would place it on CUDA, as bitsandbytes' quantizer does)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"), device_map="cpu").eval()
-    assert isinstance(back.model.layers[0].self_attn.q_proj, qlora_ext.QLoRALinear)
+    assert lora_layers.is_lora_layer(back.model.layers[0].self_attn.q_proj)
     assert isinstance(back.model.layers[0].mlp.up_proj, Linear4bit)
     assert back.model.layers[0].self_attn.v_proj.lora_A["other"].weight.dtype == torch.bfloat16
     assert sorted(n for n, p in back.named_parameters() if p.requires_grad) == sorted(

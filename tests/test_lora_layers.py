@@ -59,8 +59,9 @@ def trainable(layer: nn.Module) -> list[str]:
 )
 def test_add_draws_the_same_adapter(device, init, dtype):
     ours, theirs = both_layers(device, seed=1)
-    config = LoraConfig(r=16, lora_alpha=8, init=init, adapter_dtype=dtype, use_rslora=True)
+    config = LoraConfig(r=16, lora_alpha=8, lora_dropout=0.2, init=init, adapter_dtype=dtype, use_rslora=True)
     for layer in (ours, theirs):
+        layer.eval()  # the new adapter's modules (its dropout too) must follow the layer's mode
         torch.manual_seed(7)
         layers.add(layer, "second", config)
     for a, b, what in zip(layers.weights_of(ours, "second"), layers.weights_of(theirs, "second"), "AB"):
@@ -76,6 +77,14 @@ def test_add_draws_the_same_adapter(device, init, dtype):
     assert trainable(theirs) == trainable(ours)
     with pytest.raises(ValueError, match="exists already"):
         layers.add(theirs, "second", config)
+    x = torch.randn(3, IN, device=device, generator=torch.Generator(device).manual_seed(20))
+    outs = []
+    for layer in (ours, theirs):
+        layers.set_active(layer, "second")
+        with torch.no_grad():
+            layers.weights_of(layer, "second")[1].fill_(0.25)
+        outs.append(layer(x))
+    assert_bits_equal(outs[1], outs[0], "eval output with the added adapter (no dropout in eval)")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -220,3 +229,30 @@ def test_prepare_model_gives_the_same_model_with_either_class(device, tmp_path, 
     assert sorted(theirs["files"]) == sorted(ours["files"])
     for path, data in ours["files"].items():
         assert theirs["files"][path] == data, f"{path} differs between the two classes"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_classes_under_torch_compile_fullgraph(device):
+    """Each class traces whole (fullgraph=True: PEFT's Python around the fused op breaks no graph) and the
+    compiled layer gives the eager one's bits, output and gradients, with dropout."""
+    x = torch.randn(33, IN, device=device, generator=torch.Generator(device).manual_seed(16))
+    g = torch.randn(33, OUT, device=device, generator=torch.Generator(device).manual_seed(17))
+    for layer in both_layers(device, seed=18):
+        layers.set_active(layer, "first")
+        compiled = torch.compile(
+            layer, fullgraph=True, dynamic=False, backend="aot_eager" if device == "cpu" else "inductor"
+        )
+        layer.eval()
+        assert_bits_equal(compiled(x), layer(x), f"{type(layer).__name__} compiled, eval")
+        layer.train()
+        results = []
+        for fn in (layer, compiled):
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(19)
+            with torch._inductor.config.patch(fallback_random=True):
+                y = fn(xi)
+            y.backward(g)
+            results.append((y.detach(), xi.grad, layers.weights_of(layer, "first")[0].grad.clone()))
+        for a, b, what in zip(*results, ("output", "x's gradient", "A's gradient")):
+            assert_bits_equal(b, a, f"{type(layer).__name__} compiled, train: {what}")

@@ -136,8 +136,9 @@ def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optio
     with init_empty_weights():  # PEFT's own adapter tensors, on meta: no memory, no random draws
         layer.update_layer(name, config.r, config.lora_alpha, config=_peft_config(config))
     lora_A, lora_B = new_adapter(base_of(layer), config.r, init, dtype)
-    layer.lora_A[name] = lora_A.train(layer.training)
-    layer.lora_B[name] = lora_B.train(layer.training)
+    layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
+    for module in (lora_A, lora_B, layer.lora_dropout[name]):  # PEFT's dropout starts in training mode
+        module.train(layer.training)
     set_active(layer, active)
 
 

@@ -126,34 +126,38 @@ class LoraLinear4bit(nn.Module, LoraLayer):
     # -----------------------------------------------------------------------------------------
     # forward
 
-    def _fused_adapter(self, args: tuple, kwargs: dict) -> Optional[str]:
-        """The adapter that the fused op computes this call with, or None where PEFT's composition must."""
+    def _plain_modules(self, name: str) -> Optional[tuple[nn.Module, nn.Module, nn.Module]]:
+        """Adapter ``name``'s ``lora_A``, ``lora_B`` and dropout modules where it is plain LoRA as the fused
+        ops compute it (no variant, no bias, ``nn.Linear`` adapters, ``nn.Dropout`` or ``nn.Identity``), else
+        None. It reads the module dicts directly, not through ``nn.Module.__getattr__``: it runs in every
+        forward, and in decode the host's Python per layer bounds the step."""
+        if name in self.lora_variant or self.lora_bias.get(name, False):
+            return None
+        modules = self._modules
+        A, B = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+        dropout = modules["lora_dropout"]._modules[name]
+        if type(A) is not nn.Linear or type(B) is not nn.Linear:
+            return None
+        if A._parameters["bias"] is not None or B._parameters["bias"] is not None:
+            return None
+        return (A, B, dropout) if type(dropout) in (nn.Identity, nn.Dropout) else None
+
+    def _fused_adapter(self, args: tuple, kwargs: dict) -> Optional[tuple[str, tuple[nn.Module, nn.Module, nn.Module]]]:
+        """The adapter that the fused op computes this call with and its modules, or None where PEFT's
+        composition must."""
         if args or any(v is not None for v in kwargs.values()):
             return None  # adapter_names (a mixed batch), aLoRA offsets, anything the base must see
-        if self.disable_adapters or self.merged:
+        if self._disable_adapters or self.merged_adapters:
             return None
-        active = [name for name in self.active_adapters if name in self.lora_A]
-        if len(active) != 1:
+        active = self._active_adapter
+        present = self._modules["lora_A"]._modules
+        names = [n for n in ([active] if isinstance(active, str) else active) if n in present]
+        if len(names) != 1:
             return None
-        name = active[0]
-        if name in self.lora_variant or self.lora_bias.get(name, False):
+        modules = self._plain_modules(names[0])
+        if modules is None or (type(modules[2]) is nn.Dropout and modules[2].p >= 1):
             return None
-        A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
-            return None
-        if type(dropout) not in (nn.Identity, nn.Dropout) or (isinstance(dropout, nn.Dropout) and dropout.p >= 1):
-            return None
-        return name
-
-    def _plain(self, name: str) -> bool:
-        """Whether adapter ``name`` is plain LoRA, as the fused ops compute it (no variant, no bias, no
-        dropout module of another kind)."""
-        if name in self.lora_variant or self.lora_bias.get(name, False):
-            return False
-        A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
-            return False
-        return type(dropout) in (nn.Identity, nn.Dropout)
+        return names[0], modules
 
     def _fused_mixed_batch(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """A mixed-adapter batch (``adapter_names``) in one call of ``lora_linear_indexed``, or None where
@@ -165,7 +169,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         if self.disable_adapters or self.merged or len(names) != len(x):
             return None  # (PEFT's own checks raise for a length mismatch and merged adapters)
         used = sorted({n for n in names if n in self.lora_A})
-        if not used or not all(self._plain(n) for n in used):
+        if not used or not all(self._plain_modules(n) is not None for n in used):
             return None
         if any(self.lora_dropout[n].training and getattr(self.lora_dropout[n], "p", 0) > 0 for n in used):
             return None
@@ -223,18 +227,15 @@ class LoraLinear4bit(nn.Module, LoraLayer):
             out = self._fused_mixed_batch(x, args, kwargs)
             if out is not None:
                 return out
-        name = self._fused_adapter(args, kwargs)
-        if name is None:
+        fused = self._fused_adapter(args, kwargs)
+        if fused is None:
             return _lora_layer.Linear.forward(self, x, *args, **kwargs)
+        name, (A, B, dropout) = fused
         self._check_forward_args(x, *args, **kwargs)
-        base = self.get_base_layer()
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        base = self._modules["base_layer"]  # a Linear4bit, never another tuner layer: no get_base_layer() walk
+        p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
         xc, bias = _in_compute_dtype(x, base)
-        out = F.lora_linear(
-            xc, base.weight, base._state(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
-            bias,
-        )  # fmt: skip
+        out = F.lora_linear(xc, base.weight, base._state(), A.weight, B.weight, self.scaling[name], p, bias)
         return _output(out, x)
 
     # -----------------------------------------------------------------------------------------
