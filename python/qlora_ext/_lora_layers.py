@@ -31,6 +31,7 @@ __all__ = [
     "delete",
     "disabled",
     "is_lora_layer",
+    "is_prepared",
     "layer_kind",
     "lora_layers",
     "merge16",
@@ -72,6 +73,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if is_lora_layer(module):
             yield name, module
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` was made by ``prepare_model`` (LoRA layers and ``qlora_config``, or qlora_ext's own
+    layers), not wrapped by PEFT's ``get_peft_model``, whose layers may be the same class."""
+    layers = [m for _, m in lora_layers(model)]
+    return bool(layers) and (hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for m in layers))
 
 
 def base_of(layer: nn.Module) -> Linear4bit:

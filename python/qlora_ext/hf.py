@@ -43,8 +43,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import functional as F
-from ._lora_layers import lora_layers
-from .nn import _STORAGE_DTYPES, Linear4bit, QLoRALinear
+from ._lora_layers import is_prepared
+from .nn import _STORAGE_DTYPES, Linear4bit
 from .quant_state import BLOCKSIZES, QUANT_TYPES
 
 __all__ = ["METHOD", "QLoraExtConfig", "QLoraExtHfQuantizer", "register_peft", "replace_linears"]
@@ -241,12 +241,6 @@ class _Deserialize(ConversionOps):
         return _Keep()
 
 
-def _is_prepared(model: nn.Module) -> bool:
-    """A model made by ``prepare_model`` (``qlora_config`` set, or qlora_ext's own layers), not one that PEFT wraps."""
-    layers = [m for _, m in lora_layers(model)]
-    return bool(layers) and (hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for m in layers))
-
-
 class QLoraExtHfQuantizer(HfQuantizer):
     """transformers' quantizer for ``QLoraExtConfig``, following its bitsandbytes 4-bit quantizer's hooks:
     ``preprocess_model`` puts empty Linear4bit layers in place of the linears; the loader then calls
@@ -340,7 +334,7 @@ class QLoraExtHfQuantizer(HfQuantizer):
         """Called by ``save_pretrained`` before it writes ``config.json``: the ``prepared`` entry is brought up
         to date with the model's LoRA layers and adapters as they are now (the state dict itself is
         the model's own)."""
-        if _is_prepared(model):
+        if is_prepared(model):
             from .hf_prepared import prepared_layout
 
             self.quantization_config.prepared = prepared_layout(model)
@@ -370,7 +364,7 @@ class QLoraExtHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: each Linear4bit becomes an nn.Linear with its dequantized weight."""
-        if _is_prepared(model):
+        if is_prepared(model):
             raise ValueError(
                 "qlora_ext: dequantize() of a prepared model would take the 4-bit bases from under its LoRA "
                 "layers: qlora_ext.merge_adapter(model) runs them on 16-bit weights with the adapter folded in"

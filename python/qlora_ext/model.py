@@ -274,7 +274,7 @@ def prepare_model(
     """
     lora_config = as_lora_config(lora_config, model)
     _refuse_quantized_models(model)  # first: for bitsandbytes + PEFT, patch_bitsandbytes() is the answer
-    if any(True for _ in qlora_layers(model)) and hasattr(model, "qlora_config"):
+    if lora_layers.is_prepared(model):
         raise ValueError("the model is prepared already; add more adapters with add_adapter")
     _refuse_peft_models(model)
     source = _WeightSource(weights, weights_prefix) if weights is not None else None
