@@ -26,12 +26,6 @@ SEED = int(os.environ.get("QLORA_TEST_SEED") or random.SystemRandom().randrange(
 HAS_CUDA = torch.cuda.is_available() and qlora_ext.cuda_kernels_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of qlora_ext")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[requires_cuda, pytest.mark.cuda])]
-# torch 2.11 and earlier: fully_shard makes every sharded parameter require grad, which the 4-bit
-# layers' uint8 codes and scales cannot (pytorch/pytorch#177844).
-FSDP_SHARDS_INTEGERS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 12)
-requires_fsdp_integers = pytest.mark.skipif(
-    not FSDP_SHARDS_INTEGERS, reason="this torch's fully_shard cannot shard uint8 parameters (pytorch#177844)"
-)
 # bench/sanitize.sh turns torch's caching allocator off under memcheck and initcheck, and CUDA graph
 # capture refuses to run without it.
 needs_caching_allocator = pytest.mark.skipif(

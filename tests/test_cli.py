@@ -13,7 +13,7 @@ import torch
 import qlora_ext
 from qlora_ext import _lora_layers as lora_layers, cli, finetune_data, finetune_optim
 
-from helpers import assert_bits_equal, requires_cuda, requires_fsdp_integers
+from helpers import assert_bits_equal, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -734,7 +734,7 @@ def needs_gloo():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=requires_fsdp_integers)])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_matches_one_process(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
     """2 gloo ranks, each step's 2 micro-batches one a rank: the one-process run's losses, gradient
     norms, learning rates, eval losses, adapters and optimizer state, bit for bit (DDP and FSDP2
@@ -757,7 +757,7 @@ def test_torchrun_matches_one_process(model_dir, data_file, eval_args, one_proce
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=requires_fsdp_integers)])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_resumes_after_a_crash(model_dir, data_file, eval_args, one_process_run, tmp_path, mode):
     """Stopped right after its checkpoint of step 2, then launched again, a run under torchrun ends
     as the uninterrupted one-process run, bit for bit; so does one process resuming its checkpoint."""

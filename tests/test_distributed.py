@@ -21,7 +21,7 @@ import torch.distributed as dist
 import qlora_ext
 from qlora_ext.nn import Linear4bit
 
-from helpers import FSDP_SHARDS_INTEGERS, SEED, one_thread, requires_fsdp_integers, tiny_llama, tiny_lm_dir
+from helpers import SEED, one_thread, tiny_llama, tiny_lm_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,6 +29,7 @@ from qlora_ext.distributed import (  # noqa: E402  (after the skips: the module'
     adapter_state_dict,
     full_state_dict,
     fully_shard_model,
+    integer_parameters_without_grad,
     prepare_fsdp,
     save_adapter,
     save_quantized,
@@ -173,10 +174,32 @@ def shard_sizes(model) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def fsdp_worker(rank: int, path: str, seed: int, lm_dir: str, out: str, checkpointing: bool) -> dict:
+def simulate_torch_2_11() -> None:
+    """fully_shard as on torch 2.11 and earlier (pytorch/pytorch#177844): each sharded parameter is first
+    made as ``nn.Parameter(shard)``, which requires grad and so fails for an integer shard; qlora_ext's
+    workaround is then what lets the 4-bit layers' uint8 codes and scales through."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    import qlora_ext.distributed
+
+    original = FSDPParam._init_sharded_param
+
+    def init_sharded_param(self, param, *args, **kwargs):
+        torch.nn.Parameter(param.detach())  # torch 2.11's first step (its requires_grad set only after)
+        return original(self, param, *args, **kwargs)
+
+    FSDPParam._init_sharded_param = init_sharded_param
+    qlora_ext.distributed.FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD = True
+
+
+def fsdp_worker(
+    rank: int, path: str, seed: int, lm_dir: str, out: str, checkpointing: bool, torch_2_11: bool = False
+) -> dict:
     model = build(path, seed, lm_dir)
     if checkpointing:  # the backward recomputes each layer's forward: the gathered scales again
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if torch_2_11:
+        simulate_torch_2_11()
     fully_shard_model(model)
     result = {"sizes": shard_sizes(model)}
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
@@ -239,32 +262,16 @@ def test_ddp_matches_one_process(path, lm_dir, tmp_path):
     assert_matches_one_process(results, reference(path, seed, lm_dir))
 
 
-def old_torch_fsdp_worker(rank: int, path: str, seed: int, lm_dir: str) -> dict:
-    model = build(path, seed, lm_dir)
-    try:
-        fully_shard_model(model)
-        return {"error": "no error"}
-    except RuntimeError as e:
-        return {"error": str(e)}
-
-
-@pytest.mark.skipif(FSDP_SHARDS_INTEGERS, reason="this torch's fully_shard shards uint8 parameters")
-def test_fully_shard_on_a_torch_that_cannot_names_the_cause(lm_dir, tmp_path):
-    results = spawn(old_torch_fsdp_worker, tmp_path, PATHS[0], SEED % 2**31, lm_dir)
-    for r in results:
-        assert "cannot shard integer parameters" in r["error"] and "pytorch/pytorch#177844" in r["error"], r
-
-
-@requires_fsdp_integers
 @pytest.mark.parametrize(
-    "path, checkpointing",
-    [(PATHS[0], False), (PATHS[1], False), (PATHS[0], True)],
-    ids=[PATHS[0], PATHS[1], PATHS[0] + "+checkpointing"],
+    "path, checkpointing, torch_2_11",
+    [(PATHS[0], False, False), (PATHS[1], False, False), (PATHS[0], True, False), (PATHS[1], False, True)],
+    ids=[PATHS[0], PATHS[1], PATHS[0] + "+checkpointing", PATHS[1] + "+torch-2.11"],
 )
-def test_fully_shard_matches_one_process_and_saves(path, checkpointing, lm_dir, tmp_path):
+def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_11, lm_dir, tmp_path):
+    """torch_2_11: fully_shard as on torch 2.11 (simulate_torch_2_11), with fully_shard_model's workaround."""
     seed = SEED % 2**31
     out = tmp_path / "adapter"
-    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing)
+    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing, torch_2_11)
     ref = reference(path, seed, lm_dir)
     assert_matches_one_process(results, ref)
 
@@ -341,10 +348,51 @@ def test_registered_scales_keep_state_dict_and_outputs(gen):
                 {k: v for k, v in before.items() if ".base_layer.weight" in k}, "after .half().float()")  # fmt: skip
 
 
-def test_prepare_fsdp_refusals():
+def simulated_torch_2_11_without_workaround_worker(rank: int, path: str, seed: int, lm_dir: str) -> dict:
+    import qlora_ext.distributed
+
+    model = build(path, seed, lm_dir)
+    simulate_torch_2_11()
+    qlora_ext.distributed.FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD = False  # the workaround off
+    try:
+        fully_shard_model(model)
+        return {"error": "no error"}
+    except RuntimeError as e:
+        return {"error": str(e)}
+
+
+def test_the_torch_2_11_simulation_fails_without_the_workaround(lm_dir, tmp_path):
+    """The simulated torch 2.11 fails as torch 2.11 does when the workaround is off: the simulation that
+    the +torch-2.11 case passes through is the bug, not a no-op."""
+    for r in spawn(simulated_torch_2_11_without_workaround_worker, tmp_path, PATHS[0], SEED % 2**31, lm_dir):
+        assert "tensors of floating point" in r["error"].lower(), r
+
+
+def test_integer_parameters_without_grad():
+    codes = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(codes)
+    before = torch.nn.Parameter.__dict__["__new__"]
+    with integer_parameters_without_grad():
+        assert not torch.nn.Parameter(codes).requires_grad
+        assert torch.nn.Parameter(torch.zeros(2)).requires_grad, "a float parameter is as before"
+        assert not torch.nn.Parameter(torch.zeros(2), requires_grad=False).requires_grad
+        assert type(torch.nn.Parameter(codes)) is torch.nn.Parameter
+    assert torch.nn.Parameter.__dict__["__new__"] is before
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(codes)
+
+
+def test_prepare_fsdp_refusals(monkeypatch):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         prepare_fsdp("model")
     with pytest.raises(ValueError, match="no qlora_ext Linear4bit"):
         prepare_fsdp(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="_no_split_modules"):
         fully_shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    import qlora_ext.distributed
+
+    monkeypatch.setattr(qlora_ext.distributed, "FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD", True)
+    model = build(PATHS[0], 0, "")
+    with pytest.raises(ValueError, match="reshard_after_forward=2 needs torch 2.12"):
+        fully_shard_model(model, reshard_after_forward=2)

@@ -9,6 +9,7 @@ so that ``fully_shard`` shards them with the packed codes instead of every rank 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,28 +72,62 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+# torch 2.11 and earlier: fully_shard makes each sharded parameter as nn.Parameter(shard), which requires
+# grad, and only then sets the original's requires_grad (pytorch/pytorch#177844, fixed in 2.12); a uint8
+# shard (the 4-bit codes and scales) cannot require grad, so that first step fails.
+FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
+
+
+@contextlib.contextmanager
+def integer_parameters_without_grad():
+    """Within the block, ``nn.Parameter(t)`` of an integer ``t`` does not require grad (instead of
+    raising): the workaround for torch 2.11's ``fully_shard`` (``FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD``),
+    which sets the right ``requires_grad`` itself right after. Only a call that would raise changes."""
+    original = nn.Parameter.__dict__["__new__"]
+    new = original.__func__ if isinstance(original, staticmethod) else original
+
+    def integer_without_grad(cls, data=None, requires_grad=True):
+        if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return new(cls, data, requires_grad)
+
+    nn.Parameter.__new__ = staticmethod(integer_without_grad)
+    try:
+        yield
+    finally:
+        nn.Parameter.__new__ = original
+
+
 def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs: Any) -> nn.Module:
     """``prepare_fsdp(model)``, then ``fully_shard`` on each of ``layers`` (default: ``decoder_layers``)
     and on ``model``, with ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...).
-    Needs an initialized process group; returns ``model``, now an ``FSDPModule``."""
+    Needs an initialized process group; returns ``model``, now an ``FSDPModule``. On torch 2.11 and
+    earlier, an integer ``reshard_after_forward`` is refused: FSDP2 then makes new sharded parameters in
+    every forward, which pytorch/pytorch#177844 breaks for the uint8 codes."""
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(model) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers must name at least one module to shard")
+    after_forward = fsdp_kwargs.get("reshard_after_forward")
+    if (
+        FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD
+        and isinstance(after_forward, int)
+        and not isinstance(after_forward, bool)
+    ):
+        raise ValueError(
+            f"reshard_after_forward={after_forward} needs torch 2.12 or newer for 4-bit layers "
+            "(pytorch/pytorch#177844); "
+            f"this is torch {torch.__version__}: pass True or False"
+        )
     prepare_fsdp(model)
-    try:
+    workaround = (
+        integer_parameters_without_grad() if FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD else contextlib.nullcontext()
+    )
+    with workaround:
         for layer in layers:
             fully_shard(layer, **fsdp_kwargs)
         fully_shard(model, **fsdp_kwargs)
-    except RuntimeError as e:
-        if "only Tensors of floating point dtype can require gradients" not in str(e):
-            raise
-        raise RuntimeError(
-            f"torch {torch.__version__}'s fully_shard cannot shard integer parameters (it makes every sharded "
-            "parameter require grad: pytorch/pytorch#177844, fixed after torch 2.11), and the 4-bit layers' codes "
-            "and scales are uint8; use a newer torch for FSDP2, or DDP"
-        ) from e
     return model
 
 
