@@ -525,6 +525,8 @@ def main() -> None:
                     rows.append({"op": "decode", "impl": impl, "model": name, "adapter_dtype": dname, "batch": 1,
                                  "prompt": 32, "new_tokens": args.decode, "tok_per_s": round(decode["tok_per_s"], 2),
                                  "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
+                    if impl == "qlora_ext":
+                        rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                 for (batch, seq), r in results.items():
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
@@ -533,6 +535,8 @@ def main() -> None:
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip
+                    if impl == "qlora_ext":  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
+                        rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:

@@ -26,6 +26,8 @@ SEED = int(os.environ.get("QLORA_TEST_SEED") or random.SystemRandom().randrange(
 HAS_CUDA = torch.cuda.is_available() and qlora_ext.cuda_kernels_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of qlora_ext")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[requires_cuda, pytest.mark.cuda])]
+# the LoRA layer class that each value of conftest's layer_kind (QLORA_EXT_LAYERS) builds
+LAYER_CLASS = {"qlora": "QLoRALinear", "peft": "LoraLinear4bit"}
 # bench/sanitize.sh turns torch's caching allocator off under memcheck and initcheck, and CUDA graph
 # capture refuses to run without it.
 needs_caching_allocator = pytest.mark.skipif(

@@ -101,6 +101,11 @@ def test_every_public_function_names_the_mistake(device):
             "prepare it with qlora_ext.prepare_model",
         ),
         (lambda: LoraConfig(target_modules=3), TypeError, "target_modules must be"),
+        # checked when the config is made: PEFT's layers, which prepare_model may build, check none of these
+        (lambda: LoraConfig(lora_alpha=float("nan")), ValueError, "lora_alpha must be a finite number"),
+        (lambda: LoraConfig(lora_alpha="16"), ValueError, "lora_alpha must be a finite number"),
+        (lambda: LoraConfig(adapter_dtype=torch.int8), TypeError, "adapter_dtype must be a float dtype"),
+        (lambda: LoraConfig(init="pissa"), ValueError, "init must be"),
     ]
     assert_each_raises(cases)
 

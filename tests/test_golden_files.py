@@ -14,15 +14,16 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext import _lora_layers as lora_layers
 from qlora_ext.nn import Linear4bit
 
-from helpers import assert_bits_equal
+from helpers import LAYER_CLASS, assert_bits_equal
 
 transformers = pytest.importorskip("transformers")
 # every test with each class of LoRA layer (conftest.layer_kind)
 pytestmark = pytest.mark.usefixtures("layer_kind")
 from safetensors.torch import load_file  # noqa: E402  (transformers brings safetensors)
+
+from qlora_ext.hf import QLoraExtConfig  # noqa: E402  (needs transformers)
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 EXPECTED = load_file(str(GOLDEN / "expected.safetensors"))
@@ -89,9 +90,20 @@ def test_quantized_checkpoint_loads_the_same_bits_and_saves_them_again(tmp_path)
             assert_bits_equal(tensor, old[key], what=key)
 
 
-def test_prepared_model_loads_with_from_pretrained_to_the_same_logits():
+def test_adapter_loads_onto_a_model_loaded_in_4_bits(layer_kind):
+    """load_adapter onto bare Linear4bit layers (from_pretrained with QLoraExtConfig) builds the layers
+    that layer_kind names, with the golden adapter's logits."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(GOLDEN / "base"), quantization_config=QLoraExtConfig(compute_dtype=torch.float32), device_map="cpu"
+    ).eval()
+    qlora_ext.load_adapter(model, GOLDEN / "adapter", adapter_name="golden")
+    assert type(model.model.layers[0].self_attn.v_proj).__name__ == LAYER_CLASS[layer_kind]
+    torch.testing.assert_close(logits(model), EXPECTED["adapter"], **LOGITS)
+
+
+def test_prepared_model_loads_with_from_pretrained_to_the_same_logits(layer_kind):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(GOLDEN / "prepared"), device_map="cpu").eval()
-    assert lora_layers.is_lora_layer(model.model.layers[0].self_attn.v_proj)
+    assert type(model.model.layers[0].self_attn.v_proj).__name__ == LAYER_CLASS[layer_kind]
     torch.testing.assert_close(logits(model), EXPECTED["prepared_other"], **LOGITS)
     qlora_ext.set_adapter(model, "default")
     torch.testing.assert_close(logits(model), EXPECTED["prepared_default"], **LOGITS)

@@ -839,3 +839,25 @@ def test_sft_trainer_on_a_prepared_model(lm_dir, gen, tmp_path, fused_calls):
     assert trainer.model is model and 0.05 in fused_calls
     assert any(not torch.equal(p, before[n]) for n, p in adapters_of(model).items())
     check_prepared_checkpoint(trainer, tmp_path / "checkpoint-2", gen)
+
+
+def test_qlora_ext_functions_leave_a_peft_model_to_peft(lm_dir, tmp_path):
+    """A model that PEFT's get_peft_model wraps holds the same LoRA layer class that prepare_model can
+    build, but its adapters are PEFT's: qlora_ext's adapter functions find no layer of it, change nothing,
+    and load_adapter refuses it (as before qlora_ext's functions knew PEFT's layers)."""
+    model = peft.get_peft_model(load(lm_dir), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    ids = torch.randint(4, 20, (1, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert list(qlora_ext.model.qlora_layers(model)) == []
+    with qlora_ext.disable_adapters(model), torch.no_grad():
+        assert torch.equal(model(ids).logits, before), "disable_adapters changed a PEFT model"
+    qlora_ext.merge_adapter(model)
+    qlora_ext.merge_adapter(model, requantize=True)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_layers.is_lora_layer(layer) and not layer.merged and lora_layers.merged_of(layer) is None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="prepare the model"):
+        qlora_ext.load_adapter(model.base_model.model, tmp_path, "mine")

@@ -187,6 +187,28 @@ def test_peft_adapter_loads_into_ours(gen, tmp_path, use_rslora):
     assert lora_layers.active_of(ours.model.layers[0].mlp.up_proj) is None
 
 
+def test_delete_the_active_adapter_while_another_is_merged(gen):
+    """Deleting the active adapter while another is merged (merge_adapter(model, "other")) leaves every
+    layer without it and the merge as it was (PEFT's own delete would activate another adapter, which the
+    merge refuses, halfway through the model)."""
+    model = qlora_ext.prepare_model(tiny_llama(8), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                    compute_dtype=torch.float32, progress=False)  # fmt: skip
+    qlora_ext.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"]))
+    randomize_adapters(model, gen, "other")
+    ids = tokens(gen)
+    qlora_ext.set_adapter(model, "other")
+    with_other = logits(model, ids)
+    qlora_ext.merge_adapter(model, "other")
+    qlora_ext.delete_adapter(model, "default")
+    layers = dict(qlora_ext.model.qlora_layers(model))
+    assert all("default" not in lora_layers.adapters_of(m) for m in layers.values())
+    assert sorted(model.qlora_config) == ["other"]
+    assert lora_layers.merged_of(layers["model.layers.0.self_attn.v_proj"]) == "other"
+    torch.testing.assert_close(logits(model, ids), with_other, rtol=1e-5, atol=1e-5)  # the merged 16-bit weight
+    qlora_ext.unmerge_adapter(model)
+    assert_bits_equal(logits(model, ids), with_other, "after unmerge")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_several_adapters(gen, device):
     model = qlora_ext.prepare_model(tiny_llama(7, device), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),

@@ -25,6 +25,7 @@ from .nn import Linear4bit, QLoRALinear, merged_weight, new_adapter
 
 __all__ = [
     "active_of",
+    "all_layers",
     "add",
     "adapters_of",
     "base_of",
@@ -33,7 +34,6 @@ __all__ = [
     "is_lora_layer",
     "is_prepared",
     "layer_kind",
-    "lora_layers",
     "merge16",
     "merged_of",
     "merged_weight_of",
@@ -45,18 +45,23 @@ __all__ = [
 ]
 
 
+_PEFT_CLASS: Optional[type] = None
+
+
 def _peft_class() -> Optional[type]:
-    """``LoraLinear4bit`` where PEFT is imported (a model can hold one only then), else None."""
-    if "peft" not in sys.modules:
-        return None
-    try:
-        from .peft_lora import LoraLinear4bit
-    except ImportError:  # a PEFT that qlora_ext's layer does not support: no model holds one
-        return None
-    return LoraLinear4bit
+    """``LoraLinear4bit`` where PEFT is imported (a model can hold one only then), else None; found once."""
+    global _PEFT_CLASS
+    if _PEFT_CLASS is None and "peft" in sys.modules:
+        try:
+            from .peft_lora import LoraLinear4bit
+        except ImportError:  # a PEFT that qlora_ext's layer does not support: no model holds one
+            return None
+        _PEFT_CLASS = LoraLinear4bit
+    return _PEFT_CLASS
 
 
 def _is_peft(layer: nn.Module) -> bool:
+    """Whether a layer of this interface is PEFT's (the other class is qlora_ext's QLoRALinear)."""
     return not isinstance(layer, QLoRALinear)
 
 
@@ -68,8 +73,9 @@ def is_lora_layer(module: nn.Module) -> bool:
     return peft_class is not None and isinstance(module, peft_class)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The model's LoRA layers on 4-bit bases, with their names."""
+def all_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's LoRA layers on 4-bit bases, with their names, whoever made them (prepare_model or
+    PEFT's get_peft_model: the public functions walk only prepared models, ``adapters.qlora_layers``)."""
     for name, module in model.named_modules():
         if is_lora_layer(module):
             yield name, module
@@ -78,7 +84,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def is_prepared(model: nn.Module) -> bool:
     """Whether ``model`` was made by ``prepare_model`` (LoRA layers and ``qlora_config``, or qlora_ext's own
     layers), not wrapped by PEFT's ``get_peft_model``, whose layers may be the same class."""
-    layers = [m for _, m in lora_layers(model)]
+    layers = [m for _, m in all_layers(model)]
     return bool(layers) and (hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for m in layers))
 
 
@@ -96,10 +102,6 @@ def weights_of(layer: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]
     return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
-def _parameters(layer: nn.Module, name: str) -> list[nn.Parameter]:
-    return [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]
-
-
 def scaling_of(layer: nn.Module, name: str) -> float:
     return float(layer.scaling[name])
 
@@ -115,24 +117,38 @@ def active_of(layer: nn.Module) -> Optional[str]:
 
 
 def set_active(layer: nn.Module, name: Optional[str]) -> None:
-    """Makes ``name`` the layer's active adapter (None: the base alone); only its parameters require grad."""
+    """Makes ``name`` the layer's active adapter (None: the base alone); only its parameters require grad.
+    The callers refuse a merged model first; this also runs under a merge (delete, load)."""
     if name is not None and name not in layer.lora_A:
         raise ValueError(f"no adapter {name!r} in this layer; it has {adapters_of(layer)}")
     if _is_peft(layer):
-        layer.set_adapter([] if name is None else name)
+        # PEFT's own set_adapter, past LoraLinear4bit's, which refuses a user's call under merge16
+        super(_peft_class(), layer).set_adapter([] if name is None else name)
     else:
-        layer.set_adapter(name)
+        layer.active_adapter = name
     for adapter in adapters_of(layer):
-        for p in _parameters(layer, adapter):
+        for p in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()):
             p.requires_grad_(adapter == name)
+
+
+def _settings(config: LoraConfig, init, dtype) -> tuple:
+    return (config.init if init is None else init), (config.adapter_dtype if dtype is None else dtype)
+
+
+def _draw_peft_adapter(layer: nn.Module, name: str, config: LoraConfig, init, dtype) -> None:
+    """Adapter ``name`` of a PEFT layer (made by PEFT on meta: no memory, no random draws) gets A and B
+    drawn as ``QLoRALinear`` draws them (``nn.new_adapter``: the same bits from one seed), in the layer's
+    mode (PEFT's new dropout module starts in training mode)."""
+    lora_A, lora_B = new_adapter(base_of(layer), config.r, init, dtype)
+    layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
+    for module in (lora_A, lora_B, layer.lora_dropout[name]):
+        module.train(layer.training)
 
 
 def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None) -> None:
     """Adds adapter ``name`` with ``config``'s settings (``init`` and ``dtype`` in place of the config's:
-    loading passes ``False`` and the file's dtype); the active adapter stays as it was. Both classes draw
-    the same initial adapter from the same seed (``nn.new_adapter``, on the base's device)."""
-    init = config.init if init is None else init
-    dtype = config.adapter_dtype if dtype is None else dtype
+    loading passes ``False`` and the file's dtype); the active adapter stays as it was."""
+    init, dtype = _settings(config, init, dtype)
     if not _is_peft(layer):
         layer.add_adapter(name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype)
         return
@@ -141,19 +157,16 @@ def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optio
     from peft.utils.integrations import init_empty_weights
 
     active = active_of(layer)
-    with init_empty_weights():  # PEFT's own adapter tensors, on meta: no memory, no random draws
+    with init_empty_weights():
         layer.update_layer(name, config.r, config.lora_alpha, config=_peft_config(config))
-    lora_A, lora_B = new_adapter(base_of(layer), config.r, init, dtype)
-    layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
-    for module in (lora_A, lora_B, layer.lora_dropout[name]):  # PEFT's dropout starts in training mode
-        module.train(layer.training)
+    _draw_peft_adapter(layer, name, config, init, dtype)
     set_active(layer, active)
 
 
 def layer_kind() -> str:
     """Which class ``new_layer`` builds: ``"qlora"`` (``QLoRALinear``, the default) or ``"peft"`` (PEFT's
-    ``LoraLinear4bit``), from the environment variable ``QLORA_EXT_LAYERS``. Private and passing: it lets the
-    tests and one benchmark run compare the two before prepare_model moves to PEFT's layers
+    ``LoraLinear4bit``), from the environment variable ``QLORA_EXT_LAYERS``. Private, and only until
+    prepare_model moves to PEFT's layers: it lets the tests and one benchmark run compare the two
     (docs/plan-prepare-model-on-peft.md, steps 3 to 7)."""
     kind = os.environ.get("QLORA_EXT_LAYERS", "qlora")
     if kind not in ("qlora", "peft"):
@@ -164,25 +177,23 @@ def layer_kind() -> str:
 def new_layer(base: Linear4bit, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None):
     """A LoRA layer on ``base`` (of ``layer_kind()``'s class) with one adapter, ``name``, active and
     trainable; ``init`` and ``dtype`` as in ``add``. Either class draws the same adapter from one seed."""
-    init = config.init if init is None else init
-    dtype = config.adapter_dtype if dtype is None else dtype
+    init, dtype = _settings(config, init, dtype)
     if layer_kind() == "qlora":
         return QLoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype, name)
     from peft.utils.integrations import init_empty_weights
 
     from .peft_lora import LoraLinear4bit
 
-    with init_empty_weights():  # PEFT's own adapter tensors, on meta: no memory, no random draws
+    with init_empty_weights():
         layer = LoraLinear4bit(base, name, config=_peft_config(config), r=config.r, lora_alpha=config.lora_alpha)
-    lora_A, lora_B = new_adapter(base, config.r, init, dtype)
-    layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
+    _draw_peft_adapter(layer, name, config, init, dtype)
     set_active(layer, name)
     return layer
 
 
 def _peft_config(config: LoraConfig):
     """The ``peft.LoraConfig`` that PEFT's ``update_layer`` reads ``config``'s settings from (the initial
-    adapter is drawn by ``add``, not by PEFT)."""
+    adapter is drawn by ``_draw_peft_adapter``, not by PEFT)."""
     import peft
 
     return peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -191,17 +202,14 @@ def _peft_config(config: LoraConfig):
 
 def delete(layer: nn.Module, name: str) -> None:
     """Removes adapter ``name``; a layer whose active adapter it was runs its base alone."""
-    was_active = active_of(layer) == name
+    if active_of(layer) == name:
+        set_active(layer, None)  # first: PEFT's delete_adapter would activate another adapter
     if _is_peft(layer):
         layer.delete_adapter(name)
-        if was_active:
-            set_active(layer, None)
         return
     del layer.lora_A[name], layer.lora_B[name]
     for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout):
         d.pop(name, None)
-    if was_active:
-        layer.active_adapter = None
 
 
 def merged_of(layer: nn.Module) -> Optional[str]:
@@ -224,12 +232,25 @@ def merged_weight_of(layer: nn.Module, name: str) -> torch.Tensor:
 def merge16(layer: nn.Module, name: str) -> None:
     """Runs the layer on its 16-bit weight with adapter ``name`` folded in until ``unmerge16``."""
     weight = merged_weight_of(layer, name)
-    layer.merge(name, weight) if not _is_peft(layer) else layer.merge16(name, weight)
+    if _is_peft(layer):
+        layer.merge16(name, weight)
+    else:
+        layer.merge(name, weight)
 
 
 def unmerge16(layer: nn.Module) -> None:
     """Back to the 4-bit base + adapter, exactly as before ``merge16``."""
-    layer.unmerge() if not _is_peft(layer) else layer.unmerge16()
+    if _is_peft(layer):
+        layer.unmerge16()
+    else:
+        layer.unmerge()
+
+
+def _set_disabled(layer: nn.Module, value: bool) -> None:
+    if _is_peft(layer):
+        layer._disable_adapters = value  # not enable_adapters(False), which clears requires_grad
+    else:
+        layer.disable_adapters = value
 
 
 @contextlib.contextmanager
@@ -238,15 +259,9 @@ def disabled(layers: Iterable[nn.Module]):
     layers = list(layers)
     before = [layer.disable_adapters for layer in layers]
     for layer in layers:
-        if _is_peft(layer):
-            layer._disable_adapters = True  # not enable_adapters(False), which clears requires_grad
-        else:
-            layer.disable_adapters = True
+        _set_disabled(layer, True)
     try:
         yield
     finally:
-        for layer, b in zip(layers, before):
-            if _is_peft(layer):
-                layer._disable_adapters = b
-            else:
-                layer.disable_adapters = b
+        for layer, value in zip(layers, before):
+            _set_disabled(layer, value)

@@ -23,8 +23,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def qlora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The model's LoRA layers on 4-bit bases (``QLoRALinear``, or PEFT's on ``Linear4bit``) with their names."""
-    return lora_layers.lora_layers(model)
+    """The LoRA layers of a model that ``prepare_model`` made, with their names; none of a model that PEFT's
+    ``get_peft_model`` wraps (its adapters are PEFT's to change, through the PeftModel)."""
+    return lora_layers.all_layers(model) if lora_layers.is_prepared(model) else iter(())
 
 
 def _configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -59,7 +60,7 @@ def _refuse_adapter_names_in_forward(model: nn.Module) -> None:
 def add_adapter(model: nn.Module, adapter_name: str, lora_config: Any) -> None:
     """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` (a ``LoraConfig`` or a
     ``peft.LoraConfig``) targets (they keep the active adapter they had; the new one trains only once it
-    is set active). Layers that are not QLoRALinear yet are not changed."""
+    is set active). Layers without adapters yet are not changed."""
     configs = _configs(model)
     lora_config = as_lora_config(lora_config, model)
     _refuse_if_merged(model, "add_adapter")

@@ -37,7 +37,7 @@ def prepared_layout(model: nn.Module) -> dict[str, Any]:
     """The ``prepared`` entry of the config for a model with LoRA layers: the names of its plain
     Linear4bit layers, each adapter's settings and layers, and the active adapter."""
     configs = getattr(model, "qlora_config", None) or {}
-    layers = dict(lora_layers.lora_layers(model))
+    layers = dict(lora_layers.all_layers(model))
     merged = [n for n, m in layers.items() if lora_layers.merged_of(m) is not None]
     if merged:
         raise ValueError(
@@ -130,7 +130,7 @@ def finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
     from .model import _enable_input_grads
 
     configs = {name: _lora_config_from_dict(d["config"]) for name, d in prepared["adapters"].items()}
-    for name, m in lora_layers.lora_layers(model):
+    for name, m in lora_layers.all_layers(model):
         for adapter in lora_layers.adapters_of(m):
             for p in lora_layers.weights_of(m, adapter):
                 if p.dtype != configs[adapter].adapter_dtype:
@@ -142,7 +142,7 @@ def finish_prepared(model: nn.Module, prepared: dict[str, Any]) -> None:
     if active is not None:
         set_adapter(model, active)
     else:
-        for _, m in lora_layers.lora_layers(model):
+        for _, m in lora_layers.all_layers(model):
             lora_layers.set_active(m, None)
     for name, module in model.named_modules():  # one copy a model, shared by its adapters
         if any(config.saves(name) for config in configs.values()):

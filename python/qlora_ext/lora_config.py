@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .nn import check_adapter_settings
+
 __all__ = ["LoraConfig", "as_lora_config"]
 
 
@@ -48,10 +50,7 @@ class LoraConfig:
     adapter_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_adapter_settings(self.r, self.lora_alpha, self.lora_dropout, self.init, self.adapter_dtype)
         if isinstance(self.target_modules, (list, tuple, set)):
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"target_modules must be non-empty names, got {self.target_modules!r}")
@@ -66,8 +65,6 @@ class LoraConfig:
             raise TypeError(
                 f"target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}"
             )
-        if self.init not in ("kaiming", "gaussian", True, False):
-            raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {self.init!r}")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 

@@ -323,7 +323,7 @@ def prepare_model(
         _load_rest(model, source, device)
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, layer in qlora_layers(model):
+    for _, layer in lora_layers.all_layers(model):  # (qlora_layers walks a model with qlora_config, set below)
         lora_layers.set_active(layer, adapter_name)
     for name, module in model.named_modules():
         if lora_config.saves(name):

@@ -364,6 +364,21 @@ class Linear4bit(nn.Linear):
         )
 
 
+def check_adapter_settings(r: Any, lora_alpha: Any, lora_dropout: Any, init: Any, adapter_dtype: Any) -> None:
+    """An adapter's settings, checked the same for every class of LoRA layer (``LoraConfig`` checks them
+    when it is made, before PEFT's layer, which checks none of them, gets them)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    if init not in ("kaiming", "gaussian", True, False):
+        raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {init!r}")
+    if adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
+
+
 def new_adapter(base: Linear4bit, r: int, init: Union[str, bool], dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
     """An adapter's ``lora_A`` (``nn.Linear(in, r)``) and ``lora_B`` (``nn.Linear(r, out)``) on the base's device,
     initialized as PEFT does (``init``: "kaiming" / True, "gaussian", False). The random draws, made on that
@@ -466,16 +481,7 @@ class QLoRALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Adds adapter ``adapter_name`` (it does not become the active one unless it is the first)."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if init not in ("kaiming", "gaussian", True, False):
-            raise ValueError(f"init must be 'kaiming', 'gaussian', True or False, got {init!r}")
-        if adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
+        check_adapter_settings(r, lora_alpha, lora_dropout, init, adapter_dtype)
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} exists already")
         lora_A, lora_B = new_adapter(self.base_layer, r, init, adapter_dtype)

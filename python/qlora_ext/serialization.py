@@ -173,6 +173,7 @@ def load_adapter(
     if not layers:
         raise ValueError(f"{weights_path}: no lora_A / lora_B weights")
     plan = []
+    prepared = lora_layers.is_prepared(model)  # a PEFT model's own layers are PEFT's to load into
     for name, pair in layers.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs lora_A and lora_B")
@@ -180,7 +181,7 @@ def load_adapter(
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
-        if not (isinstance(module, Linear4bit) or lora_layers.is_lora_layer(module)):
+        if not (isinstance(module, Linear4bit) or (prepared and lora_layers.is_lora_layer(module))):
             raise ValueError(
                 f"{name} is a {type(module).__name__}: prepare the model (prepare_model) before loading an adapter"
             )
