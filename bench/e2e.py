@@ -72,11 +72,13 @@ MODELS = {
                     num_key_value_heads=32, vocab_size=32000),
     "llama65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
                      num_key_value_heads=64, vocab_size=32000),
+    "llama70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                     num_key_value_heads=8, vocab_size=32000),  # grouped-query attention: 8 KV heads
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),
 }  # fmt: skip
 # The batch x sequence shapes of issue 18 for each model (--runs replaces them for every model).
-RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "tiny": "1x64,2x64"}
+RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "llama70b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
@@ -137,7 +139,9 @@ def bf16_bytes(name: str) -> int:
     return 2 * (n * (4 * h * h + 3 * h * i) + 2 * v * h)
 
 
-def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
+def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
+    """The model of `impl`; `quant_storage`: the dtype bitsandbytes' packed codes are viewed as (bfloat16 in
+    its FSDP recipe, so that FSDP flattens them with the bf16 parameters)."""
     model = empty_model(name)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = RandomWeights(shapes, device)
@@ -159,9 +163,10 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype):
                     replaced.append(mname)
                     layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
                                               compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                              device="meta")  # fmt: skip
+                                              quant_storage=quant_storage, device="meta")  # fmt: skip
                     layer.weight = bnb.nn.Params4bit(weights[f"{mname}.weight"], requires_grad=False, quant_type="nf4",
-                                                     compress_statistics=True, blocksize=64, module=layer)  # fmt: skip
+                                                     compress_statistics=True, blocksize=64, module=layer,
+                                                     quant_storage=quant_storage)  # fmt: skip
                     parent, child = qlora_ext.model._parent(model, mname)
                     setattr(parent, child, layer.to(device))  # bitsandbytes quantizes on .to()
         elif impl == "qlora_ext_peft":

@@ -6,9 +6,10 @@
 # Needs .device-site/ for bitsandbytes (made outside this repository, by ../shared/tools/device-site.sh)
 # and .device-wheels/ (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both.
 # Writes build.log, pytest.log, junit.xml, gpu-tests.md and the benchmark JSON (quantize.json,
-# gemm.json, lora.json, e2e.json) under OUTDIR. BENCH="quantize gemm lora e2e"
-# picks the benchmarks (BENCH= none; the default leaves out e2e), GEMM_ARGS / LORA_ARGS / E2E_ARGS are
-# bench/gemm.py's / lora.py's / e2e.py's arguments (default --sweep / none / none). QUICK=1 runs every
+# gemm.json, lora.json, e2e.json, e2e-dist.json) under OUTDIR. BENCH="quantize gemm lora e2e e2e_dist"
+# picks the benchmarks (BENCH= none; the default leaves out e2e and e2e_dist, which needs 2 GPUs or
+# more), GEMM_ARGS / LORA_ARGS / E2E_ARGS / E2E_DIST_ARGS are bench/gemm.py's / lora.py's / e2e.py's /
+# e2e_dist.py's arguments (default --sweep / none / none / none). QUICK=1 runs every
 # benchmark, e2e too, in its quick form (--quick: what a session's first calls run, beside the whole
 # suite). SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile. TEST_WORKERS: the suite's
 # processes (default 8 on a machine of 16 cores or more, else 4), each given an equal share of the
@@ -80,7 +81,7 @@ if [ -n "${PROFILE:-}" ]; then
     python3 bench/profile_gemm.py ${PROFILE_SHAPE:-28672 8192} ${PROFILE_M:-1} ${PROFILE_CONFIG:-default} > "$out/ncu-gemm.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|No Eligible|Registers Per|Issued Warp" "$out/ncu-gemm.txt"
 fi
-# BENCH names the benchmarks to run after the tests (default: all but e2e); BENCH= runs none. Each
+# BENCH names the benchmarks to run after the tests (default: all but e2e and e2e_dist); BENCH= runs none. Each
 # is bounded by BENCH_TIMEOUT seconds (default 300) and by the call's deadline; lora.py and e2e.py
 # rewrite their JSON as rows come, so what they measured before a timeout or a crash survives.
 bench_run() {
@@ -106,6 +107,10 @@ for b in ${BENCH-$default_bench}; do
           grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
     e2e) bench_run bench/e2e.py "${quick[@]}" ${E2E_ARGS-} --out "$out/e2e.json" > "$out/bench-e2e.log" 2>&1
          grep -v "^wrote" "$out/bench-e2e.log" | tail -30 ;;
+    # several GPUs (a kind with 2 or more): never in the default list
+    e2e_dist) bench_run bench/e2e_dist.py "${quick[@]}" ${E2E_DIST_ARGS-} --out "$out/e2e-dist.json" \
+                > "$out/bench-e2e-dist.log" 2>&1
+              grep -v "^wrote" "$out/bench-e2e-dist.log" | tail -30 ;;
   esac
 done
 exit $rc

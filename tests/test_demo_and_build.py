@@ -78,11 +78,37 @@ def test_every_benchmark_has_a_quick_form():
     with pytest.raises(ValueError, match="iter"):
         common.parse_args(parser(), {"iter": 5}, ["--quick"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for name in ("quantize", "gemm", "lora", "e2e"):
+    for name in ("quantize", "gemm", "lora", "e2e", "e2e_dist"):
         done = subprocess.run([sys.executable, str(bench / f"{name}.py"), "--help"], capture_output=True, text=True,
                               env=env, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert "--quick" in done.stdout and "the quick form: --" in " ".join(done.stdout.split()), name
+
+
+def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
+    """bench/e2e.py (a step and decode, qlora_ext's two paths) and bench/e2e_dist.py (FSDP2, 2 gloo
+    processes) on the tiny model: what a GPU session would find broken, found here first."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    common = ["--device", "cpu", "--models", "tiny", "--runs", "1x32", "--steps", "1"]
+    runs = {
+        "e2e": [*common, "--impls", "qlora_ext,qlora_ext_peft", "--decode", "3"],
+        "e2e_dist": [*common, "--impls", "qlora_ext", "--nproc", "2"],
+    }
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(bench / f"{name}.py"), *args, "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = json.loads(out.read_text())["rows"]
+        ops = sorted({(r["op"], r["impl"]) for r in rows})
+        if name == "e2e":
+            assert ops == [(op, impl) for op in ("decode", "e2e") for impl in ("qlora_ext", "qlora_ext_peft")], ops
+        else:
+            assert ops == [("e2e_dist", "qlora_ext")] and rows[0]["nproc"] == 2, rows
+        assert all(r["tok_per_s"] > 0 for r in rows), rows
 
 
 def test_ab_compare_matches_rows_by_case(tmp_path, capsys):
