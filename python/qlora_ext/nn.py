@@ -379,6 +379,13 @@ def check_adapter_settings(r: Any, lora_alpha: Any, lora_dropout: Any, init: Any
         raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
 
 
+def merged_forward(x: torch.Tensor, base: Linear4bit, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's output on its 16-bit merged ``weight`` (``merged_weight``), with the base's bias, in the
+    products' dtype as the unmerged layer's."""
+    xc, bias = _in_compute_dtype(x, base)
+    return _output(nn.functional.linear(xc, weight.to(xc.dtype), bias), x)
+
+
 def new_adapter(base: Linear4bit, r: int, init: Union[str, bool], dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
     """An adapter's ``lora_A`` (``nn.Linear(in, r)``) and ``lora_B`` (``nn.Linear(r, out)``) on the base's device,
     initialized as PEFT does (``init``: "kaiming" / True, "gaussian", False). The random draws, made on that
@@ -522,8 +529,7 @@ class QLoRALinear(nn.Module):
         base = self.base_layer
         name = self.active_adapter
         if self.merged_weight is not None and not self.disable_adapters:
-            xc, bias = _in_compute_dtype(x, base)
-            return _output(nn.functional.linear(xc, self.merged_weight.to(xc.dtype), bias), x)
+            return merged_forward(x, base, self.merged_weight)
         if self.disable_adapters or name is None:
             return base(x)
         xc, bias = _in_compute_dtype(x, base)

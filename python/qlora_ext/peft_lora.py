@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import functional as F
-from .nn import Linear4bit, _in_compute_dtype, _output
+from .nn import Linear4bit, _in_compute_dtype, _output, merged_forward
 
 __all__ = ["LoraLinear4bit", "install"]
 
@@ -220,8 +220,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
             if args or any(v is not None for v in kwargs.values()):
                 raise ValueError(f"adapter {self.merged_adapter!r} is merged into this layer (merge16): a forward "
                                  f"takes x alone, got {sorted(kwargs) or len(args)} more; unmerge first")  # fmt: skip
-            xc, bias = _in_compute_dtype(x, self.get_base_layer())
-            return _output(nn.functional.linear(xc, self.merged_weight.to(xc.dtype), bias), x)
+            return merged_forward(x, self._modules["base_layer"], self.merged_weight)
         if "adapter_names" in kwargs:
             self._check_forward_args(x, *args, **kwargs)
             out = self._fused_mixed_batch(x, args, kwargs)
