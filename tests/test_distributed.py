@@ -368,6 +368,19 @@ def test_the_torch_2_11_simulation_fails_without_the_workaround(lm_dir, tmp_path
         assert "tensors of floating point" in r["error"].lower(), r
 
 
+def test_a_cpu_model_is_sharded_on_the_cpu_of_a_machine_with_a_gpu(tmp_path, monkeypatch):
+    """fully_shard's default mesh is the machine's accelerator; fully_shard_model's is the model's device
+    (these CPU tests, and finetune --fsdp --device cpu, also run on the GPU machines)."""
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))  # as on a GPU machine
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        model = build(PATHS[0], 0, "")
+        fully_shard_model(model)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+    finally:
+        dist.destroy_process_group()
+
+
 def test_integer_parameters_without_grad():
     codes = torch.zeros(8, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="floating point"):

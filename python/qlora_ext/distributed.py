@@ -98,10 +98,22 @@ def integer_parameters_without_grad():
         nn.Parameter.__new__ = original
 
 
+def _default_mesh(model: nn.Module):
+    """All ranks, on the device type of the model's parameters. fully_shard's own default is the
+    machine's accelerator: a model on the CPU of a machine with a GPU would be moved to the GPU and its
+    collectives run there, where a gloo group cannot run them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+
+
 def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs: Any) -> nn.Module:
     """``prepare_fsdp(model)``, then ``fully_shard`` on each of ``layers`` (default: ``decoder_layers``)
-    and on ``model``, with ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...).
-    Needs an initialized process group; returns ``model``, now an ``FSDPModule``. On torch 2.11 and
+    and on ``model``, with ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...). The
+    default ``mesh`` is every rank on the device type of the model's parameters (fully_shard's own
+    default, the machine's accelerator, would move a CPU model to a GPU where there is one). Needs an
+    initialized process group; returns ``model``, now an ``FSDPModule``. On torch 2.11 and
     earlier, an integer ``reshard_after_forward`` is refused: FSDP2 then makes new sharded parameters in
     every forward, which pytorch/pytorch#177844 breaks for the uint8 codes."""
     from torch.distributed.fsdp import fully_shard
@@ -120,6 +132,8 @@ def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = 
             "(pytorch/pytorch#177844); "
             f"this is torch {torch.__version__}: pass True or False"
         )
+    if "mesh" not in fsdp_kwargs:
+        fsdp_kwargs["mesh"] = _default_mesh(model)
     prepare_fsdp(model)
     workaround = (
         integer_parameters_without_grad() if FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD else contextlib.nullcontext()
