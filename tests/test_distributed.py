@@ -21,7 +21,7 @@ import torch.distributed as dist
 import qlora_ext
 from qlora_ext.nn import Linear4bit
 
-from helpers import SEED, one_thread, tiny_llama, tiny_lm_dir
+from helpers import HAS_CUDA, SEED, one_thread, tiny_llama, tiny_lm_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -44,33 +44,62 @@ pytestmark = [
 WORLD = 2
 STEPS = 2
 PATHS = ["prepare_model", "from_pretrained+peft"]
+# gloo: CPU processes (CI). nccl: one GPU a process, where a machine lends two; the one-process reference
+# then runs on the first GPU, and the same kernels on the same kind of GPU give the same bits.
+NEEDS_TWO_GPUS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (HAS_CUDA and torch.cuda.device_count() >= WORLD and dist.is_nccl_available()),
+                       reason=f"needs {WORLD} GPUs and NCCL"),
+]  # fmt: skip
+BACKENDS = [pytest.param("gloo", id="gloo"), pytest.param("nccl", id="nccl", marks=NEEDS_TWO_GPUS)]
 
 
 # ---------------------------------------------------------------------------------------------
 # the model, the data and the steps, the same in the workers and in the one-process reference
 
 
-def build(path: str, seed: int, lm_dir: str) -> torch.nn.Module:
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cpu" else torch.bfloat16  # the fused CUDA kernels' dtype on a GPU
+
+
+def build(path: str, seed: int, lm_dir: str, device: str = "cpu") -> torch.nn.Module:
     """The tiny Llama with adapters in float32, both A and B random (a zero B hides the adapter path's
     errors), the same bits in every process for the same seed."""
     if path == "prepare_model":
         config = qlora_ext.LoraConfig(r=4, init=False)
-        return qlora_ext.prepare_model(tiny_llama(seed), config, compute_dtype=torch.float32, progress=False).train()
+        model = tiny_llama(seed, device)
+        return qlora_ext.prepare_model(model, config, compute_dtype=compute_dtype(device), progress=False).train()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        lm_dir, quantization_config=QLoraExtConfig(compute_dtype=torch.float32), device_map="cpu"
+        lm_dir, quantization_config=QLoraExtConfig(compute_dtype=compute_dtype(device)), device_map=device
     )
     torch.manual_seed(seed)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     return peft.get_peft_model(model, config).train()
 
 
-def batch(seed: int, rank: int, step: int) -> torch.Tensor:
+def batch(seed: int, rank: int, step: int, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1000 * step + rank)
-    return torch.randint(0, 96, (2, 12), generator=g)
+    return torch.randint(0, 96, (2, 12), generator=g).to(device)
 
 
-def eval_batch(seed: int) -> torch.Tensor:
-    return batch(seed, rank=WORLD, step=STEPS)
+def eval_batch(seed: int, device: str = "cpu") -> torch.Tensor:
+    return batch(seed, rank=WORLD, step=STEPS, device=device)
+
+
+def worker_device() -> str:
+    """This process's device: its GPU in an NCCL group, else the CPU."""
+    return f"cuda:{dist.get_rank()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def on_cpu(value):
+    """`value` (tensors in dicts and lists) with every tensor on the CPU: what a worker returns."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -92,17 +121,17 @@ def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(path: str, seed: int, lm_dir: str) -> dict:
+def reference(path: str, seed: int, lm_dir: str, device: str = "cpu") -> dict:
     """One process: at each step, each rank's batch in turn, their gradients averaged as g0/2 + g1/2."""
     with one_thread():
-        model = build(path, seed, lm_dir)
+        model = build(path, seed, lm_dir, device)
         base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
         opt = optimizer(model)
         losses, grads = [], []
         for step in range(STEPS):
             per_rank = []
             for rank in range(WORLD):
-                ids = batch(seed, rank, step)
+                ids = batch(seed, rank, step, device)
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 per_rank.append((loss.detach(), adapter_grads(model)))
@@ -115,26 +144,28 @@ def reference(path: str, seed: int, lm_dir: str) -> dict:
             grads.append(averaged)
             opt.step()
             opt.zero_grad()
-        return {"losses": losses, "grads": grads, "adapters": adapters(model), "base": base}
+        return on_cpu({"losses": losses, "grads": grads, "adapters": adapters(model), "base": base})
 
 
 # ---------------------------------------------------------------------------------------------
 # two processes
 
 
-def _run(rank: int, worker, tmp: str, args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+def _run(rank: int, worker, tmp: str, args: tuple, backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        torch.save(worker(rank, *args), f"{tmp}/rank{rank}.pt")
+        torch.save(on_cpu(worker(rank, *args)), f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def spawn(worker, tmp_path, *args) -> list[dict]:
-    """worker(rank, *args) in WORLD fresh processes of one gloo group; what each returns."""
+def spawn(worker, tmp_path, *args, backend: str = "gloo") -> list[dict]:
+    """worker(rank, *args) in WORLD fresh processes of one group of `backend`; what each returns."""
     torch.multiprocessing.start_processes(
-        _run, args=(worker, str(tmp_path), args), nprocs=WORLD, start_method="spawn", join=True
+        _run, args=(worker, str(tmp_path), args, backend), nprocs=WORLD, start_method="spawn", join=True
     )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -143,7 +174,7 @@ def train(model, wrapped, rank: int, seed: int) -> dict:
     opt = optimizer(model)
     losses, grads = [], []
     for step in range(STEPS):
-        ids = batch(seed, rank, step)
+        ids = batch(seed, rank, step, worker_device())
         loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach().clone())
@@ -158,8 +189,10 @@ def train(model, wrapped, rank: int, seed: int) -> dict:
 def ddp_worker(rank: int, path: str, seed: int, lm_dir: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = build(path, seed, lm_dir)
-    return train(model, DistributedDataParallel(model), rank, seed)
+    device = worker_device()
+    model = build(path, seed, lm_dir, device)
+    wrapped = DistributedDataParallel(model, device_ids=[rank] if device != "cpu" else None)
+    return train(model, wrapped, rank, seed)
 
 
 def shard_sizes(model) -> dict[str, tuple[int, int]]:
@@ -195,7 +228,8 @@ def simulate_torch_2_11() -> None:
 def fsdp_worker(
     rank: int, path: str, seed: int, lm_dir: str, out: str, checkpointing: bool, torch_2_11: bool = False
 ) -> dict:
-    model = build(path, seed, lm_dir)
+    device = worker_device()
+    model = build(path, seed, lm_dir, device)
     if checkpointing:  # the backward recomputes each layer's forward: the gathered scales again
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if torch_2_11:
@@ -215,7 +249,7 @@ def fsdp_worker(
         result["new weight"] = str(e)
     result.update(train(model, model, rank, seed))
     with torch.no_grad():
-        result["logits"] = model.eval()(input_ids=eval_batch(seed)).logits.clone()
+        result["logits"] = model.eval()(input_ids=eval_batch(seed, device)).logits.clone()
     if path == "prepare_model":
         save_adapter(model, out)
         result["quantized"] = str(save_quantized(model, f"{out}-4bit"))
@@ -255,24 +289,32 @@ def assert_matches_one_process(results: list[dict], ref: dict) -> None:
         assert_same(result["adapters"], ref["adapters"], f"rank {rank} trained adapter")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", PATHS)
-def test_ddp_matches_one_process(path, lm_dir, tmp_path):
+def test_ddp_matches_one_process(path, backend, lm_dir, tmp_path):
     seed = SEED % 2**31
-    results = spawn(ddp_worker, tmp_path, path, seed, lm_dir)
-    assert_matches_one_process(results, reference(path, seed, lm_dir))
+    results = spawn(ddp_worker, tmp_path, path, seed, lm_dir, backend=backend)
+    assert_matches_one_process(results, reference(path, seed, lm_dir, "cpu" if backend == "gloo" else "cuda:0"))
 
 
 @pytest.mark.parametrize(
-    "path, checkpointing, torch_2_11",
-    [(PATHS[0], False, False), (PATHS[1], False, False), (PATHS[0], True, False), (PATHS[1], False, True)],
-    ids=[PATHS[0], PATHS[1], PATHS[0] + "+checkpointing", PATHS[1] + "+torch-2.11"],
+    "path, checkpointing, torch_2_11, backend",
+    [
+        pytest.param(PATHS[0], False, False, "gloo", id=PATHS[0]),
+        pytest.param(PATHS[1], False, False, "gloo", id=PATHS[1]),
+        pytest.param(PATHS[0], True, False, "gloo", id=PATHS[0] + "+checkpointing"),
+        pytest.param(PATHS[1], False, True, "gloo", id=PATHS[1] + "+torch-2.11"),
+        pytest.param(PATHS[0], True, False, "nccl", id=PATHS[0] + "+checkpointing-nccl", marks=NEEDS_TWO_GPUS),
+        pytest.param(PATHS[1], False, False, "nccl", id=PATHS[1] + "-nccl", marks=NEEDS_TWO_GPUS),
+    ],
 )
-def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_11, lm_dir, tmp_path):
+def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_11, backend, lm_dir, tmp_path):
     """torch_2_11: fully_shard as on torch 2.11 (simulate_torch_2_11), with fully_shard_model's workaround."""
     seed = SEED % 2**31
     out = tmp_path / "adapter"
-    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing, torch_2_11)
-    ref = reference(path, seed, lm_dir)
+    device = "cpu" if backend == "gloo" else "cuda:0"
+    results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing, torch_2_11, backend=backend)
+    ref = reference(path, seed, lm_dir, device)
     assert_matches_one_process(results, ref)
 
     # each rank holds its half (torch.chunk's) of the codes, the scales and the nested scales
@@ -297,20 +339,20 @@ def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_
 
         written = load_file(results[0]["quantized"])
         assert_same(written, {k.replace(".base_layer.", "."): v for k, v in ref["base"].items()}, "4-bit checkpoint")
-        qlora_ext.load_quantized(build(path, seed, lm_dir), results[0]["quantized"])
+        qlora_ext.load_quantized(build(path, seed, lm_dir, device), results[0]["quantized"])
 
     # the saved adapter, in one process, gives the sharded model's logits
     with one_thread():
         if path == "prepare_model":
-            model = build(path, seed, lm_dir)
+            model = build(path, seed, lm_dir, device)
             qlora_ext.load_adapter(model, out, adapter_name="trained")
         else:
             base = transformers.AutoModelForCausalLM.from_pretrained(
-                lm_dir, quantization_config=QLoraExtConfig(compute_dtype=torch.float32), device_map="cpu"
+                lm_dir, quantization_config=QLoraExtConfig(compute_dtype=compute_dtype(device)), device_map=device
             )
             model = peft.PeftModel.from_pretrained(base, str(out))
         with torch.no_grad():
-            logits = model.eval()(input_ids=eval_batch(seed)).logits
+            logits = model.eval()(input_ids=eval_batch(seed, device)).logits.cpu()
     for rank, result in enumerate(results):
         torch.testing.assert_close(
             result["logits"], logits, rtol=0, atol=0, msg=lambda m, rank=rank: f"rank {rank}: {m}"
