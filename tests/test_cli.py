@@ -13,7 +13,7 @@ import torch
 import qlora_ext
 from qlora_ext import _lora_layers as lora_layers, cli, finetune_data, finetune_optim
 
-from helpers import assert_bits_equal, requires_cuda
+from helpers import HAS_CUDA, assert_bits_equal, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -665,9 +665,9 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def torchrun(model_dir, data_file, output, *extra, script=None, nproc=2, **env_vars):
+def torchrun(model_dir, data_file, output, *extra, script=None, nproc=2, device="cpu", **env_vars):
     """`torchrun --standalone --nproc-per-node 2 -m qlora_ext finetune ...` (run()'s arguments), gloo on
-    the CPU, in a subprocess with `env_vars`; the completed process."""
+    the CPU (NCCL with device="cuda"), in a subprocess with `env_vars`; the completed process."""
     import os
     import subprocess
     import sys
@@ -678,7 +678,7 @@ def torchrun(model_dir, data_file, output, *extra, script=None, nproc=2, **env_v
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     target = [str(script)] if script is not None else ["-m", "qlora_ext"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target,
-               *finetune_args(model_dir, data_file, output, *extra)]  # fmt: skip
+               *finetune_args(model_dir, data_file, output, *extra, device=device)]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -780,6 +780,22 @@ def test_torchrun_resumes_after_a_crash(model_dir, data_file, eval_args, one_pro
     # the checkpoint is one device's: one process resumes it to the same run
     one_thread_run(model_dir, data_file, tmp_path / "resumed-in-one-process", *eval_args)
     assert_same_run(tmp_path / "resumed-in-one-process", one_process_run)
+
+
+@pytest.mark.distributed
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.device_count() >= 2), reason="needs 2 GPUs")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_on_two_gpus_matches_one_gpu(model_dir, data_file, eval_args, tmp_path, mode):
+    """2 NCCL ranks, one GPU each, against one process on one GPU: the same log, adapters and optimizer
+    state, bit for bit (the same kernels on the same kind of GPU; DDP and FSDP2 average two gradients as
+    one process accumulates them). Runs only where a machine lends 2 GPUs."""
+    one_gpu = tmp_path / "one-gpu"
+    assert run(model_dir, data_file, one_gpu, *eval_args, device="cuda") == 0
+    out = tmp_path / "two-gpus"
+    done = torchrun(model_dir, data_file, out, *(("--fsdp",) if mode == "fsdp" else ()), *eval_args, device="cuda")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(out, one_gpu)
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(model_dir, data_file, tmp_path, monkeypatch, capsys):
