@@ -136,7 +136,8 @@ def empty_model(name: str):
 def bf16_bytes(name: str) -> int:
     c = MODELS[name]
     h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    return 2 * (n * (4 * h * h + 3 * h * i) + 2 * v * h)
+    kv = h * c["num_key_value_heads"] // c["num_attention_heads"]  # k_proj and v_proj's rows (GQA: fewer)
+    return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h)
 
 
 def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):

@@ -10,15 +10,16 @@ weights, quantized on its own GPU), then:
   "qlora_ext":         prepare_model, then qlora_ext.distributed.fully_shard_model: FSDP2's fully_shard on
                        each decoder layer and the root, the 4-bit codes and block scales sharded;
   "bitsandbytes_peft": bitsandbytes' Linear4bit with quant_storage=bfloat16 under PEFT's get_peft_model,
-                       wrapped by FSDP (FullyShardedDataParallel, one unit a decoder layer, use_orig_params):
+                       wrapped by FSDP (FullyShardedDataParallel with PEFT's fsdp_auto_wrap_policy: a unit a decoder
+                       layer and a unit a LoRA linear):
                        the FSDP-QLoRA recipe of bitsandbytes' documentation. (bitsandbytes' layers lose their
                        quantization state under FSDP2's fully_shard: bitsandbytes issue 1945.)
 Each rank trains on its own batch of --runs' batch x seq tokens; AdamW on the adapters. Correctness
 first: the first step's loss (the base alone, B = 0), averaged over the ranks, must agree within 2%
 between the implementations. Rows: op "e2e_dist", impl, model, nproc, batch and seq (a rank's),
 tok_per_s (every rank's tokens / the step's time), step_s (rank 0's median), peak_gib (the highest
-rank's peak allocated memory after wrapping, weights included), first_loss, build_s. The one-GPU numbers
-to set them beside come from bench/e2e.py on the same machine.
+rank's peak allocated memory over the timed steps, after 3 warm-up steps; weights included),
+first_loss, build_s. The one-GPU numbers to set them beside come from bench/e2e.py on the same machine.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def wrap(impl: str, model, device):
         from qlora_ext.distributed import fully_shard_model
 
         return fully_shard_model(model)
+    from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
-    return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
-                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
+    # PEFT's policy (as accelerate's FSDP-QLoRA recipe): each trainable LoRA linear its own unit, each
+    # decoder layer one: FSDP flattens a unit's parameters into one tensor, which needs one dtype (the
+    # float32 adapters apart from the bf16 weights) and, without use_orig_params, one requires_grad
+    return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                    device_id=device)  # fmt: skip
 
 
 def measure(impl: str, name: str, batch: int, seq: int, steps: int, device, rank: int, world: int) -> dict:

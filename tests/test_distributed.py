@@ -154,6 +154,9 @@ def reference(path: str, seed: int, lm_dir: str, device: str = "cpu") -> dict:
 def _run(rank: int, worker, tmp: str, args: tuple, backend: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        # as conftest's fp32_cublas_reductions sets them in the process that computes the reference
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
@@ -208,20 +211,32 @@ def shard_sizes(model) -> dict[str, tuple[int, int]]:
 
 
 def simulate_torch_2_11() -> None:
-    """fully_shard as on torch 2.11 and earlier (pytorch/pytorch#177844): each sharded parameter is first
-    made as ``nn.Parameter(shard)``, which requires grad and so fails for an integer shard; qlora_ext's
-    workaround is then what lets the 4-bit layers' uint8 codes and scales through."""
+    """fully_shard as on torch 2.11 and earlier (pytorch/pytorch#177844), and fully_shard_model on its
+    torch-2.11 path (the workaround on): 2.11 makes each sharded parameter first as
+    ``nn.Parameter(sharded DTensor)``, which requires grad and so fails for an integer shard, and sets
+    the original's requires_grad only after. Here that first step runs on the DTensor of each parameter
+    that FSDP shards, before torch's own (fixed) construction."""
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
     import qlora_ext.distributed
 
-    original = FSDPParam._init_sharded_param
+    init, to_dtensor = FSDPParam._init_sharded_param, FSDPParam.to_sharded_dtensor
+    inside = []
 
-    def init_sharded_param(self, param, *args, **kwargs):
-        torch.nn.Parameter(param.detach())  # torch 2.11's first step (its requires_grad set only after)
-        return original(self, param, *args, **kwargs)
+    def init_sharded_param(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return init(self, *args, **kwargs)
+        finally:
+            inside.pop()
 
-    FSDPParam._init_sharded_param = init_sharded_param
+    def to_sharded_dtensor(self, tensor):
+        dtensor = to_dtensor(self, tensor)
+        if inside:
+            torch.nn.Parameter(dtensor)  # torch 2.11's first step: requires grad
+        return dtensor
+
+    FSDPParam._init_sharded_param, FSDPParam.to_sharded_dtensor = init_sharded_param, to_sharded_dtensor
     qlora_ext.distributed.FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD = True
 
 
@@ -451,3 +466,7 @@ def test_prepare_fsdp_refusals(monkeypatch):
     model = build(PATHS[0], 0, "")
     with pytest.raises(ValueError, match="reshard_after_forward=2 needs torch 2.12"):
         fully_shard_model(model, reshard_after_forward=2)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    with pytest.raises(ValueError, match="param_dtype=torch.bfloat16 needs torch 2.12"):
+        fully_shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -76,6 +77,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 # grad, and only then sets the original's requires_grad (pytorch/pytorch#177844, fixed in 2.12); a uint8
 # shard (the 4-bit codes and scales) cannot require grad, so that first step fails.
 FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
+# one patch at a time: two threads restoring out of order would leave it in place for good
+_PARAMETER_PATCH = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -83,57 +86,65 @@ def integer_parameters_without_grad():
     """Within the block, ``nn.Parameter(t)`` of an integer ``t`` does not require grad (instead of
     raising): the workaround for torch 2.11's ``fully_shard`` (``FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD``),
     which sets the right ``requires_grad`` itself right after. Only a call that would raise changes."""
-    original = nn.Parameter.__dict__["__new__"]
-    new = original.__func__ if isinstance(original, staticmethod) else original
+    with _PARAMETER_PATCH:
+        original = nn.Parameter.__dict__["__new__"]
+        new = original.__func__ if isinstance(original, staticmethod) else original
 
-    def integer_without_grad(cls, data=None, requires_grad=True):
-        if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
-            requires_grad = False
-        return new(cls, data, requires_grad)
+        def integer_without_grad(cls, data=None, requires_grad=True):
+            if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
+                requires_grad = False
+            return new(cls, data, requires_grad)
 
-    nn.Parameter.__new__ = staticmethod(integer_without_grad)
-    try:
-        yield
-    finally:
-        nn.Parameter.__new__ = original
+        nn.Parameter.__new__ = staticmethod(integer_without_grad)
+        try:
+            yield
+        finally:
+            nn.Parameter.__new__ = original
 
 
-def _default_mesh(model: nn.Module):
-    """All ranks, on the device type of the model's parameters. fully_shard's own default is the
-    machine's accelerator: a model on the CPU of a machine with a GPU would be moved to the GPU and its
-    collectives run there, where a gloo group cannot run them."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _refuse_what_torch_2_11_breaks(fsdp_kwargs: dict) -> None:
+    """What torch 2.11's fully_shard does to integer parameters past the workaround (both fixed in 2.12 by
+    the change for pytorch/pytorch#177844): an integer reshard_after_forward makes new sharded
+    parameters in every forward, and a mixed-precision param_dtype casts them (the codes) to floats."""
+    after_forward = fsdp_kwargs.get("reshard_after_forward")
+    if isinstance(after_forward, int) and not isinstance(after_forward, bool):
+        raise ValueError(
+            f"reshard_after_forward={after_forward} needs torch 2.12 or newer for 4-bit layers "
+            f"(pytorch/pytorch#177844); this is torch {torch.__version__}: pass True or False"
+        )
+    mp_policy = fsdp_kwargs.get("mp_policy")
+    if getattr(mp_policy, "param_dtype", None) is not None:
+        raise ValueError(
+            f"mp_policy with param_dtype={mp_policy.param_dtype} needs torch 2.12 or newer for 4-bit layers: torch "
+            f"{torch.__version__} would cast their uint8 codes and scales to it (pytorch/pytorch#177844); load "
+            "the model in that dtype instead"
+        )
 
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+
+def _cpu_model_in_a_gloo_group(model: nn.Module) -> bool:
+    """A model on the CPU sharded over gloo: fully_shard's default mesh is the machine's accelerator, and on
+    a machine with a GPU it would move the model there, where gloo cannot run the collectives."""
+    return {p.device.type for p in model.parameters()} == {"cpu"} and torch.distributed.get_backend() == "gloo"
 
 
 def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs: Any) -> nn.Module:
     """``prepare_fsdp(model)``, then ``fully_shard`` on each of ``layers`` (default: ``decoder_layers``)
-    and on ``model``, with ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...). The
-    default ``mesh`` is every rank on the device type of the model's parameters (fully_shard's own
-    default, the machine's accelerator, would move a CPU model to a GPU where there is one). Needs an
-    initialized process group; returns ``model``, now an ``FSDPModule``. On torch 2.11 and
-    earlier, an integer ``reshard_after_forward`` is refused: FSDP2 then makes new sharded parameters in
-    every forward, which pytorch/pytorch#177844 breaks for the uint8 codes."""
+    and on ``model``, with ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...). A CPU
+    model in a gloo group gets a CPU mesh by default (fully_shard's default, the machine's accelerator,
+    would move it to a GPU where there is one). Needs an initialized process group; returns ``model``, now
+    an ``FSDPModule``. On torch 2.11 and earlier, an integer ``reshard_after_forward`` and an ``mp_policy``
+    with a ``param_dtype`` are refused (``_refuse_what_torch_2_11_breaks``)."""
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(model) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers must name at least one module to shard")
-    after_forward = fsdp_kwargs.get("reshard_after_forward")
-    if (
-        FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD
-        and isinstance(after_forward, int)
-        and not isinstance(after_forward, bool)
-    ):
-        raise ValueError(
-            f"reshard_after_forward={after_forward} needs torch 2.12 or newer for 4-bit layers "
-            "(pytorch/pytorch#177844); "
-            f"this is torch {torch.__version__}: pass True or False"
-        )
-    if "mesh" not in fsdp_kwargs:
-        fsdp_kwargs["mesh"] = _default_mesh(model)
+    if FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD:
+        _refuse_what_torch_2_11_breaks(fsdp_kwargs)
+    if fsdp_kwargs.get("mesh") is None and _cpu_model_in_a_gloo_group(model):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        fsdp_kwargs["mesh"] = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     prepare_fsdp(model)
     workaround = (
         integer_parameters_without_grad() if FSDP_MAKES_INTEGER_PARAMETERS_REQUIRE_GRAD else contextlib.nullcontext()
