@@ -38,6 +38,7 @@ __all__ = [
     "merged_of",
     "merged_weight_of",
     "new_layer",
+    "prepared_layers",
     "scaling_of",
     "set_active",
     "unmerge16",
@@ -81,11 +82,19 @@ def all_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def prepared_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``all_layers`` of a model that ``prepare_model`` made (LoRA layers and ``qlora_config``, or qlora_ext's
+    own layers), in one walk; none of a model that PEFT's ``get_peft_model`` wraps, whose layers may be the
+    same class."""
+    layers = list(all_layers(model))
+    if hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for _, m in layers):
+        return layers
+    return []
+
+
 def is_prepared(model: nn.Module) -> bool:
-    """Whether ``model`` was made by ``prepare_model`` (LoRA layers and ``qlora_config``, or qlora_ext's own
-    layers), not wrapped by PEFT's ``get_peft_model``, whose layers may be the same class."""
-    layers = [m for _, m in all_layers(model)]
-    return bool(layers) and (hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for m in layers))
+    """Whether ``model`` was made by ``prepare_model`` (see ``prepared_layers``)."""
+    return bool(prepared_layers(model))
 
 
 def base_of(layer: nn.Module) -> Linear4bit:

@@ -25,7 +25,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def qlora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The LoRA layers of a model that ``prepare_model`` made, with their names; none of a model that PEFT's
     ``get_peft_model`` wraps (its adapters are PEFT's to change, through the PeftModel)."""
-    return lora_layers.all_layers(model) if lora_layers.is_prepared(model) else iter(())
+    return iter(lora_layers.prepared_layers(model))
 
 
 def _configs(model: nn.Module) -> dict[str, LoraConfig]:
