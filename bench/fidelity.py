@@ -234,11 +234,11 @@ def base_formats(model) -> dict:
 
     import torch
 
-    from qlora_ext.model import qlora_layers
+    from qlora_ext import _lora_layers
 
     formats = collections.Counter()
-    for _, layer in qlora_layers(model):
-        base = layer.base_layer
+    for _, layer in _lora_layers.all_layers(model):  # the prepared model is inside: model[0].auto_model
+        base = _lora_layers.base_of(layer)
         formats[base.quant_type + ("+dq" if base.quant_state.nested else "")] += 1
     for _, m in model.named_modules():
         if type(m).__module__.startswith("peft.") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear):

@@ -7,6 +7,7 @@ merge and its exact unmerge, deleting the active adapter, disabling without touc
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -256,3 +257,32 @@ def test_both_classes_under_torch_compile_fullgraph(device):
             results.append((y.detach(), xi.grad, layers.weights_of(layer, "first")[0].grad.clone()))
         for a, b, what in zip(*results, ("output", "x's gradient", "A's gradient")):
             assert_bits_equal(b, a, f"{type(layer).__name__} compiled, train: {what}")
+
+
+def test_prepare_model_builds_peft_layers_by_default_and_qlora_layers_without_peft(monkeypatch):
+    """The default class: PEFT's layer where PEFT can take it; where it cannot (here: PEFT not importable),
+    qlora_ext's own, with a FutureWarning that names the install that fixes it."""
+    from qlora_ext import prepare_model
+
+    def prepared() -> nn.Module:
+        model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, IN))
+        return prepare_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+
+    monkeypatch.delenv("QLORA_EXT_LAYERS", raising=False)
+    monkeypatch.setattr(layers, "_PEFT_USABLE", None)
+    assert layers.layer_kind() == "peft"
+    assert {type(m) for _, m in layers.prepared_layers(prepared())} == {LoraLinear4bit}
+
+    import qlora_ext
+
+    monkeypatch.setattr(layers, "_PEFT_USABLE", None)
+    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing PEFT, or any of it, raises ImportError
+    monkeypatch.delitem(sys.modules, "qlora_ext.peft_lora")
+    monkeypatch.delattr(qlora_ext, "peft_lora")
+    with pytest.warns(FutureWarning, match=r"QLoRALinear.*pip install 'qlora_ext\[train\]'"):
+        assert layers.layer_kind() == "qlora"
+    assert {type(m) for _, m in layers.prepared_layers(prepared())} == {QLoRALinear}
+    with pytest.raises(ValueError, match="QLORA_EXT_LAYERS must be 'qlora' or 'peft', got 'both'"):
+        monkeypatch.setenv("QLORA_EXT_LAYERS", "both")
+        layers.layer_kind()

@@ -5,7 +5,8 @@ adapters only through here, so that both classes keep one behaviour: one active 
 active adapter's parameters trainable, a 16-bit merge that unmerges exactly, and deleting the active
 adapter leaves the base alone (PEFT would activate another).
 
-PEFT is imported only where a model holds PEFT's layers (``sys.modules``), so a prepared model of
+``prepare_model`` builds PEFT's layers wherever PEFT can take them (``layer_kind``). Walking a model
+imports PEFT only where a model can hold its layers (``sys.modules``), so a prepared model of
 ``QLoRALinear`` layers needs neither PEFT nor transformers.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -173,14 +175,40 @@ def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optio
 
 
 def layer_kind() -> str:
-    """Which class ``new_layer`` builds: ``"qlora"`` (``QLoRALinear``, the default) or ``"peft"`` (PEFT's
-    ``LoraLinear4bit``), from the environment variable ``QLORA_EXT_LAYERS``. Private, and only until
-    prepare_model moves to PEFT's layers: it lets the tests and one benchmark run compare the two
-    (docs/plan-prepare-model-on-peft.md, steps 3 to 7)."""
-    kind = os.environ.get("QLORA_EXT_LAYERS", "qlora")
+    """Which class ``new_layer`` builds: ``"peft"``, PEFT's ``LoraLinear4bit`` (the layer ``get_peft_model``
+    builds on a ``Linear4bit``, running the same fused op), wherever PEFT can take it; else ``"qlora"``,
+    qlora_ext's ``QLoRALinear``, which saves the same files and trains to the same bits, with a
+    FutureWarning. The environment variable ``QLORA_EXT_LAYERS=qlora|peft`` forces one (the tests run
+    both)."""
+    kind = os.environ.get("QLORA_EXT_LAYERS")
+    if kind is None:
+        return "peft" if _peft_usable() else "qlora"
     if kind not in ("qlora", "peft"):
         raise ValueError(f"QLORA_EXT_LAYERS must be 'qlora' or 'peft', got {kind!r}")
     return kind
+
+
+_PEFT_USABLE: Optional[bool] = None
+
+
+def _peft_usable() -> bool:
+    """Whether PEFT is installed and can take qlora_ext's LoRA layer; found once, warned once."""
+    global _PEFT_USABLE
+    if _PEFT_USABLE is None:
+        try:
+            from . import peft_lora  # noqa: F401  (imports PEFT)
+
+            _PEFT_USABLE = True
+        except ImportError as e:
+            _PEFT_USABLE = False
+            warnings.warn(
+                f"qlora_ext: prepare_model builds qlora_ext's QLoRALinear layers, since PEFT cannot give its own "
+                f"({e}; pip install 'qlora_ext[train]' installs a PEFT that can). The files and the training are "
+                "the same; prepared models of QLoRALinear layers will go in a future release.",
+                FutureWarning,
+                stacklevel=3,
+            )
+    return _PEFT_USABLE
 
 
 def new_layer(base: Linear4bit, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None):
