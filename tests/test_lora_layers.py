@@ -280,7 +280,7 @@ def test_prepare_model_builds_peft_layers_by_default_and_qlora_layers_without_pe
         monkeypatch.setitem(sys.modules, name, None)  # importing PEFT, or any of it, raises ImportError
     monkeypatch.delitem(sys.modules, "qlora_ext.peft_lora")
     monkeypatch.delattr(qlora_ext, "peft_lora")
-    with pytest.warns(FutureWarning, match=r"QLoRALinear.*pip install 'qlora_ext\[train\]'"):
+    with pytest.warns(FutureWarning, match=r"QLoRALinear.*peft>=0\.21\.2, in the train extra"):
         assert layers.layer_kind() == "qlora"
     assert {type(m) for _, m in layers.prepared_layers(prepared())} == {QLoRALinear}
     with pytest.raises(ValueError, match="QLORA_EXT_LAYERS must be 'qlora' or 'peft', got 'both'"):

@@ -203,7 +203,7 @@ def _peft_usable() -> bool:
             _PEFT_USABLE = False
             warnings.warn(
                 f"qlora_ext: prepare_model builds qlora_ext's QLoRALinear layers, since PEFT cannot give its own "
-                f"({e}; pip install 'qlora_ext[train]' installs a PEFT that can). The files and the training are "
+                f"({e}; peft>=0.21.2, in the train extra, can). The files and the training are "
                 "the same; prepared models of QLoRALinear layers will go in a future release.",
                 FutureWarning,
                 stacklevel=3,
