@@ -9,7 +9,8 @@ quantized layer by layer (NF4, double quantization, blocksize 64); LoRA r = 64, 
 0.05 on all seven projections; gradient checkpointing (non-reentrant); AdamW (lr 1e-4); bf16. The
 implementations hold the same weights (the same random values, quantized to the same bits) and
 differ in the layers:
-  "qlora_ext":         qlora_ext.prepare_model (QLoRALinear: fused 4-bit products, one autograd op a layer);
+  "qlora_ext":         qlora_ext.prepare_model (fused 4-bit products, one autograd op a layer; the layer class,
+                       PEFT's LoraLinear4bit or QLoRALinear, is the row's "layers");
   "qlora_ext_peft":    qlora_ext's Linear4bit (as from_pretrained with QLoraExtConfig makes it) under PEFT's own
                        get_peft_model, whose LoRA layers run the same fused op (qlora_ext.peft_lora);
   "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);

@@ -3,8 +3,9 @@ of the pieces around it (``qlora_ext.model.<name>`` as before the split):
 
 - ``prepare_model(model, LoraConfig(...))`` (here) replaces the targeted linear layers (``nn.Linear``, its
   subclasses, transformers' ``Conv1D``) in place by LoRA layers on a 4-bit frozen base (PEFT's
-  ``LoraLinear4bit``, else ``QLoRALinear``; see ``_lora_layers.layer_kind``), optionally the other linears by frozen ``Linear4bit``, freezes everything else, and can
-  stream the weights from safetensors shards one layer at a time into a model built on the meta device.
+  ``LoraLinear4bit``, else ``QLoRALinear``; see ``_lora_layers.layer_kind``), optionally the other
+  linears by frozen ``Linear4bit``, freezes everything else, and can stream the weights from safetensors
+  shards one layer at a time into a model built on the meta device.
 - ``lora_config.py``: ``LoraConfig``, PEFT's ``adapter_config.json`` and ``peft.LoraConfig`` converted.
 - ``adapters.py``: several adapters (``add_adapter``, ``set_adapter``, ``delete_adapter``,
   ``disable_adapters``) and ``qlora_layers``.
@@ -257,8 +258,8 @@ def prepare_model(
     Each linear layer that ``lora_config`` targets becomes a LoRA layer on a ``Linear4bit`` (its weight
     quantized, adapters added): PEFT's ``LoraLinear4bit`` (the layer ``get_peft_model`` builds, running the
     fused op) where PEFT can take it, else qlora_ext's ``QLoRALinear`` with a FutureWarning; the two save
-    the same files and train to the same bits; with ``quantize_others`` the remaining linears (the output head excepted) become
-    frozen ``Linear4bit``. Linear layers are ``nn.Linear`` and its subclasses, and transformers'
+    the same files and train to the same bits. With ``quantize_others`` the remaining linears (the output
+    head excepted) become frozen ``Linear4bit``. Linear layers are ``nn.Linear`` and its subclasses, and transformers'
     ``Conv1D`` (GPT-2's, whose ``[in, out]`` weight is quantized as ``[out, in]``). ``"all-linear"``
     leaves out, with a warning, subclasses with their own forward (named in ``target_modules`` they are
     quantized as ``x @ W.T + b``) and ``nn.MultiheadAttention``'s ``out_proj``. ``Linear4bit`` layers (a
