@@ -13,12 +13,14 @@ same order everywhere."""
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import qlora_ext
+from qlora_ext._lora_layers import all_layers
 from qlora_ext.nn import Linear4bit
 
 from helpers import HAS_CUDA, SEED, one_thread, tiny_llama, tiny_lm_dir
@@ -250,7 +252,7 @@ def fsdp_worker(
     if torch_2_11:
         simulate_torch_2_11()
     fully_shard_model(model)
-    result = {"sizes": shard_sizes(model)}
+    result = {"sizes": shard_sizes(model), "layer classes": sorted({type(m).__name__ for _, m in all_layers(model)})}
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
     try:
         layer.dequantize()  # outside the forward: the shards only
@@ -331,6 +333,8 @@ def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_
     results = spawn(fsdp_worker, tmp_path, path, seed, lm_dir, str(out), checkpointing, torch_2_11, backend=backend)
     ref = reference(path, seed, lm_dir, device)
     assert_matches_one_process(results, ref)
+    fallback = path == PATHS[0] and os.environ.get("QLORA_EXT_LAYERS") == "qlora"
+    assert [r["layer classes"] for r in results] == [["QLoRALinear" if fallback else "LoraLinear4bit"]] * WORLD
 
     # each rank holds its half (torch.chunk's) of the codes, the scales and the nested scales
     sizes = [r["sizes"] for r in results]
@@ -372,6 +376,13 @@ def test_fully_shard_matches_one_process_and_saves(path, checkpointing, torch_2_
         torch.testing.assert_close(
             result["logits"], logits, rtol=0, atol=0, msg=lambda m, rank=rank: f"rank {rank}: {m}"
         )
+
+
+def test_fully_shard_with_the_fallback_layers(lm_dir, tmp_path, monkeypatch):
+    """prepare_model's layers where PEFT cannot give its own (qlora_ext's QLoRALinear) shard, train and save
+    as PEFT's do: the same test, with the worker processes inheriting the switch."""
+    monkeypatch.setenv("QLORA_EXT_LAYERS", "qlora")
+    test_fully_shard_matches_one_process_and_saves(PATHS[0], False, False, "gloo", lm_dir, tmp_path)
 
 
 def test_registered_scales_keep_state_dict_and_outputs(gen):

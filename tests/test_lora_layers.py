@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -259,30 +260,65 @@ def test_both_classes_under_torch_compile_fullgraph(device):
             assert_bits_equal(b, a, f"{type(layer).__name__} compiled, train: {what}")
 
 
-def test_prepare_model_builds_peft_layers_by_default_and_qlora_layers_without_peft(monkeypatch):
-    """The default class: PEFT's layer where PEFT can take it; where it cannot (here: PEFT not importable),
-    qlora_ext's own, with a FutureWarning that names the install that fixes it."""
+def _prepared_sequential() -> nn.Module:
     from qlora_ext import prepare_model
 
-    def prepared() -> nn.Module:
-        model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, IN))
-        return prepare_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, IN))
+    return prepare_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]), progress=False)
 
-    monkeypatch.delenv("QLORA_EXT_LAYERS", raising=False)
-    monkeypatch.setattr(layers, "_PEFT_USABLE", None)
-    assert layers.layer_kind() == "peft"
-    assert {type(m) for _, m in layers.prepared_layers(prepared())} == {LoraLinear4bit}
 
+@pytest.mark.parametrize("peft_fails", ["missing", "breaks on import"])
+def test_prepare_model_builds_peft_layers_by_default_and_qlora_layers_without_peft(monkeypatch, peft_fails):
+    """The default class: PEFT's layer where PEFT can take it; where it cannot (PEFT not importable, or
+    qlora_ext's layer on it failing to import), qlora_ext's own, with one FutureWarning that names the
+    user's line and the PEFT that works."""
     import qlora_ext
 
-    monkeypatch.setattr(layers, "_PEFT_USABLE", None)
-    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
-        monkeypatch.setitem(sys.modules, name, None)  # importing PEFT, or any of it, raises ImportError
-    monkeypatch.delitem(sys.modules, "qlora_ext.peft_lora")
+    monkeypatch.delenv("QLORA_EXT_LAYERS", raising=False)
+    monkeypatch.setattr(layers, "_PEFT_LAYER", None)
+    monkeypatch.setattr(layers, "_FALLBACK_WARNED", False)
+    assert layers.layer_kind() == "peft"
+    assert {type(m) for _, m in layers.prepared_layers(_prepared_sequential())} == {LoraLinear4bit}
+
+    monkeypatch.setattr(layers, "_PEFT_LAYER", None)
+    hidden = ["qlora_ext.peft_lora"]
+    if peft_fails == "missing":
+        hidden += [n for n in sys.modules if n == "peft" or n.startswith("peft.")]
+    for name in hidden:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
     monkeypatch.delattr(qlora_ext, "peft_lora")
-    with pytest.warns(FutureWarning, match=r"QLoRALinear.*peft>=0\.21\.2, in the train extra"):
-        assert layers.layer_kind() == "qlora"
-    assert {type(m) for _, m in layers.prepared_layers(prepared())} == {QLoRALinear}
+    with pytest.warns(
+        FutureWarning, match=r"QLoRALinear.*(Import|ModuleNotFound)Error.*peft>=0\.21\.2, in the train extra"
+    ) as caught:
+        model = _prepared_sequential()
+    assert [w.filename for w in caught if w.category is FutureWarning] == [__file__]
+    assert {type(m) for _, m in layers.prepared_layers(model)} == {QLoRALinear}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a process
+        assert {type(m) for _, m in layers.prepared_layers(_prepared_sequential())} == {QLoRALinear}
+        assert not layers.is_lora_layer(nn.Linear(2, 2))  # walking a model does not retry the import
     with pytest.raises(ValueError, match="QLORA_EXT_LAYERS must be 'qlora' or 'peft', got 'both'"):
         monkeypatch.setenv("QLORA_EXT_LAYERS", "both")
         layers.layer_kind()
+
+
+@pytest.mark.parametrize("kind", ["qlora", "peft"])
+def test_functions_find_the_layers_of_a_prepared_model_inside_a_wrapper(monkeypatch, kind):
+    """A prepared model inside another module (sentence-transformers' ``model[0].auto_model``): the public
+    functions given the wrapper reach its layers with either class."""
+    from qlora_ext import disable_adapters
+    from qlora_ext.model import qlora_layers
+
+    monkeypatch.setenv("QLORA_EXT_LAYERS", kind)
+    wrapper = nn.ModuleDict({"inner": _prepared_sequential(), "other": nn.Linear(IN, IN)})
+    found = [n for n, _ in qlora_layers(wrapper)]
+    assert found == ["inner.0", "inner.2"]
+    with torch.no_grad():
+        for _, layer in qlora_layers(wrapper):
+            layers.weights_of(layer, "default")[1].normal_()  # B != 0: the adapter changes the output
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        on = wrapper["inner"](x)
+        with disable_adapters(wrapper):
+            off = wrapper["inner"](x)
+    assert not torch.equal(on, off)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -48,19 +49,30 @@ __all__ = [
 ]
 
 
-_PEFT_CLASS: Optional[type] = None
+# PEFT's LoRA layer on a Linear4bit: None until looked for, False where PEFT cannot give it.
+_PEFT_LAYER: Optional[type] | bool = None
+_PEFT_PROBLEM = ""  # why not, for the warning
+_OLDEST_PEFT = (0, 21, 2)  # the oldest PEFT whose private LoRA API peft_lora was tested with
 
 
-def _peft_class() -> Optional[type]:
-    """``LoraLinear4bit`` where PEFT is imported (a model can hold one only then), else None; found once."""
-    global _PEFT_CLASS
-    if _PEFT_CLASS is None and "peft" in sys.modules:
+def _peft_class(import_peft: bool = False) -> Optional[type]:
+    """``LoraLinear4bit``, or None where PEFT is missing, older than ``_OLDEST_PEFT`` or fails to import;
+    looked for once. Without ``import_peft`` only where PEFT is imported already (a model can hold the
+    layer only then), so that walking a model of ``QLoRALinear`` layers never imports PEFT."""
+    global _PEFT_LAYER, _PEFT_PROBLEM
+    if _PEFT_LAYER is None and (import_peft or "peft" in sys.modules):
         try:
+            import peft
+
+            version = tuple(int(v) for v in re.findall(r"\d+", peft.__version__)[:3])
+            if version < _OLDEST_PEFT:
+                raise ImportError(f"PEFT {peft.__version__} is older than {'.'.join(map(str, _OLDEST_PEFT))}")
             from .peft_lora import LoraLinear4bit
-        except ImportError:  # a PEFT that qlora_ext's layer does not support: no model holds one
-            return None
-        _PEFT_CLASS = LoraLinear4bit
-    return _PEFT_CLASS
+
+            _PEFT_LAYER = LoraLinear4bit
+        except Exception as e:  # not only ImportError: a PEFT that breaks on import (a mismatched transformers)
+            _PEFT_LAYER, _PEFT_PROBLEM = False, f"{type(e).__name__}: {e}"
+    return _PEFT_LAYER or None
 
 
 def _is_peft(layer: nn.Module) -> bool:
@@ -85,13 +97,18 @@ def all_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def prepared_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``all_layers`` of a model that ``prepare_model`` made (LoRA layers and ``qlora_config``, or qlora_ext's
-    own layers), in one walk; none of a model that PEFT's ``get_peft_model`` wraps, whose layers may be the
-    same class."""
-    layers = list(all_layers(model))
-    if hasattr(model, "qlora_config") or any(isinstance(m, QLoRALinear) for _, m in layers):
-        return layers
-    return []
+    """``all_layers`` that ``prepare_model`` made, in one walk: the LoRA layers inside a module holding
+    ``qlora_config`` (``model`` itself, or a prepared model inside a wrapper, as sentence-transformers'
+    ``model[0].auto_model``), and qlora_ext's own layers anywhere; none of a model that PEFT's
+    ``get_peft_model`` wraps, whose layers may be the same class."""
+    prepared: list[str] = []  # name prefixes of the modules holding qlora_config (named_modules: parents first)
+    layers = []
+    for name, module in model.named_modules():
+        if "qlora_config" in module.__dict__:
+            prepared.append(f"{name}." if name else "")
+        if is_lora_layer(module) and (isinstance(module, QLoRALinear) or any(name.startswith(p) for p in prepared)):
+            layers.append((name, module))
+    return layers
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -178,37 +195,39 @@ def layer_kind() -> str:
     """Which class ``new_layer`` builds: ``"peft"``, PEFT's ``LoraLinear4bit`` (the layer ``get_peft_model``
     builds on a ``Linear4bit``, running the same fused op), wherever PEFT can take it; else ``"qlora"``,
     qlora_ext's ``QLoRALinear``, which saves the same files and trains to the same bits, with a
-    FutureWarning. The environment variable ``QLORA_EXT_LAYERS=qlora|peft`` forces one (the tests run
-    both)."""
+    FutureWarning (once a process). The environment variable ``QLORA_EXT_LAYERS=qlora|peft`` forces one
+    (the tests run both)."""
+    global _FALLBACK_WARNED
     kind = os.environ.get("QLORA_EXT_LAYERS")
     if kind is None:
-        return "peft" if _peft_usable() else "qlora"
+        if _peft_class(import_peft=True) is not None:
+            return "peft"
+        if not _FALLBACK_WARNED:
+            _FALLBACK_WARNED = True
+            warnings.warn(
+                f"qlora_ext: prepare_model builds qlora_ext's QLoRALinear layers, since PEFT cannot give its own "
+                f"({_PEFT_PROBLEM}; peft>=0.21.2, in the train extra, can). The files and the training are the "
+                "same; prepared models of QLoRALinear layers will go in a future release.",
+                FutureWarning,
+                stacklevel=_callers_level(),
+            )
+        return "qlora"
     if kind not in ("qlora", "peft"):
         raise ValueError(f"QLORA_EXT_LAYERS must be 'qlora' or 'peft', got {kind!r}")
     return kind
 
 
-_PEFT_USABLE: Optional[bool] = None
+_FALLBACK_WARNED = False
 
 
-def _peft_usable() -> bool:
-    """Whether PEFT is installed and can take qlora_ext's LoRA layer; found once, warned once."""
-    global _PEFT_USABLE
-    if _PEFT_USABLE is None:
-        try:
-            from . import peft_lora  # noqa: F401  (imports PEFT)
-
-            _PEFT_USABLE = True
-        except ImportError as e:
-            _PEFT_USABLE = False
-            warnings.warn(
-                f"qlora_ext: prepare_model builds qlora_ext's QLoRALinear layers, since PEFT cannot give its own "
-                f"({e}; peft>=0.21.2, in the train extra, can). The files and the training are "
-                "the same; prepared models of QLoRALinear layers will go in a future release.",
-                FutureWarning,
-                stacklevel=3,
-            )
-    return _PEFT_USABLE
+def _callers_level() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller name the first frame outside
+    qlora_ext (the user's call of prepare_model, or the library's that made it)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def new_layer(base: Linear4bit, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None):
