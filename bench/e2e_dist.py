@@ -115,7 +115,9 @@ def worker(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
                     rows.append({"op": "e2e_dist", "impl": impl, "model": name, "nproc": args.nproc, "batch": batch,
                                  "seq": seq, **{k: round(v, 5) for k, v in r.items()}})  # fmt: skip
                     if impl == "qlora_ext":  # which LoRA layer class prepare_model built
-                        rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
+                        from qlora_ext._lora_layers import layer_kind
+
+                        rows[-1]["layers"] = layer_kind()
                     if rank == 0:
                         print(f"{impl:18s} {name:9s} {args.nproc} x {batch}x{seq}: {r['tok_per_s']:8.0f} tok/s, "
                               f"step {r['step_s']:.3f} s, peak {r['peak_gib']:.2f} GiB a GPU, first loss "
