@@ -39,6 +39,9 @@ def both_layers(device: str, seed: int) -> tuple[QLoRALinear, LoraLinear4bit]:
     ours = QLoRALinear(copy.deepcopy(base), FIRST.r, FIRST.lora_alpha, FIRST.lora_dropout, adapter_name="first")
     config = peft.LoraConfig(r=FIRST.r, lora_alpha=FIRST.lora_alpha, lora_dropout=FIRST.lora_dropout)
     theirs = LoraLinear4bit(copy.deepcopy(base), "first", config=config, r=FIRST.r, lora_alpha=FIRST.lora_alpha)
+    # PEFT puts a new adapter in the base's compute dtype (bfloat16 on CUDA), QLoRALinear in float32:
+    # prepare_model gives both its adapter_dtype (test_prepare_model_gives_the_same_model_with_either_class)
+    theirs.lora_A.float(), theirs.lora_B.float()
     with torch.no_grad():
         for pair in zip(layers.weights_of(ours, "first"), layers.weights_of(theirs, "first")):
             values = torch.randn(pair[0].shape, generator=gen) * 0.2
@@ -121,7 +124,8 @@ def test_merge16_runs_the_merged_weight_and_unmerges_exactly(device):
         assert layers.merged_of(layer) == "first"
         weight = layers.merged_weight_of(layer, "first")
         base = layers.base_of(layer)
-        expected = nn.functional.linear(x.to(base.compute_dtype), weight.to(base.compute_dtype), base.bias)
+        bias = None if base.bias is None else base.bias.to(base.compute_dtype)  # float32 beside bfloat16 products
+        expected = nn.functional.linear(x.to(base.compute_dtype), weight.to(base.compute_dtype), bias)
         out = layer(x)
         assert_bits_equal(out, expected.to(out.dtype), "merged output")
         merged.append(out)
