@@ -1,6 +1,6 @@
 """The tables of the products with a 4-bit weight, from a bench/gemm.py result.
 
-    python bench/gemm_tables.py bench/results/gemm-h200-2026-11-30-2e13a5c.json
+    python bench/gemm_tables.py bench/results/gemm-h200-2026-12-06-bf679d3.json
 
 One table per op present (gemm: forward, gemm_t: backward): a row per M, a column per weight
 shape, each cell the time ratio bf16 / qlora_ext and, in brackets, bitsandbytes / qlora_ext. The

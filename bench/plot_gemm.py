@@ -1,8 +1,8 @@
 r"""Speed-up over bf16 cuBLAS against M, one panel per weight shape, from a bench/gemm.py result.
 
     pip install -r requirements-bench.txt
-    python bench/plot_gemm.py bench/results/gemm-h200-2026-11-30-2e13a5c.json \
-        bench/results/gemm-h200-2026-11-30-2e13a5c.png
+    python bench/plot_gemm.py bench/results/gemm-h200-2026-12-06-bf679d3.json \
+        bench/results/gemm-h200-2026-12-06-bf679d3.png
 
 Solid lines: the forward product (op gemm); dashed: the backward product (op gemm_t). Grey steps:
 the forward targets (docs/performance.md). Above 1 is faster than bf16.
