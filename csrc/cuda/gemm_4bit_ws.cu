@@ -306,6 +306,13 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       }
     };
     for (int st = 0; st < nstage; ++st) {
+      // One token octet: the last warp to finish a tile adds every output's adapter term alone (below),
+      // so its rows of B are prefetched, halfway through the tile's k ranges: early enough to hide the
+      // loads, late enough that x's lines, which also pass through L1, do not evict them first. (Above
+      // one octet every math warp takes a share of the epilogue, and the 16-warp kernels would spill.)
+      if constexpr (NT == 1) {
+        if (st == nstage / 2 && my_warp == 0) prefetch_lora_rows(epi, row0, min(int64_t{kRows}, N - row0), lane);
+      }
       const int j0 = st * kStageSubs;
       const T* xs[NT];
 #pragma unroll

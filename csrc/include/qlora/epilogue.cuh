@@ -75,6 +75,21 @@ __device__ __forceinline__ float lora_up(const Epilogue<T>& e, int64_t tok, int6
   return acc;
 }
 
+// Brings rows [row0, row0 + rows) of one adapter's lora_B (adapter_index null) into this SM's L1, a
+// 128-byte line a lane, for the epilogue that reads them later in the same CTA: its loads then hit L1
+// instead of each waiting on memory behind the weight's stream, output after output. (lora_B is a
+// parameter, written before this kernel was launched: no line of it can be stale. down is not
+// prefetched: the kernel before this one may still be writing it.)
+template <typename T>
+__device__ __forceinline__ void prefetch_lora_rows(const Epilogue<T>& e, int64_t row0, int64_t rows, int lane) {
+  if (e.lora_down == nullptr || e.adapter_index != nullptr || rows <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(e.lora_B + row0 * e.r);
+  const uintptr_t end = first + static_cast<uintptr_t>(rows * e.r) * sizeof(T);
+  for (uintptr_t line = (first & ~uintptr_t{127}) + uintptr_t{128} * lane; line < end; line += 32 * 128) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(line));
+  }
+}
+
 // Output (tok, row) of the product, v its float32 sum: plus the bias, plus the adapter term, rounded.
 // (__fadd_rn: never contracted, the same bits whichever kernel or split path computed v.) LORA false:
 // the caller has found that e has no adapter term (with_lora_term), and no code of it is emitted.
