@@ -40,6 +40,13 @@ for each implementation (the same initial adapters: A drawn from the layer's nam
 (model.generate with the KV cache, adapter active and not merged, eval mode), the median of 3 after a
 warm-up: tok_per_s = N / time. Decode runs one token at a time through every layer, so the host's
 Python per layer, not the GPU, can bound it: the row for comparing layer classes' overheads.
+--rounds R measures every implementation R times, the order rotated each round (round i starts at
+the i-th implementation), each round a fresh build: the steps are bound by the host's launches, and
+the first implementation measured in a process runs slower, so one pass compares implementations
+no closer than 10-20% (bench/results/e2e-impls-h100-2026-12-06-9f60d1d.json). The "e2e" and "decode"
+rows are then each implementation's median round (step_s and ms_per_token the medians, peak_gib the
+highest), with every round's tokens/s in tok_per_s_rounds; the rounds themselves are kept as op
+"e2e_round" and "decode_round" rows, tagged round and order.
 --profile FILE writes, per implementation, the GPU time of one step kernel by kernel
 (torch.profiler), the step's wall time against the GPU's busy time, and where the step's Python
 waits for the GPU (torch.cuda.set_sync_debug_mode: each such place keeps host_s near step_s).
@@ -478,6 +485,41 @@ def parse_runs(text: str) -> list[tuple[int, int]]:
     return runs
 
 
+def tag_round(row: dict, rnd: int, rounds: int, impls: list[str]) -> None:
+    """With --rounds R > 1, a measured row becomes a round's row: op "e2e_round" / "decode_round"."""
+    if rounds > 1:
+        row["op"] += "_round"
+        row["round"] = rnd
+        row["order"] = (impls.index(row["impl"]) - rnd) % len(impls)
+
+
+def median_rounds(rounds: list[dict]) -> list[dict]:
+    """One "e2e" / "decode" row per implementation and run from its rounds' rows: the median step (or
+    token) time; the highest peak; every round's tokens/s in order of the rounds."""
+    groups = defaultdict(list)
+    for row in rounds:
+        groups[(row["op"], row["impl"], row.get("batch"), row.get("seq"))].append(row)
+    out = []
+    for (op, _, batch, seq), group in groups.items():
+        row = {k: v for k, v in group[0].items() if k not in ("round", "order")}
+        row["op"] = op.removesuffix("_round")
+        row["rounds"] = len(group)
+        row["tok_per_s_rounds"] = [r["tok_per_s"] for r in group]
+        if row["op"] == "e2e":
+            row["step_s"] = round(statistics.median(r["step_s"] for r in group), 5)
+            row["host_s"] = round(statistics.median(r["host_s"] for r in group), 5)
+            row["tok_per_s"] = round(batch * seq / row["step_s"], 1)
+            row["build_s"] = round(statistics.median(r["build_s"] for r in group), 2)
+            peaks = [r["peak_gib"] for r in group if r["peak_gib"] is not None]
+            row["peak_gib"] = max(peaks) if peaks else None
+            row["paged_gib"] = max(r["paged_gib"] for r in group)
+        else:
+            row["ms_per_token"] = round(statistics.median(r["ms_per_token"] for r in group), 3)
+            row["tok_per_s"] = round(1e3 / row["ms_per_token"], 2)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama7b,llama65b")
@@ -489,11 +531,12 @@ def main() -> None:
     ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(OPTIMS) + ", for every implementation")
     ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
     ap.add_argument("--decode", type=int, default=0, help="N > 0: greedy decode speed of N new tokens, batch 1")
+    ap.add_argument("--rounds", type=int, default=1, help="R > 1: each implementation R times, in rotated orders")
     ap.add_argument("--profile", default=None, help="FILE: one step of each implementation, kernel by kernel")
     ap.add_argument("--profile-run", default="1x2048", help="the BATCHxSEQ run profiled")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --models tiny")
     ap.add_argument("--out", default=None)
-    args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3, "decode": 32})
+    args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3, "decode": 32, "rounds": 3})
     device = torch.device(args.device)
     impls = args.impls.split(",")
     for impl in impls:
@@ -508,6 +551,8 @@ def main() -> None:
     for o in optims:
         if o not in OPTIMS:
             raise SystemExit(f"--optims: {o!r} is not one of {sorted(OPTIMS)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: must be 1 or more, got {args.rounds}")
     profile_run = parse_runs(args.profile_run)[0] if args.profile else None
     rows, disagreements, profiles = [], [], []
     meta = common.meta(args.device)
@@ -517,13 +562,24 @@ def main() -> None:
         runs = parse_runs(args.runs or RUNS.get(name, "1x2048"))
         for dname, optim in [(d, o) for d in dtypes for o in optims]:
             firsts = {}
-            for impl in impls:
+            measured = len(rows)
+            for rnd, impl in [
+                (i, m) for i in range(args.rounds) for m in impls[i % len(impls) :] + impls[: i % len(impls)]
+            ]:
                 if impl == "bf16_peft" and gpu_bytes is not None and bf16_bytes(name) > gpu_bytes // 2:
                     print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
                           f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
                     continue
                 build_s, results, prof = measure(
-                    impl, name, runs, args.steps, device, DTYPES[dname], optim, profile_run, args.decode
+                    impl,
+                    name,
+                    runs,
+                    args.steps,
+                    device,
+                    DTYPES[dname],
+                    optim,
+                    profile_run if rnd == 0 else None,
+                    args.decode,
                 )
                 if prof:
                     profiles.append(prof)
@@ -534,6 +590,7 @@ def main() -> None:
                                  "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
                     if impl == "qlora_ext":
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
+                    tag_round(rows[-1], rnd, args.rounds, impls)
                 for (batch, seq), r in results.items():
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
@@ -544,11 +601,16 @@ def main() -> None:
                                  "build_s": round(build_s, 2)})  # fmt: skip
                     if impl == "qlora_ext":  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
+                    tag_round(rows[-1], rnd, args.rounds, impls)
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:
                     Path(args.profile).write_text(f"# One training step, kernel by kernel ({meta['gpu']}, commit "
                                                   f"{meta['commit']})\n\n" + "\n".join(profiles))  # fmt: skip
+            if args.rounds > 1:
+                rows.extend(median_rounds(rows[measured:]))
+                if args.out:
+                    common.write_results(args.out, meta, rows)
             for run, losses in firsts.items():
                 # Same weights, same tokens: the 4-bit models differ only in rounding (bf16 products, the
                 # order of the 4-bit dequantization), which moves the loss far less than 2%.

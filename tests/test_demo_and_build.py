@@ -94,7 +94,7 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     common = ["--device", "cpu", "--models", "tiny", "--runs", "1x32", "--steps", "1"]
     runs = {
-        "e2e": [*common, "--impls", "qlora_ext,qlora_ext_peft", "--decode", "3"],
+        "e2e": [*common, "--impls", "qlora_ext,qlora_ext_peft", "--decode", "3", "--rounds", "2"],
         "e2e_dist": [*common, "--impls", "qlora_ext", "--nproc", "2"],
     }
     for name, args in runs.items():
@@ -105,7 +105,17 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
         rows = json.loads(out.read_text())["rows"]
         ops = sorted({(r["op"], r["impl"]) for r in rows})
         if name == "e2e":
-            assert ops == [(op, impl) for op in ("decode", "e2e") for impl in ("qlora_ext", "qlora_ext_peft")], ops
+            kinds = ("decode", "decode_round", "e2e", "e2e_round")
+            assert ops == [(op, impl) for op in kinds for impl in ("qlora_ext", "qlora_ext_peft")], ops
+            # Two rounds in rotated orders; each implementation's row is its rounds' median.
+            for impl in ("qlora_ext", "qlora_ext_peft"):
+                rounds = [r for r in rows if r["op"] == "e2e_round" and r["impl"] == impl]
+                assert sorted((r["round"], r["order"]) for r in rounds) == (
+                    [(0, 0), (1, 1)] if impl == "qlora_ext" else [(0, 1), (1, 0)]
+                ), rounds
+                (row,) = [r for r in rows if r["op"] == "e2e" and r["impl"] == impl]
+                assert row["rounds"] == 2 and row["tok_per_s_rounds"] == [r["tok_per_s"] for r in rounds], row
+                assert row["step_s"] == pytest.approx(sum(r["step_s"] for r in rounds) / 2, abs=1e-5), row
         else:
             assert ops == [("e2e_dist", "qlora_ext")] and rows[0]["nproc"] == 2, rows
         assert all(r["tok_per_s"] > 0 for r in rows), rows
