@@ -42,8 +42,9 @@ warm-up: tok_per_s = N / time. Decode runs one token at a time through every lay
 Python per layer, not the GPU, can bound it: the row for comparing layer classes' overheads.
 --rounds R measures every implementation R times, the order rotated each round (round i starts at
 the i-th implementation), each round a fresh build: the steps are bound by the host's launches, and
-the first implementation measured in a process runs slower, so one pass compares implementations
-no closer than 10-20% (bench/results/e2e-impls-h100-2026-12-06-9f60d1d.json). The "e2e" and "decode"
+rows of the same code moved by up to 26% within one process, and in two of four such calls the
+first implementation ran 11-19% below the rest: one pass compares implementations no closer than
+that (bench/results/e2e-impls-h100-2026-12-06-9f60d1d.json). The "e2e" and "decode"
 rows are then each implementation's median round (step_s and ms_per_token the medians, peak_gib the
 highest), with every round's tokens/s in tok_per_s_rounds; the rounds themselves are kept as op
 "e2e_round" and "decode_round" rows, tagged round and order.
