@@ -99,9 +99,9 @@ const char* ws_unfit(const WsConfig& c, const GemmQuery& q, const GpuInfo& gpu) 
   // The scales are read 4 at a time; nb <= 1536 also keeps ws_layout's 32-bit offsets far from overflow.
   if (nb % 4 != 0 || nb > 1536) return "the blocks a row are not a multiple of 4 up to 1536";
   if (q.scales_alignment < (q.nested ? 4 : 16)) return "the scales are not aligned for 4-scale loads";
-  const int stages =
-      ws_ring_stages(gpu.smem_reserved, gpu.smem_optin, nb, c.token_octets, c.math_warps, c.row_groups, c.max_stages);
-  if (ws_layout(gpu.smem_reserved, nb, c.token_octets, c.math_warps, stages, c.row_groups).total > gpu.smem_optin)
+  const int stages = ws_ring_stages(gpu.smem_reserved, gpu.smem_optin, nb, q.K, c.token_octets, c.math_warps,
+                                    c.row_groups, c.max_stages);
+  if (ws_layout(gpu.smem_reserved, nb, q.K, c.token_octets, c.math_warps, stages, c.row_groups).total > gpu.smem_optin)
     return "its shared memory (the tile's scales grow with K) exceeds the GPU's";
   return nullptr;
 }

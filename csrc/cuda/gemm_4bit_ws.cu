@@ -7,8 +7,9 @@
 //   - two scale warps decode the next tiles' block scales, each warp into its own of two buffers
 //     (every other tile), while the current tile is multiplied (the first tile's: all warps but the
 //     copy warp);
-//   - the math warps (MW) wait only on mbarriers, and meet once a tile for the reduction, where
-//     each math thread adds up and finishes outputs of its own (adapter terms included);
+//   - the math warps (MW) wait only on mbarriers; with one token octet the last one to finish a
+//     tile adds up the partial sums while the others go on, above they meet once a tile for the
+//     reduction;
 //   - the pair table has 256-byte entries (the 32 lanes' copies, then 128 unused bytes) at shared
 //     address kWsLutAddress, so that one PRMT forms a lookup's whole address: bits 0-7 the lane's
 //     4 * lane, bits 8-15 the code byte, bits 16-31 the table's base.
@@ -153,17 +154,19 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
   const int nb = static_cast<int>(K >> bs_log2);
   constexpr int kRows = 16 * MT;  // a tile's rows
   static_assert(kStageSubs % MW == 0, "every math warp takes the same sub-blocks of a stage");
-  const WsLayout L = ws_layout(lo, nb, NT, MW, stages, MT);
+  const WsLayout L = ws_layout(lo, nb, K, NT, MW, stages, MT);
   char* base = reinterpret_cast<char*>(smem);
   uint8_t* ring = reinterpret_cast<uint8_t*>(base + L.ring);
   float* scales = reinterpret_cast<float*>(base + L.scales);  // [2][kRows][nb + 1]
   float* red = reinterpret_cast<float*>(base + L.red);
   float* ncode = reinterpret_cast<float*>(base + L.ncode);
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + L.bars);
-  uint64_t* full = bars;                      // a stage's bytes arrived (the copy warp's expect_tx)
-  uint64_t* empty = bars + kWsMaxStages;      // every math thread is done with a stage
-  uint64_t* sfull = bars + 2 * kWsMaxStages;  // a scale buffer is decoded (the 32 scale-warp lanes)
-  uint64_t* sempty = sfull + 2;               // every math thread is done with a scale buffer
+  uint64_t* full = bars;                                          // a stage's bytes arrived (the copy warp's expect_tx)
+  uint64_t* empty = bars + kWsMaxStages;                          // every math thread is done with a stage
+  uint64_t* sfull = bars + 2 * kWsMaxStages;                      // a scale buffer is decoded (the 32 scale-warp lanes)
+  uint64_t* sempty = sfull + 2;                                   // every math thread is done with a scale buffer
+  uint32_t* red_count = reinterpret_cast<uint32_t*>(sempty + 2);  // math warps done with a reduction buffer
+  const int red_bufs = ws_red_bufs(K, stages, MT);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_bytes = K >> 1;
@@ -193,6 +196,7 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       mbar_init(sfull + b, 32);
       mbar_init(sempty + b, MW * 32);
     }
+    for (int b = 0; b < kWsMaxRedBufs; ++b) red_count[b] = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the table and barriers, for the copy engine
@@ -302,10 +306,10 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       }
     };
     for (int st = 0; st < nstage; ++st) {
-      // One token octet: the tile's rows of B, which the epilogue reads (below), are prefetched into L1
-      // halfway through the tile's k ranges: early enough to hide the loads, late enough that x's
-      // lines, which also pass through L1, do not evict them first. (Above one octet the 16-warp
-      // kernels would spill.)
+      // One token octet: the last warp to finish a tile adds every output's adapter term alone (below),
+      // so its rows of B are prefetched, halfway through the tile's k ranges: early enough to hide the
+      // loads, late enough that x's lines, which also pass through L1, do not evict them first. (Above
+      // one octet every math warp takes a share of the epilogue, and the 16-warp kernels would spill.)
       if constexpr (NT == 1) {
         if (st == nstage / 2 && my_warp == 0) prefetch_lora_rows(epi, row0, min(int64_t{kRows}, N - row0), lane);
       }
@@ -355,32 +359,68 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
     }
     mbar_arrive(sempty + buf);
 
-    // The warps' partial sums, added in warp order (the same bits run to run), in rounds of up to 4
-    // fragments (row group m, token octet nt; f = m * NT + nt), all math warps meeting at a barrier
-    // twice a round: every math thread then adds up (and finishes, adapter term included) outputs of
-    // its own, so that no warp adds a tile's adapter terms alone.
-    constexpr int kFrags = MT * NT;
-    constexpr int kChunk = kFrags < 4 ? kFrags : 4;
+    // The warps' partial sums, added in warp order (the same bits run to run).
+    if constexpr (NT == 1) {
+      // One octet: buffer (local % red_bufs), added up by the last warp to get here (ws_red_bufs).
+      const int rbuf = static_cast<int>(local % red_bufs);
+      float* rb = red + rbuf * (MW * MT * 4 * 32);
 #pragma unroll
-    for (int f0 = 0; f0 < kFrags; f0 += kChunk) {
-      float* mine = red + warp * (kChunk * 4 * 32);
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int fi = 0; fi < kChunk; ++fi)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) mine[(fi * 4 + q) * 32 + lane] = acc[(f0 + fi) / NT][(f0 + fi) % NT][q];
-      math_barrier<MW>();
-      for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
-        const int r = idx >> 5, ln = idx & 31, q = r & 3, f = f0 + (r >> 2);
-        const int64_t row = row0 + 16 * (f / NT) + (ln >> 2) + 8 * (q >> 1);
-        const int64_t tok = tok0 + 8 * (f % NT) + 2 * (ln & 3) + (q & 1);
-        if (row < N && tok < M) {
-          float v = 0.f;
-#pragma unroll
-          for (int wi = 0; wi < MW; ++wi) v += red[wi * (kChunk * 4 * 32) + idx];
-          out[tok * N + row] = finish_output(v, epi, tok, row, N);
-        }
+        for (int q = 0; q < 4; ++q) rb[((warp * MT + m) * 4 + q) * 32 + lane] = acc[m][0][q];
+      __syncwarp();  // the lanes' stores, ordered before lane 0's fence and count
+      uint32_t last = 0;
+      if (lane == 0) {
+        __threadfence_block();  // with the count: a release of the warp's partial sums
+        last = atomicAdd(red_count + rbuf, 1u) == MW - 1;
+        if (last) __threadfence_block();  // with the count read: the acquire of the others'
       }
-      math_barrier<MW>();
+      last = __shfl_sync(0xffffffffu, last, 0);
+      if (last) {
+        __syncwarp();  // lane 0's acquire, for the loads of every lane (a shuffle orders no memory)
+#pragma unroll
+        for (int mq = 0; mq < MT * 4; ++mq) {
+          const int m = mq >> 2, q = mq & 3;
+          const int64_t row = row0 + 16 * m + (lane >> 2) + 8 * (q >> 1);
+          const int64_t tok = tok0 + 2 * (lane & 3) + (q & 1);
+          if (row < N && tok < M) {
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MW; ++wi) v += rb[((wi * MT + m) * 4 + q) * 32 + lane];
+            out[tok * N + row] = finish_output(v, epi, tok, row, N);
+          }
+        }
+        // Reset for tile local + red_bufs: its first count comes after that warp's wait on a stage
+        // (acquire) whose fill the copy warp announced (arrive.expect_tx, a release) after its own
+        // wait for this warp's arrival on the next tile's stages (a release after this store).
+        if (lane == 0) red_count[rbuf] = 0;
+      }
+    } else {
+      // In rounds of up to 4 fragments (row group m, token octet nt; f = m * NT + nt), all math
+      // warps meeting at a barrier twice a round.
+      constexpr int kFrags = MT * NT;
+      constexpr int kChunk = kFrags < 4 ? kFrags : 4;
+#pragma unroll
+      for (int f0 = 0; f0 < kFrags; f0 += kChunk) {
+        float* mine = red + warp * (kChunk * 4 * 32);
+#pragma unroll
+        for (int fi = 0; fi < kChunk; ++fi)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) mine[(fi * 4 + q) * 32 + lane] = acc[(f0 + fi) / NT][(f0 + fi) % NT][q];
+        math_barrier<MW>();
+        for (int idx = tid; idx < kChunk * 4 * 32; idx += MW * 32) {
+          const int r = idx >> 5, ln = idx & 31, q = r & 3, f = f0 + (r >> 2);
+          const int64_t row = row0 + 16 * (f / NT) + (ln >> 2) + 8 * (q >> 1);
+          const int64_t tok = tok0 + 8 * (f % NT) + 2 * (ln & 3) + (q & 1);
+          if (row < N && tok < M) {
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MW; ++wi) v += red[wi * (kChunk * 4 * 32) + idx];
+            out[tok * N + row] = finish_output(v, epi, tok, row, N);
+          }
+        }
+        math_barrier<MW>();
+      }
     }
   }
 #else
@@ -397,8 +437,8 @@ void launch_ws(const FusedGemm& g, int max_stages) {
   const int64_t nb = p.K >> g.bs_log2;
   const int device = g.x2.get_device();
   const DeviceLimits lim = device_limits(device);
-  const int stages = ws_ring_stages(lim.reserved, lim.smem_optin, nb, NT, MW, MT, max_stages);
-  const size_t smem = ws_layout(lim.reserved, nb, NT, MW, stages, MT).total;
+  const int stages = ws_ring_stages(lim.reserved, lim.smem_optin, nb, p.K, NT, MW, MT, max_stages);
+  const size_t smem = ws_layout(lim.reserved, nb, p.K, NT, MW, stages, MT).total;
   auto kernel = gemm_4bit_ws_kernel<T, NESTED, NT, MW, MT>;
   const int64_t tiles = ((p.N + 16 * MT - 1) / (16 * MT)) * ((g.M + 8 * NT - 1) / (8 * NT));
   const int64_t grid = std::min<int64_t>(tiles, resident_ctas(kernel, ws_threads(MW), smem, device));

@@ -33,6 +33,7 @@ constexpr uint32_t kTmaTableAddress = 0x8000;
 constexpr int kWsScaleWarps = 2;
 constexpr int kWsMaxStages = 8;
 constexpr int kWsMinStages = 4;
+constexpr int kWsMaxRedBufs = kWsMaxStages + 1;  // ws_red_bufs at one stage a tile
 constexpr uint32_t kWsLutAddress = 0x10000;
 constexpr int ws_threads(int mw) { return (mw + 1 + kWsScaleWarps) * 32; }
 
@@ -43,13 +44,22 @@ struct WsLayout {
   uint32_t bars, ncode, scales, red, lut, ring, total;
 };
 
-// The reduction buffer: a round's fragments (row group, token octet; up to 4) of every math warp.
-QLORA_LAYOUT_FN uint32_t ws_red_bytes(int nt, int mw, int mt) {
-  const int chunk = mt * nt < 4 ? mt * nt : 4;
-  return static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 * 32 * 4;
+// Reduction buffers with one token octet (NT = 1): each tile's partial sums go to buffer
+// (tile % R), and the last math warp to finish the tile adds them up while the others go on (no
+// barrier at a tile's end). A warp can run ahead of the slowest one, which is still adding up tile
+// t, by the ring's stages only (the copy warp refills a slot once every math warp is done with
+// it): at most stages / nstage tiles past t. R = that + 1 buffers are never written while read.
+QLORA_LAYOUT_FN int ws_red_bufs(int64_t K, int stages, int mt) {
+  const int64_t nstage = mt * (((K >> 1) + kStageRowBytes - 1) / kStageRowBytes);  // ring slots a tile
+  return static_cast<int>(stages / nstage) + 1;
+}
+QLORA_LAYOUT_FN uint32_t ws_red_bytes(int nt, int mw, int red_bufs, int mt) {
+  const int chunk = nt == 1 ? mt : (mt * nt < 4 ? mt * nt : 4);  // fragments (row group, octet) a round
+  return static_cast<uint32_t>(nt == 1 ? red_bufs : 1) * static_cast<uint32_t>(mw) * static_cast<uint32_t>(chunk) * 4 *
+         32 * 4;
 }
 
-QLORA_LAYOUT_FN WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int stages, int mt) {
+QLORA_LAYOUT_FN WsLayout ws_layout(uint32_t lo, int64_t nb, int64_t K, int nt, int mw, int stages, int mt) {
   WsLayout L{};
   L.lut = kWsLutAddress - lo;
   uint32_t a = 0, b = L.lut + 0x10000;
@@ -62,10 +72,10 @@ QLORA_LAYOUT_FN WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int 
     b += bytes;
     return b - bytes;
   };
-  L.bars = place((2 * kWsMaxStages + 4) * 8);  // the mbarriers
+  L.bars = place((2 * kWsMaxStages + 4) * 8 + kWsMaxRedBufs * 4);  // the mbarriers, then the reduction counters
   L.ncode = place(256 * 4);
   L.scales = place(static_cast<uint32_t>(2 * 16 * mt * (nb + 1) * 4));
-  L.red = place(ws_red_bytes(nt, mw, mt));
+  L.red = place(ws_red_bytes(nt, mw, ws_red_bufs(K, stages, mt), mt));
   L.ring = place(static_cast<uint32_t>(stages) * kStageBytes);
   L.total = b;
   return L;
@@ -74,9 +84,10 @@ QLORA_LAYOUT_FN WsLayout ws_layout(uint32_t lo, int64_t nb, int nt, int mw, int 
 // The deepest ring of kWsMinStages to max_stages slots whose layout fits `smem_optin` bytes (more
 // stages only keep more bytes in flight: the shallowest, where none fits), on a GPU that reserves
 // `reserved` bytes at the start of each block's shared window.
-inline int ws_ring_stages(uint32_t reserved, size_t smem_optin, int64_t nb, int nt, int mw, int mt, int max_stages) {
+inline int ws_ring_stages(uint32_t reserved, size_t smem_optin, int64_t nb, int64_t K, int nt, int mw, int mt,
+                          int max_stages) {
   int stages = max_stages;
-  while (stages > kWsMinStages && ws_layout(reserved, nb, nt, mw, stages, mt).total > smem_optin) --stages;
+  while (stages > kWsMinStages && ws_layout(reserved, nb, K, nt, mw, stages, mt).total > smem_optin) --stages;
   return stages;
 }
 
