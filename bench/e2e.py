@@ -564,13 +564,12 @@ def main() -> None:
         for dname, optim in [(d, o) for d in dtypes for o in optims]:
             firsts = {}
             measured = len(rows)
-            for rnd, impl in [
-                (i, m) for i in range(args.rounds) for m in impls[i % len(impls) :] + impls[: i % len(impls)]
-            ]:
-                if impl == "bf16_peft" and gpu_bytes is not None and bf16_bytes(name) > gpu_bytes // 2:
-                    print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
-                          f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
-                    continue
+            fit = list(impls)
+            if "bf16_peft" in fit and gpu_bytes is not None and bf16_bytes(name) > gpu_bytes // 2:
+                print(f"bf16_peft {name}: left out, its bf16 weights ({bf16_bytes(name) / 2**30:.0f} GiB) "
+                      f"take over half of the GPU's {gpu_bytes / 2**30:.0f} GiB")  # fmt: skip
+                fit.remove("bf16_peft")
+            for rnd, impl in [(i, m) for i in range(args.rounds) for m in fit[i % len(fit) :] + fit[: i % len(fit)]]:
                 build_s, results, prof = measure(
                     impl,
                     name,
@@ -591,7 +590,7 @@ def main() -> None:
                                  "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
                     if impl == "qlora_ext":
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
-                    tag_round(rows[-1], rnd, args.rounds, impls)
+                    tag_round(rows[-1], rnd, args.rounds, fit)
                 for (batch, seq), r in results.items():
                     firsts.setdefault((batch, seq), {})[impl] = r["first_loss"]
                     rows.append({"op": "e2e", "impl": impl, "model": name, "batch": batch, "seq": seq,
@@ -602,7 +601,7 @@ def main() -> None:
                                  "build_s": round(build_s, 2)})  # fmt: skip
                     if impl == "qlora_ext":  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
-                    tag_round(rows[-1], rnd, args.rounds, impls)
+                    tag_round(rows[-1], rnd, args.rounds, fit)
                 if args.out:  # after every implementation: a later crash or timeout keeps these
                     common.write_results(args.out, meta, rows)
                 if args.profile and profiles:

@@ -53,6 +53,7 @@ __all__ = [
 _PEFT_LAYER: Optional[type] | bool = None
 _PEFT_PROBLEM = ""  # why not, for the warning
 _OLDEST_PEFT = (0, 21, 2)  # the oldest PEFT whose private LoRA API peft_lora was tested with
+_FALLBACK_WARNED = False  # layer_kind has warned of the QLoRALinear fallback
 
 
 def _peft_class(import_peft: bool = False) -> Optional[type]:
@@ -215,9 +216,6 @@ def layer_kind() -> str:
     if kind not in ("qlora", "peft"):
         raise ValueError(f"QLORA_EXT_LAYERS must be 'qlora' or 'peft', got {kind!r}")
     return kind
-
-
-_FALLBACK_WARNED = False
 
 
 def _callers_level() -> int:
