@@ -241,6 +241,48 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
     assert_close_to_reference(out3.reshape(-1, k), g3.transpose(0, 1).reshape(-1, n), w.T.contiguous(), None, "3-D")
 
 
+# The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the
+# formats and on shapes that end a 16-row step or a split of N inside the weight; N odd, K not whole
+# 64-column slabs, blocksize 32 and M = 17 take dequantize + cuBLAS, which must give the same bound.
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "n,k,blocksize,quant_type,dq",
+    [
+        (136, 320, 64, "nf4", True),  # 8.5 steps of 16 rows
+        (2050, 192, 128, "fp4", True),  # several splits of N, the last one short
+        (64, 64, 256, "nf4", False),  # one slab; a block longer than a row
+        (4096, 128, 64, "fp4", False),
+        (135, 320, 64, "nf4", True),  # N odd: the cuBLAS path
+        (136, 96, 64, "nf4", True),  # K not whole slabs: the cuBLAS path
+        (136, 128, 32, "nf4", True),  # blocksize 32 (two scales a slab row): the cuBLAS path
+    ],
+    ids=str,
+)
+def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq):
+    packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
+    w = F.dequantize_4bit(packed, state)
+    g = make_input((m, n), dtype, "cuda", gen)
+    out = F.gemm_4bit_transposed(g, packed, state)
+    assert out.shape == (m, k) and out.dtype == dtype
+    assert_close_to_reference(out, g, w.T.contiguous(), None, f"transposed M={m} {n}x{k}")
+    assert torch.equal(out, F.gemm_4bit_transposed(g, packed, state)), "not the same bits run to run"
+    # One 1 a row of grad picks a row of W: the product is that row to the bit, the weight exactly as
+    # dequantize_4bit has it (a rounding of its own, or a column out of place, would show here).
+    picked = torch.randint(0, n, (m,), generator=gen)
+    one_hot = torch.zeros(m, n, dtype=dtype)
+    one_hot[torch.arange(m), picked] = 1
+    assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
+    own_kernel = m <= 16 and n % 2 == 0 and k % 64 == 0 and blocksize >= 64
+    if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
+        names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
+        assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names
+        if own_kernel and n >= 2048:  # N / (64 M) >= 2 and the GPU wants more CTAs than slabs: N splits
+            assert any("sum_splits_kernel" in name for name in names), names
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_sizes(gen, device):
     packed, state = make_weight(32, 64, device, gen)

@@ -10,7 +10,8 @@
 //   - gemm_4bit_wgmma.cu: wgmma, 128 rows x up to 256 tokens a CTA (sm_90a).
 // Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
 // device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
-// multiplies. The backward product always takes that path.
+// multiplies. The backward product takes that path too, but at M <= 16 where its own kernel
+// (gemm_4bit_transposed.cu) reads the codes once.
 // The private op _gemm_4bit_with runs a named configuration, for tests and benchmarks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -284,14 +285,19 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
   if (p.N == 0) return out.zero_();
   const int64_t M = grad.numel() / p.N;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
+  at::Tensor out2 = out.view({M, p.K});
+  const at::Tensor grad2 = grad.reshape({M, p.N});
+  if (gemm_4bit_transposed_small_m(grad2, packed_in, absmax, nested_absmax, nested_code, offset, blocksize, p, out2,
+                                   stream)) {
+    return out;
+  }
   at::Tensor W = workspace(p.N * p.K, grad.scalar_type(), grad.device(), stream);
   dequantize_4bit_into(packed_in.contiguous(), absmax.contiguous(),
                        nested_absmax.has_value() ? std::optional(nested_absmax->contiguous()) : std::nullopt,
                        nested_code.has_value() ? std::optional(nested_code->contiguous()) : std::nullopt, offset,
                        blocksize, p.quant_type, p.N * p.K, W);
   W = W.view({p.N, p.K});
-  at::Tensor out2 = out.view({M, p.K});
-  at::mm_out(out2, grad.reshape({M, p.N}), W);
+  at::mm_out(out2, grad2, W);
   return out;
 }
 

@@ -1,5 +1,6 @@
 // What the CUDA products' translation units share: the dispatch (csrc/cuda/gemm_4bit.cu) and one
-// file a kernel family (gemm_4bit_mma.cu, gemm_4bit_ws.cu, gemm_4bit_wgmma.cu).
+// file a kernel family (gemm_4bit_mma.cu, gemm_4bit_ws.cu, gemm_4bit_wgmma.cu, and the backward's
+// gemm_4bit_transposed.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -166,6 +167,14 @@ PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Te
 // the term was applied: false where cuBLAS computed the product (a wgmma kernel declined), for the
 // caller to add it.
 bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous);
+
+// gemm_4bit_transposed at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu): out2 [M, K] (contiguous) =
+// grad2 [M, N] @ W, launched on `stream`, where its kernel takes the product; returns false,
+// launching nothing, where it does not (the caller's dequantize + cuBLAS path then does).
+bool gemm_4bit_transposed_small_m(const at::Tensor& grad2, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                  int64_t blocksize, const GemmProblem& p, at::Tensor& out2, cudaStream_t stream);
 
 // A buffer of `numel` elements of `dtype` on the device, kept per device and stream and grown
 // when needed (the dequantized weight, the wgmma kernels' split partial sums); under CUDA graph
