@@ -378,16 +378,29 @@ __global__ void __launch_bounds__(ws_threads(MW), 1)
       last = __shfl_sync(0xffffffffu, last, 0);
       if (last) {
         __syncwarp();  // lane 0's acquire, for the loads of every lane (a shuffle orders no memory)
+        // At one token only 8 lanes own an output, each adding 4 (MT = 2) adapter terms one after the
+        // other; instead every lane takes one row's term, all at once, and hands it to the row's owner.
+        // The same lora_up and the same roundings: the same bits.
+        static_assert(16 * MT <= 32, "a lane a row of the tile: the shuffle reaches 32 lanes");
+        const bool one_token = M == 1 && epi.lora_down != nullptr;
+        float row_up = 0.f;
+        if (one_token) {
+          wait_for_previous_grid();  // down is the previous kernel's
+          if (lane < 16 * MT && row0 + lane < N) row_up = lora_up(epi, 0, row0 + lane, N);
+        }
 #pragma unroll
         for (int mq = 0; mq < MT * 4; ++mq) {
           const int m = mq >> 2, q = mq & 3;
-          const int64_t row = row0 + 16 * m + (lane >> 2) + 8 * (q >> 1);
+          const int in_tile = 16 * m + (lane >> 2) + 8 * (q >> 1);
+          const int64_t row = row0 + in_tile;
           const int64_t tok = tok0 + 2 * (lane & 3) + (q & 1);
+          const float up = one_token ? __shfl_sync(0xffffffffu, row_up, in_tile) : 0.f;
           if (row < N && tok < M) {
             float v = 0.f;
 #pragma unroll
             for (int wi = 0; wi < MW; ++wi) v += rb[((wi * MT + m) * 4 + q) * 32 + lane];
-            out[tok * N + row] = finish_output(v, epi, tok, row, N);
+            out[tok * N + row] =
+                one_token ? finish_output_with_up(v, epi, row, up) : finish_output(v, epi, tok, row, N);
           }
         }
         // Reset for tile local + red_bufs: its first count comes after that warp's wait on a stage

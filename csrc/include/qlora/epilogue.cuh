@@ -103,6 +103,14 @@ __device__ __forceinline__ T finish_output(float v, const Epilogue<T>& e, int64_
   return from_float<T>(v);
 }
 
+// finish_output where the adapter term's dot product, up = lora_up(e, tok, row, N), was computed
+// elsewhere (by another lane): the same additions in the same order.
+template <typename T>
+__device__ __forceinline__ T finish_output_with_up(float v, const Epilogue<T>& e, int64_t row, float up) {
+  if (e.bias != nullptr) v = __fadd_rn(v, to_float(e.bias[row]));
+  return from_float<T>(__fadd_rn(v, __fmul_rn(e.scaling, up)));
+}
+
 // Runs store(lora) once, lora a std::bool_constant: whether e has an adapter term. For a tile's
 // stores unrolled over many outputs: with the adapter's code inlined between every two stores (jumped
 // over where there is no adapter), the 256-token wgmma kernel grew from 6.7k to 36.6k instructions and
