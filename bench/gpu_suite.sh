@@ -6,12 +6,13 @@
 # Needs .device-site/ for bitsandbytes (made outside this repository, by ../shared/tools/device-site.sh)
 # and .device-wheels/ (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both.
 # Writes build.log, pytest.log, junit.xml, gpu-tests.md and the benchmark JSON (quantize.json,
-# gemm.json, lora.json, e2e.json, e2e-dist.json) under OUTDIR. BENCH="quantize gemm lora e2e e2e_dist"
-# picks the benchmarks (BENCH= none; the default leaves out e2e and e2e_dist, which needs 2 GPUs or
-# more), GEMM_ARGS / LORA_ARGS / E2E_ARGS / E2E_DIST_ARGS are bench/gemm.py's / lora.py's / e2e.py's /
-# e2e_dist.py's arguments (default --sweep / none / none / none). QUICK=1 runs every
-# benchmark, e2e too, in its quick form (--quick: what a session's first calls run, beside the whole
-# suite). SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile. TEST_WORKERS: the suite's
+# gemm.json, lora.json, e2e.json, e2e-interleaved.json, e2e-dist.json) under OUTDIR.
+# BENCH="quantize gemm lora e2e e2e_interleaved e2e_dist" picks the benchmarks (BENCH= none; the
+# default leaves out the whole-model ones: e2e, e2e_interleaved and e2e_dist, which needs 2 GPUs or
+# more), GEMM_ARGS / LORA_ARGS / E2E_ARGS / E2E_INTERLEAVED_ARGS / E2E_DIST_ARGS are bench/gemm.py's /
+# lora.py's / e2e.py's / e2e_interleaved.py's / e2e_dist.py's arguments (default --sweep / none / none /
+# none / none). QUICK=1 runs every benchmark but e2e_dist, e2e and e2e_interleaved too, in its quick
+# form (--quick: what a session's first calls run, beside the whole suite). SKIP_TESTS=1 skips the tests; PROFILE=1 adds an ncu profile. TEST_WORKERS: the suite's
 # processes (default 8 on a machine of 16 cores or more, else 4), each given an equal share of the
 # cores for its CPU threads. TEST_TIMEOUT / TEST_CASE_TIMEOUT / BENCH_TIMEOUT bound the
 # suite, one test and one benchmark (s), CALL_BUDGET the whole. The build targets TORCH_CUDA_ARCH_LIST
@@ -95,8 +96,8 @@ bench_run() {
 }
 quick=()
 default_bench="quantize gemm lora"
-if [ -n "${QUICK:-}" ]; then  # gemm's quick form replaces the default --sweep; e2e joins
-  quick=(--quick) GEMM_ARGS=${GEMM_ARGS-} default_bench="$default_bench e2e"
+if [ -n "${QUICK:-}" ]; then  # gemm's quick form replaces the default --sweep; the whole-model ones join
+  quick=(--quick) GEMM_ARGS=${GEMM_ARGS-} default_bench="$default_bench e2e e2e_interleaved"
 fi
 for b in ${BENCH-$default_bench}; do
   case $b in
@@ -107,6 +108,9 @@ for b in ${BENCH-$default_bench}; do
           grep -v "^wrote" "$out/bench-lora.log" | tail -60 ;;
     e2e) bench_run bench/e2e.py "${quick[@]}" ${E2E_ARGS-} --out "$out/e2e.json" > "$out/bench-e2e.log" 2>&1
          grep -v "^wrote" "$out/bench-e2e.log" | tail -30 ;;
+    e2e_interleaved) bench_run bench/e2e_interleaved.py "${quick[@]}" ${E2E_INTERLEAVED_ARGS-} \
+                       --out "$out/e2e-interleaved.json" > "$out/bench-e2e-interleaved.log" 2>&1
+                     grep -v "^wrote" "$out/bench-e2e-interleaved.log" | tail -30 ;;
     # several GPUs (a kind with 2 or more): never in the default list
     e2e_dist) bench_run bench/e2e_dist.py "${quick[@]}" ${E2E_DIST_ARGS-} --out "$out/e2e-dist.json" \
                 > "$out/bench-e2e-dist.log" 2>&1

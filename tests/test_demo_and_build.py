@@ -78,23 +78,41 @@ def test_every_benchmark_has_a_quick_form():
     with pytest.raises(ValueError, match="iter"):
         common.parse_args(parser(), {"iter": 5}, ["--quick"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for name in ("quantize", "gemm", "lora", "e2e", "e2e_dist"):
+    for name in ("quantize", "gemm", "lora", "e2e", "e2e_interleaved", "e2e_dist"):
         done = subprocess.run([sys.executable, str(bench / f"{name}.py"), "--help"], capture_output=True, text=True,
                               env=env, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert "--quick" in done.stdout and "the quick form: --" in " ".join(done.stdout.split()), name
 
 
+# The three paths of qlora_ext's kernels and bitsandbytes' own, each with a model of its own.
+INTERLEAVED = "qlora_ext,qlora_ext_peft,bitsandbytes_peft,bitsandbytes_patched"
+
+
 def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
-    """bench/e2e.py (a step and decode, qlora_ext's two paths) and bench/e2e_dist.py (FSDP2, 2 gloo
-    processes) on the tiny model: what a GPU session would find broken, found here first."""
+    """bench/e2e.py (a step and decode, qlora_ext's two paths), bench/e2e_interleaved.py (the three
+    paths and bitsandbytes' own, steps interleaved) and bench/e2e_dist.py (FSDP2, 2 gloo processes) on
+    the tiny model: what a GPU session would find broken, found here first."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
     bench = Path(__file__).resolve().parent.parent / "bench"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     common = ["--device", "cpu", "--models", "tiny", "--runs", "1x32", "--steps", "1"]
     runs = {
         "e2e": [*common, "--impls", "qlora_ext,qlora_ext_peft", "--decode", "3", "--rounds", "2"],
+        "e2e_interleaved": [
+            "--device",
+            "cpu",
+            "--models",
+            "tiny",
+            "--runs",
+            "1x32",
+            "--steps",
+            "3",
+            "--impls",
+            INTERLEAVED,
+        ],
         "e2e_dist": [*common, "--impls", "qlora_ext", "--nproc", "2"],
     }
     for name, args in runs.items():
@@ -116,6 +134,16 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
                 (row,) = [r for r in rows if r["op"] == "e2e" and r["impl"] == impl]
                 assert row["rounds"] == 2 and row["tok_per_s_rounds"] == [r["tok_per_s"] for r in rounds], row
                 assert row["step_s"] == pytest.approx(sum(r["step_s"] for r in rounds) / 2, abs=1e-5), row
+        elif name == "e2e_interleaved":
+            impls = INTERLEAVED.split(",")
+            assert [(r["op"], r["impl"]) for r in rows] == [("e2e_interleaved", i) for i in impls], rows
+            # The same weights and tokens: the same first loss within 2%; every step timed, the first
+            # implementation the base of vs_first.
+            assert (
+                max(r["first_loss"] for r in rows) - min(r["first_loss"] for r in rows) < 0.02 * rows[0]["first_loss"]
+            )
+            assert all(r["steps"] == 3 == len(r["step_s_all"]) and r["vs_first"] > 0 for r in rows), rows
+            assert rows[0]["vs_first"] == 1.0 and "losses_disagree" not in rows[0], rows
         else:
             assert ops == [("e2e_dist", "qlora_ext")] and rows[0]["nproc"] == 2, rows
         assert all(r["tok_per_s"] > 0 for r in rows), rows
