@@ -72,8 +72,8 @@ fi
 fi
 # PROFILE=1: ncu's view of the fused product (ncu-gemm.txt; SourceCounters names the SASS lines
 # where warps stall most): PROFILE_SHAPE "N K" (default 28672 8192), PROFILE_M (1), PROFILE_CONFIG
-# (default, or a kernel configuration's name), PROFILE_KERNEL a regex of the kernel's name
-# (gemm_4bit_ws, the default kernel at M = 1).
+# (default, a kernel configuration's name, or transposed: the backward product), PROFILE_KERNEL a
+# regex of the kernel's name (gemm_4bit_ws, the default kernel at M = 1; gemm_4bit_transposed).
 if [ -n "${PROFILE:-}" ]; then
   timeout 120 /usr/local/cuda/bin/ncu --clock-control none -k regex:${PROFILE_KERNEL:-gemm_4bit_ws} --launch-skip 2 \
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
