@@ -40,21 +40,31 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kSlab = 64;       // columns of W a CTA
 constexpr int kStepRows = 16;   // rows of W a warp step: the mma's reduction
 constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
+// Steps loaded ahead of the one multiplying. A step's codes are 512 bytes a warp; an SM's share of
+// HBM's bandwidth times its loaded latency is ~12-18 KB. One step ahead, its rows' loads a scale
+// lookup apart, kept ~3 KB in flight an SM (13-23% of the 4-bit floor on an H100); two whole steps
+// ahead at 2 CTAs (16 warps) an SM: 16 KB.
+constexpr int kStepsAhead = 2;
+constexpr int kMinCtasPerSm = 2;  // caps the registers at 128 a thread (two Steps ahead need ~125)
 
 __constant__ float kNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kFP4[16] = {QLORA_FP4_CODE_SIGNED};  // code 8 is -0.0, as dequantize_4bit has it
 
-// One warp step's operands, loaded a step ahead of their use.
+// One warp step's operands, loaded kStepsAhead steps ahead of their use. Only loads: what depends on
+// a load (a nested scale's table lookup) waits for the step's use, so that no load of a step waits on
+// another's latency. Rows past the split load the split's last row instead (no branch), and their
+// scales are zeroed where used.
 struct Step {
   uint32_t codes[4];  // rows 2c, 2c + 1, 2c + 8, 2c + 9: the 8 codes of columns 8 g ..
-  float scale[4];     // their rows' block scales (0 past the split's rows)
+  float scale[4];     // their rows' block scales (NESTED: the nested absmax of each row's block)
+  uint32_t qscales;   // NESTED: the 4 rows' 8-bit scale codes, a byte each
   uint32_t a[4];      // grad's A fragment: tokens g, g + 8 of reduction indices 2c.., 2c + 8..
 };
 
 // partial[blockIdx.y][m][k] (or out, with one split) = the sum over the split's rows n of
 // grad[m][n] W[n][k], for the slab's 64 columns k (blockIdx.x).
 template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     gemm_4bit_transposed_kernel(const T* __restrict__ grad, int M, const uint8_t* __restrict__ packed, int64_t N,
                                 int64_t K, int bs_log2, Scales sc, int fp4, int64_t rows_per_split,
                                 float* __restrict__ partial, T* __restrict__ out) {
@@ -78,19 +88,19 @@ __global__ void __launch_bounds__(kThreads)
   const auto grad_pair = [&](int tok, int64_t row) -> uint32_t {
     return tok < M && row < nend ? __ldg(reinterpret_cast<const uint32_t*>(grad + tok * N + row)) : 0u;
   };
-  const auto load = [&](int64_t n0, Step& s) {
+  const auto load = [&](int64_t n0, Step& s) {  // n0 < nend
+    s.qscales = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + 2 * c + (i & 1) + 8 * (i >> 1);
-      if (row < nend) {
-        const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
-        s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
-        const int64_t b = e >> bs_log2;
-        s.scale[i] = NESTED ? nested_scale(ncode[sc.qabsmax[b]], __ldg(sc.nested_absmax + b / kNestedBlocksize), off)
-                            : __ldg(sc.absmax + b);
+      const int64_t row = min(n0 + 2 * c + (i & 1) + 8 * (i >> 1), nend - 1);
+      const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
+      s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
+      const int64_t b = e >> bs_log2;
+      if constexpr (NESTED) {
+        s.qscales |= uint32_t{__ldg(sc.qabsmax + b)} << (8 * i);
+        s.scale[i] = __ldg(sc.nested_absmax + b / kNestedBlocksize);
       } else {
-        s.codes[i] = 0;
-        s.scale[i] = 0.f;
+        s.scale[i] = __ldg(sc.absmax + b);
       }
     }
     s.a[0] = grad_pair(g, n0 + 2 * c);
@@ -102,11 +112,27 @@ __global__ void __launch_bounds__(kThreads)
   float acc[8][4] = {};
   const int64_t stride = int64_t{kWarps} * kStepRows;
   int64_t n0 = nbeg + int64_t{warp} * kStepRows;
-  Step next{};
-  if (n0 < nend) load(n0, next);
+  // The next kStepsAhead steps' loads are in flight while a step multiplies (a fixed-size array, its
+  // indices known at compile time: registers, not local memory).
+  Step ahead[kStepsAhead] = {};
+#pragma unroll
+  for (int j = 0; j < kStepsAhead; ++j) {
+    if (n0 + j * stride < nend) load(n0 + j * stride, ahead[j]);
+  }
   for (; n0 < nend; n0 += stride) {
-    const Step cur = next;
-    if (n0 + stride < nend) load(n0 + stride, next);
+    const Step cur = ahead[0];
+#pragma unroll
+    for (int j = 0; j + 1 < kStepsAhead; ++j) ahead[j] = ahead[j + 1];
+    if (n0 + kStepsAhead * stride < nend) load(n0 + kStepsAhead * stride, ahead[kStepsAhead - 1]);
+    // The rows' scales, 0 past the split's rows (pairs of rows are in or out together: N is even).
+    const bool low_in = n0 + 2 * c < nend, high_in = n0 + 2 * c + 8 < nend;
+    float scale[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float s = cur.scale[i];
+      if constexpr (NESTED) s = nested_scale(ncode[(cur.qscales >> (8 * i)) & 0xFFu], s, off);
+      scale[i] = (i < 2 ? low_in : high_in) ? s : 0.f;
+    }
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
       // Column 8 g + t: byte t / 2 of each word, its high nibble for even t (codes are packed two a
@@ -114,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
       const int shift = 8 * (t >> 1) + ((t & 1) ? 0 : 4);
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], cur.scale[i]);
+      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], scale[i]);
       mma_16816<T>(acc[t], cur.a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
     }
   }
