@@ -40,31 +40,21 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kSlab = 64;       // columns of W a CTA
 constexpr int kStepRows = 16;   // rows of W a warp step: the mma's reduction
 constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
-// Steps loaded ahead of the one multiplying. A step's codes are 512 bytes a warp; an SM's share of
-// HBM's bandwidth times its loaded latency is ~12-18 KB. One step ahead, its rows' loads a scale
-// lookup apart, kept ~3 KB in flight an SM (13-23% of the 4-bit floor on an H100); two whole steps
-// ahead at 2 CTAs (16 warps) an SM: 16 KB.
-constexpr int kStepsAhead = 2;
-constexpr int kMinCtasPerSm = 2;  // caps the registers at 128 a thread (two Steps ahead need ~125)
 
 __constant__ float kNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kFP4[16] = {QLORA_FP4_CODE_SIGNED};  // code 8 is -0.0, as dequantize_4bit has it
 
-// One warp step's operands, loaded kStepsAhead steps ahead of their use. Only loads: what depends on
-// a load (a nested scale's table lookup) waits for the step's use, so that no load of a step waits on
-// another's latency. Rows past the split load the split's last row instead (no branch), and their
-// scales are zeroed where used.
+// One warp step's operands, loaded a step ahead of their use.
 struct Step {
   uint32_t codes[4];  // rows 2c, 2c + 1, 2c + 8, 2c + 9: the 8 codes of columns 8 g ..
-  float scale[4];     // their rows' block scales (NESTED: the nested absmax of each row's block)
-  uint32_t qscales;   // NESTED: the 4 rows' 8-bit scale codes, a byte each
+  float scale[4];     // their rows' block scales (0 past the split's rows)
   uint32_t a[4];      // grad's A fragment: tokens g, g + 8 of reduction indices 2c.., 2c + 8..
 };
 
 // partial[blockIdx.y][m][k] (or out, with one split) = the sum over the split's rows n of
 // grad[m][n] W[n][k], for the slab's 64 columns k (blockIdx.x).
 template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+__global__ void __launch_bounds__(kThreads)
     gemm_4bit_transposed_kernel(const T* __restrict__ grad, int M, const uint8_t* __restrict__ packed, int64_t N,
                                 int64_t K, int bs_log2, Scales sc, int fp4, int64_t rows_per_split,
                                 float* __restrict__ partial, T* __restrict__ out) {
@@ -88,19 +78,19 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   const auto grad_pair = [&](int tok, int64_t row) -> uint32_t {
     return tok < M && row < nend ? __ldg(reinterpret_cast<const uint32_t*>(grad + tok * N + row)) : 0u;
   };
-  const auto load = [&](int64_t n0, Step& s) {  // n0 < nend
-    s.qscales = 0;
+  const auto load = [&](int64_t n0, Step& s) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = min(n0 + 2 * c + (i & 1) + 8 * (i >> 1), nend - 1);
-      const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
-      s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
-      const int64_t b = e >> bs_log2;
-      if constexpr (NESTED) {
-        s.qscales |= uint32_t{__ldg(sc.qabsmax + b)} << (8 * i);
-        s.scale[i] = __ldg(sc.nested_absmax + b / kNestedBlocksize);
+      const int64_t row = n0 + 2 * c + (i & 1) + 8 * (i >> 1);
+      if (row < nend) {
+        const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
+        s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
+        const int64_t b = e >> bs_log2;
+        s.scale[i] = NESTED ? nested_scale(ncode[sc.qabsmax[b]], __ldg(sc.nested_absmax + b / kNestedBlocksize), off)
+                            : __ldg(sc.absmax + b);
       } else {
-        s.scale[i] = __ldg(sc.absmax + b);
+        s.codes[i] = 0;
+        s.scale[i] = 0.f;
       }
     }
     s.a[0] = grad_pair(g, n0 + 2 * c);
@@ -112,27 +102,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   float acc[8][4] = {};
   const int64_t stride = int64_t{kWarps} * kStepRows;
   int64_t n0 = nbeg + int64_t{warp} * kStepRows;
-  // The next kStepsAhead steps' loads are in flight while a step multiplies (a fixed-size array, its
-  // indices known at compile time: registers, not local memory).
-  Step ahead[kStepsAhead] = {};
-#pragma unroll
-  for (int j = 0; j < kStepsAhead; ++j) {
-    if (n0 + j * stride < nend) load(n0 + j * stride, ahead[j]);
-  }
+  Step next{};
+  if (n0 < nend) load(n0, next);
   for (; n0 < nend; n0 += stride) {
-    const Step cur = ahead[0];
-#pragma unroll
-    for (int j = 0; j + 1 < kStepsAhead; ++j) ahead[j] = ahead[j + 1];
-    if (n0 + kStepsAhead * stride < nend) load(n0 + kStepsAhead * stride, ahead[kStepsAhead - 1]);
-    // The rows' scales, 0 past the split's rows (pairs of rows are in or out together: N is even).
-    const bool low_in = n0 + 2 * c < nend, high_in = n0 + 2 * c + 8 < nend;
-    float scale[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float s = cur.scale[i];
-      if constexpr (NESTED) s = nested_scale(ncode[(cur.qscales >> (8 * i)) & 0xFFu], s, off);
-      scale[i] = (i < 2 ? low_in : high_in) ? s : 0.f;
-    }
+    const Step cur = next;
+    if (n0 + stride < nend) load(n0 + stride, next);
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
       // Column 8 g + t: byte t / 2 of each word, its high nibble for even t (codes are packed two a
@@ -140,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       const int shift = 8 * (t >> 1) + ((t & 1) ? 0 : 4);
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], scale[i]);
+      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], cur.scale[i]);
       mma_16816<T>(acc[t], cur.a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
     }
   }
@@ -180,21 +154,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// The splits of N, 1 to max_splits, for `slabs` CTAs a split on a GPU that holds `wave` at once:
-// the fewest whose last wave is at least 90% full (448 slabs, 8192x28672, on 264 resident CTAs: 1
-// split runs 1.7 waves, the second 70% full; 4 run 6.8), else the fullest.
-int64_t split_count(int64_t slabs, int64_t wave, int64_t max_splits) {
-  int64_t best = 1;
-  double best_fill = 0.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t ctas = slabs * s;
-    const double fill = static_cast<double>(ctas) / static_cast<double>(ceil_div(ctas, wave) * wave);
-    if (fill >= 0.9) return s;
-    if (fill > best_fill) best = s, best_fill = fill;
-  }
-  return best;
-}
-
 template <typename T, bool NESTED>
 void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p, int bs_log2, const Scales& sc,
             at::Tensor& out2, cudaStream_t stream) {
@@ -202,13 +161,13 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   const int sms = device_limits(grad2.get_device()).sms;
   const int64_t slabs = p.K / kSlab;
   const int64_t steps = ceil_div(p.N, kStepRows);
-  // N split into whole CTA rounds (8 warps x 16 rows) so that the CTAs fill their waves; each split
+  // One wave of CTAs, N split into whole CTA rounds (8 warps x 16 rows) to make it, but each split
   // writes and reads back M x K float32 partial sums (8 M K bytes): at most N / (64 M) splits keep
-  // those under an eighth of the codes' N K / 2 bytes.
+  // those under an eighth of the codes' N K / 2 bytes (on a short K the wave goes unfilled instead).
   const int64_t wave = resident_ctas(gemm_4bit_transposed_kernel<T, NESTED>, kThreads, 0, grad2.get_device());
+  const int64_t want = std::max<int64_t>(1, std::min(wave / slabs, p.N / (64 * M)));
   const int64_t rounds = ceil_div(steps, kWarps);
-  const int64_t want = split_count(slabs, wave, std::max<int64_t>(1, std::min(p.N / (64 * M), rounds)));
-  const int64_t rows_per_split = ceil_div(rounds, want) * kWarps * kStepRows;
+  const int64_t rows_per_split = ceil_div(rounds, std::min(want, rounds)) * kWarps * kStepRows;
   const int64_t splits = ceil_div(p.N, rows_per_split);
   TORCH_CHECK(slabs <= INT32_MAX && splits <= 65535, "gemm_4bit_transposed: the weight is too large (", p.N, "x", p.K,
               ")");
