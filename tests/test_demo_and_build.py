@@ -149,6 +149,30 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
         assert all(r["tok_per_s"] > 0 for r in rows), rows
 
 
+def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
+    """bench/lora.py's 16-adapter batch against one adapter: both checked against float64, and the
+    floor of each row counts the bytes of the adapters its rows use (16 of them, or one)."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "lora.json"
+    n, k, r = 256, 128, 64
+    done = subprocess.run([sys.executable, str(bench / "lora.py"), "--device", "cpu", "--shapes", f"{n}x{k}",
+                           "--ranks", str(r), "--modes", "mixed", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
+    one, mixed = rows["qlora_ext"], rows["qlora_ext_16_adapters"]
+    assert (one["adapters"], mixed["adapters"]) == (1, 16)
+    assert one["rel_err_vs_float64"] < 1e-2 and mixed["rel_err_vs_float64"] < 1e-2
+    # The floors differ by 15 adapters' bf16 A and B: 2 r (n + k) bytes each, at one copy rate.
+    w4 = n * k // 2 + n * k // 64 + n * k // 64 // 256 * 4
+    io = 2 * 16 * (n + k)
+    want = (w4 + 16 * 2 * r * (n + k) + io) / (w4 + 2 * r * (n + k) + io)
+    assert mixed["floor_vs_one_adapter"] == pytest.approx(want, rel=1e-3)
+    assert mixed["floor_ms"] / one["floor_ms"] == pytest.approx(want, rel=1e-2)
+    assert mixed["time_vs_one_adapter"] == pytest.approx(mixed["ms"] / one["ms"], rel=1e-2)
+
+
 def test_ab_compare_matches_rows_by_case(tmp_path, capsys):
     """bench/ab_compare.py pairs rows that name the same case (never what was measured), divides head's
     time by base's, and lists the rows that only one run has."""
