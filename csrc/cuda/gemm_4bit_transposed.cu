@@ -167,6 +167,20 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Rounds (8 warps x 16 rows) a split of N, for `slabs` CTAs a split on a GPU that holds `wave` CTAs
+// at once, at most max_splits splits: the fewest that minimize the waves times a CTA's work, counted
+// in rounds plus one for its fixed part (the loads before the first step, the reduction, the stores).
+// 8192x28672 at M = 1, 448 slabs on 396 resident CTAs: 1 split is 2 waves of 65, 4 are 5 of 17.
+int64_t rounds_per_split(int64_t rounds, int64_t slabs, int64_t wave, int64_t max_splits) {
+  int64_t best = rounds, best_cost = INT64_MAX;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per_split = ceil_div(rounds, s);
+    const int64_t cost = ceil_div(slabs * ceil_div(rounds, per_split), wave) * (per_split + 1);
+    if (cost < best_cost) best = per_split, best_cost = cost;
+  }
+  return best;
+}
+
 template <typename T, bool NESTED>
 void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p, int bs_log2, const Scales& sc,
             at::Tensor& out2, cudaStream_t stream) {
@@ -174,13 +188,13 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   const int sms = device_limits(grad2.get_device()).sms;
   const int64_t slabs = p.K / kSlab;
   const int64_t steps = ceil_div(p.N, kStepRows);
-  // One wave of CTAs, N split into whole CTA rounds (8 warps x 16 rows) to make it, but each split
+  // N split into whole CTA rounds (8 warps x 16 rows) so that the CTAs use their waves; each split
   // writes and reads back M x K float32 partial sums (8 M K bytes): at most N / (64 M) splits keep
-  // those under an eighth of the codes' N K / 2 bytes (on a short K the wave goes unfilled instead).
+  // those under an eighth of the codes' N K / 2 bytes (on a short K the waves go unfilled instead).
   const int64_t wave = resident_ctas(gemm_4bit_transposed_kernel<T, NESTED>, kThreads, 0, grad2.get_device());
-  const int64_t want = std::max<int64_t>(1, std::min(wave / slabs, p.N / (64 * M)));
   const int64_t rounds = ceil_div(steps, kWarps);
-  const int64_t rows_per_split = ceil_div(rounds, std::min(want, rounds)) * kWarps * kStepRows;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(p.N / (64 * M), rounds));
+  const int64_t rows_per_split = rounds_per_split(rounds, slabs, wave, max_splits) * kWarps * kStepRows;
   const int64_t splits = ceil_div(p.N, rows_per_split);
   TORCH_CHECK(slabs <= INT32_MAX && splits <= 65535, "gemm_4bit_transposed: the weight is too large (", p.N, "x", p.K,
               ")");
