@@ -44,16 +44,11 @@ constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
 __constant__ float kNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kFP4[16] = {QLORA_FP4_CODE_SIGNED};  // code 8 is -0.0, as dequantize_4bit has it
 
-// One warp step's operands, loaded a step ahead of their use, and only loaded: what depends on a
-// load (a nested scale's table lookup) waits for the step's use, where a lookup between the rows'
-// loads would hold each row's a round trip behind the last (~128 of a step's 512 bytes of codes in
-// flight a warp, where an SM's share of HBM's bandwidth times its latency is ~12-18 KB). Rows past
-// the split load the split's last row instead (no branch), and their scales are zeroed where used.
+// One warp step's operands, loaded a step ahead of their use.
 struct Step {
-  uint32_t codes[4];   // rows 2c, 2c + 1, 2c + 8, 2c + 9: the 8 codes of columns 8 g ..
-  float scale[4];      // their rows' block scales (NESTED: the nested absmax of each row's block)
-  uint32_t qscale[4];  // NESTED: their 8-bit scale codes (one a register: packing them would wait)
-  uint32_t a[4];       // grad's A fragment: tokens g, g + 8 of reduction indices 2c.., 2c + 8..
+  uint32_t codes[4];  // rows 2c, 2c + 1, 2c + 8, 2c + 9: the 8 codes of columns 8 g ..
+  float scale[4];     // their rows' block scales (0 past the split's rows)
+  uint32_t a[4];      // grad's A fragment: tokens g, g + 8 of reduction indices 2c.., 2c + 8..
 };
 
 // partial[blockIdx.y][m][k] (or out, with one split) = the sum over the split's rows n of
@@ -83,18 +78,19 @@ __global__ void __launch_bounds__(kThreads)
   const auto grad_pair = [&](int tok, int64_t row) -> uint32_t {
     return tok < M && row < nend ? __ldg(reinterpret_cast<const uint32_t*>(grad + tok * N + row)) : 0u;
   };
-  const auto load = [&](int64_t n0, Step& s) {  // n0 < nend
+  const auto load = [&](int64_t n0, Step& s) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = min(n0 + 2 * c + (i & 1) + 8 * (i >> 1), nend - 1);
-      const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
-      s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
-      const int64_t b = e >> bs_log2;
-      if constexpr (NESTED) {
-        s.qscale[i] = __ldg(sc.qabsmax + b);
-        s.scale[i] = __ldg(sc.nested_absmax + b / kNestedBlocksize);
+      const int64_t row = n0 + 2 * c + (i & 1) + 8 * (i >> 1);
+      if (row < nend) {
+        const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
+        s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
+        const int64_t b = e >> bs_log2;
+        s.scale[i] = NESTED ? nested_scale(ncode[sc.qabsmax[b]], __ldg(sc.nested_absmax + b / kNestedBlocksize), off)
+                            : __ldg(sc.absmax + b);
       } else {
-        s.scale[i] = __ldg(sc.absmax + b);
+        s.codes[i] = 0;
+        s.scale[i] = 0.f;
       }
     }
     s.a[0] = grad_pair(g, n0 + 2 * c);
@@ -111,15 +107,6 @@ __global__ void __launch_bounds__(kThreads)
   for (; n0 < nend; n0 += stride) {
     const Step cur = next;
     if (n0 + stride < nend) load(n0 + stride, next);
-    // The rows' scales, 0 past the split's rows (pairs of rows are in or out together: N is even).
-    const bool low_in = n0 + 2 * c < nend, high_in = n0 + 2 * c + 8 < nend;
-    float scale[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float s = cur.scale[i];
-      if constexpr (NESTED) s = nested_scale(ncode[cur.qscale[i]], s, off);
-      scale[i] = (i < 2 ? low_in : high_in) ? s : 0.f;
-    }
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
       // Column 8 g + t: byte t / 2 of each word, its high nibble for even t (codes are packed two a
@@ -127,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
       const int shift = 8 * (t >> 1) + ((t & 1) ? 0 : 4);
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], scale[i]);
+      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], cur.scale[i]);
       mma_16816<T>(acc[t], cur.a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
     }
   }
@@ -167,20 +154,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Rounds (8 warps x 16 rows) a split of N, for `slabs` CTAs a split on a GPU that holds `wave` CTAs
-// at once, at most max_splits splits: the fewest that minimize the waves times a CTA's work, counted
-// in rounds plus one for its fixed part (the loads before the first step, the reduction, the stores).
-// 8192x28672 at M = 1, 448 slabs on 396 resident CTAs: 1 split is 2 waves of 65, 4 are 5 of 17.
-int64_t rounds_per_split(int64_t rounds, int64_t slabs, int64_t wave, int64_t max_splits) {
-  int64_t best = rounds, best_cost = INT64_MAX;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t per_split = ceil_div(rounds, s);
-    const int64_t cost = ceil_div(slabs * ceil_div(rounds, per_split), wave) * (per_split + 1);
-    if (cost < best_cost) best = per_split, best_cost = cost;
-  }
-  return best;
-}
-
 template <typename T, bool NESTED>
 void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p, int bs_log2, const Scales& sc,
             at::Tensor& out2, cudaStream_t stream) {
@@ -188,13 +161,13 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   const int sms = device_limits(grad2.get_device()).sms;
   const int64_t slabs = p.K / kSlab;
   const int64_t steps = ceil_div(p.N, kStepRows);
-  // N split into whole CTA rounds (8 warps x 16 rows) so that the CTAs use their waves; each split
+  // One wave of CTAs, N split into whole CTA rounds (8 warps x 16 rows) to make it, but each split
   // writes and reads back M x K float32 partial sums (8 M K bytes): at most N / (64 M) splits keep
-  // those under an eighth of the codes' N K / 2 bytes (on a short K the waves go unfilled instead).
+  // those under an eighth of the codes' N K / 2 bytes (on a short K the wave goes unfilled instead).
   const int64_t wave = resident_ctas(gemm_4bit_transposed_kernel<T, NESTED>, kThreads, 0, grad2.get_device());
+  const int64_t want = std::max<int64_t>(1, std::min(wave / slabs, p.N / (64 * M)));
   const int64_t rounds = ceil_div(steps, kWarps);
-  const int64_t max_splits = std::max<int64_t>(1, std::min(p.N / (64 * M), rounds));
-  const int64_t rows_per_split = rounds_per_split(rounds, slabs, wave, max_splits) * kWarps * kStepRows;
+  const int64_t rows_per_split = ceil_div(rounds, std::min(want, rounds)) * kWarps * kStepRows;
   const int64_t splits = ceil_div(p.N, rows_per_split);
   TORCH_CHECK(slabs <= INT32_MAX && splits <= 65535, "gemm_4bit_transposed: the weight is too large (", p.N, "x", p.K,
               ")");
