@@ -173,6 +173,63 @@ def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
     assert mixed["time_vs_one_adapter"] == pytest.approx(mixed["ms"] / one["ms"], rel=1e-2)
 
 
+FAKE_PIP = """#!/bin/bash
+# python3, except that "-m pip install ... --target DIR ." records which tree it would have built
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  prev=; for a in "$@"; do [ "$prev" = --target ] && mkdir -p "$a" && pwd > "$a/built-from"; prev=$a; done; exit 0
+fi
+exec {python} "$@"
+"""
+# A benchmark whose qlora_ext row takes 1.0, 0.8, 0.6 ms with the build of base, base2, head.
+FAKE_BENCH = """
+import json, os, sys
+from pathlib import Path
+build = next(Path(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if "/build/ab-" in p)
+ms = {"ab-base": 1.0, "ab-base2": 0.8, "ab-head": 0.6}[build.name]
+case = {"op": "gemm_t", "n": 1, "k": 1, "M": 1}
+meta = {"commit": os.environ.get("QLORA_COMMIT"), "built_from": (build / "built-from").read_text().strip()}
+rows = [{**case, "impl": "qlora_ext", "ms": ms}, {**case, "impl": "torch_bf16", "ms": 2.0}]
+Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True)
+Path(sys.argv[1]).write_text(json.dumps({"meta": meta, "rows": rows}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_ab_chain_measures_each_idea_against_the_one_before(tmp_path):
+    """bench/ab.sh prepare REV REV2 and run (what a device call does, with the builds faked): each
+    tree's build serves its own run of the command, {OUT} names each side's folder, and each side is
+    compared with the one before it: REV2 / REV, then this tree / REV2."""
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(root), str(repo)], check=True, timeout=120)
+    subprocess.run(["cp", str(root / "bench" / "ab.sh"), str(repo / "bench" / "ab.sh")], check=True)
+    revs = [subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev], check=True, capture_output=True,
+                           text=True).stdout.strip() for rev in ("HEAD~2", "HEAD~1")]  # fmt: skip
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(FAKE_PIP.format(python=sys.executable))
+    (fake / "python3").chmod(0o755)
+    (tmp_path / "bench.py").write_text(FAKE_BENCH)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "QLORA_COMMIT": "this-tree"}
+
+    def ab(*args):
+        done = subprocess.run(["bash", "bench/ab.sh", *args], cwd=repo, capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    ab("prepare", *revs)
+    out = ab("run", str(tmp_path / "out"), sys.executable, str(tmp_path / "bench.py"), "{OUT}/sub/g.json")
+    metas = {side: json.loads((tmp_path / "out" / side / "sub" / "g.json").read_text())["meta"]
+             for side in ("base", "base2", "head")}  # fmt: skip
+    assert {side: m["commit"] for side, m in metas.items()} == {"base": revs[0], "base2": revs[1], "head": "this-tree"}
+    assert metas["base"]["built_from"] == str(repo / ".ab" / "base") and metas["head"]["built_from"] == str(repo)
+    # Neighbours only: 0.8 / 1.0 and 0.6 / 0.8 for qlora_ext, 1.0 for the peer; never head / base.
+    first, second = out.split("== sub/g.json: head / base2")
+    assert "== sub/g.json: base2 / base" in first and " 0.800 " in first and " 0.750 " not in first
+    assert " 0.750 " in second and " 1.000 " in second and " 0.600 " not in out
+
+
 def test_ab_compare_matches_rows_by_case(tmp_path, capsys):
     """bench/ab_compare.py pairs rows that name the same case (never what was measured), divides head's
     time by base's, and lists the rows that only one run has."""
