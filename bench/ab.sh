@@ -54,6 +54,8 @@ case "$what" in
     # machine's last run) and only warns.
     rm -rf build/ab-*
     declare -A rev pid
+    # The builds share the cores (each would otherwise run a compiler a core, several at once).
+    export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(( ($(nproc) + ${#sides[@]} - 1) / ${#sides[@]} ))}
     t0=$(date +%s)
     for side in "${sides[@]}"; do
       mkdir -p "$out/$side"

@@ -11,9 +11,11 @@ implementation after another; a Llama-7B step at 1 x 2048 is bound by the host's
 rows of the same code moved by up to 26% within one process as the host's speed drifted
 (bench/results/e2e-impls-h100-2026-12-06-9f60d1d.json, e2e-rounds-h100-2026-12-06-90b2c4d.json).
 Here every implementation's model is built first and all stay on the GPU; then each of --steps
-rounds times one step of each, in an order rotated every round, so that a drift of the host over
+rounds times one step of each, in an order rotated every round (every implementation takes every
+place equally often where --steps is a multiple of their number), so that a drift of the host over
 seconds falls on every implementation alike. bitsandbytes_patched gets qlora_ext.patch_bitsandbytes()
-around its own steps only.
+around its own steps only. All the models must fit the GPU at once: about 7 GiB each for Llama-7B
+at 1 x 2048 (16 for bf16_peft); a set that would take over 90% of the GPU is refused.
 
 Rows: op "e2e_interleaved", one per implementation and run: tok_per_s and step_s (the median step),
 step_s_all (every step in order), and vs_first: the median over rounds of the first implementation's
@@ -47,7 +49,7 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
     """{impl: (first_loss, [step seconds in round order])}: one model each, steps interleaved."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = e2e.tokens(name, batch, seq, device, seed=seq)
-    setups = {}
+    setups, model, optimizer = {}, None, None
     try:
         for impl in impls:
             model = e2e.build(impl, name, device, adapter_dtype)
@@ -86,7 +88,9 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
                 run(impl, timed=True)
         return {impl: (firsts[impl], times[impl]) for impl in impls}
     finally:
+        qlora_ext.unpatch_bitsandbytes()  # a build that failed after its patch
         setups.clear()
+        del model, optimizer
         e2e.release()
 
 
@@ -120,7 +124,7 @@ def main() -> None:
     ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(e2e.OPTIMS))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --models tiny")
     ap.add_argument("--out", default=None)
-    args = common.parse_args(ap, {"steps": 10})
+    args = common.parse_args(ap, {"steps": 12})
     device = torch.device(args.device)
     impls = args.impls.split(",")
     if len(impls) < 2 or len(set(impls)) != len(impls):
@@ -136,9 +140,18 @@ def main() -> None:
             raise SystemExit(f"--optims: {o!r} is not one of {sorted(e2e.OPTIMS)}")
     if args.steps < 1:
         raise SystemExit(f"--steps: must be 1 or more, got {args.steps}")
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None
     for name in args.models.split(","):
         if name not in e2e.MODELS:
             raise SystemExit(f"--models: {name!r} is not one of {sorted(e2e.MODELS)}")
+        # Every model at once: its bf16 weights for bf16_peft, about half of them for a 4-bit one (the
+        # codes, float32 adapters, their gradients and AdamW's states; Llama-7B's step peaks at 6.8 GiB
+        # against 12.6 GiB of bf16 weights).
+        need = sum(e2e.bf16_bytes(name) * (1.0 if impl == "bf16_peft" else 0.55) for impl in impls)
+        if gpu_bytes is not None and need > 0.9 * gpu_bytes:
+            raise SystemExit(f"--models {name} with --impls {args.impls}: the models would take about "
+                             f"{need / 2**30:.0f} GiB at once, over 90% of the GPU's {gpu_bytes / 2**30:.0f} GiB; "
+                             f"interleave fewer implementations or a smaller model")  # fmt: skip
     meta, rows, disagreements = common.meta(args.device), [], []
     for name in args.models.split(","):
         for batch, seq in e2e.parse_runs(args.runs):

@@ -235,8 +235,9 @@ def time_mixed(dev, n, k, r, w, bias, copy_gbps, gen) -> tuple[list[dict], list[
              "qlora_ext_16_adapters": torch.arange(MIXED_ROWS, device=dev)}  # fmt: skip
     w4_bytes = packed.numel() + state.absmax.numel() + n * k // 64 // 256 * 4
     adapter_bytes = 2 * r * (n + k)  # one adapter's A and B, bf16
-    # The adapters rotate with the weight: 16 of them at r = 64 are 8-31 MB, which the L2 would
-    # otherwise keep from one replay to the next, where a model's next layer reads its own.
+    # The adapters rotate with the weight: 16 of them at r = 64 are 17-76 MB, which the L2 (50 MB on
+    # an H100) would otherwise partly keep from one replay to the next, where a model's next layer
+    # reads its own.
     copies = common.rotations(w4_bytes + adapters * adapter_bytes) if dev == "cuda" else 2
     weights = [(packed.clone(), A.clone(), B.clone()) for _ in range(copies)]
 
