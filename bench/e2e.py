@@ -32,10 +32,12 @@ Correctness first: the loss of the same tokens at the first step (B = 0, so the 
 agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
 (forward, backward, optimizer step) after 3 warm-up steps, tokens/s, and the peak allocated memory of
 the process (weights included). Rows: op "e2e", impl, model, batch, seq, adapter_dtype, tok_per_s,
-peak_gib, step_s, host_s (the median time until the step's Python returned, before the wait for the
-GPU: near step_s, the host's launches bound the step, unless the step itself waits for the GPU, as
-a .item() does). --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled,
-for each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
+peak_gib, peak_gib_by_phase (one more step's forward, backward and optimizer step, each's highest
+allocation: where the peak is; CUDA only), step_s, host_s (the median time until the step's Python
+returned, before the wait for the GPU: near step_s, the host's launches bound the step, unless the
+step itself waits for the GPU, as a .item() does). --loss-steps N adds op "loss_curve" rows: N steps
+on the same 4 batches, cycled, for each implementation (the same initial adapters: A drawn from the
+layer's name, B = 0).
 --decode N adds op "decode" rows: greedy generation of N new tokens at batch 1 after a 32-token prompt
 (model.generate with the KV cache, adapter active and not merged, eval mode), the median of 3 after a
 warm-up: tok_per_s = N / time. Decode runs one token at a time through every layer, so the host's
@@ -375,6 +377,29 @@ def train_step(model, optimizer, ids):
     return loss
 
 
+def phase_peaks(model, optimizer, ids) -> dict[str, float]:
+    """One more training step, the highest allocated memory (GiB) of each of its phases: the forward
+    (with the checkpoints it keeps), the backward (the recomputed forward with it) and the optimizer's
+    step. Which one holds the peak says what would lower it (activations, the products' workspace, or
+    the optimizer's states and temporaries)."""
+    peaks = {}
+
+    def phase(name, fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peaks[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return out
+
+    loss = phase("forward", lambda: model(input_ids=ids, labels=ids).loss)
+    phase("backward", loss.backward)
+    del loss
+    phase("optimizer", optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+    return peaks
+
+
 def decode_speed(model, name: str, new_tokens: int, device) -> dict:
     """Greedy generation of `new_tokens` tokens after a 32-token prompt, batch 1: the median of 3 runs."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -434,11 +459,18 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run,
             sync()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peaks = phase_peaks(model, optimizer, ids) if device.type == "cuda" else None
         step_s, host_s = statistics.median(times), statistics.median(host)
         n = batch * seq
         paged = paged_gib(optimizer)
         results[(batch, seq)] = dict(
-            first_loss=first, step_s=step_s, host_s=host_s, tok_per_s=n / step_s, peak_gib=peak, paged_gib=paged
+            first_loss=first,
+            step_s=step_s,
+            host_s=host_s,
+            tok_per_s=n / step_s,
+            peak_gib=peak,
+            paged_gib=paged,
+            peak_gib_by_phase=peaks,
         )
         print(f"{impl:20s} {name:9s} {batch}x{seq:<5d} adapters {str(adapter_dtype)[6:]:8s} {optim:17s}: "
               f"{n / step_s:8.0f} tok/s, step {step_s:.3f} s (host {host_s:.3f}), peak {peak or 0:.2f} GiB"
@@ -513,6 +545,8 @@ def median_rounds(rounds: list[dict]) -> list[dict]:
             row["build_s"] = round(statistics.median(r["build_s"] for r in group), 2)
             peaks = [r["peak_gib"] for r in group if r["peak_gib"] is not None]
             row["peak_gib"] = max(peaks) if peaks else None
+            phases = [r["peak_gib_by_phase"] for r in group if r["peak_gib_by_phase"]]
+            row["peak_gib_by_phase"] = {k: max(p[k] for p in phases) for k in phases[0]} if phases else None
             row["paged_gib"] = max(r["paged_gib"] for r in group)
         else:
             row["ms_per_token"] = round(statistics.median(r["ms_per_token"] for r in group), 3)
@@ -597,6 +631,7 @@ def main() -> None:
                                  "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
                                  "step_s": round(r["step_s"], 5), "host_s": round(r["host_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
+                                 "peak_gib_by_phase": r["peak_gib_by_phase"],
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip
                     if impl == "qlora_ext":  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)

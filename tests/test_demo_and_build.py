@@ -174,6 +174,44 @@ def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
     assert mixed["time_vs_one_adapter"] == pytest.approx(mixed["ms"] / one["ms"], rel=1e-2)
 
 
+def test_e2e_phase_peaks_reset_between_phases(monkeypatch):
+    """bench/e2e.py's peak by phase: the allocator's peak is reset before each of forward, backward and
+    the optimizer's step and read after it (here a fake allocator, on any machine)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        e2e = importlib.import_module("e2e")
+    finally:
+        sys.path.pop(0)
+    events, level = [], {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: level.update(peak=0) or events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: level["peak"])
+
+    def use(gib, what):  # a phase that allocates `gib` at its highest
+        events.append(what)
+        level["peak"] = max(level["peak"], gib * 2**30)
+
+    class Loss:
+        def backward(self):
+            use(3.0, "backward")
+
+    class Model:
+        def __call__(self, input_ids, labels):
+            use(2.0, "forward")
+            return type("Out", (), {"loss": Loss()})()
+
+    class Optimizer:
+        def step(self):
+            use(1.5, "optimizer")
+
+        def zero_grad(self, set_to_none):
+            events.append("zero_grad")
+
+    peaks = e2e.phase_peaks(Model(), Optimizer(), ids=None)
+    assert peaks == {"forward": 2.0, "backward": 3.0, "optimizer": 1.5}
+    assert events == ["reset", "forward", "reset", "backward", "reset", "optimizer", "zero_grad"]
+
+
 FAKE_PIP = """#!/bin/bash
 # python3, except that "-m pip install ... --target DIR ." records which tree it would have built
 if [ "$1" = -m ] && [ "$2" = pip ]; then
