@@ -508,6 +508,27 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
     return losses
 
 
+def choices(args) -> tuple[list[str], list[str], list[str]]:
+    """--impls, --adapter-dtypes and --optims as lists, each name checked (SystemExit naming the argument)."""
+    lists = {"--impls": (args.impls, IMPLS), "--adapter-dtypes": (args.adapter_dtypes, sorted(DTYPES)),
+             "--optims": (args.optims, sorted(OPTIMS))}  # fmt: skip
+    out = []
+    for flag, (text, known) in lists.items():
+        names = text.split(",")
+        for name in names:
+            if name not in known:
+                raise SystemExit(f"{flag}: {name!r} is not one of {known}")
+        out.append(names)
+    return out[0], out[1], out[2]
+
+
+def losses_disagree(losses: list[float]) -> bool:
+    """Whether the 4-bit implementations' first-step losses (bf16_peft's left out) differ by over 2%:
+    the same weights and tokens, so they differ only in rounding (bf16 products, the order of the
+    4-bit dequantization), which moves the loss far less."""
+    return bool(losses) and max(losses) - min(losses) > 0.02 * abs(losses[0])
+
+
 def parse_runs(text: str) -> list[tuple[int, int]]:
     runs = []
     for item in text.split(","):
@@ -573,19 +594,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = common.parse_args(ap, {"models": "llama7b", "runs": "1x2048", "steps": 3, "decode": 32, "rounds": 3})
     device = torch.device(args.device)
-    impls = args.impls.split(",")
-    for impl in impls:
-        if impl not in IMPLS:
-            raise SystemExit(f"--impls: {impl!r} is not one of {IMPLS}")
-    dtypes = []
-    for d in args.adapter_dtypes.split(","):
-        if d not in DTYPES:
-            raise SystemExit(f"--adapter-dtypes: {d!r} is not one of {sorted(DTYPES)}")
-        dtypes.append(d)
-    optims = args.optims.split(",")
-    for o in optims:
-        if o not in OPTIMS:
-            raise SystemExit(f"--optims: {o!r} is not one of {sorted(OPTIMS)}")
+    impls, dtypes, optims = choices(args)
     if args.rounds < 1:
         raise SystemExit(f"--rounds: must be 1 or more, got {args.rounds}")
     profile_run = parse_runs(args.profile_run)[0] if args.profile else None
@@ -647,10 +656,7 @@ def main() -> None:
                 if args.out:
                     common.write_results(args.out, meta, rows)
             for run, losses in firsts.items():
-                # Same weights, same tokens: the 4-bit models differ only in rounding (bf16 products, the
-                # order of the 4-bit dequantization), which moves the loss far less than 2%.
-                quantized = [v for k, v in losses.items() if k != "bf16_peft"]
-                if quantized and max(quantized) - min(quantized) > 0.02 * abs(quantized[0]):
+                if losses_disagree([v for k, v in losses.items() if k != "bf16_peft"]):
                     disagreements.append(f"{name} {run[0]}x{run[1]}: the first-step losses disagree: {losses}")
                     print("FAILED " + disagreements[-1], flush=True)
                     for row in rows:  # kept, and marked: their speed is not of one computation

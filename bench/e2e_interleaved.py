@@ -126,18 +126,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = common.parse_args(ap, {"steps": 12})
     device = torch.device(args.device)
-    impls = args.impls.split(",")
+    impls, dtypes, optims = e2e.choices(args)
     if len(impls) < 2 or len(set(impls)) != len(impls):
         raise SystemExit(f"--impls: two or more different implementations, got {args.impls!r}")
-    for impl in impls:
-        if impl not in e2e.IMPLS:
-            raise SystemExit(f"--impls: {impl!r} is not one of {e2e.IMPLS}")
-    for d in args.adapter_dtypes.split(","):
-        if d not in e2e.DTYPES:
-            raise SystemExit(f"--adapter-dtypes: {d!r} is not one of {sorted(e2e.DTYPES)}")
-    for o in args.optims.split(","):
-        if o not in e2e.OPTIMS:
-            raise SystemExit(f"--optims: {o!r} is not one of {sorted(e2e.OPTIMS)}")
     if args.steps < 1:
         raise SystemExit(f"--steps: must be 1 or more, got {args.steps}")
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None
@@ -155,12 +146,12 @@ def main() -> None:
     meta, rows, disagreements = common.meta(args.device), [], []
     for name in args.models.split(","):
         for batch, seq in e2e.parse_runs(args.runs):
-            for dname in args.adapter_dtypes.split(","):
-                for optim in args.optims.split(","):
+            for dname in dtypes:
+                for optim in optims:
                     results = interleave(impls, name, batch, seq, args.steps, device, e2e.DTYPES[dname], optim)
                     run_rows = rows_of(results, name, batch, seq, dname, optim)
                     quantized = [r["first_loss"] for r in run_rows if r["impl"] != "bf16_peft"]
-                    if quantized and max(quantized) - min(quantized) > 0.02 * abs(quantized[0]):
+                    if e2e.losses_disagree(quantized):
                         disagreements.append(f"{name} {batch}x{seq}: the first-step losses disagree: {quantized}")
                         for row in run_rows:  # kept, and marked: their speed is not of one computation
                             row["losses_disagree"] = True
