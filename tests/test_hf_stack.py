@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import warnings
 
 import pytest
@@ -310,35 +311,49 @@ def test_config_and_refusals(lm_dir, tmp_path):
 
 def reference_outputs(plain, config, ours, ids, g, dtype, device):
     """Logits and adapter gradients of PEFT's own LoRA layers on `plain` (the same dequantized weights) with
-    ours' adapter values, everything in `dtype`: PEFT's composition in that precision (its adapters too:
-    not cast to float32 as get_peft_model casts them by default, which would compute the adapter terms
-    more precisely than the precision compared)."""
-    base = copy.deepcopy(plain).to(device=device, dtype=dtype)
+    ours' adapter values, in ours' precision layout: the wrapped linears and their adapters in `dtype` (not
+    cast to float32 as get_peft_model casts adapters by default), each linear casting its input to `dtype`
+    and its output back, as qlora_ext's Linear4bit does, and the rest of the model (embeddings, norms, the
+    residual stream) in float32 as ours loads it. Their errors against float64 are then comparable tensor
+    by tensor: an all-bf16 model rounds the norms and the residual stream too, and through a whole backward
+    its gradient errors and ours differed by up to 11x either way from one random model to the next."""
+    rest = torch.float64 if dtype == torch.float64 else torch.float32
+    base = copy.deepcopy(plain).to(device=device, dtype=rest)
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
+            module.to(dtype)
+            module.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+            module.register_forward_hook(lambda m, args, out: out.to(rest))
     ref = peft.get_peft_model(base, copy.deepcopy(config), autocast_adapter_dtype=False)
     copy_adapters(ours, ref)
+    assert all(p.dtype == dtype for p in lora_params(ref).values())
     ref.train()
     out = ref(ids).logits
     (out.float() * g).sum().backward()
     return out.detach(), {n: p.grad.detach() for n, p in lora_params(ref).items()}
 
 
-def assert_within_twice_peft_error(ours, low, exact, what):
+def peft_error_ratio(ours, low, exact) -> float:
+    """Ours' error norm against float64 over PEFT's in the working precision plus a floor of four units in
+    its last place (scaled by the exact value's norm)."""
+    floor = 4 * torch.finfo(low.dtype).eps * exact.double().norm().item()
+    return (ours.double() - exact.double()).norm().item() / ((low.double() - exact.double()).norm().item() + floor)
+
+
+def assert_within_peft_error(ours, low, exact, what, norm_factor=2):
     """Ours against float64 within twice PEFT's error in the working precision, plus a floor of four units
     in the last place of that precision: for the largest element's error in float32 (the CPU). In bf16
     (CUDA) the tensors come out of a whole model's forward and backward, where one element's error is
-    the extreme of many roundings upstream, as likely ours as PEFT's (layer 0's lora_A gradient, the end
-    of the whole backward, measured 2.3x and 2.6x PEFT's largest on two GPUs while other data passed):
-    there the bound is on the error of the whole tensor (the norm of the difference, the floor scaled by
-    the norm of the exact value), and the largest element's error within four times PEFT's."""
+    the extreme of many roundings upstream, as likely ours as PEFT's: there the largest element's error
+    within four times PEFT's, and the error of the whole tensor (its norm) within `norm_factor` times."""
     diff, ref_diff = (ours.double() - exact.double()).abs(), (low.double() - exact.double()).abs()
     eps, largest = torch.finfo(low.dtype).eps, exact.double().abs().max().item()
     err, ref_err = diff.max().item(), ref_diff.max().item()
     factor = 2 if low.dtype == torch.float32 else 4
     assert err <= factor * ref_err + 4 * eps * largest, f"{what}: largest error {err:.3g} vs PEFT's {ref_err:.3g}"
     if low.dtype != torch.float32:
-        err, ref_err = diff.norm().item(), ref_diff.norm().item()
-        floor = 4 * eps * exact.double().norm().item()
-        assert err <= 2 * ref_err + floor, f"{what}: error norm {err:.3g} vs PEFT's {ref_err:.3g} (floor {floor:.3g})"
+        ratio = peft_error_ratio(ours, low, exact)
+        assert ratio <= norm_factor, f"{what}: error norm {ratio:.3g}x PEFT's (with its floor), over {norm_factor}x"
 
 
 def assert_close_in_precision(got, want, msg=None):
@@ -356,8 +371,8 @@ def assert_close_in_precision(got, want, msg=None):
 def test_get_peft_model_runs_the_fused_op(lm_dir, gen, device, fused_calls):
     """get_peft_model on the loaded model gives LoraLinear4bit layers whose forward is one call of the
     fused op each (one autograd node each); logits and adapter gradients agree with PEFT's own LoRA
-    layers on the same dequantized weights: against a float64 run of those, within twice the error of
-    PEFT's layers computing in the same precision (float32 on the CPU, bfloat16 on CUDA)."""
+    layers on the same dequantized weights: against a float64 run of those, within the error of PEFT's
+    layers computing in the same precision (float32 on the CPU, bfloat16 on CUDA; bounds below)."""
     dtype = compute_dtype(device)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     model = peft_model(load(lm_dir, device), config, gen)
@@ -377,9 +392,16 @@ def test_get_peft_model_runs_the_fused_op(lm_dir, gen, device, fused_calls):
     plain = dequantized(model, load_plain(lm_dir, device))
     low, low_grads = reference_outputs(plain, config, model, ids, g, dtype, device)
     exact, exact_grads = reference_outputs(plain, config, model, ids, g, torch.float64, device)
-    assert_within_twice_peft_error(out.detach(), low, exact, "logits")
+    # bf16: the logits within 3x PEFT's error norm, each adapter gradient within 5x (a gradient gone wrong
+    # is off by about its whole norm, 5-100x PEFT's error), and their median within 1.5x (an error the
+    # adapter path makes everywhere). On the CPU in bf16 over 60 fresh models, against this reference:
+    # logits 2.31x at most, the worst gradient 3.32x, the median 1.02x.
+    assert_within_peft_error(out.detach(), low, exact, "logits", norm_factor=3)
     for name in grads:
-        assert_within_twice_peft_error(grads[name], low_grads[name], exact_grads[name], name)
+        assert_within_peft_error(grads[name], low_grads[name], exact_grads[name], name, norm_factor=5)
+    if dtype != torch.float32:
+        median = statistics.median(peft_error_ratio(grads[n], low_grads[n], exact_grads[n]) for n in grads)
+        assert median <= 1.5, f"the adapter gradients' median error norm is {median:.3g}x PEFT's"
     # the layer's dropout is the op's: p in training mode, none in eval mode
     dropped = peft_model(load(lm_dir, device), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.25))
     fused_calls.clear()
