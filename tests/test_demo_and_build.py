@@ -145,6 +145,9 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
             )
             assert all(r["steps"] == 3 == len(r["step_s_all"]) and r["vs_first"] > 0 for r in rows), rows
             assert rows[0]["vs_first"] == 1.0 and "losses_disagree" not in rows[0], rows
+            # the median's 95% interval over resampled rounds holds the median; the base's is [1, 1]
+            assert all(r["vs_first_95"][0] <= r["vs_first"] <= r["vs_first_95"][1] for r in rows), rows
+            assert rows[0]["vs_first_95"] == [1.0, 1.0], rows
         else:
             assert ops == [("e2e_dist", "qlora_ext")] and rows[0]["nproc"] == 2, rows
         assert all(r["tok_per_s"] > 0 for r in rows), rows
