@@ -345,11 +345,12 @@ def assert_within_peft_error(ours, low, exact, what, norm_factor=2):
     in the last place of that precision: for the largest element's error in float32 (the CPU). In bf16
     (CUDA) the tensors come out of a whole model's forward and backward, where one element's error is
     the extreme of many roundings upstream, as likely ours as PEFT's: there the largest element's error
-    within four times PEFT's, and the error of the whole tensor (its norm) within `norm_factor` times."""
+    within six times PEFT's (over 30 fresh models on the CPU in bf16 the worst of the 29 tensors was
+    3.21x), and the error of the whole tensor (its norm) within `norm_factor` times."""
     diff, ref_diff = (ours.double() - exact.double()).abs(), (low.double() - exact.double()).abs()
     eps, largest = torch.finfo(low.dtype).eps, exact.double().abs().max().item()
     err, ref_err = diff.max().item(), ref_diff.max().item()
-    factor = 2 if low.dtype == torch.float32 else 4
+    factor = 2 if low.dtype == torch.float32 else 6
     assert err <= factor * ref_err + 4 * eps * largest, f"{what}: largest error {err:.3g} vs PEFT's {ref_err:.3g}"
     if low.dtype != torch.float32:
         ratio = peft_error_ratio(ours, low, exact)
