@@ -69,6 +69,11 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: F.lora_linear(x, packed, state, A, B, 2.0, 1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: F.lora_dropout(x, 0.1, seed.int()), TypeError, "seed must be int64"),
         (
+            lambda: F.lora_linear_indexed(x, packed, state, A[None], B[None], 2.0, seed.expand(3)),
+            TypeError,
+            "scaling must be a sequence of floats, one an adapter, got 2.0",
+        ),
+        (
             lambda: F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64, device=device)),
             ValueError,
             "seed must have one element",
@@ -77,6 +82,14 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: Linear4bit.from_linear("linear"), TypeError, "linear must be a torch.nn.Linear"),
         (lambda: Linear4bit(64, 8)(x), RuntimeError, "has no weight yet"),
         (lambda: Linear4bit(0, 8), ValueError, "in_features and out_features must be positive"),
+        (lambda: Linear4bit(64, 8, quant_type="int4"), ValueError, "quant_type must be 'nf4' or 'fp4'"),
+        (lambda: Linear4bit(64, 8, blocksize=7), ValueError, "blocksize must be one of"),
+        (lambda: Linear4bit(64, 8, compute_dtype=torch.int8), ValueError, "compute_dtype must be one of"),
+        (
+            lambda: Linear4bit.from_linear(nn.Linear(64, 8, dtype=torch.float64)),
+            TypeError,
+            "linear's weight must be float32, float16 or bfloat16 to quantize, got torch.float64",
+        ),
         (lambda: QLoRALinear(linear, r=4), TypeError, "base_layer must be a qlora_ext.nn.Linear4bit"),
         (lambda: layer.add_adapter("x", r=0, lora_alpha=8), ValueError, "r must be a positive integer"),
         (
@@ -106,6 +119,7 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: LoraConfig(lora_alpha="16"), ValueError, "lora_alpha must be a finite number"),
         (lambda: LoraConfig(adapter_dtype=torch.int8), TypeError, "adapter_dtype must be a float dtype"),
         (lambda: LoraConfig(init="pissa"), ValueError, "init must be"),
+        (lambda: LoraConfig(modules_to_save=["lm_head", 3]), TypeError, "modules_to_save must be a list of module"),
     ]
     assert_each_raises(cases)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -241,6 +242,48 @@ def test_help_shows_every_default_and_what_each_option_does(capsys):
             assert f"(default: {action.default})" in text, action.dest
     assert "(default: 64)" in text and "(default: 0.0002)" in text
     assert "moved, not deleted" in text
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max-grad-norm", "-1", r"must be in \[0, inf\), got -1"),  # a negative factor reverses the step
+        ("--max-grad-norm", "nan", "got nan"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--grad-accum", "0", "must be at least 1, got 0"),
+        ("--max-steps", "-5", "must be at least 0, got -5"),
+        ("--epochs", "0", r"must be in \(0, inf\), got 0"),
+        ("--epochs", "-2", "got -2"),
+        ("--warmup-ratio", "5", r"must be in \[0, 1\], got 5"),
+        ("--save-steps", "-1", "must be at least 0"),
+        ("--eval-steps", "-1", "must be at least 0"),
+        ("--keep", "-1", "must be at least 0"),
+        ("--max-length", "0", "must be at least 1"),
+        ("--lora-r", "0", "must be at least 1"),
+        ("--lora-dropout", "1", r"must be in \[0, 1\), got 1"),
+        ("--lora-alpha", "inf", "got inf"),
+        ("--lr", "-0.0001", "got -0.0001"),
+        ("--batch-size", "two", "invalid int value: 'two'"),
+    ],
+)
+def test_a_value_out_of_range_is_a_usage_error_naming_the_option(model_dir, data_file, tmp_path, capsys, option,
+                                                                  value, message):  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        run(model_dir, data_file, tmp_path / "out", option, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"argument [^:]*{option}: .*{message}", err), err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_max_grad_norm_0_clips_nothing_and_still_logs_the_norm(model_dir, data_file, tmp_path):
+    """0 is transformers' Trainer's "no clipping": clip_grad_norm_ with 0 would zero every gradient, and
+    lora_B, which starts at 0, would stay there."""
+    out = tmp_path / "out"
+    assert run(model_dir, data_file, out, "--max-grad-norm", "0") == 0
+    assert all(e["grad_norm"] > 0 for e in read_log(out) if "loss" in e)
+    lora_B = [t for name, t in adapter_tensors(out).items() if "lora_B" in name]
+    assert lora_B and all(bool(t.abs().gt(0).any()) for t in lora_B)
 
 
 @pytest.mark.parametrize("content", [None, "", "\n \n"])

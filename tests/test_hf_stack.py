@@ -260,7 +260,15 @@ def test_config_and_refusals(lm_dir, tmp_path):
                             modules_to_not_convert=["down_proj"])  # fmt: skip
     assert config.compute_dtype is torch.bfloat16
     assert QLoraExtConfig.from_dict(json.loads(config.to_json_string())).to_dict() == config.to_dict()
+    # a key that a newer qlora_ext wrote into config.json is kept and written back; in code it is a mistake
+    newer = QLoraExtConfig.from_dict({**config.to_dict(), "newer_key": [1, 2]})
+    assert newer.newer_key == [1, 2] and newer.to_dict() == {**config.to_dict(), "newer_key": [1, 2]}
     assert_each_raises([
+        (lambda: QLoraExtConfig(compute_type=torch.bfloat16), TypeError,
+         "QLoraExtConfig got unexpected keyword arguments 'compute_type'"),
+        (lambda: QLoraExtConfig(bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False), TypeError,
+         "bnb_4bit_quant_type is quant_type here; bnb_4bit_use_double_quant is compress_statistics here"),
+        (lambda: QLoraExtConfig(load_in_4bit=True), TypeError, "always loads in 4 bits"),
         (lambda: QLoraExtConfig(quant_type="int4"), ValueError, "quant_type must be 'nf4' or 'fp4'"),
         (lambda: QLoraExtConfig(blocksize=48), ValueError, "blocksize must be one of"),
         (lambda: QLoraExtConfig(compute_dtype=torch.int8), ValueError, "compute_dtype must be one of"),

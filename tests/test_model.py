@@ -95,10 +95,15 @@ def test_target_forms(gen):
     )
     assert type(others.model.layers[0].mlp.up_proj) is Linear4bit and type(others.lm_head) is torch.nn.Linear
     assert not any(p.requires_grad for p in others.model.layers[0].mlp.up_proj.parameters())
-    saved = qlora_ext.prepare_model(
-        copy.deepcopy(original), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), progress=False
-    )
-    assert saved.lm_head.weight.requires_grad
+    # compute_dtype by name too, as QLoraExtConfig and config files take it
+    named = qlora_ext.prepare_model(copy.deepcopy(original), LoraConfig(target_modules=["q_proj"]),
+                                    compute_dtype="float32", progress=False)  # fmt: skip
+    assert named.model.layers[0].self_attn.q_proj.base_layer.compute_dtype is torch.float32
+    for modules_to_save in (["lm_head"], "lm_head"):  # a string is one name, not its characters
+        config = LoraConfig(target_modules=["q_proj"], modules_to_save=modules_to_save)
+        assert config.modules_to_save == ["lm_head"]
+        saved = qlora_ext.prepare_model(copy.deepcopy(original), config, progress=False)
+        assert saved.lm_head.weight.requires_grad
 
 
 def test_meta_model_streamed_from_safetensors(gen, tmp_path):
@@ -119,6 +124,12 @@ def test_meta_model_streamed_from_safetensors(gen, tmp_path):
     with accelerate.init_empty_weights():
         empty = tiny_llama(0)
     assert all(p.is_meta for p in empty.parameters())
+    # a weight missing halfway raises and leaves the model as it was, to be prepared again
+    short = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.down_proj.weight"}
+    with pytest.raises(KeyError, match="model.layers.1.mlp.down_proj.weight"):
+        qlora_ext.prepare_model(empty, config, weights=short, progress=False)
+    assert all(type(m) is torch.nn.Linear for n, m in empty.named_modules() if n.endswith("proj"))
+    assert all(p.is_meta for n, p in empty.named_parameters() if "layers" in n)
     streamed = qlora_ext.prepare_model(empty, config, compute_dtype=torch.float32, weights=tmp_path / "shards",
                                        device="cpu", progress=False)  # fmt: skip
     assert not any(t.is_meta for t in streamed.parameters())

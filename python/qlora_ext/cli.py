@@ -591,6 +591,35 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return action.help if action.required else super()._get_help_string(action)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low (argparse names the option in its message)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # what argparse calls a value that is no number at all
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = True):
+    """An argparse type: a float in the interval from low to high (NaN is in none)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qlora-ext", description=__doc__, formatter_class=_HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -600,37 +629,46 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights, tokenizer)")  # fmt: skip
     ft.add_argument("--data", required=True, help="the training data: a JSON lines file (the formats above)")
     ft.add_argument("--output", required=True, help="the adapter, the checkpoints and the run's log go here")
-    ft.add_argument("--r", "--lora-r", dest="r", type=int, default=64,
+    ft.add_argument("--r", "--lora-r", dest="r", type=_int_at_least(1), default=64,
                     help="LoRA rank (under torchrun spell it --lora-r: torchrun takes --r for an abbreviation of "
                     "its own options)")  # fmt: skip
-    ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
-    ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    ft.add_argument(
+        "--lora-alpha",
+        type=_float_in(-math.inf, low_open=True),
+        default=16,
+        help="LoRA alpha (the update is scaled by alpha / r)",
+    )
+    ft.add_argument("--lora-dropout", type=_float_in(0, 1), default=0.05, help="dropout on the adapters' input")
+    ft.add_argument("--lr", type=_float_in(0), default=2e-4, help="peak learning rate")
     ft.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS),
                     help="AdamW: torch's, or bitsandbytes' (installed apart) with its state paged to CPU memory when "
                     "the GPU's runs out (paged_*; qlora.py's default, which fits 65B on one 48 GB GPU) or in 8 bits "
                     "(*_8bit)")  # fmt: skip
-    ft.add_argument("--warmup-ratio", type=float, default=0.03,
+    ft.add_argument("--warmup-ratio", type=_float_in(0, 1, high_open=False), default=0.03,
                     help="linear warm-up over this fraction of the steps, then a constant rate")  # fmt: skip
-    ft.add_argument("--max-grad-norm", type=float, default=0.3, help="gradients are clipped to this norm")
-    ft.add_argument("--batch-size", type=int, default=1,
+    ft.add_argument("--max-grad-norm", type=_float_in(0), default=0.3,
+                    help="gradients are clipped to this norm (0: not clipped, as in transformers' "
+                    "Trainer)")  # fmt: skip
+    ft.add_argument("--batch-size", type=_int_at_least(1), default=1,
                     help="examples per forward pass (under torchrun: per forward pass of each rank)")  # fmt: skip
-    ft.add_argument("--grad-accum", type=int, default=16,
+    ft.add_argument("--grad-accum", type=_int_at_least(1), default=16,
                     help="forward passes per optimizer step, on all ranks together: a step's global batch is "
                     "--batch-size x --grad-accum examples on any number of ranks (each of N ranks runs --grad-accum "
                     "/ N passes: a multiple of N), and tokens/s counts every rank's tokens")  # fmt: skip
-    ft.add_argument("--epochs", type=float, default=1.0, help="passes over --data (when --max-steps is 0)")
-    ft.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs decides)")
-    ft.add_argument("--max-length", type=int, default=512, help="tokens an example is cut to")
-    ft.add_argument("--save-steps", type=int, default=100,
+    ft.add_argument(
+        "--epochs", type=_float_in(0, low_open=True), default=1.0, help="passes over --data (when --max-steps is 0)"
+    )
+    ft.add_argument("--max-steps", type=_int_at_least(0), default=0, help="optimizer steps (0: --epochs decides)")
+    ft.add_argument("--max-length", type=_int_at_least(1), default=512, help="tokens an example is cut to")
+    ft.add_argument("--save-steps", type=_int_at_least(0), default=100,
                     help="a checkpoint every this many steps (0: only the last step's)")  # fmt: skip
-    ft.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; 0: all)")
+    ft.add_argument("--keep", type=_int_at_least(0), default=2, help="checkpoints kept (the newest; 0: all)")
     ft.add_argument("--no-resume", action="store_true",
                     help="start over even if --output holds an earlier run: its files are moved, not deleted, into "
                     "OUTPUT/previous-N/ (without it, a run resumes from the newest checkpoint)")  # fmt: skip
     ft.add_argument("--eval-data", default=None,
                     help="JSON lines (as --data) whose loss is measured every --eval-steps and at the end")  # fmt: skip
-    ft.add_argument("--eval-steps", type=int, default=0,
+    ft.add_argument("--eval-steps", type=_int_at_least(0), default=0,
                     help="the eval loss every this many steps (0: at the last step only)")  # fmt: skip
     ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit format of the weights")
     ft.add_argument("--no-double-quant", action="store_true",

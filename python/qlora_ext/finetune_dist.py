@@ -204,14 +204,18 @@ class Ranks:
         FSDP2 torch's clip_grad_norm_ adds up each rank's shard first, an order of additions one process
         does not share: its norm, and with it the clipping factor and every clipped gradient, could differ
         from one process's in the last bit. So the norm is taken here of the whole gradients, gathered
-        (the adapters': small), and each rank scales its own shard by the factor."""
-        if self.mode != "fsdp":
+        (the adapters': small), and each rank scales its own shard by the factor. max_norm 0 measures
+        the norm and clips nothing, as transformers' Trainer reads it (clipping to 0 would zero every
+        gradient)."""
+        if self.mode != "fsdp" and max_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         grads = [p.grad for p in params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([g.full_tensor() for g in grads], 2.0)
-        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grads_with_norm_ computes it
-        for g in grads:
-            g.to_local().mul_(factor)
+        whole = [g.full_tensor() for g in grads] if self.mode == "fsdp" else grads
+        total = torch.nn.utils.get_total_norm(whole, 2.0)
+        if max_norm > 0:
+            factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grads_with_norm_ computes it
+            for g in grads:
+                g.to_local().mul_(factor)
         return float(total)
 
     # -----------------------------------------------------------------------------------------

@@ -364,6 +364,8 @@ def lora_linear_indexed(
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not isinstance(adapter_index, torch.Tensor):
         raise TypeError(f"adapter_index must be an int64 tensor, got {type(adapter_index).__name__}")
+    if isinstance(scaling, (str, bytes)) or not isinstance(scaling, (Sequence, torch.Tensor)):
+        raise TypeError(f"scaling must be a sequence of floats, one an adapter, got {scaling!r}")
     return _lora_linear_indexed_op(
         x,
         *_state_args(packed, quant_state),

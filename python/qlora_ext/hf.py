@@ -26,6 +26,7 @@ This module needs transformers; ``qlora_ext`` imports it only where transformers
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Optional, Union
 
@@ -44,27 +45,37 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import functional as F
 from ._lora_layers import is_prepared
-from .nn import _STORAGE_DTYPES, Linear4bit
+from .nn import _COMPUTE_DTYPES, _STORAGE_DTYPES, Linear4bit, _dtype
 from .quant_state import BLOCKSIZES, QUANT_TYPES
 
 __all__ = ["METHOD", "QLoraExtConfig", "QLoraExtHfQuantizer", "register_peft", "replace_linears"]
 
 METHOD = "qlora_ext"
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _dtype(value: Union[str, torch.dtype, None], name: str, allowed) -> Optional[torch.dtype]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), value)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {[str(d).removeprefix('torch.') for d in allowed]}, got {value!r}")
-    return value
 
 
 def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+# BitsAndBytesConfig's names for what QLoraExtConfig takes, for users who swap one for the other.
+_BITSANDBYTES_NAMES = {
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "compress_statistics",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "bnb_4bit_quant_storage": "quant_storage",
+    "llm_int8_skip_modules": "modules_to_not_convert",
+}
+
+
+def _unknown_keywords_message(kwargs: dict[str, Any]) -> str:
+    hints = []
+    for key in kwargs:
+        if key in _BITSANDBYTES_NAMES:
+            hints.append(f"{key} is {_BITSANDBYTES_NAMES[key]} here")
+        elif key in ("load_in_4bit", "load_in_8bit"):
+            hints.append(f"{key}: QLoraExtConfig always loads in 4 bits; leave it out")
+    names = ", ".join(repr(k) for k in kwargs)
+    return f"QLoraExtConfig got unexpected keyword arguments {names}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 class QLoraExtConfig(QuantizationConfigMixin):
@@ -97,11 +108,14 @@ class QLoraExtConfig(QuantizationConfigMixin):
         compute_dtype: Union[str, torch.dtype, None] = None,
         quant_storage: Union[str, torch.dtype] = torch.uint8,
         modules_to_not_convert: Optional[list[str]] = None,
+        quant_method: str = METHOD,
+        prepared: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ):
-        method = kwargs.pop("quant_method", METHOD)
-        if method != METHOD:
-            raise ValueError(f"quant_method must be {METHOD!r}, got {method!r}")
+        if kwargs:
+            raise TypeError(_unknown_keywords_message(kwargs))
+        if quant_method != METHOD:
+            raise ValueError(f"quant_method must be {METHOD!r}, got {quant_method!r}")
         self.quant_method = METHOD
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
@@ -118,11 +132,25 @@ class QLoraExtConfig(QuantizationConfigMixin):
         self.compute_dtype = _dtype(compute_dtype, "compute_dtype", _COMPUTE_DTYPES)
         self.quant_storage = _dtype(quant_storage, "quant_storage", _STORAGE_DTYPES)
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
-        # Keys a newer qlora_ext may write are kept (and written back), not refused.
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+        if prepared is not None:  # written by qlora_ext (hf_prepared), read back from config.json
+            self.prepared = prepared
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config saved in a ``config.json``, as transformers reads it. Keys a newer qlora_ext may
+        write there are kept (and written back), not refused: only a config made in code refuses them."""
+        known = inspect.signature(cls.__init__).parameters
+        newer = {k: v for k, v in config_dict.items() if k not in known}
+        result = super().from_dict(
+            {k: v for k, v in config_dict.items() if k in known}, return_unused_kwargs=return_unused_kwargs, **kwargs
+        )
+        config = result[0] if return_unused_kwargs else result
+        for key, value in newer.items():
+            setattr(config, key, value)
+        return result
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as ``config.json`` holds it: dtypes by name (``"bfloat16"``), the rest as set."""
         out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("compute_dtype", "quant_storage")})
         out["compute_dtype"] = _dtype_name(self.compute_dtype)
         out["quant_storage"] = _dtype_name(self.quant_storage)
@@ -266,9 +294,11 @@ class QLoraExtHfQuantizer(HfQuantizer):
 
     @property
     def quantized_element_size(self) -> float:
+        """Bytes a quantized weight element takes, for transformers' memory estimates."""
         return 0.5
 
     def validate_environment(self, *args, **kwargs) -> None:
+        """Refuses a ``device_map`` that offloads modules, before anything loads."""
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict):
             values = {str(v) for v in device_map.values()}
@@ -278,17 +308,18 @@ class QLoraExtHfQuantizer(HfQuantizer):
                     "layers must stay where they were quantized); put every module on a GPU, or all on the CPU"
                 )
 
-    def update_device_map(self, device_map):
-        # as bitsandbytes' quantizer: without a device_map, the GPU where there is one
+    def update_device_map(self, device_map: Union[dict, str, None]) -> Union[dict, str]:
+        """Without a ``device_map``, the GPU where there is one, as bitsandbytes' quantizer."""
         if device_map is None:
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
         return device_map
 
     def adjust_max_memory(self, max_memory: dict[str, Union[int, str]]) -> dict[str, Union[int, str]]:
-        # room for the 16-bit weight being quantized
+        """10% of each device left free: room for the 16-bit weight being quantized."""
         return {key: val * 0.90 for key, val in max_memory.items()}
 
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        """Whether ``param_name`` is the weight of a ``Linear4bit``: the loader quantizes it (``_Quantize``)."""
         module, name = get_module_from_name(model, param_name)
         return isinstance(module, Linear4bit) and name == "weight"
 
@@ -350,16 +381,20 @@ class QLoraExtHfQuantizer(HfQuantizer):
         return getattr(self.quantization_config, "prepared", None) is not None
 
     def is_serializable(self) -> bool:
+        """``save_pretrained`` writes the 4-bit weights (bitsandbytes' keys)."""
         return True
 
     @property
     def is_trainable(self) -> bool:
+        """Adapters (PEFT's or ``prepare_model``'s) train on the 4-bit layers."""
         return True
 
-    def get_quantize_ops(self):
+    def get_quantize_ops(self) -> ConversionOps:
+        """What quantizes a 16-bit weight as the loader reads it."""
         return _Quantize(self)
 
     def get_load_operations(self) -> dict:
+        """What reads a saved 4-bit weight and its scales back into a ``Linear4bit``."""
         return {"deserialize": _Deserialize}
 
     def _dequantize(self, model, dtype=None):

@@ -36,7 +36,7 @@ class LoraConfig:
         init: ``"kaiming"`` / True (B zero), ``"gaussian"`` (B zero), False (both random), as PEFT's
             ``init_lora_weights``.
         modules_to_save: modules (names as in target_modules' list form) kept trainable in full
-            precision and saved with the adapter, such as a classification head.
+            precision and saved with the adapter, such as a classification head (a string is one name).
         adapter_dtype: dtype of the adapters' parameters (float32, as PEFT keeps them).
     """
 
@@ -46,7 +46,7 @@ class LoraConfig:
     target_modules: Union[list[str], str] = "all-linear"
     use_rslora: bool = False
     init: Union[str, bool] = "kaiming"
-    modules_to_save: Optional[list[str]] = None
+    modules_to_save: Union[list[str], str, None] = None
     adapter_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -65,7 +65,13 @@ class LoraConfig:
             raise TypeError(
                 f"target_modules must be a list of names, a regex or 'all-linear', got {self.target_modules!r}"
             )
+        if isinstance(self.modules_to_save, str):  # one name, not its characters
+            self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple, set)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
 
     def matches(self, name: str) -> bool:

@@ -38,7 +38,7 @@ from .adapters import (
 )
 from .lora_config import LoraConfig, as_lora_config
 from .merging import merge_adapter, unmerge_adapter
-from .nn import Linear4bit
+from .nn import _COMPUTE_DTYPES, Linear4bit, _dtype
 from .serialization import (
     _FLOAT_DTYPES,
     ADAPTER_CONFIG_NAME,
@@ -240,7 +240,7 @@ def prepare_model(
     quant_type: str = "nf4",
     blocksize: int = 64,
     compress_statistics: bool = True,
-    compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+    compute_dtype: Union[str, torch.dtype, None] = torch.bfloat16,
     quantize_others: bool = False,
     weights: Union[str, os.PathLike, Mapping[str, torch.Tensor], None] = None,
     weights_prefix: str = "",
@@ -276,6 +276,7 @@ def prepare_model(
     they are. ``device`` is where quantized layers go (default: where each weight is).
     """
     lora_config = as_lora_config(lora_config, model)
+    compute_dtype = _dtype(compute_dtype, "compute_dtype", _COMPUTE_DTYPES)  # a name too, as QLoraExtConfig
     _refuse_quantized_models(model)  # first: for bitsandbytes + PEFT, patch_bitsandbytes() is the answer
     if lora_layers.is_prepared(model):
         raise ValueError("the model is prepared already; add more adapters with add_adapter")
@@ -309,21 +310,30 @@ def prepare_model(
     for name, module in targets + others:
         _check_float(name, module)
     work = [(n, m, True) for n, m in targets] + [(n, m, False) for n, m in others]
-    for name, module, adapt in _progress(work, progress, "quantizing"):
-        if isinstance(module, Linear4bit):  # loaded in 4 bits already (QLoraExtConfig): kept as it is
-            if module.quant_state is None:
-                raise ValueError(f"{name} is a Linear4bit without a weight: load its 4-bit weight first")
-            linear = base = module if device is None else module.to(device)
-        else:
-            linear = _float_linear(name, module, source, device)
-            base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
-        new = lora_layers.new_layer(base, adapter_name, lora_config) if adapt else base
-        new.train(module.training)  # a new module starts in training mode: take the one it replaces
-        parent, child = _parent(model, name)
-        setattr(parent, child, new)
-        del linear
-    if source is not None:
-        _load_rest(model, source, device)
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, module, adapt in _progress(work, progress, "quantizing"):
+            if isinstance(module, Linear4bit):  # loaded in 4 bits already (QLoraExtConfig): kept as it is
+                if module.quant_state is None:
+                    raise ValueError(f"{name} is a Linear4bit without a weight: load its 4-bit weight first")
+                linear = base = module if device is None else module.to(device)
+            else:
+                linear = _float_linear(name, module, source, device)
+                base = Linear4bit.from_linear(linear, quant_type, blocksize, compress_statistics, compute_dtype)
+            new = lora_layers.new_layer(base, adapter_name, lora_config) if adapt else base
+            new.train(module.training)  # a new module starts in training mode: take the one it replaces
+            parent, child = _parent(model, name)
+            setattr(parent, child, new)
+            replaced.append((parent, child, module))
+            del linear
+        if source is not None:
+            _load_rest(model, source, device)
+    except BaseException:
+        # A weight missing or broken halfway (or an interrupt) leaves the model's layers as they were,
+        # so that prepare_model can be called again on it rather than on half a prepared model.
+        for parent, child, module in reversed(replaced):
+            setattr(parent, child, module)
+        raise
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in lora_layers.all_layers(model):  # (qlora_layers walks a model with qlora_config, set below)

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .quant_state import QuantState
+from .quant_state import BLOCKSIZES, QUANT_TYPES, QuantState
 
 __all__ = ["Linear4bit", "QLoRALinear"]
 
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # register_scales(): the parameters that hold the block scales and the nested ones
 _ABSMAX, _NESTED_ABSMAX = "weight_absmax", "weight_nested_absmax"
 
@@ -53,6 +54,17 @@ def _from_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             local, rows.device_mesh, rows.placements, run_check=False, shape=torch.Size([rows.shape[0]]), stride=(1,)
         )
     return rows.view(dtype).reshape(-1)
+
+
+def _dtype(value: Union[str, torch.dtype, None], name: str, allowed: tuple) -> Optional[torch.dtype]:
+    """None, one of ``allowed``, or its name (``"bfloat16"``, ``"torch.bfloat16"``: config files hold names)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), value)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {[str(d).removeprefix('torch.') for d in allowed]}, got {value!r}")
+    return value
 
 
 def _compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -119,6 +131,11 @@ class Linear4bit(nn.Linear):
             )
         if quant_storage not in _STORAGE_DTYPES:
             raise TypeError(f"quant_storage must be one of {_STORAGE_DTYPES}, got {quant_storage}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        compute_dtype = _dtype(compute_dtype, "compute_dtype", _COMPUTE_DTYPES)
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
@@ -155,6 +172,8 @@ class Linear4bit(nn.Linear):
         weight = linear.weight.detach()
         if weight.is_meta:
             raise ValueError("linear's weight is on the meta device: load its values first")
+        if weight.dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"linear's weight must be float32, float16 or bfloat16 to quantize, got {weight.dtype}")
         if device is not None:
             weight = weight.to(device)
         layer = cls(
@@ -271,6 +290,7 @@ class Linear4bit(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` in the compute dtype, returned in x's dtype."""
         xc, bias = _in_compute_dtype(x, self)
         return _output(F.gemm_4bit(xc, self.weight, self._state(), bias), x)
 
@@ -526,6 +546,8 @@ class QLoRALinear(nn.Module):
         self.merged_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus the active adapter's ``s * dropout(x) @ A.T @ B.T`` (the merged weight
+        where one is merged; the base alone with adapters disabled or none active)."""
         base = self.base_layer
         name = self.active_adapter
         if self.merged_weight is not None and not self.disable_adapters:

@@ -138,7 +138,10 @@ def load_adapter(
     model is touched: the config, every key (it must name a layer or parameter of the model), every
     tensor's float dtype and shape; a file that fails (truncated, corrupt, wrong shapes, missing or
     extra keys) raises an error naming it and leaves the model as it was. Tensors keep their dtype.
-    Returns the adapter's config; with ``set_active`` the adapter becomes the active one.
+    Returns the adapter's config. With ``set_active`` the adapter becomes the active one, as
+    ``set_adapter`` makes it (PEFT's ``load_adapter`` leaves the active adapter as it was). The adapter
+    is loaded frozen, for inference, unless ``is_trainable``; with ``set_active`` and not
+    ``is_trainable`` nothing in the model's LoRA layers is then left trainable.
     """
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
