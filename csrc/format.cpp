@@ -2,6 +2,7 @@
 #include "qlora/format.h"
 
 #include <c10/core/SymInt.h>
+#include <c10/util/safe_numerics.h>
 
 namespace qlora {
 
@@ -79,12 +80,27 @@ void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_n
   TORCH_CHECK_VALUE(off.numel() == 1, op, ": offset must hold one value, got ", off.numel());
 }
 
+// dequantize_absmax(qabsmax, nested_absmax, nested_code, offset, blocksize): quantize_absmax's result.
+// Its own names first (qabsmax, blocksize), then the state's sizes and devices as the products check them.
+int64_t check_dequantize_absmax_args(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                     const at::Tensor& nested_code, const at::Tensor& offset, int64_t blocksize) {
+  const char* op = "dequantize_absmax";
+  TORCH_CHECK_VALUE(qabsmax.dim() == 1, op, ": qabsmax must be 1-D, got shape ", qabsmax.sizes());
+  TORCH_CHECK_TYPE(qabsmax.scalar_type() == at::kByte, op, ": qabsmax must be uint8 (quantize_absmax's codes), got ",
+                   qabsmax.scalar_type());
+  TORCH_CHECK_VALUE(blocksize == kNestedBlocksize, op, ": blocksize must be ", kNestedBlocksize,
+                    " (bitsandbytes' nested blocksize), got ", blocksize);
+  const int64_t n = qabsmax.numel();
+  check_absmax_state(op, qabsmax, "qabsmax", n, qabsmax, nested_absmax, nested_code, offset, blocksize);
+  return n;
+}
+
 int64_t shape_numel(c10::SymIntArrayRef shape, const char* op) {
   int64_t n = 1;
   for (const auto& s : shape) {
     const int64_t d = s.guard_int(__FILE__, __LINE__);
     TORCH_CHECK_VALUE(d >= 0, op, ": shape must not have negative sizes, got ", shape);
-    n *= d;
+    TORCH_CHECK_VALUE(!c10::mul_overflows(n, d, &n), op, ": shape ", shape, " has more elements than int64 counts");
   }
   return n;
 }
@@ -131,7 +147,11 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
                     transposed ? " (out_features)" : " (in_features)");
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type(),
                    " (view other storage dtypes as uint8 first)");
-  const int64_t n = N * K;
+  // A product past int64 would wrap to a size that empty tensors pass, and the kernels would then read
+  // far outside them.
+  int64_t n = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(N, K, &n), op, ": the weight's shape [", N, ", ", K,
+                    "] has more elements than int64 counts");
   TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(),
                     " bytes but a weight of shape [", N, ", ", K, "] needs ", (n + 1) / 2);
   check_same_device(packed, x, op, "packed", transposed ? "grad" : "x");

@@ -140,6 +140,7 @@ const char* gemm_config_unfit(const GemmConfig& c, const GemmQuery& q, const Gpu
     case GemmKernel::kStream:
       if (blocks_per_row(q) > kStreamMaxBlocksPerRow) return "more than 1536 blocks a row";
       if (q.packed_alignment < 16) return "the packed codes are not 16-byte aligned (cp.async)";
+      if (stream_smem_bytes(blocks_per_row(q)) > gpu.smem_optin) return "the tile's scales outgrow shared memory";
       return nullptr;
     case GemmKernel::kWarpSpecialized: return ws_unfit(c.ws, q, gpu);
     case GemmKernel::kWgmma: return wgmma_unfit(c.wgmma, q, gpu);

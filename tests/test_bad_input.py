@@ -32,6 +32,7 @@ def test_every_public_function_names_the_mistake(device):
     seed = torch.tensor(1, device=device)
     linear = nn.Linear(64, 8).to(device)
     layer = QLoRALinear.from_linear(linear, r=4)
+    nested_state = (state.state2.absmax, state.state2._code_for_kernel(), state.offset)
     cases = [
         # quantize / dequantize
         (lambda: F.quantize_4bit("w"), TypeError, "A must be a tensor"),
@@ -63,6 +64,32 @@ def test_every_public_function_names_the_mistake(device):
         (lambda: F.gemm_4bit(x, packed, state, bf16(7, device=device)), ValueError, r"bias must have shape \[8\]"),
         (lambda: F.gemm_4bit(x, packed, other), ValueError, "packed has 256 bytes but a weight of shape"),
         (lambda: F.gemm_4bit_transposed(x, packed, state), ValueError, "out_features"),
+        # a shape past int64: wrapped, its element count would let empty tensors pass to the kernels
+        (
+            lambda: torch.ops.qlora.gemm_4bit(
+                x, packed[:0], state.absmax[:0], None, None, None, 64, 256, "nf4", [2**62, 64], None
+            ),
+            ValueError,
+            r"shape \[4611686018427387904, 64\] has more elements than int64 counts",
+        ),
+        (
+            lambda: torch.ops.qlora.dequantize_4bit(
+                packed[:0], state.absmax[:0], None, None, None, 64, 256, "nf4", [2**40, 2**40], torch.bfloat16
+            ),
+            ValueError,
+            "has more elements than int64 counts",
+        ),
+        # the double-quantized scales' own op names its own arguments
+        (
+            lambda: torch.ops.qlora.dequantize_absmax(state.absmax.float(), *nested_state, 256),
+            TypeError,
+            "dequantize_absmax: qabsmax must be uint8",
+        ),
+        (
+            lambda: torch.ops.qlora.dequantize_absmax(state.absmax, *nested_state, 64),
+            ValueError,
+            "dequantize_absmax: blocksize must be 256",
+        ),
         # the LoRA layer
         (lambda: F.lora_linear(x, packed, state, A[:, :60], B, 2.0), ValueError, r"lora_A must have shape \[r, 64\]"),
         (lambda: F.lora_linear(x, packed, state, A, B[:7], 2.0), ValueError, r"lora_B must have shape \[8, 4\]"),

@@ -481,10 +481,7 @@ namespace {
 
 at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
                                  const at::Tensor& nested_code, const at::Tensor& offset, int64_t blocksize) {
-  const int64_t n = qabsmax.numel();
-  TORCH_CHECK_VALUE(qabsmax.dim() == 1, "dequantize_absmax: qabsmax must be 1-D, got shape ", qabsmax.sizes());
-  check_absmax_state("dequantize_absmax", qabsmax, "qabsmax", n, qabsmax, nested_absmax, nested_code, offset,
-                     blocksize);
+  const int64_t n = check_dequantize_absmax_args(qabsmax, nested_absmax, nested_code, offset, blocksize);
   static_assert(kNestedBlocksize == 256, "Scales shifts by 8");
   at::Tensor out = at::empty({n}, qabsmax.options().dtype(at::kFloat));
   if (n == 0) return out;

@@ -39,7 +39,6 @@
 namespace qlora::cuda {
 namespace {
 
-constexpr int kLutCopies = 32;  // one copy of the pair table per shared-memory bank
 constexpr int kWarps = 8;
 
 // The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
@@ -255,7 +254,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 // kernel, 16 rows x 512 bytes a step, stalled at about 1.3 TB/s on 28672x8192 at M = 1). The tile's
 // block scales are decoded into shared memory while the first stages are in flight; x is read
 // through L1, where every warp of the SM finds it.
-constexpr int kStreamStages = 3;
 constexpr int kCopiesPerThread = 16 * kStageRowBytes / 16 / (kWarps * 32);
 
 // Sub-block j (64 k) of a 16-row tile into acc: the lane's 8 bytes of rows g and g + 8 at `w` in a
@@ -316,14 +314,6 @@ __device__ __forceinline__ void reduce_tile(float* red, const float (&acc)[NT][4
     const int64_t tok = tok0 + 8 * nt + 2 * (ln & 3) + (q & 1);
     if (row < N && tok < M) out[tok * N + row] = finish_output(v, epi, tok, row, N);
   }
-}
-
-// The pair table, the ring and the nested code (the tile's scales follow). The warps' partial sums
-// reuse the ring once the tile's last stage is consumed.
-template <int NT>
-constexpr size_t stream_fixed_smem_bytes() {
-  static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{kStreamStages} * kStageBytes, "red aliases the ring");
-  return 256 * kLutCopies * sizeof(uint32_t) + size_t{kStreamStages} * kStageBytes + 256 * sizeof(float);
 }
 
 template <typename T, bool NESTED, int NT>
@@ -454,11 +444,12 @@ void launch_mma(const FusedGemm& g) {
   launch_tiles<T>(gemm_4bit_mma_kernel<T, NESTED, MT, NT, U>, mma_smem_bytes<MT, NT>(), 16 * MT, 8 * NT, g);
 }
 
-// The stream kernel's shared memory grows with K: the tile's scales, 16 rows of blocks + 1 floats.
+// The stream kernel's shared memory (qlora/gemm_4bit_layout.h) grows with K: the tile's scales. The
+// warps' partial sums reuse the ring once the tile's last stage is consumed.
 template <typename T, bool NESTED, int NT>
 void launch_stream(const FusedGemm& g) {
-  const size_t smem =
-      stream_fixed_smem_bytes<NT>() + 16 * static_cast<size_t>((g.p.K >> g.bs_log2) + 1) * sizeof(float);
+  static_assert(reduce_floats<1, NT>() * sizeof(float) <= size_t{kStreamStages} * kStageBytes, "red aliases the ring");
+  const size_t smem = stream_smem_bytes(g.p.K >> g.bs_log2);
   launch_tiles<T>(gemm_4bit_stream_kernel<T, NESTED, NT>, smem, 16, 8 * NT, g);
 }
 

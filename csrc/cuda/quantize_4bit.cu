@@ -587,10 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Te
 
 at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax_in, const at::Tensor& nested_absmax_in,
                                   const at::Tensor& nested_code_in, const at::Tensor& offset, int64_t blocksize) {
-  TORCH_CHECK_VALUE(qabsmax_in.dim() == 1, "dequantize_absmax: qabsmax must be 1-D, got shape ", qabsmax_in.sizes());
-  const int64_t n = qabsmax_in.numel();
-  check_absmax_state("dequantize_absmax", qabsmax_in, "qabsmax", n, qabsmax_in, nested_absmax_in, nested_code_in,
-                     offset, blocksize);
+  const int64_t n = check_dequantize_absmax_args(qabsmax_in, nested_absmax_in, nested_code_in, offset, blocksize);
   const c10::cuda::CUDAGuard guard(qabsmax_in.device());
   at::Tensor out = at::empty({n}, qabsmax_in.options().dtype(at::kFloat));
   if (n == 0) return out;

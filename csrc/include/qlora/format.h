@@ -29,6 +29,9 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* o
                        const char* ref_name);
 QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
 void check_quantize_absmax_args(const at::Tensor& absmax, int64_t blocksize);
+// Returns qabsmax's element count.
+int64_t check_dequantize_absmax_args(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                     const at::Tensor& nested_code, const at::Tensor& offset, int64_t blocksize);
 // The scales of a dequantization: float32 absmax, or uint8 absmax with its nested state.
 void check_absmax_state(const char* op, const at::Tensor& ref, const char* ref_name, int64_t nblocks,
                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,

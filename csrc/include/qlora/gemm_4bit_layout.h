@@ -23,6 +23,17 @@ constexpr int kStageSubs = kStageRowBytes / 32;
 constexpr int kStagePitch = kStageRowBytes + 32;  // +32 bytes: rows g and g+4 fall in other banks
 constexpr int kStageBytes = 16 * kStagePitch;
 
+// The stream kernel: its pair table (one copy a shared-memory bank), a ring of kStreamStages slots,
+// the nested code, then the tile's block scales, 16 rows of blocks + 1 floats: the part that grows
+// with K, which the dispatch checks against the GPU's shared memory.
+constexpr int kLutCopies = 32;
+constexpr int kStreamStages = 3;
+constexpr size_t kStreamFixedSmemBytes =
+    256 * kLutCopies * sizeof(uint32_t) + size_t{kStreamStages} * kStageBytes + 256 * sizeof(float);
+QLORA_LAYOUT_FN constexpr size_t stream_smem_bytes(int64_t blocks_per_row) {
+  return kStreamFixedSmemBytes + 16 * static_cast<size_t>(blocks_per_row + 1) * sizeof(float);
+}
+
 // The wgmma tensor-copy kernel's pair table sits at this shared-window address (32 KB long), its
 // barriers and first ring slots below it: the GPU's reserved bytes plus 2 KB must stay under it.
 constexpr uint32_t kTmaTableAddress = 0x8000;
