@@ -227,6 +227,32 @@ def test_no_resume_starts_over_and_moves_the_earlier_run_aside(model_dir, data_f
     assert not list((tmp_path / "empty").glob("previous-*"))
 
 
+def test_a_fresh_run_moves_what_it_would_overwrite_aside(model_dir, data_file, tmp_path, capsys):
+    """No checkpoint to resume, but an earlier run's adapter and log (its checkpoints deleted by the
+    user) and a checkpoint-N directory of the user's own: moved into previous-1, byte for byte, not
+    overwritten. A run that resumes refuses a checkpoint-N directory it did not write (its own
+    checkpoint of that step would replace it whole)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"adapter_model.safetensors": b"weights", "adapter_config.json": b"{}", "log.jsonl": b"{}\n"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "eval_notes.txt").write_text("mine")
+    assert run(model_dir, data_file, out) == 0
+    assert f"no checkpoint to resume in {out}: the earlier run's files in {out} moved to {out / 'previous-1'}" in (
+        capsys.readouterr().err
+    )
+    for name, data in mine.items():
+        assert (out / "previous-1" / name).read_bytes() == data
+    assert (out / "previous-1" / "checkpoint-4" / "eval_notes.txt").read_text() == "mine"
+    assert (out / "adapter_model.safetensors").read_bytes() != mine["adapter_model.safetensors"]
+    (out / "checkpoint-9").mkdir()  # beside the run's own checkpoints, which it resumes
+    with pytest.raises(SystemExit, match="holds checkpoint-9, which are not checkpoints of qlora-ext finetune"):
+        run(model_dir, data_file, out, "--max-steps", "10")
+    assert (out / "checkpoint-9").is_dir()
+
+
 def test_help_shows_every_default_and_what_each_option_does(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["finetune", "--help"])

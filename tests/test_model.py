@@ -566,8 +566,13 @@ def test_save_and_load_quantized_in_a_directory(gen, tmp_path, monkeypatch):
     sixteen = tmp_path / "sixteen"
     tiny_llama(33).save_pretrained(str(sixteen))
     (tmp_path / "notes").write_text("mine")
-    files = {p: p.read_bytes() for p in (*sixteen.iterdir(), tmp_path / "notes", *sharded.iterdir())}
+    pretrained = tmp_path / "pretrained"  # the prepared model's own save_pretrained: its adapters too
+    model.save_pretrained(str(pretrained))
+    files = {p: p.read_bytes() for p in (*sixteen.iterdir(), tmp_path / "notes", *sharded.iterdir(),
+                                         *pretrained.iterdir())}  # fmt: skip
     assert_each_raises([
+        (lambda: qlora_ext.save_quantized(model, pretrained), ValueError,
+         r"model.safetensors holds \d+ tensors this save would drop .*adapters of a prepared model"),
         (lambda: qlora_ext.save_quantized(model, sixteen), ValueError,
          r"sixteen/model.safetensors exists and is not a 4-bit checkpoint .*not overwritten"),
         (lambda: qlora_ext.save_quantized(model, sixteen / "model.safetensors"), ValueError,

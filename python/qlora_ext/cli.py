@@ -276,12 +276,19 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
 
     if ranks.main:
         output.mkdir(parents=True, exist_ok=True)
-        if args.no_resume:
+        # A run that starts over (--no-resume, or no checkpoint left to resume) moves what an earlier
+        # run left in OUTPUT aside: its adapter, log and checkpoint-N directories are never overwritten.
+        if args.no_resume or not _checkpoints(output):
             moved = _move_earlier_run(output)
             if moved is not None:
-                print(f"--no-resume: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
+                why = "--no-resume" if args.no_resume else f"no checkpoint to resume in {output}"
+                print(f"{why}: the earlier run's files in {output} moved to {moved}", file=sys.stderr, flush=True)
     ranks.barrier()  # the other ranks look for checkpoints once rank 0 has moved the earlier run's aside
     existing = _checkpoints(output)
+    foreign = sorted(p.name for p in output.glob(f"{_CHECKPOINT}*") if p.is_dir() and p not in existing)
+    if foreign:  # a checkpoint of this run's would replace it whole
+        raise SystemExit(f"{output} holds {', '.join(foreign[:3])}, which are not checkpoints of qlora-ext finetune "
+                         "(no trainer_state.json or adapter): move them out of --output")  # fmt: skip
     # what a checkpoint must agree with to be resumed: the same data, in the same batches, the same
     # adapter. Not --max-steps / --epochs: a finished run is continued with more steps. Nor the
     # number of ranks or --fsdp: a step's batch and its checkpoint are the same on any number.

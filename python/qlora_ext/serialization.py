@@ -263,22 +263,25 @@ def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _is_4bit_checkpoint(path: Path) -> bool:
-    """Whether `path` is a safetensors file with bitsandbytes' 4-bit entries (reads its header only)."""
+def _4bit_checkpoint_keys(path: Path) -> Optional[set[str]]:
+    """The keys of `path` when it is a safetensors file with bitsandbytes' 4-bit entries (its header
+    only), else None."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return any(_QUANT_STATE_KEY in k for k in f.keys())
+            keys = set(f.keys())
     except Exception:  # not safetensors, truncated, unreadable: something else
-        return False
+        return None
+    return keys if any(_QUANT_STATE_KEY in k for k in keys) else None
 
 
-def _quantized_target(path: Union[str, os.PathLike]) -> Path:
+def _quantized_target(path: Union[str, os.PathLike], keys: set[str]) -> Path:
     """The file save_quantized writes for `path`: `path` itself when it ends in .safetensors (and is not a
-    directory), else `path`/model.safetensors, the directory made where missing. Refuses to replace anything
-    but a 4-bit checkpoint, and a directory that holds other safetensors weights (two checkpoints in one
-    directory: from_pretrained would read one of them)."""
+    directory), else `path`/model.safetensors, the directory made where missing. Replaces only a 4-bit
+    checkpoint whose tensors are all among `keys` (this model's earlier one): not another file, not a
+    checkpoint that holds more (a prepared model's adapters, another model), and not in a directory that
+    holds other safetensors weights (two checkpoints in one directory: from_pretrained would read one)."""
     path = Path(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise ValueError(f"{path}: only safetensors is written (a .safetensors file or a directory), no pickle")
@@ -298,11 +301,20 @@ def _quantized_target(path: Union[str, os.PathLike]) -> Path:
             )
     if file.is_dir():
         raise ValueError(f"{file} is a directory: not overwritten")
-    if file.exists() and not _is_4bit_checkpoint(file):
-        raise ValueError(
-            f"{file} exists and is not a 4-bit checkpoint in bitsandbytes' keys (a 16-bit model's weights?): not "
-            "overwritten; remove it or save elsewhere"
-        )
+    if file.exists():
+        existing = _4bit_checkpoint_keys(file)
+        if existing is None:
+            raise ValueError(
+                f"{file} exists and is not a 4-bit checkpoint in bitsandbytes' keys (a 16-bit model's weights?): not "
+                "overwritten; remove it or save elsewhere"
+            )
+        lost = sorted(existing - keys)
+        if lost:
+            raise ValueError(
+                f"{file} holds {len(lost)} tensors this save would drop ({', '.join(lost[:3])}"
+                f"{', ...' if len(lost) > 3 else ''}: adapters of a prepared model's save_pretrained, or another "
+                "model's weights): not overwritten; remove it or save elsewhere"
+            )
     return file
 
 
@@ -319,7 +331,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
 def _write_quantized(path: Union[str, os.PathLike], state_dict: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
-    file = _quantized_target(path)
+    file = _quantized_target(path, set(state_dict))
     # safetensors refuses tensors that share storage (tied embeddings): keep the first name of each,
     # found on the tensors as they are (a copy to the CPU would hide the sharing); load_quantized
     # knows the others from the model's own ties
