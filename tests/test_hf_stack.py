@@ -633,6 +633,13 @@ def adapters_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in lora_params(model).items()}
 
 
+def assert_adapters_moved(trained: dict[str, torch.Tensor]) -> None:
+    """Every lora_B left zero, where PEFT and prepare_model start it: with adapters that took no
+    gradient, every resume and reload of these tests would agree all the same."""
+    B = {n: v for n, v in trained.items() if "lora_B" in n}
+    assert B and all(bool(v.ne(0).any()) for v in B.values()), [n for n, v in B.items() if not v.ne(0).any()][:3]
+
+
 def train_twice(make_trainer, out_dir):
     """An uninterrupted run of 4 steps (checkpoints at 2 and 4), and a second trainer on a freshly loaded
     model that resumes from checkpoint-2. Returns both trained models."""
@@ -648,6 +655,7 @@ def check_trained(whole, resumed, lm_dir, out_dir, gen, device="cpu"):
     losses = [e["loss"] for e in whole.state.log_history if "loss" in e]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     trained = adapters_of(whole.model)
+    assert_adapters_moved(trained)
     # the resumed run ends where the uninterrupted one does
     for name, value in adapters_of(resumed.model).items():
         assert_bits_equal(value, trained[name], name)
@@ -705,6 +713,7 @@ def test_sft_trainer_on_cuda(lm_dir, gen, tmp_path, fused_calls):
     assert fused_calls and trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.is_cuda
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert_adapters_moved(adapters_of(trainer.model))
     ids = tokens(gen, "cuda")
     loaded = peft.PeftModel.from_pretrained(load(lm_dir, "cuda"), str(tmp_path / "whole" / "checkpoint-4")).eval()
     assert_bits_equal(logits(loaded, ids), logits(trainer.model.eval(), ids))
@@ -787,6 +796,7 @@ def test_trainer_on_a_prepared_model_checkpoint_and_resume(lm_dir, gen, tmp_path
     assert whole.state.global_step == resumed.state.global_step == 4
     assert losses_of(resumed) == losses_of(whole) and len(losses_of(whole)) == 4
     trained = adapters_of(whole.model)
+    assert_adapters_moved(trained)
     for name, value in adapters_of(resumed.model).items():
         assert_bits_equal(value, trained[name], name)
     check_prepared_checkpoint(whole, tmp_path / "whole" / "checkpoint-4", gen)
