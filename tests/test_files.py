@@ -69,6 +69,8 @@ LAST = "base_model.model.model.layers.1.self_attn.v_proj"
         ("extra", ValueError, "the model has no module 'model.layers.9.mlp.up_proj'"),
         ("missing", ValueError, r"layers.1.self_attn.v_proj has \['lora_A'\] but needs lora_A and lora_B"),
         ("dora", ValueError, "use_dora=True is not supported"),
+        ("rank", ValueError, r"lora_A has rank 4 but adapter_config.json says r=8: the files do not belong together"),
+        ("twice", ValueError, r"layers.1.self_attn.v_proj has two lora_A tensors"),
     ],
 )
 def test_damaged_adapter_fails_and_changes_nothing(model, adapter_dir, damage, error, match):
@@ -84,6 +86,13 @@ def test_damaged_adapter_fails_and_changes_nothing(model, adapter_dir, damage, e
     elif damage == "dora":
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
         (adapter_dir / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
+    elif damage == "rank":  # the config of another adapter beside these tensors
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(dict(cfg, r=8)))
+    elif damage == "twice":  # PEFT's key and one with an adapter name, for one layer
+        rewrite_adapter(
+            adapter_dir, lambda t: t.update({f"{LAST}.lora_A.other.weight": t[f"{LAST}.lora_A.weight"].clone()})
+        )
     elif damage == "dtype":
         rewrite_adapter(adapter_dir, lambda t: t.update({f"{LAST}.lora_A.weight": t[f"{LAST}.lora_A.weight"].int()}))
     elif damage == "shape":
@@ -100,6 +109,16 @@ def test_damaged_adapter_fails_and_changes_nothing(model, adapter_dir, damage, e
     with pytest.raises(error, match=match):
         qlora_ext.load_adapter(model, adapter_dir, "second")
     assert_unchanged(model, before)
+
+
+def test_load_adapter_records_the_dtype_it_loaded(model, adapter_dir):
+    """The adapter's config on the model is what save_pretrained writes and from_pretrained checks the
+    layers against: it must say the dtype the tensors were loaded in, not the config file's default."""
+    rewrite_adapter(adapter_dir, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    config = qlora_ext.load_adapter(model, adapter_dir, "bf16")
+    assert config.adapter_dtype is torch.bfloat16 and model.qlora_config["bf16"].adapter_dtype is torch.bfloat16
+    loaded = {n: p for n, p in model.named_parameters() if ".lora_" in n and "bf16" in n}
+    assert loaded and all(p.dtype is torch.bfloat16 for p in loaded.values())
 
 
 def test_pickle_is_never_read(model, tmp_path):

@@ -141,7 +141,10 @@ def load_adapter(
     Returns the adapter's config. With ``set_active`` the adapter becomes the active one, as
     ``set_adapter`` makes it (PEFT's ``load_adapter`` leaves the active adapter as it was). The adapter
     is loaded frozen, for inference, unless ``is_trainable``; with ``set_active`` and not
-    ``is_trainable`` nothing in the model's LoRA layers is then left trainable.
+    ``is_trainable`` nothing in the model's LoRA layers is then left trainable. The file's
+    ``modules_to_save`` tensors replace the model's, which all its adapters share (PEFT keeps a copy
+    an adapter). The adapter's recorded config takes the tensors' dtype, and a config whose ``r``
+    disagrees with the tensors is refused.
     """
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
@@ -170,7 +173,10 @@ def load_adapter(
         rest = key[len(_PEFT_PREFIX) :]
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", rest)
         if m:
-            layers.setdefault(m.group(1), {})[m.group(2)] = value
+            pair = layers.setdefault(m.group(1), {})
+            if m.group(2) in pair:  # lora_A.weight and lora_A.<name>.weight: which one is meant?
+                raise ValueError(f"{weights_path}: {m.group(1)} has two {m.group(2)} tensors (key {key!r})")
+            pair[m.group(2)] = value
         else:
             saved[rest] = value
     if not layers:
@@ -192,6 +198,11 @@ def load_adapter(
             raise ValueError(f"{name} has an adapter {adapter_name!r} already")
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0] if A.dim() == 2 else -1
+        if r != config.r:  # (per-module ranks are refused with the config): the tensors say otherwise
+            raise ValueError(
+                f"{weights_path}: {name}'s lora_A has rank {r} but {config_path.name} says r={config.r}: the "
+                "files do not belong together"
+            )
         if (
             A.dim() != 2
             or B.dim() != 2
@@ -215,18 +226,21 @@ def load_adapter(
             raise ValueError(f"{weights_path}: {key} is {value.dtype} {tuple(value.shape)}, the model's "
                              f"{target.dtype} {tuple(target.shape)}")  # fmt: skip
         targets.append((target, value))
+    # What the model records (and save_pretrained writes) is what was loaded: the tensors' dtype.
+    dtypes = {t.dtype for pair in layers.values() for t in pair.values()}
+    if len(dtypes) == 1:
+        config = dataclasses.replace(config, adapter_dtype=dtypes.pop())
     # Apply.
     for name, module, A, B in plan:
-        file_config = dataclasses.replace(config, r=A.shape[0])
         if isinstance(module, Linear4bit):
-            module = lora_layers.new_layer(module, adapter_name, file_config, init=False, dtype=A.dtype).train(
+            module = lora_layers.new_layer(module, adapter_name, config, init=False, dtype=A.dtype).train(
                 module.training
             )
             lora_layers.set_active(module, None)
             parent, child = _parent(model, name)
             setattr(parent, child, module)
         else:
-            lora_layers.add(module, adapter_name, file_config, init=False, dtype=A.dtype)
+            lora_layers.add(module, adapter_name, config, init=False, dtype=A.dtype)
         A_param, B_param = lora_layers.weights_of(module, adapter_name)
         with torch.no_grad():
             A_param.copy_(A)
