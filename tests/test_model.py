@@ -440,10 +440,27 @@ def test_a_failed_save_keeps_the_previous_adapter(gen, tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        qlora_ext.save_adapter(model, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", crash)
+        with pytest.raises(OSError, match="disk full"):
+            qlora_ext.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # another adapter's pair over it, interrupted while its config is written: the old pair stays, whole,
+    # not the new weights beside the old config (which would load, with the old alpha)
+    config_before = (tmp_path / "adapter_config.json").read_bytes()
+    other = qlora_ext.prepare_model(tiny_llama(17), LoraConfig(r=2, lora_alpha=64, target_modules=["q_proj"]),
+                                    progress=False)  # fmt: skip
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(type(tmp_path), "write_text", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            qlora_ext.save_adapter(other, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert (tmp_path / "adapter_config.json").read_bytes() == config_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,19 +40,28 @@ _QUANT_STATE_KEY = ".quant_state.bitsandbytes__"  # in the keys of every 4-bit w
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _write_atomically(path: Path, write) -> None:
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it into place: a crash mid-write
     leaves the previous file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_together([(Path(path), write)])
+
+
+def _write_together(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Each write(tmp) into a temporary file beside its path, all of them before any is renamed into
+    place: a crash mid-write leaves every previous file whole, never a new one beside an old one (an
+    adapter's weights beside another adapter's config)."""
+    tmps = [path.with_name(f".{path.name}.tmp-{os.getpid()}") for path, _ in files]
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for (_, write), tmp in zip(files, tmps):
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -119,9 +128,11 @@ def _write_adapter(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n"
-    _write_atomically(directory / ADAPTER_CONFIG_NAME, lambda p: p.write_text(text))
+    _write_together([
+        (directory / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
+        (directory / ADAPTER_CONFIG_NAME, lambda p: p.write_text(text)),
+    ])  # fmt: skip
 
 
 def load_adapter(
