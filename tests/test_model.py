@@ -244,7 +244,10 @@ def test_several_adapters(gen, device):
     assert_each_raises([
         (lambda: qlora_ext.set_adapter(model, "other"), ValueError, "no adapter 'other'"),
         (lambda: qlora_ext.add_adapter(model, "default", LoraConfig()), ValueError, "exists already"),
+        (lambda: qlora_ext.add_adapter(model, "cuda", LoraConfig()), ValueError, "'cuda' is an attribute"),
+        (lambda: qlora_ext.load_adapter(model, "nowhere", adapter_name="keys"), ValueError, "'keys' is an attribute"),
     ])  # fmt: skip
+    assert sorted(model.qlora_config) == ["default"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

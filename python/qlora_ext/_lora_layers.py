@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .lora_config import LoraConfig
-from .nn import Linear4bit, QLoRALinear, merged_weight, new_adapter
+from .nn import Linear4bit, QLoRALinear, check_adapter_name, merged_weight, new_adapter
 
 __all__ = [
     "active_of",
@@ -177,6 +177,7 @@ def _draw_peft_adapter(layer: nn.Module, name: str, config: LoraConfig, init, dt
 def add(layer: nn.Module, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None) -> None:
     """Adds adapter ``name`` with ``config``'s settings (``init`` and ``dtype`` in place of the config's:
     loading passes ``False`` and the file's dtype); the active adapter stays as it was."""
+    check_adapter_name(name)
     init, dtype = _settings(config, init, dtype)
     if not _is_peft(layer):
         layer.add_adapter(name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype)
@@ -231,6 +232,7 @@ def _callers_level() -> int:
 def new_layer(base: Linear4bit, name: str, config: LoraConfig, init=None, dtype: Optional[torch.dtype] = None):
     """A LoRA layer on ``base`` (of ``layer_kind()``'s class) with one adapter, ``name``, active and
     trainable; ``init`` and ``dtype`` as in ``add``. Either class draws the same adapter from one seed."""
+    check_adapter_name(name)
     init, dtype = _settings(config, init, dtype)
     if layer_kind() == "qlora":
         return QLoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype, name)

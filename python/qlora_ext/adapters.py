@@ -13,6 +13,7 @@ from torch import nn
 
 from . import _lora_layers as lora_layers
 from .lora_config import LoraConfig, as_lora_config
+from .nn import check_adapter_name
 
 __all__ = ["add_adapter", "delete_adapter", "disable_adapters", "qlora_layers", "set_adapter"]
 
@@ -61,6 +62,7 @@ def add_adapter(model: nn.Module, adapter_name: str, lora_config: Any) -> None:
     """Adds adapter ``adapter_name`` to the prepared layers that ``lora_config`` (a ``LoraConfig`` or a
     ``peft.LoraConfig``) targets (they keep the active adapter they had; the new one trains only once it
     is set active). Layers without adapters yet are not changed."""
+    check_adapter_name(adapter_name)
     configs = _configs(model)
     lora_config = as_lora_config(lora_config, model)
     _refuse_if_merged(model, "add_adapter")

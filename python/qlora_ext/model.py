@@ -38,7 +38,7 @@ from .adapters import (
 )
 from .lora_config import LoraConfig, as_lora_config
 from .merging import merge_adapter, unmerge_adapter
-from .nn import _COMPUTE_DTYPES, Linear4bit, _dtype
+from .nn import _COMPUTE_DTYPES, Linear4bit, _dtype, check_adapter_name
 from .serialization import (
     _FLOAT_DTYPES,
     ADAPTER_CONFIG_NAME,
@@ -275,6 +275,7 @@ def prepare_model(
     dropped in turn, so the 16-bit model is never whole in memory; the other parameters are loaded as
     they are. ``device`` is where quantized layers go (default: where each weight is).
     """
+    check_adapter_name(adapter_name)
     lora_config = as_lora_config(lora_config, model)
     compute_dtype = _dtype(compute_dtype, "compute_dtype", _COMPUTE_DTYPES)  # a name too, as QLoraExtConfig
     _refuse_quantized_models(model)  # first: for bitsandbytes + PEFT, patch_bitsandbytes() is the answer

@@ -384,6 +384,18 @@ class Linear4bit(nn.Linear):
         )
 
 
+def check_adapter_name(adapter_name: Any) -> None:
+    """An adapter's name keys the layers' ``nn.ModuleDict``s (``lora_A``, ``lora_B``) and the saved tensors'
+    names (``...lora_A.<name>.weight``), so it is a non-empty string with no ``.`` and not one of
+    ``nn.ModuleDict``'s own attributes (``"half"``, ``"cuda"``, ``"keys"``), which the dict cannot hold."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if "." in adapter_name:
+        raise ValueError(f"adapter_name must not contain '.', got {adapter_name!r}")
+    if hasattr(nn.ModuleDict, adapter_name) or hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} is an attribute of nn.ModuleDict; pick another name")
+
+
 def check_adapter_settings(r: Any, lora_alpha: Any, lora_dropout: Any, init: Any, adapter_dtype: Any) -> None:
     """An adapter's settings, checked the same for every class of LoRA layer (``LoraConfig`` checks them
     when it is made, before PEFT's layer, which checks none of them, gets them)."""
@@ -508,6 +520,7 @@ class QLoRALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Adds adapter ``adapter_name`` (it does not become the active one unless it is the first)."""
+        check_adapter_name(adapter_name)
         check_adapter_settings(r, lora_alpha, lora_dropout, init, adapter_dtype)
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} exists already")

@@ -20,7 +20,7 @@ from torch import nn
 from . import _lora_layers as lora_layers
 from .adapters import _configs, _parent, _refuse_adapter_names_in_forward, _refuse_if_merged, qlora_layers, set_adapter
 from .lora_config import LoraConfig
-from .nn import Linear4bit
+from .nn import Linear4bit, check_adapter_name
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -157,6 +157,7 @@ def load_adapter(
     an adapter). The adapter's recorded config takes the tensors' dtype, and a config whose ``r``
     disagrees with the tensors is refused.
     """
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     if not weights_path.exists():
