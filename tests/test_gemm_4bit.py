@@ -4,6 +4,8 @@ torch.compile and CUDA graphs, and on bad input."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -507,6 +509,37 @@ def test_cuda_workspace_is_reused_and_released(gen):
     assert torch.cuda.memory_allocated() == before  # no workspace allocated per call
     F.release_gemm_workspaces()
     assert torch.cuda.memory_allocated() <= before - 512 * 1024 * 2
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_threads_on_one_stream_each_multiply_their_own_weight(gen):
+    """Two host threads on the default stream, each at M = 1024 (dequantize + cuBLAS through the
+    stream's one workspace) with its own weight of the same size: a thread's dequantization must not
+    land between another's dequantization and its product (the ops release the GIL)."""
+    n, k, m = 1024, 2048, 1024
+    weights = [make_weight(n, k, "cuda", gen) for _ in range(2)]
+    x = make_input((m, k), torch.bfloat16, "cuda", gen)
+    g_in = make_input((m, n), torch.bfloat16, "cuda", gen)
+    expected = [(F.gemm_4bit(x, *w), F.gemm_4bit_transposed(g_in, *w)) for w in weights]
+    mixed: list = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(100):
+                y, dx = F.gemm_4bit(x, *weights[i]), F.gemm_4bit_transposed(g_in, *weights[i])
+                if not (torch.equal(y, expected[i][0]) and torch.equal(dx, expected[i][1])):
+                    mixed.append(i)
+                    return
+        except Exception as e:  # reported below, not lost in the thread
+            mixed.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not mixed, mixed
 
 
 def test_bad_input_names_the_argument(gen):

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -177,8 +178,13 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2, const at::Tensor& pac
                                   int64_t blocksize, const GemmProblem& p, at::Tensor& out2, cudaStream_t stream);
 
 // A buffer of `numel` elements of `dtype` on the device, kept per device and stream and grown
-// when needed (the dequantized weight, the wgmma kernels' split partial sums); under CUDA graph
-// capture a new one from the capture's pool (csrc/cuda/gemm_4bit.cu).
-at::Tensor workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream);
+// when needed (the dequantized weight, the split partial sums), lent to one call: keep it (and its
+// lock) until the last launch that uses the buffer is enqueued. Under CUDA graph capture a new
+// buffer from the capture's pool, with no lock (csrc/cuda/gemm_4bit.cu).
+struct Workspace {
+  at::Tensor buffer;
+  std::unique_lock<std::mutex> lock;
+};
+Workspace workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream);
 
 }  // namespace qlora::cuda
