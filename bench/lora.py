@@ -16,9 +16,9 @@ x, A and B). A row that fails has "error" and no time; the run goes on and exits
 mode "train": M tokens (default 4096), forward + backward (x requires grad, as a layer inside a
 model; A and B get gradients, the base weight none), timed with CUDA events, the median of many steps.
 peak_mib: the peak allocated memory of a step above what was allocated before it (layer, x and dY
-already there), the activations kept for backward included, in steady state; persistent_mib: what
-the first steps left allocated (qlora_ext's dequantization workspace of the large-M products, one a
-device and stream, shared by every layer of a model).
+already there), the activations kept for backward included, and for the 4-bit layers the weight
+dequantized during each product, in steady state; persistent_mib: what the first steps left
+allocated for good (cuBLAS's workspace, once a process).
 mode "decode": M = 1 in eval mode (adapter not merged), forward only, captured in a CUDA graph over
 layer copies rotated through 512 MiB, so that the weights come from memory, not the 60 MiB L2; also
 "qlora_ext_composed", the layer as three launches (gemm_4bit, x A^T, addmm): the decode kernels' baseline.
@@ -172,8 +172,7 @@ def reference(w, bias, A, B, scaling, x, g):
 
 def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | None]:
     """Median ms of forward + backward; on CUDA the peak MiB allocated above the start of a step in
-    steady state, and the MiB the first steps left allocated for good (qlora_ext's dequantization
-    workspace, shared by all layers of a model; released first so that this layer's is counted)."""
+    steady state, and the MiB the first steps left allocated for good."""
     A, B = adapters(layer)
     xi = x.detach().requires_grad_()
 
@@ -183,7 +182,6 @@ def time_train(layer, x, g, iters: int) -> tuple[float, float | None, float | No
 
     if x.device.type != "cuda":
         return common.time_cpu(step, iters), None, None
-    F.release_gemm_workspaces()
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     for i in range(3):

@@ -187,6 +187,4 @@ void check_lora_dropout_args(const char* op, const at::Tensor& x, const at::Tens
   }
 }
 
-void (*g_release_gemm_workspaces)() = nullptr;
-
 }  // namespace qlora

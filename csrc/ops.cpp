@@ -181,11 +181,6 @@ static PyObject* gemm_4bit_configs(PyObject*, PyObject*) {
   return configs;
 }
 
-static PyObject* release_gemm_workspaces(PyObject*, PyObject*) {
-  if (qlora::g_release_gemm_workspaces != nullptr) qlora::g_release_gemm_workspaces();
-  Py_RETURN_NONE;
-}
-
 static PyMethodDef qlora_methods[] = {
     {"_gemm_4bit_config", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gemm_4bit_config)),
      METH_VARARGS | METH_KEYWORDS,
@@ -195,8 +190,6 @@ static PyMethodDef qlora_methods[] = {
      "picks for x [M, K] of dtype ('bfloat16', 'float16', 'float32') and a 4-bit weight [N, K] on that GPU."},
     {"_gemm_4bit_configs", gemm_4bit_configs, METH_NOARGS,
      "Every kernel configuration torch.ops.qlora._gemm_4bit_with takes, as _gemm_4bit_config's dicts."},
-    {"_release_gemm_workspaces", release_gemm_workspaces, METH_NOARGS,
-     "Frees the CUDA products' dequantization workspaces."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef qlora_module = {PyModuleDef_HEAD_INIT, "_C", "qlora_ext's compiled ops (torch.ops.qlora)", -1,

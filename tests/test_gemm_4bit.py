@@ -397,7 +397,6 @@ def test_cuda_graph_capture_and_replay(gen, m):
         F.gemm_4bit(x, packed, state, bias)
         F.gemm_4bit_transposed(g_in, packed, state)
     torch.cuda.current_stream().wait_stream(stream)
-    F.release_gemm_workspaces()  # the capture itself must find its workspace
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
@@ -418,25 +417,24 @@ def test_cuda_graph_capture_and_replay(gen, m):
 @needs_caching_allocator
 @requires_cuda
 @pytest.mark.cuda
-def test_graph_keeps_its_workspace_when_the_eager_one_grows(gen):
-    """A graph captured while the stream's cached workspace was large enough must not write into
-    that buffer on replay: a later eager call with a larger weight grows (frees and replaces) it,
-    and the freed memory goes to the next tensor on the stream (here `bystander`)."""
-    n, k, m = 256, 512, 1024  # M = 1024: dequantize + cuBLAS, a 256 KB workspace
+def test_graph_keeps_its_dequantized_weight_from_eager_calls(gen):
+    """A graph's dequantized weight is its own (the capture's pool): eager calls between replays,
+    with a larger weight, and the tensors made after them on the same stream (here `bystander`)
+    take other memory, so that replay writes nowhere another tensor lives."""
+    n, k, m = 256, 512, 1024  # M = 1024: dequantize + cuBLAS, a 256 KB dequantized weight
     packed, state = make_weight(n, k, "cuda", gen)
-    big_packed, big_state = make_weight(2048, 1024, "cuda", gen)  # a 4 MB workspace
+    big_packed, big_state = make_weight(2048, 1024, "cuda", gen)  # a 4 MB one
     x = make_input((m, k), torch.bfloat16, "cuda", gen)
     x_big = make_input((m, 1024), torch.bfloat16, "cuda", gen)
-    F.release_gemm_workspaces()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        F.gemm_4bit(x, packed, state)  # warm-up; caches the stream's 256 KB workspace
+        F.gemm_4bit(x, packed, state)  # warm-up (cuBLAS's handle)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         y = F.gemm_4bit(x, packed, state)
     with torch.cuda.stream(stream):
-        F.gemm_4bit(x_big, big_packed, big_state)  # grows the workspace: the 256 KB buffer is freed
+        F.gemm_4bit(x_big, big_packed, big_state)  # its 4 MB go back to the allocator
         bystander = torch.full((n * k // 2,), 7.0, device="cuda")  # 256 KB, on the same stream
     torch.cuda.current_stream().wait_stream(stream)
     y.fill_(float("nan"))
@@ -496,26 +494,37 @@ def test_ws_kernel_many_tiles_a_cta(gen, config):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_workspace_is_reused_and_released(gen):
-    packed, state = make_weight(512, 1024, "cuda", gen)
-    x = make_input((300, 1024), torch.bfloat16, "cuda", gen)
-    gemm_on_path("cublas", x, packed, state)
+def test_cuda_products_keep_no_memory_between_calls(gen):
+    """The dequantized weight of the cuBLAS path (both products) is allocated for the call and given
+    back when it returns: nothing stays allocated but the result, and the call's peak holds the
+    weight's N x K bf16 once, not more."""
+    n, k, m = 512, 1024, 300
+    packed, state = make_weight(n, k, "cuda", gen)
+    x = make_input((m, k), torch.bfloat16, "cuda", gen)
+    g_in = make_input((m, n), torch.bfloat16, "cuda", gen)
+    gemm_on_path("cublas", x, packed, state)  # cuBLAS's handle and workspace, once a process
+    F.gemm_4bit_transposed(g_in, packed, state)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
-        out = gemm_on_path("cublas", x, packed, state)
-    del out
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before  # no workspace allocated per call
-    F.release_gemm_workspaces()
-    assert torch.cuda.memory_allocated() <= before - 512 * 1024 * 2
+        y = gemm_on_path("cublas", x, packed, state)
+        dx = F.gemm_4bit_transposed(g_in, packed, state)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before + y.nbytes + dx.nbytes
+        del y, dx
+    assert torch.cuda.memory_allocated() == before
+    weight = n * k * 2
+    assert weight <= torch.cuda.max_memory_allocated() - before <= weight + m * n * 2 + m * k * 2
+    with pytest.warns(DeprecationWarning, match="does nothing"):
+        F.release_gemm_workspaces()
 
 
 @requires_cuda
 @pytest.mark.cuda
 def test_threads_on_one_stream_each_multiply_their_own_weight(gen):
     """Two host threads on the default stream, each at M = 1024 (dequantize + cuBLAS through the
-    stream's one workspace) with its own weight of the same size: a thread's dequantization must not
+    call's own dequantized weight) with its own weight of the same size: a thread's dequantization must not
     land between another's dequantization and its product (the ops release the GIL)."""
     n, k, m = 1024, 2048, 1024
     weights = [make_weight(n, k, "cuda", gen) for _ in range(2)]

@@ -8,10 +8,9 @@
 //   - gemm_4bit_mma.cu: mma.sync, the codes fed through registers or a cp.async ring (any GPU);
 //   - gemm_4bit_ws.cu: mma.sync with a copy warp, scale warps and mbarriers (sm_90);
 //   - gemm_4bit_wgmma.cu: wgmma, 128 rows x up to 256 tokens a CTA (sm_90a).
-// Large M: the product is compute bound; W is dequantized into a reusable workspace (one per
-// device and stream, grown when needed, never allocated per call in steady state) and cuBLAS
-// multiplies. The backward product takes that path too, but at M <= 16 where its own kernel
-// (gemm_4bit_transposed.cu) reads the codes once.
+// Large M: the product is compute bound; W is dequantized into a buffer of the call's own (from the
+// caching allocator) and cuBLAS multiplies. The backward product takes that path too, but at M <= 16
+// where its own kernel (gemm_4bit_transposed.cu) reads the codes once.
 // The private op _gemm_4bit_with runs a named configuration, for tests and benchmarks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -24,10 +23,8 @@
 
 #include <limits>
 #include <map>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "qlora/format.h"
@@ -38,55 +35,15 @@
 
 namespace qlora::cuda {
 
-// The dequantized weight's home for the cuBLAS path (and the wgmma kernels' split partial sums):
-// one buffer per device and stream, kept and grown. A call holds its stream's buffer (in_use) from
-// its first launch into it until its last launch that reads it is enqueued: two host threads on one
-// stream (every thread's default) would otherwise dequantize into the same bytes, and one product
-// would multiply the other's weight. The stream orders the kernels themselves. A call under CUDA
-// graph capture never uses it: the graph would keep its address, and a later call that grows the
-// buffer would free that memory while the graph still writes there on replay. It takes a buffer of
-// its own from the capture's private pool instead, which the graph keeps.
-namespace {
-struct StreamWorkspace {
-  std::mutex in_use;
-  at::Tensor buffer;
-};
-std::mutex g_workspaces_mutex;  // the map itself; taken before an entry's in_use, never after
-// never destroyed: the tensors would be freed after the CUDA context at exit
-auto* g_workspaces = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<StreamWorkspace>>();
-
-void release_workspaces() {
-  std::lock_guard<std::mutex> map_lock(g_workspaces_mutex);
-  for (auto& entry : *g_workspaces) {
-    std::lock_guard<std::mutex> lock(entry.second->in_use);
-    entry.second->buffer = at::Tensor();
-  }
-}
-
-struct RegisterRelease {
-  RegisterRelease() { g_release_gemm_workspaces = &release_workspaces; }
-} register_release;
-}  // namespace
-
-Workspace workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream) {
-  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const auto options = at::TensorOptions().dtype(at::kByte).device(device);
-  if (capture != cudaStreamCaptureStatusNone) return {at::empty({nbytes}, options).view(dtype), {}};
-  StreamWorkspace* ws = nullptr;
-  {
-    std::lock_guard<std::mutex> map_lock(g_workspaces_mutex);
-    std::unique_ptr<StreamWorkspace>& entry = (*g_workspaces)[{device.index(), stream}];
-    if (!entry) entry = std::make_unique<StreamWorkspace>();
-    ws = entry.get();  // entries are never erased: the pointer stays valid
-  }
-  std::unique_lock<std::mutex> lock(ws->in_use);
-  if (!ws->buffer.defined() || ws->buffer.numel() < nbytes) {
-    ws->buffer = at::Tensor();  // the old buffer goes back to the allocator before the new one is taken
-    ws->buffer = at::empty({nbytes}, options);
-  }
-  return {ws->buffer.narrow(0, 0, nbytes).view(dtype), std::move(lock)};
+// The dequantized weight of the cuBLAS path (and the wgmma kernels' split partial sums) is a tensor
+// of the call's own, from PyTorch's caching allocator on the current stream: it lives from the
+// dequantization to the product's launch and goes back to the allocator then, which reuses it on the
+// same stream in order (no allocation from the driver in steady state). Every call has its own, so
+// host threads sharing a stream never write into another call's buffer, and a call under CUDA graph
+// capture takes it from the graph's private pool. Its bytes are in the peak memory only while a
+// product runs, as bitsandbytes' dequantized weight is.
+at::Tensor call_buffer(int64_t numel, at::ScalarType dtype, const at::Device& device) {
+  return at::empty({numel}, at::TensorOptions().dtype(dtype).device(device));
 }
 
 // The compute capability, the opt-in shared memory of a block, the reserved shared memory and the
@@ -113,13 +70,12 @@ DeviceLimits device_limits(int device) {
 
 namespace {
 
-// W [N, K] in the stream's workspace, held by the caller until its product is enqueued.
-Workspace dequantized_weight(const PreparedGemm& g) {
-  Workspace W = workspace(g.p.N * g.p.K, g.x2.scalar_type(), g.x2.device(), g.stream);
+// W [N, K], dequantized into a buffer of the call's own.
+at::Tensor dequantized_weight(const PreparedGemm& g) {
+  at::Tensor W = call_buffer(g.p.N * g.p.K, g.x2.scalar_type(), g.x2.device());
   dequantize_4bit_into(g.packed, g.absmax, g.nested_absmax, g.nested_code, g.offset, g.blocksize, g.p.quant_type,
-                       g.p.N * g.p.K, W.buffer);
-  W.buffer = W.buffer.view({g.p.N, g.p.K});
-  return W;
+                       g.p.N * g.p.K, W);
+  return W.view({g.p.N, g.p.K});
 }
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -241,9 +197,9 @@ bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous) {
       return true;
     }
   }
-  const Workspace W = dequantized_weight(g);
-  if (g.bias.defined()) at::addmm_out(g.out2, g.bias, g.x2, W.buffer.t());
-  else at::mm_out(g.out2, g.x2, W.buffer.t());
+  const at::Tensor W = dequantized_weight(g);
+  if (g.bias.defined()) at::addmm_out(g.out2, g.bias, g.x2, W.t());
+  else at::mm_out(g.out2, g.x2, W.t());
   return lora == nullptr;
 }
 
@@ -311,12 +267,12 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
                                    stream)) {
     return out;
   }
-  Workspace W = workspace(p.N * p.K, grad.scalar_type(), grad.device(), stream);
+  at::Tensor W = call_buffer(p.N * p.K, grad.scalar_type(), grad.device());
   dequantize_4bit_into(packed_in.contiguous(), absmax.contiguous(),
                        nested_absmax.has_value() ? std::optional(nested_absmax->contiguous()) : std::nullopt,
                        nested_code.has_value() ? std::optional(nested_code->contiguous()) : std::nullopt, offset,
-                       blocksize, p.quant_type, p.N * p.K, W.buffer);
-  at::mm_out(out2, grad2, W.buffer.view({p.N, p.K}));
+                       blocksize, p.quant_type, p.N * p.K, W);
+  at::mm_out(out2, grad2, W.view({p.N, p.K}));
   return out;
 }
 

@@ -172,19 +172,18 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   TORCH_CHECK(slabs <= INT32_MAX && splits <= 65535, "gemm_4bit_transposed: the weight is too large (", p.N, "x", p.K,
               ")");
   T* out = reinterpret_cast<T*>(out2.data_ptr());
-  Workspace partial;
-  if (splits > 1) partial = workspace(splits * M * p.K, at::kFloat, grad2.device(), stream);
+  at::Tensor partial;
+  if (splits > 1) partial = call_buffer(splits * M * p.K, at::kFloat, grad2.device());
   const dim3 grid(static_cast<unsigned>(slabs), static_cast<unsigned>(splits));
-  gemm_4bit_transposed_kernel<T, NESTED>
-      <<<grid, kThreads, 0, stream>>>(reinterpret_cast<const T*>(grad2.const_data_ptr()), static_cast<int>(M), packed,
-                                      p.N, p.K, bs_log2, sc, p.quant_type == QuantType::FP4 ? 1 : 0, rows_per_split,
-                                      splits > 1 ? partial.buffer.data_ptr<float>() : nullptr, out);
+  gemm_4bit_transposed_kernel<T, NESTED><<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(grad2.const_data_ptr()), static_cast<int>(M), packed, p.N, p.K, bs_log2, sc,
+      p.quant_type == QuantType::FP4 ? 1 : 0, rows_per_split, splits > 1 ? partial.data_ptr<float>() : nullptr, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t n = M * p.K;
     const int grid_sum = static_cast<int>(std::min<int64_t>(ceil_div(n, 256), int64_t{sms} * 8));
     sum_splits_kernel<T>
-        <<<grid_sum, 256, 0, stream>>>(partial.buffer.const_data_ptr<float>(), n, static_cast<int>(splits), out);
+        <<<grid_sum, 256, 0, stream>>>(partial.const_data_ptr<float>(), n, static_cast<int>(splits), out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

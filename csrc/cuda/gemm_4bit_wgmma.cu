@@ -759,11 +759,11 @@ bool launch(const FusedGemm& g) {
   const int splits = choose_splits(tiles, stages, M, p.K, int64_t{per_sm} * sms, sms);
   const int64_t per_split = (stages + splits - 1) / splits;
   const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
-  Workspace part;
-  if (used_splits > 1) part = workspace(used_splits * M * p.N, at::kFloat, x2.device(), g.stream);
+  at::Tensor part;
+  if (used_splits > 1) part = call_buffer(used_splits * M * p.N, at::kFloat, x2.device());
   const Epilogue<T> epi = epilogue_of<T>(g);
   T* out_ptr = reinterpret_cast<T*>(g.out.data_ptr());
-  float* part_ptr = used_splits > 1 ? part.buffer.data_ptr<float>() : nullptr;
+  float* part_ptr = used_splits > 1 ? part.data_ptr<float>() : nullptr;
   const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(tiles * used_splits));
   if constexpr (TMA) {
@@ -779,7 +779,7 @@ bool launch(const FusedGemm& g) {
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
     const auto add_splits = epi.lora_down != nullptr ? add_splits_kernel<T, true> : add_splits_kernel<T, false>;
     add_splits<<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
-        part.buffer.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
+        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;

@@ -10,6 +10,7 @@ format's, so nothing is converted or cached, and the check for our type comes fi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Optional
 
@@ -219,7 +220,7 @@ def gemm_4bit(
     Returns:
         ``[..., out_features]`` in x's dtype, accumulated in float32. On CUDA, small M (rows of x)
         runs one fused kernel that decodes the codes in registers; large M dequantizes into a
-        reusable workspace (see ``release_gemm_workspaces``) and calls cuBLAS. Differentiable in
+        buffer of the call's own (from the caching allocator) and calls cuBLAS. Differentiable in
         ``x`` and ``bias``; the weight is frozen.
     """
     if not isinstance(x, torch.Tensor):
@@ -379,9 +380,11 @@ def lora_linear_indexed(
 
 
 def release_gemm_workspaces() -> None:
-    """Frees the buffers that the CUDA products keep for dequantized weights (one per device and
-    stream, as large as the largest weight multiplied at large M). The next such product takes a
-    new one. Call ``torch.cuda.empty_cache()`` afterwards to hand the memory back to the driver."""
-    from . import _C
-
-    _C._release_gemm_workspaces()
+    """Deprecated; does nothing. The CUDA products no longer keep a buffer between calls: each
+    call's dequantized weight goes back to PyTorch's caching allocator when its product is launched
+    (``torch.cuda.empty_cache()`` hands cached memory back to the driver)."""
+    warnings.warn(
+        "release_gemm_workspaces() does nothing: the products keep no workspace between calls",
+        DeprecationWarning,
+        stacklevel=2,
+    )

@@ -65,7 +65,4 @@ GemmProblem check_gemm_4bit_args(const char* op, bool transposed, const at::Tens
                                  int64_t blocksize, int64_t nested_blocksize, std::string_view quant_type,
                                  c10::SymIntArrayRef shape, const std::optional<at::Tensor>& bias);
 
-// Frees the CUDA products' dequantization workspaces; set by the CUDA kernels when built.
-extern void (*g_release_gemm_workspaces)();
-
 }  // namespace qlora

@@ -11,7 +11,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -177,14 +176,8 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2, const at::Tensor& pac
                                   const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                   int64_t blocksize, const GemmProblem& p, at::Tensor& out2, cudaStream_t stream);
 
-// A buffer of `numel` elements of `dtype` on the device, kept per device and stream and grown
-// when needed (the dequantized weight, the split partial sums), lent to one call: keep it (and its
-// lock) until the last launch that uses the buffer is enqueued. Under CUDA graph capture a new
-// buffer from the capture's pool, with no lock (csrc/cuda/gemm_4bit.cu).
-struct Workspace {
-  at::Tensor buffer;
-  std::unique_lock<std::mutex> lock;
-};
-Workspace workspace(int64_t numel, at::ScalarType dtype, const at::Device& device, cudaStream_t stream);
+// A buffer of `numel` elements of `dtype` for one call (the dequantized weight, the split partial
+// sums), from the caching allocator on the current stream (csrc/cuda/gemm_4bit.cu says why).
+at::Tensor call_buffer(int64_t numel, at::ScalarType dtype, const at::Device& device);
 
 }  // namespace qlora::cuda
