@@ -48,7 +48,12 @@ python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_CA
 cores=$(nproc)
 workers=${TEST_WORKERS:-$([ "$cores" -ge 16 ] && echo 8 || echo 4)}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "TEST_WORKERS must be a positive number of processes, got '$workers'"; exit 2; }
-cmd="python3 -m pytest -q -rfE -n $workers --junitxml=$out/junit.xml $*"
+# worksteal (pytest-xdist 3.2+): an idle worker takes tests queued behind another's slow one, so that
+# a test that hangs leaves only itself unfinished at TEST_TIMEOUT, not the tests queued behind it.
+dist=()
+python3 -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null \
+  && dist=(--dist worksteal)
+cmd="python3 -m pytest -q -rfE -n $workers ${dist[*]} --junitxml=$out/junit.xml $*"
 t1=$(date +%s)
 rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -57,7 +62,7 @@ limit=$(bounded "${TEST_TIMEOUT:-420}")
 # Each process's torch would start a thread a core: 8 processes on 16 cores would then run 128
 # threads that wait on one another.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))} \
-timeout -s INT -k 15 "$limit" python3 -m pytest -q -rfE -n "$workers" "${per_test[@]}" \
+timeout -s INT -k 15 "$limit" python3 -m pytest -q -rfE -n "$workers" "${dist[@]}" "${per_test[@]}" \
   --junitxml="$out/junit.xml" "$@" > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-400 | head -40

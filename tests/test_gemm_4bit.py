@@ -515,7 +515,8 @@ def test_cuda_products_keep_no_memory_between_calls(gen):
         del y, dx
     assert torch.cuda.memory_allocated() == before
     weight = n * k * 2
-    assert weight <= torch.cuda.max_memory_allocated() - before <= weight + m * n * 2 + m * k * 2
+    slack = 64 * 1024  # what else the libraries might take per call; far below a second weight's 1 MiB
+    assert weight <= torch.cuda.max_memory_allocated() - before <= weight + m * n * 2 + m * k * 2 + slack
     with pytest.warns(DeprecationWarning, match="does nothing"):
         F.release_gemm_workspaces()
 
