@@ -32,12 +32,13 @@ Correctness first: the loss of the same tokens at the first step (B = 0, so the 
 agree within 2% between the 4-bit implementations. Then: the median time of --steps full steps
 (forward, backward, optimizer step) after 3 warm-up steps, tokens/s, and the peak allocated memory of
 the process (weights included). Rows: op "e2e", impl, model, batch, seq, adapter_dtype, tok_per_s,
-peak_gib, peak_gib_by_phase (one more step's forward, backward and optimizer step, each's highest
-allocation: where the peak is; CUDA only), step_s, host_s (the median time until the step's Python
-returned, before the wait for the GPU: near step_s, the host's launches bound the step, unless the
-step itself waits for the GPU, as a .item() does). --loss-steps N adds op "loss_curve" rows: N steps
-on the same 4 batches, cycled, for each implementation (the same initial adapters: A drawn from the
-layer's name, B = 0).
+peak_gib, reserved_gib (the caching allocator's highest reserved memory over the timed steps: what
+the GPU must have; above peak_gib by what fragmentation leaves unused), peak_gib_by_phase (one more
+step's forward, backward and optimizer step, each's highest allocation: where the peak is; CUDA
+only), step_s, host_s (the median time until the step's Python returned, before the wait for the
+GPU: near step_s, the host's launches bound the step, unless the step itself waits for the GPU, as a
+.item() does). --loss-steps N adds op "loss_curve" rows: N steps on the same 4 batches, cycled, for
+each implementation (the same initial adapters: A drawn from the layer's name, B = 0).
 --decode N adds op "decode" rows: greedy generation of N new tokens at batch 1 after a 32-token prompt
 (model.generate with the KV cache, adapter active and not merged, eval mode), the median of 3 after a
 warm-up: tok_per_s = N / time. Decode runs one token at a time through every layer, so the host's
@@ -380,8 +381,8 @@ def train_step(model, optimizer, ids):
 def phase_peaks(model, optimizer, ids) -> dict[str, float]:
     """One more training step, the highest allocated memory (GiB) of each of its phases: the forward
     (with the checkpoints it keeps), the backward (the recomputed forward with it) and the optimizer's
-    step. Which one holds the peak says what would lower it (activations, the products' workspace, or
-    the optimizer's states and temporaries)."""
+    step. Which one holds the peak says what would lower it (activations, the dequantized weight of a
+    product, or the optimizer's states and temporaries)."""
     peaks = {}
 
     def phase(name, fn):
@@ -437,6 +438,8 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run,
     model = build(impl, name, device, adapter_dtype)
     sync()
     build_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the build's cached temporaries are not the steps': reserved_gib
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optim, trainable)
     results, profile_text = {}, ""
@@ -459,6 +462,7 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run,
             sync()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
         peaks = phase_peaks(model, optimizer, ids) if device.type == "cuda" else None
         step_s, host_s = statistics.median(times), statistics.median(host)
         n = batch * seq
@@ -469,6 +473,7 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run,
             host_s=host_s,
             tok_per_s=n / step_s,
             peak_gib=peak,
+            reserved_gib=reserved,
             paged_gib=paged,
             peak_gib_by_phase=peaks,
         )
@@ -566,6 +571,8 @@ def median_rounds(rounds: list[dict]) -> list[dict]:
             row["build_s"] = round(statistics.median(r["build_s"] for r in group), 2)
             peaks = [r["peak_gib"] for r in group if r["peak_gib"] is not None]
             row["peak_gib"] = max(peaks) if peaks else None
+            reserved = [r["reserved_gib"] for r in group if r.get("reserved_gib") is not None]
+            row["reserved_gib"] = max(reserved) if reserved else None
             phases = [r["peak_gib_by_phase"] for r in group if r["peak_gib_by_phase"]]
             row["peak_gib_by_phase"] = {k: max(p[k] for p in phases) for k in phases[0]} if phases else None
             row["paged_gib"] = max(r["paged_gib"] for r in group)
@@ -640,6 +647,7 @@ def main() -> None:
                                  "adapter_dtype": dname, "optim": optim, "tok_per_s": round(r["tok_per_s"], 1),
                                  "step_s": round(r["step_s"], 5), "host_s": round(r["host_s"], 5),
                                  "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 3),
+                                 "reserved_gib": None if r["reserved_gib"] is None else round(r["reserved_gib"], 3),
                                  "peak_gib_by_phase": r["peak_gib_by_phase"],
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip

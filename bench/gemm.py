@@ -119,7 +119,7 @@ def capture(fn, copies: int):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(calls):  # warm-up outside the capture (workspaces, cuBLAS handles)
+        for i in range(calls):  # warm-up outside the capture (cuBLAS handles and workspaces)
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()

@@ -7,8 +7,8 @@
 # fit one call). Writes sanitize-TOOL.log per tool and sanitize.md, the error counts, under OUTDIR.
 # Torch's caching allocator is off under memcheck and initcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so
 # that an access past a tensor's end falls outside its allocation instead of into a cached neighbour.
-# CUDA graph tests skip there (capture needs the caching allocator). No leak check: the workspaces
-# and code tables that live until exit would count as errors. SANITIZE_TOOLS picks the tools and
+# CUDA graph tests skip there (capture needs the caching allocator). No leak check: the code tables
+# that live until exit would count as errors. SANITIZE_TOOLS picks the tools and
 # SANITIZE_TIMEOUT bounds each (default 120 s: four fit one 600 s device call; a tool cut short
 # reports the errors of the processes that finished). Needs the extension installed on a warm
 # machine (bench/gpu_suite.sh builds it).

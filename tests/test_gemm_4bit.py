@@ -492,6 +492,7 @@ def test_ws_kernel_many_tiles_a_cta(gen, config):
             assert torch.equal(F._gemm_4bit_with(x, packed, state, config), first)
 
 
+@needs_caching_allocator
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_products_keep_no_memory_between_calls(gen):

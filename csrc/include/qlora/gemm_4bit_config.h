@@ -103,7 +103,7 @@ struct GpuInfo {
 };
 
 // The configuration of gemm_4bit for `q` on `gpu`; GemmKernel::kDequantizeCublas where the weight is
-// dequantized into a workspace and cuBLAS multiplies.
+// dequantized into a buffer of the call's own and cuBLAS multiplies.
 const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu);
 
 // Why configuration `c` cannot compute `q` on `gpu` (its kernel would not launch or not be right),
