@@ -45,13 +45,14 @@ def test_decode_layer_forward_and_gradients(gen, device, dtype, m, n, k, r):
     low = reference_outputs(layer, x, g, 0.0, None, dtype)
     exact = reference_outputs(layer, x, g, 0.0, None, torch.float64)
     assert_within_twice_the_reference_error(ours, low, exact, ["y", "dx", "dA", "dB", "dbias"])
-    # the op's second output is lora_down's
+    # the op's second output is lora_down's (its first is what the layer returned above: lora_linear
+    # runs this op, so comparing the two could not fail)
     s = layer.state
     y, down = torch.ops.qlora.lora_linear_forward(
         x, layer.packed, s.absmax, s.state2.absmax, s.state2._code_for_kernel(), s.offset, 64, 256, "nf4", [n, k],
         layer.bias, layer.A, layer.B, layer.scaling, 0.0, None,
     )  # fmt: skip
-    assert_bits_equal(y, layer(x))
+    assert y.shape == (m, n)
     torch.testing.assert_close(down, torch.ops.qlora.lora_down(x, layer.A, None, 0.0), rtol=2**-7, atol=1e-3)
 
 
