@@ -18,6 +18,12 @@ differ in the layers:
                        bitsandbytes + PEFT adds; undone after its measurement);
   "bf16_peft":         the bf16 model with PEFT's LoRA: the ceiling a 4-bit base can at best reach
                        (left out where its 16-bit weights would take over half the GPU's memory).
+An experiment, named in --impls only (not run by default):
+  "qlora_ext_fused_norms": "qlora_ext" with each LlamaRMSNorm's forward replaced by
+                       torch.nn.functional.rms_norm, one fused kernel forward and one backward on CUDA (torch's
+                       _fused_rms_norm) where transformers' float32 chain runs about eight (issue 18's 65B
+                       profile: ~113 ms of a 1934 ms step); it rounds once where transformers rounds the
+                       normalized value to bf16 before the weight's multiply.
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
 would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
 every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
@@ -93,6 +99,7 @@ MODELS = {
 RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "llama70b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
+EXPERIMENTS = ["qlora_ext_fused_norms"]  # accepted by --impls, not in its default
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW (None; "fused": fused=True), or (module, class) of bitsandbytes' optimizers and
@@ -158,12 +165,14 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
     model = empty_model(name)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = RandomWeights(shapes, device)
-    if impl == "qlora_ext":
+    if impl in ("qlora_ext", "qlora_ext_fused_norms"):
         config = qlora_ext.LoraConfig(target_modules=PROJECTIONS, adapter_dtype=adapter_dtype, **LORA)
         qlora_ext.prepare_model(
             model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
         )
         model = model.to(device=device)
+        if impl == "qlora_ext_fused_norms":
+            fuse_rms_norms(model)
     else:
         import peft
 
@@ -227,6 +236,22 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def fuse_rms_norms(model) -> int:
+    """Replaces the forward of every transformers LlamaRMSNorm in `model` with torch's rms_norm (the
+    "qlora_ext_fused_norms" experiment); returns how many."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden_states):
+        return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+    norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
+    if not norms:
+        raise SystemExit("qlora_ext_fused_norms: the model has no LlamaRMSNorm")
+    for m in norms:
+        m.forward = forward.__get__(m)
+    return len(norms)
 
 
 def adapter_key(name: str) -> str:
@@ -515,7 +540,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
 
 def choices(args) -> tuple[list[str], list[str], list[str]]:
     """--impls, --adapter-dtypes and --optims as lists, each name checked (SystemExit naming the argument)."""
-    lists = {"--impls": (args.impls, IMPLS), "--adapter-dtypes": (args.adapter_dtypes, sorted(DTYPES)),
+    lists = {"--impls": (args.impls, IMPLS + EXPERIMENTS), "--adapter-dtypes": (args.adapter_dtypes, sorted(DTYPES)),
              "--optims": (args.optims, sorted(OPTIMS))}  # fmt: skip
     out = []
     for flag, (text, known) in lists.items():
@@ -589,7 +614,7 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="BATCHxSEQ list for every model (default: " +
                     "; ".join(f"{m} {r}" for m, r in RUNS.items()) + ")")  # fmt: skip
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
+    ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS + EXPERIMENTS))
     ap.add_argument("--adapter-dtypes", default="float32", help="float32 and/or bfloat16, for every implementation")
     ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(OPTIMS) + ", for every implementation")
     ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
@@ -638,7 +663,7 @@ def main() -> None:
                     rows.append({"op": "decode", "impl": impl, "model": name, "adapter_dtype": dname, "batch": 1,
                                  "prompt": 32, "new_tokens": args.decode, "tok_per_s": round(decode["tok_per_s"], 2),
                                  "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
-                    if impl == "qlora_ext":
+                    if impl in ("qlora_ext", "qlora_ext_fused_norms"):
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                     tag_round(rows[-1], rnd, args.rounds, fit)
                 for (batch, seq), r in results.items():
@@ -651,7 +676,10 @@ def main() -> None:
                                  "peak_gib_by_phase": r["peak_gib_by_phase"],
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip
-                    if impl == "qlora_ext":  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
+                    if impl in (
+                        "qlora_ext",
+                        "qlora_ext_fused_norms",
+                    ):  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                     tag_round(rows[-1], rnd, args.rounds, fit)
                 if args.out:  # after every implementation: a later crash or timeout keeps these

@@ -177,6 +177,42 @@ def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
     assert mixed["time_vs_one_adapter"] == pytest.approx(mixed["ms"] / one["ms"], rel=1e-2)
 
 
+def test_e2e_fused_norms_experiment_keeps_the_norm():
+    """bench/e2e.py's qlora_ext_fused_norms: every LlamaRMSNorm's forward becomes torch's rms_norm,
+    whose output and gradients stay within bf16's rounding of transformers' own (it rounds once
+    where transformers rounds twice)."""
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        e2e = importlib.import_module("e2e")
+    finally:
+        sys.path.pop(0)
+    gen = torch.Generator().manual_seed(0)
+    norms = [modeling.LlamaRMSNorm(256, eps=1e-5).to(torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(1 + 0.1 * torch.randn(256, generator=gen))
+    model = torch.nn.Sequential(*norms)
+    x = (3 * torch.randn(8, 256, generator=gen)).to(torch.bfloat16)
+    g = torch.randn(8, 256, generator=gen).to(torch.bfloat16)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        model.zero_grad()
+        y = model(xi)
+        y.backward(g)
+        return y.float(), xi.grad.float(), norms[0].weight.grad.float()
+
+    before = run()
+    assert e2e.fuse_rms_norms(model) == 2
+    after = run()
+    assert all(n.forward.__func__.__qualname__.startswith("fuse_rms_norms") for n in norms)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+    with pytest.raises(SystemExit, match="no LlamaRMSNorm"):
+        e2e.fuse_rms_norms(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_e2e_phase_peaks_reset_between_phases(monkeypatch):
     """bench/e2e.py's peak by phase: the allocator's peak is reset before each of forward, backward and
     the optimizer's step and read after it (here a fake allocator, on any machine)."""
