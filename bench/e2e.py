@@ -100,6 +100,7 @@ RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "llama70b": "1x2
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
 EXPERIMENTS = ["qlora_ext_fused_norms"]  # accepted by --impls, not in its default
+PREPARED = ("qlora_ext", "qlora_ext_fused_norms")  # the models prepare_model builds
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW (None; "fused": fused=True), or (module, class) of bitsandbytes' optimizers and
@@ -165,7 +166,7 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
     model = empty_model(name)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = RandomWeights(shapes, device)
-    if impl in ("qlora_ext", "qlora_ext_fused_norms"):
+    if impl in PREPARED:
         config = qlora_ext.LoraConfig(target_modules=PROJECTIONS, adapter_dtype=adapter_dtype, **LORA)
         qlora_ext.prepare_model(
             model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
@@ -663,7 +664,7 @@ def main() -> None:
                     rows.append({"op": "decode", "impl": impl, "model": name, "adapter_dtype": dname, "batch": 1,
                                  "prompt": 32, "new_tokens": args.decode, "tok_per_s": round(decode["tok_per_s"], 2),
                                  "ms_per_token": round(decode["ms_per_token"], 3)})  # fmt: skip
-                    if impl in ("qlora_ext", "qlora_ext_fused_norms"):
+                    if impl in PREPARED:
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                     tag_round(rows[-1], rnd, args.rounds, fit)
                 for (batch, seq), r in results.items():
