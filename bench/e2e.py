@@ -24,6 +24,11 @@ An experiment, named in --impls only (not run by default):
                        _fused_rms_norm) where transformers' float32 chain runs about eight (issue 18's 65B
                        profile: ~113 ms of a 1934 ms step); it rounds once where transformers rounds the
                        normalized value to bf16 before the weight's multiply.
+  "qlora_ext_fused_norms_rope": "qlora_ext_fused_norms" with transformers' Llama apply_rotary_pos_emb
+                       replaced by a torch.compile'd copy of itself (Inductor's Triton kernels: one pass over
+                       q and k each way, where eager runs mul, neg, cat, mul and add on each; the 65B
+                       profile's cat and neg alone took ~37 ms); a stand-in for a fused rotary kernel,
+                       measured before one is written. Undone after its measurement.
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
 would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
 every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
@@ -99,8 +104,8 @@ MODELS = {
 RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "llama70b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
-EXPERIMENTS = ["qlora_ext_fused_norms"]  # accepted by --impls, not in its default
-PREPARED = ("qlora_ext", "qlora_ext_fused_norms")  # the models prepare_model builds
+EXPERIMENTS = ["qlora_ext_fused_norms", "qlora_ext_fused_norms_rope"]  # accepted by --impls, not in its default
+PREPARED = ("qlora_ext", "qlora_ext_fused_norms", "qlora_ext_fused_norms_rope")  # the models prepare_model builds
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW (None; "fused": fused=True), or (module, class) of bitsandbytes' optimizers and
@@ -172,8 +177,10 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
             model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
         )
         model = model.to(device=device)
-        if impl == "qlora_ext_fused_norms":
+        if impl in ("qlora_ext_fused_norms", "qlora_ext_fused_norms_rope"):
             fuse_rms_norms(model)
+        if impl == "qlora_ext_fused_norms_rope":
+            compile_rotary()
     else:
         import peft
 
@@ -253,6 +260,37 @@ def fuse_rms_norms(model) -> int:
     for m in norms:
         m.forward = forward.__get__(m)
     return len(norms)
+
+
+_EAGER_ROTARY = []  # transformers' own apply_rotary_pos_emb while compile_rotary's copy replaces it
+
+
+def compile_rotary() -> None:
+    """Replaces transformers' Llama apply_rotary_pos_emb, for every model of the process, with a
+    torch.compile'd copy of its arithmetic (the "qlora_ext_fused_norms_rope" experiment); restore_rotary
+    undoes it."""
+    from transformers.models.llama import modeling_llama
+
+    def rotary(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def rotate_half(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((-x2, x1), dim=-1)
+
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    if not _EAGER_ROTARY:
+        _EAGER_ROTARY.append(modeling_llama.apply_rotary_pos_emb)
+    modeling_llama.apply_rotary_pos_emb = torch.compile(rotary, fullgraph=True, dynamic=False)
+
+
+def restore_rotary() -> None:
+    """Puts transformers' own apply_rotary_pos_emb back (nothing if compile_rotary has not run)."""
+    from transformers.models.llama import modeling_llama
+
+    if _EAGER_ROTARY:
+        modeling_llama.apply_rotary_pos_emb = _EAGER_ROTARY.pop()
 
 
 def adapter_key(name: str) -> str:
@@ -456,6 +494,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, 
         return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode)
     finally:
         qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched's patch: later builds run unpatched
+        restore_rotary()  # and qlora_ext_fused_norms_rope's
 
 
 def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode):
@@ -533,6 +572,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
             losses.append(train_step(model, optimizer, data[i % len(data)]).item())
     finally:
         qlora_ext.unpatch_bitsandbytes()
+        restore_rotary()
     del model, optimizer
     release()
     print(f"{impl:20s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
@@ -677,10 +717,7 @@ def main() -> None:
                                  "peak_gib_by_phase": r["peak_gib_by_phase"],
                                  "paged_gib": round(r["paged_gib"], 3), "first_loss": round(r["first_loss"], 5),
                                  "build_s": round(build_s, 2)})  # fmt: skip
-                    if impl in (
-                        "qlora_ext",
-                        "qlora_ext_fused_norms",
-                    ):  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
+                    if impl in PREPARED:  # which LoRA layer class prepare_model built (QLORA_EXT_LAYERS)
                         rows[-1]["layers"] = qlora_ext._lora_layers.layer_kind()
                     tag_round(rows[-1], rnd, args.rounds, fit)
                 if args.out:  # after every implementation: a later crash or timeout keeps these

@@ -213,6 +213,40 @@ def test_e2e_fused_norms_experiment_keeps_the_norm():
         e2e.fuse_rms_norms(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+def test_e2e_compiled_rotary_experiment_keeps_the_rotation():
+    """bench/e2e.py's qlora_ext_fused_norms_rope: transformers' apply_rotary_pos_emb, compiled, gives
+    transformers' own q, k and gradients within bf16's rounding; restore_rotary puts the original back."""
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        e2e = importlib.import_module("e2e")
+    finally:
+        sys.path.pop(0)
+    gen = torch.Generator().manual_seed(1)
+    eager = modeling.apply_rotary_pos_emb
+    q, k = (torch.randn(1, h, 16, 32, generator=gen).to(torch.bfloat16) for h in (4, 2))
+    angles = torch.rand(1, 16, 32, generator=gen) * 6
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    def run(fn):
+        qi, ki = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out_q, out_k = fn(qi, ki, cos, sin)
+        torch.autograd.backward((out_q, out_k), (gq, gk))
+        return out_q.float(), out_k.float(), qi.grad.float(), ki.grad.float()
+
+    before = run(eager)
+    try:
+        e2e.compile_rotary()
+        assert modeling.apply_rotary_pos_emb is not eager
+        after = run(modeling.apply_rotary_pos_emb)
+    finally:
+        e2e.restore_rotary()
+    assert modeling.apply_rotary_pos_emb is eager
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+
+
 def test_e2e_phase_peaks_reset_between_phases(monkeypatch):
     """bench/e2e.py's peak by phase: the allocator's peak is reset before each of forward, backward and
     the optimizer's step and read after it (here a fake allocator, on any machine)."""
