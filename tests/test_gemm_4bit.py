@@ -245,8 +245,9 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
 
 
 # The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the
-# formats and on shapes that end a 16-row step or a split of N inside the weight; N odd, K not whole
-# 64-column slabs, blocksize 32 and M = 17 take dequantize + cuBLAS, which must give the same bound.
+# formats and on shapes that end a 16-row step or a split of N inside the weight; N not a multiple of
+# 8 (grad is copied 8 rows at a time), K not whole 64-column slabs, blocksize 32 and M = 17 take
+# dequantize + cuBLAS, which must give the same bound.
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 3, 16, 17])
@@ -255,10 +256,13 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
     "n,k,blocksize,quant_type,dq",
     [
         (136, 320, 64, "nf4", True),  # 8.5 steps of 16 rows
-        (2050, 192, 128, "fp4", True),  # several splits of N, the last one short
+        (2056, 192, 128, "fp4", True),  # several splits of N, the last one short
         (64, 64, 256, "nf4", False),  # one slab; a block longer than a row
+        (136, 192, 256, "nf4", True),  # 102 blocks: the last 8-bit scale codes' word is partial
+        (4096, 8192, 64, "nf4", True),  # a warp's steps go round its ring of copies several times
         (4096, 128, 64, "fp4", False),
         (135, 320, 64, "nf4", True),  # N odd: the cuBLAS path
+        (138, 320, 64, "nf4", True),  # N even, not a multiple of 8: the cuBLAS path
         (136, 96, 64, "nf4", True),  # K not whole slabs: the cuBLAS path
         (136, 128, 32, "nf4", True),  # blocksize 32 (two scales a slab row): the cuBLAS path
     ],
@@ -278,12 +282,22 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     one_hot = torch.zeros(m, n, dtype=dtype)
     one_hot[torch.arange(m), picked] = 1
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
-    own_kernel = m <= 16 and n % 2 == 0 and k % 64 == 0 and blocksize >= 64
+    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64
     if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
         assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names
         if own_kernel and n >= 2048:  # N / (64 M) >= 2 and the GPU wants more CTAs than slabs: N splits
             assert any("sum_splits_kernel" in name for name in names), names
+    # grad 2 bytes past a 16-byte boundary (the kernel copies 16 bytes at a time): the cuBLAS path,
+    # within the same bound
+    storage = make_input((m * n + 1,), dtype, "cuda", gen)
+    shifted = storage[1:].view(m, n)
+    shifted.copy_(g)
+    shifted_out = F.gemm_4bit_transposed(shifted, packed, state)
+    assert_close_to_reference(shifted_out, g, w.T.contiguous(), None, f"transposed M={m} {n}x{k}, grad misaligned")
+    if CAN_PROFILE:
+        names = cuda_kernels_launched(F.gemm_4bit_transposed, shifted, packed, state)
+        assert not any("gemm_4bit_transposed_kernel" in name for name in names), names
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,9 +7,9 @@
 // B's fragment pairs two rows of one column in a register (b0: rows 2c and 2c + 1 of column g, lane
 // 4 g + c), so a lane decodes rows, not bytes: for the 8 mmas of a 64-column slab, lane (g, c) reads
 // one 32-bit word (8 codes: columns 8 g .. 8 g + 7) of each of its rows 2c, 2c + 1, 2c + 8, 2c + 9,
-// and mma t takes column 8 g + t of them. A warp's four loads then cover 16 rows x 32 bytes, whole
-// sectors. The output's column j of mma t is column 8 j + t of the slab, so each lane ends holding
-// 16 consecutive columns of two tokens.
+// and mma t takes column 8 g + t of them, from a copy of the step's 16 rows x 32 bytes (whole
+// sectors) that the warp made in shared memory. The output's column j of mma t is column 8 j + t of
+// the slab, so each lane ends holding 16 consecutive columns of two tokens.
 //
 // Each value is rounded exactly as dequantize_4bit rounds it (the code's float times the block
 // scale, FMUL.FTZ, then to bf16 / fp16): the mmas multiply the very weight the cuBLAS path would.
@@ -25,12 +25,14 @@
 #include <cstdint>
 
 #include "qlora/codebooks.h"
+#include "qlora/cp_async.cuh"
 #include "qlora/format.h"
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/half_convert.cuh"
 #include "qlora/mma.cuh"
 #include "qlora/nested_scale.cuh"
 #include "qlora/occupancy.h"
+#include "qlora/shared_memory.cuh"
 
 namespace qlora::cuda {
 namespace {
@@ -44,25 +46,36 @@ constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
 __constant__ float kNF4[16] = {QLORA_NF4_CODE};
 __constant__ float kFP4[16] = {QLORA_FP4_CODE_SIGNED};  // code 8 is -0.0, as dequantize_4bit has it
 
-// One warp step's operands, loaded a step ahead of their use.
-struct Step {
-  uint32_t codes[4];  // rows 2c, 2c + 1, 2c + 8, 2c + 9: the 8 codes of columns 8 g ..
-  float scale[4];     // their rows' block scales (0 past the split's rows)
-  uint32_t a[4];      // grad's A fragment: tokens g, g + 8 of reduction indices 2c.., 2c + 8..
-};
+// A warp's operands move through a ring of kStages steps in shared memory, filled by cp.async: a
+// step's 16 rows x 32 bytes of codes were one step ahead in registers, 512 bytes in flight a warp,
+// where an SM's share of HBM's bandwidth times its latency is ~12-18 KB; three steps ahead, at 3
+// CTAs an SM, keep ~36 KB of codes (and their scales and grad) in flight. The warp copies a step
+// whole, one 16-byte copy a lane of codes and one of grad, and each lane reads its fragments back
+// (after __syncwarp: they were copied by other lanes). A step's slot:
+constexpr int kStages = 4;
+constexpr int kPitch = 48;                    // bytes a row of codes or grad: 32 used; 48 puts the
+                                              // 4 rows a fragment load reads on distinct banks
+constexpr int kCodesOff = 0;                  // 16 rows of W x 64 columns (32 bytes)
+constexpr int kGradOff = kStepRows * kPitch;  // 16 tokens x the step's 16 rows of grad (32 bytes)
+constexpr int kScaleOff = 2 * kGradOff;       // 16 words: the rows' float scales, or (nested) the
+                                              // aligned words of their 8-bit codes; 16 words: nested
+constexpr int kStageBytes = kScaleOff + 2 * kStepRows * 4;
+constexpr int kRingBytes = kStages * kStageBytes;  // a warp's, 6.5 KB
+constexpr size_t kSmemBytes = size_t{kWarps} * kRingBytes;
+// After its steps a warp's ring holds its partial sums for the CTA's reduction.
+static_assert(kMaxTokens * (kSlab + 1) * 4 <= kRingBytes, "a warp's sums must fit its ring");
+static_assert(kStageBytes % 16 == 0, "16-byte copies");
 
 // partial[blockIdx.y][m][k] (or out, with one split) = the sum over the split's rows n of
 // grad[m][n] W[n][k], for the slab's 64 columns k (blockIdx.x).
 template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     gemm_4bit_transposed_kernel(const T* __restrict__ grad, int M, const uint8_t* __restrict__ packed, int64_t N,
-                                int64_t K, int bs_log2, Scales sc, int fp4, int64_t rows_per_split,
-                                float* __restrict__ partial, T* __restrict__ out) {
+                                int64_t K, int bs_log2, Scales sc, int64_t qabsmax_bytes, int fp4,
+                                int64_t rows_per_split, float* __restrict__ partial, T* __restrict__ out) {
   __shared__ float lut[16];
   __shared__ float ncode[NESTED ? 256 : 1];
-  // Rows of kSlab + 1 floats: a warp's stores of acc (lane 4 g + c at column 16 c + t) then fall
-  // two to a bank at most, where a pitch of kSlab would put 16 on one.
-  __shared__ float red[kWarps][kMaxTokens][kSlab + 1];
+  extern __shared__ __align__(16) uint8_t rings[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   if (tid < 16) lut[tid] = fp4 ? kFP4[tid] : kNF4[tid];
   if constexpr (NESTED) {
@@ -73,66 +86,162 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSlab;
   const int64_t nbeg = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t nend = min(N, nbeg + rows_per_split);
+  uint8_t* ring = rings + warp * kRingBytes;
+  const uint32_t ring_addr = smem_u32(ring);
 
-  // N is even and steps start at even rows: a pair of rows (2c, 2c + 1) is inside the split or not.
-  const auto grad_pair = [&](int tok, int64_t row) -> uint32_t {
-    return tok < M && row < nend ? __ldg(reinterpret_cast<const uint32_t*>(grad + tok * N + row)) : 0u;
+  // Step s of this warp starts at row first + s * stride. Rows past N are zero-filled; rows past the
+  // split but before N are copied (valid memory), and their scales are zeroed where used, as are
+  // those past N. grad past M or past the split is zero-filled. The copies' sources advance by a
+  // step's rows: stride K elements, a whole number of blocks (K is a multiple of 64, stride of 128).
+  const int64_t stride = int64_t{kWarps} * kStepRows;
+  const int64_t first = nbeg + int64_t{warp} * kStepRows;
+  const int steps = first < nend ? static_cast<int>((nend - first + stride - 1) / stride) : 0;
+  const int half = lane & 1, pair = lane >> 1;  // a lane's 16 bytes: row (token) `pair`, half `half`
+  const int r = lane & 15;                      // the row whose scale word a lane copies
+  const int64_t block_step = (stride * K) >> bs_log2;
+  int64_t n0_copy = first;  // the next step to copy
+  const uint8_t* code_src = packed + ((first + pair) * K + k0) / 2 + 16 * half;
+  int64_t scale_block = ((first + r) * K + k0) >> bs_log2;
+  const T* grad_src = grad + int64_t{pair} * N + first + 8 * half;
+  const uint32_t dst_codes = ring_addr + kCodesOff + pair * kPitch + 16 * half;
+  const uint32_t dst_grad = ring_addr + kGradOff + pair * kPitch + 16 * half;
+  const uint32_t dst_scale = ring_addr + kScaleOff + 4 * lane;  // lanes 16..: the nested words
+  const uint32_t grad_bytes = pair < M ? 16u : 0u;              // a step inside the split
+  // Copies the step at n0_copy into `slot`. A step inside the split (all but a warp's last, at most)
+  // needs no bounds: `whole` leaves them out.
+  const auto copy_next = [&](int slot, bool whole) {
+    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
+    const bool code_in = whole || n0_copy + pair < N;
+    cp_async_16_partial(dst_codes + at, code_in ? code_src : packed, code_in ? 16u : 0u);
+    uint32_t bytes = grad_bytes;
+    if (!whole) {
+      const int64_t grad_left = nend - (n0_copy + 8 * half);  // of this lane's 8 rows
+      bytes = grad_left > 0 ? min(bytes, static_cast<uint32_t>(min(int64_t{16}, 2 * grad_left))) : 0u;
+    }
+    cp_async_16_partial(dst_grad + at, bytes > 0 ? grad_src : grad, bytes);
+    // Lanes 0..15 copy row r's scale word (NESTED: the aligned word of its 8-bit code), lanes 16..
+    // row r's nested absmax: one copy a lane, no divergence.
+    const void* scale_src;
+    uint32_t scale_len = 4;
+    if constexpr (NESTED) {
+      const int64_t aligned = scale_block & ~int64_t{3};  // the array starts 4-byte aligned (checked)
+      if (lane < 16) {
+        scale_src = sc.qabsmax + aligned;
+        scale_len = static_cast<uint32_t>(min(int64_t{4}, qabsmax_bytes - aligned));
+      } else {
+        scale_src = sc.nested_absmax + scale_block / kNestedBlocksize;
+      }
+    } else {
+      scale_src = sc.absmax + scale_block;
+      if (lane >= 16) scale_len = 0;
+    }
+    if (!whole && n0_copy + r >= N) scale_len = 0;
+    cp_async_4_partial(dst_scale + at, scale_len > 0 ? scale_src : packed, scale_len);
+    n0_copy += stride;
+    code_src += stride * K / 2;
+    grad_src += stride;
+    scale_block += block_step;
   };
-  const auto load = [&](int64_t n0, Step& s) {
+
+  // A lane's 4 rows' scale codes sit at byte (block index & 3) of their copied words: the low bits
+  // of each row's block index, kept in 32 bits (only they are read) and advanced by a step's blocks.
+  uint32_t byte_of[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = first + 2 * c + (i & 1) + 8 * (i >> 1);
+    byte_of[i] = static_cast<uint32_t>((row * K + k0) >> bs_log2);
+  }
+  const uint32_t lut_addr = smem_u32(lut);
+  float acc[8][4] = {};
+  const auto compute = [&](int slot, int64_t n0) {
+    const uint8_t* at = ring + slot * kStageBytes;
+    uint32_t a[4];
+    ldmatrix_x4(
+        a, ring_addr + static_cast<uint32_t>(slot * kStageBytes) + kGradOff + (lane & 15) * kPitch + 16 * (lane >> 4));
+    const bool low_in = n0 + 2 * c < nend, high_in = n0 + 2 * c + 8 < nend;  // else scale 0
+    // Each code as the byte offset of its value in lut (4 x the code), the high nibbles of a word's
+    // bytes (even columns) in hi, the low ones in lo: one byte extraction (PRMT) a value.
+    uint32_t hi[4], lo[4];
+    float scale[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + 2 * c + (i & 1) + 8 * (i >> 1);
-      if (row < nend) {
-        const int64_t e = row * K + k0;  // a multiple of 64: the slab's row is in one block
-        s.codes[i] = __ldcs(reinterpret_cast<const uint32_t*>(packed + e / 2) + g);
-        const int64_t b = e >> bs_log2;
-        s.scale[i] = NESTED ? nested_scale(ncode[sc.qabsmax[b]], __ldg(sc.nested_absmax + b / kNestedBlocksize), off)
-                            : __ldg(sc.absmax + b);
+      const int row = 2 * c + (i & 1) + 8 * (i >> 1);
+      const uint32_t codes = *reinterpret_cast<const uint32_t*>(at + kCodesOff + row * kPitch + 4 * g);
+      hi[i] = (codes >> 2) & 0x3C3C3C3Cu;
+      lo[i] = (codes << 2) & 0x3C3C3C3Cu;
+      const uint32_t word = *reinterpret_cast<const uint32_t*>(at + kScaleOff + 4 * row);
+      float v;
+      if constexpr (NESTED) {
+        const uint32_t q = (word >> (8 * (byte_of[i] & 3u))) & 0xFFu;
+        v = nested_scale(ncode[q], *reinterpret_cast<const float*>(at + kScaleOff + 64 + 4 * row), off);
+        byte_of[i] += static_cast<uint32_t>(block_step);
       } else {
-        s.codes[i] = 0;
-        s.scale[i] = 0.f;
+        v = __uint_as_float(word);
       }
+      scale[i] = (i < 2 ? low_in : high_in) ? v : 0.f;
     }
-    s.a[0] = grad_pair(g, n0 + 2 * c);
-    s.a[1] = grad_pair(g + 8, n0 + 2 * c);
-    s.a[2] = grad_pair(g, n0 + 2 * c + 8);
-    s.a[3] = grad_pair(g + 8, n0 + 2 * c + 8);
-  };
-
-  float acc[8][4] = {};
-  const int64_t stride = int64_t{kWarps} * kStepRows;
-  int64_t n0 = nbeg + int64_t{warp} * kStepRows;
-  Step next{};
-  if (n0 < nend) load(n0, next);
-  for (; n0 < nend; n0 += stride) {
-    const Step cur = next;
-    if (n0 + stride < nend) load(n0 + stride, next);
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
       // Column 8 g + t: byte t / 2 of each word, its high nibble for even t (codes are packed two a
       // byte, the first in the high nibble).
-      const int shift = 8 * (t >> 1) + ((t & 1) ? 0 : 4);
       float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = mul_ftz(lut[(cur.codes[i] >> shift) & 0xFu], cur.scale[i]);
-      mma_16816<T>(acc[t], cur.a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t offset = __byte_perm((t & 1) ? lo[i] : hi[i], 0u, 0x4440u | (t >> 1));
+        float code;
+        asm("ld.shared.f32 %0, [%1];" : "=f"(code) : "r"(lut_addr + offset));
+        v[i] = mul_ftz(code, scale[i]);
+      }
+      mma_16816<T>(acc[t], a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
+    }
+  };
+
+  // Steps before `whole_steps` lie inside the split.
+  const int whole_steps = first + kStepRows <= nend ? static_cast<int>((nend - first - kStepRows) / stride) + 1 : 0;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) copy_next(s, s < whole_steps);
+    cp_async_commit();  // an empty group past the warp's steps keeps the count uniform
+  }
+  // Unrolled by the ring's length, so that each step's slot is a constant.
+  for (int s0 = 0; s0 < steps; s0 += kStages) {
+#pragma unroll
+    for (int j = 0; j < kStages; ++j) {
+      if (s0 + j < steps) {
+        cp_async_wait<kStages - 2>();  // this lane's copies of step s0 + j have landed
+        __syncwarp();                  // and every lane's; all have read the previous step's slot
+        const int next = s0 + j + kStages - 1;
+        if (next < whole_steps) {
+          copy_next((j + kStages - 1) % kStages, true);  // into that slot
+        } else if (next < steps) {
+          copy_next((j + kStages - 1) % kStages, false);
+        }
+        cp_async_commit();
+        compute(j, first + int64_t{s0 + j} * stride);
+      }
     }
   }
+  cp_async_wait<0>();
+  __syncwarp();  // every lane has read its last step before the ring takes the sums
 
   // acc[t]: tokens g (0, 1) and g + 8 (2, 3) at slab columns 16 c + t (0, 2) and 16 c + 8 + t (1, 3).
+  // Rows of kSlab + 1 floats: a warp's stores (lane 4 g + c at column 16 c + t) then fall two to a
+  // bank at most, where a pitch of kSlab would put 16 on one.
+  float* red = reinterpret_cast<float*>(ring);
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
-    red[warp][g][16 * c + t] = acc[t][0];
-    red[warp][g][16 * c + 8 + t] = acc[t][1];
-    red[warp][g + 8][16 * c + t] = acc[t][2];
-    red[warp][g + 8][16 * c + 8 + t] = acc[t][3];
+    red[g * (kSlab + 1) + 16 * c + t] = acc[t][0];
+    red[g * (kSlab + 1) + 16 * c + 8 + t] = acc[t][1];
+    red[(g + 8) * (kSlab + 1) + 16 * c + t] = acc[t][2];
+    red[(g + 8) * (kSlab + 1) + 16 * c + 8 + t] = acc[t][3];
   }
   __syncthreads();
   for (int idx = tid; idx < M * kSlab; idx += kThreads) {
     const int tok = idx / kSlab, col = idx % kSlab;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[w][tok][col];
+    for (int w = 0; w < kWarps; ++w)
+      v += reinterpret_cast<const float*>(rings + w * kRingBytes)[tok * (kSlab + 1) + col];
     const int64_t k = k0 + col;
     if (partial != nullptr) {
       partial[(static_cast<int64_t>(blockIdx.y) * M + tok) * K + k] = v;
@@ -154,20 +263,34 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Rounds (8 warps x 16 rows) a split of N, for `slabs` CTAs a split on a GPU that holds `wave` CTAs
+// at once, at most max_splits splits: the fewest that minimize the waves times a CTA's work, counted
+// in rounds plus one for its fixed part (the loads before the first step, the reduction, the stores).
+// 8192x28672 at M = 1, 448 slabs on 396 resident CTAs: 1 split is 2 waves of 65, 4 are 5 of 17.
+int64_t rounds_per_split(int64_t rounds, int64_t slabs, int64_t wave, int64_t max_splits) {
+  int64_t best = rounds, best_cost = INT64_MAX;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per_split = ceil_div(rounds, s);
+    const int64_t cost = ceil_div(slabs * ceil_div(rounds, per_split), wave) * (per_split + 1);
+    if (cost < best_cost) best = per_split, best_cost = cost;
+  }
+  return best;
+}
+
 template <typename T, bool NESTED>
 void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p, int bs_log2, const Scales& sc,
-            at::Tensor& out2, cudaStream_t stream) {
+            int64_t qabsmax_bytes, at::Tensor& out2, cudaStream_t stream) {
   const int64_t M = grad2.size(0);
   const int sms = device_limits(grad2.get_device()).sms;
   const int64_t slabs = p.K / kSlab;
   const int64_t steps = ceil_div(p.N, kStepRows);
-  // One wave of CTAs, N split into whole CTA rounds (8 warps x 16 rows) to make it, but each split
+  // N split into whole CTA rounds (8 warps x 16 rows) so that the CTAs use their waves; each split
   // writes and reads back M x K float32 partial sums (8 M K bytes): at most N / (64 M) splits keep
-  // those under an eighth of the codes' N K / 2 bytes (on a short K the wave goes unfilled instead).
-  const int64_t wave = resident_ctas(gemm_4bit_transposed_kernel<T, NESTED>, kThreads, 0, grad2.get_device());
-  const int64_t want = std::max<int64_t>(1, std::min(wave / slabs, p.N / (64 * M)));
+  // those under an eighth of the codes' N K / 2 bytes (on a short K the waves go unfilled instead).
+  const int64_t wave = resident_ctas(gemm_4bit_transposed_kernel<T, NESTED>, kThreads, kSmemBytes, grad2.get_device());
   const int64_t rounds = ceil_div(steps, kWarps);
-  const int64_t rows_per_split = ceil_div(rounds, std::min(want, rounds)) * kWarps * kStepRows;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(p.N / (64 * M), rounds));
+  const int64_t rows_per_split = rounds_per_split(rounds, slabs, wave, max_splits) * kWarps * kStepRows;
   const int64_t splits = ceil_div(p.N, rows_per_split);
   TORCH_CHECK(slabs <= INT32_MAX && splits <= 65535, "gemm_4bit_transposed: the weight is too large (", p.N, "x", p.K,
               ")");
@@ -175,9 +298,10 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   at::Tensor partial;
   if (splits > 1) partial = call_buffer(splits * M * p.K, at::kFloat, grad2.device());
   const dim3 grid(static_cast<unsigned>(slabs), static_cast<unsigned>(splits));
-  gemm_4bit_transposed_kernel<T, NESTED><<<grid, kThreads, 0, stream>>>(
+  gemm_4bit_transposed_kernel<T, NESTED><<<grid, kThreads, kSmemBytes, stream>>>(
       reinterpret_cast<const T*>(grad2.const_data_ptr()), static_cast<int>(M), packed, p.N, p.K, bs_log2, sc,
-      p.quant_type == QuantType::FP4 ? 1 : 0, rows_per_split, splits > 1 ? partial.data_ptr<float>() : nullptr, out);
+      qabsmax_bytes, p.quant_type == QuantType::FP4 ? 1 : 0, rows_per_split,
+      splits > 1 ? partial.data_ptr<float>() : nullptr, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t n = M * p.K;
@@ -188,7 +312,7 @@ void launch(const at::Tensor& grad2, const uint8_t* packed, const GemmProblem& p
   }
 }
 
-bool aligned4(const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 
@@ -203,11 +327,13 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2_in, const at::Tensor& 
   const bool half_types = grad2_in.scalar_type() == at::kBFloat16 || grad2_in.scalar_type() == at::kHalf;  // mma's
   // A lane's 8 codes of a row are one 32-bit word of a 64-column slab, inside one block of scales.
   const bool whole_slabs = p.K % kSlab == 0 && blocksize >= kSlab;
-  const bool even_rows = p.N % 2 == 0;  // grad read in pairs of rows as 32-bit words
+  // A warp's steps advance the scales' block index by a whole number: stride K / blocksize.
+  const bool whole_blocks_a_round = (int64_t{kWarps} * kStepRows * p.K) % blocksize == 0;
+  const bool rows_of_8 = p.N % 8 == 0;                                        // grad copied 8 rows (16 bytes) at a time
   const bool tensor_cores = device_limits(grad2_in.get_device()).major >= 8;  // mma.sync with bf16
-  if (!(few_tokens && half_types && whole_slabs && even_rows && tensor_cores)) return false;
+  if (!(few_tokens && half_types && whole_slabs && whole_blocks_a_round && rows_of_8 && tensor_cores)) return false;
   const at::Tensor grad2 = grad2_in.contiguous(), packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
-  if (!aligned4(grad2.const_data_ptr()) || !aligned4(packed.const_data_ptr())) return false;  // 32-bit loads
+  if (!aligned(grad2.const_data_ptr(), 16) || !aligned(packed.const_data_ptr(), 16)) return false;  // 16-byte copies
   at::Tensor nested_absmax, nested_code;
   Scales sc{};
   if (nested_absmax_in.has_value()) {
@@ -215,6 +341,8 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2_in, const at::Tensor& 
     nested_code = nested_code_in->contiguous();
     sc = {nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(),
           nested_code.const_data_ptr<float>(), offset->const_data_ptr<float>()};
+    // The kernel copies the 32-bit word around each 8-bit scale code (cp.async has no 1-byte copy).
+    if (!aligned(absmax.const_data_ptr(), 4)) return false;
   } else {
     sc = {absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
   }
@@ -222,11 +350,11 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2_in, const at::Tensor& 
   const auto* codes = reinterpret_cast<const uint8_t*>(packed.const_data_ptr());
   const bool nested = sc.qabsmax != nullptr;
   if (grad2.scalar_type() == at::kHalf) {
-    if (nested) launch<__half, true>(grad2, codes, p, bs_log2, sc, out2, stream);
-    else launch<__half, false>(grad2, codes, p, bs_log2, sc, out2, stream);
+    if (nested) launch<__half, true>(grad2, codes, p, bs_log2, sc, absmax.numel(), out2, stream);
+    else launch<__half, false>(grad2, codes, p, bs_log2, sc, absmax.numel(), out2, stream);
   } else {
-    if (nested) launch<__nv_bfloat16, true>(grad2, codes, p, bs_log2, sc, out2, stream);
-    else launch<__nv_bfloat16, false>(grad2, codes, p, bs_log2, sc, out2, stream);
+    if (nested) launch<__nv_bfloat16, true>(grad2, codes, p, bs_log2, sc, absmax.numel(), out2, stream);
+    else launch<__nv_bfloat16, false>(grad2, codes, p, bs_log2, sc, absmax.numel(), out2, stream);
   }
   return true;
 }

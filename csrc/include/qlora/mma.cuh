@@ -27,4 +27,12 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// The four 8x8 matrices of 16-bit values whose rows lanes 8 j .. 8 j + 7 address (16 bytes each,
+// in shared memory): r[j] is matrix j's fragment, lane 4 g + c holding row g, columns 2c, 2c + 1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address));
+}
+
 }  // namespace qlora::cuda
