@@ -11,6 +11,9 @@ implementations hold the same weights (the same random values, quantized to the 
 differ in the layers:
   "qlora_ext":         qlora_ext.prepare_model (fused 4-bit products, one autograd op a layer; the layer class,
                        PEFT's LoraLinear4bit or QLoRALinear, is the row's "layers");
+  "qlora_ext_fused":   "qlora_ext" after qlora_ext.patch_transformers(): the model's RMSNorm (torch's fused
+                       rms_norm) and rotary embedding (qlora's rotary_embedding) on one kernel each way
+                       (undone after its measurement);
   "qlora_ext_peft":    qlora_ext's Linear4bit (as from_pretrained with QLoraExtConfig makes it) under PEFT's own
                        get_peft_model, whose LoRA layers run the same fused op (qlora_ext.peft_lora);
   "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);
@@ -18,17 +21,6 @@ differ in the layers:
                        bitsandbytes + PEFT adds; undone after its measurement);
   "bf16_peft":         the bf16 model with PEFT's LoRA: the ceiling a 4-bit base can at best reach
                        (left out where its 16-bit weights would take over half the GPU's memory).
-An experiment, named in --impls only (not run by default):
-  "qlora_ext_fused_norms": "qlora_ext" with each LlamaRMSNorm's forward replaced by
-                       torch.nn.functional.rms_norm, one fused kernel forward and one backward on CUDA (torch's
-                       _fused_rms_norm) where transformers' float32 chain runs about eight (issue 18's 65B
-                       profile: ~113 ms of a 1934 ms step); it rounds once where transformers rounds the
-                       normalized value to bf16 before the weight's multiply.
-  "qlora_ext_fused_norms_rope": "qlora_ext_fused_norms" with transformers' Llama apply_rotary_pos_emb
-                       replaced by a torch.compile'd copy of itself (Inductor's Triton kernels: one pass over
-                       q and k each way, where eager runs mul, neg, cat, mul and add on each; the 65B
-                       profile's cat and neg alone took ~37 ms); a stand-in for a fused rotary kernel,
-                       measured before one is written. Undone after its measurement.
 Neither casts the frozen norms or embeddings to float32 (PEFT's prepare_model_for_kbit_training
 would, for both). Adapters are float32 (PEFT's default) or, with --adapter-dtypes bfloat16, bf16 for
 every implementation alike (AdamW's states then bf16 too). --optims picks the optimizer, the same for
@@ -103,9 +95,8 @@ MODELS = {
 # The batch x sequence shapes of issue 18 for each model (--runs replaces them for every model).
 RUNS = {"llama7b": "1x512,1x2048,4x2048", "llama65b": "1x2048", "llama70b": "1x2048", "tiny": "1x64,2x64"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMPLS = ["qlora_ext", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
-EXPERIMENTS = ["qlora_ext_fused_norms", "qlora_ext_fused_norms_rope"]  # accepted by --impls, not in its default
-PREPARED = ("qlora_ext", "qlora_ext_fused_norms", "qlora_ext_fused_norms_rope")  # the models prepare_model builds
+IMPLS = ["qlora_ext", "qlora_ext_fused", "qlora_ext_peft", "bitsandbytes_peft", "bitsandbytes_patched", "bf16_peft"]
+PREPARED = ("qlora_ext", "qlora_ext_fused")  # the models prepare_model builds
 BNB_IMPLS = ("bitsandbytes_peft", "bitsandbytes_patched")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --optims: torch's AdamW (None; "fused": fused=True), or (module, class) of bitsandbytes' optimizers and
@@ -177,10 +168,8 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
             model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
         )
         model = model.to(device=device)
-        if impl in ("qlora_ext_fused_norms", "qlora_ext_fused_norms_rope"):
-            fuse_rms_norms(model)
-        if impl == "qlora_ext_fused_norms_rope":
-            compile_rotary()
+        if impl == "qlora_ext_fused":
+            qlora_ext.patch_transformers()  # measure() and loss_curve() undo it when done
     else:
         import peft
 
@@ -244,53 +233,6 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-def fuse_rms_norms(model) -> int:
-    """Replaces the forward of every transformers LlamaRMSNorm in `model` with torch's rms_norm (the
-    "qlora_ext_fused_norms" experiment); returns how many."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    def forward(self, hidden_states):
-        return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
-
-    norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
-    if not norms:
-        raise SystemExit("qlora_ext_fused_norms: the model has no LlamaRMSNorm")
-    for m in norms:
-        m.forward = forward.__get__(m)
-    return len(norms)
-
-
-_EAGER_ROTARY = []  # transformers' own apply_rotary_pos_emb while compile_rotary's copy replaces it
-
-
-def compile_rotary() -> None:
-    """Replaces transformers' Llama apply_rotary_pos_emb, for every model of the process, with a
-    torch.compile'd copy of its arithmetic (the "qlora_ext_fused_norms_rope" experiment); restore_rotary
-    undoes it."""
-    from transformers.models.llama import modeling_llama
-
-    def rotary(q, k, cos, sin, unsqueeze_dim=1):
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-
-        def rotate_half(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((-x2, x1), dim=-1)
-
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-    if not _EAGER_ROTARY:
-        _EAGER_ROTARY.append(modeling_llama.apply_rotary_pos_emb)
-    modeling_llama.apply_rotary_pos_emb = torch.compile(rotary, fullgraph=True, dynamic=False)
-
-
-def restore_rotary() -> None:
-    """Puts transformers' own apply_rotary_pos_emb back (nothing if compile_rotary has not run)."""
-    from transformers.models.llama import modeling_llama
-
-    if _EAGER_ROTARY:
-        modeling_llama.apply_rotary_pos_emb = _EAGER_ROTARY.pop()
 
 
 def adapter_key(name: str) -> str:
@@ -494,7 +436,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, 
         return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode)
     finally:
         qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched's patch: later builds run unpatched
-        restore_rotary()  # and qlora_ext_fused_norms_rope's
+        qlora_ext.unpatch_transformers()  # and qlora_ext_fused's
 
 
 def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode):
@@ -572,7 +514,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
             losses.append(train_step(model, optimizer, data[i % len(data)]).item())
     finally:
         qlora_ext.unpatch_bitsandbytes()
-        restore_rotary()
+        qlora_ext.unpatch_transformers()
     del model, optimizer
     release()
     print(f"{impl:20s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)
@@ -581,7 +523,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
 
 def choices(args) -> tuple[list[str], list[str], list[str]]:
     """--impls, --adapter-dtypes and --optims as lists, each name checked (SystemExit naming the argument)."""
-    lists = {"--impls": (args.impls, IMPLS + EXPERIMENTS), "--adapter-dtypes": (args.adapter_dtypes, sorted(DTYPES)),
+    lists = {"--impls": (args.impls, IMPLS), "--adapter-dtypes": (args.adapter_dtypes, sorted(DTYPES)),
              "--optims": (args.optims, sorted(OPTIMS))}  # fmt: skip
     out = []
     for flag, (text, known) in lists.items():
@@ -655,7 +597,7 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="BATCHxSEQ list for every model (default: " +
                     "; ".join(f"{m} {r}" for m, r in RUNS.items()) + ")")  # fmt: skip
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS + EXPERIMENTS))
+    ap.add_argument("--impls", default=",".join(IMPLS), help="a subset of " + ",".join(IMPLS))
     ap.add_argument("--adapter-dtypes", default="float32", help="float32 and/or bfloat16, for every implementation")
     ap.add_argument("--optims", default="adamw", help="a list of " + ",".join(OPTIMS) + ", for every implementation")
     ap.add_argument("--loss-steps", type=int, default=0, help="N > 0: the loss curve of N steps on the first model")
@@ -751,24 +693,25 @@ def main() -> None:
                 common.write_results(args.out, meta, rows)
     if args.out:
         common.write_results(args.out, meta, rows)
-    for row in rows:
-        if row["op"] != "e2e" or row["impl"] != "qlora_ext":
-            continue
-        peers = {r["impl"]: r for r in rows if r["op"] == "e2e" and r["impl"] != "qlora_ext" and
-                 all(r[k] == row[k] for k in ("model", "batch", "seq", "adapter_dtype", "optim"))}  # fmt: skip
-        for impl, peer in peers.items():
-            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
-                  f"qlora_ext / {impl} tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
-                  f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
+    # ours / peer on the same run: qlora_ext against every other row, the two patches against the
+    # stack they patch (qlora_ext_fused against bitsandbytes + PEFT too: issue 18's ratio with it)
+    pairs = {
+        "qlora_ext": None,
+        "qlora_ext_fused": ("bitsandbytes_peft",),
+        "bitsandbytes_patched": ("bitsandbytes_peft",),
+    }
     run_keys = ("model", "batch", "seq", "adapter_dtype", "optim")
     for row in rows:
-        if row["op"] != "e2e" or row["impl"] != "bitsandbytes_patched":
+        if row["op"] != "e2e" or row["impl"] not in pairs:
             continue
         for peer in rows:
-            if peer["op"] == "e2e" and peer["impl"] == "bitsandbytes_peft" and all(peer[k] == row[k] for k in run_keys):
-                print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
-                      f"bitsandbytes_patched / bitsandbytes_peft tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
-                      f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
+            wanted = pairs[row["impl"]]
+            if (peer["op"] != "e2e" or peer["impl"] == row["impl"] or (wanted and peer["impl"] not in wanted)
+                    or not all(peer[k] == row[k] for k in run_keys)):  # fmt: skip
+                continue
+            print(f"{row['model']} {row['batch']}x{row['seq']} {row['adapter_dtype']} {row['optim']}: "
+                  f"{row['impl']} / {peer['impl']} tokens/s {row['tok_per_s'] / peer['tok_per_s']:.2f}x, "
+                  f"peak {row['peak_gib']} vs {peer['peak_gib']} GiB")  # fmt: skip
     if disagreements:
         raise SystemExit("\n".join(disagreements))
 

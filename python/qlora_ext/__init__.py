@@ -37,6 +37,7 @@ from .model import (
 )
 from .nn import Linear4bit, QLoRALinear
 from .quant_state import QuantState
+from .transformers_patch import patch_transformers, unpatch_transformers
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "merge_adapter",
     "nn",
     "patch_bitsandbytes",
+    "patch_transformers",
     "prepare_model",
     "quantize_4bit",
     "save_adapter",
@@ -68,6 +70,7 @@ __all__ = [
     "set_adapter",
     "unmerge_adapter",
     "unpatch_bitsandbytes",
+    "unpatch_transformers",
 ]
 
 
