@@ -312,6 +312,58 @@ def sync_sites(step) -> Counter:
     return sites
 
 
+def peak_groups(events: list[dict]) -> tuple[int, dict[str, list[int]]]:
+    """From the allocator's trace (torch.cuda.memory._snapshot()'s device_traces): the highest change of
+    the bytes allocated over it (frees of blocks from before it included), and the blocks it made that
+    are live at that moment as {origin: [bytes, blocks]}, the
+    origin being the innermost Python frame outside torch."""
+
+    def origin(e) -> str:
+        for f in e.get("frames", []):
+            if "/torch/" not in f["filename"] and not f["filename"].startswith("<"):
+                return f"`{Path(f['filename']).name}:{f['line']}` {f['name']}"
+        return "(torch internals)"
+
+    live, level, best, best_live = {}, 0, 0, {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            level += e["size"]
+            if level > best:
+                best, best_live = level, dict(live)
+        elif e["action"] == "free_requested":  # blocks from before the trace count too
+            live.pop(e["addr"], None)
+            level -= e["size"]
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for e in best_live.values():
+        g = groups[origin(e)]
+        g[0] += e["size"]
+        g[1] += 1
+    return best, dict(groups)
+
+
+def memory_at_peak(step, top: int = 12) -> str:
+    """One more step under the caching allocator's history: the allocations live at the step's highest
+    allocated memory, grouped by the innermost Python frame outside torch that made them (which layer
+    and line: what the peak is made of, beside what was live before the step)."""
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    best, groups = peak_groups(snap["device_traces"][torch.cuda.current_device()])
+    lines = [f"\nmemory at the step's peak: {(before + best) / 2**30:.3f} GiB allocated, of which "
+             f"{before / 2**30:.3f} GiB live before the step (weights, adapters, optimizer states) and "
+             f"{best / 2**30:.3f} GiB allocated in it, by where:\n",
+             "| made at | MiB | blocks |", "| --- | --- | --- |"]  # fmt: skip
+    for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {where} | {size / 2**20:.1f} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_step(step, label: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -347,6 +399,10 @@ def profile_step(step, label: str) -> str:
         lines += sites or ["- none that torch reports"]
     except Exception as e:  # noqa: BLE001
         lines.append(f"- not measured: {type(e).__name__}: {e}")
+    try:
+        lines.append(memory_at_peak(step))
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"\nmemory at the step's peak: not measured: {type(e).__name__}: {e}")
     return "\n".join(lines) + "\n"
 
 

@@ -177,6 +177,34 @@ def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
     assert mixed["time_vs_one_adapter"] == pytest.approx(mixed["ms"] / one["ms"], rel=1e-2)
 
 
+def test_e2e_memory_at_peak_replays_the_allocator_trace():
+    """bench/e2e.py's peak_groups: the highest level of a made-up trace (a free of a block from before
+    the trace lowers it), the blocks live then, grouped by the innermost frame outside torch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        e2e = importlib.import_module("e2e")
+    finally:
+        sys.path.pop(0)
+    torch_frame = {"filename": "/x/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}
+
+    def at(name, line):
+        return [torch_frame, {"filename": f"/x/site-packages/qlora_ext/{name}.py", "line": line, "name": "f"}]
+
+    events = [
+        {"action": "free_requested", "addr": 1, "size": 100},  # a block from before the trace
+        {"action": "alloc", "addr": 2, "size": 300, "frames": at("nn", 10)},
+        {"action": "alloc", "addr": 3, "size": 50, "frames": at("nn", 10)},
+        {"action": "alloc", "addr": 4, "size": 20, "frames": [torch_frame]},
+        {"action": "free_requested", "addr": 3, "size": 50},
+        {"action": "alloc", "addr": 5, "size": 60, "frames": at("functional", 7)},  # 280 here: the peak
+        {"action": "free_requested", "addr": 2, "size": 300},
+        {"action": "alloc", "addr": 6, "size": 200, "frames": at("nn", 12)},  # 180
+    ]
+    best, groups = e2e.peak_groups(events)
+    assert best == 280
+    assert groups == {"`nn.py:10` f": [300, 1], "(torch internals)": [20, 1], "`functional.py:7` f": [60, 1]}
+
+
 def test_e2e_phase_peaks_reset_between_phases(monkeypatch):
     """bench/e2e.py's peak by phase: the allocator's peak is reset before each of forward, backward and
     the optimizer's step and read after it (here a fake allocator, on any machine)."""
