@@ -125,13 +125,13 @@ def test_e2e_benchmarks_run_on_the_cpu(tmp_path):
         ops = sorted({(r["op"], r["impl"]) for r in rows})
         if name == "e2e":
             kinds = ("decode", "decode_round", "e2e", "e2e_round")
-            assert ops == [(op, impl) for op in kinds for impl in ("qlora_ext", "qlora_ext_peft")], ops
-            # Two rounds in rotated orders; each implementation's row is its rounds' median.
-            for impl in ("qlora_ext", "qlora_ext_peft"):
+            impls = ("qlora_ext", "qlora_ext_fused", "qlora_ext_peft")
+            assert ops == [(op, impl) for op in kinds for impl in impls], ops
+            # Two rounds in rotated orders (round i starts at implementation i); each implementation's
+            # row is its rounds' median.
+            for i, impl in enumerate(impls):
                 rounds = [r for r in rows if r["op"] == "e2e_round" and r["impl"] == impl]
-                assert sorted((r["round"], r["order"]) for r in rounds) == (
-                    [(0, 0), (1, 1)] if impl == "qlora_ext" else [(0, 1), (1, 0)]
-                ), rounds
+                assert sorted((r["round"], r["order"]) for r in rounds) == [(0, i), (1, (i - 1) % 3)], rounds
                 (row,) = [r for r in rows if r["op"] == "e2e" and r["impl"] == impl]
                 assert row["rounds"] == 2 and row["tok_per_s_rounds"] == [r["tok_per_s"] for r in rounds], row
                 assert row["step_s"] == pytest.approx(sum(r["step_s"] for r in rounds) / 2, abs=1e-5), row
