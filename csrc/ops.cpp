@@ -80,6 +80,12 @@ TORCH_LIBRARY(qlora, m) {
       "lora_linear_indexed(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, Tensor? bias, "
       "Tensor lora_A, Tensor lora_B, float[] scaling, Tensor adapter_index) -> Tensor");
+  // Rotary position embedding of one tensor, transformers' apply_rotary_pos_emb in one pass: x
+  // [batch, heads, seq, head_dim] (head_dim even, h = head_dim / 2; any strides), cos and sin broadcast
+  // to x's shape, one float dtype; out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] +
+  // x[i] sin[i+h] for i < h, in float (double for float64) rounded once. backward=True applies the
+  // transposed map, x's gradient given the output's (csrc/rotary.cpp); differentiable in x only.
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool backward=False) -> Tensor");
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.

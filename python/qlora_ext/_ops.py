@@ -143,3 +143,12 @@ def _lora_linear_indexed_fake(
     torch._check(adapter_index.dtype == torch.int64, lambda: f"{op}: adapter_index must be int64")
     torch._check(adapter_index.numel() == math.prod(x.shape[:-1]), lambda: f"{op}: one adapter_index a row of x")
     return x.new_empty(_gemm_shape(x, shape, False))
+
+
+@torch.library.register_fake("qlora::rotary_embedding")
+def _rotary_embedding_fake(x, cos, sin, backward=False):
+    torch._check(x.dim() == 4, lambda: f"rotary_embedding: x must be 4-D, got shape {list(x.shape)}")
+    torch._check(x.shape[3] % 2 == 0, lambda: f"rotary_embedding: x's last dimension must be even, got {x.shape[3]}")
+    out = torch.empty_like(x)
+    # As the kernels (csrc/rotary.cpp): x's layout unless it does not keep the last dimension innermost.
+    return out if out.stride(3) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)

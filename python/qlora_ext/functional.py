@@ -30,6 +30,7 @@ __all__ = [
     "matmul_4bit",
     "quantize_4bit",
     "release_gemm_workspaces",
+    "rotary_embedding",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,6 +44,7 @@ _gemm_4bit_transposed_op = torch.ops.qlora.gemm_4bit_transposed.default
 _lora_linear_op = torch.ops.qlora.lora_linear.default
 _lora_linear_indexed_op = torch.ops.qlora.lora_linear_indexed.default
 _lora_dropout_op = torch.ops.qlora.lora_dropout.default
+_rotary_embedding_op = torch.ops.qlora.rotary_embedding.default
 
 
 def quantize_4bit(
@@ -284,6 +286,38 @@ def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     return _lora_dropout_op(x, seed, float(p))
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of one tensor in one kernel each way: transformers'
+    ``apply_rotary_pos_emb`` (``x * cos + rotate_half(x) * sin``) for q or k alone, with cos and sin
+    already unsqueezed to broadcast over the heads.
+
+    For ``i < h = D / 2``::
+
+        out[..., i]     = x[..., i] * cos[..., i]         - x[..., i + h] * sin[..., i]
+        out[..., i + h] = x[..., i + h] * cos[..., i + h] + x[..., i] * sin[..., i + h]
+
+    computed in float32 (float64 for float64) and rounded once to x's dtype.
+
+    Args:
+        x: ``[batch, heads, seq, head_dim]``, head_dim even; float16, bfloat16 or float32 (float64
+            too); any strides (the transposed view ``[batch, seq, heads, head_dim] -> [batch, heads,
+            seq, head_dim]`` is read in place and the result keeps its layout).
+        cos, sin: x's dtype and device, broadcastable to x's shape: typically ``[batch, 1, seq,
+            head_dim]`` or ``[1, 1, seq, head_dim]``.
+
+    Returns:
+        x's shape and dtype. Differentiable in x (and twice); cos and sin are not (an error if they
+        require grad).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not isinstance(cos, torch.Tensor):
+        raise TypeError(f"cos must be a tensor, got {type(cos).__name__}")
+    if not isinstance(sin, torch.Tensor):
+        raise TypeError(f"sin must be a tensor, got {type(sin).__name__}")
+    return _rotary_embedding_op(x, cos, sin, False)
 
 
 def lora_linear(
