@@ -347,6 +347,7 @@ def memory_at_peak(step, top: int = 12) -> str:
     allocated memory, grouped by the innermost Python frame outside torch that made them (which layer
     and line: what the peak is made of, beside what was live before the step)."""
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     try:
         step()
@@ -354,11 +355,14 @@ def memory_at_peak(step, top: int = 12) -> str:
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
+    peak = torch.cuda.max_memory_allocated()
     best, groups = peak_groups(snap["device_traces"][torch.cuda.current_device()])
-    lines = [f"\nmemory at the step's peak: {(before + best) / 2**30:.3f} GiB allocated, of which "
-             f"{before / 2**30:.3f} GiB live before the step (weights, adapters, optimizer states) and "
-             f"{best / 2**30:.3f} GiB allocated in it, by where:\n",
-             "| made at | MiB | blocks |", "| --- | --- | --- |"]  # fmt: skip
+    # The trace's sizes are the bytes asked for; the allocator's counts (before, peak) are its blocks,
+    # rounded up to 512 bytes and at times holding an unsplit remainder: the two differ a little.
+    lines = [f"\nmemory at the step's peak: {peak / 2**30:.3f} GiB allocated (the allocator's count), "
+             f"{before / 2**30:.3f} GiB of it live before the step (weights, adapters, optimizer states); "
+             f"the step's own allocations at their highest, {best / 2**30:.3f} GiB as requested, by where:\n",
+             "| made at | MiB requested | blocks |", "| --- | --- | --- |"]  # fmt: skip
     for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {where} | {size / 2**20:.1f} | {n} |")
     return "\n".join(lines) + "\n"

@@ -14,8 +14,9 @@ Here every implementation's model is built first and all stay on the GPU; then e
 rounds times one step of each, in an order rotated every round (every implementation takes every
 place equally often where --steps is a multiple of their number), so that a drift of the host over
 seconds falls on every implementation alike. bitsandbytes_patched gets qlora_ext.patch_bitsandbytes()
-around its own steps only. All the models must fit the GPU at once: about 7 GiB each for Llama-7B
-at 1 x 2048 (16 for bf16_peft); a set that would take over 90% of the GPU is refused.
+and qlora_ext_fused qlora_ext.patch_transformers() around their own steps only. All the models must
+fit the GPU at once: about 7 GiB each for Llama-7B at 1 x 2048 (16 for bf16_peft); a set that would
+take over 90% of the GPU is refused.
 
 Rows: op "e2e_interleaved", one per implementation and run: tok_per_s and step_s (the median step),
 step_s_all (every step in order), and vs_first: the median over rounds of the first implementation's
@@ -30,6 +31,7 @@ Correctness first: the first-step losses must agree within 2%, as in bench/e2e.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import random
 import statistics
@@ -49,6 +51,25 @@ import common  # noqa: E402
 DEFAULT_IMPLS = "qlora_ext,qlora_ext_peft,bitsandbytes_patched"
 
 
+def unpatch() -> None:
+    """The process-wide patches of bitsandbytes_patched and qlora_ext_fused, undone."""
+    qlora_ext.unpatch_bitsandbytes()
+    qlora_ext.unpatch_transformers()
+
+
+@contextlib.contextmanager
+def patched(impl: str):
+    """impl's process-wide patch (if it has one) around its own steps only."""
+    if impl == "bitsandbytes_patched":
+        qlora_ext.patch_bitsandbytes(peft=True)
+    elif impl == "qlora_ext_fused":
+        qlora_ext.patch_transformers()
+    try:
+        yield
+    finally:
+        unpatch()
+
+
 def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, device, adapter_dtype, optim: str):
     """{impl: (first_loss, [step seconds in round order])}: one model each, steps interleaved."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -57,33 +78,24 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
     try:
         for impl in impls:
             model = e2e.build(impl, name, device, adapter_dtype)
-            qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched: patched around its own steps only
+            unpatch()  # bitsandbytes_patched, qlora_ext_fused: patched around their own steps only
             optimizer = e2e.make_optimizer(optim, [p for p in model.parameters() if p.requires_grad])
             setups[impl] = functools.partial(e2e.train_step, model, optimizer, ids)
         firsts, times = {}, {impl: [] for impl in impls}
 
         def run(impl, timed: bool):
-            if impl == "bitsandbytes_patched":
-                qlora_ext.patch_bitsandbytes(peft=True)
-            try:
+            with patched(impl):
                 sync()
                 t = time.perf_counter()
                 setups[impl]()
                 sync()
                 if timed:
                     times[impl].append(time.perf_counter() - t)
-            finally:
-                qlora_ext.unpatch_bitsandbytes()
 
         for impl in impls:
             model = setups[impl].args[0]
-            if impl == "bitsandbytes_patched":
-                qlora_ext.patch_bitsandbytes(peft=True)
-            try:
-                with torch.no_grad():
-                    firsts[impl] = model(input_ids=ids, labels=ids).loss.item()
-            finally:
-                qlora_ext.unpatch_bitsandbytes()
+            with patched(impl), torch.no_grad():
+                firsts[impl] = model(input_ids=ids, labels=ids).loss.item()
             for _ in range(3):  # warm-up
                 run(impl, timed=False)
         for rnd in range(steps):
@@ -92,7 +104,7 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
                 run(impl, timed=True)
         return {impl: (firsts[impl], times[impl]) for impl in impls}
     finally:
-        qlora_ext.unpatch_bitsandbytes()  # a build that failed after its patch
+        unpatch()  # a build that failed after its patch
         setups.clear()
         del model, optimizer
         e2e.release()

@@ -86,7 +86,7 @@ def test_every_benchmark_has_a_quick_form():
 
 
 # The three paths of qlora_ext's kernels and bitsandbytes' own, each with a model of its own.
-INTERLEAVED = "qlora_ext,qlora_ext_peft,bitsandbytes_peft,bitsandbytes_patched"
+INTERLEAVED = "qlora_ext,qlora_ext_fused,qlora_ext_peft,bitsandbytes_peft,bitsandbytes_patched"
 
 
 def test_e2e_benchmarks_run_on_the_cpu(tmp_path):

@@ -170,10 +170,17 @@ def test_whole_model_matches_and_unpatch_restores(device, gen):
         return out.logits.float(), out.loss.float(), grads
 
     logits0, loss0, grads0 = run()
+    calls = []
+    real = functional.rotary_embedding
+    functional.rotary_embedding = lambda *a: calls.append(1) or real(*a)
     patched = qlora_ext.patch_transformers()
     assert "transformers.models.llama.modeling_llama.apply_rotary_pos_emb" in patched
     assert qlora_ext.patch_transformers() == patched  # again: the same, nothing wrapped twice
-    logits1, loss1, grads1 = run()
+    try:
+        logits1, loss1, grads1 = run()
+    finally:
+        functional.rotary_embedding = real
+    assert len(calls) == 2 * 2, "q and k of each of the 2 layers: the fused rotary did not run"
     assert not torch.equal(logits1, logits0), "the patched model ran transformers' own functions"
     assert_close_bf16(logits1, logits0, "logits")
     assert abs(loss1.item() - loss0.item()) < 0.01 * abs(loss0.item())
@@ -191,3 +198,35 @@ def test_bad_architecture_names_the_argument():
     with pytest.raises(ValueError, match=r"architectures: 'gpt2' is not one of"):
         qlora_ext.patch_transformers(["llama", "gpt2"])
     assert qlora_ext.unpatch_transformers() is False  # nothing was patched before the check failed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_under_autocast_keeps_the_input_dtype(device, gen):
+    """CUDA autocast lists rms_norm as float32; transformers' norm returns bf16 there (its float32 chain
+    is cast back): the patched norm must too, or every activation after it becomes float32."""
+    norm = modeling("llama").LlamaRMSNorm(64).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        before = norm(x)
+        qlora_ext.patch_transformers(["llama"], rotary=False)
+        after = norm(x)
+    assert before.dtype == after.dtype == torch.bfloat16
+    assert_close_bf16(after, before, "under autocast")
+
+
+def test_a_missing_architecture_patches_nothing(monkeypatch):
+    """A transformers without one of the modules: the import error, and every other architecture
+    left as it was."""
+    real = importlib.import_module
+
+    def without_qwen3(name, *args):
+        if name.endswith("modeling_qwen3"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_qwen3)
+    own = modeling("llama").LlamaRMSNorm.forward
+    with pytest.raises(ModuleNotFoundError, match="qwen3"):
+        qlora_ext.patch_transformers()
+    assert modeling("llama").LlamaRMSNorm.forward is own
+    assert qlora_ext.unpatch_transformers() is False

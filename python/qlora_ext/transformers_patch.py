@@ -8,7 +8,8 @@ Liger-Kernel's ``apply_liger_kernel_to_*`` do, for every model of the listed arc
 process, loaded before or after it:
 
 - each architecture's RMSNorm class gets a ``forward`` that is ``torch.nn.functional.rms_norm`` (one
-  fused kernel each way on CUDA) wherever the norm's weight has the input's dtype; elsewhere (norms
+  fused kernel each way on CUDA, outside autocast, whose float32 list holds it) wherever the norm's
+  weight has the input's dtype; elsewhere (norms
   kept in float32, as PEFT's ``prepare_model_for_kbit_training`` leaves them, whose output is float32)
   transformers' own forward runs;
 - the architecture's ``apply_rotary_pos_emb`` becomes ``functional.rotary_embedding`` on q and on k
@@ -20,7 +21,9 @@ Measured on an H100 with the torch equivalents (norms through ``rms_norm``, the 
 Llama-7B 0.277 -> 0.243 -> 0.230 s (``bench/results/e2e-fusions-h100-2026-12-07-6bff17e.json``).
 Both round once where transformers rounds after each operation: outputs agree with transformers'
 within bfloat16's rounding, not to the bit. The weights, parameters and state dicts are untouched;
-``unpatch_transformers()`` restores transformers' functions.
+``unpatch_transformers()`` restores transformers' functions. Kernels from the Hub (transformers'
+``kernelize`` / ``use_kernels``) for these norms and that rotary are meant to be used instead of this
+patch, not with it (not tested together).
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ def patch_transformers(
     for arch in architectures:
         if arch not in _NORMS:
             raise ValueError(f"architectures: {arch!r} is not one of {list(ARCHITECTURES)}")
+    # every module first: a transformers without one of them patches none
+    modules = [importlib.import_module(f"transformers.models.{arch}.modeling_{arch}") for arch in architectures]
     patched = []
-    for arch in architectures:
-        module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    for arch, module in zip(architectures, modules):
         if rms_norm:
             cls = getattr(module, _NORMS[arch])
             _replace(cls, "forward", _rms_norm_forward)
@@ -91,7 +95,10 @@ def _replace(owner: Any, name: str, new: Any) -> None:
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if self.weight.dtype == hidden_states.dtype:
-        return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        # CUDA autocast runs rms_norm in float32 (its fp32 list) and returns float32 where transformers'
+        # norm returns the input's dtype: the dtypes already agree, so autocast has nothing to do here.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
     # transformers multiplies the bf16 normalized value by a float32 weight into float32: its forward
     for cls in type(self).__mro__:
         original = _ORIGINAL.get((cls, "forward"))
