@@ -156,6 +156,20 @@ def bf16_bytes(name: str) -> int:
     return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h)
 
 
+def patch(impl: str) -> None:
+    """impl's process-wide patch, where it has one: bitsandbytes_patched's patch_bitsandbytes(),
+    qlora_ext_fused's patch_transformers(); unpatch() undoes both."""
+    if impl == "bitsandbytes_patched":
+        qlora_ext.patch_bitsandbytes(peft=True)
+    elif impl == "qlora_ext_fused":
+        qlora_ext.patch_transformers()
+
+
+def unpatch() -> None:
+    qlora_ext.unpatch_bitsandbytes()
+    qlora_ext.unpatch_transformers()
+
+
 def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
     """The model of `impl`; `quant_storage`: the dtype bitsandbytes' packed codes are viewed as (bfloat16 in
     its FSDP recipe, so that FSDP flattens them with the bf16 parameters)."""
@@ -168,8 +182,6 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
             model, config, compute_dtype=torch.bfloat16, weights=weights, device=device, progress=False
         )
         model = model.to(device=device)
-        if impl == "qlora_ext_fused":
-            qlora_ext.patch_transformers()  # measure() and loss_curve() undo it when done
     else:
         import peft
 
@@ -223,9 +235,7 @@ def build(impl: str, name: str, device, adapter_dtype: torch.dtype, quant_storag
         for p in model.parameters():
             if p.requires_grad and p.dtype != adapter_dtype:
                 p.data = p.data.to(adapter_dtype)
-        if impl == "bitsandbytes_patched":
-            # the same model, then the one line; measure() and loss_curve() undo it when done
-            qlora_ext.patch_bitsandbytes(peft=True)
+    patch(impl)  # bitsandbytes_patched: the same model, then the one line; measure() and loss_curve() undo it
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -495,8 +505,7 @@ def measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, 
     try:
         return _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode)
     finally:
-        qlora_ext.unpatch_bitsandbytes()  # bitsandbytes_patched's patch: later builds run unpatched
-        qlora_ext.unpatch_transformers()  # and qlora_ext_fused's
+        unpatch()  # bitsandbytes_patched's and qlora_ext_fused's patches: later builds run unpatched
 
 
 def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run, decode):
@@ -573,8 +582,7 @@ def loss_curve(impl, name, steps, device, adapter_dtype, batch=1, seq=512) -> li
         for i in range(steps):
             losses.append(train_step(model, optimizer, data[i % len(data)]).item())
     finally:
-        qlora_ext.unpatch_bitsandbytes()
-        qlora_ext.unpatch_transformers()
+        unpatch()
     del model, optimizer
     release()
     print(f"{impl:20s} {name} loss curve: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps", flush=True)

@@ -51,23 +51,14 @@ import common  # noqa: E402
 DEFAULT_IMPLS = "qlora_ext,qlora_ext_peft,bitsandbytes_patched"
 
 
-def unpatch() -> None:
-    """The process-wide patches of bitsandbytes_patched and qlora_ext_fused, undone."""
-    qlora_ext.unpatch_bitsandbytes()
-    qlora_ext.unpatch_transformers()
-
-
 @contextlib.contextmanager
 def patched(impl: str):
     """impl's process-wide patch (if it has one) around its own steps only."""
-    if impl == "bitsandbytes_patched":
-        qlora_ext.patch_bitsandbytes(peft=True)
-    elif impl == "qlora_ext_fused":
-        qlora_ext.patch_transformers()
+    e2e.patch(impl)
     try:
         yield
     finally:
-        unpatch()
+        e2e.unpatch()
 
 
 def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, device, adapter_dtype, optim: str):
@@ -78,7 +69,7 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
     try:
         for impl in impls:
             model = e2e.build(impl, name, device, adapter_dtype)
-            unpatch()  # bitsandbytes_patched, qlora_ext_fused: patched around their own steps only
+            e2e.unpatch()  # bitsandbytes_patched, qlora_ext_fused: patched around their own steps only
             optimizer = e2e.make_optimizer(optim, [p for p in model.parameters() if p.requires_grad])
             setups[impl] = functools.partial(e2e.train_step, model, optimizer, ids)
         firsts, times = {}, {impl: [] for impl in impls}
@@ -104,7 +95,7 @@ def interleave(impls: list[str], name: str, batch: int, seq: int, steps: int, de
                 run(impl, timed=True)
         return {impl: (firsts[impl], times[impl]) for impl in impls}
     finally:
-        unpatch()  # a build that failed after its patch
+        e2e.unpatch()  # a build that failed after its patch
         setups.clear()
         del model, optimizer
         e2e.release()
