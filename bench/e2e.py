@@ -71,6 +71,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -326,10 +327,13 @@ def peak_groups(events: list[dict]) -> tuple[int, dict[str, list[int]]]:
     """From the allocator's trace (torch.cuda.memory._snapshot()'s device_traces): the highest change of
     the bytes allocated over it (frees of blocks from before it included), and the blocks it made that
     are live at that moment as {origin: [bytes, blocks]}, the
-    origin being the innermost Python frame outside torch."""
+    origin being the innermost Python frame outside torch, or, for a trace recorded without stacks, the
+    block's size (a tensor's shape shows through it: 344 MiB is one 22016 x 8192 bf16 weight)."""
 
     def origin(e) -> str:
-        for f in e.get("frames", []):
+        if not e.get("frames"):
+            return f"(no stack) blocks of {e['size'] / 2**20:.1f} MiB"
+        for f in e["frames"]:
             if "/torch/" not in f["filename"] and not f["filename"].startswith("<"):
                 return f"`{Path(f['filename']).name}:{f['line']}` {f['name']}"
         return "(torch internals)"
@@ -356,22 +360,37 @@ def memory_at_peak(step, top: int = 12) -> str:
     """One more step under the caching allocator's history: the allocations live at the step's highest
     allocated memory, grouped by the innermost Python frame outside torch that made them (which layer
     and line: what the peak is made of, beside what was live before the step)."""
+
+    def traced(**how):
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, **how)
+        try:
+            step()
+            torch.cuda.synchronize()
+            return torch.cuda.memory._snapshot()
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+
     before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    note = ""
     try:
-        step()
+        snap = traced(stacks="python")
+    except Exception as e:  # noqa: BLE001
+        # torch 2.11 fails some steps whose allocations it records with Python stacks (a SystemError
+        # out of a pybind11 function, seen on qlora_ext's steps, not bitsandbytes'); without stacks
+        # the blocks still show by size.
+        note = f" (recorded without stacks: with them the step failed: {type(e).__name__})"
+        print(f"memory_at_peak, with Python stacks:\n{traceback.format_exc(limit=-4)}", file=sys.stderr)
         torch.cuda.synchronize()
-        snap = torch.cuda.memory._snapshot()
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
+        before = torch.cuda.memory_allocated()
+        snap = traced(context=None)
     peak = torch.cuda.max_memory_allocated()
     best, groups = peak_groups(snap["device_traces"][torch.cuda.current_device()])
     # The trace's sizes are the bytes asked for; the allocator's counts (before, peak) are its blocks,
     # rounded up to 512 bytes and at times holding an unsplit remainder: the two differ a little.
     lines = [f"\nmemory at the step's peak: {peak / 2**30:.3f} GiB allocated (the allocator's count), "
              f"{before / 2**30:.3f} GiB of it live before the step (weights, adapters, optimizer states); "
-             f"the step's own allocations at their highest, {best / 2**30:.3f} GiB as requested, by where:\n",
+             f"the step's own allocations at their highest, {best / 2**30:.3f} GiB as requested, by where{note}:\n",
              "| made at | MiB requested | blocks |", "| --- | --- | --- |"]  # fmt: skip
     for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {where} | {size / 2**20:.1f} | {n} |")

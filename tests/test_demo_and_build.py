@@ -179,7 +179,8 @@ def test_lora_benchmark_mixed_mode_on_the_cpu(tmp_path):
 
 def test_e2e_memory_at_peak_replays_the_allocator_trace():
     """bench/e2e.py's peak_groups: the highest level of a made-up trace (a free of a block from before
-    the trace lowers it), the blocks live then, grouped by the innermost frame outside torch."""
+    the trace lowers it), the blocks live then, grouped by the innermost frame outside torch (by size
+    where no stack was recorded)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     try:
         e2e = importlib.import_module("e2e")
@@ -203,6 +204,9 @@ def test_e2e_memory_at_peak_replays_the_allocator_trace():
     best, groups = e2e.peak_groups(events)
     assert best == 280
     assert groups == {"`nn.py:10` f": [300, 1], "(torch internals)": [20, 1], "`functional.py:7` f": [60, 1]}
+    # A trace recorded without stacks (the fallback where torch fails the step with them): by size.
+    no_stack = [{"action": "alloc", "addr": a, "size": 3 << 20, "frames": []} for a in (7, 8)]
+    assert e2e.peak_groups(no_stack) == (6 << 20, {"(no stack) blocks of 3.0 MiB": [6 << 20, 2]})
 
 
 def test_e2e_phase_peaks_reset_between_phases(monkeypatch):
