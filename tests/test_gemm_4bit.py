@@ -4,6 +4,7 @@ torch.compile and CUDA graphs, and on bad input."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -242,6 +243,49 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
     out3 = F.gemm_4bit_transposed(g3.transpose(0, 1), packed, state)
     assert out3.shape == (3, 2, k)
     assert_close_to_reference(out3.reshape(-1, k), g3.transpose(0, 1).reshape(-1, n), w.T.contiguous(), None, "3-D")
+
+
+# The cuBLAS path dequantizes W a band of rows at a time, at most 128 MiB a band (csrc/cuda/
+# gemm_4bit.cu), so that a large weight's dequantized copy does not sit whole in a training step's
+# peak memory: 16384 x 4160 is 130 MiB in bf16 (two bands) and 260 MiB in float32 (three), and K =
+# 65 blocks puts a band's start on a nested scales' group only every 256 rows. Both products stay
+# within the float64 bound (the backward's later bands add to the output: one more rounding of a
+# partial sum each, inside the bound's 2u), and a call's memory stays well under the whole weight's.
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
+    n, k, m = 16384, 4160, 64
+    packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, dq=dq)
+    w = F.dequantize_4bit(packed, state)
+    whole = w.numel() * w.element_size()
+    x = make_input((m, k), dtype, "cuda", gen)
+    bias = make_input((n,), dtype, "cuda", gen)
+    g = make_input((m, n), dtype, "cuda", gen)
+    caching = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1"  # (the sanitizer's runs turn it off)
+    for what, call in [
+        ("forward", lambda: gemm_on_path("cublas", x, packed, state, bias)),
+        ("backward", lambda: F.gemm_4bit_transposed(g, packed, state)),
+    ]:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = call()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        if caching:
+            assert extra < 0.6 * whole, f"{what}: {extra} bytes over the call, the whole weight is {whole}"
+        if what == "forward":
+            assert_close_to_reference(out, x, w, bias, f"banded forward {dtype} dq={dq}")
+        else:
+            assert_close_to_reference(out, g, w.T.contiguous(), None, f"banded backward {dtype} dq={dq}")
+            # one 1 a row of grad picks a row of W: a band's share, the other bands adding zeros (20
+            # rows: the cuBLAS path, past the own kernel's M <= 16)
+            rows = torch.tensor([0, 255, 256, n // 2, n - 1, *range(5000, 5015)])
+            one_hot = torch.zeros(len(rows), n, dtype=dtype, device="cuda")
+            one_hot[torch.arange(len(rows)), rows.cuda()] = 1
+            assert torch.equal(F.gemm_4bit_transposed(one_hot, packed, state), w[rows.cuda()])
 
 
 # The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the

@@ -21,9 +21,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -70,12 +72,54 @@ DeviceLimits device_limits(int device) {
 
 namespace {
 
-// W [N, K], dequantized into a buffer of the call's own.
-at::Tensor dequantized_weight(const PreparedGemm& g) {
-  at::Tensor W = call_buffer(g.p.N * g.p.K, g.x2.scalar_type(), g.x2.device());
-  dequantize_4bit_into(g.packed, g.absmax, g.nested_absmax, g.nested_code, g.offset, g.blocksize, g.p.quant_type,
-                       g.p.N * g.p.K, W);
-  return W.view({g.p.N, g.p.K});
+// The cuBLAS path dequantizes W a band of rows at a time, each band's buffer at most this many
+// bytes: a weight's whole dequantized copy would sit in the peak memory of a training step, whose
+// highest point is inside a large layer's backward product (Llama-65B at 1 x 2048: an MLP weight,
+// 22016 x 8192, is 344 MiB in bf16, 115 MiB a band in three; the step's peak by block in
+// bench/results/e2e-profile-65b-h100-2026-12-07-b9d9340.md). 128 MiB keeps every weight of a 7B or
+// 13B model, and 8192 x 8192, in one band.
+constexpr int64_t kMaxDequantizedBandBytes = int64_t{128} << 20;
+
+// W's packed codes and scales, sliced by rows.
+struct QuantizedRows {
+  at::Tensor packed, absmax;
+  std::optional<at::Tensor> nested_absmax, nested_code, offset;
+  int64_t blocksize;
+  QuantType quant_type;
+  int64_t N, K;
+};
+
+// Rows per band, a multiple of the rows after which a band starts on a boundary of the blocks and,
+// with double quantization, of the nested scales' groups of kNestedBlocksize blocks, so that a band
+// is a slice of the packed codes, the scales and the nested scales. N: one band.
+int64_t rows_per_band(const QuantizedRows& w, size_t elem_bytes) {
+  const int64_t bytes = w.N * w.K * static_cast<int64_t>(elem_bytes);
+  if (bytes <= kMaxDequantizedBandBytes) return w.N;
+  const int64_t group = w.nested_absmax.has_value() ? w.blocksize * kNestedBlocksize : w.blocksize;
+  const int64_t unit = group / std::gcd(w.K, group);  // rows whose elements fill whole groups
+  const int64_t bands = (bytes + kMaxDequantizedBandBytes - 1) / kMaxDequantizedBandBytes;
+  const int64_t rows = ((w.N + bands - 1) / bands + unit - 1) / unit * unit;
+  return std::min(rows, w.N);
+}
+
+// Rows [n0, n0 + rows) of W, dequantized into a buffer of the call's own.
+at::Tensor dequantized_rows(const QuantizedRows& w, int64_t n0, int64_t rows, at::ScalarType dtype,
+                            const at::Device& device) {
+  const int64_t first = n0 * w.K, n = rows * w.K;  // elements; block- and group-aligned (rows_per_band)
+  const int64_t b0 = first / w.blocksize, blocks = (n + w.blocksize - 1) / w.blocksize;
+  std::optional<at::Tensor> nested_absmax;
+  if (w.nested_absmax.has_value()) {
+    nested_absmax =
+        w.nested_absmax->narrow(0, b0 / kNestedBlocksize, (blocks + kNestedBlocksize - 1) / kNestedBlocksize);
+  }
+  at::Tensor W = call_buffer(n, dtype, device);
+  dequantize_4bit_into(w.packed.reshape(-1).narrow(0, first / 2, (n + 1) / 2), w.absmax.narrow(0, b0, blocks),
+                       nested_absmax, w.nested_code, w.offset, w.blocksize, w.quant_type, n, W);
+  return W.view({rows, w.K});
+}
+
+QuantizedRows quantized_rows(const PreparedGemm& g) {
+  return {g.packed, g.absmax, g.nested_absmax, g.nested_code, g.offset, g.blocksize, g.p.quant_type, g.p.N, g.p.K};
 }
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -197,9 +241,17 @@ bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous) {
       return true;
     }
   }
-  const at::Tensor W = dequantized_weight(g);
-  if (g.bias.defined()) at::addmm_out(g.out2, g.bias, g.x2, W.t());
-  else at::mm_out(g.out2, g.x2, W.t());
+  // A band of W's rows is a band of the output's columns: each output element is one product, as
+  // with the whole weight.
+  const QuantizedRows w = quantized_rows(g);
+  const int64_t band = rows_per_band(w, g.x2.element_size());
+  for (int64_t n0 = 0; n0 < w.N; n0 += band) {
+    const int64_t rows = std::min(band, w.N - n0);
+    const at::Tensor W = dequantized_rows(w, n0, rows, g.x2.scalar_type(), g.x2.device());
+    at::Tensor out = rows == w.N ? g.out2 : g.out2.narrow(1, n0, rows);
+    if (g.bias.defined()) at::addmm_out(out, g.bias.narrow(0, n0, rows), g.x2, W.t());
+    else at::mm_out(out, g.x2, W.t());
+  }
   return lora == nullptr;
 }
 
@@ -267,12 +319,25 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
                                    stream)) {
     return out;
   }
-  at::Tensor W = call_buffer(p.N * p.K, grad.scalar_type(), grad.device());
-  dequantize_4bit_into(packed_in.contiguous(), absmax.contiguous(),
-                       nested_absmax.has_value() ? std::optional(nested_absmax->contiguous()) : std::nullopt,
-                       nested_code.has_value() ? std::optional(nested_code->contiguous()) : std::nullopt, offset,
-                       blocksize, p.quant_type, p.N * p.K, W);
-  at::mm_out(out2, grad2, W.view({p.N, p.K}));
+  const QuantizedRows w{packed_in.contiguous(),
+                        absmax.contiguous(),
+                        nested_absmax.has_value() ? std::optional(nested_absmax->contiguous()) : std::nullopt,
+                        nested_code.has_value() ? std::optional(nested_code->contiguous()) : std::nullopt,
+                        offset,
+                        blocksize,
+                        p.quant_type,
+                        p.N,
+                        p.K};
+  // A band of W's rows is a share of the sum over N: the first band writes the output and the others
+  // add to it (cuBLAS with beta = 1), one more rounding of a partial sum to the output's dtype a band.
+  const int64_t band = rows_per_band(w, grad.element_size());
+  for (int64_t n0 = 0; n0 < p.N; n0 += band) {
+    const int64_t rows = std::min(band, p.N - n0);
+    const at::Tensor W = dequantized_rows(w, n0, rows, grad.scalar_type(), grad.device());
+    if (rows == p.N) at::mm_out(out2, grad2, W);
+    else if (n0 == 0) at::mm_out(out2, grad2.narrow(1, 0, rows), W);
+    else at::addmm_out(out2, out2, grad2.narrow(1, n0, rows), W);
+  }
   return out;
 }
 
