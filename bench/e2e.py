@@ -372,7 +372,7 @@ def memory_at_peak(step, top: int = 12) -> str:
             torch.cuda.memory._record_memory_history(enabled=None)
 
     before = torch.cuda.memory_allocated()
-    note = ""
+    note, snap = "", None
     try:
         snap = traced(stacks="python")
     except Exception as e:  # noqa: BLE001
@@ -381,6 +381,8 @@ def memory_at_peak(step, top: int = 12) -> str:
         # the blocks still show by size.
         note = f" (recorded without stacks: with them the step failed: {type(e).__name__})"
         print(f"memory_at_peak, with Python stacks:\n{traceback.format_exc(limit=-4)}", file=sys.stderr)
+    if snap is None:  # (out of the except clause: its traceback holds the failed step's tensors)
+        gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         snap = traced(context=None)
