@@ -203,6 +203,50 @@ def test_resume_refuses_a_checkpoint_of_another_run(model_dir, data_file, tmp_pa
                   "--lr", "1e-2", "--quiet"])  # fmt: skip
 
 
+def test_patch_transformers_is_on_for_a_new_run_and_a_resumed_run_keeps_its_choice(
+    model_dir, data_file, tmp_path, monkeypatch
+):
+    """--patch-transformers: on by default for a new run (the model's rotary and norms on qlora_ext's
+    kernels while it trains, transformers as it was after), recorded in each checkpoint; a resume takes
+    the recorded choice, off where a checkpoint predates the option, and refuses the other one."""
+    from qlora_ext import transformers_patch
+
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    original_rotary = llama.apply_rotary_pos_emb
+    seen = []  # what was patched at each checkpoint
+    save = cli._save_checkpoint
+
+    def save_and_look(*args, **kwargs):
+        seen.append(transformers_patch.patched())
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_save_checkpoint", save_and_look)
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "on", monkeypatch)
+    assert "transformers.models.llama.modeling_llama.apply_rotary_pos_emb" in seen[-1], seen
+    assert "transformers.models.llama.modeling_llama.LlamaRMSNorm.forward" in seen[-1], seen
+    assert transformers_patch.patched() == [] and llama.apply_rotary_pos_emb is original_rotary
+    state = json.loads((tmp_path / "on" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["run"]["patch_transformers"] is True
+    with pytest.raises(SystemExit, match="other patch_transformers"):
+        run(model_dir, data_file, tmp_path / "on", "--no-patch-transformers")
+
+    # A checkpoint written before the option (no key in its run): resumed without the patch, to the
+    # bits of a run without it from the start.
+    assert run(model_dir, data_file, tmp_path / "straight", "--no-patch-transformers") == 0
+    assert all(s == [] for s in seen[1:]), seen
+    interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "old", monkeypatch, "--no-patch-transformers")
+    path = tmp_path / "old" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["run"]["patch_transformers"]
+    path.write_text(json.dumps(state))
+    seen.clear()
+    assert run(model_dir, data_file, tmp_path / "old") == 0
+    assert seen and all(s == [] for s in seen), seen
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "old")
+    for k in straight:
+        assert_bits_equal(resumed[k], straight[k], k)
+
+
 def test_no_resume_starts_over_and_moves_the_earlier_run_aside(model_dir, data_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     interrupted_after_first_checkpoint(model_dir, data_file, out, monkeypatch)

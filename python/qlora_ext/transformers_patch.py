@@ -16,9 +16,8 @@ process, loaded before or after it:
   (one kernel each way a tensor) wherever q, k, cos and sin share a dtype and cos and sin need no
   gradient (transformers computes them without one); elsewhere transformers' own function runs.
 
-Measured on an H100 with the torch equivalents (norms through ``rms_norm``, the rotary compiled by
-``torch.compile``), bfloat16 adapters, 1 x 2048: a Llama-65B QLoRA step 1.942 -> 1.815 -> 1.719 s,
-Llama-7B 0.277 -> 0.243 -> 0.230 s (``bench/results/e2e-fusions-h100-2026-12-07-6bff17e.json``).
+Measured on an H100, bfloat16 adapters, 1 x 2048: a Llama-65B QLoRA step 1.947 -> 1.721 s, Llama-7B
+0.283 -> 0.227 s (``bench/results/e2e-fused-h100-2026-12-07-05fb9f3.json``).
 Both round once where transformers rounds after each operation: outputs agree with transformers'
 within bfloat16's rounding, not to the bit. The weights, parameters and state dicts are untouched;
 ``unpatch_transformers()`` restores transformers' functions. Kernels from the Hub (transformers'
@@ -35,7 +34,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["ARCHITECTURES", "patch_transformers", "unpatch_transformers"]
+__all__ = ["ARCHITECTURES", "patch_transformers", "patched", "unpatch_transformers"]
 
 # transformers' model type -> its RMSNorm class. Each one's forward and apply_rotary_pos_emb are the
 # same code as Llama's (transformers copies them); tests/test_transformers_patch.py checks every one
@@ -77,6 +76,13 @@ def patch_transformers(
             _replace(module, "apply_rotary_pos_emb", _fused_rotary(original))
             patched.append(f"{module.__name__}.apply_rotary_pos_emb")
     return patched
+
+
+def patched() -> list[str]:
+    """What ``patch_transformers()`` has replaced and ``unpatch_transformers()`` not yet restored, as
+    ``"module.name"``."""
+    return [f"{getattr(owner, '__module__', '')}.{getattr(owner, '__name__', owner)}.{name}".lstrip(".")
+            for owner, name in _ORIGINAL]  # fmt: skip
 
 
 def unpatch_transformers() -> bool:
