@@ -356,10 +356,11 @@ def peak_groups(events: list[dict]) -> tuple[int, dict[str, list[int]]]:
     return best, dict(groups)
 
 
-def memory_at_peak(step, top: int = 12) -> str:
+def memory_at_peak(step, reset, top: int = 12) -> str:
     """One more step under the caching allocator's history: the allocations live at the step's highest
     allocated memory, grouped by the innermost Python frame outside torch that made them (which layer
-    and line: what the peak is made of, beside what was live before the step)."""
+    and line: what the peak is made of, beside what was live before the step). reset undoes what a
+    step that failed half-way leaves (its gradients), before the step is run again without stacks."""
 
     def traced(**how):
         torch.cuda.reset_peak_memory_stats()
@@ -382,6 +383,7 @@ def memory_at_peak(step, top: int = 12) -> str:
         note = f" (recorded without stacks: with them the step failed: {type(e).__name__})"
         print(f"memory_at_peak, with Python stacks:\n{traceback.format_exc(limit=-4)}", file=sys.stderr)
     if snap is None:  # (out of the except clause: its traceback holds the failed step's tensors)
+        reset()  # a step that failed in its backward leaves gradients half accumulated
         gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -399,7 +401,7 @@ def memory_at_peak(step, top: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_step(step, label: str) -> str:
+def profile_step(step, reset, label: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -435,7 +437,7 @@ def profile_step(step, label: str) -> str:
     except Exception as e:  # noqa: BLE001
         lines.append(f"- not measured: {type(e).__name__}: {e}")
     try:
-        lines.append(memory_at_peak(step))
+        lines.append(memory_at_peak(step, reset))
     except Exception as e:  # noqa: BLE001
         lines.append(f"\nmemory at the step's peak: not measured: {type(e).__name__}: {e}")
     return "\n".join(lines) + "\n"
@@ -579,7 +581,9 @@ def _measure(impl, name, runs, steps, device, adapter_dtype, optim, profile_run,
               f"{f' + {paged:.2f} GiB paged' if paged else ''}, first loss {first:.4f}", flush=True)  # fmt: skip
         if profile_run == (batch, seq) and device.type == "cuda":
             profile_text = profile_step(
-                step, f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}"
+                step,
+                functools.partial(optimizer.zero_grad, set_to_none=True),
+                f"{impl}, {name} {batch}x{seq}, {str(adapter_dtype)[6:]} adapters, {optim}",
             )
             print(profile_text, flush=True)
     if decode > 0:

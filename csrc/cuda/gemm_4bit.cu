@@ -107,16 +107,17 @@ int64_t rows_per_band(const QuantizedRows& w, size_t elem_bytes) {
 // Rows [n0, n0 + rows) of W, dequantized into a buffer of the call's own.
 at::Tensor dequantized_rows(const QuantizedRows& w, int64_t n0, int64_t rows, at::ScalarType dtype,
                             const at::Device& device) {
-  const int64_t first = n0 * w.K, n = rows * w.K;  // elements; block- and group-aligned (rows_per_band)
+  // elements, block- and group-aligned (rows_per_band); the scales flat, whatever shape they came in
+  const int64_t first = n0 * w.K, n = rows * w.K;
   const int64_t b0 = first / w.blocksize, blocks = (n + w.blocksize - 1) / w.blocksize;
   std::optional<at::Tensor> nested_absmax;
   if (w.nested_absmax.has_value()) {
-    nested_absmax =
-        w.nested_absmax->narrow(0, b0 / kNestedBlocksize, (blocks + kNestedBlocksize - 1) / kNestedBlocksize);
+    nested_absmax = w.nested_absmax->reshape(-1).narrow(0, b0 / kNestedBlocksize, ceil_div(blocks, kNestedBlocksize));
   }
   at::Tensor W = call_buffer(n, dtype, device);
-  dequantize_4bit_into(w.packed.reshape(-1).narrow(0, first / 2, (n + 1) / 2), w.absmax.narrow(0, b0, blocks),
-                       nested_absmax, w.nested_code, w.offset, w.blocksize, w.quant_type, n, W);
+  dequantize_4bit_into(w.packed.reshape(-1).narrow(0, first / 2, (n + 1) / 2),
+                       w.absmax.reshape(-1).narrow(0, b0, blocks), nested_absmax, w.nested_code, w.offset, w.blocksize,
+                       w.quant_type, n, W);
   return W.view({rows, w.K});
 }
 
