@@ -86,6 +86,13 @@ TORCH_LIBRARY(qlora, m) {
   // x[i] sin[i+h] for i < h, in float (double for float64) rounded once. backward=True applies the
   // transposed map, x's gradient given the output's (csrc/rotary.cpp); differentiable in x only.
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool backward=False) -> Tensor");
+  // SwiGLU's gating in one pass, transformers' act_fn(gate_proj(x)) * up_proj(x) with SiLU (LlamaMLP
+  // and its copies): out = silu(gate) * up = gate / (1 + exp(-gate)) * up, gate and up of one shape and
+  // float dtype (any strides), in float (double for float64) rounded once. silu_mul_backward gives
+  // (grad_gate, grad_up) for the output's gradient (csrc/silu_mul.cpp); silu_mul's autograd keeps gate
+  // and up only, not silu(gate). Differentiable once.
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
 // `import qlora_ext._C` loads this library, whose static initializers register the ops above.

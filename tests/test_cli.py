@@ -247,6 +247,34 @@ def test_patch_transformers_is_on_for_a_new_run_and_a_resumed_run_keeps_its_choi
         assert_bits_equal(resumed[k], straight[k], k)
 
 
+def test_a_run_patches_as_its_option_says_and_leaves_the_process_as_it_was(model_dir, data_file, tmp_path, monkeypatch):
+    """A program that patched transformers itself before calling the CLI: --no-patch-transformers
+    trains unpatched (what its checkpoints record is what ran), a default run patches its own
+    architecture only, and after each run the program's patches are back exactly."""
+    from qlora_ext import transformers_patch
+
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    own_rotary = llama.apply_rotary_pos_emb
+    seen = []
+    save = cli._save_checkpoint
+    looking = lambda *a, **k: seen.append(transformers_patch.patched()) or save(*a, **k)  # noqa: E731
+    monkeypatch.setattr(cli, "_save_checkpoint", looking)
+    host = sorted(transformers_patch.patch_transformers(["qwen2", "llama"], rotary=False))
+    host_norm = llama.LlamaRMSNorm.forward
+    try:
+        assert run(model_dir, data_file, tmp_path / "off", "--no-patch-transformers", "--max-steps", "2") == 0
+        assert seen and all(s == [] for s in seen), seen
+        assert sorted(transformers_patch.patched()) == host and llama.LlamaRMSNorm.forward is host_norm
+        seen.clear()
+        assert run(model_dir, data_file, tmp_path / "on", "--max-steps", "2") == 0
+        rotary = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
+        assert seen and all(rotary in s and not any("qwen2" in name for name in s) for s in seen), seen
+        assert sorted(transformers_patch.patched()) == host and llama.LlamaRMSNorm.forward is host_norm
+        assert llama.apply_rotary_pos_emb is own_rotary
+    finally:
+        qlora_ext.unpatch_transformers()
+
+
 def test_no_resume_starts_over_and_moves_the_earlier_run_aside(model_dir, data_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     interrupted_after_first_checkpoint(model_dir, data_file, out, monkeypatch)

@@ -1,5 +1,5 @@
-"""patch_transformers(): the RMSNorm and rotary embedding of transformers' Llama-family models on fused
-kernels, against transformers' own functions (within bfloat16's rounding: one rounding where
+"""patch_transformers(): the RMSNorm, rotary embedding and SwiGLU gating of transformers' Llama-family
+models on fused kernels, against transformers' own functions (within bfloat16's rounding: one rounding where
 transformers rounds after each operation), the fallbacks to transformers' own to the bit, whole
 models, and the undo."""
 
@@ -92,6 +92,56 @@ def test_rms_norm_with_a_float32_weight_is_transformers_own(arch, gen):
     assert torch.equal(after, before)
 
 
+MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
+
+
+def make_mlp(arch, device, gen, hidden_act="silu"):
+    config = transformers.AutoConfig.for_model(arch, hidden_size=64, intermediate_size=96, hidden_act=hidden_act)
+    mlp = getattr(modeling(arch), MLPS[arch])(config).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return mlp
+
+
+@pytest.mark.parametrize("arch", sorted(MLPS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_mlp_matches_transformers(arch, device, gen):
+    mlp = make_mlp(arch, device, gen)
+    x = (2 * torch.randn(3, 7, 64, generator=gen)).to(device=device, dtype=torch.bfloat16)
+    g = torch.randn(3, 7, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        mlp.zero_grad()
+        y = mlp(xi)
+        y.backward(g)
+        return (y, xi.grad, *(p.grad for p in mlp.parameters()))
+
+    before = run()
+    calls = []
+    real = functional.silu_mul
+    functional.silu_mul = lambda *a: calls.append(1) or real(*a)
+    try:
+        qlora_ext.patch_transformers([arch], rms_norm=False, rotary=False)
+        after = run()
+    finally:
+        functional.silu_mul = real
+    assert calls == [1], "the patched forward did not run the fused gating once"
+    for i, (a, b) in enumerate(zip(after, before)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        assert_close_bf16(a, b, f"{arch} output / grad {i}")
+
+
+def test_swiglu_mlp_with_another_activation_is_transformers_own(gen):
+    mlp = make_mlp("llama", "cpu", gen, hidden_act="gelu")
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    before = mlp(x)
+    assert "transformers.models.llama.modeling_llama.LlamaMLP.forward" in qlora_ext.patch_transformers(["llama"])
+    assert torch.equal(mlp(x), before)
+    assert "LlamaMLP" not in str(qlora_ext.patch_transformers(["mixtral"])), "Mixtral has no such MLP"
+
+
 def rotary_inputs(gen, device, dtype=torch.bfloat16, batch=2, heads=4, kv_heads=2, seq=16, dim=64):
     """q and k as transformers makes them (views of [B, S, H, D] transposed to [B, H, S, D]) and cos,
     sin as LlamaRotaryEmbedding does ([B, S, D], the two halves of the angles equal)."""
@@ -160,7 +210,7 @@ def test_whole_model_matches_and_unpatch_restores(device, gen):
     model = tiny_llama(0, device).to(torch.bfloat16).train()
     ids = torch.randint(0, 96, (2, 24), generator=gen).to(device)
     mod = modeling("llama")
-    own = (mod.LlamaRMSNorm.forward, mod.apply_rotary_pos_emb)
+    own = (mod.LlamaRMSNorm.forward, mod.apply_rotary_pos_emb, mod.LlamaMLP.forward)
 
     def run():
         model.zero_grad()
@@ -170,17 +220,19 @@ def test_whole_model_matches_and_unpatch_restores(device, gen):
         return out.logits.float(), out.loss.float(), grads
 
     logits0, loss0, grads0 = run()
-    calls = []
-    real = functional.rotary_embedding
+    calls, gates = [], []
+    real, real_gate = functional.rotary_embedding, functional.silu_mul
     functional.rotary_embedding = lambda *a: calls.append(1) or real(*a)
+    functional.silu_mul = lambda *a: gates.append(1) or real_gate(*a)
     patched = qlora_ext.patch_transformers()
     assert "transformers.models.llama.modeling_llama.apply_rotary_pos_emb" in patched
     assert qlora_ext.patch_transformers() == patched  # again: the same, nothing wrapped twice
     try:
         logits1, loss1, grads1 = run()
     finally:
-        functional.rotary_embedding = real
+        functional.rotary_embedding, functional.silu_mul = real, real_gate
     assert len(calls) == 2 * 2, "q and k of each of the 2 layers: the fused rotary did not run"
+    assert len(gates) == 2, "the MLP of each of the 2 layers: the fused gating did not run"
     assert not torch.equal(logits1, logits0), "the patched model ran transformers' own functions"
     assert_close_bf16(logits1, logits0, "logits")
     assert abs(loss1.item() - loss0.item()) < 0.01 * abs(loss0.item())
@@ -188,7 +240,7 @@ def test_whole_model_matches_and_unpatch_restores(device, gen):
     rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads1, grads0))
     assert rel < 0.05, f"a gradient moved by {rel:.3f} of its norm"
     assert qlora_ext.unpatch_transformers() is True
-    assert (mod.LlamaRMSNorm.forward, mod.apply_rotary_pos_emb) == own
+    assert (mod.LlamaRMSNorm.forward, mod.apply_rotary_pos_emb, mod.LlamaMLP.forward) == own
     logits2, _, _ = run()
     assert torch.equal(logits2, logits0)
     assert qlora_ext.unpatch_transformers() is False

@@ -152,3 +152,22 @@ def _rotary_embedding_fake(x, cos, sin, backward=False):
     out = torch.empty_like(x)
     # As the kernels (csrc/rotary.cpp): x's layout unless it does not keep the last dimension innermost.
     return out if out.stride(3) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _check_silu_mul(op, gate, up, grad=None):
+    for name, t in (("up", up), ("grad", grad)):
+        if t is not None:
+            message = f"{op}: {name} must have gate's dtype and shape ({gate.dtype}, {list(gate.shape)})"
+            torch._check(t.dtype == gate.dtype and t.shape == gate.shape, lambda m=message: m)
+
+
+@torch.library.register_fake("qlora::silu_mul")
+def _silu_mul_fake(gate, up):
+    _check_silu_mul("silu_mul", gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("qlora::silu_mul_backward")
+def _silu_mul_backward_fake(grad, gate, up):
+    _check_silu_mul("silu_mul_backward", gate, up, grad)
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)

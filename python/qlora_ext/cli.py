@@ -10,8 +10,8 @@ memory. LoRA goes on every linear layer of the blocks. The defaults are those of
 qlora.py: r = 64, alpha = 16, dropout 0.05, AdamW with lr 2e-4, a constant rate after a linear
 warm-up over 3% of the steps, gradient norm clipped at 0.3, gradient checkpointing, and batch 1 with
 16 steps of gradient accumulation; but the optimizer is torch's AdamW unless asked (qlora.py's is
-bitsandbytes' paged one: --optim paged_adamw_32bit). The model's RMSNorm and rotary embedding run on
-fused kernels (qlora_ext.patch_transformers(), for the run only; --no-patch-transformers: not).
+bitsandbytes' paged one: --optim paged_adamw_32bit). The model's RMSNorm, rotary embedding and SwiGLU
+gating run on fused kernels (qlora_ext.patch_transformers(), for the run only; --no-patch-transformers: not).
 
 Data: JSON lines of text, prompt and response (or TRL's completion), or chat messages; the formats and
 their loss masks are qlora_ext.finetune_data's. A malformed line is an error that names its file and line.
@@ -40,6 +40,7 @@ docs/distributed.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -238,12 +239,14 @@ def finetune(args: argparse.Namespace) -> Path:
                 args.device or ("cuda" if torch.cuda.is_available() and qlora_ext.cuda_kernels_available() else "cpu")
             )
         )
-    patched_before = transformers_patch.patched()
+    args = copy.copy(args)  # (_finetune settles the options left to it in its own copy)
+    # The run patches transformers as its own option says, whatever the process had; the process's
+    # transformers as it was after (the CLI may run inside another program).
+    patches = transformers_patch._state()
     try:
         return _finetune(args, ranks)
     finally:
-        if not patched_before:  # the process's transformers as it was (the CLI may run inside another program)
-            transformers_patch.unpatch_transformers()
+        transformers_patch._restore(patches)
         ranks.close()
 
 
@@ -297,10 +300,14 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
     # adapter. Not --max-steps / --epochs: a finished run is continued with more steps. Nor the
     # number of ranks or --fsdp: a step's batch and its checkpoint are the same on any number.
     saved = json.loads((existing[-1] / _STATE).read_text()) if existing else None
-    if args.patch_transformers is None:  # on for a new run; a resumed one as it was run (its norms' bits)
+    # --patch-transformers: on for a new run, a resumed one as it ran (the bits differ); recorded as what
+    # it does, so off for a model the patch does not cover, whatever was asked.
+    model_type = transformers.AutoConfig.from_pretrained(str(model_dir)).model_type
+    if args.patch_transformers is None:
         args.patch_transformers = saved is None or saved.get("run", {}).get(
             "patch_transformers", _RUN_KEY_DEFAULTS["patch_transformers"]
         )
+    args.patch_transformers = bool(args.patch_transformers) and model_type in transformers_patch.ARCHITECTURES
     run = {k: getattr(args, k) for k in _RUN_KEYS}
     run["data"] = _file_digest(Path(args.data))
     if saved is not None:
@@ -328,8 +335,9 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
 
     lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
-    if args.patch_transformers and model.config.model_type in transformers_patch.ARCHITECTURES:
-        transformers_patch.patch_transformers([model.config.model_type])  # undone by finetune()
+    transformers_patch.unpatch_transformers()  # (finetune() puts back what the process had)
+    if args.patch_transformers:
+        transformers_patch.patch_transformers([model_type])
     if existing:
         _resume_adapter(existing[-1], model)
     if not args.no_gradient_checkpointing:
@@ -700,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "base's codes and scales too) instead of replicating it with DDP; needs torchrun and --optim "
                     "adamw")  # fmt: skip
     ft.add_argument("--patch-transformers", action=argparse.BooleanOptionalAction, default=None,
-                    help="run the model's RMSNorm and rotary embedding on fused kernels "
+                    help="run the model's RMSNorm, rotary embedding and SwiGLU gating on fused kernels "
                     "(qlora_ext.patch_transformers(); Llama, Mistral, Mixtral, Qwen2, Qwen3: 1.1-1.3x faster steps "
                     "on an H100, outputs within bf16's rounding of transformers'; other models run as they are). "
                     "None: on for a new run, and a resumed run as it was started (off for checkpoints older than "

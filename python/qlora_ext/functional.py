@@ -31,6 +31,7 @@ __all__ = [
     "quantize_4bit",
     "release_gemm_workspaces",
     "rotary_embedding",
+    "silu_mul",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,6 +46,7 @@ _lora_linear_op = torch.ops.qlora.lora_linear.default
 _lora_linear_indexed_op = torch.ops.qlora.lora_linear_indexed.default
 _lora_dropout_op = torch.ops.qlora.lora_dropout.default
 _rotary_embedding_op = torch.ops.qlora.rotary_embedding.default
+_silu_mul_op = torch.ops.qlora.silu_mul.default
 
 
 def quantize_4bit(
@@ -318,6 +320,28 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     if not isinstance(sin, torch.Tensor):
         raise TypeError(f"sin must be a tensor, got {type(sin).__name__}")
     return _rotary_embedding_op(x, cos, sin, False)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating in one kernel each way: ``torch.nn.functional.silu(gate) * up``, what
+    transformers' ``LlamaMLP`` (and Mistral's, Qwen2's, Qwen3's) computes between its projections.
+
+    ``out = gate / (1 + exp(-gate)) * up``, computed in float32 (float64 for float64) and rounded once
+    to the inputs' dtype, where torch rounds ``silu(gate)`` and then the product. Its backward keeps
+    ``gate`` and ``up`` only: the ``silu(gate)`` activation that autograd otherwise keeps beside them (a
+    third tensor of the MLP's width) is not made.
+
+    Args:
+        gate, up: one shape, dtype (float16, bfloat16, float32 or float64) and device; any strides.
+
+    Returns:
+        gate's shape and dtype, contiguous. Differentiable in both, once.
+    """
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be a tensor, got {type(gate).__name__}")
+    if not isinstance(up, torch.Tensor):
+        raise TypeError(f"up must be a tensor, got {type(up).__name__}")
+    return _silu_mul_op(gate, up)
 
 
 def lora_linear(

@@ -1,11 +1,13 @@
-"""``patch_transformers()``: the model's own work around the linears, RMSNorm and rotary embedding, fused.
+"""``patch_transformers()``: the model's own work around the linears (RMSNorm, rotary embedding, the
+MLP's SwiGLU gating), fused.
 
 In a QLoRA step the linears are not the only cost. transformers' ``LlamaRMSNorm`` runs a float32 chain
 (a cast, ``pow``, ``mean``, an add and ``rsqrt``, two multiplies, a cast back: eight kernels forward,
-more backward, each a pass over the activations) and ``apply_rotary_pos_emb`` five elementwise
-kernels on each of q and k (multiply, ``neg``, ``cat``, multiply, add). The patch replaces both, as
-Liger-Kernel's ``apply_liger_kernel_to_*`` do, for every model of the listed architectures in the
-process, loaded before or after it:
+more backward, each a pass over the activations), ``apply_rotary_pos_emb`` five elementwise
+kernels on each of q and k (multiply, ``neg``, ``cat``, multiply, add), and the MLP's
+``act_fn(gate) * up`` two kernels each way and a third tensor of the MLP's width kept for the
+backward. The patch replaces them, as Liger-Kernel's ``apply_liger_kernel_to_*`` do, for every model
+of the listed architectures in the process, loaded before or after it:
 
 - each architecture's RMSNorm class gets a ``forward`` that is ``torch.nn.functional.rms_norm`` (one
   fused kernel each way on CUDA, outside autocast, whose float32 list holds it) wherever the norm's
@@ -14,14 +16,17 @@ process, loaded before or after it:
   transformers' own forward runs;
 - the architecture's ``apply_rotary_pos_emb`` becomes ``functional.rotary_embedding`` on q and on k
   (one kernel each way a tensor) wherever q, k, cos and sin share a dtype and cos and sin need no
-  gradient (transformers computes them without one); elsewhere transformers' own function runs.
+  gradient (transformers computes them without one); elsewhere transformers' own function runs;
+- the MLP class's ``forward`` (Llama, Mistral, Qwen2, Qwen3; not Mixtral's experts) computes
+  ``down_proj(functional.silu_mul(gate_proj(x), up_proj(x)))`` where ``act_fn`` is SiLU (the
+  configs' ``hidden_act="silu"``); elsewhere transformers' own forward runs.
 
-Measured on an H100, bfloat16 adapters, 1 x 2048: a Llama-65B QLoRA step 1.947 -> 1.721 s, Llama-7B
+Measured (norms and rotary) on an H100, bfloat16 adapters, 1 x 2048: a Llama-65B QLoRA step 1.947 -> 1.721 s, Llama-7B
 0.283 -> 0.227 s (``bench/results/e2e-fused-h100-2026-12-07-05fb9f3.json``).
-Both round once where transformers rounds after each operation: outputs agree with transformers'
+Each rounds once where transformers rounds after each operation: outputs agree with transformers'
 within bfloat16's rounding, not to the bit. The weights, parameters and state dicts are untouched;
 ``unpatch_transformers()`` restores transformers' functions. Kernels from the Hub (transformers'
-``kernelize`` / ``use_kernels``) for these norms and that rotary are meant to be used instead of this
+``kernelize`` / ``use_kernels``) for these norms, rotary and MLP are meant to be used instead of this
 patch, not with it (not tested together).
 """
 
@@ -46,17 +51,19 @@ _NORMS = {
     "qwen2": "Qwen2RMSNorm",
     "qwen3": "Qwen3RMSNorm",
 }
+# The MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)); Mixtral's experts are not.
+_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
 ARCHITECTURES = tuple(_NORMS)
 # (owner, attribute) -> what it was before the patch: a class's forward or a module's function
 _ORIGINAL: dict[tuple[Any, str], Any] = {}
 
 
 def patch_transformers(
-    architectures: Iterable[str] = ARCHITECTURES, *, rms_norm: bool = True, rotary: bool = True
+    architectures: Iterable[str] = ARCHITECTURES, *, rms_norm: bool = True, rotary: bool = True, swiglu: bool = True
 ) -> list[str]:
-    """Runs the RMSNorm and rotary embedding of transformers' models of ``architectures`` on fused
-    kernels (see the module's docstring); returns what it replaced, as ``"module.name"``. Calling it
-    again is harmless; ``unpatch_transformers()`` undoes it."""
+    """Runs the RMSNorm, the rotary embedding and (swiglu) the MLP's gating of transformers' models of
+    ``architectures`` on fused kernels (see the module's docstring); returns what it replaced, as
+    ``"module.name"``. Calling it again is harmless; ``unpatch_transformers()`` undoes it."""
     if isinstance(architectures, str):
         architectures = [architectures]
     architectures = list(architectures)
@@ -75,6 +82,10 @@ def patch_transformers(
             original = _ORIGINAL.get((module, "apply_rotary_pos_emb"), module.apply_rotary_pos_emb)
             _replace(module, "apply_rotary_pos_emb", _fused_rotary(original))
             patched.append(f"{module.__name__}.apply_rotary_pos_emb")
+        if swiglu and arch in _MLPS:
+            cls = getattr(module, _MLPS[arch])
+            _replace(cls, "forward", _swiglu_mlp_forward)
+            patched.append(f"{module.__name__}.{cls.__name__}.forward")
     return patched
 
 
@@ -83,6 +94,19 @@ def patched() -> list[str]:
     ``"module.name"``."""
     return [f"{getattr(owner, '__module__', '')}.{getattr(owner, '__name__', owner)}.{name}".lstrip(".")
             for owner, name in _ORIGINAL]  # fmt: skip
+
+
+def _state() -> dict[tuple[Any, str], tuple[Any, Any]]:
+    """(owner, name) -> (transformers' own, what is there now) for everything patched: what
+    ``_restore`` puts back exactly (for a program that patches for a while, as the CLI does)."""
+    return {key: (original, getattr(*key)) for key, original in _ORIGINAL.items()}
+
+
+def _restore(state: dict[tuple[Any, str], tuple[Any, Any]]) -> None:
+    unpatch_transformers()
+    for (owner, name), (original, current) in state.items():
+        _ORIGINAL[(owner, name)] = original
+        setattr(owner, name, current)
 
 
 def unpatch_transformers() -> bool:
@@ -106,11 +130,32 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden_states.device.type, enabled=False):
             return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
     # transformers multiplies the bf16 normalized value by a float32 weight into float32: its forward
-    for cls in type(self).__mro__:
+    return _original_forward(self)(self, hidden_states)
+
+
+def _original_forward(module: torch.nn.Module) -> Callable:
+    for cls in type(module).__mro__:
         original = _ORIGINAL.get((cls, "forward"))
         if original is not None:
-            return original(self, hidden_states)
-    raise RuntimeError(f"{type(self).__name__}: patch_transformers' forward without transformers' own")
+            return original
+    raise RuntimeError(f"{type(module).__name__}: patch_transformers' forward without transformers' own")
+
+
+def _is_silu(act: Any) -> bool:
+    import transformers.activations as activations
+
+    silu_types = (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU))
+    return type(act) in silu_types  # (a subclass may compute something else)
+
+
+def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # gate_proj before up_proj, as transformers calls them: the adapters' dropout draws in the same order
+    if _is_silu(self.act_fn):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype == up.dtype and gate.shape == up.shape:
+            return self.down_proj(F.silu_mul(gate, up))
+        return self.down_proj(self.act_fn(gate) * up)
+    return _original_forward(self)(self, x)
 
 
 def _fused_rotary(original: Callable) -> Callable:
