@@ -17,36 +17,12 @@
 #include "qlora/format.h"
 #include "qlora/occupancy.h"
 #include "qlora/rotary.h"
+#include "qlora/vector_access.cuh"
 
 namespace qlora::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(N * sizeof(T)) Vec {
-  T v[N];
-};
-
-// Four results as one vector store, built from their bits. A plain store of a Vec (or of a uint2 /
-// float4 made of it) reached the PTX as one store an element (nvcc 13, this kernel); the __stcg
-// intrinsic is a vector store whatever the optimizer does, cached in L2 as a plain store is.
-template <typename T>
-__device__ __forceinline__ uint32_t bits2(T lo, T hi) {
-  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
-  if constexpr (N == 1) {
-    *p = v.v[0];
-  } else if constexpr (sizeof(T) == 2) {
-    __stcg(reinterpret_cast<uint2*>(p), make_uint2(bits2(v.v[0], v.v[1]), bits2(v.v[2], v.v[3])));
-  } else {
-    static_assert(std::is_same_v<T, float>, "the vector path is for 16-bit types and float32");
-    __stcg(reinterpret_cast<float4*>(p), make_float4(v.v[0], v.v[1], v.v[2], v.v[3]));
-  }
-}
 
 // The strides of x's first three dimensions in each operand (elements; 0 where cos / sin broadcast).
 struct RowStrides {
@@ -94,8 +70,8 @@ __global__ void __launch_bounds__(kThreads)
         o2.v[j] = static_cast<T>(q + mul_rn(u, static_cast<Acc>(s2.v[j])));
       }
     }
-    store(o, o1);
-    store(o + h, o2);
+    store_vec(o, o1);
+    store_vec(o + h, o2);
   }
 }
 

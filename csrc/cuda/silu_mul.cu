@@ -18,35 +18,12 @@
 #include "qlora/format.h"
 #include "qlora/occupancy.h"
 #include "qlora/silu_mul.h"
+#include "qlora/vector_access.cuh"
 
 namespace qlora::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(N * sizeof(T)) Vec {
-  T v[N];
-};
-
-// Vec's bits as one vector store: a plain store of a Vec reaches the PTX as one store an element
-// (nvcc 13; csrc/cuda/rotary.cu found the same), __stcg is one 16-byte store, cached in L2 as a plain one.
-template <typename T>
-__device__ __forceinline__ uint32_t bits2(T lo, T hi) {
-  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
-  if constexpr (sizeof(T) == 2) {
-    static_assert(N == 8, "16 bytes of a 16-bit type");
-    __stcg(reinterpret_cast<uint4*>(p),
-           make_uint4(bits2(v.v[0], v.v[1]), bits2(v.v[2], v.v[3]), bits2(v.v[4], v.v[5]), bits2(v.v[6], v.v[7])));
-  } else {
-    static_assert(std::is_same_v<T, float> && N == 4, "16 bytes of float32");
-    __stcg(reinterpret_cast<float4*>(p), make_float4(v.v[0], v.v[1], v.v[2], v.v[3]));
-  }
-}
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
@@ -88,13 +65,13 @@ __global__ void __launch_bounds__(kThreads)
           o.v[j] = static_cast<T>(gg);
           ou.v[j] = static_cast<T>(gu);
         }
-        store(grad_up + v * N, ou);
+        store_vec(grad_up + v * N, ou);
       } else {
 #pragma unroll
         for (int j = 0; j < N; ++j)
           o.v[j] = static_cast<T>(silu_times(static_cast<Acc>(g.v[j]), static_cast<Acc>(u.v[j])));
       }
-      store(out + v * N, o);
+      store_vec(out + v * N, o);
     }
   }
   for (int64_t i = vectors * N + first; i < n; i += stride) {
