@@ -12,8 +12,8 @@ differ in the layers:
   "qlora_ext":         qlora_ext.prepare_model (fused 4-bit products, one autograd op a layer; the layer class,
                        PEFT's LoraLinear4bit or QLoRALinear, is the row's "layers");
   "qlora_ext_fused":   "qlora_ext" after qlora_ext.patch_transformers(): the model's RMSNorm (torch's fused
-                       rms_norm) and rotary embedding (qlora's rotary_embedding) on one kernel each way
-                       (undone after its measurement);
+                       rms_norm), rotary embedding (qlora's rotary_embedding) and MLP gating (qlora's
+                       silu_mul) on one kernel each way (undone after its measurement);
   "qlora_ext_peft":    qlora_ext's Linear4bit (as from_pretrained with QLoraExtConfig makes it) under PEFT's own
                        get_peft_model, whose LoRA layers run the same fused op (qlora_ext.peft_lora);
   "bitsandbytes_peft": bitsandbytes' Linear4bit with PEFT's get_peft_model on top (its bitsandbytes layer);
