@@ -225,15 +225,31 @@ def test_patch_transformers_is_on_for_a_new_run_and_a_resumed_run_keeps_its_choi
     assert "transformers.models.llama.modeling_llama.apply_rotary_pos_emb" in seen[-1], seen
     assert "transformers.models.llama.modeling_llama.LlamaRMSNorm.forward" in seen[-1], seen
     assert transformers_patch.patched() == [] and llama.apply_rotary_pos_emb is original_rotary
-    state = json.loads((tmp_path / "on" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["run"]["patch_transformers"] is True
+    assert "transformers.models.llama.modeling_llama.LlamaMLP.forward" in seen[-1], seen
+    path = tmp_path / "on" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    assert state["run"]["patch_transformers"] == ["rms_norm", "rotary", "swiglu"]
     with pytest.raises(SystemExit, match="other patch_transformers"):
         run(model_dir, data_file, tmp_path / "on", "--no-patch-transformers")
+    # c7b8d13 recorded true, before the MLP's gating was a part: resumed with the norms and rotary only
+    state["run"]["patch_transformers"] = True
+    path.write_text(json.dumps(state))
+    seen.clear()
+    assert run(model_dir, data_file, tmp_path / "on") == 0
+    assert seen and all(len(s) == 2 and not any("MLP" in name for name in s) for s in seen), seen
+    with pytest.raises(SystemExit, match="other patch_transformers"):  # (what --patch-transformers runs now)
+        interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "on2", monkeypatch)
+        path2 = tmp_path / "on2" / "checkpoint-2" / "trainer_state.json"
+        state2 = json.loads(path2.read_text())
+        state2["run"]["patch_transformers"] = True
+        path2.write_text(json.dumps(state2))
+        run(model_dir, data_file, tmp_path / "on2", "--patch-transformers")
 
     # A checkpoint written before the option (no key in its run): resumed without the patch, to the
     # bits of a run without it from the start.
+    seen.clear()
     assert run(model_dir, data_file, tmp_path / "straight", "--no-patch-transformers") == 0
-    assert all(s == [] for s in seen[1:]), seen
+    assert seen and all(s == [] for s in seen), seen
     interrupted_after_first_checkpoint(model_dir, data_file, tmp_path / "old", monkeypatch, "--no-patch-transformers")
     path = tmp_path / "old" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(path.read_text())

@@ -4,6 +4,8 @@ grid-stride loop; gradcheck, the missing second derivative as an error, opcheck,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,19 +21,14 @@ def unit_roundoff(dtype):
 
 
 def make_pair(shape, dtype, device, gen, layout="contiguous"):
-    """gate (spread to +-12, where the sigmoid saturates) and up, contiguous, transposed or one element
-    past an aligned address (the scalar path on CUDA)."""
+    """gate (Gaussian of deviation 5: a few percent past +-10, where the sigmoid saturates) and up,
+    contiguous, transposed or one element past an aligned address (the scalar path on CUDA)."""
+    stored = shape[::-1] if layout == "transposed" else (math.prod(shape) + (layout == "offset"),)
+    gate = (5 * torch.randn(stored, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+    up = make_input(stored, dtype, device, gen)
     if layout == "transposed":
-        gate = (make_input(shape[::-1], dtype, "cpu", gen).double() * 1.5).to(dtype).to(device).t()
-        up = make_input(shape[::-1], dtype, device, gen).t()
-        return gate, up
-    n = 1
-    for s in shape:
-        n *= s
-    skip = 1 if layout == "offset" else 0
-    gate = (make_input((n + skip,), dtype, "cpu", gen).double() * 1.5).to(dtype).to(device)[skip:].view(shape)
-    up = make_input((n + skip,), dtype, device, gen)[skip:].view(shape)
-    return gate, up
+        return gate.t(), up.t()
+    return gate[-math.prod(shape) :].view(shape), up[-math.prod(shape) :].view(shape)
 
 
 def exact(gate, up, grad=None):
@@ -41,7 +38,9 @@ def exact(gate, up, grad=None):
     if grad is None:
         return g * s * u
     dy = grad.double().cpu()
-    return dy * u * s * (1 + g * (1 - s)), dy * g * s, (dy * u).abs() * s * (1 + g.abs() * (1 - s))
+    # grad_gate's magnitude: 1 - s is 1 + exp(-g) rounded near 1, so its error is absolute (a unit of
+    # float32), not relative: |dy u| s (1 + |g|), not (1 + |g| (1 - s))
+    return dy * u * s * (1 + g * (1 - s)), dy * g * s, (dy * u).abs() * s * (1 + g.abs())
 
 
 def assert_within(got, want, magnitude, dtype, what):
@@ -155,13 +154,15 @@ def test_bad_device_names_the_argument():
 
 
 # Both kernel paths and the grid-stride loop: 16-byte vectors where every pointer is aligned (a tail
-# of n % 8 elements after them), one element at a time otherwise; 4.3 M elements pass one grid's
-# reach on any GPU of 132 SMs or fewer (8 CTAs an SM x 256 threads x 8 elements).
+# of n % 8 elements after them), one element at a time otherwise; 4.3 M elements (vectors) and 3 M
+# (one at a time) pass one grid's reach on any GPU of 132 SMs or fewer (8 CTAs an SM x 256 threads,
+# 8 elements a thread and step on the vector path, 1 on the other).
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout", [((2, 2048, 1056), "contiguous"), ((1, 4099, 3), "contiguous"),
-                                           ((3, 1001), "offset"), ((64, 120), "transposed")])  # fmt: skip
+                                           ((3, 1001), "offset"), ((3, 1000003), "offset"),
+                                           ((64, 120), "transposed")])  # fmt: skip
 def test_cuda_kernel_paths(gen, dtype, shape, layout):
     gate, up = make_pair(shape, dtype, "cuda", gen, layout)
     grad = make_input(shape, dtype, "cuda", gen)
@@ -169,6 +170,8 @@ def test_cuda_kernel_paths(gen, dtype, shape, layout):
     out = F.silu_mul(gate, up)
     want = exact(gate, up)
     assert_within(out, want, want.abs(), dtype, f"{shape} {layout}")
+    del out
+    poison("cuda", 3 * gate.numel() * gate.element_size())
     grad_gate, grad_up = torch.ops.qlora.silu_mul_backward(grad, gate, up)
     eg, eu, magnitude = exact(gate, up, grad)
     assert_within(grad_gate, eg, magnitude, dtype, f"grad_gate {shape} {layout}")

@@ -73,7 +73,16 @@ _RUNS = "runs"  # TensorBoard's event files (--report-to tensorboard)
 _RUN_KEYS = ("model", "r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "seed",
              "lr", "warmup_ratio", "quant_type", "no_double_quant", "optim", "patch_transformers")  # fmt: skip
 # what a checkpoint written before a key was recorded was run with
-_RUN_KEY_DEFAULTS = {"optim": "adamw", "patch_transformers": False}
+_RUN_KEY_DEFAULTS = {"optim": "adamw", "patch_transformers": []}
+
+
+def _patched_parts(recorded, parts: list[str]) -> list[str]:
+    """The parts of patch_transformers() a checkpoint's run ran, of those that apply (`parts`): its
+    record is a list of them, or (c7b8d13, before the MLP's gating was a part) true for the norms and
+    the rotary, or false / absent (older) for none."""
+    if recorded is True:
+        recorded = ["rms_norm", "rotary"]
+    return [p for p in parts if p in (recorded or [])]
 
 
 def _file_digest(path: Path) -> str:
@@ -300,14 +309,17 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
     # adapter. Not --max-steps / --epochs: a finished run is continued with more steps. Nor the
     # number of ranks or --fsdp: a step's batch and its checkpoint are the same on any number.
     saved = json.loads((existing[-1] / _STATE).read_text()) if existing else None
-    # --patch-transformers: on for a new run, a resumed one as it ran (the bits differ); recorded as what
-    # it does, so off for a model the patch does not cover, whatever was asked.
+    # --patch-transformers: on for a new run, a resumed one as it ran (the bits differ). Recorded as the
+    # parts of patch_transformers() that ran, none for a model it does not cover, whatever was asked.
     model_type = transformers.AutoConfig.from_pretrained(str(model_dir)).model_type
+    parts = transformers_patch._parts_for(model_type)
+    if saved is not None:
+        recorded = _patched_parts(saved.setdefault("run", {}).get("patch_transformers"), parts)
+        saved["run"]["patch_transformers"] = recorded
     if args.patch_transformers is None:
-        args.patch_transformers = saved is None or saved.get("run", {}).get(
-            "patch_transformers", _RUN_KEY_DEFAULTS["patch_transformers"]
-        )
-    args.patch_transformers = bool(args.patch_transformers) and model_type in transformers_patch.ARCHITECTURES
+        args.patch_transformers = parts if saved is None else recorded
+    else:
+        args.patch_transformers = parts if args.patch_transformers else []
     run = {k: getattr(args, k) for k in _RUN_KEYS}
     run["data"] = _file_digest(Path(args.data))
     if saved is not None:
@@ -337,7 +349,8 @@ def _finetune(args: argparse.Namespace, ranks: Ranks) -> Path:
     model = load_model(model_dir, lora, compute_dtype, device, args.quant_type, not args.no_double_quant)
     transformers_patch.unpatch_transformers()  # (finetune() puts back what the process had)
     if args.patch_transformers:
-        transformers_patch.patch_transformers([model_type])
+        chosen = {p: p in args.patch_transformers for p in ("rms_norm", "rotary", "swiglu")}
+        transformers_patch.patch_transformers([model_type], **chosen)
     if existing:
         _resume_adapter(existing[-1], model)
     if not args.no_gradient_checkpointing:

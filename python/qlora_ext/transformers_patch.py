@@ -96,6 +96,13 @@ def patched() -> list[str]:
             for owner, name in _ORIGINAL]  # fmt: skip
 
 
+def _parts_for(architecture: str) -> list[str]:
+    """The keyword parts of patch_transformers() that change a model of `architecture` (a model type)."""
+    if architecture not in _NORMS:
+        return []
+    return ["rms_norm", "rotary"] + (["swiglu"] if architecture in _MLPS else [])
+
+
 def _state() -> dict[tuple[Any, str], tuple[Any, Any]]:
     """(owner, name) -> (transformers' own, what is there now) for everything patched: what
     ``_restore`` puts back exactly (for a program that patches for a while, as the CLI does)."""
@@ -150,7 +157,7 @@ def _is_silu(act: Any) -> bool:
 
 def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     # gate_proj before up_proj, as transformers calls them: the adapters' dropout draws in the same order
-    if _is_silu(self.act_fn):
+    if _is_silu(getattr(self, "act_fn", None)):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dtype == up.dtype and gate.shape == up.shape:
             return self.down_proj(F.silu_mul(gate, up))
