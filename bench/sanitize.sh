@@ -2,8 +2,8 @@
 # compute-sanitizer over the GPU tests, one tool at a time (memcheck, racecheck, initcheck, synccheck),
 # on the GPU machine:
 #   bash bench/sanitize.sh OUTDIR [pytest args...]
-# Default selection: the CUDA tests of the format ops, the LoRA kernels, and the products' tests that
-# run every fused kernel and dispatch path (each tool slows a kernel 10-100x; the whole suite would not
+# Default selection: the CUDA tests of the format ops, the LoRA kernels, the model's elementwise ops
+# (rotary embedding, SwiGLU gating), and the products' tests that run every fused kernel and dispatch path (each tool slows a kernel 10-100x; the whole suite would not
 # fit one call). Writes sanitize-TOOL.log per tool and sanitize.md, the error counts, under OUTDIR.
 # Torch's caching allocator is off under memcheck and initcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so
 # that an access past a tensor's end falls outside its allocation instead of into a cached neighbour.
@@ -19,7 +19,8 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD/.device-site:$PWD/.device-py${PYTHONPATH:+:$PYTHONPATH}
 san=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 if [ $# -eq 0 ]; then
-  set -- tests/test_quantize_4bit.py tests/test_lora.py tests/test_gemm_4bit.py -m "cuda and not slow" \
+  set -- tests/test_quantize_4bit.py tests/test_lora.py tests/test_rotary.py tests/test_silu_mul.py \
+    tests/test_gemm_4bit.py -m "cuda and not slow" \
     -k "(not test_gemm_4bit or every_fused_kernel or deterministic or wgmma_kernel or transposed or empty or autograd) and not bitsandbytes"
 fi
 # bitsandbytes' own dequantization kernel reads past its absmax buffer under memcheck (and the
