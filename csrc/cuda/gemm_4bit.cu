@@ -99,8 +99,7 @@ int64_t rows_per_band(const QuantizedRows& w, size_t elem_bytes) {
   if (bytes <= kMaxDequantizedBandBytes) return w.N;
   const int64_t group = w.nested_absmax.has_value() ? w.blocksize * kNestedBlocksize : w.blocksize;
   const int64_t unit = std::lcm(group / std::gcd(w.K, group), int64_t{64});  // whole groups, aligned bands
-  const int64_t bands = (bytes + kMaxDequantizedBandBytes - 1) / kMaxDequantizedBandBytes;
-  const int64_t rows = ((w.N + bands - 1) / bands + unit - 1) / unit * unit;
+  const int64_t rows = ceil_div(ceil_div(w.N, ceil_div(bytes, kMaxDequantizedBandBytes)), unit) * unit;
   return std::min(rows, w.N);
 }
 
@@ -109,7 +108,7 @@ at::Tensor dequantized_rows(const QuantizedRows& w, int64_t n0, int64_t rows, at
                             const at::Device& device) {
   // elements, block- and group-aligned (rows_per_band); the scales flat, whatever shape they came in
   const int64_t first = n0 * w.K, n = rows * w.K;
-  const int64_t b0 = first / w.blocksize, blocks = (n + w.blocksize - 1) / w.blocksize;
+  const int64_t b0 = first / w.blocksize, blocks = ceil_div(n, w.blocksize);
   std::optional<at::Tensor> nested_absmax;
   if (w.nested_absmax.has_value()) {
     nested_absmax = w.nested_absmax->reshape(-1).narrow(0, b0 / kNestedBlocksize, ceil_div(blocks, kNestedBlocksize));
@@ -251,7 +250,7 @@ bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous) {
   for (int64_t n0 = 0; n0 < w.N; n0 += band) {
     const int64_t rows = std::min(band, w.N - n0);
     const at::Tensor W = dequantized_rows(w, n0, rows, g.x2.scalar_type(), g.x2.device());
-    at::Tensor out = rows == w.N ? g.out2 : g.out2.narrow(1, n0, rows);
+    at::Tensor out = g.out2.narrow(1, n0, rows);
     if (g.bias.defined()) at::addmm_out(out, g.bias.narrow(0, n0, rows), g.x2, W.t());
     else at::mm_out(out, g.x2, W.t());
   }
@@ -337,8 +336,7 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
   for (int64_t n0 = 0; n0 < p.N; n0 += band) {
     const int64_t rows = std::min(band, p.N - n0);
     const at::Tensor W = dequantized_rows(w, n0, rows, grad.scalar_type(), grad.device());
-    if (rows == p.N) at::mm_out(out2, grad2, W);
-    else if (n0 == 0) at::mm_out(out2, grad2.narrow(1, 0, rows), W);
+    if (n0 == 0) at::mm_out(out2, grad2.narrow(1, 0, rows), W);
     else at::addmm_out(out2, out2, grad2.narrow(1, n0, rows), W);
   }
   return out;
