@@ -32,6 +32,7 @@ patch, not with it (not tested together).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable, Iterable
 
@@ -148,11 +149,15 @@ def _original_forward(module: torch.nn.Module) -> Callable:
     raise RuntimeError(f"{type(module).__name__}: patch_transformers' forward without transformers' own")
 
 
-def _is_silu(act: Any) -> bool:
+@functools.cache
+def _silu_types() -> tuple[type, ...]:
     import transformers.activations as activations
 
-    silu_types = (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU))
-    return type(act) in silu_types  # (a subclass may compute something else)
+    return (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU))
+
+
+def _is_silu(act: Any) -> bool:
+    return type(act) in _silu_types()  # (a subclass may compute something else)
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
