@@ -291,8 +291,9 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
 
 # The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the
 # formats and on shapes that end a 16-row step or a split of N inside the weight; N not a multiple of
-# 8 (grad is copied 8 rows at a time), K not whole 64-column slabs, blocksize 32 and M = 17 take
-# dequantize + cuBLAS, which must give the same bound.
+# 8 (grad is copied 8 rows at a time), K not whole 64-column slabs, blocksize 32, a round of steps
+# (128 rows) not a multiple of 4 blocks, and M = 17 take dequantize + cuBLAS, which must give the
+# same bound.
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 3, 16, 17])
@@ -304,12 +305,14 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
         (2056, 192, 128, "fp4", True),  # several splits of N, the last one short
         (64, 64, 256, "nf4", False),  # one slab; a block longer than a row
         (136, 192, 256, "nf4", True),  # 102 blocks: the last 8-bit scale codes' word is partial
+        (48, 192, 512, "nf4", True),  # 18 blocks: a whole step whose last scale word is partial
         (4096, 8192, 64, "nf4", True),  # a warp's steps go round its ring of copies several times
         (4096, 128, 64, "fp4", False),
         (135, 320, 64, "nf4", True),  # N odd: the cuBLAS path
         (138, 320, 64, "nf4", True),  # N even, not a multiple of 8: the cuBLAS path
         (136, 96, 64, "nf4", True),  # K not whole slabs: the cuBLAS path
         (136, 128, 32, "nf4", True),  # blocksize 32 (two scales a slab row): the cuBLAS path
+        (136, 192, 4096, "nf4", True),  # a round of steps 6 blocks, not a multiple of 4: the cuBLAS path
     ],
     ids=str,
 )
@@ -327,7 +330,7 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     one_hot = torch.zeros(m, n, dtype=dtype)
     one_hot[torch.arange(m), picked] = 1
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
-    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64
+    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and 128 * k % (4 * blocksize) == 0
     if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
         assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names

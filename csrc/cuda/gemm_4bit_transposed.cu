@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "qlora/codebooks.h"
 #include "qlora/cp_async.cuh"
@@ -36,6 +37,14 @@
 
 namespace qlora::cuda {
 namespace {
+
+// x, as a value the compiler cannot recompute: it stays in a register across the main loop rather
+// than being derived again each step from threadIdx or 64-bit indices (which nvcc otherwise does
+// even with registers to spare).
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("mov.b32 %0, %1;" : "=r"(x) : "r"(x));
+  return x;
+}
 
 constexpr int kWarps = 8;  // a CTA: 8 warps on one slab, each its own 16-row steps
 constexpr int kThreads = kWarps * 32;
@@ -76,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ float lut[16];
   __shared__ float ncode[NESTED ? 256 : 1];
   extern __shared__ __align__(16) uint8_t rings[];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int tid = static_cast<int>(opaque(threadIdx.x)), warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   if (tid < 16) lut[tid] = fp4 ? kFP4[tid] : kNF4[tid];
   if constexpr (NESTED) {
     for (int i = tid; i < 256; i += kThreads) ncode[i] = sc.nested_code[i];
@@ -87,78 +96,92 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t nbeg = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t nend = min(N, nbeg + rows_per_split);
   uint8_t* ring = rings + warp * kRingBytes;
-  const uint32_t ring_addr = smem_u32(ring);
+  const uint32_t ring_addr = opaque(smem_u32(ring));
 
   // Step s of this warp starts at row first + s * stride. Rows past N are zero-filled; rows past the
   // split but before N are copied (valid memory), and their scales are zeroed where used, as are
-  // those past N. grad past M or past the split is zero-filled. The copies' sources advance by a
-  // step's rows: stride K elements, a whole number of blocks (K is a multiple of 64, stride of 128).
+  // those past N. grad past M or past the split is zero-filled. A step inside the split (all but a
+  // warp's last, at most) needs none of that: its copies' sources advance by a step's rows (stride K
+  // elements, a whole number of blocks: K is a multiple of 64, stride of 128) and nothing else.
   const int64_t stride = int64_t{kWarps} * kStepRows;
   const int64_t first = nbeg + int64_t{warp} * kStepRows;
   const int steps = first < nend ? static_cast<int>((nend - first + stride - 1) / stride) : 0;
   const int half = lane & 1, pair = lane >> 1;  // a lane's 16 bytes: row (token) `pair`, half `half`
   const int r = lane & 15;                      // the row whose scale word a lane copies
-  const int64_t block_step = (stride * K) >> bs_log2;
-  int64_t n0_copy = first;  // the next step to copy
+  // Blocks a step: a multiple of 4 (checked), so each row's 8-bit scale code keeps its byte in its
+  // word from step to step, and fits 32 bits as every block index does (checked).
+  const uint32_t block_step = opaque(static_cast<uint32_t>((stride * K) >> bs_log2));
   const uint8_t* code_src = packed + ((first + pair) * K + k0) / 2 + 16 * half;
-  int64_t scale_block = ((first + r) * K + k0) >> bs_log2;
-  const T* grad_src = grad + int64_t{pair} * N + first + 8 * half;
+  const int64_t code_step = stride * K / 2;
+  uint32_t scale_block = static_cast<uint32_t>(((first + r) * K + k0) >> bs_log2);
+  // grad's rows past M copy nothing: their source stays at grad and its length at 0.
+  const T* grad_src = pair < M ? grad + int64_t{pair} * N + first + 8 * half : grad;
+  const int64_t grad_step = pair < M ? stride : 0;
+  const uint32_t grad_bytes = pair < M ? 16u : 0u;
+  // Lanes 0..15 copy row r's scale word (NESTED: the aligned word of its 8-bit code), lanes 16..
+  // row r's nested absmax (NESTED) or nothing: one copy a lane, no divergence.
+  const bool nested_lane = NESTED && lane >= 16;
+  const uint8_t* scale_base = NESTED ? (nested_lane ? reinterpret_cast<const uint8_t*>(sc.nested_absmax) : sc.qabsmax)
+                                     : reinterpret_cast<const uint8_t*>(sc.absmax);
+  const uint32_t scale_whole_len = NESTED || lane < 16 ? 4u : 0u;
+  // The byte offset of a lane's scale word from scale_base, for block b.
+  const auto scale_offset = [&](uint32_t b) -> uint64_t {
+    if constexpr (NESTED) return nested_lane ? (b / kNestedBlocksize) * 4u : b & ~3u;
+    return uint64_t{b} * 4u;
+  };
   const uint32_t dst_codes = ring_addr + kCodesOff + pair * kPitch + 16 * half;
   const uint32_t dst_grad = ring_addr + kGradOff + pair * kPitch + 16 * half;
   const uint32_t dst_scale = ring_addr + kScaleOff + 4 * lane;  // lanes 16..: the nested words
-  const uint32_t grad_bytes = pair < M ? 16u : 0u;              // a step inside the split
-  // Copies the step at n0_copy into `slot`. A step inside the split (all but a warp's last, at most)
-  // needs no bounds: `whole` leaves them out.
-  const auto copy_next = [&](int slot, bool whole) {
-    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
-    const bool code_in = whole || n0_copy + pair < N;
-    cp_async_16_partial(dst_codes + at, code_in ? code_src : packed, code_in ? 16u : 0u);
-    uint32_t bytes = grad_bytes;
-    if (!whole) {
-      const int64_t grad_left = nend - (n0_copy + 8 * half);  // of this lane's 8 rows
-      bytes = grad_left > 0 ? min(bytes, static_cast<uint32_t>(min(int64_t{16}, 2 * grad_left))) : 0u;
-    }
-    cp_async_16_partial(dst_grad + at, bytes > 0 ? grad_src : grad, bytes);
-    // Lanes 0..15 copy row r's scale word (NESTED: the aligned word of its 8-bit code), lanes 16..
-    // row r's nested absmax: one copy a lane, no divergence.
-    const void* scale_src;
-    uint32_t scale_len = 4;
-    if constexpr (NESTED) {
-      const int64_t aligned = scale_block & ~int64_t{3};  // the array starts 4-byte aligned (checked)
-      if (lane < 16) {
-        scale_src = sc.qabsmax + aligned;
-        scale_len = static_cast<uint32_t>(min(int64_t{4}, qabsmax_bytes - aligned));
-      } else {
-        scale_src = sc.nested_absmax + scale_block / kNestedBlocksize;
-      }
-    } else {
-      scale_src = sc.absmax + scale_block;
-      if (lane >= 16) scale_len = 0;
-    }
-    if (!whole && n0_copy + r >= N) scale_len = 0;
-    cp_async_4_partial(dst_scale + at, scale_len > 0 ? scale_src : packed, scale_len);
-    n0_copy += stride;
-    code_src += stride * K / 2;
-    grad_src += stride;
+  const auto advance = [&]() {
+    code_src += code_step;
+    grad_src += grad_step;
     scale_block += block_step;
   };
+  // A step inside the split, into `slot`.
+  const auto copy_whole = [&](int slot) {
+    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
+    cp_async_16(dst_codes + at, code_src);
+    cp_async_16_partial(dst_grad + at, grad_src, grad_bytes);
+    cp_async_4_partial(dst_scale + at, scale_base + scale_offset(scale_block), scale_whole_len);
+    advance();
+  };
+  // A warp's last step, at row n0, which may run past the split or past N, into `slot`.
+  const auto copy_edge = [&](int slot, int64_t n0) {
+    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
+    const bool code_in = n0 + pair < N;
+    cp_async_16_partial(dst_codes + at, code_in ? code_src : packed, code_in ? 16u : 0u);
+    const int64_t grad_left = nend - (n0 + 8 * half);  // of this lane's 8 rows
+    const uint32_t bytes = grad_left > 0 ? min(grad_bytes, static_cast<uint32_t>(min(int64_t{16}, 2 * grad_left))) : 0u;
+    cp_async_16_partial(dst_grad + at, bytes > 0 ? grad_src : grad, bytes);
+    const uint64_t offset = scale_offset(scale_block);
+    uint32_t scale_len = scale_whole_len;
+    // The 8-bit codes' last word may be partial (cp.async copies no single byte).
+    if (NESTED && !nested_lane) {
+      scale_len = static_cast<uint32_t>(min(int64_t{4}, qabsmax_bytes - static_cast<int64_t>(offset)));
+    }
+    if (n0 + r >= N) scale_len = 0;
+    cp_async_4_partial(dst_scale + at, scale_len > 0 ? scale_base + offset : packed, scale_len);
+    advance();
+  };
 
-  // A lane's 4 rows' scale codes sit at byte (block index & 3) of their copied words: the low bits
-  // of each row's block index, kept in 32 bits (only they are read) and advanced by a step's blocks.
-  uint32_t byte_of[4];
+  // A lane's 4 rows' scale codes sit at byte (block index & 3) of their copied words, the same byte
+  // every step: a byte_perm selector each.
+  uint32_t scale_byte[4] = {};
+  if constexpr (NESTED) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t row = first + 2 * c + (i & 1) + 8 * (i >> 1);
-    byte_of[i] = static_cast<uint32_t>((row * K + k0) >> bs_log2);
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = first + 2 * c + (i & 1) + 8 * (i >> 1);
+      scale_byte[i] = opaque(0x4440u | (static_cast<uint32_t>((row * K + k0) >> bs_log2) & 3u));
+    }
   }
   const uint32_t lut_addr = smem_u32(lut);
   float acc[8][4] = {};
-  const auto compute = [&](int slot, int64_t n0) {
+  // One step from `slot`; a step inside the split (WHOLE) needs no bounds on its rows' scales.
+  const auto compute = [&](int slot, auto whole, int64_t n0) {
     const uint8_t* at = ring + slot * kStageBytes;
     uint32_t a[4];
     ldmatrix_x4(
         a, ring_addr + static_cast<uint32_t>(slot * kStageBytes) + kGradOff + (lane & 15) * kPitch + 16 * (lane >> 4));
-    const bool low_in = n0 + 2 * c < nend, high_in = n0 + 2 * c + 8 < nend;  // else scale 0
     // Each code as the byte offset of its value in lut (4 x the code), the high nibbles of a word's
     // bytes (even columns) in hi, the low ones in lo: one byte extraction (PRMT) a value.
     uint32_t hi[4], lo[4];
@@ -172,13 +195,15 @@ __global__ void __launch_bounds__(kThreads, 3)
       const uint32_t word = *reinterpret_cast<const uint32_t*>(at + kScaleOff + 4 * row);
       float v;
       if constexpr (NESTED) {
-        const uint32_t q = (word >> (8 * (byte_of[i] & 3u))) & 0xFFu;
-        v = nested_scale(ncode[q], *reinterpret_cast<const float*>(at + kScaleOff + 64 + 4 * row), off);
-        byte_of[i] += static_cast<uint32_t>(block_step);
+        v = nested_scale(ncode[__byte_perm(word, 0u, scale_byte[i])],
+                         *reinterpret_cast<const float*>(at + kScaleOff + 64 + 4 * row), off);
       } else {
         v = __uint_as_float(word);
       }
-      scale[i] = (i < 2 ? low_in : high_in) ? v : 0.f;
+      if constexpr (!decltype(whole)::value) {
+        if (n0 + row >= nend) v = 0.f;  // a row past the split or past N
+      }
+      scale[i] = v;
     }
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
@@ -196,28 +221,40 @@ __global__ void __launch_bounds__(kThreads, 3)
     }
   };
 
-  // Steps before `whole_steps` lie inside the split.
-  const int whole_steps = first + kStepRows <= nend ? static_cast<int>((nend - first - kStepRows) / stride) + 1 : 0;
+  // Steps before `whole_steps` lie inside the split, and (NESTED) their scale words inside the codes'
+  // array: only the last rows' word can run past it, and it is copied as the edge's.
+  int whole_steps = first + kStepRows <= nend ? static_cast<int>((nend - first - kStepRows) / stride) + 1 : 0;
+  if (NESTED && whole_steps > 0) {
+    const int64_t last_row = first + (whole_steps - 1) * stride + kStepRows - 1;
+    if ((((last_row * K + k0) >> bs_log2) & ~int64_t{3}) + 4 > qabsmax_bytes) --whole_steps;
+  }
+  const auto copy_step = [&](int slot, int s) {
+    if (s < whole_steps) {
+      copy_whole(slot);
+    } else if (s < steps) {
+      copy_edge(slot, first + int64_t{s} * stride);
+    }
+  };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) copy_next(s, s < whole_steps);
+    copy_step(s, s);
     cp_async_commit();  // an empty group past the warp's steps keeps the count uniform
   }
   // Unrolled by the ring's length, so that each step's slot is a constant.
   for (int s0 = 0; s0 < steps; s0 += kStages) {
 #pragma unroll
     for (int j = 0; j < kStages; ++j) {
-      if (s0 + j < steps) {
-        cp_async_wait<kStages - 2>();  // this lane's copies of step s0 + j have landed
+      const int s = s0 + j;
+      if (s < steps) {
+        cp_async_wait<kStages - 2>();  // this lane's copies of step s have landed
         __syncwarp();                  // and every lane's; all have read the previous step's slot
-        const int next = s0 + j + kStages - 1;
-        if (next < whole_steps) {
-          copy_next((j + kStages - 1) % kStages, true);  // into that slot
-        } else if (next < steps) {
-          copy_next((j + kStages - 1) % kStages, false);
-        }
+        copy_step((j + kStages - 1) % kStages, s + kStages - 1);  // into that slot
         cp_async_commit();
-        compute(j, first + int64_t{s0 + j} * stride);
+        if (s < whole_steps) {
+          compute(j, std::true_type{}, 0);
+        } else {
+          compute(j, std::false_type{}, first + int64_t{s} * stride);
+        }
       }
     }
   }
@@ -327,11 +364,16 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2_in, const at::Tensor& 
   const bool half_types = grad2_in.scalar_type() == at::kBFloat16 || grad2_in.scalar_type() == at::kHalf;  // mma's
   // A lane's 8 codes of a row are one 32-bit word of a 64-column slab, inside one block of scales.
   const bool whole_slabs = p.K % kSlab == 0 && blocksize >= kSlab;
-  // A warp's steps advance the scales' block index by a whole number: stride K / blocksize.
-  const bool whole_blocks_a_round = (int64_t{kWarps} * kStepRows * p.K) % blocksize == 0;
+  // A warp's steps advance the scales' block index by a multiple of 4 (stride K / blocksize), so that
+  // a row's 8-bit scale code keeps its byte in the word copied around it; every block index fits
+  // 32 bits (the weight's blocks are counted in 32-bit registers).
+  const bool scale_bytes_in_place = (int64_t{kWarps} * kStepRows * p.K) % (4 * blocksize) == 0;
+  const bool blocks_fit_32_bits = p.N * p.K / blocksize <= UINT32_MAX;
   const bool rows_of_8 = p.N % 8 == 0;                                        // grad copied 8 rows (16 bytes) at a time
   const bool tensor_cores = device_limits(grad2_in.get_device()).major >= 8;  // mma.sync with bf16
-  if (!(few_tokens && half_types && whole_slabs && whole_blocks_a_round && rows_of_8 && tensor_cores)) return false;
+  if (!(few_tokens && half_types && whole_slabs && scale_bytes_in_place && blocks_fit_32_bits && rows_of_8 &&
+        tensor_cores))
+    return false;
   const at::Tensor grad2 = grad2_in.contiguous(), packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   if (!aligned(grad2.const_data_ptr(), 16) || !aligned(packed.const_data_ptr(), 16)) return false;  // 16-byte copies
   at::Tensor nested_absmax, nested_code;
