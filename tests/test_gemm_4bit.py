@@ -292,8 +292,8 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
 # The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the
 # formats and on shapes that end a 16-row step or a split of N inside the weight; N not a multiple of
 # 8 (grad is copied 8 rows at a time), K not whole 64-column slabs, blocksize 32, a round of steps
-# (128 rows) not a multiple of 4 blocks, and M = 17 take dequantize + cuBLAS, which must give the
-# same bound.
+# (128 rows) not a multiple of 4 blocks with 8-bit scale codes, and M = 17 take dequantize + cuBLAS,
+# which must give the same bound.
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 3, 16, 17])
@@ -313,6 +313,7 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
         (136, 96, 64, "nf4", True),  # K not whole slabs: the cuBLAS path
         (136, 128, 32, "nf4", True),  # blocksize 32 (two scales a slab row): the cuBLAS path
         (136, 192, 4096, "nf4", True),  # a round of steps 6 blocks, not a multiple of 4: the cuBLAS path
+        (136, 192, 4096, "fp4", False),  # the same with float scales: the kernel
     ],
     ids=str,
 )
@@ -330,7 +331,8 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     one_hot = torch.zeros(m, n, dtype=dtype)
     one_hot[torch.arange(m), picked] = 1
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
-    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and 128 * k % (4 * blocksize) == 0
+    scale_words_in_place = 128 * k % ((4 if dq else 1) * blocksize) == 0
+    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place
     if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
         assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names

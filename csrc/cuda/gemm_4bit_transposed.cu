@@ -108,8 +108,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int steps = first < nend ? static_cast<int>((nend - first + stride - 1) / stride) : 0;
   const int half = lane & 1, pair = lane >> 1;  // a lane's 16 bytes: row (token) `pair`, half `half`
   const int r = lane & 15;                      // the row whose scale word a lane copies
-  // Blocks a step: a multiple of 4 (checked), so each row's 8-bit scale code keeps its byte in its
-  // word from step to step, and fits 32 bits as every block index does (checked).
+  // Blocks a round of steps: NESTED, a multiple of 4 (checked), so that each row's 8-bit scale code
+  // keeps its byte in its word from step to step. Cut to 32 bits: where a warp takes a second step,
+  // it is less than the weight's block count, which fits (checked).
   const uint32_t block_step = opaque(static_cast<uint32_t>((stride * K) >> bs_log2));
   const uint8_t* code_src = packed + ((first + pair) * K + k0) / 2 + 16 * half;
   const int64_t code_step = stride * K / 2;
@@ -364,21 +365,25 @@ bool gemm_4bit_transposed_small_m(const at::Tensor& grad2_in, const at::Tensor& 
   const bool half_types = grad2_in.scalar_type() == at::kBFloat16 || grad2_in.scalar_type() == at::kHalf;  // mma's
   // A lane's 8 codes of a row are one 32-bit word of a 64-column slab, inside one block of scales.
   const bool whole_slabs = p.K % kSlab == 0 && blocksize >= kSlab;
-  // A warp's steps advance the scales' block index by a multiple of 4 (stride K / blocksize), so that
-  // a row's 8-bit scale code keeps its byte in the word copied around it; every block index fits
-  // 32 bits (the weight's blocks are counted in 32-bit registers).
-  const bool scale_bytes_in_place = (int64_t{kWarps} * kStepRows * p.K) % (4 * blocksize) == 0;
+  // A warp's steps advance the scales' block index by a whole number of blocks (stride K / blocksize)
+  // and, with 8-bit scale codes, by a multiple of 4, so that a row's code keeps its byte in the word
+  // copied around it; every block index fits 32 bits (the kernel counts blocks in 32-bit registers).
+  const int64_t round_elements = int64_t{kWarps} * kStepRows * p.K;
+  const bool nested_in = nested_absmax_in.has_value();
+  const bool scale_words_in_place = round_elements % ((nested_in ? 4 : 1) * blocksize) == 0;
   const bool blocks_fit_32_bits = p.N * p.K / blocksize <= UINT32_MAX;
-  const bool rows_of_8 = p.N % 8 == 0;                                        // grad copied 8 rows (16 bytes) at a time
+  // grad copied 8 rows (16 bytes) at a time; with splits of whole 128-row rounds, every split ends
+  // on a multiple of 8 too, which the kernel's edge step relies on
+  const bool rows_of_8 = p.N % 8 == 0;
   const bool tensor_cores = device_limits(grad2_in.get_device()).major >= 8;  // mma.sync with bf16
-  if (!(few_tokens && half_types && whole_slabs && scale_bytes_in_place && blocks_fit_32_bits && rows_of_8 &&
+  if (!(few_tokens && half_types && whole_slabs && scale_words_in_place && blocks_fit_32_bits && rows_of_8 &&
         tensor_cores))
     return false;
   const at::Tensor grad2 = grad2_in.contiguous(), packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   if (!aligned(grad2.const_data_ptr(), 16) || !aligned(packed.const_data_ptr(), 16)) return false;  // 16-byte copies
   at::Tensor nested_absmax, nested_code;
   Scales sc{};
-  if (nested_absmax_in.has_value()) {
+  if (nested_in) {
     nested_absmax = nested_absmax_in->contiguous();
     nested_code = nested_code_in->contiguous();
     sc = {nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(),
