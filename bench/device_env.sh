@@ -21,3 +21,12 @@ if [ -x /usr/bin/g++ ]; then
   export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
   grep -qs "/opt/gcc" build/*/CMakeCache.txt && rm -rf build
 fi
+# The GPU machine's git can hold an older HEAD than the tree that travelled (the session's first
+# checkout): a QLORA_COMMIT read from it there (`$(git rev-parse --short HEAD)` in the command) names
+# that older commit. Where the name is that HEAD's and the tracked files differ from it, the records
+# say so (+dirty) rather than name a commit whose code did not run; pass the hash from here instead.
+if [ -n "${QLORA_COMMIT:-}" ] && [ "$(git rev-parse --short HEAD 2>/dev/null)" = "$QLORA_COMMIT" ] &&
+  [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  echo "note: QLORA_COMMIT=$QLORA_COMMIT is this machine's git HEAD, and the tree differs from it: recorded as $QLORA_COMMIT+dirty (pass the hash as a literal)"
+  export QLORA_COMMIT=$QLORA_COMMIT+dirty
+fi
