@@ -45,6 +45,15 @@ def test_every_architecture_is_listed():
     assert set(ARCHITECTURES) == set(NORMS)
 
 
+def output_and_grads(module, x, g):
+    """module(x), then, after its backward of g, the gradients of x and of each of module's parameters."""
+    xi = x.clone().requires_grad_()
+    module.zero_grad()
+    y = module(xi)
+    y.backward(g)
+    return (y, xi.grad, *(p.grad for p in module.parameters()))
+
+
 @pytest.mark.parametrize("arch", sorted(NORMS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_matches_transformers(arch, device, gen):
@@ -55,20 +64,13 @@ def test_rms_norm_matches_transformers(arch, device, gen):
     x = (4 * torch.randn(3, 7, 96, generator=gen)).to(device=device, dtype=torch.bfloat16)
     g = torch.randn(3, 7, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
 
-    def run():
-        xi = x.clone().requires_grad_()
-        norm.zero_grad()
-        y = norm(xi)
-        y.backward(g)
-        return y, xi.grad, norm.weight.grad
-
-    before = run()
+    before = output_and_grads(norm, x, g)
     calls = []
     real = torch.nn.functional.rms_norm
     torch.nn.functional.rms_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         qlora_ext.patch_transformers([arch], rotary=False)
-        after = run()
+        after = output_and_grads(norm, x, g)
     finally:
         torch.nn.functional.rms_norm = real
     assert calls, "the patched forward did not run torch's rms_norm"
@@ -111,20 +113,13 @@ def test_swiglu_mlp_matches_transformers(arch, device, gen):
     x = (2 * torch.randn(3, 7, 64, generator=gen)).to(device=device, dtype=torch.bfloat16)
     g = torch.randn(3, 7, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
 
-    def run():
-        xi = x.clone().requires_grad_()
-        mlp.zero_grad()
-        y = mlp(xi)
-        y.backward(g)
-        return (y, xi.grad, *(p.grad for p in mlp.parameters()))
-
-    before = run()
+    before = output_and_grads(mlp, x, g)
     calls = []
     real = functional.silu_mul
     functional.silu_mul = lambda *a: calls.append(1) or real(*a)
     try:
         qlora_ext.patch_transformers([arch], rms_norm=False, rotary=False)
-        after = run()
+        after = output_and_grads(mlp, x, g)
     finally:
         functional.silu_mul = real
     assert calls == [1], "the patched forward did not run the fused gating once"
