@@ -6,7 +6,8 @@
 # Needs .device-site/ for bitsandbytes (made outside this repository, by ../shared/tools/device-site.sh)
 # and .device-wheels/ (bash bench/device-deps.sh) for transformers, PEFT, hypothesis: carry both.
 # Writes build.log, pytest.log, junit.xml, gpu-tests.md and the benchmark JSON (quantize.json,
-# gemm.json, lora.json, e2e.json, e2e-interleaved.json, e2e-dist.json) under OUTDIR.
+# gemm.json, lora.json, e2e.json, e2e-interleaved.json, e2e-dist.json) under OUTDIR; more than 8
+# files (what a device call brings back) end up in OUTDIR/results.tar.gz, gpu-tests.md beside it.
 # BENCH="quantize gemm lora e2e e2e_interleaved e2e_dist" picks the benchmarks (BENCH= none; the
 # default leaves out the whole-model ones: e2e, e2e_interleaved and e2e_dist, which needs 2 GPUs or
 # more), GEMM_ARGS / LORA_ARGS / E2E_ARGS / E2E_INTERLEAVED_ARGS / E2E_DIST_ARGS are bench/gemm.py's /
@@ -122,4 +123,12 @@ for b in ${BENCH-$default_bench}; do
               grep -v "^wrote" "$out/bench-e2e-dist.log" | tail -30 ;;
   esac
 done
+# A device call brings back at most 8 files from its OUT: past that, everything but gpu-tests.md goes
+# into one archive (results.tar.gz), so that no record is left behind for being one file too many.
+if [ "$(find "$out" -type f | wc -l)" -gt 8 ]; then
+  bundle=$(mktemp -d)/results.tar.gz
+  tar -C "$out" -czf "$bundle" --exclude=./gpu-tests.md . && find "$out" -type f ! -name gpu-tests.md -delete \
+    && find "$out" -mindepth 1 -type d -empty -delete && mv "$bundle" "$out/" \
+    && echo "$out/results.tar.gz: the call's files in one archive (tar -xzf it)"
+fi
 exit $rc
