@@ -25,6 +25,7 @@ from helpers import (
     make_weight,
     needs_caching_allocator,
     requires_cuda,
+    transposed_kernel_weight,
 )
 
 
@@ -237,12 +238,14 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
     g = make_input((m, n), dtype, device, gen)
     out = F.gemm_4bit_transposed(g, packed, state)
     assert out.shape == (m, k) and out.dtype == dtype
-    # grad @ w is x @ (w^T)^T: the same bound with w^T; the dequantized weight is used as is here.
-    assert_close_to_reference(out, g, w.T.contiguous(), None, f"transposed M={m}")
+    # grad @ w is x @ (w^T)^T: the same bound with w^T; the dequantized weight is used as is, but at
+    # M <= 16 on CUDA the transposed kernel's own weight (transposed_kernel_weight).
+    own = transposed_kernel_weight(packed, state) if device == "cuda" and dtype != torch.float32 else w
+    assert_close_to_reference(out, g, (own if m <= 16 else w).T.contiguous(), None, f"transposed M={m}")
     g3 = make_input((2, 3, n), dtype, device, gen)[:, :, :]
     out3 = F.gemm_4bit_transposed(g3.transpose(0, 1), packed, state)
     assert out3.shape == (3, 2, k)
-    assert_close_to_reference(out3.reshape(-1, k), g3.transpose(0, 1).reshape(-1, n), w.T.contiguous(), None, "3-D")
+    assert_close_to_reference(out3.reshape(-1, k), g3.transpose(0, 1).reshape(-1, n), own.T.contiguous(), None, "3-D")
 
 
 # The cuBLAS path dequantizes W a band of rows at a time, at most 128 MiB a band (csrc/cuda/
@@ -319,20 +322,21 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
 )
 def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq):
     packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
-    w = F.dequantize_4bit(packed, state)
+    scale_words_in_place = 128 * k % ((4 if dq else 1) * blocksize) == 0
+    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place
+    # the weight the product multiplies: the own kernel's rounding of it, or dequantize_4bit's
+    w = transposed_kernel_weight(packed, state) if own_kernel else F.dequantize_4bit(packed, state)
     g = make_input((m, n), dtype, "cuda", gen)
     out = F.gemm_4bit_transposed(g, packed, state)
     assert out.shape == (m, k) and out.dtype == dtype
     assert_close_to_reference(out, g, w.T.contiguous(), None, f"transposed M={m} {n}x{k}")
     assert torch.equal(out, F.gemm_4bit_transposed(g, packed, state)), "not the same bits run to run"
-    # One 1 a row of grad picks a row of W: the product is that row to the bit, the weight exactly as
-    # dequantize_4bit has it (a rounding of its own, or a column out of place, would show here).
+    # One 1 a row of grad picks a row of W: the product is that row to the bit (a rounding other
+    # than the one stated, a wrong scale, or a column out of place would show here).
     picked = torch.randint(0, n, (m,), generator=gen)
     one_hot = torch.zeros(m, n, dtype=dtype)
     one_hot[torch.arange(m), picked] = 1
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
-    scale_words_in_place = 128 * k % ((4 if dq else 1) * blocksize) == 0
-    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place
     if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
         assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names
@@ -344,7 +348,8 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     shifted = storage[1:].view(m, n)
     shifted.copy_(g)
     shifted_out = F.gemm_4bit_transposed(shifted, packed, state)
-    assert_close_to_reference(shifted_out, g, w.T.contiguous(), None, f"transposed M={m} {n}x{k}, grad misaligned")
+    w_dequantized = F.dequantize_4bit(packed, state).T.contiguous()
+    assert_close_to_reference(shifted_out, g, w_dequantized, None, f"transposed M={m} {n}x{k}, grad misaligned")
     if CAN_PROFILE:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, shifted, packed, state)
         assert not any("gemm_4bit_transposed_kernel" in name for name in names), names

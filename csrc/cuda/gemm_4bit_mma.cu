@@ -41,18 +41,6 @@ namespace {
 
 constexpr int kWarps = 8;
 
-// The pair table: entry e of copy l at word e * 32 + l holds code[e >> 4] (the even k, a byte's
-// high nibble) in its low half and code[e & 15] in its high half; lane l reads copy l (bank l).
-template <typename T>
-__device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid) {
-  for (int i = tid; i < 256 * kLutCopies / 4; i += kWarps * 32) {
-    const int e = i / (kLutCopies / 4);
-    const float* code = fp4 ? kFP4Values<> : kNF4Values<>;
-    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
-  }
-}
-
 template <int MT, int NT>
 constexpr int reduce_floats() {
   return kWarps * MT * NT * 4 * 32;
@@ -98,7 +86,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // Builds the pair table (and the nested code) in shared memory; every thread takes part.
   auto build_table = [&]() {
-    build_pair_table<T>(lut, fp4, tid);
+    build_pair_table<T>(lut, fp4, tid, kWarps * 32);
     if constexpr (NESTED) {
       for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
     }
@@ -361,7 +349,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int st = 0; st < kStreamStages - 1; ++st) issue(st);
 
     if (!table_ready) {
-      build_pair_table<T>(lut, fp4, tid);
+      build_pair_table<T>(lut, fp4, tid, kWarps * 32);
       if constexpr (NESTED) {
         for (int i = tid; i < 256; i += kWarps * 32) ncode[i] = sc.nested_code[i];
         __syncthreads();

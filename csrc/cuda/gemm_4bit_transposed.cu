@@ -11,10 +11,18 @@
 // sectors) that the warp made in shared memory. The output's column j of mma t is column 8 j + t of
 // the slab, so each lane ends holding 16 consecutive columns of two tokens.
 //
-// Each value is rounded exactly as dequantize_4bit rounds it (the code's float times the block
-// scale, FMUL.FTZ, then to bf16 / fp16): the mmas multiply the very weight the cuBLAS path would.
-// Sums are float32 and in a fixed order (warps in order within a CTA, then the splits of N in
-// order): the same bits run to run.
+// Decoding: a register of B is two rows' codes of one column, so the lane joins the two rows' nibbles
+// into a byte (two logic operations for four columns) and one lookup in the 256-entry pair table of
+// the forward's mma kernels (32 copies, lane l in bank l: no conflict) gives the register: 16
+// shared-memory lookups a step for 64 values, where decoding each value alone took 32. The block
+// scale is a row's, constant along the slab, and a row of W is a k of the mma, so the scale can
+// multiply grad's value of that k instead of the weight: bf16, 4 HMUL2 a step on the A fragment. Not
+// fp16, whose grad * scale can fall out of range (subnormal, or past 65504) where grad * weight's
+// float32 product does not: there it multiplies the B register (16 HMUL2), the weight rounded as
+// fp16(fp16(code) * fp16(scale)), as the forward's tensor-copy wgmma kernel rounds its bf16 weight.
+// Either way the terms carry three roundings (code, scale, product) where dequantize_4bit's weight
+// has one: a one-hot grad gives T(T(code) * T(scale)), not T(code * scale). Sums are float32 and in a
+// fixed order (warps in order within a CTA, then the splits of N in order): the same bits run to run.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,6 +36,7 @@
 #include "qlora/codebooks.h"
 #include "qlora/cp_async.cuh"
 #include "qlora/format.h"
+#include "qlora/gemm_4bit_device.cuh"
 #include "qlora/gemm_4bit_cuda.h"
 #include "qlora/half_convert.cuh"
 #include "qlora/mma.cuh"
@@ -46,22 +55,30 @@ __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   return x;
 }
 
+// v of lane 4 Q + (this lane & 3): a shuffle whose segment mask keeps the lane's low two bits, so
+// that the source needs no index arithmetic (PTX shfl.sync.idx: source = (lane & segmask) | (b &
+// ~segmask), here segmask 3, b 4 Q; clamp 31).
+template <int Q>
+__device__ __forceinline__ float shuffle_in_quad(float v) {
+  float r;
+  asm volatile("shfl.sync.idx.b32 %0, %1, %2, %3, 0xffffffff;" : "=f"(r) : "f"(v), "n"(4 * Q), "n"(0x31f));
+  return r;
+}
+
 constexpr int kWarps = 8;  // a CTA: 8 warps on one slab, each its own 16-row steps
 constexpr int kThreads = kWarps * 32;
 constexpr int kSlab = 64;       // columns of W a CTA
 constexpr int kStepRows = 16;   // rows of W a warp step: the mma's reduction
 constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
 
-__constant__ float kNF4[16] = {QLORA_NF4_CODE};
-__constant__ float kFP4[16] = {QLORA_FP4_CODE_SIGNED};  // code 8 is -0.0, as dequantize_4bit has it
-
 // A warp's operands move through a ring of kStages steps in shared memory, filled by cp.async: a
 // step's 16 rows x 32 bytes of codes were one step ahead in registers, 512 bytes in flight a warp,
-// where an SM's share of HBM's bandwidth times its latency is ~12-18 KB; three steps ahead, at 3
-// CTAs an SM, keep ~36 KB of codes (and their scales and grad) in flight. The warp copies a step
+// where an SM's share of HBM's bandwidth times its latency is ~12-18 KB; two steps ahead, at 3 CTAs
+// an SM, keep ~24 KB of codes (and their scales and grad) in flight. Three stages rather than four
+// leave room beside the rings for the pair table (32 KB) at 3 CTAs an SM. The warp copies a step
 // whole, one 16-byte copy a lane of codes and one of grad, and each lane reads its fragments back
 // (after __syncwarp: they were copied by other lanes). A step's slot:
-constexpr int kStages = 4;
+constexpr int kStages = 3;
 constexpr int kPitch = 48;                    // bytes a row of codes or grad: 32 used; 48 puts the
                                               // 4 rows a fragment load reads on distinct banks
 constexpr int kCodesOff = 0;                  // 16 rows of W x 64 columns (32 bytes)
@@ -69,8 +86,9 @@ constexpr int kGradOff = kStepRows * kPitch;  // 16 tokens x the step's 16 rows 
 constexpr int kScaleOff = 2 * kGradOff;       // 16 words: the rows' float scales, or (nested) the
                                               // aligned words of their 8-bit codes; 16 words: nested
 constexpr int kStageBytes = kScaleOff + 2 * kStepRows * 4;
-constexpr int kRingBytes = kStages * kStageBytes;  // a warp's, 6.5 KB
-constexpr size_t kSmemBytes = size_t{kWarps} * kRingBytes;
+constexpr int kRingBytes = kStages * kStageBytes;  // a warp's, 4.9 KB
+constexpr size_t kTableBytes = 256 * kLutCopies * sizeof(uint32_t);
+constexpr size_t kSmemBytes = kTableBytes + size_t{kWarps} * kRingBytes;  // the table, then the rings
 // After its steps a warp's ring holds its partial sums for the CTA's reduction.
 static_assert(kMaxTokens * (kSlab + 1) * 4 <= kRingBytes, "a warp's sums must fit its ring");
 static_assert(kStageBytes % 16 == 0, "16-byte copies");
@@ -82,11 +100,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     gemm_4bit_transposed_kernel(const T* __restrict__ grad, int M, const uint8_t* __restrict__ packed, int64_t N,
                                 int64_t K, int bs_log2, Scales sc, int64_t qabsmax_bytes, int fp4,
                                 int64_t rows_per_split, float* __restrict__ partial, T* __restrict__ out) {
-  __shared__ float lut[16];
   __shared__ float ncode[NESTED ? 256 : 1];
-  extern __shared__ __align__(16) uint8_t rings[];
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  uint8_t* rings = smem + kTableBytes;
   const int tid = static_cast<int>(opaque(threadIdx.x)), warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  if (tid < 16) lut[tid] = fp4 ? kFP4[tid] : kNF4[tid];
+  build_pair_table<T>(lut, fp4, tid, kThreads);
   if constexpr (NESTED) {
     for (int i = tid; i < 256; i += kThreads) ncode[i] = sc.nested_code[i];
   }
@@ -107,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t first = nbeg + int64_t{warp} * kStepRows;
   const int steps = first < nend ? static_cast<int>((nend - first + stride - 1) / stride) : 0;
   const int half = lane & 1, pair = lane >> 1;  // a lane's 16 bytes: row (token) `pair`, half `half`
-  const int r = lane & 15;                      // the row whose scale word a lane copies
+  const int r = lane & 15;                      // the row whose scale word a lane copies and decodes
   // Blocks a round of steps: NESTED, a multiple of 4 (checked), so that each row's 8-bit scale code
   // keeps its byte in its word from step to step. Cut to 32 bits: where a warp takes a second step,
   // it is less than the weight's block count, which fits (checked).
@@ -165,60 +184,71 @@ __global__ void __launch_bounds__(kThreads, 3)
     advance();
   };
 
-  // A lane's 4 rows' scale codes sit at byte (block index & 3) of their copied words, the same byte
-  // every step: a byte_perm selector each.
-  uint32_t scale_byte[4] = {};
-  if constexpr (NESTED) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = first + 2 * c + (i & 1) + 8 * (i >> 1);
-      scale_byte[i] = opaque(0x4440u | (static_cast<uint32_t>((row * K + k0) >> bs_log2) & 3u));
-    }
-  }
-  const uint32_t lut_addr = smem_u32(lut);
+  // Lane 4 q + c (q = 0..3, and again for lanes 16..31) decodes the scale of row 2c + (0, 1, 8, 9)[q],
+  // the rows of lane c's fragments: 2c and 2c + 1 (b0, and a0 / a1's k), 2c + 8 and 2c + 9 (b1, a2 /
+  // a3's); every lane (g, c) then takes them from lanes 4 q + c, q = 0..3 (shuffle_in_quad).
+  const int decoded_row = 2 * c + ((lane >> 2) & 1) + 8 * ((lane >> 3) & 1);
+  // Its scale code sits at byte (block index & 3) of the copied word, the same byte every step: a
+  // byte_perm selector.
+  const uint32_t scale_byte =
+      NESTED ? opaque(0x4440u | (static_cast<uint32_t>(((first + decoded_row) * K + k0) >> bs_log2) & 3u)) : 0u;
+  const uint32_t lut_lane = opaque(smem_u32(lut) + 4 * lane);  // copy `lane` of the pair table
+  const uint32_t ncode_at = NESTED ? opaque(smem_u32(ncode)) : 0u;
+  // The lane's reads of a slot, from the slot's start: its rows' code words (rows 2c, 2c + 1, 2c + 8,
+  // 2c + 9 at kPitch apart), its decoded row's scale word, its A fragment's ldmatrix row.
+  const uint32_t codes_at = opaque(ring_addr + kCodesOff + 2 * c * kPitch + 4 * g);
+  const uint32_t scale_at = opaque(ring_addr + kScaleOff + 4 * decoded_row);
+  const uint32_t grad_at = opaque(ring_addr + kGradOff + (lane & 15) * kPitch + 16 * (lane >> 4));
   float acc[8][4] = {};
   // One step from `slot`; a step inside the split (WHOLE) needs no bounds on its rows' scales.
   const auto compute = [&](int slot, auto whole, int64_t n0) {
-    const uint8_t* at = ring + slot * kStageBytes;
+    const uint32_t slot_at = static_cast<uint32_t>(slot * kStageBytes);
     uint32_t a[4];
-    ldmatrix_x4(
-        a, ring_addr + static_cast<uint32_t>(slot * kStageBytes) + kGradOff + (lane & 15) * kPitch + 16 * (lane >> 4));
-    // Each code as the byte offset of its value in lut (4 x the code), the high nibbles of a word's
-    // bytes (even columns) in hi, the low ones in lo: one byte extraction (PRMT) a value.
-    uint32_t hi[4], lo[4];
-    float scale[4];
+    ldmatrix_x4(a, grad_at + slot_at);
+    const uint32_t word = lds_ring_u32(scale_at + slot_at);
+    float scale;
+    if constexpr (NESTED) {
+      scale = nested_scale(__uint_as_float(lds_u32(ncode_at + 4 * __byte_perm(word, 0u, scale_byte))),
+                           lds_ring_f32(scale_at + slot_at + 64), off);
+    } else {
+      scale = __uint_as_float(word);
+    }
+    if constexpr (!decltype(whole)::value) {
+      if (n0 + decoded_row >= nend) scale = 0.f;  // a row past the split or past N
+    }
+    const uint32_t scale_lo = pack_pair<T>(shuffle_in_quad<0>(scale), shuffle_in_quad<1>(scale));
+    const uint32_t scale_hi = pack_pair<T>(shuffle_in_quad<2>(scale), shuffle_in_quad<3>(scale));
+    constexpr bool kScaleGrad = !std::is_same_v<T, __half>;
+    if constexpr (kScaleGrad) {
+      a[0] = mul_pair<T>(a[0], scale_lo);
+      a[1] = mul_pair<T>(a[1], scale_lo);
+      a[2] = mul_pair<T>(a[2], scale_hi);
+      a[3] = mul_pair<T>(a[3], scale_hi);
+    }
+    // Rows 2c + 8h (high nibble of each pair byte, the register's low half) and 2c + 8h + 1: the
+    // bytes of even columns (codes packed two a byte, the first in the high nibble) in even[h], of
+    // odd columns in odd[h]; column 8 g + t is byte t / 2 of one of them.
+    uint32_t even[2], odd[2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = 2 * c + (i & 1) + 8 * (i >> 1);
-      const uint32_t codes = *reinterpret_cast<const uint32_t*>(at + kCodesOff + row * kPitch + 4 * g);
-      hi[i] = (codes >> 2) & 0x3C3C3C3Cu;
-      lo[i] = (codes << 2) & 0x3C3C3C3Cu;
-      const uint32_t word = *reinterpret_cast<const uint32_t*>(at + kScaleOff + 4 * row);
-      float v;
-      if constexpr (NESTED) {
-        v = nested_scale(ncode[__byte_perm(word, 0u, scale_byte[i])],
-                         *reinterpret_cast<const float*>(at + kScaleOff + 64 + 4 * row), off);
-      } else {
-        v = __uint_as_float(word);
-      }
-      if constexpr (!decltype(whole)::value) {
-        if (n0 + row >= nend) v = 0.f;  // a row past the split or past N
-      }
-      scale[i] = v;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t first_row = lds_ring_u32(codes_at + slot_at + 8 * h * kPitch);
+      const uint32_t second_row = lds_ring_u32(codes_at + slot_at + (8 * h + 1) * kPitch);
+      even[h] = (first_row & 0xF0F0F0F0u) | ((second_row >> 4) & 0x0F0F0F0Fu);
+      odd[h] = ((first_row << 4) & 0xF0F0F0F0u) | (second_row & 0x0F0F0F0Fu);
     }
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
-      // Column 8 g + t: byte t / 2 of each word, its high nibble for even t (codes are packed two a
-      // byte, the first in the high nibble).
-      float v[4];
+      uint32_t b[2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t offset = __byte_perm((t & 1) ? lo[i] : hi[i], 0u, 0x4440u | (t >> 1));
-        float code;
-        asm("ld.shared.f32 %0, [%1];" : "=f"(code) : "r"(lut_addr + offset));
-        v[i] = mul_ftz(code, scale[i]);
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t entry = __byte_perm((t & 1) ? odd[h] : even[h], 0u, 0x4440u | (t >> 1));
+        b[h] = lds_u32(lut_lane + entry * (kLutCopies * 4));
       }
-      mma_16816<T>(acc[t], a, pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]));
+      if constexpr (!kScaleGrad) {
+        b[0] = mul_pair<T>(b[0], scale_lo);
+        b[1] = mul_pair<T>(b[1], scale_hi);
+      }
+      mma_16816<T>(acc[t], a, b[0], b[1]);
     }
   };
 

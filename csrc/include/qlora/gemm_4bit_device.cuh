@@ -1,5 +1,5 @@
 // Device code the fused products' kernel families share (csrc/cuda/gemm_4bit_*.cu): the 4-bit
-// codes' values, and the mma.sync kernels' A fragments (fragment layout: qlora/mma.cuh).
+// codes' values, the mma.sync kernels' pair table and A fragments (fragment layout: qlora/mma.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,6 +7,8 @@
 #include <cstdint>
 
 #include "qlora/codebooks.h"
+#include "qlora/gemm_4bit_layout.h"
+#include "qlora/half_convert.cuh"
 
 namespace qlora::cuda {
 
@@ -22,6 +24,21 @@ __constant__ float kFP4Values[16] = {QLORA_FP4_CODE_SIGNED};
 // (Named here first, NF4 before FP4, so that every translation unit lays them out alike.)
 static_assert(sizeof(kNF4Values<>) == 64 && sizeof(kFP4Values<>) == 64);
 }  // namespace
+
+// The pair table of the mma.sync kernels (gemm_4bit_mma.cu's, and the backward's in
+// gemm_4bit_transposed.cu): entry e of copy l at word e * kLutCopies + l holds code[e >> 4] (a
+// byte's high nibble) in its low half and code[e & 15] in its high half, as bf16 / fp16; lane l
+// reads copy l, always in bank l, so that 32 lanes' lookups of random bytes never conflict.
+// Written by `threads` threads, tid among them.
+template <typename T>
+__device__ __forceinline__ void build_pair_table(uint32_t* lut, int fp4, int tid, int threads) {
+  for (int i = tid; i < 256 * kLutCopies / 4; i += threads) {
+    const int e = i / (kLutCopies / 4);
+    const float* code = fp4 ? kFP4Values<> : kNF4Values<>;
+    const uint32_t v = pack_pair<T>(code[e >> 4], code[e & 15]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+}
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
