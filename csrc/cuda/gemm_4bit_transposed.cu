@@ -134,10 +134,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   const uint8_t* code_src = packed + ((first + pair) * K + k0) / 2 + 16 * half;
   const int64_t code_step = stride * K / 2;
   uint32_t scale_block = static_cast<uint32_t>(((first + r) * K + k0) >> bs_log2);
-  // grad's rows past M copy nothing: their source stays at grad and its length at 0.
-  const T* grad_src = pair < M ? grad + int64_t{pair} * N + first + 8 * half : grad;
-  const int64_t grad_step = pair < M ? stride : 0;
-  const uint32_t grad_bytes = pair < M ? 16u : 0u;
+  // grad's rows past M are zeroed once, in every slot, before the first copy, and never copied: the
+  // lanes that would copy them (pair >= M) skip their grad copy, and their source stays at grad.
+  const bool grad_lane = pair < M;
+  const T* grad_src = grad_lane ? grad + int64_t{pair} * N + first + 8 * half : grad;
+  const int64_t grad_step = grad_lane ? stride : 0;
   // Lanes 0..15 copy row r's scale word (NESTED: the aligned word of its 8-bit code), lanes 16..
   // row r's nested absmax (NESTED) or nothing: one copy a lane, no divergence.
   const bool nested_lane = NESTED && lane >= 16;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const auto copy_whole = [&](int slot) {
     const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
     cp_async_16(dst_codes + at, code_src);
-    cp_async_16_partial(dst_grad + at, grad_src, grad_bytes);
+    if (grad_lane) cp_async_16(dst_grad + at, grad_src);
     cp_async_4_partial(dst_scale + at, scale_base + scale_offset(scale_block), scale_whole_len);
     advance();
   };
@@ -171,8 +172,8 @@ __global__ void __launch_bounds__(kThreads, 3)
     const bool code_in = n0 + pair < N;
     cp_async_16_partial(dst_codes + at, code_in ? code_src : packed, code_in ? 16u : 0u);
     const int64_t grad_left = nend - (n0 + 8 * half);  // of this lane's 8 rows
-    const uint32_t bytes = grad_left > 0 ? min(grad_bytes, static_cast<uint32_t>(min(int64_t{16}, 2 * grad_left))) : 0u;
-    cp_async_16_partial(dst_grad + at, bytes > 0 ? grad_src : grad, bytes);
+    const uint32_t bytes = grad_left > 0 ? static_cast<uint32_t>(min(int64_t{16}, 2 * grad_left)) : 0u;
+    if (grad_lane) cp_async_16_partial(dst_grad + at, bytes > 0 ? grad_src : grad, bytes);
     const uint64_t offset = scale_offset(scale_block);
     uint32_t scale_len = scale_whole_len;
     // The 8-bit codes' last word may be partial (cp.async copies no single byte).
@@ -258,6 +259,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (NESTED && whole_steps > 0) {
     const int64_t last_row = first + (whole_steps - 1) * stride + kStepRows - 1;
     if ((((last_row * K + k0) >> bs_log2) & ~int64_t{3}) + 4 > qabsmax_bytes) --whole_steps;
+  }
+  if (!grad_lane) {
+#pragma unroll
+    for (int slot = 0; slot < kStages; ++slot)
+      *reinterpret_cast<uint4*>(ring + slot * kStageBytes + kGradOff + pair * kPitch + 16 * half) = make_uint4(0, 0, 0, 0);
   }
   const auto copy_step = [&](int slot, int s) {
     if (s < whole_steps) {
