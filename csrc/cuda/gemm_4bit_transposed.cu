@@ -33,11 +33,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "qlora/codebooks.h"
 #include "qlora/cp_async.cuh"
 #include "qlora/format.h"
-#include "qlora/gemm_4bit_device.cuh"
 #include "qlora/gemm_4bit_cuda.h"
+#include "qlora/gemm_4bit_device.cuh"
 #include "qlora/half_convert.cuh"
 #include "qlora/mma.cuh"
 #include "qlora/nested_scale.cuh"
@@ -263,7 +262,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (!grad_lane) {
 #pragma unroll
     for (int slot = 0; slot < kStages; ++slot)
-      *reinterpret_cast<uint4*>(ring + slot * kStageBytes + kGradOff + pair * kPitch + 16 * half) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(ring + slot * kStageBytes + kGradOff + pair * kPitch + 16 * half) =
+          make_uint4(0, 0, 0, 0);
   }
   const auto copy_step = [&](int slot, int s) {
     if (s < whole_steps) {
