@@ -237,7 +237,7 @@ def reference_dequantize(p: torch.Tensor, s: QuantState) -> torch.Tensor:
     return vals.to(s.dtype).reshape(s.shape)
 
 
-def transposed_kernel_weight(p: torch.Tensor, s: QuantState) -> torch.Tensor:
+def transposed_kernel_weight(p: torch.Tensor, s: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight as gemm_4bit_transposed's own kernel (M <= 16 on CUDA) rounds it: the code's value
     in the dtype times the block scale in the dtype, the product rounded once (dequantize_4bit rounds
     code * scale once instead). Both factors have at most 11 significant bits, so float32 holds their
@@ -245,13 +245,14 @@ def transposed_kernel_weight(p: torch.Tensor, s: QuantState) -> torch.Tensor:
     multiply. bf16, where the kernel scales grad instead (bf16(grad * bf16(scale)) times bf16(code)):
     each term is off grad times this weight by two roundings at most (grad * scale's and this
     weight's), which assert_close_to_reference allows a fused kernel's weight; a one-hot grad gives
-    this weight's rows to the bit."""
+    this weight's rows to the bit. `dtype`: grad's, where the kernel rounds (default the weight's)."""
+    dtype = dtype or s.dtype
     n = math.prod(s.shape)
     packed = p.reshape(-1).view(torch.uint8).long()
     nib = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
-    code = code_tensor(s.quant_type, p.device).to(s.dtype)[nib].float()
-    scale = F.dequantize_absmax(s).to(s.dtype).float().repeat_interleave(s.blocksize)[:n]
-    return (code * scale).to(s.dtype).reshape(s.shape)
+    code = code_tensor(s.quant_type, p.device).to(dtype)[nib].float()
+    scale = F.dequantize_absmax(s).to(dtype).float().repeat_interleave(s.blocksize)[:n]
+    return (code * scale).to(dtype).reshape(s.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,8 +239,9 @@ def test_gemm_transposed_matches_reference(gen, device, m, dtype):
     out = F.gemm_4bit_transposed(g, packed, state)
     assert out.shape == (m, k) and out.dtype == dtype
     # grad @ w is x @ (w^T)^T: the same bound with w^T; the dequantized weight is used as is, but at
-    # M <= 16 on CUDA the transposed kernel's own weight (transposed_kernel_weight).
-    own = transposed_kernel_weight(packed, state) if device == "cuda" and dtype != torch.float32 else w
+    # M <= 16 on a CUDA GPU with bf16 mma (sm_80 on) the transposed kernel's own (transposed_kernel_weight).
+    own_kernel = device == "cuda" and dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8
+    own = transposed_kernel_weight(packed, state) if own_kernel else w
     assert_close_to_reference(out, g, (own if m <= 16 else w).T.contiguous(), None, f"transposed M={m}")
     g3 = make_input((2, 3, n), dtype, device, gen)[:, :, :]
     out3 = F.gemm_4bit_transposed(g3.transpose(0, 1), packed, state)
@@ -323,7 +324,8 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
 def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq):
     packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
     scale_words_in_place = 128 * k % ((4 if dq else 1) * blocksize) == 0
-    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place
+    tensor_cores = torch.cuda.get_device_capability()[0] >= 8  # mma.sync with bf16
+    own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place and tensor_cores
     # the weight the product multiplies: the own kernel's rounding of it, or dequantize_4bit's
     w = transposed_kernel_weight(packed, state) if own_kernel else F.dequantize_4bit(packed, state)
     g = make_input((m, n), dtype, "cuda", gen)
@@ -337,7 +339,7 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     one_hot = torch.zeros(m, n, dtype=dtype)
     one_hot[torch.arange(m), picked] = 1
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")])
-    if CAN_PROFILE and torch.cuda.get_device_capability()[0] >= 8:
+    if CAN_PROFILE:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
         assert any("gemm_4bit_transposed_kernel" in name for name in names) == own_kernel, names
         if own_kernel and n >= 2048:  # N / (64 M) >= 2 and the GPU wants more CTAs than slabs: N splits

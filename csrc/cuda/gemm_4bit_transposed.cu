@@ -13,8 +13,8 @@
 //
 // Decoding: a register of B is two rows' codes of one column, so the lane joins the two rows' nibbles
 // into a byte (two logic operations for four columns) and one lookup in the 256-entry pair table of
-// the forward's mma kernels (32 copies, lane l in bank l: no conflict) gives the register: 16
-// shared-memory lookups a step for 64 values, where decoding each value alone took 32. The block
+// the forward's mma kernels (32 copies, lane l in bank l: no conflict) gives the register: a lane's 32
+// values a step take 16 shared-memory lookups, where decoding each value alone took 32. The block
 // scale is a row's, constant along the slab, and a row of W is a k of the mma, so the scale can
 // multiply grad's value of that k instead of the weight: bf16, 4 HMUL2 a step on the A fragment. Not
 // fp16, whose grad * scale can fall out of range (subnormal, or past 65504) where grad * weight's
@@ -74,9 +74,9 @@ constexpr int kMaxTokens = 16;  // the mma's 16 rows of A
 // step's 16 rows x 32 bytes of codes were one step ahead in registers, 512 bytes in flight a warp,
 // where an SM's share of HBM's bandwidth times its latency is ~12-18 KB; two steps ahead, at 3 CTAs
 // an SM, keep ~24 KB of codes (and their scales and grad) in flight. Three stages rather than four
-// leave room beside the rings for the pair table (32 KB) at 3 CTAs an SM. The warp copies a step
-// whole, one 16-byte copy a lane of codes and one of grad, and each lane reads its fragments back
-// (after __syncwarp: they were copied by other lanes). A step's slot:
+// leave room beside the rings for the pair table (32 KB) at 3 CTAs an SM (H100; an A100's 164 KB
+// holds 2). The warp copies a step whole, one 16-byte copy a lane of codes and one of grad, and each
+// lane reads its fragments back (after __syncwarp: they were copied by other lanes). A step's slot:
 constexpr int kStages = 3;
 constexpr int kPitch = 48;                    // bytes a row of codes or grad: 32 used; 48 puts the
                                               // 4 rows a fragment load reads on distinct banks
@@ -84,13 +84,13 @@ constexpr int kCodesOff = 0;                  // 16 rows of W x 64 columns (32 b
 constexpr int kGradOff = kStepRows * kPitch;  // 16 tokens x the step's 16 rows of grad (32 bytes)
 constexpr int kScaleOff = 2 * kGradOff;       // 16 words: the rows' float scales, or (nested) the
                                               // aligned words of their 8-bit codes; 16 words: nested
-constexpr int kStageBytes = kScaleOff + 2 * kStepRows * 4;
-constexpr int kRingBytes = kStages * kStageBytes;  // a warp's, 4.9 KB
+constexpr int kSlotBytes = kScaleOff + 2 * kStepRows * 4;
+constexpr int kRingBytes = kStages * kSlotBytes;  // a warp's, 4.9 KB
 constexpr size_t kTableBytes = 256 * kLutCopies * sizeof(uint32_t);
 constexpr size_t kSmemBytes = kTableBytes + size_t{kWarps} * kRingBytes;  // the table, then the rings
 // After its steps a warp's ring holds its partial sums for the CTA's reduction.
 static_assert(kMaxTokens * (kSlab + 1) * 4 <= kRingBytes, "a warp's sums must fit its ring");
-static_assert(kStageBytes % 16 == 0, "16-byte copies");
+static_assert(kSlotBytes % 16 == 0, "16-byte copies");
 
 // partial[blockIdx.y][m][k] (or out, with one split) = the sum over the split's rows n of
 // grad[m][n] W[n][k], for the slab's 64 columns k (blockIdx.x).
@@ -117,15 +117,16 @@ __global__ void __launch_bounds__(kThreads, 3)
   const uint32_t ring_addr = opaque(smem_u32(ring));
 
   // Step s of this warp starts at row first + s * stride. Rows past N are zero-filled; rows past the
-  // split but before N are copied (valid memory), and their scales are zeroed where used, as are
-  // those past N. grad past M or past the split is zero-filled. A step inside the split (all but a
-  // warp's last, at most) needs none of that: its copies' sources advance by a step's rows (stride K
-  // elements, a whole number of blocks: K is a multiple of 64, stride of 128) and nothing else.
+  // split but before N are copied (valid memory). grad past the split is zero-filled, so that those
+  // rows add nothing (their scales are zeroed too, where used: a second guard). A step inside the
+  // split (all but a warp's last, at most) needs none of that: its copies' sources advance by a
+  // step's rows (stride K elements, a whole number of blocks: K is a multiple of 64, stride of 128)
+  // and nothing else.
   const int64_t stride = int64_t{kWarps} * kStepRows;
   const int64_t first = nbeg + int64_t{warp} * kStepRows;
   const int steps = first < nend ? static_cast<int>((nend - first + stride - 1) / stride) : 0;
   const int half = lane & 1, pair = lane >> 1;  // a lane's 16 bytes: row (token) `pair`, half `half`
-  const int r = lane & 15;                      // the row whose scale word a lane copies and decodes
+  const int r = lane & 15;                      // the row whose scale word a lane copies
   // Blocks a round of steps: NESTED, a multiple of 4 (checked), so that each row's 8-bit scale code
   // keeps its byte in its word from step to step. Cut to 32 bits: where a warp takes a second step,
   // it is less than the weight's block count, which fits (checked).
@@ -135,6 +136,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   uint32_t scale_block = static_cast<uint32_t>(((first + r) * K + k0) >> bs_log2);
   // grad's rows past M are zeroed once, in every slot, before the first copy, and never copied: the
   // lanes that would copy them (pair >= M) skip their grad copy, and their source stays at grad.
+  // Those tokens' sums are never stored; the zeros keep their accumulators finite.
   const bool grad_lane = pair < M;
   const T* grad_src = grad_lane ? grad + int64_t{pair} * N + first + 8 * half : grad;
   const int64_t grad_step = grad_lane ? stride : 0;
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   };
   // A step inside the split, into `slot`.
   const auto copy_whole = [&](int slot) {
-    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
+    const uint32_t at = static_cast<uint32_t>(slot * kSlotBytes);
     cp_async_16(dst_codes + at, code_src);
     if (grad_lane) cp_async_16(dst_grad + at, grad_src);
     cp_async_4_partial(dst_scale + at, scale_base + scale_offset(scale_block), scale_whole_len);
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   };
   // A warp's last step, at row n0, which may run past the split or past N, into `slot`.
   const auto copy_edge = [&](int slot, int64_t n0) {
-    const uint32_t at = static_cast<uint32_t>(slot * kStageBytes);
+    const uint32_t at = static_cast<uint32_t>(slot * kSlotBytes);
     const bool code_in = n0 + pair < N;
     cp_async_16_partial(dst_codes + at, code_in ? code_src : packed, code_in ? 16u : 0u);
     const int64_t grad_left = nend - (n0 + 8 * half);  // of this lane's 8 rows
@@ -202,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   float acc[8][4] = {};
   // One step from `slot`; a step inside the split (WHOLE) needs no bounds on its rows' scales.
   const auto compute = [&](int slot, auto whole, int64_t n0) {
-    const uint32_t slot_at = static_cast<uint32_t>(slot * kStageBytes);
+    const uint32_t slot_at = static_cast<uint32_t>(slot * kSlotBytes);
     uint32_t a[4];
     ldmatrix_x4(a, grad_at + slot_at);
     const uint32_t word = lds_ring_u32(scale_at + slot_at);
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (!grad_lane) {
 #pragma unroll
     for (int slot = 0; slot < kStages; ++slot)
-      *reinterpret_cast<uint4*>(ring + slot * kStageBytes + kGradOff + pair * kPitch + 16 * half) =
+      *reinterpret_cast<uint4*>(ring + slot * kSlotBytes + kGradOff + pair * kPitch + 16 * half) =
           make_uint4(0, 0, 0, 0);
   }
   const auto copy_step = [&](int slot, int s) {
