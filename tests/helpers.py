@@ -220,13 +220,18 @@ def assert_close_to_reference(out, x, w, bias=None, what=""):
 # The format's definition
 
 
+def unpack_codes(p: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n 4-bit codes of packed `p`, in order (a byte's high nibble first), as int64."""
+    packed = p.reshape(-1).view(torch.uint8).long()
+    return torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
+
+
 def reference_dequantize(p: torch.Tensor, s: QuantState) -> torch.Tensor:
     """Dequantization by the format's definition, in torch's float32 arithmetic (IEEE, no flush):
     scale = code2[q] * nested_absmax + offset, each rounded; value = code[nibble] * scale, rounded to
     the dtype to nearest even (FP4's code 0b1000 is +0.0 in the spec's table)."""
     n = math.prod(s.shape)
-    packed = p.reshape(-1).view(torch.uint8).long()
-    nib = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
+    nib = unpack_codes(p, n)
     table = code_tensor(s.quant_type, p.device)
     if s.nested:
         scales = s.state2.code[s.absmax.long()] * s.state2.absmax.repeat_interleave(256)[: s.absmax.numel()]
@@ -248,8 +253,7 @@ def transposed_kernel_weight(p: torch.Tensor, s: QuantState, dtype: torch.dtype 
     this weight's rows to the bit. `dtype`: grad's, where the kernel rounds (default the weight's)."""
     dtype = dtype or s.dtype
     n = math.prod(s.shape)
-    packed = p.reshape(-1).view(torch.uint8).long()
-    nib = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
+    nib = unpack_codes(p, n)
     code = code_tensor(s.quant_type, p.device).to(dtype)[nib].float()
     scale = F.dequantize_absmax(s).to(dtype).float().repeat_interleave(s.blocksize)[:n]
     return (code * scale).to(dtype).reshape(s.shape)
