@@ -73,6 +73,15 @@ static_assert(ids_in_order(), "kConfigs[i] must be the configuration of id i");
 // at M = 64: 218 against 284 us; at M = 128 441 against 290; gemm-h200-2026-11-29.json), up to 256
 // the wgmma kernels (see wgmma_reach).
 constexpr int64_t kDefaultFusedMaxM = 256;
+// The backward product: its own mma.sync kernel up to M = 16 (csrc/cuda/gemm_4bit_transposed.cu
+// decides there), the transposed tensor-copy wgmma kernel above, up to M = 128 on every weight and
+// up to 256 on weights of 2^25 elements or more, cuBLAS beyond. Against dequantize + cuBLAS on an
+// H100 (gemm-t-wgmma-h100-2026-12-07-40ecf98.json): 0.26-0.87 the time at M = 17-128 on the six
+// Llama shapes, 0.51-0.74 at M = 256 on the five of 2^25 or more, 1.28 on 4096x4096 (16.8 M) at
+// M = 256 (the forward's wgmma kernels stop at the same size, wgmma_reach).
+constexpr int64_t kTransposedSmallMaxM = 16;
+constexpr int64_t kTransposedWgmmaAllMaxM = 128;
+constexpr int64_t kTransposedWgmmaMaxM = 256;
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t k2Pow25 = int64_t{1} << 25;
 // The stream kernel keeps a tile's scales in shared memory: up to 1536 blocks a row (96 KB).
@@ -217,6 +226,25 @@ const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu) {
     return gemm_config(M <= 8 ? kStream16x8 : M <= 16 ? kStream16x16 : M <= 32 ? kStream16x32 : kStream16x64);
   }
   return gemm_config(M <= 8 ? kMma16x8 : M <= 16 ? kMma16x16 : kMma32x32);
+}
+
+const GemmConfig& choose_transposed_config(const GemmQuery& q, const GpuInfo& gpu) {
+  const GemmConfig& cublas_path = gemm_config(kDequantizeCublas);
+  // The sum runs over W's rows: the wgmma kernel's stages are 64 of them and its tiles 128 of W's
+  // columns, so the query it must fit is W's transposed (N and K swapped: whole stages of 64 rows,
+  // 16-byte copies); the rows' whole blocks are W's own.
+  GemmQuery t = q;
+  t.N = q.K;
+  t.K = q.N;
+  const bool fused_reach = q.M > kTransposedSmallMaxM &&
+                           (q.M <= kTransposedWgmmaAllMaxM || (q.M <= kTransposedWgmmaMaxM && q.N * q.K >= k2Pow25));
+  if (!fused_reach || q.dtype != GemmDtype::kBFloat16 || fused_unfit(q) != nullptr) return cublas_path;
+  const GemmConfigId id = q.M <= 32    ? kWgmmaTma128x32
+                          : q.M <= 64  ? kWgmmaTma128x64
+                          : q.M <= 128 ? kWgmmaTma128x128
+                                       : kWgmmaTma128x256;
+  const GemmConfig& c = gemm_config(id);
+  return wgmma_unfit(c.wgmma, t, gpu) == nullptr ? c : cublas_path;
 }
 
 }  // namespace qlora

@@ -125,16 +125,16 @@ static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
                                    "M", "N", "K", "dtype", "quant_type", "nested", "sm_major", "sm_minor", "sms",
                                    // optional ("LLiiiLLpp")
                                    "blocksize", "fused_max_m", "x_alignment", "packed_alignment", "scales_alignment",
-                                   "smem_optin", "smem_reserved", "sm90_code", "sm90a_code", nullptr};
+                                   "smem_optin", "smem_reserved", "sm90_code", "sm90a_code", "transposed", nullptr};
   long long M = 0, N = 0, K = 0, blocksize = 64, fused_max_m = -1, smem_optin = -1, smem_reserved = 1024;
   const char* dtype = nullptr;
   const char* quant_type = nullptr;
   int nested = 0, major = 0, minor = 0, sms = 0, x_alignment = 16, packed_alignment = 16, scales_alignment = 16;
-  int sm90_code = -1, sm90a_code = -1;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLsspiii|LLiiiLLpp", const_cast<char**>(keywords), &M, &N, &K,
+  int sm90_code = -1, sm90a_code = -1, transposed = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLsspiii|LLiiiLLppp", const_cast<char**>(keywords), &M, &N, &K,
                                    &dtype, &quant_type, &nested, &major, &minor, &sms, &blocksize, &fused_max_m,
                                    &x_alignment, &packed_alignment, &scales_alignment, &smem_optin, &smem_reserved,
-                                   &sm90_code, &sm90a_code))
+                                   &sm90_code, &sm90a_code, &transposed))
     return nullptr;
   const std::string d = dtype;
   if (d != "float32" && d != "float16" && d != "bfloat16") {
@@ -175,7 +175,7 @@ static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
                            static_cast<uint32_t>(smem_reserved),
                            sm90_code >= 0 ? sm90_code != 0 : sm90,
                            sm90a_code >= 0 ? sm90a_code != 0 : sm90};
-  return config_dict(qlora::choose_gemm_config(q, gpu));
+  return config_dict(transposed != 0 ? qlora::choose_transposed_config(q, gpu) : qlora::choose_gemm_config(q, gpu));
 }
 
 // Every configuration _gemm_4bit_with takes, as config_dict's.
@@ -199,8 +199,10 @@ static PyMethodDef qlora_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "_gemm_4bit_config(M, N, K, dtype, quant_type, nested, sm_major, sm_minor, sms, *, blocksize=64, "
      "fused_max_m=-1, x_alignment=16, packed_alignment=16, scales_alignment=16, smem_optin=-1 (the GPU's), "
-     "smem_reserved=1024, sm90_code=sm_90, sm90a_code=sm_90) -> dict: the kernel configuration the CUDA gemm_4bit "
-     "picks for x [M, K] of dtype ('bfloat16', 'float16', 'float32') and a 4-bit weight [N, K] on that GPU."},
+     "smem_reserved=1024, sm90_code=sm_90, sm90a_code=sm_90, transposed=False) -> dict: the kernel configuration the "
+     "CUDA gemm_4bit picks for x [M, K] of dtype ('bfloat16', 'float16', 'float32') and a 4-bit weight [N, K] on that "
+     "GPU; transposed: gemm_4bit_transposed's for grad [M, N] (x_alignment: grad's) above M = 16, where its own "
+     "small-M kernel does not take the product."},
     {"_gemm_4bit_configs", gemm_4bit_configs, METH_NOARGS,
      "Every kernel configuration torch.ops.qlora._gemm_4bit_with takes, as _gemm_4bit_config's dicts."},
     {nullptr, nullptr, 0, nullptr}};

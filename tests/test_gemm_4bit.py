@@ -266,7 +266,7 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
     whole = w.numel() * w.element_size()
     x = make_input((m, k), dtype, "cuda", gen)
     bias = make_input((n,), dtype, "cuda", gen)
-    g = make_input((m, n), dtype, "cuda", gen)
+    g = make_input((300, n), dtype, "cuda", gen)  # past the backward's fused kernels (M <= 256)
     caching = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1"  # (the sanitizer's runs turn it off)
     for what, call in [
         ("forward", lambda: gemm_on_path("cublas", x, packed, state, bias)),
@@ -285,9 +285,9 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
             assert_close_to_reference(out, x, w, bias, f"banded forward {dtype} dq={dq}")
         else:
             assert_close_to_reference(out, g, w.T.contiguous(), None, f"banded backward {dtype} dq={dq}")
-            # one 1 a row of grad picks a row of W: a band's share, the other bands adding zeros (20
-            # rows: the cuBLAS path, past the own kernel's M <= 16)
-            rows = torch.tensor([0, 255, 256, n // 2, n - 1, *range(5000, 5015)])
+            # one 1 a row of grad picks a row of W: a band's share, the other bands adding zeros (300
+            # rows: the cuBLAS path, past the fused kernels' M <= 256)
+            rows = torch.tensor([0, 255, 256, n // 2, n - 1, *range(5000, 5295)])
             one_hot = torch.zeros(len(rows), n, dtype=dtype, device="cuda")
             one_hot[torch.arange(len(rows)), rows.cuda()] = 1
             assert torch.equal(F.gemm_4bit_transposed(one_hot, packed, state), w[rows.cuda()])
@@ -296,8 +296,9 @@ def test_cublas_path_dequantizes_a_large_weight_in_bands(gen, dtype, dq):
 # The backward's own kernel at M <= 16 (csrc/cuda/gemm_4bit_transposed.cu) against float64, on the
 # formats and on shapes that end a 16-row step or a split of N inside the weight; N not a multiple of
 # 8 (grad is copied 8 rows at a time), K not whole 64-column slabs, blocksize 32, a round of steps
-# (128 rows) not a multiple of 4 blocks with 8-bit scale codes, and M = 17 take dequantize + cuBLAS,
-# which must give the same bound.
+# (128 rows) not a multiple of 4 blocks with 8-bit scale codes, and M = 17 take dequantize + cuBLAS
+# (or, bf16 on Hopper with N and K whole 64s, the wgmma kernel: test_gemm_transposed_wgmma), which
+# must give the same bound.
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 3, 16, 17])
@@ -326,8 +327,10 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     scale_words_in_place = 128 * k % ((4 if dq else 1) * blocksize) == 0
     tensor_cores = torch.cuda.get_device_capability()[0] >= 8  # mma.sync with bf16
     own_kernel = m <= 16 and n % 8 == 0 and k % 64 == 0 and blocksize >= 64 and scale_words_in_place and tensor_cores
-    # the weight the product multiplies: the own kernel's rounding of it, or dequantize_4bit's
-    w = transposed_kernel_weight(packed, state) if own_kernel else F.dequantize_4bit(packed, state)
+    # the weight the product multiplies: the own kernel's (or the wgmma kernel's) rounding of it, or
+    # dequantize_4bit's
+    rounded = own_kernel or transposed_wgmma_runs(m, n, k, dtype, blocksize)
+    w = transposed_kernel_weight(packed, state) if rounded else F.dequantize_4bit(packed, state)
     g = make_input((m, n), dtype, "cuda", gen)
     out = F.gemm_4bit_transposed(g, packed, state)
     assert out.shape == (m, k) and out.dtype == dtype
@@ -355,6 +358,73 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     if CAN_PROFILE:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, shifted, packed, state)
         assert not any("gemm_4bit_transposed_kernel" in name for name in names), names
+
+
+# The backward above M = 16 on Hopper: the tensor-copy wgmma kernel transposed (A = W^T decoded from
+# pairs of W's rows, grad the tensor copies' B tile), bf16, M up to 128 (256 on weights of 2^25
+# elements or more), N and K whole 64s. Shapes with one 128-column tile, a half-empty last tile
+# (K = 192), K split over CTAs (few tiles for the SMs), a block longer than a warpgroup's 64 columns
+# (256) or than a row (4096), every scale format; N not a multiple of 64, fp16, M = 257 and M above
+# 128 on the small weights take dequantize + cuBLAS and must meet the same bound.
+def transposed_wgmma_runs(m: int, n: int, k: int, dtype: torch.dtype, blocksize: int) -> bool:
+    """Whether gemm_4bit_transposed runs the wgmma kernel here (choose_transposed_config; a default
+    build has sm_90a code for an sm_90 GPU)."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    whole = n % 64 == 0 and k % 64 == 0 and blocksize >= 64 and k % blocksize == 0
+    reach = 16 < m <= 128 or (128 < m <= 256 and n * k >= 2**25)
+    return hopper and dtype == torch.bfloat16 and reach and whole
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [17, 32, 33, 64, 100, 128, 200, 256, 257])
+@pytest.mark.parametrize(
+    "n,k,blocksize,quant_type,dq,dtype",
+    [
+        (256, 128, 64, "nf4", True, torch.bfloat16),  # one tile, four stages
+        (1024, 192, 64, "fp4", True, torch.bfloat16),  # the last tile's second warpgroup past K
+        (4096, 1024, 128, "nf4", False, torch.bfloat16),  # 8 tiles: the sum split over CTAs
+        (640, 4096, 256, "nf4", True, torch.bfloat16),  # a block of 256: both warpgroups' columns in one
+        (192, 4096, 4096, "fp4", False, torch.bfloat16),  # a block a row
+        (136, 320, 64, "nf4", True, torch.bfloat16),  # N not whole stages of 64: cuBLAS
+        (1024, 192, 64, "nf4", True, torch.float16),  # fp16: cuBLAS
+    ],
+    ids=str,
+)
+def test_gemm_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype):
+    check_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype)
+
+
+# The 256-token tile (M above 128) runs only on weights of 2^25 elements or more: the smallest.
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [129, 200, 256])
+def test_gemm_transposed_wgmma_large_weight(gen, m):
+    check_transposed_wgmma(gen, m, 8192, 4096, 64, "nf4", True, torch.bfloat16)
+
+
+def check_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype):
+    packed, state = make_weight(n, k, "cuda", gen, dtype=dtype, blocksize=blocksize, quant_type=quant_type, dq=dq)
+    wgmma = transposed_wgmma_runs(m, n, k, dtype, blocksize)
+    # the weight the product multiplies: the pair table's bf16(bf16(code) * bf16(scale)), or dequantize_4bit's
+    w = transposed_kernel_weight(packed, state) if wgmma else F.dequantize_4bit(packed, state)
+    g = make_input((m, n), dtype, "cuda", gen)
+    out = F.gemm_4bit_transposed(g, packed, state)
+    assert out.shape == (m, k) and out.dtype == dtype
+    what = f"transposed M={m} {n}x{k} bs={blocksize} {quant_type} dq={dq} {dtype}"
+    assert_close_to_reference(out, g, w.T.contiguous(), None, what)
+    assert torch.equal(out, F.gemm_4bit_transposed(g, packed, state)), f"{what}: not the same bits run to run"
+    # One 1 a row of grad picks a row of W: that row to the bit (a column out of place, a wrong
+    # scale or row pair, a rounding other than the one stated would show here).
+    picked = torch.randint(0, n, (m,), generator=gen)
+    one_hot = torch.zeros(m, n, dtype=dtype)
+    one_hot[torch.arange(m), picked] = 1
+    assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")]), what
+    if CAN_PROFILE and m in (64, 200):
+        names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
+        assert any("gemm_4bit_wgmma_tma_kernel<" in name and name.split(">")[0].endswith("true") for name in names) == (
+            wgmma
+        ), names
 
 
 @pytest.mark.parametrize("device", DEVICES)

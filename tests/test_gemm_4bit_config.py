@@ -148,22 +148,70 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "gpu,dtype,n,k,m,expected,kwargs",
-    CASES,
-    ids=[
+def case_ids(cases):
+    return [
         f"sm{g['sm_major']}{g['sm_minor']}-{d}-{n}x{k}-M{m}-{expected}"
         + ("-" + "-".join(f"{a}={b}" for a, b in kw.items()) if kw else "")
-        for g, d, n, k, m, expected, kw in CASES
-    ],
-)
-def test_dispatch_table(gpu, dtype, n, k, m, expected, kwargs):
+        for g, d, n, k, m, expected, kw in cases
+    ]
+
+
+def assert_choice(gpu, dtype, n, k, m, expected, kwargs, transposed=False):
     args = dict(kwargs)
     nested = args.pop("nested", True)
-    config = _C._gemm_4bit_config(m, n, k, dtype, "nf4", nested, **gpu, **args)
+    config = _C._gemm_4bit_config(m, n, k, dtype, "nf4", nested, **gpu, **args, transposed=transposed)
     assert config["name"] == expected, config
     # NF4 or FP4 does not change the choice
-    assert _C._gemm_4bit_config(m, n, k, dtype, "fp4", nested, **gpu, **args) == config
+    assert _C._gemm_4bit_config(m, n, k, dtype, "fp4", nested, **gpu, **args, transposed=transposed) == config
+
+
+@pytest.mark.parametrize("gpu,dtype,n,k,m,expected,kwargs", CASES, ids=case_ids(CASES))
+def test_dispatch_table(gpu, dtype, n, k, m, expected, kwargs):
+    assert_choice(gpu, dtype, n, k, m, expected, kwargs)
+
+
+# The backward product's table (choose_transposed_config; grad [M, N], the weight [N, K]): above
+# M = 16 (its own small-M kernel's reach, decided in csrc/cuda/gemm_4bit_transposed.cu) the
+# tensor-copy wgmma kernel transposed, bf16 on sm_90a, M up to 128 (256 on weights of 2^25 elements
+# or more), N and K whole 64s, 16-byte codes and grad; dequantize + cuBLAS otherwise.
+TRANSPOSED_CASES = [
+    (H200, "bfloat16", 4096, 4096, 17, "wgmma_tma_128x32", {}),
+    (H200, "bfloat16", 4096, 4096, 32, "wgmma_tma_128x32", {}),
+    (H200, "bfloat16", 4096, 11008, 33, "wgmma_tma_128x64", {}),
+    (H200, "bfloat16", 28672, 8192, 64, "wgmma_tma_128x64", {}),
+    (H200, "bfloat16", 8192, 28672, 65, "wgmma_tma_128x128", {}),
+    (H200, "bfloat16", 8192, 8192, 128, "wgmma_tma_128x128", {}),
+    (H200, "bfloat16", 8192, 8192, 129, "wgmma_tma_128x256", {}),
+    (H200, "bfloat16", 8192, 8192, 256, "wgmma_tma_128x256", {}),
+    (H200, "bfloat16", 8192, 8192, 257, "dequantize_cublas", {}),
+    # above M = 128 only on weights of 2^25 elements or more
+    (H200, "bfloat16", 4096, 4096, 128, "wgmma_tma_128x128", {}),
+    (H200, "bfloat16", 4096, 4096, 129, "dequantize_cublas", {}),
+    (H200, "bfloat16", 4096, 4096, 256, "dequantize_cublas", {}),
+    (H200, "bfloat16", 8192, 4096, 256, "wgmma_tma_128x256", {}),
+    (H200, "bfloat16", 8128, 4096, 256, "dequantize_cublas", {}),
+    (H200, "bfloat16", 11008, 4096, 256, "wgmma_tma_128x256", {}),
+    (H200, "bfloat16", 8192, 8192, 16, "dequantize_cublas", {}),  # (the small-M kernel's, not this table's)
+    (H200, "bfloat16", 8192, 8192, 1, "dequantize_cublas", {}),
+    (H200, "float16", 8192, 8192, 64, "dequantize_cublas", {}),
+    (H200, "float32", 8192, 8192, 64, "dequantize_cublas", {}),
+    (A100, "bfloat16", 8192, 8192, 64, "dequantize_cublas", {}),
+    (H200, "bfloat16", 8192, 8192, 64, "dequantize_cublas", dict(sm90a_code=False)),
+    (H200, "bfloat16", 136, 8192, 64, "dequantize_cublas", {}),  # N not whole stages of 64 rows
+    (H200, "bfloat16", 192, 8192, 64, "wgmma_tma_128x64", {}),
+    (H200, "bfloat16", 8192, 4160, 64, "wgmma_tma_128x64", {}),  # K: 32.5 tiles of 128 columns
+    (H200, "bfloat16", 8192, 8192, 64, "dequantize_cublas", dict(blocksize=32)),
+    (H200, "bfloat16", 8192, 8192, 64, "wgmma_tma_128x64", dict(blocksize=4096)),
+    (H200, "bfloat16", 200, 4160, 64, "dequantize_cublas", dict(blocksize=128)),  # rows not whole blocks
+    (H200, "bfloat16", 8192, 8192, 64, "dequantize_cublas", dict(x_alignment=8)),
+    (H200, "bfloat16", 8192, 8192, 64, "dequantize_cublas", dict(packed_alignment=8)),
+    (H200, "bfloat16", 8192, 8192, 64, "dequantize_cublas", dict(smem_reserved=40000)),
+]
+
+
+@pytest.mark.parametrize("gpu,dtype,n,k,m,expected,kwargs", TRANSPOSED_CASES, ids=case_ids(TRANSPOSED_CASES))
+def test_transposed_dispatch_table(gpu, dtype, n, k, m, expected, kwargs):
+    assert_choice(gpu, dtype, n, k, m, expected, kwargs, transposed=True)
 
 
 def test_configs_are_named_and_whole():

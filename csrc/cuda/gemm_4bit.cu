@@ -10,7 +10,8 @@
 //   - gemm_4bit_wgmma.cu: wgmma, 128 rows x up to 256 tokens a CTA (sm_90a).
 // Large M: the product is compute bound; W is dequantized into a buffer of the call's own (from the
 // caching allocator) and cuBLAS multiplies. The backward product takes that path too, but at M <= 16
-// where its own kernel (gemm_4bit_transposed.cu) reads the codes once.
+// where its own kernel (gemm_4bit_transposed.cu) reads the codes once, and in bf16 on Hopper up to
+// M = 256 where the wgmma kernel transposed does (choose_transposed_config).
 // The private op _gemm_4bit_with runs a named configuration, for tests and benchmarks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -301,6 +302,41 @@ at::Tensor gemm_4bit_with_cuda(const at::Tensor& x, const at::Tensor& packed, co
                            any_fused ? std::numeric_limits<int64_t>::max() : -1);
 }
 
+// gemm_4bit_transposed on the tensor-copy wgmma kernel, where choose_transposed_config takes it
+// there; false, launching nothing, where not (or where the kernel declined).
+bool transposed_wgmma(const QuantizedRows& w, const at::Tensor& grad2_in, int64_t M, const GemmProblem& p,
+                      at::Tensor& out2, cudaStream_t stream) {
+  const GemmDtype dtype = grad2_in.scalar_type() == at::kBFloat16 ? GemmDtype::kBFloat16
+                          : grad2_in.scalar_type() == at::kHalf   ? GemmDtype::kFloat16
+                                                                  : GemmDtype::kFloat32;
+  const bool nested = w.nested_absmax.has_value();
+  // grad is made contiguous only where the kernel takes it (a fresh copy is 16-byte aligned).
+  const int grad_alignment = grad2_in.is_contiguous() ? alignment_of(grad2_in.const_data_ptr()) : 16;
+  const GemmQuery q{M,
+                    p.N,
+                    p.K,
+                    dtype,
+                    nested,
+                    w.blocksize,
+                    grad_alignment,
+                    alignment_of(w.packed.const_data_ptr()),
+                    alignment_of(w.absmax.const_data_ptr()),
+                    -1};
+  const GemmConfig& c = choose_transposed_config(q, gpu_info(grad2_in.get_device()));
+  if (c.kernel != GemmKernel::kWgmma) return false;
+  const at::Tensor grad2 = grad2_in.contiguous();
+  Scales sc{};
+  if (nested) {
+    sc = {nullptr, w.absmax.const_data_ptr<uint8_t>(), w.nested_absmax->const_data_ptr<float>(),
+          w.nested_code->const_data_ptr<float>(), w.offset->const_data_ptr<float>()};
+  } else {
+    sc = {w.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
+  }
+  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  const FusedGemm f{grad2, M, w.packed, p, bs_log2, sc, nullptr, out2, stream};
+  return launch_gemm_wgmma_transposed(c.wgmma, f);
+}
+
 at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& packed_in, const at::Tensor& absmax,
                                      const std::optional<at::Tensor>& nested_absmax,
                                      const std::optional<at::Tensor>& nested_code,
@@ -330,6 +366,7 @@ at::Tensor gemm_4bit_transposed_cuda(const at::Tensor& grad, const at::Tensor& p
                         p.quant_type,
                         p.N,
                         p.K};
+  if (transposed_wgmma(w, grad2, M, p, out2, stream)) return out;
   // A band of W's rows is a share of the sum over N: the first band writes the output and the others
   // add to it (cuBLAS with beta = 1), one more rounding of a partial sum to the output's dtype a band.
   const int64_t band = rows_per_band(w, grad.element_size());

@@ -20,6 +20,9 @@
 //     copies on mbarriers (two or one CTA an SM); fp16 gemm_4bit_wgmma_kernel, the float decode
 //     with the CTA-barrier pipeline above (the pair table and the tensor copies are written for
 //     bf16 only). The configurations: csrc/gemm_4bit_config.cpp.
+//   - Transposed (bf16, the backward product grad @ W above M = 16): the tensor-copy kernel with
+//     A = W^T, a row of A a column of W and its k a row of W, decoded from pairs of W's rows
+//     (TransposedStageDecoder), and grad the B tile as x is; the sum runs over W's rows.
 //   - Grid: one CTA a (row tile, token tile, K split). K is split over CTAs when the tiles alone
 //     would leave SMs idle (4096 rows make 32 tiles for 132 SMs); each split writes float32 partial
 //     sums, and a second kernel adds them in split order: the result is the same bits run to run.
@@ -30,6 +33,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "qlora/cp_async.cuh"
 #include "qlora/epilogue.cuh"
@@ -262,16 +266,17 @@ __device__ __forceinline__ void wgmma_stage(float (&acc)[BN / 2], const uint32_t
   wgmma_commit();
 }
 
-// acc[4i + e]: row r0 (e < 2) or r0 + 8, token 8i + 2c + (e & 1); into the output (finish_output)
-// or, when K is split, the split's float32 partial sums (finished by add_splits_kernel).
+// acc[4i + e]: the tile's row r0 (e < 2) or r0 + r1 (the output rows of the thread's A rows g and
+// g + 8: r1 = 8, or 2 in the transposed product), token 8i + 2c + (e & 1); into the output
+// (finish_output) or, when K is split, the split's float32 partial sums (finished by add_splits_kernel).
 template <typename T, int BN>
-__device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int c, int64_t M,
-                                           int64_t N, const Epilogue<T>& epi, T* __restrict__ out,
+__device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgTile& t, int r0, int r1, int c,
+                                           int64_t M, int64_t N, const Epilogue<T>& epi, T* __restrict__ out,
                                            float* __restrict__ partial) {
   const auto each_output = [&](auto&& store) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
-      const int64_t row = t.row0 + r0 + ((i & 2) ? 8 : 0);
+      const int64_t row = t.row0 + r0 + ((i & 2) ? r1 : 0);
       const int64_t tok = t.tok0 + 8 * (i >> 2) + 2 * c + (i & 1);
       if (row < N && tok < M) store(i, tok, row);
     }
@@ -293,7 +298,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BN / 2], const WgT
 // loop unrolled by two keeps them in registers), waits for the last wgmma group and stores the tile.
 template <typename T, int BN, typename Stage>
 __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4], uint32_t (&a1)[4][4],
-                                           float (&acc)[BN / 2], int r0, int c, int64_t M, int64_t N,
+                                           float (&acc)[BN / 2], int r0, int r1, int c, int64_t M, int64_t N,
                                            const Epilogue<T>& epi, T* __restrict__ out, float* __restrict__ partial,
                                            Stage& stage) {
   int j = 0;
@@ -305,7 +310,7 @@ __device__ __forceinline__ void run_stages(const WgTile& t, uint32_t (&a0)[4][4]
   wgmma_wait<0>();
   keep_until_here(a0, M < 0, out);
   keep_until_here(a1, M < 0, out);
-  store_tile<T, BN>(acc, t, r0, c, M, N, epi, out, partial);
+  store_tile<T, BN>(acc, t, r0, r1, c, M, N, epi, out, partial);
 }
 
 // The code table (16 floats, or with PAIR 256 bf16 code pairs: the tensor-copy kernel's), 32
@@ -328,14 +333,15 @@ __device__ __forceinline__ void fill_tables(uint32_t* code_table, float* nested_
 // The two math warpgroups of the tensor-copy kernel (math_tid: 0-255 over them): wait for
 // stage j's slot to be full, decode it (decode(slot, j, a) fills the A fragments and returns the
 // slot's x tile's shared address) and start its wgmma group, and release stage j - 1's slot once
-// that group is complete. Slot and phase advance a stage at a time (no division per stage).
+// that group is complete. Slot and phase advance a stage at a time (no division per stage). r0, r1:
+// as store_tile's.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <typename T, int BN, int STAGES, typename Decode>
-__device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode, uint64_t* full, uint64_t* empty,
-                                              const WgTile& t, int64_t M, int64_t N, const Epilogue<T>& epi,
-                                              T* __restrict__ out, float* __restrict__ partial) {
+__device__ __forceinline__ void mbarrier_math(int math_tid, int r0, int r1, const Decode& decode, uint64_t* full,
+                                              uint64_t* empty, const WgTile& t, int64_t M, int64_t N,
+                                              const Epilogue<T>& epi, T* __restrict__ out,
+                                              float* __restrict__ partial) {
   const int lane = math_tid & 31;
-  const int r0 = 16 * (math_tid >> 5) + (lane >> 2);
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -353,7 +359,7 @@ __device__ __forceinline__ void mbarrier_math(int math_tid, const Decode& decode
       phase ^= 1;
     }
   };
-  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, epi, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, r1, lane & 3, M, N, epi, out, partial, stage);
 }
 #endif
 
@@ -408,7 +414,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1)
     wgmma_wait<1>();
     keep_until_here(previous, M < 0, out);  // the previous stage's group read these: complete now
   };
-  run_stages<T, BN>(t, a0, a1, acc, r0, lane & 3, M, N, epi, out, partial, stage);
+  run_stages<T, BN>(t, a0, a1, acc, r0, 8, lane & 3, M, N, epi, out, partial, stage);
 #else
   __trap();  // the host launches this kernel only where sm_90a code exists
 #endif
@@ -519,10 +525,76 @@ struct TmaStageDecoder {
 #endif
 };
 
+// The transposed product's A fragments (out = grad @ W: A = W^T, whose rows are W's columns and
+// whose k is W's row n), for the tile's 128 columns and the stage's 64 rows n. The slot holds the
+// codes as the tensor copy leaves them: [64 rows n][64 bytes, the tile's 128 columns] in the 64-byte
+// swizzle (a row's 16-byte chunk i at chunk i ^ ((n >> 1) & 3)), so that the rows n = 16 q + 2 c
+// (+ 1, + 8, + 9) one load instruction reads across the warp's four c fall in four different
+// chunks, not on the same banks. A register of A is one column's rows n and n + 1: the pair table's
+// entry of the byte (code(n) << 4) | code(n + 1). Thread (g, c) of math warp w (0-7) reads word
+// u = g / 4 of the warp's 8 bytes (columns 16 w + 8 u .. + 7) from each of its 16 rows, joins rows
+// n and n + 1 into one word of four such bytes (the high nibbles, the even columns, for
+// s = (g / 2) % 2 = 0; the low nibbles for s = 1: a shift each and a LOP3), and looks up its bytes
+// 2 b and 2 b + 1 (b = g % 2): its A rows g and g + 8 are columns 16 w + 8 u + 4 b + s and that + 2
+// (store_tile's r0 and r1 = 2). The copy warp stores the pair (scale(n), scale(n + 1)) of the
+// warpgroup's block, n = 16 q + 2 c + 8 h, at word 32 (w / 4) + 8 c + 2 q + h of the slot's scale
+// area: a thread's eight in two 16-byte loads.
+template <int BN>
+struct TransposedStageDecoder {
+  uint32_t lane_table, code_at, scale_at, rot0, rot1, left, right;
+
+  __device__ __forceinline__ TransposedStageDecoder(int lane, int warp) {
+    const int g = lane >> 2, c = lane & 3, s = (g >> 1) & 1, b = g & 1;
+    const int byte = 8 * warp + 4 * (g >> 2);  // the word's first byte in a row
+    lane_table = kTmaTableAddress | (4u * static_cast<uint32_t>(lane));
+    code_at = BN * 128 + 2 * c * 64 + ((((byte >> 4) ^ c)) << 4) + (byte & 15);  // row 2 c
+    scale_at = BN * 128 + kWgRows * 32 + 4 * (32 * (warp >> 2) + 8 * c);
+    rot0 = static_cast<uint32_t>(16 * b - 7) & 31;
+    rot1 = static_cast<uint32_t>(16 * b + 1) & 31;
+    left = 4 * s;
+    right = 4 - 4 * s;
+  }
+
+  // The tile's column of the thread's A row g (store_tile's r0).
+  __device__ __forceinline__ static int column(int lane, int warp) {
+    const int g = lane >> 2;
+    return 16 * warp + 8 * (g >> 2) + 4 * (g & 1) + ((g >> 1) & 1);
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __device__ __forceinline__ uint32_t join(uint32_t row, uint32_t next_row) const {
+    return ((row << left) & 0xF0F0F0F0u) | ((next_row >> right) & 0x0F0F0F0Fu);
+  }
+
+  __device__ __forceinline__ uint32_t decode_pair(uint32_t joined, uint32_t rot, uint32_t scales) const {
+    return mul_pair<__nv_bfloat16>(lds_u32((__funnelshift_r(joined, joined, rot) & 0x7f80u) | lane_table), scales);
+  }
+
+  // The stage in the slot at shared address `slot`.
+  __device__ __forceinline__ void stage(uint32_t slot, uint32_t (&a)[4][4]) const {
+    const uint4 s0 = lds_ring_u128(slot + scale_at), s1 = lds_ring_u128(slot + scale_at + 16);
+    const uint32_t scales[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};  // word 2 q + h
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t at = slot + code_at + 1024 * q;  // rows 16 q + 2 c, + 1 (64 bytes on), + 8, + 9
+      const uint32_t low = join(lds_ring_u32(at), lds_ring_u32(at + 64));
+      const uint32_t high = join(lds_ring_u32(at + 512), lds_ring_u32(at + 576));
+      a[q][0] = decode_pair(low, rot0, scales[2 * q]);
+      a[q][1] = decode_pair(low, rot1, scales[2 * q]);
+      a[q][2] = decode_pair(high, rot0, scales[2 * q + 1]);
+      a[q][3] = decode_pair(high, rot1, scales[2 * q + 1]);
+    }
+  }
+#endif
+};
+
 // CTAS: the CTAs an SM the registers are capped for (9 warps: two CTAs leave 96 registers a
 // thread, as 5 of the 18 warps share one scheduler's 16384; one leaves 168). `lo`: the shared
 // address where dynamic shared memory starts (the block's reserved bytes), as the host laid it out.
-template <bool NESTED, int BN, int STAGES, int CTAS>
+// TRANSPOSED: out [M, N] = x [M, K] @ W with W [K, N] (the backward product grad @ W: its N is W's
+// column count, its K W's row count), the code tile W's rows n of the stage by the tile's 128
+// columns (code_map's box: 64 bytes x 64 rows, the 64-byte swizzle; TransposedStageDecoder).
+template <bool NESTED, int BN, int STAGES, int CTAS, bool TRANSPOSED>
 __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
     gemm_4bit_wgmma_tma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                                int64_t M, int64_t N, int64_t K, int bs_log2, Scales sc, int fp4,
@@ -568,25 +640,31 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
   if (warp >= 8) {
     if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopyRegisters));
     if (warp == 8) {  // the copies and the scales
-      const int64_t nb = K >> bs_log2;
+      const int64_t nb = (TRANSPOSED ? N : K) >> bs_log2;
       const int stage_shift = bs_log2 - 6;
       const float offset = NESTED ? *sc.offset : 0.f;
       // Lane l decodes pairs l and l + 32 (u), the rows 16 (p / 8) + p % 8 + 8 h of the tile (row
-      // N - 1 past N): their first block's index.
+      // N - 1 past N): their first block's index. TRANSPOSED: the pair of W's rows 2 l + h of the
+      // stage in the columns of warpgroup u (column N - 1 past N), the stage's first row's block.
       int64_t row_block[2][2];
 #pragma unroll
       for (int u = 0; u < 2; ++u)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int p = lane + 32 * u;
-          row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
+          if constexpr (TRANSPOSED) {
+            row_block[u][h] = (2 * lane + h) * nb + (min(t.row0 + 64 * u, N - 1) >> bs_log2);
+          } else {
+            const int p = lane + 32 * u;
+            row_block[u][h] = min(t.row0 + 16 * (p >> 3) + (p & 7) + 8 * h, N - 1) * nb;
+          }
         }
       struct Raw {
         uint32_t code[2][2];  // the 8-bit code (double quantization)
         float value[2][2];    // its nested scale, or the float32 scale
       };
       const auto load = [&](int j, Raw& r) {
-        const int64_t stage_block = (t.first_stage + j) >> stage_shift;
+        const int64_t stage_block =
+            TRANSPOSED ? (t.first_stage + j) * kWgStageK * nb : (t.first_stage + j) >> stage_shift;
 #pragma unroll
         for (int u = 0; u < 2; ++u)
 #pragma unroll
@@ -609,7 +687,9 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
             s[h] = NESTED ? nested_scale(nested_code[r.code[u][h]], r.value[u][h], offset) : r.value[u][h];
-          sts_u32(at + 4 * (lane + 32 * u), pack_pair<T>(s[0], s[1]));
+          // (TRANSPOSED: rows 2 l = 16 q + 2 c + 8 h at TransposedStageDecoder's word 32 u + 8 c + 2 q + h)
+          const int word = TRANSPOSED ? 32 * u + 8 * (lane & 3) + 2 * (lane >> 3) + ((lane >> 2) & 1) : lane + 32 * u;
+          sts_u32(at + 4 * word, pack_pair<T>(s[0], s[1]));
         }
         mbar_arrive(&full[slot]);
       };
@@ -624,8 +704,12 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
           const uint32_t base = slot_at(static_cast<uint32_t>(slot));
           mbar_arrive_expect_tx(&full[slot], kTensorBytes);
           tensor_copy_2d(base, &x_map, stage * kWgStageK, static_cast<int32_t>(t.tok0), &full[slot]);
-          tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0),
-                         &full[slot]);
+          if constexpr (TRANSPOSED)
+            tensor_copy_2d(base + BN * 128, &code_map, static_cast<int32_t>(t.row0 / 2), stage * kWgStageK,
+                           &full[slot]);
+          else
+            tensor_copy_2d(base + BN * 128, &code_map, stage * (kWgStageK / 2), static_cast<int32_t>(t.row0),
+                           &full[slot]);
         }
         due = ahead1;
         ahead1 = ahead0;
@@ -639,13 +723,18 @@ __global__ void __launch_bounds__(tma_threads<BN>(), CTAS)
   }
 
   if constexpr (kMoveRegisters) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaMathRegisters));
-  const TmaStageDecoder<BN> decoder(lane, 16 * warp + (lane >> 2));
+  using Decoder = std::conditional_t<TRANSPOSED, TransposedStageDecoder<BN>, TmaStageDecoder<BN>>;
+  const int r0 = TRANSPOSED ? TransposedStageDecoder<BN>::column(lane, warp) : 16 * warp + (lane >> 2);
+  const Decoder decoder = [&] {
+    if constexpr (TRANSPOSED) return Decoder(lane, warp);
+    else return Decoder(lane, r0);
+  }();
   const auto decode = [&](uint32_t slot, int, uint32_t (&a)[4][4]) {
     const uint32_t at = slot_at(slot);
     decoder.stage(at, a);
     return at;
   };
-  mbarrier_math<T, BN, STAGES>(tid, decode, full, empty, t, M, N, epi, out, partial);
+  mbarrier_math<T, BN, STAGES>(tid, r0, TRANSPOSED ? 2 : 8, decode, full, empty, t, M, N, epi, out, partial);
 #else
   __trap();
 #endif
@@ -724,16 +813,20 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
 }
 
 // Launches the float-decode kernel (TMA false) or the tensor-copy kernel (TMA, bf16, compiled for
-// TMA_CTAS CTAs an SM) with BN-token tiles and a ring of STAGES slots, K split as choose_splits
-// says; false where it declines (no tensor-map encoder, no CTA fits an SM).
-template <typename T, bool NESTED, int BN, int STAGES, bool TMA = false, int TMA_CTAS = 1>
+// TMA_CTAS CTAs an SM) with BN-token tiles and a ring of STAGES slots, the sum split as
+// choose_splits says; false where it declines (no tensor-map encoder, no CTA fits an SM).
+// TRANSPOSED (the tensor-copy kernel only): g.out [M, W's K] = g.x2 [M, W's N] @ W.
+template <typename T, bool NESTED, int BN, int STAGES, bool TMA = false, int TMA_CTAS = 1, bool TRANSPOSED = false>
 bool launch(const FusedGemm& g) {
+  static_assert(TMA || !TRANSPOSED, "the transposed product is the tensor-copy kernel's");
   const at::Tensor& x2 = g.x2;
   const GemmProblem& p = g.p;
   const int64_t M = g.M;
+  // The output's width and the sums' length: W's N and K, transposed W's K and N.
+  const int64_t width = TRANSPOSED ? p.K : p.N, depth = TRANSPOSED ? p.N : p.K;
   // (if constexpr: each launch instantiates only the kernel it launches)
   auto kernel = [] {
-    if constexpr (TMA) return gemm_4bit_wgmma_tma_kernel<NESTED, BN, STAGES, TMA_CTAS>;
+    if constexpr (TMA) return gemm_4bit_wgmma_tma_kernel<NESTED, BN, STAGES, TMA_CTAS, TRANSPOSED>;
     else return gemm_4bit_wgmma_kernel<T, NESTED, BN, STAGES>;
   }();
   constexpr int threads = TMA ? tma_threads<BN>() : kWgThreads;
@@ -748,26 +841,31 @@ bool launch(const FusedGemm& g) {
   const int sms = device_limits(device).sms;
   [[maybe_unused]] CUtensorMap x_map{}, code_map{};
   if constexpr (TMA) {
-    if (!tensor_map_2d(&x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x2.const_data_ptr(), p.K, M, p.K * 2, kWgStageK, BN,
-                       CU_TENSOR_MAP_SWIZZLE_128B) ||
-        !tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.packed.const_data_ptr(), p.K / 2, p.N, p.K / 2,
-                       kWgStageK / 2, kWgRows, CU_TENSOR_MAP_SWIZZLE_NONE))
+    // The codes' box: a stage's 64 k of 128 rows, or (TRANSPOSED) 128 columns (64 bytes) of the
+    // stage's 64 rows, in the 64-byte swizzle TransposedStageDecoder reads.
+    const bool codes_mapped =
+        TRANSPOSED ? tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.packed.const_data_ptr(), p.K / 2, p.N,
+                                   p.K / 2, kWgRows / 2, kWgStageK, CU_TENSOR_MAP_SWIZZLE_64B)
+                   : tensor_map_2d(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.packed.const_data_ptr(), p.K / 2, p.N,
+                                   p.K / 2, kWgStageK / 2, kWgRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (!codes_mapped || !tensor_map_2d(&x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x2.const_data_ptr(), depth, M,
+                                        depth * 2, kWgStageK, BN, CU_TENSOR_MAP_SWIZZLE_128B))
       return false;
   }
-  const int64_t stages = p.K / kWgStageK;
-  const int64_t tiles = ((p.N + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
-  const int splits = choose_splits(tiles, stages, M, p.K, int64_t{per_sm} * sms, sms);
+  const int64_t stages = depth / kWgStageK;
+  const int64_t tiles = ((width + kWgRows - 1) / kWgRows) * ((M + BN - 1) / BN);
+  const int splits = choose_splits(tiles, stages, M, depth, int64_t{per_sm} * sms, sms);
   const int64_t per_split = (stages + splits - 1) / splits;
   const int64_t used_splits = (stages + per_split - 1) / per_split;  // no split left empty
   at::Tensor part;
-  if (used_splits > 1) part = call_buffer(used_splits * M * p.N, at::kFloat, x2.device());
+  if (used_splits > 1) part = call_buffer(used_splits * M * width, at::kFloat, x2.device());
   const Epilogue<T> epi = epilogue_of<T>(g);
   T* out_ptr = reinterpret_cast<T*>(g.out.data_ptr());
   float* part_ptr = used_splits > 1 ? part.data_ptr<float>() : nullptr;
   const int fp4 = p.quant_type == QuantType::FP4 ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(tiles * used_splits));
   if constexpr (TMA) {
-    launch_kernel(kernel, grid, threads, smem, g.stream, g.after_previous, x_map, code_map, M, p.N, p.K, g.bs_log2,
+    launch_kernel(kernel, grid, threads, smem, g.stream, g.after_previous, x_map, code_map, M, width, depth, g.bs_log2,
                   g.sc, fp4, epi, out_ptr, part_ptr, per_split, lo);
   } else {
     launch_kernel(kernel, grid, threads, smem, g.stream, g.after_previous,
@@ -775,11 +873,11 @@ bool launch(const FusedGemm& g) {
                   g.bs_log2, g.sc, fp4, epi, out_ptr, part_ptr, per_split);
   }
   if (used_splits > 1) {
-    const int64_t mn = M * p.N;
+    const int64_t mn = M * width;
     const int64_t blocks = std::min<int64_t>((mn + 255) / 256, int64_t{sms} * 8);
     const auto add_splits = epi.lora_down != nullptr ? add_splits_kernel<T, true> : add_splits_kernel<T, false>;
     add_splits<<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
-        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, p.N, epi, out_ptr);
+        part.const_data_ptr<float>(), static_cast<int>(used_splits), mn, width, epi, out_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
@@ -818,6 +916,24 @@ bool launch_gemm_wgmma(const WgmmaConfig& c, const FusedGemm& g) {
     TORCH_CHECK(known, "gemm_4bit: no wgmma kernel of ", c.tokens, " tokens, ", c.stages, " stages");
   });
   return launched;
+}
+
+// The dispatch has checked (choose_transposed_config) the GPU, bf16, the shapes and the alignment.
+bool launch_gemm_wgmma_transposed(const WgmmaConfig& c, const FusedGemm& g) {
+  TORCH_CHECK(c.tensor_copy && g.x2.scalar_type() == at::kBFloat16,
+              "gemm_4bit_transposed: the transposed wgmma kernel is the bf16 tensor-copy form");
+  using T = __nv_bfloat16;
+  const auto run = [&](auto nested) {
+    constexpr bool NESTED = decltype(nested)::value;
+    if (c.tokens == 32 && c.stages == 8 && c.ctas_per_sm == 2) return launch<T, NESTED, 32, 8, true, 2, true>(g);
+    if (c.tokens == 64 && c.stages == 5 && c.ctas_per_sm == 2) return launch<T, NESTED, 64, 5, true, 2, true>(g);
+    if (c.tokens == 128 && c.stages == 8 && c.ctas_per_sm == 1) return launch<T, NESTED, 128, 8, true, 1, true>(g);
+    if (c.tokens == 256 && c.stages == 4 && c.ctas_per_sm == 1) return launch<T, NESTED, 256, 4, true, 1, true>(g);
+    TORCH_CHECK(false, "gemm_4bit_transposed: no transposed wgmma kernel of ", c.tokens, " tokens, ", c.stages,
+                " stages");
+    return false;
+  };
+  return g.sc.qabsmax != nullptr ? run(std::true_type{}) : run(std::false_type{});
 }
 
 // Only a 9.x device runs the sm_90a code; any other gets the PTX of an older target, whose body is

@@ -105,6 +105,11 @@ struct GpuInfo {
 // The configuration of gemm_4bit for `q` on `gpu`; GemmKernel::kDequantizeCublas where the weight is
 // dequantized into a buffer of the call's own and cuBLAS multiplies.
 const GemmConfig& choose_gemm_config(const GemmQuery& q, const GpuInfo& gpu);
+// The configuration of gemm_4bit_transposed (out [M, K] = grad [M, N] @ W, `q` the forward's query
+// of the same weight with grad's M and alignment as x's) above the M its own small-M kernel takes:
+// the tensor-copy wgmma kernel (the transposed form of the named configuration) or
+// kDequantizeCublas.
+const GemmConfig& choose_transposed_config(const GemmQuery& q, const GpuInfo& gpu);
 
 // Why configuration `c` cannot compute `q` on `gpu` (its kernel would not launch or not be right),
 // or nullptr where it can. (A wgmma kernel may still decline at launch: no tensor-map encoder in the

@@ -129,6 +129,9 @@ void launch_gemm_mma(const MmaConfig& c, const FusedGemm& g);        // csrc/cud
 void launch_gemm_stream(const StreamConfig& c, const FusedGemm& g);  // csrc/cuda/gemm_4bit_mma.cu
 void launch_gemm_ws(const WsConfig& c, const FusedGemm& g);          // csrc/cuda/gemm_4bit_ws.cu
 bool launch_gemm_wgmma(const WgmmaConfig& c, const FusedGemm& g);    // csrc/cuda/gemm_4bit_wgmma.cu
+// The backward product g.out [M, W's K] = g.x2 [M, W's N] @ W on the tensor-copy wgmma kernel
+// (choose_transposed_config's); false as launch_gemm_wgmma.
+bool launch_gemm_wgmma_transposed(const WgmmaConfig& c, const FusedGemm& g);  // csrc/cuda/gemm_4bit_wgmma.cu
 // Whether the build's warp-specialized kernels run sm_90 code on `device` (not the trap of a
 // build whose list lacks 9.0, which the driver would compile from the 8.0 PTX).
 bool ws_kernels_have_sm90_code(int device);
