@@ -123,7 +123,7 @@ static PyObject* config_dict(const qlora::GemmConfig& c) {
 static PyObject* gemm_4bit_config(PyObject*, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {// required ("LLLsspiii" below)
                                    "M", "N", "K", "dtype", "quant_type", "nested", "sm_major", "sm_minor", "sms",
-                                   // optional ("LLiiiLLpp")
+                                   // optional ("LLiiiLLppp")
                                    "blocksize", "fused_max_m", "x_alignment", "packed_alignment", "scales_alignment",
                                    "smem_optin", "smem_reserved", "sm90_code", "sm90a_code", "transposed", nullptr};
   long long M = 0, N = 0, K = 0, blocksize = 64, fused_max_m = -1, smem_optin = -1, smem_reserved = 1024;

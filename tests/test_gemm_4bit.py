@@ -358,6 +358,7 @@ def test_gemm_transposed_small_m(gen, m, dtype, n, k, blocksize, quant_type, dq)
     if CAN_PROFILE:
         names = cuda_kernels_launched(F.gemm_4bit_transposed, shifted, packed, state)
         assert not any("gemm_4bit_transposed_kernel" in name for name in names), names
+        assert not transposed_wgmma_launched(names), names
 
 
 # The backward above M = 16 on Hopper: the tensor-copy wgmma kernel transposed (A = W^T decoded from
@@ -375,6 +376,12 @@ def transposed_wgmma_runs(m: int, n: int, k: int, dtype: torch.dtype, blocksize:
     return hopper and dtype == torch.bfloat16 and reach and whole
 
 
+def transposed_wgmma_launched(names: list[str]) -> bool:
+    """Whether the profiled kernel names include the wgmma kernel in its transposed form (the
+    template's last flag, TRANSPOSED, true)."""
+    return any("gemm_4bit_wgmma_tma_kernel<" in name and name.split(">")[0].endswith("true") for name in names)
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [17, 32, 33, 64, 100, 128, 200, 256, 257])
@@ -386,6 +393,9 @@ def transposed_wgmma_runs(m: int, n: int, k: int, dtype: torch.dtype, blocksize:
         (4096, 1024, 128, "nf4", False, torch.bfloat16),  # 8 tiles: the sum split over CTAs
         (640, 4096, 256, "nf4", True, torch.bfloat16),  # a block of 256: both warpgroups' columns in one
         (192, 4096, 4096, "fp4", False, torch.bfloat16),  # a block a row
+        (64, 64, 64, "nf4", True, torch.bfloat16),  # one stage, half a tile (a tiny Llama's q and o)
+        (128, 64, 64, "nf4", True, torch.bfloat16),  # two stages, half a tile (its gate and up)
+        (64, 128, 64, "nf4", True, torch.bfloat16),  # one stage, one tile (its down)
         (136, 320, 64, "nf4", True, torch.bfloat16),  # N not whole stages of 64: cuBLAS
         (1024, 192, 64, "nf4", True, torch.float16),  # fp16: cuBLAS
     ],
@@ -399,8 +409,9 @@ def test_gemm_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [129, 200, 256])
-def test_gemm_transposed_wgmma_large_weight(gen, m):
-    check_transposed_wgmma(gen, m, 8192, 4096, 64, "nf4", True, torch.bfloat16)
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "nodq"])
+def test_gemm_transposed_wgmma_large_weight(gen, m, dq):
+    check_transposed_wgmma(gen, m, 8192, 4096, 64, "nf4", dq, torch.bfloat16)
 
 
 def check_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype):
@@ -422,9 +433,7 @@ def check_transposed_wgmma(gen, m, n, k, blocksize, quant_type, dq, dtype):
     assert torch.equal(F.gemm_4bit_transposed(one_hot.to("cuda"), packed, state), w[picked.to("cuda")]), what
     if CAN_PROFILE and m in (64, 200):
         names = cuda_kernels_launched(F.gemm_4bit_transposed, g, packed, state)
-        assert any("gemm_4bit_wgmma_tma_kernel<" in name and name.split(">")[0].endswith("true") for name in names) == (
-            wgmma
-        ), names
+        assert transposed_wgmma_launched(names) == wgmma, names
 
 
 @pytest.mark.parametrize("device", DEVICES)
