@@ -81,6 +81,20 @@ namespace {
 // 13B model, and 8192 x 8192, in one band.
 constexpr int64_t kMaxDequantizedBandBytes = int64_t{128} << 20;
 
+// The operand dtype the dispatch table weighs.
+GemmDtype gemm_dtype_of(at::ScalarType t) {
+  return t == at::kHalf ? GemmDtype::kFloat16 : t == at::kBFloat16 ? GemmDtype::kBFloat16 : GemmDtype::kFloat32;
+}
+
+// The fused kernels' view of the block scales: float32 absmax, or 8-bit codes with their nested
+// scales, code and offset (double quantization).
+Scales scales_of(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset) {
+  if (!nested_absmax.has_value()) return {absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
+  return {nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),
+          nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>()};
+}
+
 // W's packed codes and scales, sliced by rows.
 struct QuantizedRows {
   at::Tensor packed, absmax;
@@ -195,13 +209,10 @@ PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Te
   if (bias.has_value()) g.bias = bias->contiguous();
   g.x2 = x.reshape({g.M, g.p.K}).contiguous();
   g.out2 = g.out.view({g.M, g.p.N});
-  const GemmDtype dtype = x.scalar_type() == at::kHalf       ? GemmDtype::kFloat16
-                          : x.scalar_type() == at::kBFloat16 ? GemmDtype::kBFloat16
-                                                             : GemmDtype::kFloat32;
   g.query = GemmQuery{g.M,
                       g.p.N,
                       g.p.K,
-                      dtype,
+                      gemm_dtype_of(x.scalar_type()),
                       g.nested_absmax.has_value(),
                       blocksize,
                       alignment_of(g.x2.const_data_ptr()),
@@ -223,13 +234,7 @@ PreparedGemm prepare_gemm_4bit(const char* op, const at::Tensor& x, const at::Te
 bool run_gemm_4bit(PreparedGemm& g, const LoraTerm* lora, bool after_previous) {
   if (g.done) return true;  // (K = 0: the adapter term is 0 too)
   if (g.config->kernel != GemmKernel::kDequantizeCublas) {
-    Scales sc{};
-    if (g.nested_absmax.has_value()) {
-      sc = {nullptr, g.absmax.const_data_ptr<uint8_t>(), g.nested_absmax->const_data_ptr<float>(),
-            g.nested_code->const_data_ptr<float>(), g.offset->const_data_ptr<float>()};
-    } else {
-      sc = {g.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
-    }
+    const Scales sc = scales_of(g.absmax, g.nested_absmax, g.nested_code, g.offset);
     const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(g.blocksize));
     const FusedGemm f{g.x2,   g.M,      g.packed, g.p,           bs_log2, sc, g.bias.defined() ? &g.bias : nullptr,
                       g.out2, g.stream, lora,     after_previous};
@@ -306,17 +311,13 @@ at::Tensor gemm_4bit_with_cuda(const at::Tensor& x, const at::Tensor& packed, co
 // there; false, launching nothing, where not (or where the kernel declined).
 bool transposed_wgmma(const QuantizedRows& w, const at::Tensor& grad2_in, int64_t M, const GemmProblem& p,
                       at::Tensor& out2, cudaStream_t stream) {
-  const GemmDtype dtype = grad2_in.scalar_type() == at::kBFloat16 ? GemmDtype::kBFloat16
-                          : grad2_in.scalar_type() == at::kHalf   ? GemmDtype::kFloat16
-                                                                  : GemmDtype::kFloat32;
-  const bool nested = w.nested_absmax.has_value();
   // grad is made contiguous only where the kernel takes it (a fresh copy is 16-byte aligned).
   const int grad_alignment = grad2_in.is_contiguous() ? alignment_of(grad2_in.const_data_ptr()) : 16;
   const GemmQuery q{M,
                     p.N,
                     p.K,
-                    dtype,
-                    nested,
+                    gemm_dtype_of(grad2_in.scalar_type()),
+                    w.nested_absmax.has_value(),
                     w.blocksize,
                     grad_alignment,
                     alignment_of(w.packed.const_data_ptr()),
@@ -325,13 +326,7 @@ bool transposed_wgmma(const QuantizedRows& w, const at::Tensor& grad2_in, int64_
   const GemmConfig& c = choose_transposed_config(q, gpu_info(grad2_in.get_device()));
   if (c.kernel != GemmKernel::kWgmma) return false;
   const at::Tensor grad2 = grad2_in.contiguous();
-  Scales sc{};
-  if (nested) {
-    sc = {nullptr, w.absmax.const_data_ptr<uint8_t>(), w.nested_absmax->const_data_ptr<float>(),
-          w.nested_code->const_data_ptr<float>(), w.offset->const_data_ptr<float>()};
-  } else {
-    sc = {w.absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
-  }
+  const Scales sc = scales_of(w.absmax, w.nested_absmax, w.nested_code, w.offset);
   const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const FusedGemm f{grad2, M, w.packed, p, bs_log2, sc, nullptr, out2, stream};
   return launch_gemm_wgmma_transposed(c.wgmma, f);
