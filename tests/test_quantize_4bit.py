@@ -532,23 +532,32 @@ def test_past_2_to_the_31_elements(gen):
 _ISA_SCRIPT = """
 import sys, torch
 from qlora_ext import functional as Q
-x, blocksize, qt, dq = torch.load(sys.argv[1])
-p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=qt, compress_statistics=dq)
-torch.save(Q.dequantize_4bit(p, s), sys.argv[2])
+out = []
+for x, blocksize, qt, dq in torch.load(sys.argv[1]):
+    p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=qt, compress_statistics=dq)
+    out.append(Q.dequantize_4bit(p, s))
+torch.save(out, sys.argv[2])
 """
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_every_cpu_simd_path_gives_the_same_bits(gen, tmp_path, isa):
     """The CPU dequantizer has AVX-512, AVX2 and scalar paths and takes the widest the CPU has;
-    QLORA_CPU_ISA caps it, so the narrower ones are checked here too, against the definition."""
-    for dtype in DTYPES:
-        for qt, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096)):
-            x = random_weights(blocksize * 7 + 21, dtype, "cpu", gen, blocksize)
-            torch.save((x, blocksize, qt, dq), tmp_path / "in.pt")
-            subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                           check=True, env={**os.environ, "QLORA_CPU_ISA": isa})  # fmt: skip
-            p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=qt, compress_statistics=dq)
-            expected = reference_dequantize(p, s)
-            assert_bits_equal(torch.load(tmp_path / "out.pt"), expected, f"{isa} {dtype} {qt} dq={dq}")
-            assert_bits_equal(Q.dequantize_4bit(p, s), expected, f"default path {dtype} {qt} dq={dq}")
+    QLORA_CPU_ISA caps it, so the narrower ones are checked here too, against the definition.
+    The cap is read once a process: one process takes every case (a process a case spent most of
+    this test's time starting Python and torch)."""
+    cases = [
+        (random_weights(blocksize * 7 + 21, dtype, "cpu", gen, blocksize), blocksize, qt, dq)
+        for dtype in DTYPES
+        for qt, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096))
+    ]
+    torch.save(cases, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   check=True, env={**os.environ, "QLORA_CPU_ISA": isa})  # fmt: skip
+    capped = torch.load(tmp_path / "out.pt")
+    assert len(capped) == len(cases)
+    for (x, blocksize, qt, dq), got in zip(cases, capped):
+        p, s = Q.quantize_4bit(x, blocksize=blocksize, quant_type=qt, compress_statistics=dq)
+        expected = reference_dequantize(p, s)
+        assert_bits_equal(got, expected, f"{isa} {x.dtype} {qt} dq={dq}")
+        assert_bits_equal(Q.dequantize_4bit(p, s), expected, f"default path {x.dtype} {qt} dq={dq}")
