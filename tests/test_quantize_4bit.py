@@ -544,8 +544,8 @@ torch.save(out, sys.argv[2])
 def test_every_cpu_simd_path_gives_the_same_bits(gen, tmp_path, isa):
     """The CPU dequantizer has AVX-512, AVX2 and scalar paths and takes the widest the CPU has;
     QLORA_CPU_ISA caps it, so the narrower ones are checked here too, against the definition.
-    The cap is read once a process: one process takes every case (a process a case spent most of
-    this test's time starting Python and torch)."""
+    The cap is read once a process, and starting Python and torch is most of a process's time: one
+    process an ISA takes every case."""
     cases = [
         (random_weights(blocksize * 7 + 21, dtype, "cpu", gen, blocksize), blocksize, qt, dq)
         for dtype in DTYPES
